@@ -6,9 +6,22 @@
 
 pub mod addr;
 pub mod config;
+pub mod counters;
+pub mod engine;
+pub mod flow;
+pub mod late;
+pub mod net;
 pub mod ruleset;
+pub mod select;
+pub mod snat;
+pub mod tcp;
 pub mod time;
+pub mod timer;
 pub mod wire;
 
 pub use addr::Addr;
+pub use config::{compile, Config, MemberHealth, ValidationError, ValidationErrors};
+pub use counters::{Counters, DropReason, RuleCounters};
+pub use engine::{Engine, EngineConfig, Event, FlowInfo, Verdict};
+pub use net::{Mac, NextHop, PortId, Route};
 pub use ruleset::{RuleId, RuleSet};

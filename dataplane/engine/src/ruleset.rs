@@ -3,11 +3,21 @@
 //! worker swaps its `Arc<RuleSet>` at a batch boundary and only ever indexes into it.
 //!
 //! OWNER: config helper. The engine relies on exactly the public API below.
+//!
+//! Lookups are built for the per-packet path: `match_inbound` is one hash probe (two for an
+//! HA-ports frontend), `select_backend` hashes the tuple and indexes a precomputed Maglev
+//! table, `match_outbound` is one hash probe. None of them allocates.
 
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::addr::Addr;
-use crate::time::Nanos;
+use crate::config::Distribution;
+use crate::select::{flow_hash, reduce, FastBuild, PoolTable};
+use crate::time::{secs, Nanos};
 
 /// Stable id of a rule (any kind). Ids are kept across generations for a rule of the same
 /// kind and name, so that flows, which store the id, follow their rule's current settings.
@@ -20,7 +30,8 @@ pub enum RuleKind {
     Outbound,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnknownFlowPolicy {
     /// Drop and count `no_flow` (default).
     #[default]
@@ -62,6 +73,40 @@ pub struct Timers {
     pub late_window: Nanos,
 }
 
+impl Default for Timers {
+    /// The unscaled defaults (lab time scale 1).
+    fn default() -> Timers {
+        Timers {
+            udp_idle: secs(240),
+            // Long enough for the last ACK of a FIN exchange, or a retransmitted FIN, to find
+            // the flow and be translated; short enough that closed flows free their slot soon.
+            tcp_close_linger: secs(2),
+            // Shorter than any idle timeout, so a SYN flood cannot pin entries for minutes; a
+            // client whose handshake stalls longer retransmits its SYN, which creates the flow
+            // again with the same deterministic backend.
+            tcp_half_open: secs(30),
+            snat_fin_release: secs(240),
+            snat_rst_release: secs(15),
+            late_window: secs(120),
+        }
+    }
+}
+
+impl Timers {
+    /// Every timer divided by the lab time scale (`scale` 0 is treated as 1).
+    pub fn scaled(self, scale: u64) -> Timers {
+        let s = scale.max(1);
+        Timers {
+            udp_idle: self.udp_idle / s,
+            tcp_close_linger: self.tcp_close_linger / s,
+            tcp_half_open: self.tcp_half_open / s,
+            snat_fin_release: self.snat_fin_release / s,
+            snat_rst_release: self.snat_rst_release / s,
+            late_window: self.late_window / s,
+        }
+    }
+}
+
 /// The 5-tuple of a packet, as received.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowTuple {
@@ -89,52 +134,224 @@ pub struct PortBlock {
     pub count: u16,
 }
 
+/// IP protocol numbers the rule set matches on.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
 /// The compiled rule set.
 #[derive(Debug)]
 pub struct RuleSet {
-    _todo: (),
+    pub(crate) generation: u64,
+    pub(crate) timers: Timers,
+    /// Indexed by `RuleId`; `None` for ids not in use (deleted rules, holes).
+    pub(crate) rules: Vec<Option<CompiledRule>>,
+    pub(crate) inbound: HashMap<InboundKey, RuleId, FastBuild>,
+    /// HA-ports rules by frontend address: the fallback when no specific port matches.
+    pub(crate) ha_ports: HashMap<Addr, RuleId, FastBuild>,
+    pub(crate) outbound: HashMap<OutboundKey, OutboundEntry, FastBuild>,
+    /// All members' SNAT blocks; `OutboundEntry` holds a range into it, so `match_outbound`
+    /// hands out a slice without allocating.
+    pub(crate) port_blocks: Vec<PortBlock>,
+    pub(crate) frontends: HashSet<Addr, FastBuild>,
+    /// Kept so that the next compile can reuse tables whose inputs did not change.
+    pub(crate) pool_tables: Vec<Arc<PoolTable>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct CompiledRule {
+    pub(crate) params: RuleParams,
+    pub(crate) selector: Selector,
+}
+
+/// How a rule picks the backend of a new flow.
+#[derive(Debug)]
+pub(crate) enum Selector {
+    LoadBalancing {
+        pool: Arc<PoolTable>,
+        distribution: Distribution,
+        /// `None`: HA ports, the packet's destination port is kept.
+        backend_port: Option<u16>,
+    },
+    /// Port forwarding to one address; `None` when that member is not healthy.
+    NatSingle(Option<Backend>),
+    /// Frontend port `first_port + i` forwards to member `i` (`None`: unhealthy or no member).
+    NatRange {
+        first_port: u16,
+        backend_port: u16,
+        members: Box<[Option<Addr>]>,
+    },
+    Outbound,
+}
+
+/// Key of the specific-port inbound table. Packing protocol and port into one word keeps the
+/// hash to three mixing rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct InboundKey {
+    addr: Addr,
+    proto_port: u32,
+}
+
+impl InboundKey {
+    pub(crate) const fn new(proto: u8, addr: Addr, port: u16) -> InboundKey {
+        InboundKey {
+            addr,
+            proto_port: (proto as u32) << 16 | port as u32,
+        }
+    }
+}
+
+impl std::hash::Hash for InboundKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.addr.0 as u64);
+        state.write_u64((self.addr.0 >> 64) as u64 ^ u64::from(self.proto_port) << 32);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct OutboundKey {
+    pub(crate) proto: u8,
+    pub(crate) src: Addr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OutboundEntry {
+    pub(crate) rule: RuleId,
+    pub(crate) first_block: u32,
+    pub(crate) blocks: u32,
 }
 
 impl RuleSet {
+    /// A rule set with no frontends and no rules, for a daemon that starts unconfigured.
+    pub fn empty(generation: u64, timers: Timers) -> RuleSet {
+        RuleSet {
+            generation,
+            timers,
+            rules: Vec::new(),
+            inbound: HashMap::default(),
+            ha_ports: HashMap::default(),
+            outbound: HashMap::default(),
+            port_blocks: Vec::new(),
+            frontends: HashSet::default(),
+            pool_tables: Vec::new(),
+        }
+    }
     /// Configuration generation this set was compiled from.
     pub fn generation(&self) -> u64 {
-        todo!()
+        self.generation
     }
     pub fn timers(&self) -> &Timers {
-        todo!()
+        &self.timers
     }
     /// Parameters of the rule with this id, or `None` if it was deleted.
     pub fn rule(&self, id: RuleId) -> Option<&RuleParams> {
-        let _ = id;
-        todo!()
+        self.rules
+            .get(usize::from(id))
+            .and_then(Option::as_ref)
+            .map(|r| &r.params)
     }
     /// One more than the largest rule id in use (size for per-rule counter arrays).
     pub fn rule_id_bound(&self) -> usize {
-        todo!()
+        self.rules.len()
+    }
+    /// Every rule in use, by ascending id.
+    pub fn rules(&self) -> impl Iterator<Item = (RuleId, &RuleParams)> {
+        self.rules.iter().enumerate().filter_map(|(i, r)| {
+            let id = RuleId::try_from(i).ok()?;
+            r.as_ref().map(|r| (id, &r.params))
+        })
+    }
+    /// The id of the rule of this kind and name, if it exists.
+    pub fn rule_id(&self, kind: RuleKind, name: &str) -> Option<RuleId> {
+        self.rules()
+            .find(|(_, p)| p.kind == kind && &*p.name == name)
+            .map(|(id, _)| id)
     }
     /// Whether `addr` is a frontend IP (of any rule kind, including outbound SNAT addresses).
     pub fn is_frontend(&self, addr: Addr) -> bool {
-        let _ = addr;
-        todo!()
+        self.frontends.contains(&addr)
     }
     /// The load-balancing or inbound NAT rule that serves a packet addressed to
     /// `dst`:`dst_port` with protocol `proto`. Inbound NAT rules and specific-port LB rules win
     /// over HA ports.
+    #[inline]
     pub fn match_inbound(&self, proto: u8, dst: Addr, dst_port: u16) -> Option<RuleId> {
-        let _ = (proto, dst, dst_port);
-        todo!()
+        if let Some(&id) = self.inbound.get(&InboundKey::new(proto, dst, dst_port)) {
+            return Some(id);
+        }
+        if proto == PROTO_TCP || proto == PROTO_UDP {
+            self.ha_ports.get(&dst).copied()
+        } else {
+            None
+        }
     }
     /// Chooses the backend of a new flow of rule `id` (LB or inbound NAT) among healthy members
     /// by the rule's distribution mode. Deterministic: the same tuple and rule set give the
     /// same answer (this is what `pickup` relies on). `None`: no healthy member.
+    #[inline]
     pub fn select_backend(&self, id: RuleId, tuple: &FlowTuple) -> Option<Backend> {
-        let _ = (id, tuple);
-        todo!()
+        let rule = self.rules.get(usize::from(id))?.as_ref()?;
+        match &rule.selector {
+            Selector::LoadBalancing {
+                pool,
+                distribution,
+                backend_port,
+            } => {
+                if pool.table.is_empty() {
+                    return None;
+                }
+                let slot = reduce(flow_hash(*distribution, tuple), pool.table.len());
+                let member = pool.table[slot];
+                Some(Backend {
+                    addr: pool.members[usize::from(member)],
+                    port: backend_port.unwrap_or(tuple.dst_port),
+                })
+            }
+            Selector::NatSingle(backend) => *backend,
+            Selector::NatRange {
+                first_port,
+                backend_port,
+                members,
+            } => {
+                let i = tuple.dst_port.checked_sub(*first_port)?;
+                let addr = (*members.get(usize::from(i))?)?;
+                Some(Backend {
+                    addr,
+                    port: *backend_port,
+                })
+            }
+            Selector::Outbound => None,
+        }
     }
     /// The outbound rule that SNATs a new connection from member address `src`, and that
     /// member's port blocks.
+    #[inline]
     pub fn match_outbound(&self, proto: u8, src: Addr) -> Option<(RuleId, &[PortBlock])> {
-        let _ = (proto, src);
-        todo!()
+        let e = self.outbound.get(&OutboundKey { proto, src })?;
+        let first = e.first_block as usize;
+        Some((e.rule, &self.port_blocks[first..first + e.blocks as usize]))
+    }
+    /// Every SNAT allocation: (rule, protocol, member, its blocks), for metrics of ports
+    /// allocated per member. Rules for `ALL` appear once per protocol (TCP and UDP ports are
+    /// separate spaces).
+    pub fn outbound_allocations(&self) -> impl Iterator<Item = (RuleId, u8, Addr, &[PortBlock])> {
+        self.outbound.iter().map(|(k, e)| {
+            let first = e.first_block as usize;
+            (
+                e.rule,
+                k.proto,
+                k.src,
+                &self.port_blocks[first..first + e.blocks as usize],
+            )
+        })
+    }
+}
+
+impl fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RuleKind::LoadBalancing => "load_balancing_rules",
+            RuleKind::InboundNat => "inbound_nat_rules",
+            RuleKind::Outbound => "outbound_rules",
+        })
     }
 }

@@ -1,0 +1,400 @@
+//! Compilation of a valid [`Config`] into the immutable [`RuleSet`] the workers index.
+//!
+//! Everything the per-packet path needs is computed here: lab-time-scaled durations, the
+//! effective TCP reset, the (protocol, frontend, port) table, the Maglev tables of healthy
+//! members, and the SNAT port blocks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::validate::allocation_of;
+use super::{
+    validate, AdminState, BackendPool, Config, Frontend, FrontendKind, Member, ValidationErrors,
+    SNAT_FIRST_PORT, SNAT_PORTS_PER_IP,
+};
+use crate::addr::Addr;
+use crate::ruleset::{
+    Backend, CompiledRule, InboundKey, OutboundEntry, OutboundKey, PortBlock, RuleId, RuleKind,
+    RuleParams, RuleSet, Selector, Timers,
+};
+use crate::select::{PoolTable, TableInput};
+use crate::time::{mins, secs};
+
+/// Probe results: which (pool, member address) pairs currently fail their probes. The
+/// default says every member is healthy. Admin state is applied on top by [`compile`]: `up`
+/// makes a member eligible whatever this says, `down` makes it ineligible.
+///
+/// Health is per pool because probes are: when several rules with different probes share a
+/// pool, the daemon decides how their results combine (e.g. healthy only if all pass) and
+/// records the outcome here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberHealth {
+    unhealthy: HashMap<String, HashSet<Addr>>,
+}
+
+impl MemberHealth {
+    /// Every member healthy.
+    pub fn all_healthy() -> MemberHealth {
+        MemberHealth::default()
+    }
+
+    /// Records a probe verdict.
+    pub fn set_healthy(&mut self, pool: &str, member: impl Into<Addr>, healthy: bool) {
+        let member = member.into();
+        if healthy {
+            if let Some(set) = self.unhealthy.get_mut(pool) {
+                set.remove(&member);
+                if set.is_empty() {
+                    self.unhealthy.remove(pool);
+                }
+            }
+        } else {
+            self.unhealthy
+                .entry(pool.to_string())
+                .or_default()
+                .insert(member);
+        }
+    }
+
+    /// The probe verdict alone (admin state not applied).
+    pub fn is_healthy(&self, pool: &str, member: impl Into<Addr>) -> bool {
+        let member = member.into();
+        self.unhealthy
+            .get(pool)
+            .is_none_or(|set| !set.contains(&member))
+    }
+
+    /// Whether `member` of `pool` may get new flows: its admin state, else its probe verdict.
+    pub fn eligible(&self, pool: &str, member: &Member) -> bool {
+        match member.admin_state {
+            AdminState::Up => true,
+            AdminState::Down => false,
+            AdminState::None => self.is_healthy(pool, member.address),
+        }
+    }
+}
+
+/// Validates `config` and compiles it. Rules keep the id they had in `previous` (same kind
+/// and name); new rules take the lowest id that `previous` does not use, so a deleted rule's
+/// id is not handed to another rule in the very next generation, while flows of the deleted
+/// rule may still be draining.
+pub fn compile(
+    config: &Config,
+    previous: Option<&RuleSet>,
+    health: &MemberHealth,
+    generation: u64,
+) -> Result<RuleSet, ValidationErrors> {
+    validate(config)?;
+    let scale = u64::from(config.settings.lab_time_scale.max(1));
+    let timers = Timers {
+        udp_idle: secs(u64::from(config.settings.udp_idle_timeout_seconds)),
+        ..Timers::default()
+    }
+    .scaled(scale);
+    let mut rs = RuleSet::empty(generation, timers);
+    let mut ids = Ids::new(previous);
+
+    let frontends: HashMap<&str, &Frontend> = config
+        .frontends
+        .iter()
+        .map(|f| (f.name.as_str(), f))
+        .collect();
+    let pools: HashMap<&str, &BackendPool> = config
+        .backend_pools
+        .iter()
+        .map(|p| (p.name.as_str(), p))
+        .collect();
+    for fe in &config.frontends {
+        rs.frontends.insert(Addr::from(fe.address));
+    }
+    let mut tables = Tables::new(previous, health);
+    let idle = |minutes: u32| mins(u64::from(minutes)) / scale;
+
+    for r in &config.load_balancing_rules {
+        let id = ids.take(RuleKind::LoadBalancing, &r.name);
+        // Validation guarantees every reference resolves.
+        let (fe, pool) = (
+            frontends[r.frontend.as_str()],
+            pools[r.backend_pool.as_str()],
+        );
+        let ha = r.is_ha_ports();
+        let addr = Addr::from(fe.address);
+        if ha {
+            rs.ha_ports.insert(addr, id);
+        } else {
+            for &p in r.protocol.ip_protos() {
+                rs.inbound
+                    .insert(InboundKey::new(p, addr, r.frontend_port as u16), id);
+            }
+        }
+        let params = RuleParams {
+            kind: RuleKind::LoadBalancing,
+            name: Arc::from(r.name.as_str()),
+            idle_timeout: idle(r.idle_timeout_minutes),
+            // SPEC §3: HA-ports rules on internal frontends never reset on idle.
+            tcp_reset: r.tcp_reset && !(ha && fe.kind == FrontendKind::Internal),
+            unknown_flow: r.unknown_flow,
+            floating_ip: r.floating_ip,
+        };
+        let selector = Selector::LoadBalancing {
+            pool: tables.get(pool),
+            distribution: r.distribution,
+            backend_port: (!ha).then_some(r.backend_port as u16),
+        };
+        rs.set_rule(id, params, selector);
+    }
+
+    for r in &config.inbound_nat_rules {
+        let id = ids.take(RuleKind::InboundNat, &r.name);
+        let fe = frontends[r.frontend.as_str()];
+        let addr = Addr::from(fe.address);
+        let pool = r.backend_pool.as_deref().map(|p| pools[p]);
+        let backend_port = r.backend_port as u16;
+        let (ports, selector) = match (r.frontend_port, r.frontend_port_range, r.target) {
+            (Some(port), _, Some(target)) => {
+                let eligible = match pool {
+                    Some(pool) => {
+                        let t = Addr::from(target);
+                        pool.members
+                            .iter()
+                            .find(|m| Addr::from(m.address) == t)
+                            .is_some_and(|m| health.eligible(&pool.name, m))
+                    }
+                    None => true,
+                };
+                let backend = eligible.then_some(Backend {
+                    addr: Addr::from(target),
+                    port: backend_port,
+                });
+                (port..=port, Selector::NatSingle(backend))
+            }
+            (None, Some(range), None) => {
+                let members = pool
+                    .map(|pool| {
+                        pool.members
+                            .iter()
+                            .map(|m| health.eligible(&pool.name, m).then(|| m.address.into()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let selector = Selector::NatRange {
+                    first_port: range.start as u16,
+                    backend_port,
+                    members,
+                };
+                (range.start..=range.end, selector)
+            }
+            _ => unreachable!("validated: a NAT rule has exactly one form"),
+        };
+        for port in ports {
+            for &p in r.protocol.ip_protos() {
+                rs.inbound.insert(InboundKey::new(p, addr, port as u16), id);
+            }
+        }
+        let params = RuleParams {
+            kind: RuleKind::InboundNat,
+            name: Arc::from(r.name.as_str()),
+            idle_timeout: idle(r.idle_timeout_minutes),
+            tcp_reset: r.tcp_reset,
+            unknown_flow: r.unknown_flow,
+            floating_ip: r.floating_ip,
+        };
+        rs.set_rule(id, params, selector);
+    }
+
+    for r in &config.outbound_rules {
+        let id = ids.take(RuleKind::Outbound, &r.name);
+        let pool = pools[r.backend_pool.as_str()];
+        let ips: Vec<Addr> = r
+            .frontends
+            .iter()
+            .map(|f| Addr::from(frontends[f.as_str()].address))
+            .collect();
+        let per_member = allocation_of(r.allocated_outbound_ports, pool.members.len());
+        let mut cursor = SnatCursor::new(&ips);
+        for m in &pool.members {
+            let first = rs.port_blocks.len();
+            cursor.allocate(per_member, &mut rs.port_blocks);
+            let entry = OutboundEntry {
+                rule: id,
+                first_block: first as u32,
+                blocks: (rs.port_blocks.len() - first) as u32,
+            };
+            for &proto in r.protocol.ip_protos() {
+                let src = Addr::from(m.address);
+                rs.outbound.insert(OutboundKey { proto, src }, entry);
+            }
+        }
+        let params = RuleParams {
+            kind: RuleKind::Outbound,
+            name: Arc::from(r.name.as_str()),
+            idle_timeout: idle(r.idle_timeout_minutes),
+            tcp_reset: r.tcp_reset,
+            unknown_flow: r.unknown_flow,
+            floating_ip: false,
+        };
+        rs.set_rule(id, params, Selector::Outbound);
+    }
+
+    rs.pool_tables = tables.into_vec();
+    Ok(rs)
+}
+
+impl RuleSet {
+    fn set_rule(&mut self, id: RuleId, params: RuleParams, selector: Selector) {
+        let i = usize::from(id);
+        if self.rules.len() <= i {
+            self.rules.resize_with(i + 1, || None);
+        }
+        self.rules[i] = Some(CompiledRule { params, selector });
+    }
+}
+
+/// Stable rule ids (see [`compile`]).
+struct Ids<'p> {
+    previous: HashMap<(RuleKind, &'p str), RuleId>,
+    used_before: HashSet<RuleId>,
+    taken: HashSet<RuleId>,
+    next_fresh: u32,
+}
+
+impl<'p> Ids<'p> {
+    fn new(previous: Option<&'p RuleSet>) -> Ids<'p> {
+        let mut ids = Ids {
+            previous: HashMap::new(),
+            used_before: HashSet::new(),
+            taken: HashSet::new(),
+            next_fresh: 0,
+        };
+        for (id, p) in previous.into_iter().flat_map(RuleSet::rules) {
+            ids.previous.insert((p.kind, &*p.name), id);
+            ids.used_before.insert(id);
+        }
+        ids
+    }
+
+    fn take(&mut self, kind: RuleKind, name: &str) -> RuleId {
+        let id = match self.previous.get(&(kind, name)) {
+            Some(&id) => id,
+            None => self.fresh(),
+        };
+        self.taken.insert(id);
+        id
+    }
+
+    /// Lowest id neither `previous` nor this set uses; when that space is exhausted, the
+    /// lowest id this set does not use (validation caps the rule count at the id space).
+    fn fresh(&mut self) -> RuleId {
+        while self.next_fresh <= u32::from(RuleId::MAX) {
+            let id = self.next_fresh as RuleId;
+            self.next_fresh += 1;
+            if !self.used_before.contains(&id) && !self.taken.contains(&id) {
+                return id;
+            }
+        }
+        (0..=RuleId::MAX)
+            .find(|id| !self.taken.contains(id))
+            .unwrap_or(RuleId::MAX)
+    }
+}
+
+/// Maglev tables, one per pool, reused from the previous rule set when the same members,
+/// weights and eligibility would produce the same table (health changes recompile often).
+struct Tables<'a> {
+    health: &'a MemberHealth,
+    reusable: HashMap<&'a [TableInput], Arc<PoolTable>>,
+    by_pool: HashMap<String, Arc<PoolTable>>,
+}
+
+impl<'a> Tables<'a> {
+    fn new(previous: Option<&'a RuleSet>, health: &'a MemberHealth) -> Tables<'a> {
+        let reusable = previous
+            .map(|p| {
+                p.pool_tables
+                    .iter()
+                    .map(|t| (&*t.inputs, Arc::clone(t)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Tables {
+            health,
+            reusable,
+            by_pool: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, pool: &BackendPool) -> Arc<PoolTable> {
+        if let Some(t) = self.by_pool.get(&pool.name) {
+            return Arc::clone(t);
+        }
+        let inputs: Vec<TableInput> = pool
+            .members
+            .iter()
+            .map(|m| TableInput {
+                addr: Addr::from(m.address),
+                weight: m.weight,
+                healthy: self.health.eligible(&pool.name, m),
+            })
+            .collect();
+        let table = match self.reusable.get(inputs.as_slice()) {
+            Some(t) => Arc::clone(t),
+            None => Arc::new(PoolTable::build(&inputs)),
+        };
+        self.by_pool.insert(pool.name.clone(), Arc::clone(&table));
+        table
+    }
+
+    fn into_vec(self) -> Vec<Arc<PoolTable>> {
+        let mut out: Vec<Arc<PoolTable>> = Vec::new();
+        for t in self.by_pool.into_values() {
+            if !out.iter().any(|o| Arc::ptr_eq(o, &t)) {
+                out.push(t);
+            }
+        }
+        out
+    }
+}
+
+/// Lays SNAT blocks out over an outbound rule's frontend IPs in order: members in pool
+/// order take consecutive ports from 1024 up to 65023 on the first IP, then the next. A
+/// member's allocation that straddles the end of an IP's range is split into two blocks, so
+/// that every allocation validation accepts (Σ ≤ 64,000 × IPs) also fits. Block starts stay
+/// multiples of 8 because 1024 and every allocation are.
+struct SnatCursor<'a> {
+    ips: &'a [Addr],
+    ip: usize,
+    next: u32,
+}
+
+impl<'a> SnatCursor<'a> {
+    const END: u32 = SNAT_FIRST_PORT + SNAT_PORTS_PER_IP;
+
+    fn new(ips: &'a [Addr]) -> SnatCursor<'a> {
+        SnatCursor {
+            ips,
+            ip: 0,
+            next: SNAT_FIRST_PORT,
+        }
+    }
+
+    fn allocate(&mut self, mut ports: u32, out: &mut Vec<PortBlock>) {
+        while ports > 0 {
+            if self.next == Self::END {
+                self.ip += 1;
+                self.next = SNAT_FIRST_PORT;
+            }
+            let Some(&addr) = self.ips.get(self.ip) else {
+                // Validation keeps the total within the IPs' capacity.
+                return;
+            };
+            let take = ports.min(Self::END - self.next);
+            out.push(PortBlock {
+                addr,
+                first_port: self.next as u16,
+                count: take as u16,
+            });
+            self.next += take;
+            ports -= take;
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Counters of one worker: per rule (indexed by stable `RuleId`) and per drop reason. Plain
+//! `u64`s owned by the worker; the control thread reads copies sent back over the stats channel.
+
+use crate::wire::ParseError;
+
+/// Why the engine dropped a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Malformed or unsupported frame.
+    Parse(ParseError),
+    /// ICMP and other protocols the engine parses but does not forward.
+    Unsupported,
+    /// Addressed to no frontend and from no outbound member.
+    NoRule,
+    /// TCP non-SYN without a flow under the `drop` policy (or an outbound rule).
+    NoFlow,
+    /// No healthy member.
+    NoBackend,
+    /// The flow table is full: new flows are refused, existing ones untouched.
+    FlowTableFull,
+    /// Another flow already uses the translated tuple.
+    TupleConflict,
+    /// No route toward the destination.
+    NoRoute,
+    /// The next hop's MAC is unknown (resolution requested).
+    NoNeighbor,
+    /// The next-hop table is full.
+    NextHopTableFull,
+    /// The member has no free SNAT port.
+    SnatExhausted,
+    /// TTL / hop limit would reach zero.
+    HopLimit,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 11 + ParseError::ALL.len();
+
+    pub const NON_PARSE: [DropReason; 11] = [
+        DropReason::Unsupported,
+        DropReason::NoRule,
+        DropReason::NoFlow,
+        DropReason::NoBackend,
+        DropReason::FlowTableFull,
+        DropReason::TupleConflict,
+        DropReason::NoRoute,
+        DropReason::NoNeighbor,
+        DropReason::NextHopTableFull,
+        DropReason::SnatExhausted,
+        DropReason::HopLimit,
+    ];
+
+    /// Dense index for counter arrays.
+    pub fn index(self) -> usize {
+        match self {
+            DropReason::Parse(p) => 11 + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0),
+            other => DropReason::NON_PARSE
+                .iter()
+                .position(|&x| x == other)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Every reason, in `index` order.
+    pub fn all() -> impl Iterator<Item = DropReason> {
+        DropReason::NON_PARSE
+            .into_iter()
+            .chain(ParseError::ALL.into_iter().map(DropReason::Parse))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Parse(p) => p.as_str(),
+            DropReason::Unsupported => "unsupported_protocol",
+            DropReason::NoRule => "no_rule",
+            DropReason::NoFlow => "no_flow",
+            DropReason::NoBackend => "no_backend",
+            DropReason::FlowTableFull => "flow_table_full",
+            DropReason::TupleConflict => "tuple_conflict",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoNeighbor => "no_neighbor",
+            DropReason::NextHopTableFull => "next_hop_table_full",
+            DropReason::SnatExhausted => "snat_exhausted",
+            DropReason::HopLimit => "hop_limit",
+        }
+    }
+}
+
+/// Counters of one rule on one worker. Index 0 of the pairs is the original direction
+/// (client → frontend, member → internet), 1 the reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    pub flows_created: u64,
+    pub flows_expired_idle: u64,
+    pub flows_reset_on_idle: u64,
+    pub flows_closed: u64,
+    pub flows_picked_up: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub syns: u64,
+    pub late_packets: u64,
+    /// Unknown-flow packets answered with an RST (`reset` policy).
+    pub unknown_flow_resets: u64,
+    /// Drops attributed to this rule: no_flow, no_backend, snat_exhausted, flow_table_full.
+    pub no_flow: u64,
+    pub no_backend: u64,
+    pub snat_exhausted: u64,
+    pub flow_table_full: u64,
+}
+
+/// All counters of one worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// RST frames sent by reset-on-idle (two per reset flow).
+    pub rsts_sent: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub rules: Vec<RuleCounters>,
+    /// Events lost because the event queue was full.
+    pub events_dropped: u64,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            rx_packets: 0,
+            tx_packets: 0,
+            rsts_sent: 0,
+            drops: [0; DropReason::COUNT],
+            rules: Vec::new(),
+            events_dropped: 0,
+        }
+    }
+}
+
+impl Counters {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Counters of rule `id` (zero if never seen).
+    pub fn rule(&self, id: u16) -> RuleCounters {
+        self.rules.get(id as usize).copied().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_indices_are_dense_and_unique() {
+        let idx: Vec<usize> = DropReason::all().map(DropReason::index).collect();
+        assert_eq!(idx, (0..DropReason::COUNT).collect::<Vec<_>>());
+        let names: std::collections::HashSet<_> =
+            DropReason::all().map(DropReason::as_str).collect();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+}

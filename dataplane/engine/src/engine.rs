@@ -1,0 +1,681 @@
+//! The engine of one worker: frames in, verdicts and frames out, time passed in.
+//!
+//! Per frame ([`Engine::process`]): parse → look the 5-tuple up in the flow table (either
+//! direction) → track TCP → refresh `last_seen` → rewrite in place → say which port it leaves
+//! by. A miss goes to the rules: a new flow (SYN / UDP), the unknown-flow policy, or a counted
+//! drop. Per loop ([`Engine::expire`]): hand due timers back, re-check them lazily, and expire
+//! idle flows, building the two RSTs of "TCP reset on idle" when the rule asks for it.
+
+use std::sync::Arc;
+
+use crate::addr::Addr;
+use crate::counters::{Counters, DropReason, RuleCounters};
+use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
+use crate::late::LateTable;
+use crate::net::{NextHopError, NextHopId, NextHops, PortId};
+use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
+use crate::snat::SnatPorts;
+use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
+use crate::time::{mins, Nanos};
+use crate::timer::TimerWheel;
+use crate::wire::tcp_flags::{ACK, RST, SYN};
+use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
+
+/// Sizing and identity of one worker's engine.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// This worker's index and the number of workers (SNAT ports are partitioned by it).
+    pub worker: u16,
+    pub workers: u16,
+    /// Flows this worker can hold (memory is allocated up front: ~120 bytes each).
+    pub flow_capacity: u32,
+    /// Next-hop entries (neighbours and learned senders).
+    pub next_hop_capacity: usize,
+    /// Slots of the late-packet table.
+    pub late_slots: usize,
+    /// Timer tick is `2^tick_shift` ns (20 → ~1.05 ms).
+    pub tick_shift: u32,
+    /// Secret seed of the flow hash.
+    pub hash_seed: u64,
+    /// Idle timeout of flows whose rule was deleted (they keep running, silently).
+    pub orphan_idle_timeout: Nanos,
+    /// Bound of the event queue drained by the worker.
+    pub event_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            worker: 0,
+            workers: 1,
+            flow_capacity: 1 << 16,
+            next_hop_capacity: 4096,
+            late_slots: 1 << 14,
+            tick_shift: 20,
+            hash_seed: 0x5EED_0F_71B,
+            orphan_idle_timeout: mins(4),
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the first `len` bytes of the (rewritten) frame on `port`.
+    Tx { port: PortId, len: u16 },
+    /// Drop it; the reason has been counted.
+    Drop(DropReason),
+}
+
+/// Something the operator should hear about; drained by the worker, bounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A TCP flow expired idle and both ends were sent an RST.
+    ResetOnIdle {
+        rule: RuleId,
+        client: (Addr, u16),
+        backend: (Addr, u16),
+    },
+    /// A member ran out of SNAT ports (once per episode: until one of its allocations succeeds).
+    SnatExhausted { rule: RuleId, member: Addr },
+}
+
+/// A snapshot of one flow, for listings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub id: FlowId,
+    pub rule: RuleId,
+    pub proto: u8,
+    pub nat: Nat,
+    /// As the original packet arrived.
+    pub orig: FlowTuple,
+    /// As the original direction leaves.
+    pub translated: FlowTuple,
+    pub tcp_state: Option<TcpState>,
+    pub last_seen: Nanos,
+    pub deadline: Nanos,
+}
+
+/// The engine of one worker.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    rules: Arc<RuleSet>,
+    flows: FlowTable,
+    wheel: TimerWheel,
+    net: NextHops,
+    snat: SnatPorts,
+    late: LateTable,
+    counters: Counters,
+    events: Vec<Event>,
+    exhausted: Vec<Addr>,
+    /// Next flow slot to re-file after a rule change shortened a timeout.
+    sweep: Option<u32>,
+    scratch: [u8; MAX_RST_FRAME],
+}
+
+impl Engine {
+    /// An engine running `rules`, whose time line starts at `now`.
+    pub fn new(cfg: EngineConfig, rules: Arc<RuleSet>, now: Nanos) -> Engine {
+        let mut counters = Counters::default();
+        counters
+            .rules
+            .resize(rules.rule_id_bound(), RuleCounters::default());
+        Engine {
+            flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
+            wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
+            net: NextHops::new(cfg.next_hop_capacity),
+            snat: SnatPorts::new(cfg.worker, cfg.workers),
+            late: LateTable::new(cfg.late_slots),
+            counters,
+            events: Vec::with_capacity(cfg.event_capacity),
+            exhausted: Vec::new(),
+            sweep: None,
+            scratch: [0; MAX_RST_FRAME],
+            rules,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// Switches to a new rule set (at a batch boundary). Existing flows keep their backend and
+    /// translation; their rule's new timeout and reset setting apply from their next packet or
+    /// expiry check. If a timeout got shorter, flows are re-filed in the wheel a bounded number
+    /// per [`expire`](Self::expire) call so none expires late by more than the sweep.
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        if self.counters.rules.len() < rules.rule_id_bound() {
+            self.counters
+                .rules
+                .resize(rules.rule_id_bound(), RuleCounters::default());
+        }
+        if timeouts_shrank(&self.rules, &rules) {
+            self.sweep = Some(0);
+        }
+        self.rules = rules;
+    }
+
+    pub fn next_hops(&mut self) -> &mut NextHops {
+        &mut self.net
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn flow_capacity(&self) -> u32 {
+        self.flows.capacity()
+    }
+
+    /// SNAT ports of `member`'s blocks in use on this worker, and this worker's share of them.
+    pub fn snat_usage(&self, blocks: &[crate::ruleset::PortBlock]) -> (u32, u32) {
+        (self.snat.used_in(blocks), self.snat.share_of(blocks))
+    }
+
+    /// Drains queued events.
+    pub fn drain_events(&mut self, mut f: impl FnMut(Event)) {
+        for e in self.events.drain(..) {
+            f(e);
+        }
+    }
+
+    /// Snapshot of the live flows.
+    pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
+        self.flows.iter().map(|(id, f)| FlowInfo {
+            id,
+            rule: f.rule,
+            proto: f.proto,
+            nat: f.nat,
+            orig: f.key(ORIG),
+            translated: f.translated(ORIG),
+            tcp_state: (f.proto == proto::TCP).then_some(f.tcp.state),
+            last_seen: f.last_seen,
+            deadline: self.deadline(f),
+        })
+    }
+
+    /// The earliest time at which [`expire`](Self::expire) has work, for the worker's sleep.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        if self.sweep.is_some() {
+            return Some(0);
+        }
+        self.wheel.next_deadline()
+    }
+
+    /// Processes one received frame in place.
+    #[inline]
+    pub fn process(&mut self, now: Nanos, ingress: PortId, frame: &mut [u8]) -> Verdict {
+        self.counters.rx_packets += 1;
+        let pkt = match wire::parse(frame) {
+            Ok(p) => p,
+            Err(e) => return self.drop(DropReason::Parse(e)),
+        };
+        if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
+            return self.drop(DropReason::Unsupported);
+        }
+        let tuple = FlowTuple {
+            proto: pkt.proto,
+            src: pkt.src,
+            src_port: pkt.src_port,
+            dst: pkt.dst,
+            dst_port: pkt.dst_port,
+        };
+        let hash = self.flows.hash(&tuple);
+        if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+            if pkt.proto == proto::TCP {
+                let f = self.flows.get(id);
+                let reopening = f.tcp.state.is_closed()
+                    && dir == ORIG
+                    && pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+                if reopening {
+                    // A new connection reusing the tuple of one that is only lingering.
+                    self.remove_flow(id);
+                    return self.miss(now, ingress, frame, &pkt, &tuple, hash);
+                }
+                self.track(now, id, dir, &pkt);
+            }
+            self.flows.get_mut(id).last_seen = now;
+            return self.emit(id, dir, frame, &pkt);
+        }
+        self.miss(now, ingress, frame, &pkt, &tuple, hash)
+    }
+
+    /// Expires at most `budget` due flows, emitting RST frames through `emit(port, frame)`.
+    /// Returns the number of timer entries handled.
+    pub fn expire(
+        &mut self,
+        now: Nanos,
+        budget: usize,
+        emit: &mut dyn FnMut(PortId, &[u8]),
+    ) -> usize {
+        let mut done = 0;
+        while done < budget {
+            let Some(id) = self.wheel.poll(now) else {
+                break;
+            };
+            done += 1;
+            let deadline = self.deadline(self.flows.get(id));
+            if deadline > now {
+                // Lazy re-check: a packet or a longer timeout moved the deadline.
+                self.wheel.insert(id, deadline);
+                continue;
+            }
+            self.expire_flow(now, id, emit);
+        }
+        if let Some(cursor) = self.sweep {
+            let end = (cursor as usize + budget.saturating_sub(done).max(1))
+                .min(self.flows.capacity() as usize);
+            for id in cursor..end as u32 {
+                if self.flows.is_live(id) {
+                    let d = self.deadline(self.flows.get(id));
+                    self.wheel.insert(id, d);
+                }
+                done += 1;
+            }
+            self.sweep = (end < self.flows.capacity() as usize).then_some(end as u32);
+        }
+        done
+    }
+
+    fn expire_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
+        let f = *self.flows.get(id);
+        let closed = f.proto == proto::TCP && f.tcp.state.is_closed();
+        if !closed {
+            let params = self.rules.rule(f.rule);
+            let counters = rule_counters(&mut self.counters, f.rule);
+            counters.flows_expired_idle += 1;
+            if f.proto == proto::TCP {
+                let reset = params.is_some_and(|p| p.tcp_reset) && f.tcp.can_reset();
+                if reset {
+                    counters.flows_reset_on_idle += 1;
+                    self.send_idle_rsts(&f, emit);
+                    self.push_event(Event::ResetOnIdle {
+                        rule: f.rule,
+                        client: (f.orig_src, f.orig_sport),
+                        backend: match f.nat {
+                            Nat::Snat => (f.orig_dst, f.orig_dport),
+                            _ => (f.xlat, f.xlat_port),
+                        },
+                    });
+                }
+                let (h0, h1) = (
+                    self.flows.hash(&f.key(ORIG)),
+                    self.flows.hash(&f.key(REPLY)),
+                );
+                self.late.record(h0, now, f.rule);
+                self.late.record(h1, now, f.rule);
+            }
+        }
+        self.remove_flow(id);
+    }
+
+    /// The two RSTs of "TCP reset on idle": to the client as if from the frontend (a reply
+    /// direction packet), to the backend as if from the translated client (an original direction
+    /// packet), each with the sequence number its receiver expects next.
+    fn send_idle_rsts(&mut self, f: &Flow, emit: &mut dyn FnMut(PortId, &[u8])) {
+        for dir in [REPLY, ORIG] {
+            let t = f.translated(dir);
+            let hop = *self.net.get(f.next_hop[dir]);
+            let spec = RstSpec {
+                src_mac: hop.src_mac,
+                dst_mac: hop.dst_mac,
+                vlan: hop.vlan,
+                src: t.src,
+                dst: t.dst,
+                src_port: t.src_port,
+                dst_port: t.dst_port,
+                seq: f.tcp.next_seq(dir),
+                ack: Some(f.tcp.next_seq(1 - dir)),
+            };
+            if let Some(len) = wire::build_tcp_rst(&mut self.scratch, &spec) {
+                self.counters.rsts_sent += 1;
+                self.counters.tx_packets += 1;
+                emit(hop.port, &self.scratch[..len]);
+            }
+        }
+    }
+
+    fn remove_flow(&mut self, id: FlowId) {
+        let f = *self.flows.get(id);
+        if f.nat == Nat::Snat {
+            self.snat.release(f.xlat, f.xlat_port);
+        }
+        self.wheel.remove(id);
+        self.flows.remove(id);
+    }
+
+    /// The time at which flow `f` expires, from its state and its rule's current settings.
+    fn deadline(&self, f: &Flow) -> Nanos {
+        let timers = self.rules.timers();
+        let timeout = if f.proto == proto::UDP {
+            timers.udp_idle
+        } else {
+            match (f.tcp.state, f.nat) {
+                (TcpState::SynSent | TcpState::SynReceived, _) => timers.tcp_half_open,
+                (TcpState::Established | TcpState::Closing, _) => self
+                    .rules
+                    .rule(f.rule)
+                    .map_or(self.cfg.orphan_idle_timeout, |r| r.idle_timeout),
+                (TcpState::Closed, Nat::Snat) => timers.snat_fin_release,
+                (TcpState::Reset, Nat::Snat) => timers.snat_rst_release,
+                (TcpState::Closed | TcpState::Reset, _) => timers.tcp_close_linger,
+            }
+        };
+        f.last_seen.saturating_add(timeout)
+    }
+
+    fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, pkt: &Packet) {
+        let f = self.flows.get_mut(id);
+        let change = f
+            .tcp
+            .on_segment(dir, pkt.tcp_flags, pkt.seq, pkt.payload_len);
+        let rule = f.rule;
+        if pkt.tcp_flags & (SYN | ACK) == SYN {
+            rule_counters(&mut self.counters, rule).syns += 1;
+        }
+        if matches!(change, Change::Closed | Change::Reset) {
+            rule_counters(&mut self.counters, rule).flows_closed += 1;
+            // The linger is shorter than the idle timeout the wheel holds: re-file now.
+            self.flows.get_mut(id).last_seen = now;
+            let d = self.deadline(self.flows.get(id));
+            self.wheel.insert(id, d);
+        }
+    }
+
+    /// Rewrites a packet of flow `id`, direction `dir`, and addresses it to its next hop.
+    #[inline]
+    fn emit(&mut self, id: FlowId, dir: Dir, frame: &mut [u8], pkt: &Packet) -> Verdict {
+        if !wire::decrement_hop_limit(frame, pkt) {
+            return self.drop(DropReason::HopLimit);
+        }
+        let f = self.flows.get(id);
+        let rw = match (f.nat, dir) {
+            (Nat::Dnat, ORIG) => Rewrite {
+                dst: Some(f.xlat),
+                dst_port: Some(f.xlat_port),
+                ..Rewrite::default()
+            },
+            (Nat::Dnat, _) => Rewrite {
+                src: Some(f.orig_dst),
+                src_port: Some(f.orig_dport),
+                ..Rewrite::default()
+            },
+            (Nat::Snat, ORIG) => Rewrite {
+                src: Some(f.xlat),
+                src_port: Some(f.xlat_port),
+                ..Rewrite::default()
+            },
+            (Nat::Snat, _) => Rewrite {
+                dst: Some(f.orig_src),
+                dst_port: Some(f.orig_sport),
+                ..Rewrite::default()
+            },
+            (Nat::None, _) => Rewrite::default(),
+        };
+        let (rule, hop) = (f.rule, f.next_hop[dir]);
+        wire::rewrite(frame, pkt, &rw);
+        let hop = self.net.get(hop);
+        frame[0..6].copy_from_slice(&hop.dst_mac);
+        frame[6..12].copy_from_slice(&hop.src_mac);
+        let port = hop.port;
+        let c = rule_counters(&mut self.counters, rule);
+        c.packets[dir] += 1;
+        c.bytes[dir] += frame.len() as u64;
+        self.counters.tx_packets += 1;
+        Verdict::Tx {
+            port,
+            len: frame.len() as u16,
+        }
+    }
+
+    /// A packet without a flow.
+    fn miss(
+        &mut self,
+        now: Nanos,
+        ingress: PortId,
+        frame: &mut [u8],
+        pkt: &Packet,
+        tuple: &FlowTuple,
+        hash: u64,
+    ) -> Verdict {
+        let is_tcp = pkt.proto == proto::TCP;
+        let is_syn = pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+        if let Some(rule) = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port) {
+            let Some((unknown_flow, floating)) = self
+                .rules
+                .rule(rule)
+                .map(|p| (p.unknown_flow, p.floating_ip))
+            else {
+                return self.drop(DropReason::NoRule);
+            };
+            let mut track = if is_tcp {
+                TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+            } else {
+                TcpTrack::NONE
+            };
+            if is_tcp && !is_syn {
+                self.count_late(hash, now);
+                match unknown_flow {
+                    UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
+                    UnknownFlowPolicy::Reset => return self.answer_rst(rule, ingress, frame, pkt),
+                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & RST != 0 => {
+                        return self.drop_for(rule, DropReason::NoFlow)
+                    }
+                    UnknownFlowPolicy::Pickup => {
+                        track = TcpTrack::picked_up(pkt.tcp_flags, pkt.seq, pkt.payload_len);
+                        rule_counters(&mut self.counters, rule).flows_picked_up += 1;
+                    }
+                }
+            }
+            let Some(backend) = self.rules.select_backend(rule, tuple) else {
+                return self.drop_for(rule, DropReason::NoBackend);
+            };
+            let flow = Flow {
+                orig_src: pkt.src,
+                orig_dst: pkt.dst,
+                xlat: backend.addr,
+                orig_sport: pkt.src_port,
+                orig_dport: pkt.dst_port,
+                xlat_port: if floating { pkt.dst_port } else { backend.port },
+                proto: pkt.proto,
+                nat: if floating { Nat::None } else { Nat::Dnat },
+                rule,
+                next_hop: [0; 2],
+                tcp: track,
+                last_seen: now,
+            };
+            return self.create(ingress, frame, pkt, flow, backend.addr, hash);
+        }
+        if let Some((rule, blocks)) = self.rules.match_outbound(pkt.proto, pkt.src) {
+            if is_tcp && !is_syn {
+                self.count_late(hash, now);
+                return self.drop_for(rule, DropReason::NoFlow);
+            }
+            let Some((addr, port)) = self.snat.allocate(blocks, hash) else {
+                if !self.exhausted.contains(&pkt.src) {
+                    self.exhausted.push(pkt.src);
+                    self.push_event(Event::SnatExhausted {
+                        rule,
+                        member: pkt.src,
+                    });
+                }
+                return self.drop_for(rule, DropReason::SnatExhausted);
+            };
+            self.exhausted.retain(|&m| m != pkt.src);
+            let flow = Flow {
+                orig_src: pkt.src,
+                orig_dst: pkt.dst,
+                xlat: addr,
+                orig_sport: pkt.src_port,
+                orig_dport: pkt.dst_port,
+                xlat_port: port,
+                proto: pkt.proto,
+                nat: Nat::Snat,
+                rule,
+                next_hop: [0; 2],
+                tcp: if is_tcp {
+                    TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+                } else {
+                    TcpTrack::NONE
+                },
+                last_seen: now,
+            };
+            let verdict = self.create(ingress, frame, pkt, flow, pkt.dst, hash);
+            if !matches!(verdict, Verdict::Tx { .. }) {
+                self.snat.release(addr, port);
+            }
+            return verdict;
+        }
+        if is_tcp && self.count_late(hash, now) {
+            return self.drop(DropReason::NoFlow);
+        }
+        self.drop(DropReason::NoRule)
+    }
+
+    /// Inserts a new flow and forwards its first packet toward `toward`.
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        ingress: PortId,
+        frame: &mut [u8],
+        pkt: &Packet,
+        mut flow: Flow,
+        toward: Addr,
+        hash: u64,
+    ) -> Verdict {
+        let rule = flow.rule;
+        let forward = match self.net.resolve(toward) {
+            Ok(h) => h,
+            Err(e) => return self.drop_for(rule, hop_error(e)),
+        };
+        let mut src_mac = [0u8; 6];
+        src_mac.copy_from_slice(&frame[6..12]);
+        let back: NextHopId = match self.net.learn(ingress, src_mac, pkt.vlan) {
+            Ok(h) => h,
+            Err(e) => return self.drop_for(rule, hop_error(e)),
+        };
+        flow.next_hop = [forward, back];
+        let id = match self.flows.insert(flow) {
+            Ok(id) => id,
+            Err(InsertError::Full) => return self.drop_for(rule, DropReason::FlowTableFull),
+            Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
+        };
+        self.late.forget(hash);
+        let deadline = self.deadline(self.flows.get(id));
+        self.wheel.insert(id, deadline);
+        let c = rule_counters(&mut self.counters, rule);
+        c.flows_created += 1;
+        if pkt.proto == proto::TCP && pkt.tcp_flags & (SYN | ACK) == SYN {
+            c.syns += 1;
+        }
+        self.emit(id, ORIG, frame, pkt)
+    }
+
+    /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
+    fn answer_rst(
+        &mut self,
+        rule: RuleId,
+        ingress: PortId,
+        frame: &mut [u8],
+        pkt: &Packet,
+    ) -> Verdict {
+        if pkt.tcp_flags & RST != 0 {
+            // Never answer an RST with an RST.
+            return self.drop_for(rule, DropReason::NoFlow);
+        }
+        let len = wire::reply_rst_in_place(frame, pkt);
+        rule_counters(&mut self.counters, rule).unknown_flow_resets += 1;
+        self.counters.tx_packets += 1;
+        Verdict::Tx {
+            port: ingress,
+            len: len as u16,
+        }
+    }
+
+    /// Counts a late packet if `hash` is the key of a flow that expired idle recently.
+    fn count_late(&mut self, hash: u64, now: Nanos) -> bool {
+        let window = self.rules.timers().late_window;
+        match self.late.check(hash, now, window) {
+            Some(rule) => {
+                rule_counters(&mut self.counters, rule).late_packets += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() < self.cfg.event_capacity {
+            self.events.push(e);
+        } else {
+            self.counters.events_dropped += 1;
+        }
+    }
+
+    fn drop(&mut self, reason: DropReason) -> Verdict {
+        self.counters.drops[reason.index()] += 1;
+        Verdict::Drop(reason)
+    }
+
+    fn drop_for(&mut self, rule: RuleId, reason: DropReason) -> Verdict {
+        let c = rule_counters(&mut self.counters, rule);
+        match reason {
+            DropReason::NoFlow => c.no_flow += 1,
+            DropReason::NoBackend => c.no_backend += 1,
+            DropReason::SnatExhausted => c.snat_exhausted += 1,
+            DropReason::FlowTableFull => c.flow_table_full += 1,
+            _ => {}
+        }
+        self.drop(reason)
+    }
+}
+
+fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {
+    let i = rule as usize;
+    if c.rules.len() <= i {
+        // Only reached for a rule id beyond the set's bound (never in practice: set_rules sizes
+        // the array); keeps the hot path free of a panic.
+        c.rules.resize(i + 1, RuleCounters::default());
+    }
+    &mut c.rules[i]
+}
+
+fn hop_error(e: NextHopError) -> DropReason {
+    match e {
+        NextHopError::NoRoute => DropReason::NoRoute,
+        NextHopError::NoNeighbor => DropReason::NoNeighbor,
+        NextHopError::TableFull => DropReason::NextHopTableFull,
+    }
+}
+
+/// Whether any timeout got shorter between two rule sets (existing flows must be re-filed).
+fn timeouts_shrank(old: &RuleSet, new: &RuleSet) -> bool {
+    let (a, b) = (old.timers(), new.timers());
+    if b.udp_idle < a.udp_idle
+        || b.tcp_close_linger < a.tcp_close_linger
+        || b.tcp_half_open < a.tcp_half_open
+        || b.snat_fin_release < a.snat_fin_release
+        || b.snat_rst_release < a.snat_rst_release
+    {
+        return true;
+    }
+    (0..old.rule_id_bound().min(new.rule_id_bound())).any(|i| {
+        let id = i as RuleId;
+        matches!((old.rule(id), new.rule(id)), (Some(o), Some(n)) if n.idle_timeout < o.idle_timeout)
+    }) || (0..old.rule_id_bound()).any(|i| {
+        // A deleted rule's flows fall back to the orphan timeout, which may be shorter.
+        let id = i as RuleId;
+        old.rule(id).is_some() && new.rule(id).is_none()
+    })
+}

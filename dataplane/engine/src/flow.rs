@@ -1,0 +1,450 @@
+//! The per-worker flow table: a fixed pool of flows addressed by `u32`, and one open-addressing
+//! index holding two keys per flow (one per direction), so a packet finds its flow in one
+//! lookup from either side.
+//!
+//! Memory is fixed at start: `capacity` flows (80 bytes each) plus an index of
+//! `next_pow2(4 × capacity)` 8-byte slots (load ≤ 0.5, 32 bytes per flow), plus 8 bytes of
+//! timer links kept by the timer wheel: 120 bytes per flow for both directions.
+//!
+//! Index slots pack `(tag: u32, ref: u32)` where `tag` is the high half of the key's hash (its
+//! low bits pick the home slot) and `ref = flow << 1 | dir`. Linear probing; deletion shifts
+//! later entries back (no tombstones, so probe lengths never degrade).
+
+use crate::addr::Addr;
+use crate::net::NextHopId;
+use crate::ruleset::{FlowTuple, RuleId};
+use crate::tcp::{Dir, TcpTrack, ORIG, REPLY};
+use crate::time::Nanos;
+
+pub type FlowId = u32;
+
+/// What the flow's translation rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Nat {
+    /// Load balancing / inbound NAT: the original destination becomes the backend.
+    Dnat,
+    /// Outbound: the original source (a member) becomes a frontend address and port.
+    Snat,
+    /// Floating IP: the backend receives the frontend address unchanged.
+    None,
+}
+
+/// One connection, both directions.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    /// The original direction as the creating packet arrived.
+    pub orig_src: Addr,
+    pub orig_dst: Addr,
+    /// The replacement of `orig_dst` (DNAT) or `orig_src` (SNAT).
+    pub xlat: Addr,
+    pub orig_sport: u16,
+    pub orig_dport: u16,
+    pub xlat_port: u16,
+    pub proto: u8,
+    pub nat: Nat,
+    pub rule: RuleId,
+    /// Egress per direction.
+    pub next_hop: [NextHopId; 2],
+    pub tcp: TcpTrack,
+    pub last_seen: Nanos,
+}
+
+impl Flow {
+    /// The key under which a packet of direction `dir` arrives.
+    pub fn key(&self, dir: Dir) -> FlowTuple {
+        if dir == ORIG {
+            return FlowTuple {
+                proto: self.proto,
+                src: self.orig_src,
+                src_port: self.orig_sport,
+                dst: self.orig_dst,
+                dst_port: self.orig_dport,
+            };
+        }
+        let (src, src_port, dst, dst_port) = match self.nat {
+            Nat::Dnat => (self.xlat, self.xlat_port, self.orig_src, self.orig_sport),
+            Nat::Snat => (self.orig_dst, self.orig_dport, self.xlat, self.xlat_port),
+            Nat::None => (
+                self.orig_dst,
+                self.orig_dport,
+                self.orig_src,
+                self.orig_sport,
+            ),
+        };
+        FlowTuple {
+            proto: self.proto,
+            src,
+            src_port,
+            dst,
+            dst_port,
+        }
+    }
+
+    /// The addresses and ports a packet of direction `dir` leaves with.
+    pub fn translated(&self, dir: Dir) -> FlowTuple {
+        // A packet leaving in one direction looks like the reverse of a packet arriving in the
+        // other.
+        let k = self.key(1 - dir);
+        FlowTuple {
+            proto: k.proto,
+            src: k.dst,
+            src_port: k.dst_port,
+            dst: k.src,
+            dst_port: k.src_port,
+        }
+    }
+
+    fn matches(&self, dir: Dir, t: &FlowTuple) -> bool {
+        self.key(dir) == *t
+    }
+}
+
+const EMPTY: u64 = u64::MAX;
+
+/// Why a flow could not be inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// Every flow slot is in use.
+    Full,
+    /// Another flow already owns one of the two keys.
+    Conflict,
+}
+
+/// Fixed-capacity flow table.
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: Vec<Flow>,
+    live: Vec<bool>,
+    free: Vec<FlowId>,
+    index: Vec<u64>,
+    mask: usize,
+    seed: u64,
+}
+
+impl FlowTable {
+    /// A table of `capacity` flows; `seed` keys the hash (keep it secret against collision
+    /// floods).
+    pub fn new(capacity: u32, seed: u64) -> FlowTable {
+        let capacity = capacity.max(1);
+        let slots = (capacity as usize * 4).next_power_of_two();
+        FlowTable {
+            flows: vec![EMPTY_FLOW; capacity as usize],
+            live: vec![false; capacity as usize],
+            free: (0..capacity).rev().collect(),
+            index: vec![EMPTY; slots],
+            mask: slots - 1,
+            seed,
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.flows.len() as u32
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn hash(&self, t: &FlowTuple) -> u64 {
+        hash_tuple(self.seed, t)
+    }
+
+    /// Finds the flow and direction a packet with tuple `t` (hashed as `hash`) belongs to.
+    #[inline]
+    pub fn lookup(&self, t: &FlowTuple, hash: u64) -> Option<(FlowId, Dir)> {
+        let tag = (hash >> 32) as u32;
+        let mut i = tag as usize & self.mask;
+        loop {
+            let e = self.index[i];
+            if e == EMPTY {
+                return None;
+            }
+            if (e >> 32) as u32 == tag {
+                let r = e as u32;
+                let (id, dir) = (r >> 1, (r & 1) as Dir);
+                if self.flows[id as usize].matches(dir, t) {
+                    return Some((id, dir));
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Whether some flow owns key `t`.
+    pub fn contains_key(&self, t: &FlowTuple) -> bool {
+        self.lookup(t, self.hash(t)).is_some()
+    }
+
+    /// Inserts `flow` under both of its keys.
+    pub fn insert(&mut self, flow: Flow) -> Result<FlowId, InsertError> {
+        let (k0, k1) = (flow.key(ORIG), flow.key(REPLY));
+        let (h0, h1) = (self.hash(&k0), self.hash(&k1));
+        if self.lookup(&k0, h0).is_some() || self.lookup(&k1, h1).is_some() || k0 == k1 {
+            return Err(InsertError::Conflict);
+        }
+        let id = self.free.pop().ok_or(InsertError::Full)?;
+        self.flows[id as usize] = flow;
+        self.live[id as usize] = true;
+        self.index_insert(h0, id << 1);
+        self.index_insert(h1, (id << 1) | 1);
+        Ok(id)
+    }
+
+    /// Removes flow `id` (both keys). No-op if it is not live.
+    pub fn remove(&mut self, id: FlowId) {
+        if !self.live[id as usize] {
+            return;
+        }
+        let f = self.flows[id as usize];
+        let (h0, h1) = (self.hash(&f.key(ORIG)), self.hash(&f.key(REPLY)));
+        self.index_remove(h0, id << 1);
+        self.index_remove(h1, (id << 1) | 1);
+        self.live[id as usize] = false;
+        self.free.push(id);
+    }
+
+    pub fn is_live(&self, id: FlowId) -> bool {
+        self.live.get(id as usize).copied().unwrap_or(false)
+    }
+
+    #[inline]
+    pub fn get(&self, id: FlowId) -> &Flow {
+        &self.flows[id as usize]
+    }
+
+    #[inline]
+    pub fn get_mut(&mut self, id: FlowId) -> &mut Flow {
+        &mut self.flows[id as usize]
+    }
+
+    /// Live flows, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
+        self.flows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.live[*i])
+            .map(|(i, f)| (i as FlowId, f))
+    }
+
+    fn index_insert(&mut self, hash: u64, r: u32) {
+        let tag = (hash >> 32) as u32;
+        let mut i = tag as usize & self.mask;
+        while self.index[i] != EMPTY {
+            i = (i + 1) & self.mask;
+        }
+        self.index[i] = ((tag as u64) << 32) | r as u64;
+    }
+
+    fn index_remove(&mut self, hash: u64, r: u32) {
+        let tag = (hash >> 32) as u32;
+        let want = ((tag as u64) << 32) | r as u64;
+        let mut i = tag as usize & self.mask;
+        while self.index[i] != want {
+            if self.index[i] == EMPTY {
+                debug_assert!(false, "flow key missing from index");
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+        // Backward-shift deletion: pull later entries of the cluster into the hole when their
+        // home slot is not between the hole and their position.
+        let mut hole = i;
+        let mut j = (i + 1) & self.mask;
+        loop {
+            let e = self.index[j];
+            if e == EMPTY {
+                break;
+            }
+            let home = (e >> 32) as usize & self.mask;
+            let dist_home_j = j.wrapping_sub(home) & self.mask;
+            let dist_hole_j = j.wrapping_sub(hole) & self.mask;
+            if dist_home_j >= dist_hole_j {
+                self.index[hole] = e;
+                hole = j;
+            }
+            j = (j + 1) & self.mask;
+        }
+        self.index[hole] = EMPTY;
+    }
+}
+
+const EMPTY_FLOW: Flow = Flow {
+    orig_src: Addr::UNSPECIFIED,
+    orig_dst: Addr::UNSPECIFIED,
+    xlat: Addr::UNSPECIFIED,
+    orig_sport: 0,
+    orig_dport: 0,
+    xlat_port: 0,
+    proto: 0,
+    nat: Nat::None,
+    rule: 0,
+    next_hop: [0; 2],
+    tcp: TcpTrack::NONE,
+    last_seen: 0,
+};
+
+/// Keyed 64-bit hash of a 5-tuple (multiply-xorshift; murmur3's finaliser at the end).
+#[inline]
+pub fn hash_tuple(seed: u64, t: &FlowTuple) -> u64 {
+    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let s = t.src.0;
+    let d = t.dst.0;
+    let mut h = seed ^ ((s as u64) ^ ((s >> 64) as u64).rotate_left(23)).wrapping_mul(K1);
+    h = (h.rotate_left(31) ^ ((d as u64) ^ ((d >> 64) as u64).rotate_left(41))).wrapping_mul(K2);
+    h ^= ((t.src_port as u64) << 40) | ((t.dst_port as u64) << 16) | t.proto as u64;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp::TcpTrack;
+    use std::net::Ipv4Addr;
+
+    fn v4(a: u8, b: u8) -> Addr {
+        Ipv4Addr::new(198, 18, a, b).into()
+    }
+
+    fn flow(client: u8, sport: u16, nat: Nat) -> Flow {
+        Flow {
+            orig_src: v4(0, client),
+            orig_dst: v4(10, 1),
+            xlat: v4(1, 1),
+            orig_sport: sport,
+            orig_dport: 80,
+            xlat_port: 8080,
+            proto: 6,
+            nat,
+            rule: 0,
+            next_hop: [0, 0],
+            tcp: TcpTrack::from_syn(1, 0),
+            last_seen: 0,
+        }
+    }
+
+    #[test]
+    fn lookup_from_both_directions() {
+        let mut t = FlowTable::new(16, 42);
+        let f = flow(2, 40000, Nat::Dnat);
+        let id = t.insert(f).unwrap();
+        let fwd = FlowTuple {
+            proto: 6,
+            src: v4(0, 2),
+            src_port: 40000,
+            dst: v4(10, 1),
+            dst_port: 80,
+        };
+        let rev = FlowTuple {
+            proto: 6,
+            src: v4(1, 1),
+            src_port: 8080,
+            dst: v4(0, 2),
+            dst_port: 40000,
+        };
+        assert_eq!(t.lookup(&fwd, t.hash(&fwd)), Some((id, ORIG)));
+        assert_eq!(t.lookup(&rev, t.hash(&rev)), Some((id, REPLY)));
+        assert_eq!(
+            f.translated(ORIG),
+            FlowTuple {
+                dst: v4(1, 1),
+                dst_port: 8080,
+                ..fwd
+            }
+        );
+        assert_eq!(
+            f.translated(REPLY),
+            FlowTuple {
+                src: v4(10, 1),
+                src_port: 80,
+                ..rev
+            }
+        );
+        t.remove(id);
+        assert_eq!(t.lookup(&fwd, t.hash(&fwd)), None);
+        assert_eq!(t.lookup(&rev, t.hash(&rev)), None);
+    }
+
+    #[test]
+    fn snat_keys() {
+        let mut f = flow(2, 40000, Nat::Snat);
+        f.xlat = v4(10, 9);
+        f.xlat_port = 2048;
+        let rev = f.key(REPLY);
+        assert_eq!(
+            (rev.src, rev.src_port, rev.dst, rev.dst_port),
+            (v4(10, 1), 80, v4(10, 9), 2048)
+        );
+        let out = f.translated(ORIG);
+        assert_eq!((out.src, out.src_port), (v4(10, 9), 2048));
+    }
+
+    #[test]
+    fn full_and_conflict() {
+        let mut t = FlowTable::new(2, 1);
+        t.insert(flow(1, 1, Nat::Dnat)).unwrap();
+        assert_eq!(t.insert(flow(1, 1, Nat::Dnat)), Err(InsertError::Conflict));
+        t.insert(flow(2, 1, Nat::Dnat)).unwrap();
+        assert_eq!(t.insert(flow(3, 1, Nat::Dnat)), Err(InsertError::Full));
+        assert_eq!(t.len(), 2);
+    }
+
+    /// Random inserts and removes against a HashMap model, on a small index so clusters and
+    /// wrap-around deletions happen.
+    #[test]
+    fn matches_model_under_churn() {
+        let mut t = FlowTable::new(64, 7);
+        let mut model = std::collections::HashMap::new();
+        let mut rng = 99u64;
+        for _ in 0..50_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let client = (rng % 40) as u8;
+            let sport = ((rng >> 8) % 4) as u16 + 1;
+            let f = flow(client, sport, Nat::Dnat);
+            let key = (client, sport);
+            if rng & (1 << 20) != 0 {
+                match t.insert(f) {
+                    Ok(id) => assert!(model.insert(key, id).is_none()),
+                    Err(InsertError::Conflict) => assert!(model.contains_key(&key)),
+                    Err(InsertError::Full) => assert_eq!(model.len(), 64),
+                }
+            } else if let Some(id) = model.remove(&key) {
+                t.remove(id);
+            }
+            if rng % 997 == 0 {
+                for (&(c, s), &id) in &model {
+                    let k = flow(c, s, Nat::Dnat);
+                    assert_eq!(
+                        t.lookup(&k.key(ORIG), t.hash(&k.key(ORIG))),
+                        Some((id, ORIG))
+                    );
+                    assert_eq!(
+                        t.lookup(&k.key(REPLY), t.hash(&k.key(REPLY))),
+                        Some((id, REPLY))
+                    );
+                }
+                assert_eq!(t.len(), model.len());
+            }
+        }
+    }
+
+    #[test]
+    fn flow_is_small() {
+        assert!(
+            std::mem::size_of::<Flow>() <= 80,
+            "{}",
+            std::mem::size_of::<Flow>()
+        );
+    }
+}
