@@ -52,7 +52,7 @@ impl Default for EngineConfig {
             next_hop_capacity: 4096,
             late_slots: 1 << 14,
             tick_shift: 20,
-            hash_seed: 0x5EED_0F_71B,
+            hash_seed: 0x5EED_F71B,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
         }
@@ -178,9 +178,10 @@ impl Engine {
         self.flows.capacity()
     }
 
-    /// SNAT ports of `member`'s blocks in use on this worker, and this worker's share of them.
-    pub fn snat_usage(&self, blocks: &[crate::ruleset::PortBlock]) -> (u32, u32) {
-        (self.snat.used_in(blocks), self.snat.share_of(blocks))
+    /// SNAT ports of `member`'s blocks in use on this worker for `proto`, and this worker's
+    /// share of them.
+    pub fn snat_usage(&self, blocks: &[crate::ruleset::PortBlock], proto: u8) -> (u32, u32) {
+        (self.snat.used_in(blocks, proto), self.snat.share_of(blocks))
     }
 
     /// Drains queued events.
@@ -349,7 +350,7 @@ impl Engine {
     fn remove_flow(&mut self, id: FlowId) {
         let f = *self.flows.get(id);
         if f.nat == Nat::Snat {
-            self.snat.release(f.xlat, f.xlat_port);
+            self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
         self.wheel.remove(id);
         self.flows.remove(id);
@@ -502,7 +503,7 @@ impl Engine {
                 self.count_late(hash, now);
                 return self.drop_for(rule, DropReason::NoFlow);
             }
-            let Some((addr, port)) = self.snat.allocate(blocks, hash) else {
+            let Some((addr, port)) = self.snat.allocate(blocks, pkt.proto, hash) else {
                 if !self.exhausted.contains(&pkt.src) {
                     self.exhausted.push(pkt.src);
                     self.push_event(Event::SnatExhausted {
@@ -533,7 +534,7 @@ impl Engine {
             };
             let verdict = self.create(ingress, frame, pkt, flow, pkt.dst, hash);
             if !matches!(verdict, Verdict::Tx { .. }) {
-                self.snat.release(addr, port);
+                self.snat.release(addr, pkt.proto, port);
             }
             return verdict;
         }
@@ -566,7 +567,7 @@ impl Engine {
             Err(e) => return self.drop_for(rule, hop_error(e)),
         };
         flow.next_hop = [forward, back];
-        let id = match self.flows.insert(flow) {
+        let id = match self.flows.insert_new(flow, hash) {
             Ok(id) => id,
             Err(InsertError::Full) => return self.drop_for(rule, DropReason::FlowTableFull),
             Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
@@ -595,6 +596,10 @@ impl Engine {
             return self.drop_for(rule, DropReason::NoFlow);
         }
         let len = wire::reply_rst_in_place(frame, pkt);
+        if len == 0 {
+            // The builder refuses input it cannot answer (it re-checks what `pkt` says).
+            return self.drop_for(rule, DropReason::NoFlow);
+        }
         rule_counters(&mut self.counters, rule).unknown_flow_resets += 1;
         self.counters.tx_packets += 1;
         Verdict::Tx {

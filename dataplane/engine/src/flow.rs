@@ -195,6 +195,42 @@ impl FlowTable {
         Ok(id)
     }
 
+    /// Inserts `flow` whose original key hashes to `orig_hash` and is known to be absent (the
+    /// caller just looked it up and missed): one probe sequence for the reply key, which both
+    /// checks for a conflict and finds its slot.
+    pub fn insert_new(&mut self, flow: Flow, orig_hash: u64) -> Result<FlowId, InsertError> {
+        let k1 = flow.key(REPLY);
+        if flow.key(ORIG) == k1 {
+            return Err(InsertError::Conflict);
+        }
+        if self.free.is_empty() {
+            return Err(InsertError::Full);
+        }
+        let h1 = self.hash(&k1);
+        let tag1 = (h1 >> 32) as u32;
+        let mut i = tag1 as usize & self.mask;
+        loop {
+            let e = self.index[i];
+            if e == EMPTY {
+                break;
+            }
+            if (e >> 32) as u32 == tag1 {
+                let r = e as u32;
+                if self.flows[(r >> 1) as usize].matches((r & 1) as Dir, &k1) {
+                    return Err(InsertError::Conflict);
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+        let id = self.free.pop().ok_or(InsertError::Full)?;
+        self.flows[id as usize] = flow;
+        self.live[id as usize] = true;
+        // The reply entry first: the slot found above is still empty.
+        self.index[i] = ((tag1 as u64) << 32) | ((id << 1) | 1) as u64;
+        self.index_insert(orig_hash, id << 1);
+        Ok(id)
+    }
+
     /// Removes flow `id` (both keys). No-op if it is not live.
     pub fn remove(&mut self, id: FlowId) {
         if !self.live[id as usize] {
@@ -437,6 +473,24 @@ mod tests {
                 assert_eq!(t.len(), model.len());
             }
         }
+    }
+
+    #[test]
+    fn insert_new_matches_insert() {
+        let mut t = FlowTable::new(8, 3);
+        let f = flow(9, 9, Nat::Dnat);
+        let h0 = t.hash(&f.key(ORIG));
+        let id = t.insert_new(f, h0).unwrap();
+        assert_eq!(t.lookup(&f.key(ORIG), h0), Some((id, ORIG)));
+        let k1 = f.key(REPLY);
+        assert_eq!(t.lookup(&k1, t.hash(&k1)), Some((id, REPLY)));
+        // Another flow whose reply key collides is refused.
+        let mut g = flow(9, 9, Nat::Dnat);
+        g.orig_dst = v4(10, 2);
+        let hg = t.hash(&g.key(ORIG));
+        assert_eq!(t.insert_new(g, hg), Err(InsertError::Conflict));
+        t.remove(id);
+        assert!(t.is_empty());
     }
 
     #[test]

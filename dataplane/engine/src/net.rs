@@ -127,7 +127,7 @@ impl NextHops {
 
     pub fn set_routes(&mut self, mut routes: Vec<Route>) {
         // Longest prefix first: the first match is the best.
-        routes.sort_by(|a, b| b.len.cmp(&a.len));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.len));
         self.routes = routes;
     }
 

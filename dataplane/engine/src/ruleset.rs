@@ -322,6 +322,21 @@ impl RuleSet {
             Selector::Outbound => None,
         }
     }
+    /// Whether `addr` is still a backend that rule `id` gives new flows to (healthy and not
+    /// admin down; for NAT, the member its port maps to). SPEC §5 moves UDP flows off a
+    /// member that went down: after a swap, a UDP flow whose backend is no longer eligible
+    /// re-selects with [`RuleSet::select_backend`] (or ends when that gives `None`).
+    pub fn backend_eligible(&self, id: RuleId, addr: Addr) -> bool {
+        let Some(rule) = self.rules.get(usize::from(id)).and_then(Option::as_ref) else {
+            return false;
+        };
+        match &rule.selector {
+            Selector::LoadBalancing { pool, .. } => pool.eligible.contains(&addr),
+            Selector::NatSingle(backend) => backend.is_some_and(|b| b.addr == addr),
+            Selector::NatRange { members, .. } => members.contains(&Some(addr)),
+            Selector::Outbound => false,
+        }
+    }
     /// The outbound rule that SNATs a new connection from member address `src`, and that
     /// member's port blocks.
     #[inline]

@@ -15,6 +15,7 @@
 //! about 1/65,537 of the pool's total may own no slot at all. Tables are shared by every rule
 //! on the same pool and reused across compiles when nothing they depend on changed.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -148,6 +149,8 @@ pub struct PoolTable {
     pub(crate) table: Box<[u16]>,
     /// What the table was built from, so a later compile can reuse it.
     pub(crate) inputs: Box<[TableInput]>,
+    /// Members that may get new flows, for moving UDP flows off members that went down.
+    pub(crate) eligible: HashSet<Addr, FastBuild>,
 }
 
 impl fmt::Debug for PoolTable {
@@ -176,10 +179,16 @@ impl PoolTable {
     pub fn build(inputs: &[TableInput]) -> PoolTable {
         let members: Box<[Addr]> = inputs.iter().map(|m| m.addr).collect();
         let table = maglev(inputs, table_size(inputs));
+        let eligible = inputs
+            .iter()
+            .filter(|m| m.healthy && m.weight > 0)
+            .map(|m| m.addr)
+            .collect();
         PoolTable {
             members,
             table,
             inputs: inputs.into(),
+            eligible,
         }
     }
 

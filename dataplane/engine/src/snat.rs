@@ -1,7 +1,8 @@
 //! SNAT port allocation for outbound rules, one allocator per worker.
 //!
 //! A flow holds its SNAT port for life (and for the release time after FIN/RST, which the flow's
-//! linger implements), so the allocator is a bitmap of ports in use per frontend address.
+//! linger implements), so the allocator is a bitmap of ports in use per (frontend address,
+//! protocol): TCP and UDP have separate port spaces, as on the wire.
 //! Ports are partitioned between workers by `port % workers == worker`: the worker that owns a
 //! translated port can be computed from the port alone, which is how return traffic finds the
 //! worker that holds the flow (docs/architecture.md, "both directions on one worker").
@@ -18,7 +19,7 @@ const WORDS: usize = 65536 / 64;
 pub struct SnatPorts {
     worker: u16,
     workers: u16,
-    in_use: HashMap<Addr, Box<[u64; WORDS]>>,
+    in_use: HashMap<(Addr, u8), Box<[u64; WORDS]>>,
 }
 
 impl SnatPorts {
@@ -37,7 +38,7 @@ impl SnatPorts {
 
     /// Takes a free port of this worker's share of `blocks`, starting the search at a point
     /// derived from `hint` so that concurrent connections spread over the block.
-    pub fn allocate(&mut self, blocks: &[PortBlock], hint: u64) -> Option<(Addr, u16)> {
+    pub fn allocate(&mut self, blocks: &[PortBlock], proto: u8, hint: u64) -> Option<(Addr, u16)> {
         let share = |b: &PortBlock| self.share_len(b);
         let total: u32 = blocks.iter().map(share).sum();
         if total == 0 {
@@ -52,7 +53,7 @@ impl SnatPorts {
                     let port = self.share_port(b, k);
                     let bits = self
                         .in_use
-                        .entry(b.addr)
+                        .entry((b.addr, proto))
                         .or_insert_with(|| Box::new([0; WORDS]));
                     let (w, m) = (port as usize / 64, 1u64 << (port % 64));
                     if bits[w] & m == 0 {
@@ -68,33 +69,33 @@ impl SnatPorts {
     }
 
     /// Marks a port as in use (a flow that already holds it).
-    pub fn reserve(&mut self, addr: Addr, port: u16) {
+    pub fn reserve(&mut self, addr: Addr, proto: u8, port: u16) {
         let bits = self
             .in_use
-            .entry(addr)
+            .entry((addr, proto))
             .or_insert_with(|| Box::new([0; WORDS]));
         bits[port as usize / 64] |= 1 << (port % 64);
     }
 
-    pub fn release(&mut self, addr: Addr, port: u16) {
-        if let Some(bits) = self.in_use.get_mut(&addr) {
+    pub fn release(&mut self, addr: Addr, proto: u8, port: u16) {
+        if let Some(bits) = self.in_use.get_mut(&(addr, proto)) {
             bits[port as usize / 64] &= !(1 << (port % 64));
         }
     }
 
-    pub fn is_used(&self, addr: Addr, port: u16) -> bool {
+    pub fn is_used(&self, addr: Addr, proto: u8, port: u16) -> bool {
         self.in_use
-            .get(&addr)
+            .get(&(addr, proto))
             .is_some_and(|b| b[port as usize / 64] & (1 << (port % 64)) != 0)
     }
 
-    /// Ports of `blocks` in use on this worker.
-    pub fn used_in(&self, blocks: &[PortBlock]) -> u32 {
+    /// Ports of `blocks` in use on this worker for `proto`.
+    pub fn used_in(&self, blocks: &[PortBlock], proto: u8) -> u32 {
         blocks
             .iter()
             .map(|b| {
                 (0..self.share_len(b))
-                    .filter(|&k| self.is_used(b.addr, self.share_port(b, k)))
+                    .filter(|&k| self.is_used(b.addr, proto, self.share_port(b, k)))
                     .count() as u32
             })
             .sum()
@@ -145,13 +146,17 @@ mod tests {
     fn allocates_every_port_once_then_exhausts() {
         let mut s = SnatPorts::new(0, 1);
         let b = [block(1024, 16)];
-        let mut got: Vec<u16> = (0..16).map(|i| s.allocate(&b, i * 7).unwrap().1).collect();
+        let mut got: Vec<u16> = (0..16)
+            .map(|i| s.allocate(&b, 6, i * 7).unwrap().1)
+            .collect();
         got.sort();
         assert_eq!(got, (1024..1040).collect::<Vec<_>>());
-        assert_eq!(s.allocate(&b, 3), None);
-        assert_eq!(s.used_in(&b), 16);
-        s.release(b[0].addr, 1030);
-        assert_eq!(s.allocate(&b, 0), Some((b[0].addr, 1030)));
+        assert_eq!(s.allocate(&b, 6, 3), None);
+        assert_eq!(s.used_in(&b, 6), 16);
+        assert_eq!(s.used_in(&b, 17), 0, "UDP has its own port space");
+        assert!(s.allocate(&b, 17, 0).is_some());
+        s.release(b[0].addr, 6, 1030);
+        assert_eq!(s.allocate(&b, 6, 0), Some((b[0].addr, 1030)));
     }
 
     #[test]
@@ -160,11 +165,11 @@ mod tests {
         let mut all = vec![];
         for w in 0..3 {
             let mut s = SnatPorts::new(w, 3);
-            while let Some((_, p)) = s.allocate(&b, 0) {
+            while let Some((_, p)) = s.allocate(&b, 6, 0) {
                 assert_eq!(SnatPorts::owner(p, 3), w);
                 all.push(p);
             }
-            assert_eq!(s.used_in(&b), s.share_of(&b));
+            assert_eq!(s.used_in(&b, 6), s.share_of(&b));
         }
         all.sort();
         let want: Vec<u16> = (1024..1032).chain(2048..2056).collect();

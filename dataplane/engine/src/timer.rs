@@ -351,8 +351,7 @@ mod tests {
                             now += (next() % 1_000_000) * TICK;
                         }
                         // Poll the way the engine does: re-check and reinsert early entries.
-                        loop {
-                            let Some(id) = w.poll(now) else { break };
+                        while let Some(id) = w.poll(now) {
                             let d = model[&id];
                             if d > now {
                                 w.insert(id, d);

@@ -22,7 +22,14 @@ fn members(prefix: &str, n: usize) -> Vec<Member> {
 
 fn many_members(n: usize) -> Vec<Member> {
     (0..n)
-        .map(|i| Member::new(ip(&format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256))))
+        .map(|i| {
+            Member::new(ip(&format!(
+                "10.{}.{}.{}",
+                100 + i / 65536,
+                (i / 256) % 256,
+                i % 256
+            )))
+        })
         .collect()
 }
 
@@ -156,7 +163,10 @@ fn says(e: &ValidationError, value: &str, allowed: &str) {
     let text = e.to_string();
     assert_eq!(e.value, value, "{text}");
     assert!(e.allowed.contains(allowed), "{text}");
-    assert!(text.contains(&e.path) && text.contains(value) && text.contains(allowed), "{text}");
+    assert!(
+        text.contains(&e.path) && text.contains(value) && text.contains(allowed),
+        "{text}"
+    );
 }
 
 #[test]
@@ -289,10 +299,7 @@ fn idle_bound_overrides_only_widen() {
         match expect {
             None => ok(&c),
             Some((field, value, allowed)) => {
-                let e = only_error(
-                    &c,
-                    &format!("settings.inbound_idle_timeout_bounds.{field}"),
-                );
+                let e = only_error(&c, &format!("settings.inbound_idle_timeout_bounds.{field}"));
                 says(&e, value, allowed);
             }
         }
@@ -407,13 +414,18 @@ fn nat_and_probe_ports_1_to_65535() {
 #[test]
 fn ha_ports_only_all_on_internal_frontends() {
     let mut c = base();
-    c.load_balancing_rules.push(lb("ha", "ilb", Protocol::All, 0));
+    c.load_balancing_rules
+        .push(lb("ha", "ilb", Protocol::All, 0));
     ok(&c);
 
     let mut c = base();
-    c.load_balancing_rules.push(lb("ha", "vip", Protocol::All, 0));
+    c.load_balancing_rules
+        .push(lb("ha", "vip", Protocol::All, 0));
     let e = only_error(&c, "load_balancing_rules[ha].frontend_port");
-    assert!(e.message.contains("internal") && e.message.contains("public"), "{e}");
+    assert!(
+        e.message.contains("internal") && e.message.contains("public"),
+        "{e}"
+    );
 
     let mut c = base();
     c.load_balancing_rules.push(LoadBalancingRule {
@@ -437,8 +449,10 @@ fn ha_ports_only_all_on_internal_frontends() {
 #[test]
 fn one_ha_ports_rule_per_frontend() {
     let mut c = base();
-    c.load_balancing_rules.push(lb("ha1", "ilb", Protocol::All, 0));
-    c.load_balancing_rules.push(lb("ha2", "ilb", Protocol::All, 0));
+    c.load_balancing_rules
+        .push(lb("ha1", "ilb", Protocol::All, 0));
+    c.load_balancing_rules
+        .push(lb("ha2", "ilb", Protocol::All, 0));
     let e = only_error(&c, "load_balancing_rules[ha2].frontend_port");
     assert!(e.message.contains("load_balancing_rules[ha1]"), "{e}");
 }
@@ -468,7 +482,11 @@ fn names_unique_per_kind() {
     c.frontends[1].name = "vip".into();
     c.load_balancing_rules.clear();
     c.inbound_nat_rules.clear();
-    says(&only_error(&c, "frontends[vip].name"), "\"vip\"", "not used");
+    says(
+        &only_error(&c, "frontends[vip].name"),
+        "\"vip\"",
+        "not used",
+    );
 
     let mut c = base();
     c.backend_pools.push(BackendPool {
@@ -482,7 +500,8 @@ fn names_unique_per_kind() {
     only_error(&c, "health_probes[http].name");
 
     let mut c = base();
-    c.load_balancing_rules.push(lb("web", "vip", Protocol::Tcp, 81));
+    c.load_balancing_rules
+        .push(lb("web", "vip", Protocol::Tcp, 81));
     only_error(&c, "load_balancing_rules[web].name");
 
     let mut c = base();
@@ -726,7 +745,9 @@ fn probe_interval_threshold_and_path() {
 #[test]
 fn address_families_consistent() {
     let mut c = base();
-    c.backend_pools[0].members.push(Member::new(ip("2001:db8::99")));
+    c.backend_pools[0]
+        .members
+        .push(Member::new(ip("2001:db8::99")));
     // "web" is used by the IPv4 LB rule and the IPv4 outbound rule.
     let e = errors(&c);
     let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
@@ -841,7 +862,8 @@ fn default_allocation_by_pool_size() {
         name: "big".into(),
         members: many_members(1000),
     });
-    c.outbound_rules.push(out("big", &["snat2"], "big", Protocol::All));
+    c.outbound_rules
+        .push(out("big", &["snat2"], "big", Protocol::All));
     ok(&c);
     c.backend_pools[2].members = many_members(1001);
     let e = only_error(&c, "outbound_rules[big].allocated_outbound_ports");
@@ -857,7 +879,8 @@ fn outbound_membership_and_frontends_per_protocol() {
     // The same pool SNATed for TCP and for UDP by two rules on the same IP: fine.
     let mut c = base();
     c.outbound_rules[0].protocol = Protocol::Tcp;
-    c.outbound_rules.push(out("udp", &["snat1"], "web", Protocol::Udp));
+    c.outbound_rules
+        .push(out("udp", &["snat1"], "web", Protocol::Udp));
     ok(&c);
 
     // Twice for TCP: the member and the frontend are both claimed twice.
@@ -866,7 +889,10 @@ fn outbound_membership_and_frontends_per_protocol() {
     let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["outbound_rules[udp].backend_pool", "outbound_rules[udp].frontends"],
+        [
+            "outbound_rules[udp].backend_pool",
+            "outbound_rules[udp].frontends"
+        ],
         "{e:#?}"
     );
     assert!(e[0].message.contains("10.0.0.1") && e[0].message.contains("outbound_rules[out]"));
@@ -885,20 +911,24 @@ fn outbound_membership_and_frontends_per_protocol() {
 #[test]
 fn no_two_rules_serve_the_same_frontend_protocol_port() {
     let mut c = base();
-    c.load_balancing_rules.push(lb("web2", "vip", Protocol::Tcp, 80));
+    c.load_balancing_rules
+        .push(lb("web2", "vip", Protocol::Tcp, 80));
     let e = only_error(&c, "load_balancing_rules[web2].frontend_port");
     says(&e, "80", "no other rule");
     assert!(e.message.contains("load_balancing_rules[web]"), "{e}");
 
     // ALL overlaps TCP.
     let mut c = base();
-    c.load_balancing_rules.push(lb("web2", "vip", Protocol::All, 80));
+    c.load_balancing_rules
+        .push(lb("web2", "vip", Protocol::All, 80));
     only_error(&c, "load_balancing_rules[web2].frontend_port");
 
     // UDP does not overlap TCP; another frontend does not overlap either.
     let mut c = base();
-    c.load_balancing_rules.push(lb("web2", "vip", Protocol::Udp, 80));
-    c.load_balancing_rules.push(lb("web3", "ilb", Protocol::All, 80));
+    c.load_balancing_rules
+        .push(lb("web2", "vip", Protocol::Udp, 80));
+    c.load_balancing_rules
+        .push(lb("web3", "ilb", Protocol::All, 80));
     ok(&c);
 
     // A NAT rule on an LB port, and a NAT range across a NAT port: reported once per pair.
@@ -914,8 +944,10 @@ fn no_two_rules_serve_the_same_frontend_protocol_port() {
 
     // A specific port next to an HA-ports rule on the same frontend is fine: it wins.
     let mut c = base();
-    c.load_balancing_rules.push(lb("ha", "ilb", Protocol::All, 0));
-    c.load_balancing_rules.push(lb("dns", "ilb", Protocol::All, 53));
+    c.load_balancing_rules
+        .push(lb("ha", "ilb", Protocol::All, 0));
+    c.load_balancing_rules
+        .push(lb("dns", "ilb", Protocol::All, 53));
     ok(&c);
 }
 
@@ -938,7 +970,10 @@ fn all_errors_reported_at_once() {
         ]
     );
     let text = e.to_string();
-    assert!(text.starts_with("invalid configuration (4 errors):"), "{text}");
+    assert!(
+        text.starts_with("invalid configuration (4 errors):"),
+        "{text}"
+    );
     assert!(
         text.contains("load_balancing_rules[web].idle_timeout_minutes = 31:")
             && text.contains("(allowed: 4–30)"),
@@ -949,7 +984,9 @@ fn all_errors_reported_at_once() {
 #[test]
 fn toml_errors_are_parse_errors() {
     let unknown = "[settings]\nlab_time_scal = 60\n";
-    assert!(matches!(Config::from_toml_str(unknown), Err(ConfigError::Parse(m)) if m.contains("lab_time_scal")));
+    assert!(
+        matches!(Config::from_toml_str(unknown), Err(ConfigError::Parse(m)) if m.contains("lab_time_scal"))
+    );
     let bad_enum = "[[frontends]]\nname = \"a\"\naddress = \"198.18.0.1\"\nkind = \"outside\"\n";
     assert!(matches!(
         Config::from_toml_str(bad_enum),
@@ -961,10 +998,9 @@ fn toml_errors_are_parse_errors() {
         other => panic!("{other:?}"),
     }
     // Lower-case protocols are accepted.
-    let c = Config::from_toml_str(
-        "[[health_probes]]\nname = \"p\"\nprotocol = \"tcp\"\nport = 22\n",
-    )
-    .unwrap();
+    let c =
+        Config::from_toml_str("[[health_probes]]\nname = \"p\"\nprotocol = \"tcp\"\nport = 22\n")
+            .unwrap();
     assert_eq!(c.health_probes[0].protocol, ProbeProtocol::Tcp);
     assert_eq!(c.health_probes[0].interval_seconds, 5);
     assert_eq!(c.health_probes[0].threshold, 2);

@@ -150,12 +150,9 @@ fn reset_on_idle_sends_exact_rsts_to_both_ends() {
     assert_eq!(lab.emitted.len(), 2, "one RST to each end");
 
     let to_client = expected_rst(
-        XLB_MAC[0],
-        CLIENT_MAC,
-        VIP.into(),
-        CLIENT.into(),
-        80,
-        40_001,
+        (XLB_MAC[0], CLIENT_MAC),
+        (VIP.into(), 80),
+        (CLIENT.into(), 40_001),
         conn.s_seq,
         conn.c_seq,
     );
@@ -165,12 +162,9 @@ fn reset_on_idle_sends_exact_rsts_to_both_ends() {
         B2_MAC
     };
     let to_backend = expected_rst(
-        XLB_MAC[1],
-        backend_mac,
-        CLIENT.into(),
-        conn.backend_ip,
-        40_001,
-        8080,
+        (XLB_MAC[1], backend_mac),
+        (CLIENT.into(), 40_001),
+        (conn.backend_ip, 8080),
         conn.c_seq,
         conn.s_seq,
     );
@@ -262,12 +256,9 @@ fn keepalive_before_timeout_keeps_flow_and_never_moves_seq_back() {
         B2_MAC
     };
     let to_backend = expected_rst(
-        XLB_MAC[1],
-        backend_mac,
-        CLIENT.into(),
-        conn.backend_ip,
-        40_003,
-        8080,
+        (XLB_MAC[1], backend_mac),
+        (CLIENT.into(), 40_003),
+        (conn.backend_ip, 8080),
         conn.c_seq,
         conn.s_seq,
     );
@@ -530,12 +521,9 @@ fn ipv6_lb_flow_with_reset_on_idle() {
     lab.run_until(t + mins(4) + lab_tick());
     assert_eq!(lab.emitted.len(), 2);
     let to_client = expected_rst(
-        XLB_MAC[0],
-        CLIENT_MAC,
-        VIP6.into(),
-        CLIENT6.into(),
-        80,
-        43_000,
+        (XLB_MAC[0], CLIENT_MAC),
+        (VIP6.into(), 80),
+        (CLIENT6.into(), 43_000),
         21,
         11,
     );

@@ -398,3 +398,103 @@ impl<'a> SnatCursor<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LoadBalancingRule, Protocol};
+
+    fn config() -> Config {
+        let text = r#"
+            [[frontends]]
+            name = "vip"
+            address = "198.18.0.10"
+            kind = "public"
+            [[backend_pools]]
+            name = "a"
+            members = [{ address = "10.0.0.1" }, { address = "10.0.0.2" }]
+            [[backend_pools]]
+            name = "b"
+            members = [{ address = "10.0.1.1" }]
+            [[load_balancing_rules]]
+            name = "a80"
+            frontend = "vip"
+            protocol = "TCP"
+            frontend_port = 80
+            backend_pool = "a"
+            backend_port = 80
+        "#;
+        let mut c = Config::from_toml_str(text).unwrap();
+        let r = c.load_balancing_rules[0].clone();
+        c.load_balancing_rules.push(LoadBalancingRule {
+            name: "a81".into(),
+            frontend_port: 81,
+            ..r.clone()
+        });
+        c.load_balancing_rules.push(LoadBalancingRule {
+            name: "b82".into(),
+            frontend_port: 82,
+            protocol: Protocol::Udp,
+            backend_pool: "b".into(),
+            ..r.clone()
+        });
+        c
+    }
+
+    fn table(rs: &RuleSet, name: &str) -> Arc<PoolTable> {
+        let id = rs.rule_id(RuleKind::LoadBalancing, name).unwrap();
+        match &rs.rules[usize::from(id)].as_ref().unwrap().selector {
+            Selector::LoadBalancing { pool, .. } => Arc::clone(pool),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rules_on_one_pool_share_its_table() {
+        let rs = compile(&config(), None, &MemberHealth::all_healthy(), 1).unwrap();
+        assert!(Arc::ptr_eq(&table(&rs, "a80"), &table(&rs, "a81")));
+        assert!(!Arc::ptr_eq(&table(&rs, "a80"), &table(&rs, "b82")));
+        assert_eq!(rs.pool_tables.len(), 2);
+    }
+
+    #[test]
+    fn unchanged_tables_are_reused_and_changed_ones_rebuilt() {
+        let c = config();
+        let mut health = MemberHealth::all_healthy();
+        let g1 = compile(&c, None, &health, 1).unwrap();
+        health.set_healthy("a", Addr::from_v4_bytes([10, 0, 0, 2]), false);
+        let g2 = compile(&c, Some(&g1), &health, 2).unwrap();
+        assert!(!Arc::ptr_eq(&table(&g1, "a80"), &table(&g2, "a80")));
+        assert!(Arc::ptr_eq(&table(&g1, "b82"), &table(&g2, "b82")));
+        assert_eq!(
+            table(&g2, "a80").slot_counts(),
+            [table(&g2, "a80").table.len(), 0]
+        );
+    }
+
+    #[test]
+    fn member_health_defaults_to_healthy_and_admin_state_wins() {
+        let a = Addr::from_v4_bytes([10, 0, 0, 1]);
+        let mut h = MemberHealth::all_healthy();
+        assert!(h.is_healthy("p", a));
+        h.set_healthy("p", a, false);
+        assert!(!h.is_healthy("p", a));
+        assert!(h.is_healthy("q", a));
+        let mut m = Member::new(a.to_ip());
+        assert!(!h.eligible("p", &m));
+        m.admin_state = AdminState::Up;
+        assert!(h.eligible("p", &m));
+        h.set_healthy("p", a, true);
+        assert_eq!(h, MemberHealth::all_healthy());
+        m.admin_state = AdminState::Down;
+        assert!(!h.eligible("p", &m));
+    }
+
+    #[test]
+    fn fresh_ids_skip_previous_and_taken() {
+        let mut ids = Ids::new(None);
+        ids.used_before.extend([0, 2]);
+        assert_eq!(ids.take(RuleKind::LoadBalancing, "x"), 1);
+        assert_eq!(ids.take(RuleKind::LoadBalancing, "y"), 3);
+    }
+}

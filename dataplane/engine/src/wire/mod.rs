@@ -7,6 +7,16 @@
 //! - [`rewrite`] rewrites addresses / ports in place and keeps every checksum consistent.
 //! - `build` builds RST frames into caller buffers without heap allocation.
 //!
+//! No signature was changed. Behaviour the signatures alone do not say:
+//! - IPv6 packets whose source or destination is IPv4-mapped (`::ffff:0:0/96`) are refused as
+//!   `BadIpHeader`, so that `Addr` keys of the two families can never collide.
+//! - [`reply_rst_in_place`] returns 0 (nothing to send, frame untouched) for non-TCP input, for
+//!   an RST (never answered), and for a `pkt` that does not describe the frame.
+//! - [`rewrite`] ignores an address of the wrong family and leaves the frame untouched when
+//!   `pkt` does not describe it; it reads the old values from the frame, so it may follow
+//!   [`decrement_hop_limit`] with the same `pkt`.
+//! - For ICMP, `payload_len` counts the bytes after the 8-byte ICMP header.
+//!
 //! Everything here handles untrusted bytes on the hot path, so outside tests the module
 //! denies any indexing or slicing that could panic: fixed offsets are read through
 //! `first_chunk` views (one bounds check per header) and the rest through `get`.

@@ -129,9 +129,11 @@ const fn be16(b: [u8; 2]) -> u16 {
 ///
 /// Errors are checked outside in: a frame cut inside a header the outer layers announce is
 /// `Truncated`; an L4 header that does not fit the IP length the frame does carry is
-/// `BadL4Header`. IPv6 packets with IPv4-mapped (`::ffff:0:0/96`) addresses are refused as
+/// `BadL4Header`. An IPv4 IHL below 5 is a malformed header (`BadIpHeader`), not options;
+/// an ICMP message shorter than 8 bytes is `BadL4Header`. IPv6 packets with IPv4-mapped (`::ffff:0:0/96`) addresses are refused as
 /// `BadIpHeader`: RFC 4291 forbids them on the wire, Linux drops them, and accepting them would
 /// let an IPv6 packet alias an IPv4 flow in tables keyed on [`Addr`].
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<Packet, ParseError> {
     let eth: &[u8; ETH_HLEN] = chunk(frame, 0).ok_or(ParseError::Truncated)?;
     let mut ethertype = be16([eth[12], eth[13]]);
@@ -150,7 +152,8 @@ pub fn parse(frame: &[u8]) -> Result<Packet, ParseError> {
     }
 }
 
-#[inline]
+// Always inlined: one frame of registers for the whole parse, no `L3` spilled to memory.
+#[inline(always)]
 fn parse_v4(frame: &[u8], l3_off: usize, vlan: Option<u16>) -> Result<Packet, ParseError> {
     let ip: &[u8; IPV4_HLEN] = chunk(frame, l3_off).ok_or(ParseError::Truncated)?;
     if ip[0] >> 4 != 4 {
@@ -196,7 +199,8 @@ fn parse_v4(frame: &[u8], l3_off: usize, vlan: Option<u16>) -> Result<Packet, Pa
     })
 }
 
-#[inline]
+// Always inlined: one frame of registers for the whole parse, no `L3` spilled to memory.
+#[inline(always)]
 fn parse_v6(frame: &[u8], l3_off: usize, vlan: Option<u16>) -> Result<Packet, ParseError> {
     let ip: &[u8; IPV6_HLEN] = chunk(frame, l3_off).ok_or(ParseError::Truncated)?;
     if ip[0] >> 4 != 6 {
@@ -251,7 +255,8 @@ struct L3<'a> {
     pseudo: bool,
 }
 
-#[inline]
+// Always inlined: one frame of registers for the whole parse, no `L3` spilled to memory.
+#[inline(always)]
 fn parse_l4(l3: L3<'_>) -> Result<Packet, ParseError> {
     use crate::wire::proto::{ICMP, ICMPV6, TCP, UDP};
     // Offsets are u16 in `Packet`; a frame that cannot be described that way is refused rather

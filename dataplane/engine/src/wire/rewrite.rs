@@ -22,6 +22,7 @@ pub struct Rewrite {
 /// a `pkt` that does not describe `frame` leaves the frame untouched. For ICMP echo the
 /// identifier stands for both ports: `src_port` is applied when it changes it, else
 /// `dst_port`; other ICMP messages have no ports and only their addresses change.
+#[inline]
 pub fn rewrite(frame: &mut [u8], pkt: &Packet, rw: &Rewrite) {
     let l3 = usize::from(pkt.l3_off);
     let l4 = usize::from(pkt.l4_off);
@@ -197,6 +198,7 @@ fn swap128(field: &mut [u8; 16], new: Option<Addr>, acc: &mut u64) -> Addr {
 
 /// Decrements the IPv4 TTL (with an incremental header checksum update) or the IPv6 hop
 /// limit. Returns false (and leaves the frame unchanged) when the hop limit is <= 1.
+#[inline]
 pub fn decrement_hop_limit(frame: &mut [u8], pkt: &Packet) -> bool {
     let l3 = usize::from(pkt.l3_off);
     if pkt.is_v6 {

@@ -474,12 +474,9 @@ pub fn tcp_flag_byte(h: &TcpHeader) -> u8 {
 
 /// The exact RST frame a stock stack must accept, built independently of the engine.
 pub fn expected_rst(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
     seq: u32,
     ack: u32,
 ) -> Vec<u8> {
