@@ -214,6 +214,28 @@ impl Engine {
         self.wheel.next_deadline()
     }
 
+    /// The worker that owns the flow `frame` belongs to (in both directions), or `None` when
+    /// the frame does not parse (any worker may count the drop).
+    ///
+    /// Steering hashes the endpoint that is not xlb's: for a packet addressed to a frontend, its
+    /// source (a client, or the remote host answering an SNAT flow); otherwise its destination
+    /// (the client a backend answers, or the remote host a member connects to). Both directions
+    /// of every flow kind — load balancing, inbound NAT, floating IP, outbound SNAT — hash the
+    /// same endpoint, so they land on the same worker whatever queue the NIC picked. SNAT ports
+    /// are still partitioned between workers so that two workers never pick the same port.
+    pub fn owner(&self, frame: &[u8]) -> Option<u16> {
+        if self.cfg.workers <= 1 {
+            return Some(0);
+        }
+        let pkt = wire::parse(frame).ok()?;
+        let (addr, port) = if self.rules.is_frontend(pkt.dst) {
+            (pkt.src, pkt.src_port)
+        } else {
+            (pkt.dst, pkt.dst_port)
+        };
+        Some(steer(addr, port, self.cfg.workers))
+    }
+
     /// Processes one received frame in place.
     #[inline]
     pub fn process(&mut self, now: Nanos, ingress: PortId, frame: &mut [u8]) -> Verdict {
@@ -644,6 +666,15 @@ impl Engine {
         }
         self.drop(reason)
     }
+}
+
+/// The worker of endpoint `addr`:`port` among `workers` (identical on every worker: unkeyed).
+pub fn steer(addr: Addr, port: u16, workers: u16) -> u16 {
+    let mut h = (addr.0 as u64) ^ ((addr.0 >> 64) as u64).rotate_left(32) ^ ((port as u64) << 48);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    ((h as u128 * workers.max(1) as u128) >> 64) as u16
 }
 
 fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {

@@ -924,3 +924,106 @@ fn expiry_work_is_bounded_per_call() {
     assert_eq!(lab.engine.flow_count(), 0);
     assert!(calls >= 1000 / 64);
 }
+
+/// DESIGN problem 1: both directions of every flow kind steer to the same worker.
+#[test]
+fn both_directions_of_every_flow_steer_to_one_worker() {
+    for workers in [2u16, 3, 4, 16] {
+        let cfg = EngineConfig {
+            workers,
+            ..EngineConfig::default()
+        };
+        let lab = Lab::with(DEFAULT_CONFIG, cfg);
+        let mut seen_owners = std::collections::HashSet::new();
+        for sport in 30_000..30_200u16 {
+            // Load balancing: client → VIP, backend → client.
+            let fwd = Tcp::client(80, sport).seg(SYN, 1, 0, &[]);
+            let back = Tcp {
+                src_mac: B1_MAC,
+                dst_mac: XLB_MAC[1],
+                src: B1.into(),
+                dst: CLIENT.into(),
+                sport: 8080,
+                dport: sport,
+            }
+            .seg(SYN | ACK, 1, 2, &[]);
+            let owner = lab.engine.owner(&fwd).unwrap();
+            assert_eq!(owner, lab.engine.owner(&back).unwrap());
+            assert!(owner < workers);
+            seen_owners.insert(owner);
+            // Outbound: member → remote, remote → SNAT address (any SNAT port).
+            let out = Tcp {
+                src_mac: B1_MAC,
+                dst_mac: XLB_MAC[1],
+                src: B1.into(),
+                dst: REMOTE.into(),
+                sport: 40_000,
+                dport: sport,
+            }
+            .seg(SYN, 1, 0, &[]);
+            let reply = Tcp {
+                src_mac: NET_MAC,
+                dst_mac: XLB_MAC[2],
+                src: REMOTE.into(),
+                dst: SNAT_IP.into(),
+                sport,
+                dport: 1024 + sport % 8,
+            }
+            .seg(SYN | ACK, 1, 2, &[]);
+            assert_eq!(lab.engine.owner(&out), lab.engine.owner(&reply));
+        }
+        assert_eq!(
+            seen_owners.len(),
+            workers as usize,
+            "flows spread over every worker"
+        );
+    }
+}
+
+#[test]
+fn two_workers_each_hold_their_own_flows_end_to_end() {
+    // Two engines (workers 0 and 1) fed by a steering function, as the daemon does: every frame
+    // goes to its owner, and each SNAT worker allocates from its own share of the ports.
+    let mk = |w| {
+        let cfg = EngineConfig {
+            worker: w,
+            workers: 2,
+            ..EngineConfig::default()
+        };
+        Lab::with(DEFAULT_CONFIG, cfg)
+    };
+    let mut labs = [mk(0), mk(1)];
+    let mut snat_ports = std::collections::HashSet::new();
+    for i in 0..4u16 {
+        let member = Tcp {
+            src_mac: B1_MAC,
+            dst_mac: XLB_MAC[1],
+            src: B1.into(),
+            dst: REMOTE.into(),
+            sport: 50_000 + i,
+            dport: 7000 + i,
+        };
+        let syn = member.seg(SYN, 1, 0, &[]);
+        let w = labs[0].engine.owner(&syn).unwrap() as usize;
+        let (_, out) = labs[w].forward(BACKEND_PORT, syn);
+        let o = seen(&out);
+        assert_eq!(o.sport % 2, w as u16, "port from the owner's share");
+        assert!(
+            snat_ports.insert(o.sport),
+            "no two workers pick the same port"
+        );
+        let reply = Tcp {
+            src_mac: NET_MAC,
+            dst_mac: XLB_MAC[2],
+            src: REMOTE.into(),
+            dst: SNAT_IP.into(),
+            sport: 7000 + i,
+            dport: o.sport,
+        }
+        .seg(SYN | ACK, 9, 2, &[]);
+        let rw = labs[1].engine.owner(&reply).unwrap() as usize;
+        assert_eq!(rw, w);
+        let (port, _) = labs[rw].forward(INTERNET_PORT, reply);
+        assert_eq!(port, BACKEND_PORT);
+    }
+}
