@@ -41,7 +41,10 @@ fn frame(sport: u16, syn: bool) -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000_000);
     let cfg = Config::from_toml_str(CONFIG).unwrap();
     let rules = Arc::new(compile(&cfg, None, &MemberHealth::default(), 1).unwrap());
     let mut e = Engine::new(EngineConfig::default(), rules, 0);
@@ -50,7 +53,12 @@ fn main() {
     net.set_port(1, [2, 0, 0, 0, 0xa0, 1]);
     net.set_routes(vec![Route::v4(Ipv4Addr::new(198, 18, 0, 0), 16, 1, None)]);
     for b in [11, 12] {
-        net.set_neighbor(Ipv4Addr::new(198, 18, 1, b).into(), 1, [2, 0, 0, 0, 0xb0, b]).unwrap();
+        net.set_neighbor(
+            Ipv4Addr::new(198, 18, 1, b).into(),
+            1,
+            [2, 0, 0, 0, 0xb0, b],
+        )
+        .unwrap();
     }
     let flows = 1000u16;
     for s in 0..flows {
@@ -65,5 +73,8 @@ fn main() {
         black_box(e.process(2 + i as u64, 0, &mut buf));
     }
     let el = start.elapsed();
-    eprintln!("{n} packets, {:.1} ns/packet", el.as_nanos() as f64 / n as f64);
+    eprintln!(
+        "{n} packets, {:.1} ns/packet",
+        el.as_nanos() as f64 / n as f64
+    );
 }
