@@ -1,0 +1,56 @@
+//! The interface between the worker loop and whatever decides what happens to a frame.
+//!
+//! Shaped like the pure engine's API (`xlb-engine`) so that an adapter is a few lines:
+//! frames in, a verdict out, `now` passed in, timers driven by the caller.
+
+/// Index of an interface in the worker's port list (`WorkerConfig::interfaces`).
+pub type PortId = u16;
+
+/// What to do with one received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the first `len` bytes of the (possibly rewritten) frame on `port`.
+    /// `len` may be shorter than the received frame, never longer.
+    Tx {
+        port: PortId,
+        len: u16,
+    },
+    Drop,
+}
+
+/// Packet processing driven by a worker.
+pub trait FrameHandler {
+    /// Decides the fate of one frame received on `ingress`, rewriting it in place.
+    fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict;
+
+    /// The earliest time `expire` has work, if any. Bounds how long a worker in wakeup
+    /// mode sleeps.
+    fn next_deadline(&self) -> Option<u64>;
+
+    /// Runs at most `budget` units of timer work due at `now_ns`; may emit frames (e.g.
+    /// TCP RSTs) through `emit`. Returns the units done: `budget` means "call me again".
+    fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize;
+
+    /// Called once per loop iteration, before the receive batch: where the daemon's
+    /// handler drains a bounded number of control messages (new rule sets) from its SPSC
+    /// channel. The default does nothing.
+    fn poll_control(&mut self, _now_ns: u64) {}
+}
+
+impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
+    fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict {
+        (**self).handle(now_ns, ingress, frame)
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        (**self).next_deadline()
+    }
+
+    fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        (**self).expire(now_ns, budget, emit)
+    }
+
+    fn poll_control(&mut self, now_ns: u64) {
+        (**self).poll_control(now_ns)
+    }
+}

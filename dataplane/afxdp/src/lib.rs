@@ -1,0 +1,28 @@
+//! xlb's platform crate: the only one allowed `unsafe`.
+//!
+//! - [`xdp`]: the XDP program (`src/bpf/xlb.bpf.c`) — load, attach (native, falling back
+//!   to generic), owned/local address map, XSKMAP, counters.
+//! - [`worker`]: AF_XDP sockets and UMEM through xsk-rs, and the loop that drives a
+//!   [`FrameHandler`] (the engine, or the [`bare`] forwarder).
+//! - [`netlink`]: links, addresses, neighbours and routes of the current namespace.
+//! - [`sys`]: the few libc calls other crates need, wrapped safe.
+//!
+//! See README.md for the design choices.
+
+pub mod bare;
+pub mod csum;
+mod error;
+pub mod handler;
+pub mod netlink;
+pub mod sys;
+pub mod umem;
+pub mod worker;
+pub mod xdp;
+
+pub use error::{Error, Result};
+pub use handler::{FrameHandler, PortId, Verdict};
+pub use worker::{
+    spawn, BindMode, PollMode, PortStats, UmemSharing, Worker, WorkerConfig, WorkerExit,
+    WorkerStats,
+};
+pub use xdp::{AddrKind, AttachMode, ModeRequest, XdpCounters, XdpProgram};

@@ -1,0 +1,161 @@
+//! Small safe wrappers over the few libc calls the rest of xlb needs from this crate, so
+//! that every other crate (and this crate's tests and binary) can stay free of `unsafe`.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+/// CLOCK_MONOTONIC in nanoseconds: the worker's `now`. Read once per loop iteration.
+#[inline]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether the effective user is root (tests that need namespaces skip otherwise).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// RLIMIT_MEMLOCK soft limit in bytes, `None` when unlimited.
+pub fn memlock_limit() -> io::Result<Option<u64>> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur))
+}
+
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether this process holds CAP_IPC_LOCK, which exempts UMEM pages from RLIMIT_MEMLOCK.
+pub fn has_cap_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// How many bytes of UMEM this process may lock: `None` when unbounded.
+pub fn memlock_budget() -> io::Result<Option<u64>> {
+    if has_cap_ipc_lock() {
+        return Ok(None);
+    }
+    memlock_limit()
+}
+
+/// The `CapEff:` mask of a `/proc/<pid>/status` text.
+pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// Sends `sig` to process `pid` (only processes the caller started, by their id).
+pub fn signal_process(pid: u32, sig: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    if pid <= 0 {
+        // 0 and negatives address process groups: never what a caller of this means.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a single pid",
+        ));
+    }
+    // SAFETY: kill(2) with a positive pid only affects that process.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SIGTERM, re-exported so callers need no libc.
+pub const SIGTERM: i32 = libc::SIGTERM;
+/// SIGINT, re-exported so callers need no libc.
+pub const SIGINT: i32 = libc::SIGINT;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_sig: libc::c_int) {
+    // An atomic store is async-signal-safe; the workers poll this flag.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGINT and SIGTERM handlers that set the returned flag, for binaries whose
+/// workers run until told to stop.
+pub fn stop_flag_on_signals() -> io::Result<&'static AtomicBool> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: the handler only performs an async-signal-safe atomic store.
+        let prev = unsafe { libc::signal(sig, handler) };
+        if prev == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(&STOP)
+}
+
+/// Moves the calling thread into the network namespace at `path` (e.g.
+/// `/run/netns/<name>`). Threads it spawns afterwards start there too; other threads of the
+/// process are unaffected.
+pub fn enter_netns(path: impl AsRef<Path>) -> io::Result<()> {
+    let f = std::fs::File::open(path.as_ref())?;
+    setns_fd(f.as_fd())
+}
+
+/// The path of a namespace created by `ip netns add <name>`.
+pub fn named_netns(name: &str) -> std::path::PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+fn setns_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is an open namespace file; CLONE_NEWNET makes the kernel check its type.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_eff_parsing() {
+        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\nCapBnd:\t0\n";
+        let caps = parse_cap_eff(s).unwrap();
+        assert!(caps & (1 << CAP_IPC_LOCK) != 0);
+        let s = "CapEff:\t0000000000000000\n";
+        assert_eq!(parse_cap_eff(s), Some(0));
+        assert_eq!(parse_cap_eff("nothing here"), None);
+    }
+
+    #[test]
+    fn monotonic_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(b >= a && a > 0);
+    }
+
+    #[test]
+    fn refuses_group_signals() {
+        assert!(signal_process(0, SIGTERM).is_err());
+    }
+}
