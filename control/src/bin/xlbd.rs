@@ -1,0 +1,115 @@
+//! `xlbd`: the xlb daemon. See `docs/xlbd.md` and `xlbd --help`.
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use xlb_afxdp::ModeRequest;
+use xlb_control::daemon::{self, Options};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Poll {
+    /// Spin on the rings: lowest latency, a full core per worker.
+    Busy,
+    /// Sleep in poll() when idle: for tests and small hosts.
+    Wakeup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum XdpMode {
+    Auto,
+    Native,
+    Generic,
+}
+
+/// xlb's L4 load balancer and NAT on AF_XDP.
+///
+/// Run it in the network namespace of its interfaces, as root. It attaches its XDP program
+/// to every --interface, takes the frontends' traffic (and, on backend-side interfaces, every
+/// packet not addressed to the host) and processes it in user space. SIGINT or SIGTERM stop
+/// it cleanly, detaching XDP.
+#[derive(Debug, Parser)]
+#[command(name = "xlbd", version)]
+struct Cli {
+    /// Configuration file (TOML; see docs/examples/xlb.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// An interface the dataplane drives; repeat it. The order gives the port numbers.
+    #[arg(long = "interface", short = 'i', value_name = "NAME", required = true)]
+    interfaces: Vec<String>,
+    /// Interfaces facing the pool members (repeatable). Default: those the kernel's routes
+    /// to the members go through.
+    #[arg(long = "backend-side", value_name = "NAME")]
+    backend_side: Vec<String>,
+    /// Worker threads; queue q of every interface goes to worker q % N.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Queues served on every interface (default: the interfaces' receive queue count).
+    #[arg(long)]
+    queues: Option<u32>,
+    /// Cores to pin workers to, comma-separated (default: worker i on core i+1).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    #[arg(long, value_enum, default_value_t = Poll::Wakeup)]
+    poll_mode: Poll,
+    /// Divide every timer by N (60: 4 minutes last 4 s). Overrides the configuration.
+    #[arg(long, value_name = "N")]
+    lab_time_scale: Option<u32>,
+    /// Flows per worker (memory is allocated at start: about 120 bytes each).
+    #[arg(long, default_value_t = 1 << 16)]
+    flow_capacity: u32,
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    xdp_mode: XdpMode,
+    /// No status lines and no event lines (the ready line and final counters remain).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Seconds between status lines.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    status_interval: f64,
+    /// Write every counter as key=value lines to FILE (replaced atomically, 4 times a second).
+    #[arg(long, value_name = "FILE")]
+    stats_file: Option<PathBuf>,
+    /// Stop by itself after SECS, as if signalled (tests and labs).
+    #[arg(long, value_name = "SECS")]
+    max_runtime: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    for (flag, v) in [
+        ("--status-interval", Some(cli.status_interval)),
+        ("--max-runtime", cli.max_runtime),
+    ] {
+        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            eprintln!("xlbd: {flag} must be a positive number of seconds");
+            return ExitCode::from(daemon::EXIT_USAGE);
+        }
+    }
+    let opts = Options {
+        config: cli.config,
+        interfaces: cli.interfaces,
+        backend_side: (!cli.backend_side.is_empty()).then_some(cli.backend_side),
+        workers: cli.workers,
+        queues: cli.queues,
+        busy_poll: cli.poll_mode == Poll::Busy,
+        lab_time_scale: cli.lab_time_scale,
+        flow_capacity: cli.flow_capacity,
+        xdp_mode: match cli.xdp_mode {
+            XdpMode::Auto => ModeRequest::Auto,
+            XdpMode::Native => ModeRequest::Native,
+            XdpMode::Generic => ModeRequest::Generic,
+        },
+        quiet: cli.quiet,
+        status_interval: Duration::from_secs_f64(cli.status_interval),
+        stats_file: cli.stats_file,
+        cores: cli.cores,
+        max_runtime: cli.max_runtime.map(Duration::from_secs_f64),
+    };
+    match daemon::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("xlbd: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! `xlbd`: start-up, the control loop, and a clean stop.
+//!
+//! Start: read and validate the configuration → compile it → load the XDP program, mark the
+//! frontends as owned and attach to every interface → read links, routes and neighbours over
+//! netlink → open and spawn the workers, each running the engine behind an
+//! [`EngineHandler`] → loop: refresh neighbours (every second, and soon after a worker
+//! reports a miss), print a status line, write the stats file → on SIGINT/SIGTERM stop the
+//! workers, print the final counters and drop the XDP program (its BPF links detach it).
+
+use std::{
+    collections::HashSet,
+    io::Write as _,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{atomic::AtomicBool, atomic::Ordering, Arc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use xlb_afxdp::{
+    netlink::Netlink, spawn, sys, AddrKind, ModeRequest, PollMode, Worker, WorkerConfig,
+    WorkerExit, WorkerStats, XdpProgram,
+};
+use xlb_engine::{
+    config::ConfigError, Addr, Config, Engine, EngineConfig, Event, MemberHealth, RuleSet,
+};
+
+use crate::{
+    handler::{EngineHandler, FromWorker, Snapshot, Steering, ToWorker},
+    kernel::{self, Port, Resolver},
+    stats::{write_atomic, Totals},
+};
+
+/// Exit codes: 2 for what the operator must fix in the command or the file, 1 for the rest.
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Everything `xlbd` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub interfaces: Vec<String>,
+    /// Interfaces facing the pool members; `None`: those the routes to members go through.
+    pub backend_side: Option<Vec<String>>,
+    pub workers: usize,
+    pub queues: Option<u32>,
+    pub busy_poll: bool,
+    pub lab_time_scale: Option<u32>,
+    pub flow_capacity: u32,
+    pub xdp_mode: ModeRequest,
+    pub quiet: bool,
+    pub status_interval: Duration,
+    pub stats_file: Option<PathBuf>,
+    pub cores: Vec<usize>,
+    /// Stop by itself after this long (tests and labs: nothing outlives a killed harness).
+    pub max_runtime: Option<Duration>,
+}
+
+/// A failure with the exit code it deserves.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+    fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            code: EXIT_FAILURE,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads, overrides and validates the configuration; errors are the engine's own text.
+pub fn load_config(opts: &Options) -> Result<Config, Failure> {
+    let text = std::fs::read_to_string(&opts.config).map_err(|e| {
+        Failure::usage(format!(
+            "cannot read the configuration {}: {e}",
+            opts.config.display()
+        ))
+    })?;
+    let mut config = match Config::from_toml_str(&text) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid(errs)) => {
+            return Err(Failure::usage(format!("{}: {errs}", opts.config.display())))
+        }
+        Err(e) => return Err(Failure::usage(format!("{}: {e}", opts.config.display()))),
+    };
+    if let Some(scale) = opts.lab_time_scale {
+        config.settings.lab_time_scale = scale;
+        config
+            .validate()
+            .map_err(|errs| Failure::usage(format!("--lab-time-scale {scale}: {errs}")))?;
+    }
+    Ok(config)
+}
+
+// Capability bits (include/uapi/linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// What is missing to load XDP and open AF_XDP sockets, if anything.
+fn missing_privileges() -> Option<String> {
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_NET_RAW) {
+        missing.push("CAP_NET_RAW");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} needed to attach XDP programs and open AF_XDP sockets; run it as root \
+             (sudo xlbd ...) or grant them: setcap cap_net_admin,cap_net_raw,cap_bpf,\
+             cap_ipc_lock+ep $(command -v xlbd)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// Receive queues of `ifname`, from sysfs (right when xlbd was started by `ip netns exec`,
+/// which mounts the namespace's sysfs).
+fn rx_queues(ifname: &str) -> Option<u32> {
+    let dir = std::fs::read_dir(format!("/sys/class/net/{ifname}/queues")).ok()?;
+    let n = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    u32::try_from(n).ok().filter(|n| *n > 0)
+}
+
+struct WorkerHandle {
+    join: JoinHandle<WorkerExit<EngineHandler>>,
+    to: Sender<ToWorker>,
+    stats: Arc<WorkerStats>,
+}
+
+/// One line on stdout, flushed (a log file or a pipe sees it at once). Write errors are
+/// ignored: a reader that went away must not take the dataplane down with a panic.
+fn out(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+fn say(quiet: bool, line: &str) {
+    if !quiet {
+        out(line);
+    }
+}
+
+fn describe_event(e: &Event, rules: &RuleSet) -> String {
+    let name = |id| {
+        rules
+            .rule(id)
+            .map(|p| p.name.to_string())
+            .unwrap_or_else(|| format!("#{id}"))
+    };
+    let ep = |(a, p): (Addr, u16)| match a.to_ip() {
+        IpAddr::V4(v4) => format!("{v4}:{p}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{p}"),
+    };
+    match *e {
+        Event::ResetOnIdle {
+            rule,
+            client,
+            backend,
+        } => format!(
+            "reset_on_idle rule={} client={} backend={}",
+            name(rule),
+            ep(client),
+            ep(backend)
+        ),
+        Event::SnatExhausted { rule, member } => {
+            format!(
+                "snat_exhausted rule={} member={}",
+                name(rule),
+                member.to_ip()
+            )
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(opts: Options) -> Result<(), Failure> {
+    let config = load_config(&opts)?;
+    let scale = config.settings.lab_time_scale.max(1);
+    let rules = Arc::new(
+        xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
+            .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?,
+    );
+    if opts.interfaces.is_empty() {
+        return Err(Failure::usage(
+            "no interface: name each interface the dataplane drives with --interface NAME \
+             (repeat it; the order gives the port numbers)",
+        ));
+    }
+    let mut seen = HashSet::new();
+    if let Some(dup) = opts.interfaces.iter().find(|i| !seen.insert(*i)) {
+        return Err(Failure::usage(format!("--interface {dup} given twice")));
+    }
+    if opts.workers == 0 {
+        return Err(Failure::usage("--workers must be at least 1"));
+    }
+    if let Some(m) = missing_privileges() {
+        return Err(Failure::runtime(m));
+    }
+
+    // Netlink: the ports, routes and neighbours the engine starts from.
+    let mut nl = Netlink::open().map_err(|e| Failure::runtime(format!("netlink socket: {e}")))?;
+    let links = nl
+        .links()
+        .map_err(|e| Failure::runtime(format!("listing interfaces: {e}")))?;
+    let ports = kernel::ports(&links, &opts.interfaces).map_err(Failure::usage)?;
+    let routes = kernel::routes(&mut nl, &ports)
+        .map_err(|e| Failure::runtime(format!("reading routes: {e}")))?;
+
+    let queues = match opts.queues {
+        Some(q) => q.max(1),
+        None => ports
+            .iter()
+            .filter_map(|p| rx_queues(&p.name))
+            .max()
+            .unwrap_or(1),
+    };
+    if opts.workers > queues as usize {
+        return Err(Failure::usage(format!(
+            "--workers {}: more workers than queues ({queues}); a worker serves at least one \
+             queue on every interface",
+            opts.workers
+        )));
+    }
+
+    // Members (and NAT targets) decide which interfaces are "backend side": there the XDP
+    // program takes every packet not addressed to the host itself (replies to clients,
+    // members' outbound connections), not only packets to frontends.
+    let mut members: Vec<IpAddr> = config
+        .backend_pools
+        .iter()
+        .flat_map(|p| p.members.iter().map(|m| m.address))
+        .chain(config.inbound_nat_rules.iter().filter_map(|r| r.target))
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    let backend_side: Vec<bool> = match &opts.backend_side {
+        Some(names) => {
+            for n in names {
+                if !opts.interfaces.contains(n) {
+                    return Err(Failure::usage(format!(
+                        "--backend-side {n} is not one of the --interface names"
+                    )));
+                }
+            }
+            ports.iter().map(|p| names.contains(&p.name)).collect()
+        }
+        None => ports
+            .iter()
+            .map(|p| {
+                members
+                    .iter()
+                    .any(|m| kernel::routed_via(&routes, *m, p.id))
+            })
+            .collect(),
+    };
+
+    // Resolve members before the first SYN needs them: a miss costs the client a SYN
+    // retransmission (1 s).
+    let mut resolver = Resolver::new(Duration::from_millis(200));
+    for m in &members {
+        resolver.probe(Addr::from(*m));
+    }
+
+    let mut xdp = XdpProgram::load().map_err(|e| {
+        Failure::runtime(format!(
+            "loading the XDP program: {e}; xlbd needs root (CAP_BPF) and a kernel with XDP \
+             and BTF"
+        ))
+    })?;
+    xdp.add_local_addrs_from_kernel()
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    // After the local ones: a frontend that is also configured on an interface (so that the
+    // kernel answers ARP for it) must still be the dataplane's.
+    for fe in &config.frontends {
+        xdp.add_addr(fe.address, AddrKind::Owned)
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+    }
+    let mut attached = Vec::new();
+    for (p, bs) in ports.iter().zip(&backend_side) {
+        let mode = xdp.attach(p.ifindex, opts.xdp_mode, *bs).map_err(|e| {
+            Failure::runtime(format!(
+                "attaching XDP to {}: {e}; is another XDP program attached (ip -d link show \
+                 dev {} shows it; if it is another xlbd, stop that one)? On veth, native XDP \
+                 also needs the peer's MTU at most 3506 and numrxqueues >= the peer's \
+                 numtxqueues",
+                p.name, p.name
+            ))
+        })?;
+        attached.push(format!(
+            "{}={}{}",
+            p.name,
+            format!("{mode:?}").to_lowercase(),
+            if *bs { "+backend_side" } else { "" }
+        ));
+    }
+
+    // Give the warm-up probes a moment, then take the neighbour table as it is.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut neigh = Vec::new();
+    while Instant::now() < deadline {
+        neigh = kernel::neighbours(&mut nl, &ports)
+            .map_err(|e| Failure::runtime(format!("reading neighbours: {e}")))?;
+        let known: HashSet<Addr> = neigh.iter().map(|n| n.0).collect();
+        if members.iter().all(|m| known.contains(&Addr::from(*m))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let signalled =
+        sys::stop_flag_on_signals().map_err(|e| Failure::runtime(format!("signals: {e}")))?;
+    let (from_tx, from_rx): (Sender<FromWorker>, Receiver<FromWorker>) = channel::bounded(1024);
+    let poll = if opts.busy_poll {
+        PollMode::Busy
+    } else {
+        // A sleeping worker only wakes for its own sockets: frames handed to it by another
+        // worker wait for the timeout, so keep it short when there are hand-offs.
+        PollMode::Wakeup {
+            timeout: Duration::from_millis(if opts.workers > 1 { 1 } else { 10 }),
+        }
+    };
+    let steering = Steering::mesh(opts.workers, 4096);
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut workers = Vec::new();
+    for (w, steering) in steering.into_iter().enumerate() {
+        let cfg = WorkerConfig {
+            interfaces: opts.interfaces.clone(),
+            queues: (0..queues)
+                .filter(|q| *q as usize % opts.workers == w)
+                .collect(),
+            poll,
+            memlock_share: opts.workers as u32,
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::open(&cfg, &xdp).map_err(|e| {
+            Failure::runtime(format!(
+                "worker {w}: {e} (queues {:?} on {}; set --queues if the interfaces have \
+                 fewer)",
+                cfg.queues,
+                opts.interfaces.join(",")
+            ))
+        })?;
+        let ecfg = EngineConfig {
+            worker: w as u16,
+            workers: opts.workers as u16,
+            flow_capacity: opts.flow_capacity,
+            hash_seed: sys::monotonic_ns() ^ 0x9E37_79B9_7F4A_7C15,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(ecfg, Arc::clone(&rules), sys::monotonic_ns());
+        let net = engine.next_hops();
+        for p in &ports {
+            net.set_port(p.id, p.mac);
+        }
+        net.set_routes(routes.clone());
+        for (a, port, mac) in &neigh {
+            let _ = net.set_neighbor(*a, *port, *mac);
+        }
+        let (to_tx, to_rx) = channel::bounded(64);
+
+        let handler = EngineHandler::new(
+            w,
+            engine,
+            to_rx,
+            from_tx.clone(),
+            250_000_000,
+            Some(steering),
+        );
+        let stats = worker.stats();
+        let core = if opts.cores.is_empty() {
+            Some((w + 1) % ncpu)
+        } else {
+            Some(opts.cores[w % opts.cores.len()])
+        };
+        let join = spawn(w, worker, handler, Arc::clone(&stop), core)
+            .map_err(|e| Failure::runtime(format!("spawning worker {w}: {e}")))?;
+        workers.push(WorkerHandle {
+            join,
+            to: to_tx,
+            stats,
+        });
+    }
+    drop(from_tx);
+
+    let mut start = format!(
+        "xlbd ready interfaces={} workers={} queues={queues} poll={} frontends={} rules={} \
+         neighbours={}",
+        attached.join(","),
+        opts.workers,
+        if opts.busy_poll { "busy" } else { "wakeup" },
+        config.frontends.len(),
+        rules.rules().count(),
+        neigh.len(),
+    );
+    if scale != 1 {
+        start.push_str(&format!(" lab_time_scale={scale}"));
+    }
+    // Always printed, even with --quiet: scripts wait for it.
+    out(&start);
+
+    let result = control_loop(
+        &opts,
+        scale,
+        &rules,
+        &ports,
+        &mut nl,
+        &mut resolver,
+        &workers,
+        &from_rx,
+        signalled,
+    );
+    stop.store(true, Ordering::Relaxed);
+
+    let mut snaps = Vec::new();
+    let mut failed = result.err();
+    for (w, h) in workers.into_iter().enumerate() {
+        match h.join.join() {
+            Ok(exit) => {
+                if let Err(e) = exit.result {
+                    failed.get_or_insert(format!("worker {w}: {e}"));
+                }
+                snaps.push(exit.handler.snapshot());
+            }
+            Err(_) => {
+                failed.get_or_insert(format!("worker {w} panicked"));
+            }
+        }
+    }
+    let totals = Totals::sum(&snaps, &rules);
+    out(&format!("xlbd final {}", totals.status_line(scale)));
+    if let Some(path) = &opts.stats_file {
+        let _ = write_atomic(path, &totals.to_kv(scale));
+    }
+    // Dropping the program closes its BPF links: XDP is detached from every interface.
+    drop(xdp);
+    out(&format!(
+        "xlbd stopped: XDP detached from {}",
+        opts.interfaces.join(",")
+    ));
+    match failed {
+        Some(e) => Err(Failure::runtime(e)),
+        None => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn control_loop(
+    opts: &Options,
+    scale: u32,
+    rules: &RuleSet,
+    ports: &[Port],
+    nl: &mut Netlink,
+    resolver: &mut Resolver,
+    workers: &[WorkerHandle],
+    from_rx: &Receiver<FromWorker>,
+    signalled: &AtomicBool,
+) -> Result<(), String> {
+    const TICK: Duration = Duration::from_millis(20);
+    const NEIGH_EVERY: Duration = Duration::from_secs(1);
+    const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
+    let mut snaps: Vec<Option<Snapshot>> = vec![None; workers.len()];
+    let mut next_neigh = Instant::now() + NEIGH_EVERY;
+    // After a miss, re-read the neighbour table quickly for a while: ARP takes a round trip.
+    let mut fast_neigh_until: Option<Instant> = None;
+    let mut next_status = Instant::now() + opts.status_interval;
+    let mut next_stats_file = Instant::now();
+    let mut last_neigh: Vec<(Addr, u16, [u8; 6])> = Vec::new();
+    let mut last_routes = Vec::new();
+    let started = Instant::now();
+    while !signalled.load(Ordering::Relaxed) {
+        if opts.max_runtime.is_some_and(|d| started.elapsed() >= d) {
+            say(opts.quiet, "xlbd: --max-runtime reached, stopping");
+            break;
+        }
+        if let Some(w) = workers.iter().position(|h| h.join.is_finished()) {
+            return Err(format!("worker {w} stopped unexpectedly"));
+        }
+        let wake = Instant::now() + TICK;
+        while let Ok(msg) = from_rx.recv_deadline(wake) {
+            match msg {
+                FromWorker::Stats(s) => {
+                    let w = s.worker;
+                    if let Some(slot) = snaps.get_mut(w) {
+                        *slot = Some(s);
+                    }
+                }
+                FromWorker::Misses(list) => {
+                    for a in list {
+                        resolver.probe(a);
+                    }
+                    fast_neigh_until = Some(Instant::now() + Duration::from_secs(1));
+                }
+                FromWorker::Event(w, e) => say(
+                    opts.quiet,
+                    &format!("xlbd event worker={w} {}", describe_event(&e, rules)),
+                ),
+            }
+        }
+        let now = Instant::now();
+        let fast = fast_neigh_until.is_some_and(|t| now < t);
+        if now >= next_neigh || fast {
+            next_neigh = now + NEIGH_EVERY;
+            if !fast {
+                fast_neigh_until = None;
+            }
+            match kernel::neighbours(nl, ports) {
+                Ok(mut list) => {
+                    list.sort_unstable_by_key(|n| (n.0, n.1));
+                    if list != last_neigh {
+                        for h in workers {
+                            let _ = h.to.try_send(ToWorker::Neighbours(list.clone()));
+                        }
+                        last_neigh = list;
+                    }
+                }
+                Err(e) => say(
+                    opts.quiet,
+                    &format!("xlbd warning: reading neighbours: {e}"),
+                ),
+            }
+            if !fast {
+                match kernel::routes(nl, ports) {
+                    Ok(r) if r != last_routes => {
+                        for h in workers {
+                            let _ = h.to.try_send(ToWorker::Routes(r.clone()));
+                        }
+                        last_routes = r;
+                    }
+                    Ok(_) => {}
+                    Err(e) => say(opts.quiet, &format!("xlbd warning: reading routes: {e}")),
+                }
+            }
+        }
+        if now >= next_stats_file {
+            next_stats_file = now + STATS_FILE_EVERY;
+            if let Some(path) = &opts.stats_file {
+                let totals = Totals::sum(snaps.iter().flatten(), rules);
+                if let Err(e) = write_atomic(path, &totals.to_kv(scale)) {
+                    say(
+                        opts.quiet,
+                        &format!("xlbd warning: writing {}: {e}", path.display()),
+                    );
+                }
+            }
+        }
+        if now >= next_status {
+            next_status = now + opts.status_interval;
+            if !opts.quiet {
+                let totals = Totals::sum(snaps.iter().flatten(), rules);
+                let port_line: Vec<String> = workers
+                    .iter()
+                    .flat_map(|h| h.stats.ports())
+                    .zip(ports.iter().cycle())
+                    .map(|(s, p)| format!("{}:rx={}/tx={}", p.name, s.rx_packets, s.tx_packets))
+                    .collect();
+                say(
+                    false,
+                    &format!(
+                        "xlbd status {} ports[{}]",
+                        totals.status_line(scale),
+                        port_line.join(" ")
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}

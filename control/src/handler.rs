@@ -1,0 +1,429 @@
+//! The adapter between the AF_XDP worker loop and the pure engine, and the messages that
+//! cross between a worker and the control thread.
+//!
+//! Each worker owns one [`EngineHandler`]. The control thread talks to it only through two
+//! bounded channels: what the kernel knows (neighbours, routes) goes in, counters, events and
+//! neighbour misses come out. Nothing is shared and nothing blocks: a full channel drops the
+//! message (the next periodic one supersedes it).
+//!
+//! With several workers, a frame that arrives on a queue of the wrong worker is handed to
+//! the worker that owns its flow ([`owner`]) over that worker's bounded inbox; the owner
+//! processes it at its next loop iteration and transmits the result from its own sockets.
+
+use std::sync::Arc;
+
+use crossbeam::channel::{Receiver, Sender};
+use xlb_afxdp::{FrameHandler, PortId, Verdict as AfxdpVerdict};
+use xlb_engine::{
+    snat::SnatPorts,
+    wire::{self, proto},
+    Addr, Counters, Engine, Event, Route, RuleSet, Verdict,
+};
+
+/// Control thread → worker.
+#[derive(Debug, Clone)]
+pub enum ToWorker {
+    /// Usable neighbours on the worker's ports: (address, port, MAC). Applied in place, so
+    /// flows whose next hop changed MAC follow it.
+    Neighbours(Vec<(Addr, PortId, [u8; 6])>),
+    /// The kernel's routes, translated to port numbers.
+    Routes(Vec<Route>),
+    /// A new rule set, swapped at the next batch boundary.
+    Rules(Arc<RuleSet>),
+}
+
+/// A worker's counters at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub worker: usize,
+    pub counters: Counters,
+    pub flows: usize,
+    pub flow_capacity: u32,
+    /// Frames this worker received for a flow another worker owns, and passed on.
+    pub handed_off: u64,
+    /// Of those, frames lost because the owner's inbox was full.
+    pub handoff_dropped: u64,
+}
+
+/// A frame on its way to the worker that owns its flow.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The worker that passed it on, which gets the buffer back once the frame is sent.
+    pub from: usize,
+    pub ingress: PortId,
+    pub frame: Vec<u8>,
+}
+
+/// The worker that owns the flow of `frame`, among `workers`; `None` for frames no flow can
+/// own (not TCP/UDP, malformed), which any worker may count and drop.
+///
+/// Both directions must give the same answer, using only what both directions carry:
+/// - to a frontend, matching an inbound rule: the client endpoint (source address and port);
+/// - to a frontend, matching no inbound rule: the return traffic of an outbound flow, whose
+///   SNAT port the engine took from its own worker's share (`port % workers`);
+/// - anything else comes from a member (the XDP program only takes frontend traffic and
+///   backend-side traffic): a reply to a client, or a member's outbound connection. Both are
+///   owned by the destination endpoint, which is the client endpoint of the first kind and,
+///   for the second, the worker that picks the SNAT port its return traffic is steered by.
+pub fn owner(rules: &RuleSet, frame: &[u8], workers: usize) -> Option<usize> {
+    let p = wire::parse(frame).ok()?;
+    if p.proto != proto::TCP && p.proto != proto::UDP {
+        return None;
+    }
+    let n = workers.max(1);
+    let w = if rules.is_frontend(p.dst) {
+        if rules.match_inbound(p.proto, p.dst, p.dst_port).is_some() {
+            endpoint_hash(p.src, p.src_port) as usize % n
+        } else {
+            usize::from(SnatPorts::owner(p.dst_port, n as u16))
+        }
+    } else {
+        endpoint_hash(p.dst, p.dst_port) as usize % n
+    };
+    Some(w)
+}
+
+/// A fixed mix (splitmix64 finaliser): every worker and every run must agree on it.
+fn endpoint_hash(a: Addr, port: u16) -> u64 {
+    let mut x = (a.0 as u64) ^ ((a.0 >> 64) as u64).rotate_left(17) ^ u64::from(port) << 48;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The hand-off channels of one worker, the others' indexed by worker id (its own
+/// included, unused). Frame buffers travel back to the worker that filled them, so that
+/// steady-state hand-offs allocate nothing and the buffers in flight stay bounded by the
+/// channels' capacities.
+#[derive(Debug)]
+pub struct Steering {
+    pub inbox: Receiver<Handoff>,
+    pub peers: Vec<Sender<Handoff>>,
+    /// Buffers this worker filled, coming back.
+    pub recycled: Receiver<Vec<u8>>,
+    pub returns: Vec<Sender<Vec<u8>>>,
+}
+
+impl Steering {
+    /// The steering channels of `workers` workers, in worker order.
+    pub fn mesh(workers: usize, capacity: usize) -> Vec<Steering> {
+        let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| crossbeam::channel::bounded(capacity))
+            .unzip();
+        let (ret_tx, ret_rx): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| crossbeam::channel::bounded(capacity))
+            .unzip();
+        inbox_rx
+            .into_iter()
+            .zip(ret_rx)
+            .map(|(inbox, recycled)| Steering {
+                inbox,
+                peers: inbox_tx.clone(),
+                recycled,
+                returns: ret_tx.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Worker → control thread.
+#[derive(Debug, Clone)]
+pub enum FromWorker {
+    Stats(Snapshot),
+    /// Next hops the engine needed but did not know: the control thread asks the kernel to
+    /// resolve them and pushes the result back.
+    Misses(Vec<Addr>),
+    Event(usize, Event),
+}
+
+/// Control messages handled per loop iteration: bounds the time a burst of updates can steal
+/// from packet processing.
+const CONTROL_BUDGET: usize = 16;
+/// Handed-off frames processed per loop iteration (a receive batch's worth).
+const HANDOFF_BUDGET: usize = 64;
+
+/// [`FrameHandler`] for the engine of one worker.
+#[derive(Debug)]
+pub struct EngineHandler {
+    id: usize,
+    engine: Engine,
+    from_control: Receiver<ToWorker>,
+    to_control: Sender<FromWorker>,
+    stats_every_ns: u64,
+    next_stats: u64,
+    misses: Vec<Addr>,
+    steering: Option<Steering>,
+    /// Handed-off frames processed and waiting for `expire`, the only place a handler may
+    /// transmit frames it did not receive itself.
+    outbox: Vec<(PortId, Handoff)>,
+    handed_off: u64,
+    handoff_dropped: u64,
+}
+
+impl EngineHandler {
+    pub fn new(
+        id: usize,
+        engine: Engine,
+        from_control: Receiver<ToWorker>,
+        to_control: Sender<FromWorker>,
+        stats_every_ns: u64,
+        steering: Option<Steering>,
+    ) -> Self {
+        Self {
+            id,
+            engine,
+            from_control,
+            to_control,
+            stats_every_ns: stats_every_ns.max(1),
+            next_stats: 0,
+            misses: Vec::new(),
+            steering: steering.filter(|s| s.peers.len() > 1),
+            outbox: Vec::new(),
+            handed_off: 0,
+            handoff_dropped: 0,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            worker: self.id,
+            counters: self.engine.counters().clone(),
+            flows: self.engine.flow_count(),
+            flow_capacity: self.engine.flow_capacity(),
+            handed_off: self.handed_off,
+            handoff_dropped: self.handoff_dropped,
+        }
+    }
+
+    /// Passes `frame` to its owner if that is another worker; `true` when it did.
+    fn hand_off(&mut self, ingress: PortId, frame: &[u8]) -> bool {
+        let Some(st) = &self.steering else {
+            return false;
+        };
+        match owner(self.engine.rules(), frame, st.peers.len()) {
+            Some(w) if w != self.id => {
+                self.handed_off += 1;
+                let mut buf = st
+                    .recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(2048));
+                buf.clear();
+                buf.extend_from_slice(frame);
+                let h = Handoff {
+                    from: self.id,
+                    ingress,
+                    frame: buf,
+                };
+                if st.peers[w].try_send(h).is_err() {
+                    self.handoff_dropped += 1;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn take_handoffs(&mut self, now_ns: u64) {
+        let Some(st) = &self.steering else {
+            return;
+        };
+        for _ in 0..HANDOFF_BUDGET {
+            let Ok(mut h) = st.inbox.try_recv() else {
+                break;
+            };
+            match self.engine.process(now_ns, h.ingress, &mut h.frame) {
+                Verdict::Tx { port, len } => {
+                    h.frame.truncate(usize::from(len));
+                    self.outbox.push((port, h));
+                }
+                Verdict::Drop(_) => {
+                    let _ = st.returns[h.from].try_send(h.frame);
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, msg: ToWorker) {
+        match msg {
+            ToWorker::Neighbours(list) => {
+                let net = self.engine.next_hops();
+                for (addr, port, mac) in list {
+                    // A full next-hop table only costs this neighbour; the engine counts the
+                    // drops its flows then get.
+                    let _ = net.set_neighbor(addr, port, mac);
+                }
+            }
+            ToWorker::Routes(routes) => self.engine.next_hops().set_routes(routes),
+            ToWorker::Rules(rules) => self.engine.set_rules(rules),
+        }
+    }
+
+    fn report(&mut self) {
+        let id = self.id;
+        let tx = &self.to_control;
+        self.engine.drain_events(|e| {
+            let _ = tx.try_send(FromWorker::Event(id, e));
+        });
+        let _ = self.to_control.try_send(FromWorker::Stats(self.snapshot()));
+    }
+}
+
+impl FrameHandler for EngineHandler {
+    #[inline]
+    fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> AfxdpVerdict {
+        if self.hand_off(ingress, frame) {
+            return AfxdpVerdict::Drop;
+        }
+        match self.engine.process(now_ns, ingress, frame) {
+            Verdict::Tx { port, len } => AfxdpVerdict::Tx { port, len },
+            Verdict::Drop(_) => AfxdpVerdict::Drop,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        if !self.outbox.is_empty() {
+            return Some(0);
+        }
+        self.engine.next_deadline()
+    }
+
+    fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        for (port, h) in self.outbox.drain(..) {
+            emit(port, &h.frame);
+            if let Some(st) = &self.steering {
+                let _ = st.returns[h.from].try_send(h.frame);
+            }
+        }
+        self.engine.expire(now_ns, budget, emit)
+    }
+
+    fn poll_control(&mut self, now_ns: u64) {
+        for _ in 0..CONTROL_BUDGET {
+            match self.from_control.try_recv() {
+                Ok(msg) => self.apply(msg),
+                Err(_) => break,
+            }
+        }
+        self.take_handoffs(now_ns);
+        let misses = &mut self.misses;
+        self.engine.next_hops().take_misses(|a| misses.push(a));
+        if !self.misses.is_empty() {
+            let list = std::mem::take(&mut self.misses);
+            let _ = self.to_control.try_send(FromWorker::Misses(list));
+        }
+        if now_ns >= self.next_stats {
+            self.next_stats = now_ns + self.stats_every_ns;
+            self.report();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use etherparse::PacketBuilder;
+    use xlb_engine::{compile, Config, MemberHealth};
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
+
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "ALL"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+
+[[outbound_rules]]
+name = "out"
+frontends = ["snat"]
+backend_pool = "web"
+protocol = "ALL"
+"#;
+
+    fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, udp: bool) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+            src.octets(),
+            dst.octets(),
+            64,
+        );
+        let mut out = Vec::new();
+        if udp {
+            b.udp(sport, dport).write(&mut out, b"x").unwrap();
+        } else {
+            b.tcp(sport, dport, 1, 1000)
+                .syn()
+                .write(&mut out, &[])
+                .unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn both_directions_of_a_flow_have_one_owner() {
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+        let vip = Ipv4Addr::new(198, 18, 0, 100);
+        let snat = Ipv4Addr::new(198, 19, 0, 100);
+        let member = Ipv4Addr::new(198, 18, 1, 12);
+        let remote = Ipv4Addr::new(198, 19, 0, 50);
+        for workers in [2, 3, 4] {
+            let mut seen = vec![false; workers];
+            for i in 0..200u16 {
+                let client = Ipv4Addr::new(198, 18, 0, 10 + (i % 7) as u8);
+                let cport = 32768 + i * 13;
+                for udp in [false, true] {
+                    // Inbound: client -> VIP, and the member's reply to the client.
+                    let o = owner(&rules, &frame(client, cport, vip, 80, udp), workers);
+                    let r = owner(&rules, &frame(member, 8080, client, cport, udp), workers);
+                    assert_eq!(o, r, "inbound flow, {workers} workers");
+                    seen[o.unwrap()] = true;
+                    // Outbound: the owner of the member's first packet picks a SNAT port of
+                    // its share; the return traffic to that port comes back to it.
+                    let o =
+                        owner(&rules, &frame(member, cport, remote, 443, udp), workers).unwrap();
+                    let port = (1024..2048u16)
+                        .find(|p| usize::from(*p) % workers == o)
+                        .unwrap();
+                    let r = owner(&rules, &frame(remote, 443, snat, port, udp), workers);
+                    assert_eq!(Some(o), r, "outbound flow, {workers} workers");
+                }
+            }
+            assert!(seen.iter().all(|s| *s), "every worker owns flows: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn frames_no_flow_can_own_have_no_owner() {
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+        assert_eq!(owner(&rules, &[0u8; 10], 2), None);
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([198, 18, 0, 10], [198, 18, 0, 100], 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, &[])
+            .unwrap();
+        assert_eq!(owner(&rules, &icmp, 2), None);
+    }
+}

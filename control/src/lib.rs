@@ -1,0 +1,8 @@
+//! `xlbd`, xlb's daemon: the configuration, the AF_XDP workers that run the engine, and the
+//! control loop between them. See `docs/xlbd.md`.
+#![forbid(unsafe_code)]
+
+pub mod daemon;
+pub mod handler;
+pub mod kernel;
+pub mod stats;

@@ -1,0 +1,256 @@
+//! Counters summed over workers, and the two ways xlbd shows them: a one-line status on
+//! stdout and a `key=value` file (one per line) that scripts and tests read.
+
+use std::{fmt::Write as _, io, path::Path};
+
+use xlb_engine::{ruleset::RuleKind, Counters, DropReason, RuleCounters, RuleSet};
+
+use crate::handler::Snapshot;
+
+/// Everything xlbd reports, summed over workers.
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub flows: usize,
+    pub flow_capacity: u64,
+    pub rx: u64,
+    pub tx: u64,
+    pub rsts_sent: u64,
+    pub events_dropped: u64,
+    pub handed_off: u64,
+    pub handoff_dropped: u64,
+    pub drops: Vec<(&'static str, u64)>,
+    /// (`lb.<name>` / `nat.<name>` / `out.<name>`, counters), in rule-id order.
+    pub rules: Vec<(String, RuleCounters)>,
+}
+
+fn kind_prefix(k: RuleKind) -> &'static str {
+    match k {
+        RuleKind::LoadBalancing => "lb",
+        RuleKind::InboundNat => "nat",
+        RuleKind::Outbound => "out",
+    }
+}
+
+fn add_rule(a: &mut RuleCounters, b: &RuleCounters) {
+    a.flows_created += b.flows_created;
+    a.flows_expired_idle += b.flows_expired_idle;
+    a.flows_reset_on_idle += b.flows_reset_on_idle;
+    a.flows_closed += b.flows_closed;
+    a.flows_picked_up += b.flows_picked_up;
+    for i in 0..2 {
+        a.packets[i] += b.packets[i];
+        a.bytes[i] += b.bytes[i];
+    }
+    a.syns += b.syns;
+    a.late_packets += b.late_packets;
+    a.unknown_flow_resets += b.unknown_flow_resets;
+    a.no_flow += b.no_flow;
+    a.no_backend += b.no_backend;
+    a.snat_exhausted += b.snat_exhausted;
+    a.flow_table_full += b.flow_table_full;
+}
+
+impl Totals {
+    /// Sums the latest snapshot of every worker; rules are named from `rules`.
+    pub fn sum<'a>(snaps: impl IntoIterator<Item = &'a Snapshot>, rules: &RuleSet) -> Totals {
+        let mut t = Totals::default();
+        let mut c = Counters::default();
+        for s in snaps {
+            t.flows += s.flows;
+            t.flow_capacity += u64::from(s.flow_capacity);
+            t.handed_off += s.handed_off;
+            t.handoff_dropped += s.handoff_dropped;
+            c.rx_packets += s.counters.rx_packets;
+            c.tx_packets += s.counters.tx_packets;
+            c.rsts_sent += s.counters.rsts_sent;
+            c.events_dropped += s.counters.events_dropped;
+            for (d, x) in c.drops.iter_mut().zip(s.counters.drops.iter()) {
+                *d += x;
+            }
+            if c.rules.len() < s.counters.rules.len() {
+                c.rules
+                    .resize(s.counters.rules.len(), RuleCounters::default());
+            }
+            for (d, x) in c.rules.iter_mut().zip(s.counters.rules.iter()) {
+                add_rule(d, x);
+            }
+        }
+        t.rx = c.rx_packets;
+        t.tx = c.tx_packets;
+        t.rsts_sent = c.rsts_sent;
+        t.events_dropped = c.events_dropped;
+        t.drops = DropReason::all()
+            .map(|r| (r.as_str(), c.drop_count(r)))
+            .collect();
+        t.rules = rules
+            .rules()
+            .map(|(id, p)| (format!("{}.{}", kind_prefix(p.kind), p.name), c.rule(id)))
+            .collect();
+        t
+    }
+
+    /// One line for humans (after a `xlbd status` / `xlbd final` prefix): totals, non-zero
+    /// drops, and each rule that has seen traffic.
+    pub fn status_line(&self, lab_time_scale: u32) -> String {
+        let mut s = format!(
+            "flows={}/{} rx={} tx={} rsts_sent={}",
+            self.flows, self.flow_capacity, self.rx, self.tx, self.rsts_sent
+        );
+        if lab_time_scale != 1 {
+            let _ = write!(s, " lab_time_scale={lab_time_scale}");
+        }
+        if self.handed_off > 0 {
+            let _ = write!(
+                s,
+                " handed_off={} handoff_dropped={}",
+                self.handed_off, self.handoff_dropped
+            );
+        }
+        let drops: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        if !drops.is_empty() {
+            let _ = write!(s, " drops[{}]", drops.join(" "));
+        }
+        for (name, r) in &self.rules {
+            if r.flows_created == 0 && r.packets == [0, 0] && r.no_flow == 0 {
+                continue;
+            }
+            let _ = write!(
+                s,
+                " {name}[created={} expired_idle={} reset_on_idle={} closed={} late={} \
+                 no_flow={} pkts={}/{}]",
+                r.flows_created,
+                r.flows_expired_idle,
+                r.flows_reset_on_idle,
+                r.flows_closed,
+                r.late_packets,
+                r.no_flow,
+                r.packets[0],
+                r.packets[1]
+            );
+        }
+        s
+    }
+
+    /// Every counter as `key=value` lines.
+    pub fn to_kv(&self, lab_time_scale: u32) -> String {
+        let mut s = String::new();
+        let mut kv = |k: &str, v: u64| {
+            let _ = writeln!(s, "{k}={v}");
+        };
+        kv("lab_time_scale", u64::from(lab_time_scale));
+        kv("flows", self.flows as u64);
+        kv("flow_capacity", self.flow_capacity);
+        kv("rx_packets", self.rx);
+        kv("tx_packets", self.tx);
+        kv("rsts_sent", self.rsts_sent);
+        kv("events_dropped", self.events_dropped);
+        kv("handed_off", self.handed_off);
+        kv("handoff_dropped", self.handoff_dropped);
+        for (r, n) in &self.drops {
+            kv(&format!("drop.{r}"), *n);
+        }
+        for (name, r) in &self.rules {
+            let p = |f: &str| format!("rule.{name}.{f}");
+            kv(&p("flows_created"), r.flows_created);
+            kv(&p("flows_expired_idle"), r.flows_expired_idle);
+            kv(&p("flows_reset_on_idle"), r.flows_reset_on_idle);
+            kv(&p("flows_closed"), r.flows_closed);
+            kv(&p("flows_picked_up"), r.flows_picked_up);
+            kv(&p("packets_orig"), r.packets[0]);
+            kv(&p("packets_reply"), r.packets[1]);
+            kv(&p("bytes_orig"), r.bytes[0]);
+            kv(&p("bytes_reply"), r.bytes[1]);
+            kv(&p("syns"), r.syns);
+            kv(&p("late_packets"), r.late_packets);
+            kv(&p("unknown_flow_resets"), r.unknown_flow_resets);
+            kv(&p("no_flow"), r.no_flow);
+            kv(&p("no_backend"), r.no_backend);
+            kv(&p("snat_exhausted"), r.snat_exhausted);
+            kv(&p("flow_table_full"), r.flow_table_full);
+        }
+        s
+    }
+}
+
+/// Replaces `path` atomically (write a sibling, rename), so a reader never sees half a file.
+pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use xlb_engine::{compile, Config, MemberHealth};
+
+    use super::*;
+
+    #[test]
+    fn totals_sum_workers_and_name_rules_by_kind() {
+        let config = Config::from_toml_str(
+            r#"
+[settings]
+lab_time_scale = 60
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }]
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "TCP"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+"#,
+        )
+        .unwrap();
+        let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+        let id = rules.rules().next().unwrap().0;
+        let snap = |flows, created| {
+            let mut c = Counters {
+                rx_packets: 10,
+                ..Counters::default()
+            };
+            c.drops[DropReason::NoFlow.index()] = 2;
+            c.rules.resize(usize::from(id) + 1, RuleCounters::default());
+            c.rules[usize::from(id)].flows_created = created;
+            Snapshot {
+                worker: 0,
+                counters: c,
+                flows,
+                flow_capacity: 100,
+                handed_off: 1,
+                handoff_dropped: 0,
+            }
+        };
+        let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);
+        assert_eq!(
+            (t.flows, t.flow_capacity, t.rx, t.handed_off),
+            (3, 200, 20, 2)
+        );
+        let kv = t.to_kv(60);
+        for line in [
+            "lab_time_scale=60",
+            "drop.no_flow=4",
+            "rule.lb.web.flows_created=7",
+            "handed_off=2",
+        ] {
+            assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
+        }
+        let status = t.status_line(60);
+        assert!(status.contains("lab_time_scale=60"), "{status}");
+        assert!(status.contains("drops[no_flow=4]"), "{status}");
+        assert!(status.contains("lb.web[created=7"), "{status}");
+        assert!(!t.status_line(1).contains("lab_time_scale"));
+    }
+}

@@ -1,0 +1,149 @@
+//! xlbd's refusals: what the operator must fix gets exit code 2 and a message that says what.
+//! None of these attach anything.
+
+use std::{
+    process::{Command, Output},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+const BIN: &str = env!("CARGO_BIN_EXE_xlbd");
+
+fn xlbd(config: &str, args: &[&str]) -> Output {
+    let dir = std::env::temp_dir().join(format!(
+        "xlbd-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("c{}.toml", config.len()));
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("running xlbd");
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+const VALID: &str = r#"
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }]
+
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "TCP"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+"#;
+
+#[test]
+fn invalid_config_is_refused_with_the_engines_errors_and_exit_2() {
+    let bad = VALID.replace(
+        "backend_port = 8080",
+        "backend_port = 8080\nidle_timeout_minutes = 31",
+    );
+    let out = xlbd(&bad, &["--interface", "lo"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid configuration (1 error)"), "{err}");
+    assert!(
+        err.contains("load_balancing_rules[web].idle_timeout_minutes = 31"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_config_and_bad_lab_scale_exit_2() {
+    let out = xlbd("this is = = not toml", &["--interface", "lo"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the configuration"));
+
+    let out = xlbd(VALID, &["--interface", "lo", "--lab-time-scale", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--lab-time-scale 0") && err.contains("lab_time_scale"),
+        "{err}"
+    );
+}
+
+/// A namespace of the test's own (a veth pair with 1 queue in it), deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn unknown_interface_and_too_many_workers_are_refused_before_anything_is_attached() {
+    if !xlb_afxdp::sys::is_root() {
+        eprintln!("SKIP: needs root (the checks run after the privilege check; a namespace)");
+        return;
+    }
+    let out = xlbd(VALID, &["--interface", "xlb-no-such-if0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unknown interface \"xlb-no-such-if0\""),
+        "{err}"
+    );
+
+    let out = xlbd(VALID, &["--interface", "lo"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lo has no Ethernet address"), "{err}");
+
+    let ns = Netns(format!("xc{}", std::process::id()));
+    for args in [
+        &["netns", "add", &ns.0][..],
+        &[
+            "-n",
+            &ns.0,
+            "link",
+            "add",
+            "d0",
+            "numtxqueues",
+            "1",
+            "numrxqueues",
+            "1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "d1",
+        ],
+    ] {
+        assert!(Command::new("ip").args(args).status().unwrap().success());
+    }
+    let dir = std::env::temp_dir().join(format!("{}-cfg", ns.0));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("xlb.toml");
+    std::fs::write(&cfg, VALID).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, BIN, "--config"])
+        .arg(&cfg)
+        .args(["--interface", "d0", "--workers", "2"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--workers 2: more workers than queues (1)"),
+        "{err}"
+    );
+}
