@@ -1,0 +1,31 @@
+//! xlb's control API.
+//!
+//! - [`ControlState`]: the typed library API. It owns the configuration and its generation;
+//!   every change is validated, compiled and published to the workers (through the daemon's
+//!   [`Publisher`]) before it is committed, so nothing is ever partly applied.
+//! - [`Telemetry`]: what the daemon reads from its workers (counters, flows, events, status);
+//!   [`FakeTelemetry`] for tests.
+//! - [`service::XlbService`]: the `xlb.v1.Xlb` gRPC service, a thin translator over the two;
+//!   [`serve`] runs it with reflection and health on a Unix socket or TCP.
+//! - [`convert`]: proto ↔ `xlb_engine::config`.
+//! - [`keepalive`]: the `xlbctl keepalive-check` logic (SPEC §6).
+#![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod keepalive;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod status;
+pub mod telemetry;
+
+pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
+pub use state::{
+    Applied, ControlError, ControlState, Kind, Object, PublishError, Publisher, Snapshot,
+    StateOptions,
+};
+pub use telemetry::{
+    ControlEvent, CountersSnapshot, EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter,
+    FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry, TelemetryError, WorkerCounters,
+    WorkerStatus,
+};

@@ -1,0 +1,693 @@
+//! [`ControlState`]: the typed library API that the gRPC service (and the daemon's start-up,
+//! reload and probe code) goes through.
+//!
+//! Every change follows one path: copy the committed configuration, apply the change to the
+//! copy, validate, compile a `RuleSet` with the next generation, hand it to the [`Publisher`]
+//! (the daemon sends it to every worker and waits for every ack), and only then commit. A
+//! change that fails at any step leaves the committed configuration as it was.
+//!
+//! Concurrency: changes are serialized by one mutex (compile and publish included); reads take
+//! an `Arc` of the committed snapshot under a lock that is only ever held for a pointer swap,
+//! so a read never waits for a publish.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+use xlb_engine::config::{
+    BackendPool, Config, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, Member,
+    OutboundRule,
+};
+use xlb_engine::{compile, MemberHealth, RuleSet, ValidationErrors};
+
+use crate::telemetry::{ControlEvent, EventRecord};
+
+/// Hands a new rule set to the workers. The daemon implements it by sending the `Arc` to every
+/// worker over its SPSC channel and waiting until every worker acknowledges the generation.
+pub trait Publisher: Send + Sync + 'static {
+    /// Returns once every worker runs `rules` (or fails after `deadline`). Blocking is fine:
+    /// [`ControlState`] calls it from a blocking context, one call at a time.
+    fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError>;
+}
+
+/// Why a rule set did not reach every worker.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// These workers did not acknowledge in time (they may still apply it later).
+    #[error(
+        "worker(s) {} did not acknowledge generation {generation} within {deadline:?}",
+        list(missing)
+    )]
+    Timeout {
+        generation: u64,
+        missing: Vec<u16>,
+        deadline: Duration,
+    },
+    /// The rule set could not be delivered (a worker exited, the daemon is stopping, …).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn list(ids: &[u16]) -> String {
+    ids.iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The kinds of configuration objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Frontend,
+    BackendPool,
+    HealthProbe,
+    LoadBalancingRule,
+    InboundNatRule,
+    OutboundRule,
+    Member,
+}
+
+impl Kind {
+    /// As in configuration paths and TOML tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Frontend => "frontend",
+            Kind::BackendPool => "backend pool",
+            Kind::HealthProbe => "health probe",
+            Kind::LoadBalancingRule => "load-balancing rule",
+            Kind::InboundNatRule => "inbound NAT rule",
+            Kind::OutboundRule => "outbound rule",
+            Kind::Member => "pool member",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request was refused. Each variant maps to one gRPC status code.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ControlError {
+    /// `INVALID_ARGUMENT`: every violation, each with field path, value and allowed range.
+    #[error(transparent)]
+    InvalidArgument(#[from] ValidationErrors),
+    /// `NOT_FOUND`.
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: Kind, name: String },
+    /// `ALREADY_EXISTS`.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: Kind, name: String },
+    /// `FAILED_PRECONDITION`: e.g. deleting an object that rules reference.
+    #[error("{kind} {name:?} is referenced by {}; change or delete {} first", used_by.join(", "), if used_by.len() == 1 { "it" } else { "them" })]
+    InUse {
+        kind: Kind,
+        name: String,
+        /// The referencing objects as configuration paths, e.g. `load_balancing_rules[web]`.
+        used_by: Vec<String>,
+    },
+    /// `DEADLINE_EXCEEDED`: workers did not acknowledge the new rule set in time.
+    #[error("{0}; the change was not applied")]
+    DeadlineExceeded(String),
+    /// `UNAVAILABLE`: the rule set could not be delivered.
+    #[error("cannot apply the change now: {0}; it was not applied")]
+    Unavailable(String),
+}
+
+/// What a successful change produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied<T> {
+    pub value: T,
+    /// The generation now running.
+    pub generation: u64,
+}
+
+/// The committed state: what reads see.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub rules: Arc<RuleSet>,
+    pub generation: u64,
+}
+
+/// Options of [`ControlState`].
+#[derive(Clone, Debug)]
+pub struct StateOptions {
+    /// How long the publisher may wait for every worker's ack.
+    pub publish_deadline: Duration,
+    /// Capacity of the event channel of configuration events (generation applied, …).
+    pub event_capacity: usize,
+}
+
+impl Default for StateOptions {
+    fn default() -> StateOptions {
+        StateOptions {
+            publish_deadline: Duration::from_secs(2),
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// State only the (serialized) writer touches.
+#[derive(Debug)]
+struct Writer {
+    health: MemberHealth,
+    /// Last generation handed to the publisher. Never reused, even when a publish failed:
+    /// a worker may have applied that generation late.
+    last_generation: u64,
+}
+
+/// The configuration owner. Share it as `Arc<ControlState>`.
+pub struct ControlState {
+    writer: Mutex<Writer>,
+    committed: RwLock<Arc<Snapshot>>,
+    publisher: Arc<dyn Publisher>,
+    options: StateOptions,
+    events: broadcast::Sender<EventRecord>,
+    /// Why the workers may not all run the committed generation (a failed roll-back), if so.
+    degraded: RwLock<Option<String>>,
+}
+
+impl fmt::Debug for ControlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlState")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlState {
+    /// Validates and compiles `config` as generation 1, publishes it, and returns the state.
+    pub fn start(
+        config: Config,
+        health: MemberHealth,
+        publisher: Arc<dyn Publisher>,
+        options: StateOptions,
+    ) -> Result<ControlState, ControlError> {
+        let rules = Arc::new(compile(&config, None, &health, 1)?);
+        publisher
+            .publish(Arc::clone(&rules), options.publish_deadline)
+            .map_err(publish_error)?;
+        Ok(ControlState::new(config, rules, health, publisher, options))
+    }
+
+    /// Wraps a configuration whose rule set the workers already run (the daemon compiled it
+    /// at start and created its workers with it). `rules.generation()` is the current one.
+    pub fn new(
+        config: Config,
+        rules: Arc<RuleSet>,
+        health: MemberHealth,
+        publisher: Arc<dyn Publisher>,
+        options: StateOptions,
+    ) -> ControlState {
+        let generation = rules.generation();
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        ControlState {
+            writer: Mutex::new(Writer {
+                health,
+                last_generation: generation,
+            }),
+            committed: RwLock::new(Arc::new(Snapshot {
+                config,
+                rules,
+                generation,
+            })),
+            publisher,
+            options,
+            events,
+            degraded: RwLock::new(None),
+        }
+    }
+
+    /// The committed configuration, rule set and generation. Never waits for a publish.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(
+            &self
+                .committed
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.snapshot().generation
+    }
+
+    /// Configuration events (generation applied). The gRPC `WatchEvents` merges these with
+    /// the daemon's [`crate::Telemetry`] events.
+    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    /// Set when a failed publish could not be rolled back everywhere: some worker may run a
+    /// generation other than the committed one until the next successful change.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Generic CRUD over every object kind.
+
+    /// Every object of kind `T`, in configuration order.
+    pub fn list<T: Object>(&self) -> (Vec<T>, u64) {
+        let s = self.snapshot();
+        (T::all(&s.config).to_vec(), s.generation)
+    }
+
+    pub fn get<T: Object>(&self, name: &str) -> Result<(T, u64), ControlError> {
+        let s = self.snapshot();
+        T::all(&s.config)
+            .iter()
+            .find(|o| o.name() == name)
+            .map(|o| (o.clone(), s.generation))
+            .ok_or_else(|| not_found(T::KIND, name))
+    }
+
+    pub fn create<T: Object>(&self, obj: T) -> Result<Applied<T>, ControlError> {
+        let name = obj.name().to_string();
+        let generation = self.change(|c| {
+            if T::all(c).iter().any(|o| o.name() == name) {
+                return Err(ControlError::AlreadyExists {
+                    kind: T::KIND,
+                    name: name.clone(),
+                });
+            }
+            T::all_mut(c).push(obj.clone());
+            Ok(())
+        })?;
+        Ok(Applied {
+            value: obj,
+            generation,
+        })
+    }
+
+    /// Replaces the object of the same name (its position, and so a rule's id and counters,
+    /// are kept).
+    pub fn update<T: Object>(&self, obj: T) -> Result<Applied<T>, ControlError> {
+        let name = obj.name().to_string();
+        let generation = self.change(|c| {
+            let slot = T::all_mut(c)
+                .iter_mut()
+                .find(|o| o.name() == name)
+                .ok_or_else(|| not_found(T::KIND, &name))?;
+            *slot = obj.clone();
+            Ok(())
+        })?;
+        Ok(Applied {
+            value: obj,
+            generation,
+        })
+    }
+
+    /// Deletes an object; refused with [`ControlError::InUse`] while others reference it.
+    pub fn delete<T: Object>(&self, name: &str) -> Result<Applied<()>, ControlError> {
+        let generation = self.change(|c| {
+            let pos = T::all(c)
+                .iter()
+                .position(|o| o.name() == name)
+                .ok_or_else(|| not_found(T::KIND, name))?;
+            let used_by = T::used_by(c, name);
+            if !used_by.is_empty() {
+                return Err(ControlError::InUse {
+                    kind: T::KIND,
+                    name: name.to_string(),
+                    used_by,
+                });
+            }
+            T::all_mut(c).remove(pos);
+            Ok(())
+        })?;
+        Ok(Applied {
+            value: (),
+            generation,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Pool members.
+
+    pub fn add_member(
+        &self,
+        pool: &str,
+        member: Member,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_pool(pool, |p| {
+            if p.members.iter().any(|m| m.address == member.address) {
+                return Err(ControlError::AlreadyExists {
+                    kind: Kind::Member,
+                    name: format!("{}/{}", p.name, member.address),
+                });
+            }
+            p.members.push(member.clone());
+            Ok(())
+        })
+    }
+
+    pub fn remove_member(
+        &self,
+        pool: &str,
+        address: IpAddr,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_pool(pool, |p| {
+            let pos = member_pos(p, address)?;
+            p.members.remove(pos);
+            Ok(())
+        })
+    }
+
+    /// Changes a member's weight and/or admin state (`None`: unchanged).
+    pub fn set_member(
+        &self,
+        pool: &str,
+        address: IpAddr,
+        weight: Option<u32>,
+        admin_state: Option<xlb_engine::config::AdminState>,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_pool(pool, |p| {
+            let pos = member_pos(p, address)?;
+            let m = &mut p.members[pos];
+            if let Some(w) = weight {
+                m.weight = w;
+            }
+            if let Some(a) = admin_state {
+                m.admin_state = a;
+            }
+            Ok(())
+        })
+    }
+
+    fn change_pool(
+        &self,
+        pool: &str,
+        f: impl Fn(&mut BackendPool) -> Result<(), ControlError>,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        let mut out = None;
+        let generation = self.change(|c| {
+            let p = c
+                .backend_pools
+                .iter_mut()
+                .find(|p| p.name == pool)
+                .ok_or_else(|| not_found(Kind::BackendPool, pool))?;
+            f(p)?;
+            out = Some(p.clone());
+            Ok(())
+        })?;
+        Ok(Applied {
+            value: out.unwrap_or_else(|| BackendPool {
+                name: pool.to_string(),
+                members: Vec::new(),
+            }),
+            generation,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Whole configuration and health (daemon side).
+
+    /// Replaces the whole configuration (a reload of the start-up file).
+    pub fn replace_config(&self, config: Config) -> Result<u64, ControlError> {
+        self.change(|c| {
+            *c = config.clone();
+            Ok(())
+        })
+    }
+
+    /// Records probe verdicts and publishes the resulting rule set (same configuration, next
+    /// generation). The daemon's probe loop calls this when a member's health flips.
+    pub fn update_health(&self, f: impl FnOnce(&mut MemberHealth)) -> Result<u64, ControlError> {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut health = w.health.clone();
+        f(&mut health);
+        let current = self.snapshot();
+        let generation = self.publish_locked(&mut w, &current, current.config.clone(), &health)?;
+        w.health = health;
+        Ok(generation)
+    }
+
+    /// The one path of every configuration change.
+    fn change(
+        &self,
+        f: impl FnOnce(&mut Config) -> Result<(), ControlError>,
+    ) -> Result<u64, ControlError> {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.snapshot();
+        let mut candidate = current.config.clone();
+        f(&mut candidate)?;
+        candidate.validate()?;
+        let health = w.health.clone();
+        self.publish_locked(&mut w, &current, candidate, &health)
+    }
+
+    /// Compiles `candidate` as the next generation, publishes it and commits. On a publish
+    /// failure, the committed configuration is compiled again under a newer generation and
+    /// published after it, so that a worker that did take the failed generation (late, or
+    /// before another one timed out) returns to the committed configuration: the channels to
+    /// the workers are FIFO, so every worker ends on the committed content.
+    fn publish_locked(
+        &self,
+        w: &mut Writer,
+        current: &Snapshot,
+        candidate: Config,
+        health: &MemberHealth,
+    ) -> Result<u64, ControlError> {
+        let generation = w.last_generation + 1;
+        let rules = Arc::new(compile(
+            &candidate,
+            Some(&current.rules),
+            health,
+            generation,
+        )?);
+        w.last_generation = generation;
+        let deadline = self.options.publish_deadline;
+        if let Err(e) = self.publisher.publish(Arc::clone(&rules), deadline) {
+            self.roll_back(w, current, &rules, &e);
+            return Err(publish_error(e));
+        }
+        *self
+            .degraded
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .committed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(Snapshot {
+            config: candidate,
+            rules,
+            generation,
+        });
+        let _ = self.events.send(EventRecord {
+            at: SystemTime::now(),
+            event: ControlEvent::GenerationApplied { generation },
+        });
+        Ok(generation)
+    }
+
+    fn roll_back(
+        &self,
+        w: &mut Writer,
+        current: &Snapshot,
+        failed: &Arc<RuleSet>,
+        why: &PublishError,
+    ) {
+        let generation = w.last_generation + 1;
+        // Compiled against the failed set so that ids of rules it introduced are not handed
+        // to other rules while their flows may exist on a worker that took it.
+        let rules = match compile(&current.config, Some(failed), &w.health, generation) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                // The committed configuration compiled before; this cannot fail, but say so
+                // rather than panic if it ever does.
+                self.set_degraded(format!("roll-back after \"{why}\" did not compile: {e}"));
+                return;
+            }
+        };
+        w.last_generation = generation;
+        match self
+            .publisher
+            .publish(Arc::clone(&rules), self.options.publish_deadline)
+        {
+            Ok(()) => {
+                *self.degraded.write().unwrap_or_else(PoisonError::into_inner) = None;
+                *self.committed.write().unwrap_or_else(PoisonError::into_inner) =
+                    Arc::new(Snapshot {
+                        config: current.config.clone(),
+                        rules,
+                        generation,
+                    });
+            }
+            Err(e) => self.set_degraded(format!(
+                "generation {} failed ({why}) and its roll-back, generation {generation}, too ({e}); workers may differ until the next successful change",
+                failed.generation()
+            )),
+        }
+    }
+
+    fn set_degraded(&self, why: String) {
+        *self
+            .degraded
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(why);
+    }
+}
+
+fn publish_error(e: PublishError) -> ControlError {
+    match e {
+        PublishError::Timeout { .. } => ControlError::DeadlineExceeded(e.to_string()),
+        PublishError::Unavailable(_) => ControlError::Unavailable(e.to_string()),
+    }
+}
+
+fn not_found(kind: Kind, name: &str) -> ControlError {
+    ControlError::NotFound {
+        kind,
+        name: name.to_string(),
+    }
+}
+
+fn member_pos(p: &BackendPool, address: IpAddr) -> Result<usize, ControlError> {
+    let want = xlb_engine::Addr::from(address);
+    p.members
+        .iter()
+        .position(|m| xlb_engine::Addr::from(m.address) == want)
+        .ok_or_else(|| not_found(Kind::Member, &format!("{}/{address}", p.name)))
+}
+
+/// A configuration object kind that [`ControlState`] manages generically.
+pub trait Object: Clone + Send + 'static {
+    const KIND: Kind;
+    fn name(&self) -> &str;
+    fn all(c: &Config) -> &Vec<Self>;
+    fn all_mut(c: &mut Config) -> &mut Vec<Self>;
+    /// Configuration paths of the objects that reference the one named `name`.
+    fn used_by(_c: &Config, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Object for Frontend {
+    const KIND: Kind = Kind::Frontend;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.frontends
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.frontends
+    }
+    fn used_by(c: &Config, name: &str) -> Vec<String> {
+        let lb = c
+            .load_balancing_rules
+            .iter()
+            .filter(|r| r.frontend == name)
+            .map(|r| format!("load_balancing_rules[{}]", r.name));
+        let nat = c
+            .inbound_nat_rules
+            .iter()
+            .filter(|r| r.frontend == name)
+            .map(|r| format!("inbound_nat_rules[{}]", r.name));
+        let out = c
+            .outbound_rules
+            .iter()
+            .filter(|r| r.frontends.iter().any(|f| f == name))
+            .map(|r| format!("outbound_rules[{}]", r.name));
+        lb.chain(nat).chain(out).collect()
+    }
+}
+
+impl Object for BackendPool {
+    const KIND: Kind = Kind::BackendPool;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.backend_pools
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.backend_pools
+    }
+    fn used_by(c: &Config, name: &str) -> Vec<String> {
+        let lb = c
+            .load_balancing_rules
+            .iter()
+            .filter(|r| r.backend_pool == name)
+            .map(|r| format!("load_balancing_rules[{}]", r.name));
+        let nat = c
+            .inbound_nat_rules
+            .iter()
+            .filter(|r| r.backend_pool.as_deref() == Some(name))
+            .map(|r| format!("inbound_nat_rules[{}]", r.name));
+        let out = c
+            .outbound_rules
+            .iter()
+            .filter(|r| r.backend_pool == name)
+            .map(|r| format!("outbound_rules[{}]", r.name));
+        lb.chain(nat).chain(out).collect()
+    }
+}
+
+impl Object for HealthProbe {
+    const KIND: Kind = Kind::HealthProbe;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.health_probes
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.health_probes
+    }
+    fn used_by(c: &Config, name: &str) -> Vec<String> {
+        c.load_balancing_rules
+            .iter()
+            .filter(|r| r.health_probe.as_deref() == Some(name))
+            .map(|r| format!("load_balancing_rules[{}]", r.name))
+            .collect()
+    }
+}
+
+impl Object for LoadBalancingRule {
+    const KIND: Kind = Kind::LoadBalancingRule;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.load_balancing_rules
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.load_balancing_rules
+    }
+}
+
+impl Object for InboundNatRule {
+    const KIND: Kind = Kind::InboundNatRule;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.inbound_nat_rules
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.inbound_nat_rules
+    }
+}
+
+impl Object for OutboundRule {
+    const KIND: Kind = Kind::OutboundRule;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn all(c: &Config) -> &Vec<Self> {
+        &c.outbound_rules
+    }
+    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
+        &mut c.outbound_rules
+    }
+}

@@ -1,0 +1,297 @@
+//! [`Telemetry`]: what the API reads from the workers, implemented by the daemon (which asks
+//! its workers over their stats channels), plus [`FakeTelemetry`] for tests.
+//!
+//! The types carry engine values (`xlb_engine::Counters`, `FlowInfo`, `Event`, rule ids): the
+//! daemon ships what the workers hand it, and the API layer names rules with the committed
+//! rule set (ids are stable per kind and name), so the daemon has no formatting to do.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+use xlb_engine::flow::{FlowId, Nat};
+use xlb_engine::ruleset::PROTO_TCP;
+use xlb_engine::tcp::TcpState;
+use xlb_engine::time::Nanos;
+use xlb_engine::{Addr, Counters, FlowInfo, RuleId};
+
+/// Something the operator should hear about, with its wall-clock time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub at: SystemTime,
+    pub event: ControlEvent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// From a worker's engine: reset on idle, SNAT exhaustion.
+    Engine {
+        worker: u16,
+        event: xlb_engine::Event,
+    },
+    /// A member's probe verdict flipped.
+    ProbeStateChanged {
+        probe: String,
+        pool: String,
+        member: IpAddr,
+        healthy: bool,
+    },
+    /// Every worker runs this generation (sent by [`crate::ControlState`]).
+    GenerationApplied { generation: u64 },
+}
+
+/// One worker's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerCounters {
+    pub worker: u16,
+    pub counters: Counters,
+    pub flows: u64,
+    pub flow_capacity: u64,
+}
+
+/// SNAT ports of one member for one protocol, summed over workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatUsage {
+    pub rule: RuleId,
+    /// IP protocol number (6 or 17).
+    pub proto: u8,
+    pub member: IpAddr,
+    pub allocated: u32,
+    pub used: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    pub workers: Vec<WorkerCounters>,
+    pub snat: Vec<SnatUsage>,
+}
+
+/// A TCP state, or "a UDP flow".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateFilter {
+    Tcp(TcpState),
+    Udp,
+}
+
+/// Which flows a listing wants. Every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Any of these rules (a name can exist once per rule kind).
+    pub rules: Option<Vec<RuleId>>,
+    /// The address that opened the flow (original source).
+    pub client: Option<Addr>,
+    /// The member: translated destination of an inbound (DNAT) flow, original source of an
+    /// outbound (SNAT) flow. Floating-IP flows keep the frontend as destination, so their
+    /// member is not known from the flow and this matches the frontend address.
+    pub backend: Option<Addr>,
+    /// IP protocol number.
+    pub proto: Option<u8>,
+    pub state: Option<StateFilter>,
+}
+
+impl FlowFilter {
+    /// The one definition of matching, for the daemon's implementation and the fake alike.
+    pub fn matches(&self, f: &FlowInfo) -> bool {
+        if let Some(rules) = &self.rules {
+            if !rules.contains(&f.rule) {
+                return false;
+            }
+        }
+        if self.client.is_some_and(|c| c != f.orig.src) {
+            return false;
+        }
+        if self.backend.is_some_and(|b| b != backend_of(f)) {
+            return false;
+        }
+        if self.proto.is_some_and(|p| p != f.proto) {
+            return false;
+        }
+        match self.state {
+            None => true,
+            Some(StateFilter::Udp) => f.proto != PROTO_TCP,
+            Some(StateFilter::Tcp(s)) => f.tcp_state == Some(s),
+        }
+    }
+}
+
+/// See [`FlowFilter::backend`].
+pub fn backend_of(f: &FlowInfo) -> Addr {
+    match f.nat {
+        Nat::Snat => f.orig.src,
+        Nat::Dnat | Nat::None => f.translated.dst,
+    }
+}
+
+/// Position in a flow listing: flows are ordered by (worker, flow id); a page starts after
+/// the cursor. Flows created or removed between pages may be missed or seen, never twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowCursor {
+    pub worker: u16,
+    pub flow: FlowId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub worker: u16,
+    pub info: FlowInfo,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowPage {
+    pub flows: Vec<FlowEntry>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<FlowCursor>,
+    /// "Now" on the workers' time line, to turn `last_seen` and `deadline` into durations.
+    pub now: Nanos,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStatus {
+    pub worker: u16,
+    pub interface: String,
+    pub queue: u32,
+    /// The pinned core, if any.
+    pub core: Option<usize>,
+    /// The rule-set generation it runs.
+    pub generation: u64,
+    pub flows: u64,
+    pub flow_capacity: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeStatus {
+    pub workers: Vec<WorkerStatus>,
+    /// "busy" or "wakeup".
+    pub poll_mode: String,
+    pub uptime: Duration,
+}
+
+/// A read from the workers failed (e.g. the daemon is stopping): `UNAVAILABLE`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TelemetryError(pub String);
+
+/// Reads that come from the workers. Methods may block (the daemon asks its workers and
+/// waits); the gRPC layer calls them from a blocking context.
+pub trait Telemetry: Send + Sync + 'static {
+    fn counters(&self) -> Result<CountersSnapshot, TelemetryError>;
+    /// Up to `limit` flows matching `filter`, after `after`, in (worker, flow id) order.
+    fn flows(
+        &self,
+        filter: &FlowFilter,
+        after: Option<FlowCursor>,
+        limit: usize,
+    ) -> Result<FlowPage, TelemetryError>;
+    /// Engine and probe events from now on.
+    fn subscribe(&self) -> broadcast::Receiver<EventRecord>;
+    fn status(&self) -> Result<RuntimeStatus, TelemetryError>;
+}
+
+/// In-memory [`Telemetry`] for tests and for running the API without workers: whatever was
+/// stored with its setters, and events sent with [`FakeTelemetry::emit`].
+#[derive(Debug)]
+pub struct FakeTelemetry {
+    inner: Mutex<FakeInner>,
+    events: broadcast::Sender<EventRecord>,
+}
+
+#[derive(Debug, Default)]
+struct FakeInner {
+    counters: CountersSnapshot,
+    flows: Vec<FlowEntry>,
+    now: Nanos,
+    status: RuntimeStatus,
+}
+
+impl Default for FakeTelemetry {
+    fn default() -> FakeTelemetry {
+        FakeTelemetry {
+            inner: Mutex::new(FakeInner {
+                status: RuntimeStatus {
+                    poll_mode: "wakeup".into(),
+                    ..RuntimeStatus::default()
+                },
+                ..FakeInner::default()
+            }),
+            events: broadcast::channel(256).0,
+        }
+    }
+}
+
+impl FakeTelemetry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub fn set_counters(&self, c: CountersSnapshot) {
+        self.lock().counters = c;
+    }
+    pub fn set_flows(&self, mut flows: Vec<FlowEntry>, now: Nanos) {
+        flows.sort_by_key(|f| (f.worker, f.info.id));
+        let mut g = self.lock();
+        g.flows = flows;
+        g.now = now;
+    }
+    pub fn set_status(&self, s: RuntimeStatus) {
+        self.lock().status = s;
+    }
+    /// Sends an event to every subscriber (returns how many got it).
+    pub fn emit(&self, event: ControlEvent) -> usize {
+        self.events
+            .send(EventRecord {
+                at: SystemTime::now(),
+                event,
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Telemetry for FakeTelemetry {
+    fn counters(&self) -> Result<CountersSnapshot, TelemetryError> {
+        Ok(self.lock().counters.clone())
+    }
+
+    fn flows(
+        &self,
+        filter: &FlowFilter,
+        after: Option<FlowCursor>,
+        limit: usize,
+    ) -> Result<FlowPage, TelemetryError> {
+        let g = self.lock();
+        let mut matching = g
+            .flows
+            .iter()
+            .filter(|f| {
+                after.is_none_or(|a| {
+                    FlowCursor {
+                        worker: f.worker,
+                        flow: f.info.id,
+                    } > a
+                })
+            })
+            .filter(|f| filter.matches(&f.info));
+        let flows: Vec<FlowEntry> = matching.by_ref().take(limit).copied().collect();
+        let next = match (matching.next(), flows.last()) {
+            (Some(_), Some(last)) => Some(FlowCursor {
+                worker: last.worker,
+                flow: last.info.id,
+            }),
+            _ => None,
+        };
+        Ok(FlowPage {
+            flows,
+            next,
+            now: g.now,
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    fn status(&self) -> Result<RuntimeStatus, TelemetryError> {
+        Ok(self.lock().status.clone())
+    }
+}

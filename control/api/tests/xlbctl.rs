@@ -1,0 +1,238 @@
+//! The `xlbctl` binary against an in-process server.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::Harness;
+
+async fn xlbctl(socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xlbctl"));
+    cmd.arg("--socket").arg(socket).args(args);
+    cmd.env_remove("XLB_ADDR").env_remove("XLB_TOKEN");
+    // The server runs on this test's runtime: wait for the child off it.
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn create_and_list_with_json() {
+    let h = Harness::start().await;
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "lb-rule",
+            "create",
+            "api",
+            "--frontend",
+            "vip",
+            "--protocol",
+            "tcp",
+            "--frontend-port",
+            "443",
+            "--pool",
+            "web",
+            "--backend-port",
+            "8443",
+            "--idle-timeout",
+            "10",
+            "--tcp-reset",
+            "true",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("created load-balancing rule \"api\""));
+
+    let out = xlbctl(&h.socket, &["--json", "lb-rule", "list"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = v["load_balancing_rules"].as_array().unwrap();
+    let api = rules.iter().find(|r| r["name"] == "api").unwrap();
+    assert_eq!(api["idle_timeout_minutes"], 10);
+    assert_eq!(api["tcp_reset"], true);
+    assert_eq!(api["protocol"], "TCP");
+    assert_eq!(v["generation"], 2);
+
+    // Table output is aligned: every header column starts where its values do.
+    let out = xlbctl(&h.socket, &["frontend", "list"]).await;
+    let table = text(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    let col = lines[0].find("ADDRESS").unwrap();
+    assert!(
+        lines[1..].iter().all(|l| l[col..].starts_with("198.18.")),
+        "{table}"
+    );
+
+    // Members, update of one field, delete.
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "member",
+            "set",
+            "web",
+            "198.18.2.1",
+            "--admin-state",
+            "down",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = xlbctl(
+        &h.socket,
+        &["lb-rule", "update", "api", "--idle-timeout", "20"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = xlbctl(&h.socket, &["--json", "lb-rule", "get", "api"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["load_balancing_rules"][0]["idle_timeout_minutes"], 20);
+    assert_eq!(
+        v["load_balancing_rules"][0]["backend_port"], 8443,
+        "other fields kept"
+    );
+    let out = xlbctl(&h.socket, &["--json", "status"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generation"], 4);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn validation_error_exits_2_naming_the_field() {
+    let h = Harness::start().await;
+    let out = xlbctl(
+        &h.socket,
+        &["lb-rule", "update", "web", "--idle-timeout", "31"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error: load_balancing_rules[web].idle_timeout_minutes = 31:")
+            && err.contains("(allowed: 4–30)"),
+        "{err}"
+    );
+    // Not found is another failure: exit 1.
+    let out = xlbctl(&h.socket, &["pool", "get", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("NotFound"));
+    // Referenced pool: exit 1 naming the rule.
+    let out = xlbctl(&h.socket, &["pool", "delete", "web"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("load_balancing_rules[web]"));
+    // A daemon that is not there: exit 1.
+    let out = xlbctl(&h.dir.path().join("absent.sock"), &["status"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    h.stop().await;
+}
+
+fn sysctls(dir: &Path, time: u32, intvl: u32, probes: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tcp_keepalive_time"), format!("{time}\n")).unwrap();
+    std::fs::write(dir.join("tcp_keepalive_intvl"), format!("{intvl}\n")).unwrap();
+    std::fs::write(dir.join("tcp_keepalive_probes"), format!("{probes}\n")).unwrap();
+}
+
+#[tokio::test]
+async fn keepalive_check_ok_and_not_ok() {
+    let h = Harness::start().await;
+    let good = h.dir.path().join("good");
+    let linux = h.dir.path().join("linux");
+    sysctls(&good, 120, 30, 8);
+    sysctls(&linux, 7200, 75, 9);
+    // The base rule "web" has the default 4-minute idle timeout.
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "keepalive-check",
+            "--rule",
+            "web",
+            "--sysctl-dir",
+            good.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("OK:"), "{}", text(&out.stdout));
+
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "keepalive-check",
+            "--rule",
+            "web",
+            "--sysctl-dir",
+            linux.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    let report = text(&out.stdout);
+    assert!(report.contains("NOT OK"), "{report}");
+    assert!(
+        report.contains("sysctl -w net.ipv4.tcp_keepalive_time=120"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sysctl -w net.ipv4.tcp_keepalive_intvl=30"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sysctl -w net.ipv4.tcp_keepalive_probes=8"),
+        "{report}"
+    );
+    assert!(report.contains("TCP_KEEPIDLE=120"), "{report}");
+
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "keepalive-check",
+            "--rule",
+            "nope",
+            "--sysctl-dir",
+            good.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    h.stop().await;
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xlbctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for cmd in [
+        "frontend",
+        "pool",
+        "member",
+        "lb-rule",
+        "nat-rule",
+        "outbound-rule",
+        "probe",
+        "counters",
+        "flows",
+        "events",
+        "status",
+        "keepalive-check",
+    ] {
+        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    }
+    // Bad arguments are invalid input: exit 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_xlbctl"))
+        .args(["frontend", "create"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
