@@ -6,11 +6,14 @@
 //! [`EngineHandler`] → loop: refresh neighbours (every second, and soon after a worker
 //! reports a miss), print a status line, write the stats file → on SIGINT/SIGTERM stop the
 //! workers, print the final counters and drop the XDP program (its BPF links detach it).
+//!
+//! Beside the control loop: the gRPC API (`xlb-api` on a small tokio runtime, one thread),
+//! whose changes reach the workers through [`WorkerPublisher`], and the Prometheus endpoint.
 
 use std::{
     collections::HashSet,
     io::Write as _,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{atomic::AtomicBool, atomic::Ordering, Arc},
     thread::JoinHandle,
@@ -22,13 +25,16 @@ use xlb_afxdp::{
     netlink::Netlink, spawn, sys, AddrKind, ModeRequest, PollMode, Worker, WorkerConfig,
     WorkerExit, WorkerStats, XdpProgram,
 };
+use xlb_api::{ControlState, Listen, ServeOptions, StateOptions};
 use xlb_engine::{
     config::ConfigError, Addr, Config, Engine, EngineConfig, Event, MemberHealth, RuleSet,
 };
 
 use crate::{
-    handler::{EngineHandler, FromWorker, Snapshot, Steering, ToWorker},
+    handler::{ControlLink, EngineHandler, FromWorker, Steering, ToWorker},
     kernel::{self, Port, Resolver},
+    metrics,
+    plane::{DaemonTelemetry, Shared, WorkerPlacement, WorkerPublisher},
     stats::{write_atomic, Totals},
 };
 
@@ -55,6 +61,46 @@ pub struct Options {
     pub cores: Vec<usize>,
     /// Stop by itself after this long (tests and labs: nothing outlives a killed harness).
     pub max_runtime: Option<Duration>,
+    /// Where the gRPC API listens; `None`: no API.
+    pub api: Option<Listen>,
+    /// Bearer token the API requires (mandatory on a non-loopback TCP address).
+    pub api_token: Option<String>,
+    /// Where the Prometheus endpoint listens; `None`: none.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Parses `--api`: `none`, `unix:PATH` (or an absolute path), `tcp:HOST:PORT` (or
+/// `HOST:PORT`).
+pub fn parse_api(v: &str) -> Result<Option<Listen>, String> {
+    let bad = || {
+        format!(
+            "--api {v:?}: expected none, unix:PATH (e.g. unix:/run/xlb/xlbd.sock) or \
+             tcp:HOST:PORT (e.g. tcp:127.0.0.1:50051)"
+        )
+    };
+    if v == "none" {
+        return Ok(None);
+    }
+    if let Some(path) = v.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad());
+        }
+        return Ok(Some(Listen::Unix(PathBuf::from(path))));
+    }
+    if v.starts_with('/') {
+        return Ok(Some(Listen::Unix(PathBuf::from(v))));
+    }
+    let addr = v.strip_prefix("tcp:").unwrap_or(v);
+    addr.parse::<SocketAddr>()
+        .map(|a| Some(Listen::Tcp(a)))
+        .map_err(|_| bad())
+}
+
+fn describe_listen(l: &Listen) -> String {
+    match l {
+        Listen::Unix(p) => format!("unix:{}", p.display()),
+        Listen::Tcp(a) => format!("tcp:{a}"),
+    }
 }
 
 /// A failure with the exit code it deserves.
@@ -157,6 +203,22 @@ struct WorkerHandle {
     stats: Arc<WorkerStats>,
 }
 
+/// The gRPC API's thread and how to stop it.
+struct ApiHandle {
+    stop: tokio::sync::watch::Sender<bool>,
+    join: JoinHandle<Result<(), String>>,
+}
+
+impl ApiHandle {
+    /// Stops the server (in-flight requests get up to 2 s) and waits for its thread.
+    fn stop(self) -> Result<(), String> {
+        let _ = self.stop.send(true);
+        self.join
+            .join()
+            .unwrap_or_else(|_| Err("the API thread panicked".into()))
+    }
+}
+
 /// One line on stdout, flushed (a log file or a pipe sees it at once). Write errors are
 /// ignored: a reader that went away must not take the dataplane down with a panic.
 fn out(line: &str) {
@@ -227,6 +289,41 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     if let Some(m) = missing_privileges() {
         return Err(Failure::runtime(m));
     }
+
+    // The API's socket is bound before anything is attached, so that a busy socket or a
+    // missing token fails the start cleanly.
+    let api_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(8)
+        .thread_name("xlbd-api")
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("starting the API runtime: {e}")))?;
+    let api_bound = match &opts.api {
+        None => None,
+        Some(listen) => {
+            let serve = ServeOptions {
+                listen: listen.clone(),
+                token: opts.api_token.clone(),
+                ..ServeOptions::default()
+            };
+            let bound = api_runtime.block_on(xlb_api::bind(serve)).map_err(|e| {
+                Failure::usage(format!(
+                    "--api {}: {e} (--api none runs without the API)",
+                    describe_listen(listen)
+                ))
+            })?;
+            Some(bound)
+        }
+    };
+    let metrics_listener = match opts.metrics {
+        None => None,
+        Some(addr) => Some(metrics::bind(addr).map_err(|e| {
+            Failure::usage(format!(
+                "--metrics {addr}: {e} (is another process listening there?)"
+            ))
+        })?),
+    };
 
     // Netlink: the ports, routes and neighbours the engine starts from.
     let mut nl = Netlink::open().map_err(|e| Failure::runtime(format!("netlink socket: {e}")))?;
@@ -353,6 +450,9 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     };
     let steering = Steering::mesh(opts.workers, 4096);
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ack_tx, ack_rx) = channel::bounded(256);
+    let shared = Shared::new(opts.workers, rules.generation());
+    let mut placement = Vec::new();
     let mut workers = Vec::new();
     for (w, steering) in steering.into_iter().enumerate() {
         let cfg = WorkerConfig {
@@ -390,20 +490,23 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         }
         let (to_tx, to_rx) = channel::bounded(64);
 
-        let handler = EngineHandler::new(
-            w,
-            engine,
-            to_rx,
-            from_tx.clone(),
-            250_000_000,
-            Some(steering),
-        );
+        let link = ControlLink {
+            from_control: to_rx,
+            to_control: from_tx.clone(),
+            acks: ack_tx.clone(),
+        };
+        let handler = EngineHandler::new(w, engine, link, 250_000_000, Some(steering));
         let stats = worker.stats();
         let core = if opts.cores.is_empty() {
             Some((w + 1) % ncpu)
         } else {
             Some(opts.cores[w % opts.cores.len()])
         };
+        placement.push(WorkerPlacement {
+            interfaces: opts.interfaces.join(","),
+            first_queue: cfg.queues.first().copied().unwrap_or(0),
+            core,
+        });
         let join = spawn(w, worker, handler, Arc::clone(&stop), core)
             .map_err(|e| Failure::runtime(format!("spawning worker {w}: {e}")))?;
         workers.push(WorkerHandle {
@@ -413,6 +516,98 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         });
     }
     drop(from_tx);
+    drop(ack_tx);
+
+    let senders: Vec<Sender<ToWorker>> = workers.iter().map(|h| h.to.clone()).collect();
+    let poll_name = if opts.busy_poll { "busy" } else { "wakeup" };
+    let state = Arc::new(ControlState::new(
+        config.clone(),
+        Arc::clone(&rules),
+        MemberHealth::default(),
+        Arc::new(WorkerPublisher::new(
+            senders.clone(),
+            ack_rx,
+            Arc::clone(&shared),
+        )),
+        StateOptions::default(),
+    ));
+    let telemetry = Arc::new(DaemonTelemetry::new(
+        senders,
+        Arc::clone(&shared),
+        placement,
+        poll_name,
+    ));
+    let mut extras = String::new();
+    let api = match api_bound {
+        None => None,
+        Some(bound) => {
+            if let Some(l) = &opts.api {
+                extras.push_str(&format!(" api={}", describe_listen(l)));
+            }
+            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+            let socket = match &opts.api {
+                Some(Listen::Unix(p)) => Some(p.clone()),
+                _ => None,
+            };
+            let state = Arc::clone(&state);
+            let telemetry: Arc<dyn xlb_api::Telemetry> = telemetry.clone();
+            let join = std::thread::Builder::new()
+                .name("xlbd-api".into())
+                .spawn(move || {
+                    let mut stop_rx2 = stop_rx.clone();
+                    let shutdown = async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    };
+                    let r = api_runtime.block_on(async move {
+                        tokio::select! {
+                            r = bound.run(state, telemetry, shutdown) => r.map_err(|e| e.to_string()),
+                            // Graceful shutdown gets 2 s; a client that keeps a stream open
+                            // does not hold xlbd.
+                            _ = async move {
+                                let _ = stop_rx2.wait_for(|s| *s).await;
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            } => Ok(()),
+                        }
+                    });
+                    api_runtime.shutdown_timeout(Duration::from_millis(500));
+                    // The server removes its socket after a graceful stop; after a cut-short
+                    // one, xlbd does (the path is its own: it bound it at start).
+                    if let Some(p) = socket {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    r
+                })
+                .map_err(|e| Failure::runtime(format!("spawning the API thread: {e}")))?;
+            Some(ApiHandle {
+                stop: stop_tx,
+                join,
+            })
+        }
+    };
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let metrics_thread = match metrics_listener {
+        None => None,
+        Some(listener) => {
+            if let Ok(local) = listener.local_addr() {
+                extras.push_str(&format!(" metrics=http://{local}/metrics"));
+            }
+            let sources = metrics::Sources {
+                state: Arc::clone(&state),
+                shared: Arc::clone(&shared),
+                port_stats: workers.iter().map(|h| Arc::clone(&h.stats)).collect(),
+                interfaces: opts.interfaces.clone(),
+                lab_time_scale: scale,
+            };
+            // A thread that cannot be spawned leaves xlbd without metrics, not down.
+            match metrics::spawn(listener, sources, Arc::clone(&metrics_stop)) {
+                Ok(j) => Some(j),
+                Err(e) => {
+                    say(opts.quiet, &format!("xlbd warning: metrics thread: {e}"));
+                    None
+                }
+            }
+        }
+    };
 
     let mut start = format!(
         "xlbd ready interfaces={} workers={} queues={queues} poll={} frontends={} rules={} \
@@ -424,6 +619,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         rules.rules().count(),
         neigh.len(),
     );
+    start.push_str(&extras);
     if scale != 1 {
         start.push_str(&format!(" lab_time_scale={scale}"));
     }
@@ -433,7 +629,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let result = control_loop(
         &opts,
         scale,
-        &rules,
+        &state,
+        &shared,
         &ports,
         &mut nl,
         &mut resolver,
@@ -441,10 +638,20 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         &from_rx,
         signalled,
     );
+    // The API first: no change may be in flight while the workers stop.
+    let mut failed = result.err();
+    if let Some(a) = api {
+        if let Err(e) = a.stop() {
+            failed.get_or_insert(format!("API: {e}"));
+        }
+    }
+    metrics_stop.store(true, Ordering::Relaxed);
+    if let Some(j) = metrics_thread {
+        let _ = j.join();
+    }
     stop.store(true, Ordering::Relaxed);
 
     let mut snaps = Vec::new();
-    let mut failed = result.err();
     for (w, h) in workers.into_iter().enumerate() {
         match h.join.join() {
             Ok(exit) => {
@@ -458,7 +665,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             }
         }
     }
-    let totals = Totals::sum(&snaps, &rules);
+    let totals = Totals::sum(&snaps, &state.snapshot().rules);
     out(&format!("xlbd final {}", totals.status_line(scale)));
     if let Some(path) = &opts.stats_file {
         let _ = write_atomic(path, &totals.to_kv(scale));
@@ -479,7 +686,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
 fn control_loop(
     opts: &Options,
     scale: u32,
-    rules: &RuleSet,
+    state: &ControlState,
+    shared: &Shared,
     ports: &[Port],
     nl: &mut Netlink,
     resolver: &mut Resolver,
@@ -490,7 +698,6 @@ fn control_loop(
     const TICK: Duration = Duration::from_millis(20);
     const NEIGH_EVERY: Duration = Duration::from_secs(1);
     const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
-    let mut snaps: Vec<Option<Snapshot>> = vec![None; workers.len()];
     let mut next_neigh = Instant::now() + NEIGH_EVERY;
     // After a miss, re-read the neighbour table quickly for a while: ARP takes a round trip.
     let mut fast_neigh_until: Option<Instant> = None;
@@ -510,22 +717,23 @@ fn control_loop(
         let wake = Instant::now() + TICK;
         while let Ok(msg) = from_rx.recv_deadline(wake) {
             match msg {
-                FromWorker::Stats(s) => {
-                    let w = s.worker;
-                    if let Some(slot) = snaps.get_mut(w) {
-                        *slot = Some(s);
-                    }
-                }
+                FromWorker::Stats(s) => shared.store(*s),
                 FromWorker::Misses(list) => {
                     for a in list {
                         resolver.probe(a);
                     }
                     fast_neigh_until = Some(Instant::now() + Duration::from_secs(1));
                 }
-                FromWorker::Event(w, e) => say(
-                    opts.quiet,
-                    &format!("xlbd event worker={w} {}", describe_event(&e, rules)),
-                ),
+                FromWorker::Event(w, e) => {
+                    say(
+                        opts.quiet,
+                        &format!(
+                            "xlbd event worker={w} {}",
+                            describe_event(&e, &state.snapshot().rules)
+                        ),
+                    );
+                    shared.event(w, e);
+                }
             }
         }
         let now = Instant::now();
@@ -566,7 +774,7 @@ fn control_loop(
         if now >= next_stats_file {
             next_stats_file = now + STATS_FILE_EVERY;
             if let Some(path) = &opts.stats_file {
-                let totals = Totals::sum(snaps.iter().flatten(), rules);
+                let totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
                 if let Err(e) = write_atomic(path, &totals.to_kv(scale)) {
                     say(
                         opts.quiet,
@@ -578,7 +786,7 @@ fn control_loop(
         if now >= next_status {
             next_status = now + opts.status_interval;
             if !opts.quiet {
-                let totals = Totals::sum(snaps.iter().flatten(), rules);
+                let totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
                 let port_line: Vec<String> = workers
                     .iter()
                     .flat_map(|h| h.stats.ports())

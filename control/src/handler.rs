@@ -13,11 +13,14 @@
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
-use xlb_afxdp::{FrameHandler, PortId, Verdict as AfxdpVerdict};
+use hdrhistogram::Histogram;
+use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
+use xlb_api::{FlowFilter, SnatUsage};
 use xlb_engine::{
+    flow::FlowId,
     snat::SnatPorts,
     wire::{self, proto},
-    Addr, Counters, Engine, Event, Route, RuleSet, Verdict,
+    Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict,
 };
 
 /// Control thread → worker.
@@ -28,8 +31,48 @@ pub enum ToWorker {
     Neighbours(Vec<(Addr, PortId, [u8; 6])>),
     /// The kernel's routes, translated to port numbers.
     Routes(Vec<Route>),
-    /// A new rule set, swapped at the next batch boundary.
+    /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`].
     Rules(Arc<RuleSet>),
+    /// A page of this worker's flows, for the flow listing of the API.
+    Flows(FlowQuery),
+}
+
+/// "Worker `worker` now runs generation `generation`": sent right after the swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub worker: usize,
+    pub generation: u64,
+}
+
+/// Up to `limit` flows matching `filter` whose id is above `after`, in flow-id order.
+#[derive(Debug, Clone)]
+pub struct FlowQuery {
+    pub filter: FlowFilter,
+    pub after: Option<FlowId>,
+    pub limit: usize,
+    pub reply: Sender<FlowAnswer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowAnswer {
+    pub worker: usize,
+    pub flows: Vec<FlowInfo>,
+    /// The worker's clock when it answered, to turn `last_seen` / `deadline` into ages.
+    pub now: u64,
+}
+
+/// The channels between one worker and the control thread.
+#[derive(Debug)]
+pub struct ControlLink {
+    pub from_control: Receiver<ToWorker>,
+    pub to_control: Sender<FromWorker>,
+    pub acks: Sender<Ack>,
+}
+
+/// Busy loop iterations, in nanoseconds: 1 ns to 10 s at 2 significant digits (about 20 KiB,
+/// allocated once; recording never allocates).
+pub fn loop_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("constant, valid bounds")
 }
 
 /// A worker's counters at one instant.
@@ -43,6 +86,13 @@ pub struct Snapshot {
     pub handed_off: u64,
     /// Of those, frames lost because the owner's inbox was full.
     pub handoff_dropped: u64,
+    /// The rule-set generation the worker runs.
+    pub generation: u64,
+    /// SNAT ports of every (outbound rule, protocol, member): this worker's share and use.
+    pub snat: Vec<SnatUsage>,
+    /// Duration of the worker's loop iterations that did work (received frames or ran
+    /// timers), since start: how long a frame can wait inside the worker.
+    pub loop_latency: Histogram<u64>,
 }
 
 /// A frame on its way to the worker that owns its flow.
@@ -129,7 +179,8 @@ impl Steering {
 /// Worker → control thread.
 #[derive(Debug, Clone)]
 pub enum FromWorker {
-    Stats(Snapshot),
+    /// Boxed: a snapshot is large and travels four times a second, the other kinds often.
+    Stats(Box<Snapshot>),
     /// Next hops the engine needed but did not know: the control thread asks the kernel to
     /// resolve them and pushes the result back.
     Misses(Vec<Addr>),
@@ -149,6 +200,8 @@ pub struct EngineHandler {
     engine: Engine,
     from_control: Receiver<ToWorker>,
     to_control: Sender<FromWorker>,
+    acks: Sender<Ack>,
+    loop_latency: Histogram<u64>,
     stats_every_ns: u64,
     next_stats: u64,
     misses: Vec<Addr>,
@@ -164,16 +217,17 @@ impl EngineHandler {
     pub fn new(
         id: usize,
         engine: Engine,
-        from_control: Receiver<ToWorker>,
-        to_control: Sender<FromWorker>,
+        link: ControlLink,
         stats_every_ns: u64,
         steering: Option<Steering>,
     ) -> Self {
         Self {
             id,
             engine,
-            from_control,
-            to_control,
+            from_control: link.from_control,
+            to_control: link.to_control,
+            acks: link.acks,
+            loop_latency: loop_histogram(),
             stats_every_ns: stats_every_ns.max(1),
             next_stats: 0,
             misses: Vec::new(),
@@ -196,6 +250,42 @@ impl EngineHandler {
             flow_capacity: self.engine.flow_capacity(),
             handed_off: self.handed_off,
             handoff_dropped: self.handoff_dropped,
+            generation: self.engine.rules().generation(),
+            snat: self.snat_usage(),
+            loop_latency: self.loop_latency.clone(),
+        }
+    }
+
+    fn snat_usage(&self) -> Vec<SnatUsage> {
+        self.engine
+            .rules()
+            .outbound_allocations()
+            .map(|(rule, proto, member, blocks)| {
+                let (used, allocated) = self.engine.snat_usage(blocks, proto);
+                SnatUsage {
+                    rule,
+                    proto,
+                    member: member.to_ip(),
+                    allocated,
+                    used,
+                }
+            })
+            .collect()
+    }
+
+    /// Answers a flow query: a page of at most `limit` matching flows (a control query, not
+    /// the packet path: it walks the table and allocates the answer).
+    fn flows_page(&self, q: &FlowQuery, now_ns: u64) -> FlowAnswer {
+        let flows = self
+            .engine
+            .flows()
+            .filter(|f| q.after.is_none_or(|a| f.id > a) && q.filter.matches(f))
+            .take(q.limit)
+            .collect();
+        FlowAnswer {
+            worker: self.id,
+            flows,
+            now: now_ns,
         }
     }
 
@@ -247,7 +337,7 @@ impl EngineHandler {
         }
     }
 
-    fn apply(&mut self, msg: ToWorker) {
+    fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
             ToWorker::Neighbours(list) => {
                 let net = self.engine.next_hops();
@@ -258,7 +348,18 @@ impl EngineHandler {
                 }
             }
             ToWorker::Routes(routes) => self.engine.next_hops().set_routes(routes),
-            ToWorker::Rules(rules) => self.engine.set_rules(rules),
+            ToWorker::Rules(rules) => {
+                let generation = rules.generation();
+                self.engine.set_rules(rules);
+                // The publisher waits for this; a full channel means it gave up already.
+                let _ = self.acks.try_send(Ack {
+                    worker: self.id,
+                    generation,
+                });
+            }
+            ToWorker::Flows(q) => {
+                let _ = q.reply.try_send(self.flows_page(&q, now_ns));
+            }
         }
     }
 
@@ -268,7 +369,9 @@ impl EngineHandler {
         self.engine.drain_events(|e| {
             let _ = tx.try_send(FromWorker::Event(id, e));
         });
-        let _ = self.to_control.try_send(FromWorker::Stats(self.snapshot()));
+        let _ = self
+            .to_control
+            .try_send(FromWorker::Stats(Box::new(self.snapshot())));
     }
 }
 
@@ -304,7 +407,7 @@ impl FrameHandler for EngineHandler {
     fn poll_control(&mut self, now_ns: u64) {
         for _ in 0..CONTROL_BUDGET {
             match self.from_control.try_recv() {
-                Ok(msg) => self.apply(msg),
+                Ok(msg) => self.apply(msg, now_ns),
                 Err(_) => break,
             }
         }
@@ -319,6 +422,11 @@ impl FrameHandler for EngineHandler {
             self.next_stats = now_ns + self.stats_every_ns;
             self.report();
         }
+    }
+
+    fn end_of_iteration(&mut self, started_ns: u64) {
+        let took = sys::monotonic_ns().saturating_sub(started_ns).max(1);
+        self.loop_latency.saturating_record(took);
     }
 }
 

@@ -5,4 +5,6 @@
 pub mod daemon;
 pub mod handler;
 pub mod kernel;
+pub mod metrics;
+pub mod plane;
 pub mod stats;

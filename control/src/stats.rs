@@ -31,25 +31,6 @@ fn kind_prefix(k: RuleKind) -> &'static str {
     }
 }
 
-fn add_rule(a: &mut RuleCounters, b: &RuleCounters) {
-    a.flows_created += b.flows_created;
-    a.flows_expired_idle += b.flows_expired_idle;
-    a.flows_reset_on_idle += b.flows_reset_on_idle;
-    a.flows_closed += b.flows_closed;
-    a.flows_picked_up += b.flows_picked_up;
-    for i in 0..2 {
-        a.packets[i] += b.packets[i];
-        a.bytes[i] += b.bytes[i];
-    }
-    a.syns += b.syns;
-    a.late_packets += b.late_packets;
-    a.unknown_flow_resets += b.unknown_flow_resets;
-    a.no_flow += b.no_flow;
-    a.no_backend += b.no_backend;
-    a.snat_exhausted += b.snat_exhausted;
-    a.flow_table_full += b.flow_table_full;
-}
-
 impl Totals {
     /// Sums the latest snapshot of every worker; rules are named from `rules`.
     pub fn sum<'a>(snaps: impl IntoIterator<Item = &'a Snapshot>, rules: &RuleSet) -> Totals {
@@ -72,7 +53,7 @@ impl Totals {
                     .resize(s.counters.rules.len(), RuleCounters::default());
             }
             for (d, x) in c.rules.iter_mut().zip(s.counters.rules.iter()) {
-                add_rule(d, x);
+                d.add(x);
             }
         }
         t.rx = c.rx_packets;
@@ -155,23 +136,9 @@ impl Totals {
             kv(&format!("drop.{r}"), *n);
         }
         for (name, r) in &self.rules {
-            let p = |f: &str| format!("rule.{name}.{f}");
-            kv(&p("flows_created"), r.flows_created);
-            kv(&p("flows_expired_idle"), r.flows_expired_idle);
-            kv(&p("flows_reset_on_idle"), r.flows_reset_on_idle);
-            kv(&p("flows_closed"), r.flows_closed);
-            kv(&p("flows_picked_up"), r.flows_picked_up);
-            kv(&p("packets_orig"), r.packets[0]);
-            kv(&p("packets_reply"), r.packets[1]);
-            kv(&p("bytes_orig"), r.bytes[0]);
-            kv(&p("bytes_reply"), r.bytes[1]);
-            kv(&p("syns"), r.syns);
-            kv(&p("late_packets"), r.late_packets);
-            kv(&p("unknown_flow_resets"), r.unknown_flow_resets);
-            kv(&p("no_flow"), r.no_flow);
-            kv(&p("no_backend"), r.no_backend);
-            kv(&p("snat_exhausted"), r.snat_exhausted);
-            kv(&p("flow_table_full"), r.flow_table_full);
+            for (field, v) in r.fields() {
+                kv(&format!("rule.{name}.{field}"), v);
+            }
         }
         s
     }
@@ -231,6 +198,9 @@ backend_port = 8080
                 flow_capacity: 100,
                 handed_off: 1,
                 handoff_dropped: 0,
+                generation: 1,
+                snat: Vec::new(),
+                loop_latency: crate::handler::loop_histogram(),
             }
         };
         let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);

@@ -215,25 +215,6 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
     }
 }
 
-fn add(a: &mut RuleCounters, b: &RuleCounters) {
-    a.flows_created += b.flows_created;
-    a.flows_expired_idle += b.flows_expired_idle;
-    a.flows_reset_on_idle += b.flows_reset_on_idle;
-    a.flows_closed += b.flows_closed;
-    a.flows_picked_up += b.flows_picked_up;
-    for i in 0..2 {
-        a.packets[i] += b.packets[i];
-        a.bytes[i] += b.bytes[i];
-    }
-    a.syns += b.syns;
-    a.late_packets += b.late_packets;
-    a.unknown_flow_resets += b.unknown_flow_resets;
-    a.no_flow += b.no_flow;
-    a.no_backend += b.no_backend;
-    a.snat_exhausted += b.snat_exhausted;
-    a.flow_table_full += b.flow_table_full;
-}
-
 fn drops(d: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
     DropReason::all()
         .map(|r| pb::DropCount {
@@ -712,7 +693,7 @@ impl Xlb for XlbService {
                 sum_rules.resize(w.counters.rules.len(), RuleCounters::default());
             }
             for (i, rc) in w.counters.rules.iter().enumerate() {
-                add(&mut sum_rules[i], rc);
+                sum_rules[i].add(rc);
             }
             for (i, d) in w.counters.drops.iter().enumerate() {
                 sum_drops[i] += d;

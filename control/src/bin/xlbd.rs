@@ -72,6 +72,16 @@ struct Cli {
     /// Stop by itself after SECS, as if signalled (tests and labs).
     #[arg(long, value_name = "SECS")]
     max_runtime: Option<f64>,
+    /// Where the gRPC API (xlb.v1, reflection, grpc.health.v1) listens: unix:PATH (created
+    /// mode 0600), tcp:HOST:PORT (a non-loopback address needs --api-token-file), or none.
+    #[arg(long, value_name = "WHERE", default_value = "unix:/run/xlb/xlbd.sock")]
+    api: String,
+    /// File holding the bearer token API clients must send (`authorization: Bearer T`).
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +95,30 @@ fn main() -> ExitCode {
             return ExitCode::from(daemon::EXIT_USAGE);
         }
     }
+    let api = match daemon::parse_api(&cli.api) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("xlbd: {e}");
+            return ExitCode::from(daemon::EXIT_USAGE);
+        }
+    };
+    let api_token = match &cli.api_token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!(
+                    "xlbd: --api-token-file {}: the file is empty",
+                    path.display()
+                );
+                return ExitCode::from(daemon::EXIT_USAGE);
+            }
+            Err(e) => {
+                eprintln!("xlbd: --api-token-file {}: {e}", path.display());
+                return ExitCode::from(daemon::EXIT_USAGE);
+            }
+        },
+    };
     let opts = Options {
         config: cli.config,
         interfaces: cli.interfaces,
@@ -104,6 +138,9 @@ fn main() -> ExitCode {
         stats_file: cli.stats_file,
         cores: cli.cores,
         max_runtime: cli.max_runtime.map(Duration::from_secs_f64),
+        api,
+        api_token,
+        metrics: cli.metrics,
     };
     match daemon::run(opts) {
         Ok(()) => ExitCode::SUCCESS,

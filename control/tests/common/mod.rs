@@ -29,6 +29,8 @@ use std::{
 
 use xlb_afxdp::sys;
 
+/// xlbd's Prometheus endpoint, on the appliance namespace's loopback.
+pub const METRICS: &str = "127.0.0.1:9464";
 pub const VIP: &str = "198.18.0.100";
 pub const SNAT: &str = "198.19.0.100";
 pub const CLIENT: &str = "198.18.0.10";
@@ -380,7 +382,11 @@ impl Lab {
             .arg(&stats)
             .args(["--status-interval", "1"])
             // Bounded even if the test harness is killed before Drop runs.
-            .args(["--max-runtime", "120"]);
+            .args(["--max-runtime", "120"])
+            // The API on a socket of this lab; metrics on the appliance's own loopback.
+            .arg("--api")
+            .arg(format!("unix:{}", self.api_socket().display()))
+            .args(["--metrics", METRICS]);
         for i in &self.interfaces {
             cmd.args(["--interface", i]);
         }
@@ -417,6 +423,24 @@ impl Lab {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The gRPC API's Unix socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("xlbd.sock")
+    }
+
+    /// `GET /metrics` from the appliance's namespace: the Prometheus text.
+    pub fn metrics(&self) -> String {
+        in_ns(&self.xlb, || {
+            let mut s = TcpStream::connect(METRICS).expect("connect to the metrics endpoint");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: xlbd\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).expect("read the metrics");
+            text
+        })
     }
 
     pub fn stats_path(&self) -> PathBuf {

@@ -35,6 +35,11 @@ pub trait FrameHandler {
     /// handler drains a bounded number of control messages (new rule sets) from its SPSC
     /// channel. The default does nothing.
     fn poll_control(&mut self, _now_ns: u64) {}
+
+    /// Called at the end of a loop iteration that did work (received frames or ran timers),
+    /// with the `now_ns` the iteration started with: where a handler measures how long its
+    /// frames waited in the worker. Not called for idle iterations. The default does nothing.
+    fn end_of_iteration(&mut self, _started_ns: u64) {}
 }
 
 impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
@@ -52,5 +57,9 @@ impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
 
     fn poll_control(&mut self, now_ns: u64) {
         (**self).poll_control(now_ns)
+    }
+
+    fn end_of_iteration(&mut self, started_ns: u64) {
+        (**self).end_of_iteration(started_ns)
     }
 }

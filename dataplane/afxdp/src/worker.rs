@@ -700,6 +700,9 @@ impl Worker {
             for s in 0..nsocks {
                 self.io.refill(s);
             }
+            if received > 0 || expired {
+                h.end_of_iteration(now);
+            }
 
             if received > 0 || self.loops % 1024 == 0 {
                 self.stats

@@ -133,6 +133,51 @@ impl Default for Counters {
     }
 }
 
+impl RuleCounters {
+    /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
+    /// fixed order: the one list that every exporter walks.
+    pub fn fields(&self) -> [(&'static str, u64); 16] {
+        [
+            ("flows_created", self.flows_created),
+            ("flows_expired_idle", self.flows_expired_idle),
+            ("flows_reset_on_idle", self.flows_reset_on_idle),
+            ("flows_closed", self.flows_closed),
+            ("flows_picked_up", self.flows_picked_up),
+            ("packets_orig", self.packets[0]),
+            ("packets_reply", self.packets[1]),
+            ("bytes_orig", self.bytes[0]),
+            ("bytes_reply", self.bytes[1]),
+            ("syns", self.syns),
+            ("late_packets", self.late_packets),
+            ("unknown_flow_resets", self.unknown_flow_resets),
+            ("no_flow", self.no_flow),
+            ("no_backend", self.no_backend),
+            ("snat_exhausted", self.snat_exhausted),
+            ("flow_table_full", self.flow_table_full),
+        ]
+    }
+
+    /// Adds `other` counter by counter (sums over workers).
+    pub fn add(&mut self, other: &RuleCounters) {
+        self.flows_created += other.flows_created;
+        self.flows_expired_idle += other.flows_expired_idle;
+        self.flows_reset_on_idle += other.flows_reset_on_idle;
+        self.flows_closed += other.flows_closed;
+        self.flows_picked_up += other.flows_picked_up;
+        for i in 0..2 {
+            self.packets[i] += other.packets[i];
+            self.bytes[i] += other.bytes[i];
+        }
+        self.syns += other.syns;
+        self.late_packets += other.late_packets;
+        self.unknown_flow_resets += other.unknown_flow_resets;
+        self.no_flow += other.no_flow;
+        self.no_backend += other.no_backend;
+        self.snat_exhausted += other.snat_exhausted;
+        self.flow_table_full += other.flow_table_full;
+    }
+}
+
 impl Counters {
     pub fn drop_count(&self, r: DropReason) -> u64 {
         self.drops[r.index()]

@@ -1,0 +1,331 @@
+//! The daemon's side of the control API (`xlb-api`): the [`Publisher`] that pushes a new rule
+//! set to every worker over its bounded channel and waits for every acknowledgement, and the
+//! [`Telemetry`] that answers counters, flows, events and status from the workers.
+//!
+//! Workers never share state with the control thread: rule sets go to them as `Arc`s over
+//! their channel and they answer over channels (acks, snapshots, flow pages). What this module
+//! keeps under a mutex is the control thread's own copy of those answers, read by the gRPC
+//! threads and the metrics endpoint, never by a worker.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use hdrhistogram::Histogram;
+use tokio::sync::broadcast;
+use xlb_api::{
+    ControlEvent, CountersSnapshot, EventRecord, FlowCursor, FlowEntry, FlowFilter, FlowPage,
+    PublishError, Publisher, RuntimeStatus, SnatUsage, Telemetry, TelemetryError, WorkerCounters,
+    WorkerStatus,
+};
+use xlb_engine::RuleSet;
+
+use crate::handler::{Ack, FlowQuery, Snapshot, ToWorker};
+
+/// How long a telemetry read waits for a worker's answer.
+const WORKER_ANSWER: Duration = Duration::from_secs(2);
+
+/// What the control loop learns from the workers, shared with the API and metrics threads.
+#[derive(Debug)]
+pub struct Shared {
+    /// Latest snapshot per worker (every 250 ms).
+    pub snaps: Mutex<Vec<Option<Snapshot>>>,
+    /// Engine events, for `WatchEvents`.
+    pub events: broadcast::Sender<EventRecord>,
+    /// Generation each worker acknowledged last.
+    pub applied: Vec<AtomicU64>,
+    /// Rule-set propagation times (publish → every worker acknowledged), in microseconds.
+    pub propagation: Mutex<Histogram<u64>>,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(workers: usize, generation: u64) -> Arc<Shared> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Shared {
+            snaps: Mutex::new(vec![None; workers]),
+            events,
+            applied: (0..workers).map(|_| AtomicU64::new(generation)).collect(),
+            propagation: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("constant, valid bounds"),
+            ),
+            started: Instant::now(),
+        })
+    }
+
+    /// Stores a worker's snapshot (called by the control loop).
+    pub fn store(&self, s: Snapshot) {
+        let mut snaps = self.snaps.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = snaps.get_mut(s.worker) {
+            *slot = Some(s);
+        }
+    }
+
+    /// The latest snapshots, cloned out of the lock.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.snaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Passes an engine event to the API's watchers (none listening is fine).
+    pub fn event(&self, worker: usize, event: xlb_engine::Event) {
+        let _ = self.events.send(EventRecord {
+            at: SystemTime::now(),
+            event: ControlEvent::Engine {
+                worker: worker as u16,
+                event,
+            },
+        });
+    }
+}
+
+/// Sends rule sets to the workers and waits for their acks. [`xlb_api::ControlState`] calls
+/// it one change at a time, from a blocking thread.
+#[derive(Debug)]
+pub struct WorkerPublisher {
+    to: Vec<Sender<ToWorker>>,
+    acks: Mutex<Receiver<Ack>>,
+    shared: Arc<Shared>,
+}
+
+impl WorkerPublisher {
+    pub fn new(to: Vec<Sender<ToWorker>>, acks: Receiver<Ack>, shared: Arc<Shared>) -> Self {
+        WorkerPublisher {
+            to,
+            acks: Mutex::new(acks),
+            shared,
+        }
+    }
+}
+
+impl Publisher for WorkerPublisher {
+    fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError> {
+        let generation = rules.generation();
+        let started = Instant::now();
+        let until = started + deadline;
+        let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut missing: Vec<u16> = Vec::new();
+        for (w, tx) in self.to.iter().enumerate() {
+            match tx.send_deadline(ToWorker::Rules(Arc::clone(&rules)), until) {
+                Ok(()) => {}
+                Err(SendTimeoutError::Timeout(_)) => missing.push(w as u16),
+                Err(SendTimeoutError::Disconnected(_)) => {
+                    return Err(PublishError::Unavailable(format!(
+                        "worker {w} has exited (is xlbd stopping?)"
+                    )))
+                }
+            }
+        }
+        let mut pending: Vec<usize> = (0..self.to.len())
+            .filter(|w| !missing.contains(&(*w as u16)))
+            .filter(|w| self.shared.applied[*w].load(Ordering::Relaxed) < generation)
+            .collect();
+        while !pending.is_empty() {
+            match acks.recv_deadline(until) {
+                Ok(ack) => {
+                    if let Some(a) = self.shared.applied.get(ack.worker) {
+                        a.fetch_max(ack.generation, Ordering::Relaxed);
+                    }
+                    if ack.generation >= generation {
+                        pending.retain(|w| *w != ack.worker);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(PublishError::Unavailable(
+                        "the workers' acknowledgement channel closed (is xlbd stopping?)".into(),
+                    ))
+                }
+            }
+        }
+        missing.extend(pending.iter().map(|w| *w as u16));
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            return Err(PublishError::Timeout {
+                generation,
+                missing,
+                deadline,
+            });
+        }
+        let took = started.elapsed().as_micros().max(1) as u64;
+        self.shared
+            .propagation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .saturating_record(took);
+        Ok(())
+    }
+}
+
+/// The static part of a worker's status: where it runs.
+#[derive(Debug, Clone)]
+pub struct WorkerPlacement {
+    pub interfaces: String,
+    pub first_queue: u32,
+    pub core: Option<usize>,
+}
+
+/// [`Telemetry`] over the workers of this daemon.
+#[derive(Debug)]
+pub struct DaemonTelemetry {
+    to: Vec<Sender<ToWorker>>,
+    shared: Arc<Shared>,
+    placement: Vec<WorkerPlacement>,
+    poll_mode: String,
+}
+
+impl DaemonTelemetry {
+    pub fn new(
+        to: Vec<Sender<ToWorker>>,
+        shared: Arc<Shared>,
+        placement: Vec<WorkerPlacement>,
+        poll_mode: &str,
+    ) -> Self {
+        DaemonTelemetry {
+            to,
+            shared,
+            placement,
+            poll_mode: poll_mode.to_string(),
+        }
+    }
+
+    fn ask_flows(
+        &self,
+        w: usize,
+        filter: &FlowFilter,
+        after: Option<u32>,
+        limit: usize,
+    ) -> Result<crate::handler::FlowAnswer, TelemetryError> {
+        let (reply, answer) = channel::bounded(1);
+        let q = FlowQuery {
+            filter: filter.clone(),
+            after,
+            limit,
+            reply,
+        };
+        let until = Instant::now() + WORKER_ANSWER;
+        self.to[w]
+            .send_deadline(ToWorker::Flows(q), until)
+            .map_err(|_| TelemetryError(format!("worker {w} does not take requests")))?;
+        answer
+            .recv_deadline(until)
+            .map_err(|_| TelemetryError(format!("worker {w} did not answer within 2 s")))
+    }
+}
+
+/// Sums SNAT usage over workers: each worker holds a share of every member's blocks.
+pub fn sum_snat(snaps: &[Snapshot]) -> Vec<SnatUsage> {
+    let mut out: Vec<SnatUsage> = Vec::new();
+    for s in snaps {
+        for u in &s.snat {
+            match out
+                .iter_mut()
+                .find(|o| (o.rule, o.proto, o.member) == (u.rule, u.proto, u.member))
+            {
+                Some(o) => {
+                    o.allocated += u.allocated;
+                    o.used += u.used;
+                }
+                None => out.push(u.clone()),
+            }
+        }
+    }
+    out.sort_by_key(|u| (u.rule, u.member, u.proto));
+    out
+}
+
+impl Telemetry for DaemonTelemetry {
+    fn counters(&self) -> Result<CountersSnapshot, TelemetryError> {
+        let snaps = self.shared.snapshots();
+        Ok(CountersSnapshot {
+            workers: snaps
+                .iter()
+                .map(|s| WorkerCounters {
+                    worker: s.worker as u16,
+                    counters: s.counters.clone(),
+                    flows: s.flows as u64,
+                    flow_capacity: u64::from(s.flow_capacity),
+                })
+                .collect(),
+            snat: sum_snat(&snaps),
+        })
+    }
+
+    fn flows(
+        &self,
+        filter: &FlowFilter,
+        after: Option<FlowCursor>,
+        limit: usize,
+    ) -> Result<FlowPage, TelemetryError> {
+        let mut page = FlowPage::default();
+        let first = after.map_or(0, |c| usize::from(c.worker));
+        for w in first..self.to.len() {
+            let want = limit - page.flows.len();
+            let from = after.filter(|c| usize::from(c.worker) == w).map(|c| c.flow);
+            // One more than needed tells whether this worker has more.
+            let answer = self.ask_flows(w, filter, from, want + 1)?;
+            if page.now == 0 {
+                page.now = answer.now;
+            }
+            let more_here = answer.flows.len() > want;
+            page.flows
+                .extend(answer.flows.into_iter().take(want).map(|info| FlowEntry {
+                    worker: w as u16,
+                    info,
+                }));
+            if page.flows.len() >= limit {
+                let more_after = more_here || w + 1 < self.to.len();
+                page.next = page
+                    .flows
+                    .last()
+                    .filter(|_| more_after)
+                    .map(|e| FlowCursor {
+                        worker: e.worker,
+                        flow: e.info.id,
+                    });
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.shared.events.subscribe()
+    }
+
+    fn status(&self) -> Result<RuntimeStatus, TelemetryError> {
+        let snaps = self.shared.snapshots();
+        let workers = self
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(w, p)| {
+                let snap = snaps.iter().find(|s| s.worker == w);
+                WorkerStatus {
+                    worker: w as u16,
+                    interface: p.interfaces.clone(),
+                    queue: p.first_queue,
+                    core: p.core,
+                    generation: self.shared.applied[w].load(Ordering::Relaxed),
+                    flows: snap.map_or(0, |s| s.flows as u64),
+                    flow_capacity: snap.map_or(0, |s| u64::from(s.flow_capacity)),
+                }
+            })
+            .collect();
+        Ok(RuntimeStatus {
+            workers,
+            poll_mode: self.poll_mode.clone(),
+            uptime: self.shared.started.elapsed(),
+        })
+    }
+}
