@@ -96,6 +96,25 @@ pub fn parse_api(v: &str) -> Result<Option<Listen>, String> {
         .map_err(|_| bad())
 }
 
+/// The AF_XDP sockets' mode and ring size as the kernel granted them: `copy`, `zero-copy` or
+/// `mixed(zero-copy=N/M)`, then `/ring=R` (a range when they differ: rings are shrunk to fit
+/// RLIMIT_MEMLOCK without CAP_IPC_LOCK).
+fn afxdp_mode(sockets: &[xlb_afxdp::worker::SocketInfo]) -> String {
+    let zc = sockets.iter().filter(|s| s.zero_copy).count();
+    let mode = match zc {
+        0 => "copy".to_string(),
+        n if n == sockets.len() => "zero-copy".to_string(),
+        n => format!("mixed(zero-copy={n}/{})", sockets.len()),
+    };
+    let lo = sockets.iter().map(|s| s.ring_size).min().unwrap_or(0);
+    let hi = sockets.iter().map(|s| s.ring_size).max().unwrap_or(0);
+    if lo == hi {
+        format!("{mode}/ring={lo}")
+    } else {
+        format!("{mode}/ring={lo}-{hi}")
+    }
+}
+
 fn describe_listen(l: &Listen) -> String {
     match l {
         Listen::Unix(p) => format!("unix:{}", p.display()),
@@ -453,6 +472,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let (ack_tx, ack_rx) = channel::bounded(256);
     let shared = Shared::new(opts.workers, rules.generation());
     let mut placement = Vec::new();
+    let mut sockets = Vec::new();
     let mut workers = Vec::new();
     for (w, steering) in steering.into_iter().enumerate() {
         let cfg = WorkerConfig {
@@ -472,6 +492,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
                 opts.interfaces.join(",")
             ))
         })?;
+        sockets.extend(worker.sockets());
         let ecfg = EngineConfig {
             worker: w as u16,
             workers: opts.workers as u16,
@@ -610,11 +631,12 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     };
 
     let mut start = format!(
-        "xlbd ready interfaces={} workers={} queues={queues} poll={} frontends={} rules={} \
-         neighbours={}",
+        "xlbd ready interfaces={} workers={} queues={queues} poll={} afxdp={} frontends={} \
+         rules={} neighbours={}",
         attached.join(","),
         opts.workers,
         if opts.busy_poll { "busy" } else { "wakeup" },
+        afxdp_mode(&sockets),
         config.frontends.len(),
         rules.rules().count(),
         neigh.len(),

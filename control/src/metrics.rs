@@ -157,7 +157,7 @@ pub fn render(src: &Sources) -> String {
     o.family(
         "xlb_worker_rsts_sent_total",
         "counter",
-        "TCP RSTs the worker sent (reset on idle, unknown-flow reset).",
+        "RST frames sent by reset on idle (two per flow; unknown-flow resets are counted per rule).",
     );
     for w in &workers {
         o.sample(
