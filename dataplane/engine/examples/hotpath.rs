@@ -1,5 +1,7 @@
-//! Drives the established-flow path for profiling (`valgrind --tool=callgrind`):
-//! `cargo build --release -p xlb-engine --example hotpath && valgrind --tool=callgrind target/release/examples/hotpath 200000`.
+//! Drives the established-flow path, or new-flow creation, for profiling
+//! (`valgrind --tool=callgrind`):
+//! `cargo build --release -p xlb-engine --example hotpath && valgrind --tool=callgrind target/release/examples/hotpath 200000`
+//! (established), `... hotpath syn 200000` (a new TCP flow per packet, distinct clients).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -41,8 +43,10 @@ fn frame(sport: u16, syn: bool) -> Vec<u8> {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let syn_mode = args.first().is_some_and(|a| a == "syn");
+    let n: usize = args
+        .get(usize::from(syn_mode))
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000_000);
     let cfg = Config::from_toml_str(CONFIG).unwrap();
@@ -60,6 +64,10 @@ fn main() {
         )
         .unwrap();
     }
+    if syn_mode {
+        new_flows(&mut e, n);
+        return;
+    }
     let flows = 1000u16;
     for s in 0..flows {
         let mut f = frame(10_000 + s, true);
@@ -76,5 +84,35 @@ fn main() {
     eprintln!(
         "{n} packets, {:.1} ns/packet",
         el.as_nanos() as f64 / n as f64
+    );
+}
+
+/// `n` SYNs from distinct (client address, port) pairs: one new flow each.
+fn new_flows(e: &mut Engine, n: usize) {
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let host = 0x0200 + (i / 60_000) as u32;
+            let src = [198, 18, (host >> 8) as u8, host as u8];
+            let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0xc1, 1], [2, 0, 0, 0, 0xa0, 0])
+                .ipv4(src, [198, 18, 0, 100], 64)
+                .tcp(1024 + (i % 60_000) as u16, 80, 1000, 64000)
+                .syn();
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).unwrap();
+            v.resize(64, 0);
+            v
+        })
+        .collect();
+    let mut buf = [0u8; 64];
+    let start = std::time::Instant::now();
+    for f in &frames {
+        buf.copy_from_slice(f);
+        black_box(e.process(2, 0, &mut buf));
+    }
+    let el = start.elapsed();
+    eprintln!(
+        "{n} new flows, {:.1} ns/flow, {} in the table",
+        el.as_nanos() as f64 / n as f64,
+        e.flow_count()
     );
 }

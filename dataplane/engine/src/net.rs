@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use crate::addr::Addr;
+use crate::select::FastBuild;
 
 /// Index of an interface in the worker's port list.
 pub type PortId = u16;
@@ -94,8 +95,12 @@ pub struct NextHops {
     port_macs: Vec<Mac>,
     routes: Vec<Route>,
     hops: Vec<NextHop>,
-    by_ip: HashMap<Addr, NextHopId>,
-    by_learned: HashMap<(PortId, Mac), NextHopId>,
+    // The crate's fast hasher, not SipHash: these are looked up twice per new flow (SipHash
+    // was a quarter of the cost of creating one), and both are bounded by `capacity` and fed
+    // by the kernel's neighbour table or by source MACs of frames on directly attached
+    // segments, so a crafted collision can cost at most a probe sequence within that bound.
+    by_ip: HashMap<Addr, NextHopId, FastBuild>,
+    by_learned: HashMap<(PortId, Mac), NextHopId, FastBuild>,
     capacity: usize,
     misses: Vec<Addr>,
 }
@@ -109,8 +114,8 @@ impl NextHops {
             port_macs: Vec::new(),
             routes: Vec::new(),
             hops: Vec::with_capacity(capacity),
-            by_ip: HashMap::with_capacity(capacity),
-            by_learned: HashMap::with_capacity(capacity),
+            by_ip: HashMap::with_capacity_and_hasher(capacity, FastBuild::default()),
+            by_learned: HashMap::with_capacity_and_hasher(capacity, FastBuild::default()),
             capacity,
             misses: Vec::with_capacity(MAX_PENDING_MISSES),
         }
