@@ -422,3 +422,151 @@ fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &str) -> io::R
     )?;
     conn.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use xlb_api::{PublishError, Publisher, StateOptions};
+    use xlb_engine::{compile, Config, MemberHealth, RuleSet};
+
+    use super::*;
+
+    struct Accept;
+    impl Publisher for Accept {
+        fn publish(&self, _: Arc<RuleSet>, _: Duration) -> Result<(), PublishError> {
+            Ok(())
+        }
+    }
+
+    const CONFIG: &str = r#"
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }]
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "TCP"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+"#;
+
+    fn sources() -> Sources {
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let rules = Arc::new(compile(&config, None, &MemberHealth::default(), 1).unwrap());
+        let state = Arc::new(ControlState::new(
+            config,
+            rules,
+            MemberHealth::default(),
+            Arc::new(Accept),
+            StateOptions::default(),
+        ));
+        let shared = Shared::new(2, 1);
+        let mut h = crate::handler::loop_histogram();
+        for ns in [1_000u64, 2_000, 50_000] {
+            h.record(ns).unwrap();
+        }
+        for w in 0..2 {
+            let counters = xlb_engine::Counters {
+                rules: vec![RuleCounters {
+                    flows_created: 3 + w as u64,
+                    ..RuleCounters::default()
+                }],
+                ..xlb_engine::Counters::default()
+            };
+            shared.store(crate::handler::Snapshot {
+                worker: w,
+                counters,
+                flows: 1,
+                flow_capacity: 8,
+                handed_off: 0,
+                handoff_dropped: 0,
+                generation: 1,
+                snat: Vec::new(),
+                loop_latency: h.clone(),
+            });
+        }
+        Sources {
+            state,
+            shared,
+            port_stats: Vec::new(),
+            interfaces: vec!["eth0".into()],
+            lab_time_scale: 60,
+        }
+    }
+
+    #[test]
+    fn exposition_is_well_formed_and_sums_workers() {
+        let text = render(&sources());
+        let mut families = HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(families.insert(name.to_string()), "{name} declared twice");
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            // name{labels} value, the value a number.
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            assert!(value.parse::<f64>().is_ok(), "value of {line:?}");
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{name}"
+            );
+            let family = ["_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| families.contains(*f))
+                .unwrap_or(name);
+            assert!(families.contains(family), "{name} before its # TYPE");
+        }
+        // Summed over both workers.
+        assert!(
+            text.contains("xlb_rule_flows_created_total{kind=\"load_balancing\",rule=\"web\"} 7"),
+            "{text}"
+        );
+        // Names are validated to [A-Za-z0-9_.-], but label values are escaped anyway.
+        assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert!(text.contains("xlb_lab_time_scale 60"));
+        assert!(text.contains("xlb_worker_loop_seconds_count{worker=\"1\"} 3"));
+        assert!(text.contains("xlb_worker_loop_seconds{worker=\"0\",quantile=\"0.999\"} 0.00005"));
+    }
+
+    #[test]
+    fn http_answers_metrics_404_and_405() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let join = spawn(listener, sources(), Arc::clone(&stop)).unwrap();
+        let get = |req: &str| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(req.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"));
+        assert!(ok.contains("xlb_generation 1"));
+        assert!(get("GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        // A request that never ends its headers is cut off, and the server goes on.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(&[b'a'; 9000]).unwrap();
+        let mut out = String::new();
+        let _ = slow.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+        assert!(get("GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+        stop.store(true, Ordering::Relaxed);
+        join.join().unwrap();
+    }
+}

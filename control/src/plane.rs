@@ -329,3 +329,245 @@ impl Telemetry for DaemonTelemetry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use xlb_engine::{
+        compile,
+        flow::Nat,
+        ruleset::{FlowTuple, RuleSet, Timers},
+        Addr, Config, FlowInfo, MemberHealth,
+    };
+
+    use super::*;
+
+    /// A stand-in for a worker: acks rule sets (unless `mute`), answers flow queries from
+    /// `flows` (sorted by id), until its channel closes.
+    fn fake_worker(
+        id: usize,
+        rx: Receiver<ToWorker>,
+        acks: Sender<Ack>,
+        flows: Vec<FlowInfo>,
+        mute: bool,
+    ) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
+            while let Ok(msg) = rx.recv() {
+                match msg {
+                    ToWorker::Rules(r) if !mute => {
+                        let _ = acks.send(Ack {
+                            worker: id,
+                            generation: r.generation(),
+                        });
+                    }
+                    ToWorker::Flows(q) => {
+                        let page = flows
+                            .iter()
+                            .filter(|f| q.after.is_none_or(|a| f.id > a) && q.filter.matches(f))
+                            .take(q.limit)
+                            .copied()
+                            .collect();
+                        let _ = q.reply.send(crate::handler::FlowAnswer {
+                            worker: id,
+                            flows: page,
+                            now: 5,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    fn info(id: u32) -> FlowInfo {
+        let t = FlowTuple {
+            proto: 6,
+            src: Addr::from_v4_bytes([198, 18, 0, 10]),
+            src_port: 40000 + id as u16,
+            dst: Addr::from_v4_bytes([198, 18, 0, 100]),
+            dst_port: 80,
+        };
+        FlowInfo {
+            id,
+            rule: 0,
+            proto: 6,
+            nat: Nat::Dnat,
+            orig: t,
+            translated: t,
+            tcp_state: None,
+            last_seen: 1,
+            deadline: 2,
+        }
+    }
+
+    fn rules(generation: u64) -> Arc<RuleSet> {
+        Arc::new(RuleSet::empty(generation, Timers::default()))
+    }
+
+    /// Workers with the given flows (`mute`: never acks), and the publisher and telemetry
+    /// over them.
+    fn daemon(
+        flows: Vec<Vec<FlowInfo>>,
+        mute: &[usize],
+    ) -> (
+        WorkerPublisher,
+        DaemonTelemetry,
+        Vec<thread::JoinHandle<()>>,
+    ) {
+        let shared = Shared::new(flows.len(), 1);
+        let (ack_tx, ack_rx) = channel::bounded(16);
+        let mut to = Vec::new();
+        let mut joins = Vec::new();
+        for (w, f) in flows.into_iter().enumerate() {
+            let (tx, rx) = channel::bounded(4);
+            to.push(tx);
+            joins.push(fake_worker(w, rx, ack_tx.clone(), f, mute.contains(&w)));
+        }
+        let placement = vec![
+            WorkerPlacement {
+                interfaces: "a,b".into(),
+                first_queue: 0,
+                core: None,
+            };
+            to.len()
+        ];
+        let publisher = WorkerPublisher::new(to.clone(), ack_rx, Arc::clone(&shared));
+        let telemetry = DaemonTelemetry::new(to, shared, placement, "wakeup");
+        (publisher, telemetry, joins)
+    }
+
+    #[test]
+    fn publish_returns_once_every_worker_acked_and_records_the_generation() {
+        let (p, t, _) = daemon(vec![vec![], vec![], vec![]], &[]);
+        p.publish(rules(2), Duration::from_secs(2)).unwrap();
+        let st = t.status().unwrap();
+        assert_eq!(
+            st.workers.iter().map(|w| w.generation).collect::<Vec<_>>(),
+            vec![2, 2, 2]
+        );
+        assert_eq!(p.shared.propagation.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn publish_names_the_workers_that_did_not_ack_in_time() {
+        let (p, t, _) = daemon(vec![vec![], vec![], vec![]], &[1]);
+        let e = p.publish(rules(2), Duration::from_millis(200)).unwrap_err();
+        assert_eq!(
+            e,
+            PublishError::Timeout {
+                generation: 2,
+                missing: vec![1],
+                deadline: Duration::from_millis(200),
+            }
+        );
+        let gens: Vec<u64> = t
+            .status()
+            .unwrap()
+            .workers
+            .iter()
+            .map(|w| w.generation)
+            .collect();
+        assert_eq!(gens, vec![2, 1, 2]);
+        // A timeout is not a propagation time.
+        assert_eq!(p.shared.propagation.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn publish_to_an_exited_worker_is_unavailable() {
+        let (p, _, joins) = daemon(vec![vec![]], &[]);
+        let (tx, rx) = channel::bounded::<ToWorker>(1);
+        drop(rx);
+        let p = WorkerPublisher::new(
+            vec![p.to[0].clone(), tx],
+            p.acks.into_inner().unwrap(),
+            p.shared,
+        );
+        let e = p.publish(rules(2), Duration::from_millis(200)).unwrap_err();
+        assert!(
+            matches!(e, PublishError::Unavailable(ref m) if m.contains("worker 1")),
+            "{e:?}"
+        );
+        drop(joins);
+    }
+
+    #[test]
+    fn flow_pages_walk_workers_in_order_and_end_with_no_cursor() {
+        let (_, t, _) = daemon(
+            vec![
+                (0..5).map(info).collect(),
+                vec![],
+                (0..3).map(info).collect(),
+            ],
+            &[],
+        );
+        let all = FlowFilter::default();
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = t.flows(&all, after, 2).unwrap();
+            pages += 1;
+            assert!(page.flows.len() <= 2);
+            seen.extend(page.flows.iter().map(|e| (e.worker, e.info.id)));
+            match page.next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+            assert!(pages < 20, "paging ends");
+        }
+        let want: Vec<(u16, u32)> = (0..5)
+            .map(|i| (0, i))
+            .chain((0..3).map(|i| (2, i)))
+            .collect();
+        assert_eq!(seen, want, "every flow once, in (worker, id) order");
+        // One page holding everything has no next page.
+        let page = t.flows(&all, None, 100).unwrap();
+        assert_eq!(page.flows.len(), 8);
+        assert_eq!(page.next, None);
+        assert_eq!(page.now, 5);
+    }
+
+    #[test]
+    fn snat_usage_sums_the_workers_shares() {
+        let config = Config::from_toml_str(
+            r#"
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }]
+[[outbound_rules]]
+name = "out"
+frontends = ["snat"]
+backend_pool = "web"
+protocol = "TCP"
+"#,
+        )
+        .unwrap();
+        let rs = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+        let rule = rs.rules().next().unwrap().0;
+        let usage = |allocated, used| SnatUsage {
+            rule,
+            proto: 6,
+            member: "198.18.1.11".parse().unwrap(),
+            allocated,
+            used,
+        };
+        let snap = |w, u| Snapshot {
+            worker: w,
+            counters: Default::default(),
+            flows: 0,
+            flow_capacity: 1,
+            handed_off: 0,
+            handoff_dropped: 0,
+            generation: 1,
+            snat: vec![u],
+            loop_latency: crate::handler::loop_histogram(),
+        };
+        let sum = sum_snat(&[snap(0, usage(512, 3)), snap(1, usage(512, 4))]);
+        assert_eq!(sum, vec![usage(1024, 7)]);
+    }
+}
