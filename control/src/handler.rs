@@ -7,7 +7,7 @@
 //! message (the next periodic one supersedes it).
 //!
 //! With several workers, a frame that arrives on a queue of the wrong worker is handed to
-//! the worker that owns its flow ([`owner`]) over that worker's bounded inbox; the owner
+//! the worker that owns its flow (`Engine::owner`) over that worker's bounded inbox; the owner
 //! processes it at its next loop iteration and transmits the result from its own sockets.
 
 use std::sync::Arc;
@@ -16,12 +16,7 @@ use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
 use xlb_api::{FlowFilter, SnatUsage};
-use xlb_engine::{
-    flow::FlowId,
-    snat::SnatPorts,
-    wire::{self, proto},
-    Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict,
-};
+use xlb_engine::{flow::FlowId, Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict};
 
 /// Control thread → worker.
 #[derive(Debug, Clone)]
@@ -102,43 +97,6 @@ pub struct Handoff {
     pub from: usize,
     pub ingress: PortId,
     pub frame: Vec<u8>,
-}
-
-/// The worker that owns the flow of `frame`, among `workers`; `None` for frames no flow can
-/// own (not TCP/UDP, malformed), which any worker may count and drop.
-///
-/// Both directions must give the same answer, using only what both directions carry:
-/// - to a frontend, matching an inbound rule: the client endpoint (source address and port);
-/// - to a frontend, matching no inbound rule: the return traffic of an outbound flow, whose
-///   SNAT port the engine took from its own worker's share (`port % workers`);
-/// - anything else comes from a member (the XDP program only takes frontend traffic and
-///   backend-side traffic): a reply to a client, or a member's outbound connection. Both are
-///   owned by the destination endpoint, which is the client endpoint of the first kind and,
-///   for the second, the worker that picks the SNAT port its return traffic is steered by.
-pub fn owner(rules: &RuleSet, frame: &[u8], workers: usize) -> Option<usize> {
-    let p = wire::parse(frame).ok()?;
-    if p.proto != proto::TCP && p.proto != proto::UDP {
-        return None;
-    }
-    let n = workers.max(1);
-    let w = if rules.is_frontend(p.dst) {
-        if rules.match_inbound(p.proto, p.dst, p.dst_port).is_some() {
-            endpoint_hash(p.src, p.src_port) as usize % n
-        } else {
-            usize::from(SnatPorts::owner(p.dst_port, n as u16))
-        }
-    } else {
-        endpoint_hash(p.dst, p.dst_port) as usize % n
-    };
-    Some(w)
-}
-
-/// A fixed mix (splitmix64 finaliser): every worker and every run must agree on it.
-fn endpoint_hash(a: Addr, port: u16) -> u64 {
-    let mut x = (a.0 as u64) ^ ((a.0 >> 64) as u64).rotate_left(17) ^ u64::from(port) << 48;
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// The hand-off channels of one worker, the others' indexed by worker id (its own
@@ -294,7 +252,9 @@ impl EngineHandler {
         let Some(st) = &self.steering else {
             return false;
         };
-        match owner(self.engine.rules(), frame, st.peers.len()) {
+        // The engine's steering (`Engine::owner`): both directions of every flow hash the
+        // endpoint that is not xlb's, so they name the same worker.
+        match self.engine.owner(frame).map(usize::from) {
             Some(w) if w != self.id => {
                 self.handed_off += 1;
                 let mut buf = st
@@ -427,111 +387,5 @@ impl FrameHandler for EngineHandler {
     fn end_of_iteration(&mut self, started_ns: u64) {
         let took = sys::monotonic_ns().saturating_sub(started_ns).max(1);
         self.loop_latency.saturating_record(took);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use etherparse::PacketBuilder;
-    use xlb_engine::{compile, Config, MemberHealth};
-
-    use super::*;
-
-    const CONFIG: &str = r#"
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[frontends]]
-name = "snat"
-address = "198.19.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
-[[load_balancing_rules]]
-name = "web"
-frontend = "vip"
-protocol = "ALL"
-frontend_port = 80
-backend_pool = "web"
-backend_port = 8080
-
-[[outbound_rules]]
-name = "out"
-frontends = ["snat"]
-backend_pool = "web"
-protocol = "ALL"
-"#;
-
-    fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, udp: bool) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
-            src.octets(),
-            dst.octets(),
-            64,
-        );
-        let mut out = Vec::new();
-        if udp {
-            b.udp(sport, dport).write(&mut out, b"x").unwrap();
-        } else {
-            b.tcp(sport, dport, 1, 1000)
-                .syn()
-                .write(&mut out, &[])
-                .unwrap();
-        }
-        out
-    }
-
-    #[test]
-    fn both_directions_of_a_flow_have_one_owner() {
-        let config = Config::from_toml_str(CONFIG).unwrap();
-        let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
-        let vip = Ipv4Addr::new(198, 18, 0, 100);
-        let snat = Ipv4Addr::new(198, 19, 0, 100);
-        let member = Ipv4Addr::new(198, 18, 1, 12);
-        let remote = Ipv4Addr::new(198, 19, 0, 50);
-        for workers in [2, 3, 4] {
-            let mut seen = vec![false; workers];
-            for i in 0..200u16 {
-                let client = Ipv4Addr::new(198, 18, 0, 10 + (i % 7) as u8);
-                let cport = 32768 + i * 13;
-                for udp in [false, true] {
-                    // Inbound: client -> VIP, and the member's reply to the client.
-                    let o = owner(&rules, &frame(client, cport, vip, 80, udp), workers);
-                    let r = owner(&rules, &frame(member, 8080, client, cport, udp), workers);
-                    assert_eq!(o, r, "inbound flow, {workers} workers");
-                    seen[o.unwrap()] = true;
-                    // Outbound: the owner of the member's first packet picks a SNAT port of
-                    // its share; the return traffic to that port comes back to it.
-                    let o =
-                        owner(&rules, &frame(member, cport, remote, 443, udp), workers).unwrap();
-                    let port = (1024..2048u16)
-                        .find(|p| usize::from(*p) % workers == o)
-                        .unwrap();
-                    let r = owner(&rules, &frame(remote, 443, snat, port, udp), workers);
-                    assert_eq!(Some(o), r, "outbound flow, {workers} workers");
-                }
-            }
-            assert!(seen.iter().all(|s| *s), "every worker owns flows: {seen:?}");
-        }
-    }
-
-    #[test]
-    fn frames_no_flow_can_own_have_no_owner() {
-        let config = Config::from_toml_str(CONFIG).unwrap();
-        let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
-        assert_eq!(owner(&rules, &[0u8; 10], 2), None);
-        let mut icmp = Vec::new();
-        PacketBuilder::ethernet2([2; 6], [4; 6])
-            .ipv4([198, 18, 0, 10], [198, 18, 0, 100], 64)
-            .icmpv4_echo_request(1, 1)
-            .write(&mut icmp, &[])
-            .unwrap();
-        assert_eq!(owner(&rules, &icmp, 2), None);
     }
 }
