@@ -103,8 +103,58 @@ pub struct XdpProgram {
 }
 
 // XDP flag bits (include/uapi/linux/if_link.h).
-const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub(crate) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub(crate) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+
+/// Attaches XDP program `prog` to `ifindex` (calling thread's namespace) through a BPF
+/// link with `flags` (XDP_FLAGS_DRV_MODE or XDP_FLAGS_SKB_MODE); dropping the returned fd
+/// detaches it.
+pub(crate) fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result<OwnedFd> {
+    let ifindex_i32 = i32::try_from(ifindex)
+        .map_err(|_| Error::msg(format!("ifindex {ifindex} out of range")))?;
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as libbpf_sys::size_t,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: `prog` is a valid BPF program fd, `opts` is a properly sized options
+    // struct that outlives the call; for BPF_XDP the target is an ifindex.
+    let fd = unsafe {
+        libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex_i32, libbpf_sys::BPF_XDP, &opts)
+    };
+    if fd < 0 {
+        return Err(Error::with(
+            format!("bpf_link_create(ifindex {ifindex}, flags {flags:#x})"),
+            std::io::Error::from_raw_os_error(-fd),
+        ));
+    }
+    // SAFETY: `fd` was just returned by bpf_link_create and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Attaches `prog` natively, or generically when `mode` allows and the driver refuses.
+pub(crate) fn xdp_attach(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    mode: ModeRequest,
+) -> Result<(OwnedFd, AttachMode)> {
+    let attempt = |flags: u32| xdp_link_create(prog, ifindex, flags);
+    match mode {
+        ModeRequest::Native => attempt(XDP_FLAGS_DRV_MODE).map(|l| (l, AttachMode::Native)),
+        ModeRequest::Generic => attempt(XDP_FLAGS_SKB_MODE).map(|l| (l, AttachMode::Generic)),
+        ModeRequest::Auto => match attempt(XDP_FLAGS_DRV_MODE) {
+            Ok(l) => Ok((l, AttachMode::Native)),
+            Err(native) => attempt(XDP_FLAGS_SKB_MODE)
+                .map(|l| (l, AttachMode::Generic))
+                .map_err(|generic| {
+                    Error::msg(format!(
+                        "attaching XDP to ifindex {ifindex}: native: {native}; \
+                         generic: {generic}"
+                    ))
+                }),
+        },
+    }
+}
 
 impl XdpProgram {
     /// Loads the program and creates its maps. Nothing is attached yet.
@@ -163,22 +213,7 @@ impl XdpProgram {
         // The interface entry goes in first: the program passes everything on an
         // interface it has no entry for, so there is no window with a half config.
         self.write_iface(ifindex, slot, backend_side)?;
-        let attempt = |flags: u32| self.link_create(ifindex, flags);
-        let result = match mode {
-            ModeRequest::Native => attempt(XDP_FLAGS_DRV_MODE).map(|l| (l, AttachMode::Native)),
-            ModeRequest::Generic => attempt(XDP_FLAGS_SKB_MODE).map(|l| (l, AttachMode::Generic)),
-            ModeRequest::Auto => match attempt(XDP_FLAGS_DRV_MODE) {
-                Ok(l) => Ok((l, AttachMode::Native)),
-                Err(native) => attempt(XDP_FLAGS_SKB_MODE)
-                    .map(|l| (l, AttachMode::Generic))
-                    .map_err(|generic| {
-                        Error::msg(format!(
-                            "attaching XDP to ifindex {ifindex}: native: {native}; \
-                             generic: {generic}"
-                        ))
-                    }),
-            },
-        };
+        let result = xdp_attach(self.prog.as_fd(), ifindex, mode);
         match result {
             Ok((link, mode)) => {
                 self.attached.insert(
@@ -196,34 +231,6 @@ impl XdpProgram {
                 Err(e)
             }
         }
-    }
-
-    fn link_create(&self, ifindex: u32, flags: u32) -> Result<OwnedFd> {
-        let ifindex_i32 = i32::try_from(ifindex)
-            .map_err(|_| Error::msg(format!("ifindex {ifindex} out of range")))?;
-        let opts = libbpf_sys::bpf_link_create_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as libbpf_sys::size_t,
-            flags,
-            ..Default::default()
-        };
-        // SAFETY: `prog` is a valid BPF program fd, `opts` is a properly sized options
-        // struct that outlives the call; for BPF_XDP the target is an ifindex.
-        let fd = unsafe {
-            libbpf_sys::bpf_link_create(
-                self.prog.as_raw_fd(),
-                ifindex_i32,
-                libbpf_sys::BPF_XDP,
-                &opts,
-            )
-        };
-        if fd < 0 {
-            return Err(Error::with(
-                format!("bpf_link_create(ifindex {ifindex}, flags {flags:#x})"),
-                std::io::Error::from_raw_os_error(-fd),
-            ));
-        }
-        // SAFETY: `fd` was just returned by bpf_link_create and is owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     fn write_iface(&self, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
