@@ -1,10 +1,17 @@
-//! Compiles `src/bpf/xlb.bpf.c` and generates its libbpf-rs skeleton into `OUT_DIR`.
+//! Compiles the XDP programs in `src/bpf/` and generates their libbpf-rs skeletons into
+//! `OUT_DIR`: `xlb.bpf.c` (the dataplane's), `gen.bpf.c` (xlb-gen), `sink.bpf.c` (xlb-sink).
 
 use std::{env, path::PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
-const SRC: &str = "src/bpf/xlb.bpf.c";
+/// (source, skeleton file, extra clang flags)
+const PROGRAMS: [(&str, &str, &[&str]); 3] = [
+    ("src/bpf/xlb.bpf.c", "xlb.skel.rs", &[]),
+    // The sequence number is a fetch-and-add (BPF_FETCH atomics need ISA v3).
+    ("src/bpf/gen.bpf.c", "gen.skel.rs", &["-mcpu=v3"]),
+    ("src/bpf/sink.bpf.c", "sink.skel.rs", &[]),
+];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
@@ -16,15 +23,19 @@ fn main() {
         "aarch64" => "aarch64-linux-gnu",
         other => other,
     };
-    SkeletonBuilder::new()
-        .source(SRC)
-        .clang_args([
+    for (src, skel, extra) in PROGRAMS {
+        let mut args = vec![
             format!("-I/usr/include/{multiarch}"),
             "-O2".to_string(),
             "-g".to_string(),
             "-Wall".to_string(),
-        ])
-        .build_and_generate(out.join("xlb.skel.rs"))
-        .unwrap_or_else(|e| panic!("building {SRC} failed (needs clang and libelf): {e:#}"));
-    println!("cargo:rerun-if-changed={SRC}");
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        SkeletonBuilder::new()
+            .source(src)
+            .clang_args(args)
+            .build_and_generate(out.join(skel))
+            .unwrap_or_else(|e| panic!("building {src} failed (needs clang and libelf): {e:#}"));
+        println!("cargo:rerun-if-changed={src}");
+    }
 }

@@ -6,14 +6,18 @@
 //!   [`FrameHandler`] (the engine, or the [`bare`] forwarder).
 //! - [`netlink`]: links, addresses, neighbours and routes of the current namespace.
 //! - [`sys`]: the few libc calls other crates need, wrapped safe.
+//! - [`gen`] and [`sink`]: the benchmark's packet generator (`BPF_PROG_RUN` live frames,
+//!   `src/bpf/gen.bpf.c`) and its receiving-side XDP counter (`src/bpf/sink.bpf.c`).
 //!
 //! See README.md for the design choices.
 
 pub mod bare;
 pub mod csum;
 mod error;
+pub mod gen;
 pub mod handler;
 pub mod netlink;
+pub mod sink;
 pub mod sys;
 pub mod umem;
 pub mod worker;

@@ -181,6 +181,66 @@ impl Drop for Lab {
     }
 }
 
+/// Two namespaces joined by one veth pair (2 TX/RX queues each end): `a` (198.18.1.2,
+/// 2001:db8:1::2) and `b` (198.18.1.3, 2001:db8:1::3). Deleted in `Drop`.
+#[derive(Debug)]
+pub struct Pair {
+    pub a: String,
+    pub b: String,
+    pub a0: String,
+    pub b0: String,
+    pub a_mac: String,
+    pub b_mac: String,
+}
+
+pub const PAIR_A4: &str = "198.18.1.2";
+pub const PAIR_B4: &str = "198.18.1.3";
+
+impl Pair {
+    pub fn new() -> Pair {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("xp{}{}", std::process::id() % 100_000, n);
+        let mut p = Pair {
+            a: format!("{prefix}-a"),
+            b: format!("{prefix}-b"),
+            a0: format!("{prefix}a0"),
+            b0: format!("{prefix}b0"),
+            a_mac: String::new(),
+            b_mac: String::new(),
+        };
+        for ns in [&p.a, &p.b] {
+            ip(&["netns", "add", ns]);
+        }
+        let q = ["numtxqueues", "2", "numrxqueues", "2"];
+        let mut args = vec!["link", "add", &p.a0];
+        args.extend(q);
+        args.extend(["netns", &p.a, "type", "veth", "peer", "name", &p.b0]);
+        args.extend(q);
+        args.extend(["netns", &p.b]);
+        ip(&args);
+        for (ns, dev, v4, v6) in [
+            (&p.a, &p.a0, "198.18.1.2/24", "2001:db8:1::2/64"),
+            (&p.b, &p.b0, "198.18.1.3/24", "2001:db8:1::3/64"),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev]);
+            ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        p.a_mac = mac_of(&p.a, &p.a0);
+        p.b_mac = mac_of(&p.b, &p.b0);
+        p
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
 pub fn mac_of(ns: &str, dev: &str) -> String {
     let out = ip_out(&["-n", ns, "-br", "link", "show", "dev", dev]);
     out.split_whitespace()
