@@ -283,6 +283,43 @@ fn generator_to_sink_counts_udp_syn_and_ack() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("prog/xdp"));
 }
 
+/// Only test hosts: sources, destinations and the last flow's source address must lie in
+/// 198.18.0.0/15; nothing is touched before that is checked (no root needed).
+#[test]
+fn generator_refuses_addresses_outside_the_benchmark_range() {
+    for (args, want) in [
+        (
+            ["--src", "10.0.0.1", "--dst", "198.18.0.1", "--flows", "1"],
+            "198.18.0.0/15",
+        ),
+        (
+            ["--src", "198.18.0.1", "--dst", "192.0.2.1", "--flows", "1"],
+            "198.18.0.0/15",
+        ),
+        (
+            // 100 000 flows from port 60 000: 19 source addresses, past 198.19.255.255
+            [
+                "--src",
+                "198.19.255.250",
+                "--dst",
+                "198.18.0.1",
+                "--flows",
+                "100000",
+            ],
+            "outside 198.18.0.0/15",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xlb-gen"))
+            .args(["--dev", "xlb-no-such-dev", "--sport", "60000"])
+            .args(args)
+            .output()
+            .expect("running xlb-gen");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 fn float_field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))

@@ -246,6 +246,15 @@ fn egress_xmit(dev: &str) -> Option<(u64, u64)> {
 }
 
 fn run(a: &Args) -> Result<(), String> {
+    // Checked before anything is touched.
+    let flows = Flows::new(a.flows, a.sport).map_err(|e| e.to_string())?;
+    let last = flows.last_address(a.src);
+    if !is_bench_addr(last) {
+        return Err(format!(
+            "{} flows from {}:{} need source addresses up to {last}, outside 198.18.0.0/15",
+            a.flows, a.src, a.sport
+        ));
+    }
     if let Some(ns) = &a.netns {
         sys::enter_netns(sys::named_netns(ns)).map_err(|e| format!("entering netns {ns}: {e}"))?;
     }
@@ -267,14 +276,6 @@ fn run(a: &Args) -> Result<(), String> {
         Some(m) => m,
         None => resolve_dst_mac(&mut nl, link.ifindex, a.dst)?,
     };
-    let flows = Flows::new(a.flows, a.sport).map_err(|e| e.to_string())?;
-    let last = flows.last_address(a.src);
-    if !is_bench_addr(last) {
-        return Err(format!(
-            "{} flows from {}:{} need source addresses up to {last}, outside 198.18.0.0/15",
-            a.flows, a.src, a.sport
-        ));
-    }
     let spec = FrameSpec {
         mode: a.mode,
         src_mac,
