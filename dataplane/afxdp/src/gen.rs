@@ -8,8 +8,10 @@
 //! through a devmap. The kernel runs it `repeat` times per syscall in batches of
 //! `batch_size`, with no copy to or from user space: several Mpps per core.
 //!
-//! Needs Linux ≥ 5.18 (live frames). There is no fallback sender: on an older kernel
-//! [`Generator::run_live`] fails with EINVAL and says so.
+//! Needs Linux ≥ 5.18 (live frames). On an older kernel [`Generator::run_live`] fails with
+//! EINVAL and says so; [`XskSender`] is the fallback: the same frames ([`stamp`] does in
+//! user space what gen.bpf.c does), sent by AF_XDP transmit through a [`crate::Worker`]
+//! (copy mode on veth: about 0.8 Mpps at 64 B here, a fraction of live frames).
 //!
 //! Payload marker (big-endian, right after the UDP/TCP header): magic `XLBG` (4 bytes),
 //! sequence number (4, the low 32 bits of the global frame counter), send time in ns (8).
@@ -20,6 +22,10 @@ use std::{
     net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     str::FromStr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use etherparse::PacketBuilder;
@@ -29,7 +35,12 @@ use libbpf_rs::{
     MapCore, MapFlags, MapHandle,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    csum,
+    error::{Error, Result},
+    handler::{FrameHandler, PortId, Verdict},
+    sys,
+};
 
 #[allow(
     clippy::all,
@@ -454,29 +465,154 @@ pub fn parse_veth_xdp_xmit(ethtool_s: &str) -> Option<(u64, u64)> {
     found.then_some((xmit, errors))
 }
 
-/// Paces runs of live frames at a rate (0: flat out).
+/// What gen.bpf.c does to frame `n`, in user space: source address and port of flow
+/// `n`, the sequence number in `th->seq` (TCP) and in the marker with the send time
+/// `now_ns` (if `cfg.marker`), and both checksums recomputed in full. `frame` is a template
+/// of `cfg.mode` from [`FrameSpec::build`]; `false` (untouched) if it is too short.
+pub fn stamp(frame: &mut [u8], cfg: &GenConfig, n: u64, now_ns: u64) -> bool {
+    let marker = cfg.mode.header_len();
+    let need = marker + if cfg.marker { MARKER_LEN } else { 0 };
+    if frame.len() < need {
+        return false;
+    }
+    let (src, sport) = cfg.flows.tuple(cfg.src_base, n);
+    let l3 = ETH_LEN;
+    let l4 = ETH_LEN + IPV4_LEN;
+    frame[l3 + 12..l3 + 16].copy_from_slice(&src.octets());
+    frame[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
+    if cfg.mode != Mode::Udp {
+        frame[l4 + 4..l4 + 8].copy_from_slice(&(n as u32).to_be_bytes());
+    }
+    if cfg.marker {
+        frame[marker + 4..marker + 8].copy_from_slice(&(n as u32).to_be_bytes());
+        frame[marker + 8..marker + 16].copy_from_slice(&now_ns.to_be_bytes());
+    }
+    frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let ip_check = csum::finish(csum::sum(&frame[l3..l4], 0));
+    frame[l3 + 10..l3 + 12].copy_from_slice(&ip_check.to_be_bytes());
+    csum::fill_l4_checksum(frame) == csum::L4Checksum::Filled
+}
+
+/// The AF_XDP transmit sender: a [`FrameHandler`] whose timer work emits the generated
+/// frames on port 0, paced by a [`Pacer`], `count` of them. Received frames are dropped
+/// (the XDP program passes everything on a non-backend interface to the kernel anyway).
+/// [`XskSender::progress`] is shared with the thread that waits for it.
+#[derive(Debug)]
+pub struct XskSender {
+    template: Vec<u8>,
+    buf: Vec<u8>,
+    cfg: GenConfig,
+    count: u64,
+    made: u64,
+    pacer: Pacer,
+    start_ns: Option<u64>,
+    next_ns: u64,
+    progress: Arc<XskProgress>,
+}
+
+/// How far an [`XskSender`] got: frames handed to the worker, and whether all were.
+#[derive(Debug, Default)]
+pub struct XskProgress {
+    pub emitted: AtomicU64,
+    pub done: AtomicBool,
+}
+
+impl XskSender {
+    pub fn new(template: Vec<u8>, cfg: GenConfig, count: u64, rate: u64) -> Self {
+        Self {
+            buf: template.clone(),
+            template,
+            cfg,
+            count,
+            made: 0,
+            // The worker wakes about once per ms at best (its stale-deadline floor): 4 ms
+            // of slack so that paced bursts keep up, at most a TX ring's worth per call.
+            pacer: Pacer::with_slack(rate, 1024, 4_000_000),
+            start_ns: None,
+            next_ns: 0,
+            progress: Arc::new(XskProgress::default()),
+        }
+    }
+
+    pub fn progress(&self) -> Arc<XskProgress> {
+        Arc::clone(&self.progress)
+    }
+}
+
+impl FrameHandler for XskSender {
+    fn handle(&mut self, _now_ns: u64, _ingress: PortId, _frame: &mut [u8]) -> Verdict {
+        Verdict::Drop
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        (self.made < self.count).then_some(self.next_ns)
+    }
+
+    fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        let start = *self.start_ns.get_or_insert(now_ns);
+        let mut done = 0usize;
+        while done < budget && self.made < self.count {
+            match self
+                .pacer
+                .next(self.made, self.count - self.made, now_ns - start)
+            {
+                Ok(n) => {
+                    let n = (n as usize).min(budget - done);
+                    for _ in 0..n {
+                        self.buf.copy_from_slice(&self.template);
+                        stamp(&mut self.buf, &self.cfg, self.made, sys::monotonic_ns());
+                        emit(0, &self.buf);
+                        self.made += 1;
+                    }
+                    done += n;
+                    self.next_ns = now_ns;
+                }
+                Err(wait) => {
+                    self.next_ns = now_ns.saturating_add(wait);
+                    break;
+                }
+            }
+        }
+        self.progress.emitted.store(self.made, Ordering::Relaxed);
+        if self.made >= self.count {
+            self.progress.done.store(true, Ordering::Relaxed);
+        }
+        done
+    }
+}
+
+/// Paces runs of frames at a rate (0: flat out).
 ///
-/// Frames go in bursts of at most 1 ms worth (`rate / 1000`, at least 1, at most
-/// `max_run`). When the sender falls more than one burst behind schedule (preempted on a
-/// shared machine, a run that took long), the debt is forgiven rather than sent as a
-/// catch-up burst: the rate is a ceiling that is never exceeded over any 1 ms, and the
-/// achieved rate is what the caller reports.
+/// Frames go in bursts of at most `slack` worth (`rate × slack`, at least 1, at most
+/// `max_run`; 1 ms for live frames). When the sender falls more than `slack` behind
+/// schedule (preempted on a shared machine, a run that took long), the debt is forgiven
+/// rather than sent as a catch-up burst: the rate is a ceiling that is never exceeded over
+/// any `slack`, and the achieved rate is what the caller reports.
 #[derive(Debug, Clone)]
 pub struct Pacer {
     rate: u64,
     burst: u64,
     max_run: u64,
+    slack_ns: u64,
     /// When frame 0 was due (ns since the caller's start), moved forward by forgiven debt.
     origin_ns: u64,
 }
 
 impl Pacer {
+    /// Slack 1 ms.
     pub fn new(rate: u64, max_run: u32) -> Self {
+        Self::with_slack(rate, max_run, 1_000_000)
+    }
+
+    pub fn with_slack(rate: u64, max_run: u32, slack_ns: u64) -> Self {
         let max_run = u64::from(max_run.max(1));
+        let slack_ns = slack_ns.max(1);
+        let burst = u128::from(rate) * u128::from(slack_ns) / 1_000_000_000;
         Self {
             rate,
-            burst: (rate / 1000).clamp(1, max_run),
+            burst: u64::try_from(burst).unwrap_or(u64::MAX).clamp(1, max_run),
             max_run,
+            slack_ns,
             origin_ns: 0,
         }
     }
@@ -500,16 +636,17 @@ impl Pacer {
         if now_ns < due {
             return Err(due - now_ns);
         }
-        // More than one burst behind: forgive the debt.
-        let burst_ns = self.burst * 1_000_000_000 / self.rate;
-        if now_ns - due > burst_ns {
+        if now_ns - due > self.slack_ns {
             self.origin_ns += now_ns - due;
         }
-        // frames due by now (at least the one at `sent`), at most one burst
-        let mut n = 1u64;
-        while n < self.burst && n < left && self.due_ns(sent + n) <= now_ns {
-            n += 1;
-        }
+        // frames 0..due_frames are due by now (frame k at origin + k / rate)
+        let due_frames =
+            u128::from(now_ns - self.origin_ns) * u128::from(self.rate) / 1_000_000_000 + 1;
+        let due_frames = u64::try_from(due_frames).unwrap_or(u64::MAX);
+        let n = due_frames
+            .saturating_sub(sent)
+            .clamp(1, self.burst)
+            .min(left);
         Ok(n as u32)
     }
 }
@@ -668,5 +805,15 @@ mod tests {
         let mut p = Pacer::new(1_000_000, 1 << 20);
         assert_eq!(p.next(0, 3, 0), Ok(1));
         assert_eq!(p.next(1, 2, 10_000), Ok(2));
+        // 4 ms of slack: a wakeup 2 ms late still sends what was due, in one burst
+        let mut p = Pacer::with_slack(100_000, 1 << 20, 4_000_000);
+        assert_eq!(p.next(0, 10_000, 0), Ok(1));
+        assert_eq!(p.next(1, 9_999, 2_000_000), Ok(200));
+        // 10 ms late: forgiven, one frame
+        assert_eq!(p.next(201, 9_799, 12_000_000), Ok(1));
+        // bursts capped by max_run
+        let mut p = Pacer::with_slack(1_000_000, 16, 4_000_000);
+        assert_eq!(p.next(0, 100, 0), Ok(1));
+        assert_eq!(p.next(1, 99, 1_000_000), Ok(16));
     }
 }
