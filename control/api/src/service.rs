@@ -212,6 +212,7 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_no_backend: c.no_backend,
         drops_snat_exhausted: c.snat_exhausted,
         drops_flow_table_full: c.flow_table_full,
+        flows_moved: c.flows_moved,
     }
 }
 

@@ -94,6 +94,8 @@ pub struct RuleCounters {
     pub flows_reset_on_idle: u64,
     pub flows_closed: u64,
     pub flows_picked_up: u64,
+    /// UDP flows moved off a member that went down (SPEC §5).
+    pub flows_moved: u64,
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
     pub syns: u64,
@@ -136,13 +138,14 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 16] {
+    pub fn fields(&self) -> [(&'static str, u64); 17] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
             ("flows_reset_on_idle", self.flows_reset_on_idle),
             ("flows_closed", self.flows_closed),
             ("flows_picked_up", self.flows_picked_up),
+            ("flows_moved", self.flows_moved),
             ("packets_orig", self.packets[0]),
             ("packets_reply", self.packets[1]),
             ("bytes_orig", self.bytes[0]),
@@ -164,6 +167,7 @@ impl RuleCounters {
         self.flows_reset_on_idle += other.flows_reset_on_idle;
         self.flows_closed += other.flows_closed;
         self.flows_picked_up += other.flows_picked_up;
+        self.flows_moved += other.flows_moved;
         for i in 0..2 {
             self.packets[i] += other.packets[i];
             self.bytes[i] += other.bytes[i];

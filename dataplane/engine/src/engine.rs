@@ -267,11 +267,43 @@ impl Engine {
                     return self.miss(now, ingress, frame, &pkt, &tuple, hash);
                 }
                 self.track(now, id, dir, &pkt);
+            } else if dir == ORIG {
+                let f = self.flows.get(id);
+                if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
+                    return self.move_udp(now, id, ingress, frame, &pkt, &tuple, hash);
+                }
             }
             self.flows.get_mut(id).last_seen = now;
             return self.emit(id, dir, frame, &pkt);
         }
         self.miss(now, ingress, frame, &pkt, &tuple, hash)
+    }
+
+    /// SPEC §5: a UDP flow whose backend went down (probe or admin state) moves, at its next
+    /// client packet, to the member the rule's distribution picks now; with no member left it
+    /// ends, and the packet is dropped and counted `no_backend`. The old flow is removed
+    /// without counting an expiry (it did not idle out); the new one counts as created and as
+    /// `flows_moved`. Only the original direction moves a flow: a reply the old backend still
+    /// sends before that is forwarded as before.
+    #[allow(clippy::too_many_arguments)]
+    #[cold]
+    fn move_udp(
+        &mut self,
+        now: Nanos,
+        id: FlowId,
+        ingress: PortId,
+        frame: &mut [u8],
+        pkt: &Packet,
+        tuple: &FlowTuple,
+        hash: u64,
+    ) -> Verdict {
+        let rule = self.flows.get(id).rule;
+        self.remove_flow(id);
+        let verdict = self.miss(now, ingress, frame, pkt, tuple, hash);
+        if matches!(verdict, Verdict::Tx { .. }) {
+            rule_counters(&mut self.counters, rule).flows_moved += 1;
+        }
+        verdict
     }
 
     /// Expires at most `budget` due flows, emitting RST frames through `emit(port, frame)`.

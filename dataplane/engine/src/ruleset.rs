@@ -172,13 +172,19 @@ pub(crate) enum Selector {
         /// `None`: HA ports, the packet's destination port is kept.
         backend_port: Option<u16>,
     },
-    /// Port forwarding to one address; `None` when that member is not healthy.
-    NatSingle(Option<Backend>),
+    /// Port forwarding to one address; `eligible` is false when that member of the rule's
+    /// pool is down (probe or admin state).
+    NatSingle {
+        target: Backend,
+        eligible: bool,
+    },
     /// Frontend port `first_port + i` forwards to member `i` (`None`: unhealthy or no member).
     NatRange {
         first_port: u16,
         backend_port: u16,
         members: Box<[Option<Addr>]>,
+        /// Members of the pool that are down (probe or admin state).
+        down: HashSet<Addr, FastBuild>,
     },
     Outbound,
 }
@@ -306,11 +312,12 @@ impl RuleSet {
                     port: backend_port.unwrap_or(tuple.dst_port),
                 })
             }
-            Selector::NatSingle(backend) => *backend,
+            Selector::NatSingle { target, eligible } => eligible.then_some(*target),
             Selector::NatRange {
                 first_port,
                 backend_port,
                 members,
+                ..
             } => {
                 let i = tuple.dst_port.checked_sub(*first_port)?;
                 let addr = (*members.get(usize::from(i))?)?;
@@ -323,17 +330,36 @@ impl RuleSet {
         }
     }
     /// Whether `addr` is still a backend that rule `id` gives new flows to (healthy and not
-    /// admin down; for NAT, the member its port maps to). SPEC §5 moves UDP flows off a
-    /// member that went down: after a swap, a UDP flow whose backend is no longer eligible
-    /// re-selects with [`RuleSet::select_backend`] (or ends when that gives `None`).
+    /// admin down; for NAT, the member its port maps to).
     pub fn backend_eligible(&self, id: RuleId, addr: Addr) -> bool {
         let Some(rule) = self.rules.get(usize::from(id)).and_then(Option::as_ref) else {
             return false;
         };
         match &rule.selector {
             Selector::LoadBalancing { pool, .. } => pool.eligible.contains(&addr),
-            Selector::NatSingle(backend) => backend.is_some_and(|b| b.addr == addr),
+            Selector::NatSingle { target, eligible } => *eligible && target.addr == addr,
             Selector::NatRange { members, .. } => members.contains(&Some(addr)),
+            Selector::Outbound => false,
+        }
+    }
+    /// Whether `addr` is a configured member of rule `id`'s pool that is **down**: failing its
+    /// probes or admin state `down` (for a single-target NAT rule: its target). SPEC §5 moves
+    /// UDP flows off such a member: the engine checks this on every original-direction packet
+    /// of a UDP flow and re-selects with [`RuleSet::select_backend`] (the flow ends when that
+    /// gives `None`). A member removed from the pool, or a deleted rule, is not "down": SPEC §2
+    /// says configuration changes never move flows. Per packet this is one load when no member
+    /// of the pool is down, else one hash probe.
+    #[inline]
+    pub fn backend_down(&self, id: RuleId, addr: Addr) -> bool {
+        let Some(rule) = self.rules.get(usize::from(id)).and_then(Option::as_ref) else {
+            return false;
+        };
+        match &rule.selector {
+            Selector::LoadBalancing { pool, .. } => {
+                !pool.down.is_empty() && pool.down.contains(&addr)
+            }
+            Selector::NatSingle { target, eligible } => !*eligible && target.addr == addr,
+            Selector::NatRange { down, .. } => !down.is_empty() && down.contains(&addr),
             Selector::Outbound => false,
         }
     }

@@ -149,8 +149,10 @@ pub struct PoolTable {
     pub(crate) table: Box<[u16]>,
     /// What the table was built from, so a later compile can reuse it.
     pub(crate) inputs: Box<[TableInput]>,
-    /// Members that may get new flows, for moving UDP flows off members that went down.
+    /// Members that may get new flows.
     pub(crate) eligible: HashSet<Addr, FastBuild>,
+    /// Members that are down (probe or admin state), for moving UDP flows off them.
+    pub(crate) down: HashSet<Addr, FastBuild>,
 }
 
 impl fmt::Debug for PoolTable {
@@ -184,11 +186,17 @@ impl PoolTable {
             .filter(|m| m.healthy && m.weight > 0)
             .map(|m| m.addr)
             .collect();
+        let down = inputs
+            .iter()
+            .filter(|m| !m.healthy)
+            .map(|m| m.addr)
+            .collect();
         PoolTable {
             members,
             table,
             inputs: inputs.into(),
             eligible,
+            down,
         }
     }
 

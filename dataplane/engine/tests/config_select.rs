@@ -440,3 +440,54 @@ fn backend_eligible_follows_health_and_admin_state() {
     }
     assert!(!rs.backend_eligible(999, addr("10.0.0.1")));
 }
+
+#[test]
+fn backend_down_names_configured_members_that_are_down_only() {
+    let mut c = config(&[1, 1, 1, 1]);
+    c.backend_pools[0].members[2].admin_state = AdminState::Down;
+    // Admin `up` wins over a failing probe: not down.
+    c.backend_pools[0].members[3].admin_state = AdminState::Up;
+    c.inbound_nat_rules.push(InboundNatRule {
+        frontend_port_range: Some(PortRange {
+            start: 50_000,
+            end: 50_003,
+        }),
+        backend_pool: Some("web".into()),
+        ..nat("range")
+    });
+    c.inbound_nat_rules.push(InboundNatRule {
+        frontend_port: Some(2202),
+        target: Some("10.0.0.2".parse().unwrap()),
+        backend_pool: Some("web".into()),
+        ..nat("single")
+    });
+    c.inbound_nat_rules.push(InboundNatRule {
+        frontend_port: Some(2203),
+        target: Some("10.0.0.9".parse().unwrap()),
+        ..nat("no-pool")
+    });
+    let mut health = MemberHealth::all_healthy();
+    health.set_healthy("web", addr("10.0.0.2"), false);
+    health.set_healthy("web", addr("10.0.0.4"), false);
+    let rs = build(&c, &health);
+    let web = lb_id(&rs, "web");
+    let range = rs.rule_id(RuleKind::InboundNat, "range").unwrap();
+    for id in [web, range] {
+        assert!(!rs.backend_down(id, addr("10.0.0.1")));
+        assert!(rs.backend_down(id, addr("10.0.0.2")), "probe failed");
+        assert!(rs.backend_down(id, addr("10.0.0.3")), "admin down");
+        assert!(!rs.backend_down(id, addr("10.0.0.4")), "admin up");
+        assert!(!rs.backend_down(id, addr("10.0.0.9")), "not a member");
+    }
+    let single = rs.rule_id(RuleKind::InboundNat, "single").unwrap();
+    assert!(rs.backend_down(single, addr("10.0.0.2")));
+    assert!(!rs.backend_down(single, addr("10.0.0.1")));
+    let no_pool = rs.rule_id(RuleKind::InboundNat, "no-pool").unwrap();
+    assert!(
+        !rs.backend_down(no_pool, addr("10.0.0.9")),
+        "no pool, never down"
+    );
+    assert!(!rs.backend_down(999, addr("10.0.0.2")), "deleted rule");
+    let healthy = build(&config(&[1, 1]), &MemberHealth::all_healthy());
+    assert!(!healthy.backend_down(lb_id(&healthy, "web"), addr("10.0.0.1")));
+}

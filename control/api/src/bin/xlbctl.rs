@@ -1530,7 +1530,7 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "bytes_reply": r.bytes_reply, "syns": r.syns, "late_packets": r.late_packets,
         "unknown_flow_resets": r.unknown_flow_resets, "drops_no_flow": r.drops_no_flow,
         "drops_no_backend": r.drops_no_backend, "drops_snat_exhausted": r.drops_snat_exhausted,
-        "drops_flow_table_full": r.drops_flow_table_full,
+        "drops_flow_table_full": r.drops_flow_table_full, "flows_moved": r.flows_moved,
     })
 }
 

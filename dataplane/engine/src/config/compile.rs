@@ -162,11 +162,11 @@ pub fn compile(
                     }
                     None => true,
                 };
-                let backend = eligible.then_some(Backend {
+                let target = Backend {
                     addr: Addr::from(target),
                     port: backend_port,
-                });
-                (port..=port, Selector::NatSingle(backend))
+                };
+                (port..=port, Selector::NatSingle { target, eligible })
             }
             (None, Some(range), None) => {
                 let members = pool
@@ -177,10 +177,20 @@ pub fn compile(
                             .collect()
                     })
                     .unwrap_or_default();
+                let down = pool
+                    .map(|pool| {
+                        pool.members
+                            .iter()
+                            .filter(|m| !health.eligible(&pool.name, m))
+                            .map(|m| Addr::from(m.address))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let selector = Selector::NatRange {
                     first_port: range.start as u16,
                     backend_port,
                     members,
+                    down,
                 };
                 (range.start..=range.end, selector)
             }
