@@ -35,6 +35,7 @@ use crate::{
     kernel::{self, Port, Resolver},
     metrics,
     plane::{DaemonTelemetry, Shared, WorkerPlacement, WorkerPublisher},
+    probes::Probes,
     stats::{write_atomic, Totals},
 };
 
@@ -240,7 +241,7 @@ impl ApiHandle {
 
 /// One line on stdout, flushed (a log file or a pipe sees it at once). Write errors are
 /// ignored: a reader that went away must not take the dataplane down with a panic.
-fn out(line: &str) {
+pub(crate) fn out(line: &str) {
     let mut o = std::io::stdout().lock();
     let _ = writeln!(o, "{line}");
     let _ = o.flush();
@@ -552,6 +553,10 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         )),
         StateOptions::default(),
     ));
+    // Health probes publish through the same state as the API (docs/xlbd.md, "Health probes
+    // and drain").
+    let probes = Probes::spawn(Arc::clone(&state), Arc::clone(&shared), opts.quiet)
+        .map_err(|e| Failure::runtime(format!("starting the health probes: {e}")))?;
     let telemetry = Arc::new(DaemonTelemetry::new(
         senders,
         Arc::clone(&shared),
@@ -667,6 +672,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             failed.get_or_insert(format!("API: {e}"));
         }
     }
+    // Then the probes, which publish too.
+    probes.stop();
     metrics_stop.store(true, Ordering::Relaxed);
     if let Some(j) = metrics_thread {
         let _ = j.join();

@@ -7,4 +7,5 @@ pub mod handler;
 pub mod kernel;
 pub mod metrics;
 pub mod plane;
+pub mod probes;
 pub mod stats;
