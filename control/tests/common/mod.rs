@@ -641,3 +641,148 @@ fn who_are_you_server(port: u16, stop: Arc<AtomicBool>, ready: mpsc::Sender<()>)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Servers a test stops on its own (health probes, drain): started before xlbd when needed.
+
+/// A server on one backend with its own stop: [`BackendServer::stop`] closes its listening
+/// socket (new connections are refused, as when a service goes down) while the connections it
+/// accepted keep being served, as a server that stops gracefully does.
+pub struct BackendServer {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl BackendServer {
+    /// Stops accepting and returns once the listening socket is closed.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Lab {
+    /// [`Lab::start_with`], with `prepare` run on the built lab (servers running) before xlbd
+    /// starts: servers that xlbd's probes must find from their first attempt.
+    pub fn start_prepared<T>(
+        config: &str,
+        xlbd_args: &[&str],
+        prepare: impl FnOnce(&Lab) -> T,
+    ) -> (Lab, T) {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("xe{}{}", std::process::id() % 100_000, n);
+        let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (endings_tx, endings) = mpsc::channel();
+        let mut lab = Lab {
+            client: format!("{prefix}-client"),
+            xlb: format!("{prefix}-xlb"),
+            switch: format!("{prefix}-sw"),
+            backend1: format!("{prefix}-b1"),
+            backend2: format!("{prefix}-b2"),
+            internet: format!("{prefix}-inet"),
+            interfaces: vec![
+                format!("{prefix}ac"),
+                format!("{prefix}ab"),
+                format!("{prefix}ai"),
+            ],
+            prefix,
+            dir,
+            xlbd: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            endings,
+            endings_tx,
+        };
+        for ns in lab.namespaces() {
+            ip(&["netns", "add", &ns]);
+        }
+        lab.build();
+        lab.start_servers();
+        let prepared = prepare(&lab);
+        lab.start_xlbd(config, xlbd_args);
+        (lab, prepared)
+    }
+
+    fn backend_ns(&self, which: u8) -> (String, &'static str) {
+        match which {
+            1 => (self.backend1.clone(), "backend1"),
+            2 => (self.backend2.clone(), "backend2"),
+            _ => panic!("backend {which}: the lab has backends 1 and 2"),
+        }
+    }
+
+    /// An echo server like the lab's (`whoami` answers the backend's name) on TCP `port` of
+    /// backend `which` (1 or 2).
+    pub fn start_echo_server(&self, which: u8, port: u16) -> BackendServer {
+        let (ns, name) = self.backend_ns(which);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let tx = self.endings_tx.clone();
+        let s = Arc::clone(&stop);
+        let join = spawn_in_ns(&ns, move || echo_server(name, port, s, tx, ready_tx));
+        ready_rx.recv().expect("echo server started");
+        BackendServer {
+            stop,
+            join: Some(join),
+        }
+    }
+
+    /// An HTTP/1.1 server on TCP `port` of backend `which`: every request is answered with
+    /// the status `status` holds at that moment, and the connection closed.
+    pub fn start_http_server(
+        &self,
+        which: u8,
+        port: u16,
+        status: Arc<std::sync::atomic::AtomicU16>,
+    ) -> BackendServer {
+        let (ns, _) = self.backend_ns(which);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let s = Arc::clone(&stop);
+        let join = spawn_in_ns(&ns, move || {
+            let l = TcpListener::bind(("0.0.0.0", port)).expect("bind HTTP server");
+            l.set_nonblocking(true).unwrap();
+            let _ = ready_tx.send(());
+            let end = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                match l.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut req = Vec::new();
+                        let mut buf = [0u8; 512];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let code = status.load(Ordering::Relaxed);
+                        let _ = conn.write_all(
+                            format!(
+                                "HTTP/1.1 {code} Status {code}\r\nContent-Length: 0\r\n\
+                                 Connection: close\r\n\r\n"
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv().expect("HTTP server started");
+        BackendServer {
+            stop,
+            join: Some(join),
+        }
+    }
+}
