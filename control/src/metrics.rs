@@ -314,6 +314,40 @@ pub fn render(src: &Sources) -> String {
         }
     }
 
+    // Member health (SPEC §5): the probes' verdict and whether the member gets new flows.
+    let members = snap.members();
+    for (metric, help, probe) in [
+        (
+            "xlb_member_probe_healthy",
+            "1 while the member passes every health probe covering it (1 when not probed).",
+            true,
+        ),
+        (
+            "xlb_member_eligible",
+            "1 while the member gets new flows (admin state up, or none and healthy).",
+            false,
+        ),
+    ] {
+        o.family(metric, "gauge", help);
+        for m in &members {
+            let admin = match m.admin_state {
+                xlb_engine::config::AdminState::Up => "up",
+                xlb_engine::config::AdminState::Down => "down",
+                xlb_engine::config::AdminState::None => "none",
+            };
+            let v = if probe { m.probe_healthy } else { m.eligible };
+            o.sample(
+                metric,
+                &[
+                    ("pool", &m.pool),
+                    ("member", &m.address.to_string()),
+                    ("admin_state", admin),
+                ],
+                u8::from(v),
+            );
+        }
+    }
+
     let propagation = src
         .shared
         .propagation

@@ -240,6 +240,26 @@ fn set_admin(rt: &tokio::runtime::Runtime, c: &mut Client, member: &str, state: 
     .unwrap_or_else(|e| panic!("set {member} admin {state:?}: {e}"));
 }
 
+/// The members of `GetStatus`: (address, probed, probe_healthy, eligible, admin state).
+fn members(rt: &tokio::runtime::Runtime, c: &mut Client) -> Vec<(String, bool, bool, bool, i32)> {
+    rt.block_on(c.get_status(pb::GetStatusRequest {}))
+        .expect("status")
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| {
+            assert_eq!(m.backend_pool, "web");
+            (
+                m.address,
+                m.probed,
+                m.probe_healthy,
+                m.eligible,
+                m.admin_state,
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn stopped_server_is_marked_down_in_time_gets_no_new_flows_and_keeps_its_connection() {
     if !need_root(
@@ -416,9 +436,36 @@ fn http_probe_wants_status_200_and_admin_up_overrides_it() {
         ("healthz", "web", BACKEND1)
     );
     assert!(!ev.healthy);
+    // The operator sees it in the status and in Prometheus.
+    let none = pb::AdminState::None as i32;
+    assert_eq!(
+        members(&rt, &mut c),
+        [
+            (BACKEND1.to_string(), true, false, false, none),
+            (BACKEND2.to_string(), true, true, true, none),
+        ]
+    );
+    let m = lab.metrics();
+    for line in [
+        "xlb_member_probe_healthy{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
+        "xlb_member_eligible{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
+        "xlb_member_eligible{pool=\"web\",member=\"198.18.1.12\",admin_state=\"none\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in:\n{m}");
+    }
 
     // Admin state `up`: eligible whatever the probe says.
     set_admin(&rt, &mut c, BACKEND1, pb::AdminState::Up);
+    assert_eq!(
+        members(&rt, &mut c)[0],
+        (
+            BACKEND1.to_string(),
+            true,
+            false,
+            true,
+            pb::AdminState::Up as i32
+        )
+    );
     assert!(
         (0..40).any(|_| new_connection_lands_on(&lab, 80) == "backend1"),
         "admin up overrides the failing probe"
@@ -463,6 +510,17 @@ fn drain_with_admin_down_through_the_api_keeps_connections_and_moves_new_flows()
         .unwrap();
     let m1 = pool.members.iter().find(|m| m.address == BACKEND1).unwrap();
     assert_eq!(m1.admin_state, pb::AdminState::Down as i32);
+    assert_eq!(
+        members(&rt, &mut c)[0],
+        (
+            BACKEND1.to_string(),
+            false,
+            true,
+            false,
+            pb::AdminState::Down as i32
+        ),
+        "not probed, drained"
+    );
 
     for _ in 0..20 {
         assert_eq!(new_connection_lands_on(&lab, 80), "backend2");

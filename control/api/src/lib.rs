@@ -21,8 +21,8 @@ pub mod telemetry;
 
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    Applied, ControlError, ControlState, Kind, Object, PublishError, Publisher, Snapshot,
-    StateOptions,
+    Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
+    Snapshot, StateOptions,
 };
 pub use telemetry::{
     ControlEvent, CountersSnapshot, EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter,

@@ -942,6 +942,19 @@ impl Xlb for XlbService {
             uptime_seconds: rt.uptime.as_secs(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             degraded,
+            members: snap
+                .members()
+                .into_iter()
+                .map(|m| pb::MemberHealth {
+                    backend_pool: m.pool,
+                    address: m.address.to_string(),
+                    weight: m.weight,
+                    admin_state: convert::admin_to(m.admin_state) as i32,
+                    probed: m.probed,
+                    probe_healthy: m.probe_healthy,
+                    eligible: m.eligible,
+                })
+                .collect(),
         }))
     }
 }

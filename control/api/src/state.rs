@@ -132,6 +132,51 @@ pub struct Snapshot {
     pub config: Config,
     pub rules: Arc<RuleSet>,
     pub generation: u64,
+    /// The probe verdicts `rules` was compiled with.
+    pub health: MemberHealth,
+}
+
+/// One pool member as the operator sees it: admin state, probe verdict, and whether it gets
+/// new flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub pool: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    pub admin_state: xlb_engine::config::AdminState,
+    /// Whether a load-balancing rule with a health probe sends to the pool (else probes never
+    /// judge the member).
+    pub probed: bool,
+    /// The probes' verdict (true when not probed).
+    pub probe_healthy: bool,
+    /// Gets new flows: admin state, else the probes.
+    pub eligible: bool,
+}
+
+impl Snapshot {
+    /// Every member of every pool, in configuration order.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let mut out = Vec::new();
+        for pool in &self.config.backend_pools {
+            let probed = self
+                .config
+                .load_balancing_rules
+                .iter()
+                .any(|r| r.backend_pool == pool.name && r.health_probe.is_some());
+            for m in &pool.members {
+                out.push(MemberStatus {
+                    pool: pool.name.clone(),
+                    address: m.address,
+                    weight: m.weight,
+                    admin_state: m.admin_state,
+                    probed,
+                    probe_healthy: self.health.is_healthy(&pool.name, m.address),
+                    eligible: self.health.eligible(&pool.name, m),
+                });
+            }
+        }
+        out
+    }
 }
 
 /// Options of [`ControlState`].
@@ -208,13 +253,14 @@ impl ControlState {
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
         ControlState {
             writer: Mutex::new(Writer {
-                health,
+                health: health.clone(),
                 last_generation: generation,
             }),
             committed: RwLock::new(Arc::new(Snapshot {
                 config,
                 rules,
                 generation,
+                health,
             })),
             publisher,
             options,
@@ -481,6 +527,7 @@ impl ControlState {
             config: candidate,
             rules,
             generation,
+            health: health.clone(),
         });
         let _ = self.events.send(EventRecord {
             at: SystemTime::now(),
@@ -520,6 +567,7 @@ impl ControlState {
                         config: current.config.clone(),
                         rules,
                         generation,
+                        health: w.health.clone(),
                     });
             }
             Err(e) => self.set_degraded(format!(

@@ -115,3 +115,39 @@ fn rule_ids_survive_updates_and_a_replaced_rule_gets_a_new_id() {
     state.replace_config(config).unwrap();
     assert_ne!(id_of(&state, "other"), Some(web));
 }
+
+#[test]
+fn snapshot_members_show_admin_state_probe_verdict_and_eligibility() {
+    use xlb_engine::config::AdminState;
+    let (state, _) = start();
+    let m1 = Addr::from_v4_bytes([198, 18, 2, 1]);
+    let m2: std::net::IpAddr = "198.18.2.2".parse().unwrap();
+    let view = |state: &ControlState| {
+        state
+            .snapshot()
+            .members()
+            .into_iter()
+            .map(|m| (m.address, m.admin_state, m.probe_healthy, m.eligible))
+            .collect::<Vec<_>>()
+    };
+    assert!(view(&state)
+        .iter()
+        .all(|(_, a, h, e)| *a == AdminState::None && *h && *e));
+    state
+        .update_health(|h| h.set_healthy("web", m1, false))
+        .unwrap();
+    state
+        .set_member("web", m2, None, Some(AdminState::Down))
+        .unwrap();
+    assert_eq!(
+        view(&state),
+        [
+            (m1.to_ip(), AdminState::None, false, false),
+            (m2, AdminState::Down, true, false),
+        ]
+    );
+    state
+        .set_member("web", m1.to_ip(), None, Some(AdminState::Up))
+        .unwrap();
+    assert_eq!(view(&state)[0], (m1.to_ip(), AdminState::Up, false, true));
+}

@@ -1827,6 +1827,11 @@ async fn status(c: &mut Client, json: bool) -> Res {
                 "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
                 "flows": w.flows, "flow_capacity": w.flow_capacity,
             })).collect::<Vec<_>>(),
+            "members": s.members.iter().map(|m| json!({
+                "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
+                "admin_state": admin_name(m.admin_state), "probed": m.probed,
+                "probe_healthy": m.probe_healthy, "eligible": m.eligible,
+            })).collect::<Vec<_>>(),
         }));
         return Ok(());
     }
@@ -1873,7 +1878,40 @@ async fn status(c: &mut Client, json: bool) -> Res {
         ],
         &rows,
     );
+    if !s.members.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .members
+            .iter()
+            .map(|m| {
+                vec![
+                    m.backend_pool.clone(),
+                    m.address.clone(),
+                    m.weight.to_string(),
+                    admin_name(m.admin_state).to_string(),
+                    match (m.probed, m.probe_healthy) {
+                        (false, _) => "-".into(),
+                        (true, true) => "healthy".into(),
+                        (true, false) => "failing".into(),
+                    },
+                    if m.eligible { "yes" } else { "no" }.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &["POOL", "MEMBER", "WEIGHT", "ADMIN", "PROBE", "NEW FLOWS"],
+            &rows,
+        );
+    }
     Ok(())
+}
+
+fn admin_name(v: i32) -> &'static str {
+    match pb::AdminState::try_from(v) {
+        Ok(pb::AdminState::Up) => "up",
+        Ok(pb::AdminState::Down) => "down",
+        _ => "none",
+    }
 }
 
 async fn keepalive_check(c: &mut Client, rule: &str, dir: &std::path::Path, json: bool) -> Res {
