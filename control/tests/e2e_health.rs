@@ -7,7 +7,10 @@
 //! - HTTP probes: only status 200 is healthy; admin state `up` overrides a failing probe;
 //!   verdict flips reach the API's event stream;
 //! - drain: admin state `down` set live through the API keeps existing connections and sends
-//!   new ones (and UDP flows) elsewhere.
+//!   new ones (and UDP flows) elsewhere;
+//! - SNAT exhaustion (SPEC §4) with 8 ports per member: new outbound flows refused and
+//!   counted `snat_exhausted`, one event per episode, existing flows untouched, ports free
+//!   again after their release timer.
 //!
 //! Run as root; otherwise each test says it is skipped.
 
@@ -213,6 +216,31 @@ impl UdpFlows {
 
     fn ask_all(&self, q: &str) -> Vec<Option<String>> {
         (0..self.socks.len()).map(|i| self.ask(i, q)).collect()
+    }
+}
+
+/// Scrapes the metrics until every line in `want` is there (2 s at most).
+fn wait_metrics(lab: &Lab, want: &[&str]) {
+    let end = Instant::now() + Duration::from_secs(2);
+    loop {
+        let m = lab.metrics();
+        let missing: Vec<&str> = want
+            .iter()
+            .copied()
+            .filter(|w| !m.lines().any(|l| l == *w))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "missing {missing:?} in:\n{}",
+            m.lines()
+                .filter(|l| l.starts_with("xlb_snat") || l.starts_with("xlb_member"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -445,14 +473,14 @@ fn http_probe_wants_status_200_and_admin_up_overrides_it() {
             (BACKEND2.to_string(), true, true, true, none),
         ]
     );
-    let m = lab.metrics();
-    for line in [
-        "xlb_member_probe_healthy{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
-        "xlb_member_eligible{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
-        "xlb_member_eligible{pool=\"web\",member=\"198.18.1.12\",admin_state=\"none\"} 1",
-    ] {
-        assert!(m.lines().any(|l| l == line), "{line} in:\n{m}");
-    }
+    wait_metrics(
+        &lab,
+        &[
+            "xlb_member_probe_healthy{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
+            "xlb_member_eligible{pool=\"web\",member=\"198.18.1.11\",admin_state=\"none\"} 0",
+            "xlb_member_eligible{pool=\"web\",member=\"198.18.1.12\",admin_state=\"none\"} 1",
+        ],
+    );
 
     // Admin state `up`: eligible whatever the probe says.
     set_admin(&rt, &mut c, BACKEND1, pb::AdminState::Up);
@@ -543,4 +571,101 @@ fn drain_with_admin_down_through_the_api_keeps_connections_and_moves_new_flows()
     assert!((0..40).any(|_| new_connection_lands_on(&lab, 80) == "backend1"));
     assert_eq!(echo(&mut on1, b"done\n"), b"done\n");
     assert_eq!(lab.stat("rule.lb.web.no_backend"), 0);
+}
+
+/// Outbound rule `out` for the pool with 8 TCP ports per member (one worker: all 8 on it).
+const CONFIG_SNAT: &str = r#"
+[settings]
+lab_time_scale = 60
+
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
+
+[[outbound_rules]]
+name = "out"
+frontends = ["snat"]
+backend_pool = "web"
+protocol = "TCP"
+allocated_outbound_ports = 8
+idle_timeout_minutes = 30
+"#;
+
+/// A connection from backend `ns` to the internet echo server, or the error.
+fn connect_out(ns: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, move || {
+        let s =
+            TcpStream::connect_timeout(&SocketAddr::new(INTERNET.parse().unwrap(), 7000), timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })
+}
+
+#[test]
+fn snat_exhaustion_refuses_new_flows_counts_them_once_per_episode_and_frees_ports() {
+    if !need_root("snat_exhaustion_refuses_new_flows_counts_them_once_per_episode_and_frees_ports")
+    {
+        return;
+    }
+    let (lab, _echo) = Lab::start_prepared(CONFIG_SNAT, &[], |lab| lab.start_internet_echo(7000));
+    let b1 = lab.backend1.clone();
+    // Eight connections take backend1's eight ports.
+    let mut open: Vec<TcpStream> = (0..8)
+        .map(|i| {
+            let mut s = connect_out(&b1, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}; log:\n{}", lab.log_text()));
+            assert_eq!(whoami(&mut s), "internet");
+            s
+        })
+        .collect();
+    // The ninth is refused (its SYNs dropped); so is a tenth: one episode, one event.
+    for _ in 0..2 {
+        let r = connect_out(&b1, Duration::from_millis(1500));
+        assert!(r.is_err(), "no port left: {r:?}");
+    }
+    assert!(lab.wait_stat("rule.out.out.snat_exhausted", 2, Duration::from_secs(2)) >= 2);
+    assert!(lab.stat("drop.snat_exhausted") >= 2);
+    let events = lab
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("snat_exhausted rule=out member=198.18.1.11"))
+        .count();
+    assert_eq!(events, 1, "one event per episode; log:\n{}", lab.log_text());
+    // Existing flows are untouched, and the other member has its own block.
+    for (i, s) in open.iter_mut().enumerate() {
+        let msg = format!("still {i}\n");
+        assert_eq!(echo(s, msg.as_bytes()), msg.as_bytes());
+    }
+    let mut other = connect_out(&lab.backend2, Duration::from_secs(5)).expect("backend2");
+    assert_eq!(whoami(&mut other), "internet");
+    // Usage comes from the workers' snapshots (every 250 ms).
+    wait_metrics(
+        &lab,
+        &[
+            "xlb_snat_ports_allocated{rule=\"out\",member=\"198.18.1.11\",protocol=\"tcp\"} 8",
+            "xlb_snat_ports_used{rule=\"out\",member=\"198.18.1.11\",protocol=\"tcp\"} 8",
+            "xlb_snat_ports_used{rule=\"out\",member=\"198.18.1.12\",protocol=\"tcp\"} 1",
+        ],
+    );
+
+    // Two connections close (FIN both ways): their ports are freed after the FIN release
+    // timer (240 s, 4 s here), not before.
+    drop(open.drain(..2));
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        connect_out(&b1, Duration::from_millis(1000)).is_err(),
+        "ports held until their release timer"
+    );
+    thread::sleep(Duration::from_secs(4) + Duration::from_millis(500));
+    let mut again = connect_out(&b1, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("a freed port: {e}; log:\n{}", lab.log_text()));
+    assert_eq!(whoami(&mut again), "internet");
+    for s in open.iter_mut() {
+        assert_eq!(echo(s, b"end\n"), b"end\n");
+    }
 }

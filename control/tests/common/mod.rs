@@ -786,3 +786,22 @@ impl Lab {
         }
     }
 }
+
+impl Lab {
+    /// An echo server on TCP `port` of the internet host (`whoami` answers `internet`): a peer
+    /// that keeps members' outbound connections open.
+    pub fn start_internet_echo(&self, port: u16) -> BackendServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let tx = self.endings_tx.clone();
+        let s = Arc::clone(&stop);
+        let join = spawn_in_ns(&self.internet, move || {
+            echo_server("internet", port, s, tx, ready_tx)
+        });
+        ready_rx.recv().expect("internet echo server started");
+        BackendServer {
+            stop,
+            join: Some(join),
+        }
+    }
+}
