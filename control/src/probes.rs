@@ -794,6 +794,101 @@ mod tests {
         assert_eq!(running.len(), 2);
     }
 
+    /// A publisher that records generations and fails when told to.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        published: std::sync::Mutex<Vec<u64>>,
+        fail: AtomicBool,
+    }
+
+    impl xlb_api::Publisher for Recorder {
+        fn publish(
+            &self,
+            rules: Arc<xlb_engine::RuleSet>,
+            _: Duration,
+        ) -> Result<(), xlb_api::PublishError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(xlb_api::PublishError::Unavailable("test".into()));
+            }
+            self.published.lock().unwrap().push(rules.generation());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn health_thread_combines_verdicts_publishes_flips_and_retries() {
+        let publisher = Arc::new(Recorder::default());
+        let state = Arc::new(
+            ControlState::start(
+                Config::from_toml_str(CONFIG).unwrap(),
+                xlb_engine::MemberHealth::all_healthy(),
+                publisher.clone(),
+                xlb_api::StateOptions::default(),
+            )
+            .unwrap(),
+        );
+        let shared = Shared::new(1, 1);
+        let mut events = shared.events.subscribe();
+        let (tx, rx) = channel::unbounded();
+        let thread = {
+            let (state, shared) = (Arc::clone(&state), Arc::clone(&shared));
+            std::thread::spawn(move || health_loop(&state, &shared, true, &rx))
+        };
+        let m: IpAddr = "198.18.1.11".parse().unwrap();
+        let key = |probe: &str| TargetKey {
+            probe: probe.into(),
+            pool: "web".into(),
+            member: m,
+        };
+        let flip = |probe: &str, healthy: bool| Msg::Flip {
+            key: key(probe),
+            healthy,
+            why: "test".into(),
+        };
+        let wait = |want: &dyn Fn(&xlb_api::Snapshot) -> bool| {
+            let end = Instant::now() + Duration::from_secs(5);
+            while !want(&state.snapshot()) {
+                assert!(Instant::now() < end, "{:?}", state.snapshot().members());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let healthy = |s: &xlb_api::Snapshot| s.health.is_healthy("web", m);
+
+        tx.send(flip("tcp", false)).unwrap();
+        wait(&|s| !healthy(s));
+        let ev = events.blocking_recv().unwrap();
+        assert!(
+            matches!(&ev.event, ControlEvent::ProbeStateChanged { probe, healthy: false, .. } if probe == "tcp"),
+            "{ev:?}"
+        );
+        // The HTTP probe fails too, then the TCP one recovers: still down (every probe must
+        // pass), and no generation for a flip that changes nothing.
+        let published = publisher.published.lock().unwrap().len();
+        tx.send(flip("http", false)).unwrap();
+        tx.send(flip("tcp", true)).unwrap();
+        assert!(events.blocking_recv().is_ok() && events.blocking_recv().is_ok());
+        assert!(!healthy(&state.snapshot()));
+        assert_eq!(publisher.published.lock().unwrap().len(), published);
+        // A failed publish is retried until it succeeds.
+        publisher.fail.store(true, Ordering::SeqCst);
+        tx.send(flip("http", true)).unwrap();
+        assert!(events.blocking_recv().is_ok());
+        std::thread::sleep(RETRY_EVERY / 2);
+        assert!(
+            !healthy(&state.snapshot()),
+            "not applied while publishing fails"
+        );
+        publisher.fail.store(false, Ordering::SeqCst);
+        wait(&|s| healthy(s));
+        // A member that was down and whose probe is removed is healthy again.
+        tx.send(flip("tcp", false)).unwrap();
+        wait(&|s| !healthy(s));
+        tx.send(Msg::Gone(key("tcp"))).unwrap();
+        wait(&|s| healthy(s));
+        drop(tx);
+        thread.join().unwrap();
+    }
+
     #[test]
     fn probes_against_local_servers() {
         let rt = tokio::runtime::Builder::new_current_thread()
