@@ -29,7 +29,7 @@ pub mod build;
 pub mod checksum;
 pub mod parse;
 
-pub use build::{build_tcp_rst, reply_rst_in_place, RstSpec, MAX_RST_FRAME};
+pub use build::{build_tcp_rst, build_tcp_segment, reply_rst_in_place, RstSpec, MAX_RST_FRAME};
 pub use checksum::L4Checksum;
 pub use parse::{parse, Packet, ParseError};
 pub use rewrite::{decrement_hop_limit, rewrite, Rewrite};
