@@ -36,6 +36,7 @@ use crate::{
     metrics,
     plane::{DaemonTelemetry, Shared, WorkerPlacement, WorkerPublisher},
     probes::Probes,
+    selfprobe::SelfProber,
     stats::{write_atomic, Totals},
 };
 
@@ -68,6 +69,10 @@ pub struct Options {
     pub api_token: Option<String>,
     /// Where the Prometheus endpoint listens; `None`: none.
     pub metrics: Option<SocketAddr>,
+    /// Sources of the data-path self-probe (`crate::selfprobe`); empty: off.
+    pub self_probe_sources: Vec<IpAddr>,
+    /// Interval of the self-probe, before the lab time scale.
+    pub self_probe_interval: Duration,
 }
 
 /// Parses `--api`: `none`, `unix:PATH` (or an absolute path), `tcp:HOST:PORT` (or
@@ -285,6 +290,64 @@ fn describe_event(e: &Event, rules: &RuleSet) -> String {
     }
 }
 
+/// The data-path self-probe of the control loop: the prober, and the port (with its MAC)
+/// its SYNs pretend to arrive on.
+#[derive(Debug)]
+struct SelfProbe {
+    prober: SelfProber,
+    ingress: xlb_afxdp::PortId,
+    mac: [u8; 6],
+}
+
+/// Checks `--self-probe-source` and builds the prober: at most one address per family, none
+/// of them an address of this host (the XDP program would hand the members' answers to the
+/// kernel) or a frontend.
+fn self_probe_setup(
+    opts: &Options,
+    config: &Config,
+    ports: &[Port],
+    routes: &[xlb_engine::Route],
+    scale: u32,
+) -> Result<Option<SelfProbe>, Failure> {
+    let sources = &opts.self_probe_sources;
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    for family_v4 in [true, false] {
+        if sources.iter().filter(|a| a.is_ipv4() == family_v4).count() > 1 {
+            return Err(Failure::usage(
+                "--self-probe-source: at most one IPv4 and one IPv6 address",
+            ));
+        }
+    }
+    for a in sources {
+        if config.frontends.iter().any(|f| f.address == *a) {
+            return Err(Failure::usage(format!(
+                "--self-probe-source {a} is a frontend address; choose an address no host has"
+            )));
+        }
+        if std::net::UdpSocket::bind(SocketAddr::new(*a, 0)).is_ok() {
+            return Err(Failure::usage(format!(
+                "--self-probe-source {a} is an address of this host: members' answers to it \
+                 would go to the kernel, not through the dataplane; choose an address no host \
+                 has, that the members route through the appliance"
+            )));
+        }
+    }
+    // The port the SYNs pretend to arrive on: the one the source is routed through (where
+    // a client with that address would be), else the first.
+    let port = ports
+        .iter()
+        .find(|p| kernel::routed_via(routes, sources[0], p.id))
+        .unwrap_or(&ports[0]);
+    let interval = opts.self_probe_interval / scale.max(1);
+    Ok(Some(SelfProbe {
+        prober: SelfProber::new(sources, interval, Instant::now()),
+        ingress: port.id,
+        mac: port.mac,
+    }))
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn run(opts: Options) -> Result<(), Failure> {
     let config = load_config(&opts)?;
@@ -353,6 +416,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let ports = kernel::ports(&links, &opts.interfaces).map_err(Failure::usage)?;
     let routes = kernel::routes(&mut nl, &ports)
         .map_err(|e| Failure::runtime(format!("reading routes: {e}")))?;
+
+    let mut self_probe = self_probe_setup(&opts, &config, &ports, &routes, scale)?;
 
     let queues = match opts.queues {
         Some(q) => q.max(1),
@@ -517,7 +582,13 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             to_control: from_tx.clone(),
             acks: ack_tx.clone(),
         };
-        let handler = EngineHandler::new(w, engine, link, 250_000_000, Some(steering));
+        let handler = EngineHandler::new(w, engine, link, 250_000_000, Some(steering))
+            .with_probe_sources(
+                self_probe
+                    .as_ref()
+                    .map(|p| p.prober.sources())
+                    .unwrap_or_default(),
+            );
         let stats = worker.stats();
         let core = if opts.cores.is_empty() {
             Some((w + 1) % ncpu)
@@ -647,6 +718,19 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         neigh.len(),
     );
     start.push_str(&extras);
+    if let Some(p) = &self_probe {
+        let sources: Vec<String> = p
+            .prober
+            .sources()
+            .iter()
+            .map(|a| a.to_ip().to_string())
+            .collect();
+        start.push_str(&format!(
+            " self_probe={}/{}ms",
+            sources.join(","),
+            p.prober.interval().as_millis()
+        ));
+    }
     if scale != 1 {
         start.push_str(&format!(" lab_time_scale={scale}"));
     }
@@ -664,6 +748,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         &workers,
         &from_rx,
         signalled,
+        &mut self_probe,
     );
     // The API first: no change may be in flight while the workers stop.
     let mut failed = result.err();
@@ -723,6 +808,7 @@ fn control_loop(
     workers: &[WorkerHandle],
     from_rx: &Receiver<FromWorker>,
     signalled: &AtomicBool,
+    self_probe: &mut Option<SelfProbe>,
 ) -> Result<(), String> {
     const TICK: Duration = Duration::from_millis(20);
     const NEIGH_EVERY: Duration = Duration::from_secs(1);
@@ -763,7 +849,32 @@ fn control_loop(
                     );
                     shared.event(w, e);
                 }
+                FromWorker::ProbeAnswer { source, port, ok } => {
+                    if let Some(p) = self_probe.as_mut() {
+                        p.prober.answered(source, port, ok);
+                    }
+                }
             }
+        }
+        if let Some(p) = self_probe.as_mut() {
+            let snap = state.snapshot();
+            let round = p.prober.round(
+                Instant::now(),
+                &snap.config,
+                &snap.rules,
+                workers.len(),
+                p.ingress,
+                p.mac,
+            );
+            for (w, inj) in round {
+                // A worker whose channel is full does not answer: the probe fails, as it
+                // should (that worker is not keeping up).
+                let _ = workers[w].to.try_send(ToWorker::Probe(inj));
+            }
+            *shared
+                .datapath
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = p.prober.report();
         }
         let now = Instant::now();
         let fast = fast_neigh_until.is_some_and(|t| now < t);

@@ -30,6 +30,8 @@ pub enum ToWorker {
     Rules(Arc<RuleSet>),
     /// A page of this worker's flows, for the flow listing of the API.
     Flows(FlowQuery),
+    /// A data-path self-probe to run through the engine (`crate::selfprobe`).
+    Probe(crate::selfprobe::Injection),
 }
 
 /// "Worker `worker` now runs generation `generation`": sent right after the swap.
@@ -143,6 +145,13 @@ pub enum FromWorker {
     /// resolve them and pushes the result back.
     Misses(Vec<Addr>),
     Event(usize, Event),
+    /// The self-probe from `source`:`port` was answered by a member (`ok`), or its SYN was
+    /// dropped by the engine (not `ok`).
+    ProbeAnswer {
+        source: Addr,
+        port: u16,
+        ok: bool,
+    },
 }
 
 /// Control messages handled per loop iteration: bounds the time a burst of updates can steal
@@ -169,6 +178,8 @@ pub struct EngineHandler {
     outbox: Vec<(PortId, Handoff)>,
     handed_off: u64,
     handoff_dropped: u64,
+    /// Self-probe source addresses: frames to them are probe answers, taken off the wire.
+    probe_sources: Vec<Addr>,
 }
 
 impl EngineHandler {
@@ -193,6 +204,91 @@ impl EngineHandler {
             outbox: Vec::new(),
             handed_off: 0,
             handoff_dropped: 0,
+            probe_sources: Vec::new(),
+        }
+    }
+
+    /// Takes answers to the data-path self-probes from `sources` off the wire.
+    pub fn with_probe_sources(mut self, sources: Vec<Addr>) -> Self {
+        self.probe_sources = sources;
+        self
+    }
+
+    /// Runs a self-probe's SYN through the engine like a client's; its verdict is sent on
+    /// (with the other frames this worker did not receive itself) or reported dropped.
+    fn inject(&mut self, now_ns: u64, inj: crate::selfprobe::Injection) {
+        let mut frame = inj.frame;
+        match self.engine.process(now_ns, inj.ingress, &mut frame) {
+            Verdict::Tx { port, len } => {
+                frame.truncate(usize::from(len));
+                self.outbox.push((
+                    port,
+                    Handoff {
+                        from: self.id,
+                        ingress: inj.ingress,
+                        frame,
+                    },
+                ));
+            }
+            Verdict::Drop(_) => {
+                if let Ok(p) = wire::parse(&frame) {
+                    let _ = self.to_control.try_send(FromWorker::ProbeAnswer {
+                        source: p.src,
+                        port: p.src_port,
+                        ok: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A member's answer to a self-probe, translated by the engine and about to leave on
+    /// `port`: reported, and a SYN-ACK is closed with an RST (sequence number = what the
+    /// member acknowledged) run through the engine toward the member.
+    #[cold]
+    fn take_probe_answer(&mut self, now_ns: u64, port: PortId, frame: &[u8]) {
+        let Ok(p) = wire::parse(frame) else {
+            return;
+        };
+        if p.proto != proto::TCP {
+            return;
+        }
+        let syn_ack = wire::tcp_flags::SYN | wire::tcp_flags::ACK;
+        let answered = p.tcp_flags & syn_ack == syn_ack || p.tcp_flags & wire::tcp_flags::RST != 0;
+        if !answered {
+            return;
+        }
+        let _ = self.to_control.try_send(FromWorker::ProbeAnswer {
+            source: p.dst,
+            port: p.dst_port,
+            ok: true,
+        });
+        if p.tcp_flags & wire::tcp_flags::RST != 0 {
+            return;
+        }
+        let mut src_mac = [0u8; 6];
+        src_mac.copy_from_slice(&frame[6..12]);
+        let spec = wire::RstSpec {
+            src_mac: crate::selfprobe::PROBE_MAC,
+            dst_mac: src_mac,
+            vlan: None,
+            src: p.dst,
+            dst: p.src,
+            src_port: p.dst_port,
+            dst_port: p.src_port,
+            seq: p.ack,
+            ack: None,
+        };
+        let mut rst = vec![0u8; wire::MAX_RST_FRAME];
+        if let Some(len) = wire::build_tcp_rst(&mut rst, &spec) {
+            rst.truncate(len);
+            self.inject(
+                now_ns,
+                crate::selfprobe::Injection {
+                    ingress: port,
+                    frame: rst,
+                },
+            );
         }
     }
 
@@ -278,21 +374,22 @@ impl EngineHandler {
     }
 
     fn take_handoffs(&mut self, now_ns: u64) {
-        let Some(st) = &self.steering else {
-            return;
-        };
         for _ in 0..HANDOFF_BUDGET {
-            let Ok(mut h) = st.inbox.try_recv() else {
+            let Some(Ok(mut h)) = self.steering.as_ref().map(|st| st.inbox.try_recv()) else {
                 break;
             };
-            match self.engine.process(now_ns, h.ingress, &mut h.frame) {
-                Verdict::Tx { port, len } => {
-                    h.frame.truncate(usize::from(len));
+            if let Verdict::Tx { port, len } = self.engine.process(now_ns, h.ingress, &mut h.frame)
+            {
+                h.frame.truncate(usize::from(len));
+                if !crate::selfprobe::is_probe_answer(&self.probe_sources, &h.frame) {
                     self.outbox.push((port, h));
+                    continue;
                 }
-                Verdict::Drop(_) => {
-                    let _ = st.returns[h.from].try_send(h.frame);
-                }
+                self.take_probe_answer(now_ns, port, &h.frame);
+            }
+            // Dropped, or a probe answer taken off: the buffer goes back to its worker.
+            if let Some(st) = &self.steering {
+                let _ = st.returns[h.from].try_send(h.frame);
             }
         }
     }
@@ -320,6 +417,7 @@ impl EngineHandler {
             ToWorker::Flows(q) => {
                 let _ = q.reply.try_send(self.flows_page(&q, now_ns));
             }
+            ToWorker::Probe(inj) => self.inject(now_ns, inj),
         }
     }
 
@@ -342,7 +440,14 @@ impl FrameHandler for EngineHandler {
             return AfxdpVerdict::Drop;
         }
         match self.engine.process(now_ns, ingress, frame) {
-            Verdict::Tx { port, len } => AfxdpVerdict::Tx { port, len },
+            Verdict::Tx { port, len } => {
+                let out = &frame[..usize::from(len)];
+                if crate::selfprobe::is_probe_answer(&self.probe_sources, out) {
+                    self.take_probe_answer(now_ns, port, out);
+                    return AfxdpVerdict::Drop;
+                }
+                AfxdpVerdict::Tx { port, len }
+            }
             Verdict::Drop(_) => AfxdpVerdict::Drop,
         }
     }

@@ -8,4 +8,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod plane;
 pub mod probes;
+pub mod selfprobe;
 pub mod stats;

@@ -348,6 +348,44 @@ pub fn render(src: &Sources) -> String {
         }
     }
 
+    // Data-path self-probe.
+    let datapath = src
+        .shared
+        .datapath
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    o.family(
+        "xlb_datapath_availability_ratio",
+        "gauge",
+        "Share of the recent self-probes (TCP handshakes through the dataplane) answered.",
+    );
+    for d in &datapath {
+        o.sample(
+            "xlb_datapath_availability_ratio",
+            &[("frontend", &d.frontend), ("rule", &d.rule)],
+            d.ratio(),
+        );
+    }
+    o.family(
+        "xlb_datapath_probes_total",
+        "counter",
+        "Self-probes by result since start.",
+    );
+    for d in &datapath {
+        for (result, v) in [("answered", d.answered_total), ("failed", d.failed_total)] {
+            o.sample(
+                "xlb_datapath_probes_total",
+                &[
+                    ("frontend", &d.frontend),
+                    ("rule", &d.rule),
+                    ("result", result),
+                ],
+                v,
+            );
+        }
+    }
+
     let propagation = src
         .shared
         .propagation

@@ -42,6 +42,8 @@ pub struct Shared {
     /// Rule-set propagation times (publish → every worker acknowledged), in microseconds.
     pub propagation: Mutex<Histogram<u64>>,
     pub started: Instant,
+    /// Data-path availability per probed rule (empty without the self-probe).
+    pub datapath: Mutex<Vec<crate::selfprobe::Availability>>,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
                 Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("constant, valid bounds"),
             ),
             started: Instant::now(),
+            datapath: Mutex::new(Vec::new()),
         })
     }
 
@@ -326,6 +329,12 @@ impl Telemetry for DaemonTelemetry {
             workers,
             poll_mode: self.poll_mode.clone(),
             uptime: self.shared.started.elapsed(),
+            datapath: self
+                .shared
+                .datapath
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         })
     }
 }

@@ -25,7 +25,7 @@ pub use state::{
     Snapshot, StateOptions,
 };
 pub use telemetry::{
-    ControlEvent, CountersSnapshot, EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter,
-    FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry, TelemetryError, WorkerCounters,
-    WorkerStatus,
+    ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
+    FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,
+    TelemetryError, WorkerCounters, WorkerStatus,
 };

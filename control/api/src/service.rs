@@ -955,6 +955,18 @@ impl Xlb for XlbService {
                     eligible: m.eligible,
                 })
                 .collect(),
+            datapath: rt
+                .datapath
+                .iter()
+                .map(|d| pb::DatapathAvailability {
+                    frontend: d.frontend.clone(),
+                    rule: d.rule.clone(),
+                    availability: d.ratio(),
+                    window: d.window,
+                    answered: d.answered_total,
+                    failed: d.failed_total,
+                })
+                .collect(),
         }))
     }
 }

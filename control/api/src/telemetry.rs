@@ -165,6 +165,32 @@ pub struct RuntimeStatus {
     /// "busy" or "wakeup".
     pub poll_mode: String,
     pub uptime: Duration,
+    /// The data-path self-probe's figures, per probed rule (empty when it is off).
+    pub datapath: Vec<DatapathAvailability>,
+}
+
+/// Data-path availability of one (frontend, rule) from the daemon's self-probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathAvailability {
+    pub frontend: String,
+    pub rule: String,
+    /// Results in the window (the most recent probes), and how many of them were answered.
+    pub window: u32,
+    pub window_answered: u32,
+    /// Since start.
+    pub answered_total: u64,
+    pub failed_total: u64,
+}
+
+impl DatapathAvailability {
+    /// Answered share of the window (1.0 before the first result).
+    pub fn ratio(&self) -> f64 {
+        if self.window == 0 {
+            1.0
+        } else {
+            f64::from(self.window_answered) / f64::from(self.window)
+        }
+    }
 }
 
 /// A read from the workers failed (e.g. the daemon is stopping): `UNAVAILABLE`.

@@ -1130,6 +1130,14 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
         }],
         poll_mode: "busy".into(),
         uptime: std::time::Duration::from_secs(42),
+        datapath: vec![xlb_api::DatapathAvailability {
+            frontend: "vip".into(),
+            rule: "web".into(),
+            window: 40,
+            window_answered: 30,
+            answered_total: 90,
+            failed_total: 10,
+        }],
     });
     let st = c
         .get_status(pb::GetStatusRequest {})
@@ -1148,6 +1156,20 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
     assert_eq!(st.workers[0].core, 1);
     assert!(!st.version.is_empty());
     assert!(st.degraded.is_empty(), "{}", st.degraded);
+    let d = &st.datapath[0];
+    assert_eq!(
+        (
+            d.frontend.as_str(),
+            d.rule.as_str(),
+            d.availability,
+            d.window
+        ),
+        ("vip", "web", 0.75, 40)
+    );
+    assert_eq!((d.answered, d.failed), (90, 10));
+    // Every member with its health: no verdict recorded, all eligible.
+    assert!(!st.members.is_empty());
+    assert!(st.members.iter().all(|m| m.eligible && m.probe_healthy));
     h.stop().await;
 }
 

@@ -82,6 +82,14 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Run the data-path self-probe from ADDR (one IPv4 and/or one IPv6 address, repeat the
+    /// option): an address no host has, that the members route back through the appliance.
+    /// Off by default.
+    #[arg(long, value_name = "ADDR")]
+    self_probe_source: Vec<std::net::IpAddr>,
+    /// Seconds between self-probes of each TCP rule (divided by the lab time scale).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    self_probe_interval: f64,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +97,7 @@ fn main() -> ExitCode {
     for (flag, v) in [
         ("--status-interval", Some(cli.status_interval)),
         ("--max-runtime", cli.max_runtime),
+        ("--self-probe-interval", Some(cli.self_probe_interval)),
     ] {
         if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             eprintln!("xlbd: {flag} must be a positive number of seconds");
@@ -141,6 +150,8 @@ fn main() -> ExitCode {
         api,
         api_token,
         metrics: cli.metrics,
+        self_probe_sources: cli.self_probe_source,
+        self_probe_interval: Duration::from_secs_f64(cli.self_probe_interval),
     };
     match daemon::run(opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -805,3 +805,10 @@ impl Lab {
         }
     }
 }
+
+impl Lab {
+    /// xlbd's PID (`ip netns exec` execs it), while it runs.
+    pub fn xlbd_pid(&self) -> Option<u32> {
+        self.xlbd.as_ref().map(Child::id)
+    }
+}

@@ -1827,6 +1827,10 @@ async fn status(c: &mut Client, json: bool) -> Res {
                 "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
                 "flows": w.flows, "flow_capacity": w.flow_capacity,
             })).collect::<Vec<_>>(),
+            "datapath": s.datapath.iter().map(|d| json!({
+                "frontend": d.frontend, "rule": d.rule, "availability": d.availability,
+                "window": d.window, "answered": d.answered, "failed": d.failed,
+            })).collect::<Vec<_>>(),
             "members": s.members.iter().map(|m| json!({
                 "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
                 "admin_state": admin_name(m.admin_state), "probed": m.probed,
@@ -1878,6 +1882,34 @@ async fn status(c: &mut Client, json: bool) -> Res {
         ],
         &rows,
     );
+    if !s.datapath.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .datapath
+            .iter()
+            .map(|d| {
+                vec![
+                    d.frontend.clone(),
+                    d.rule.clone(),
+                    format!("{:.1}%", d.availability * 100.0),
+                    d.window.to_string(),
+                    d.answered.to_string(),
+                    d.failed.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "FRONTEND",
+                "RULE",
+                "DATA PATH",
+                "WINDOW",
+                "ANSWERED",
+                "FAILED",
+            ],
+            &rows,
+        );
+    }
     if !s.members.is_empty() {
         println!();
         let rows: Vec<Vec<String>> = s
