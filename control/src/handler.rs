@@ -16,7 +16,9 @@ use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
 use xlb_api::{FlowFilter, SnatUsage};
-use xlb_engine::{flow::FlowId, Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict};
+use xlb_engine::{
+    flow::FlowId, wire, Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict,
+};
 
 /// Control thread → worker.
 #[derive(Debug, Clone)]
@@ -250,7 +252,7 @@ impl EngineHandler {
         let Ok(p) = wire::parse(frame) else {
             return;
         };
-        if p.proto != proto::TCP {
+        if p.proto != wire::proto::TCP {
             return;
         }
         let syn_ack = wire::tcp_flags::SYN | wire::tcp_flags::ACK;
@@ -492,5 +494,168 @@ impl FrameHandler for EngineHandler {
     fn end_of_iteration(&mut self, started_ns: u64) {
         let took = sys::monotonic_ns().saturating_sub(started_ns).max(1);
         self.loop_latency.saturating_record(took);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use etherparse::PacketBuilder;
+    use xlb_engine::{compile, Config, MemberHealth};
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
+
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "ALL"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+
+[[outbound_rules]]
+name = "out"
+frontends = ["snat"]
+backend_pool = "web"
+protocol = "ALL"
+"#;
+
+    fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, udp: bool) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+            src.octets(),
+            dst.octets(),
+            64,
+        );
+        let mut out = Vec::new();
+        if udp {
+            b.udp(sport, dport).write(&mut out, b"x").unwrap();
+        } else {
+            b.tcp(sport, dport, 1, 1000)
+                .syn()
+                .write(&mut out, &[])
+                .unwrap();
+        }
+        out
+    }
+
+    /// A one-worker handler on `CONFIG` with ports 0 (clients) and 1 (members), both members'
+    /// MACs known, taking answers to the self-probe source 198.18.0.250.
+    fn probe_handler() -> (EngineHandler, Receiver<FromWorker>) {
+        use xlb_engine::{EngineConfig, Route};
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let rules = Arc::new(compile(&config, None, &MemberHealth::default(), 1).unwrap());
+        let mut engine = Engine::new(EngineConfig::default(), rules, 1);
+        let net = engine.next_hops();
+        net.set_port(0, [2, 0, 0, 0, 0xa0, 0]);
+        net.set_port(1, [2, 0, 0, 0, 0xa0, 1]);
+        net.set_routes(vec![
+            Route::v4(Ipv4Addr::new(198, 18, 0, 0), 24, 0, None),
+            Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, 1, None),
+        ]);
+        for (a, mac) in [([198, 18, 1, 11], 0xb1), ([198, 18, 1, 12], 0xb2)] {
+            net.set_neighbor(Addr::from_v4_bytes(a), 1, [2, 0, 0, 0, mac, 1])
+                .unwrap();
+        }
+        let (_to_tx, to_rx) = crossbeam::channel::bounded(8);
+        let (from_tx, from_rx) = crossbeam::channel::bounded(8);
+        let (ack_tx, _ack_rx) = crossbeam::channel::bounded(8);
+        let link = ControlLink {
+            from_control: to_rx,
+            to_control: from_tx,
+            acks: ack_tx,
+        };
+        let h = EngineHandler::new(0, engine, link, u64::MAX, None)
+            .with_probe_sources(vec![Addr::from_v4_bytes([198, 18, 0, 250])]);
+        (h, from_rx)
+    }
+
+    #[test]
+    fn a_self_probe_goes_to_a_member_and_its_answer_is_taken_off_and_closed() {
+        use crate::selfprobe::{Injection, SelfProber};
+        let (mut h, from) = probe_handler();
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let source: std::net::IpAddr = "198.18.0.250".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        let mut prober = SelfProber::new(&[source], std::time::Duration::from_secs(5), t0);
+        let rules = Arc::clone(h.engine().rules());
+        let round = prober.round(t0, &config, &rules, 1, 0, [2, 0, 0, 0, 0xa0, 0]);
+        assert_eq!(round.len(), 1, "rule `web` (ALL, port 80)");
+        let (_, inj): (usize, Injection) = round.into_iter().next().unwrap();
+        h.apply(ToWorker::Probe(inj), 10);
+        // The SYN waits in the outbox, translated toward a member.
+        let mut sent = Vec::new();
+        h.expire(10, 64, &mut |port, f| sent.push((port, f.to_vec())));
+        assert_eq!(sent.len(), 1);
+        let (port, syn) = &sent[0];
+        let p = wire::parse(syn).unwrap();
+        assert_eq!(*port, 1);
+        assert_eq!(p.tcp_flags, wire::tcp_flags::SYN);
+        assert_eq!((p.src, p.dst_port), (Addr::from(source), 8080));
+        let member = p.dst;
+        // The member's SYN-ACK arrives: not transmitted, reported, answered with an RST.
+        let spec = wire::RstSpec {
+            src_mac: syn[0..6].try_into().unwrap(),
+            dst_mac: syn[6..12].try_into().unwrap(),
+            vlan: None,
+            src: member,
+            dst: p.src,
+            src_port: 8080,
+            dst_port: p.src_port,
+            seq: 9_000,
+            ack: Some(p.seq.wrapping_add(1)),
+        };
+        let mut synack = vec![0u8; wire::MAX_RST_FRAME];
+        let n = wire::build_tcp_segment(&mut synack, &spec, wire::tcp_flags::SYN, 1000).unwrap();
+        assert_eq!(h.handle(20, 1, &mut synack[..n]), AfxdpVerdict::Drop);
+        match from.try_recv() {
+            Ok(FromWorker::ProbeAnswer {
+                source: s,
+                port,
+                ok,
+            }) => {
+                assert_eq!((s, port, ok), (Addr::from(source), p.src_port, true));
+                prober.answered(s, port, ok);
+            }
+            other => panic!("{other:?}"),
+        }
+        sent.clear();
+        h.expire(20, 64, &mut |port, f| sent.push((port, f.to_vec())));
+        assert_eq!(sent.len(), 1, "the RST to the member");
+        let rst = wire::parse(&sent[0].1).unwrap();
+        assert_eq!(sent[0].0, 1);
+        assert_eq!(rst.tcp_flags, wire::tcp_flags::RST);
+        assert_eq!((rst.dst, rst.dst_port), (member, 8080));
+        assert_eq!(
+            rst.seq,
+            p.seq.wrapping_add(1),
+            "exactly what the member expects"
+        );
+        assert_eq!(prober.report()[0].window_answered, 1);
+        // Frames to other addresses are never taken for probe answers.
+        let mut reply = frame(
+            Ipv4Addr::new(198, 18, 1, 11),
+            8080,
+            Ipv4Addr::new(198, 18, 0, 10),
+            1234,
+            true,
+        );
+        let _ = h.handle(30, 1, &mut reply);
+        assert!(from.try_recv().is_err(), "no probe answer for other frames");
     }
 }

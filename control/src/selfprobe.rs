@@ -210,7 +210,8 @@ impl SelfProber {
                 continue;
             };
             frame.truncate(len);
-            let Some(w) = crate::handler::owner(rules, &frame, workers) else {
+            let Some(w) = xlb_engine::engine::owner(rules, &frame, workers as u16).map(usize::from)
+            else {
                 continue;
             };
             self.windows.entry(t.clone()).or_default();
@@ -399,7 +400,10 @@ mod tests {
             );
             assert!([80, 443].contains(&pkt.dst_port));
             assert!(PORTS.contains(&pkt.src_port));
-            assert_eq!(Some(*w), crate::handler::owner(&rs, &inj.frame, 2));
+            assert_eq!(
+                Some(*w),
+                xlb_engine::engine::owner(&rs, &inj.frame, 2).map(usize::from)
+            );
             assert_eq!(&inj.frame[0..6], &[2, 0, 0, 0, 0, 9]);
             let seg = &inj.frame[usize::from(pkt.l4_off)..usize::from(pkt.ip_end)];
             assert_eq!(

@@ -224,16 +224,7 @@ impl Engine {
     /// same endpoint, so they land on the same worker whatever queue the NIC picked. SNAT ports
     /// are still partitioned between workers so that two workers never pick the same port.
     pub fn owner(&self, frame: &[u8]) -> Option<u16> {
-        if self.cfg.workers <= 1 {
-            return Some(0);
-        }
-        let pkt = wire::parse(frame).ok()?;
-        let (addr, port) = if self.rules.is_frontend(pkt.dst) {
-            (pkt.src, pkt.src_port)
-        } else {
-            (pkt.dst, pkt.dst_port)
-        };
-        Some(steer(addr, port, self.cfg.workers))
+        owner(&self.rules, frame, self.cfg.workers)
     }
 
     /// Processes one received frame in place.
@@ -701,6 +692,22 @@ impl Engine {
 }
 
 /// The worker of endpoint `addr`:`port` among `workers` (identical on every worker: unkeyed).
+/// The worker among `workers` that owns the flow of `frame` under `rules` (see
+/// [`Engine::owner`]); `None` for a frame that does not parse. For callers without an engine
+/// at hand (the daemon's self-probe picks the worker to inject a probe at).
+pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
+    if workers <= 1 {
+        return Some(0);
+    }
+    let pkt = wire::parse(frame).ok()?;
+    let (addr, port) = if rules.is_frontend(pkt.dst) {
+        (pkt.src, pkt.src_port)
+    } else {
+        (pkt.dst, pkt.dst_port)
+    };
+    Some(steer(addr, port, workers))
+}
+
 pub fn steer(addr: Addr, port: u16, workers: u16) -> u16 {
     let mut h = (addr.0 as u64) ^ ((addr.0 >> 64) as u64).rotate_left(32) ^ ((port as u64) << 48);
     h ^= h >> 33;
