@@ -10,7 +10,6 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     io::{ErrorKind, Read, Write},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc,
@@ -151,19 +150,6 @@ backend_port = 8080
 idle_timeout_minutes = 4
 unknown_flow = "pickup"
 "#;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip(8)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Runs `f` in namespace `ns`; if it panics, fails with xlbd's log as well.
 fn run_in<T: Send + 'static>(lab: &Lab, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -132,7 +132,8 @@ pub fn xlbd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_xlbd")
 }
 
-fn ip(args: &[&str]) {
+/// Runs ip(8) with `args`; panics with its stderr if it fails.
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -201,40 +202,7 @@ impl Lab {
 
     /// [`Lab::start`] with extra xlbd arguments.
     pub fn start_with(config: &str, xlbd_args: &[&str]) -> Lab {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        // "xe" + pid + counter: unique per process and test; short enough for interface names.
-        let prefix = format!("xe{}{}", std::process::id() % 100_000, n);
-        let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (endings_tx, endings) = mpsc::channel();
-        let mut lab = Lab {
-            client: format!("{prefix}-client"),
-            xlb: format!("{prefix}-xlb"),
-            switch: format!("{prefix}-sw"),
-            backend1: format!("{prefix}-b1"),
-            backend2: format!("{prefix}-b2"),
-            internet: format!("{prefix}-inet"),
-            interfaces: vec![
-                format!("{prefix}ac"),
-                format!("{prefix}ab"),
-                format!("{prefix}ai"),
-            ],
-            prefix,
-            dir,
-            xlbd: None,
-            log: Arc::new(Mutex::new(Vec::new())),
-            stop: Arc::new(AtomicBool::new(false)),
-            endings,
-            endings_tx,
-        };
-        // Created first, so that Drop also cleans up a half-built lab.
-        for ns in lab.namespaces() {
-            ip(&["netns", "add", &ns]);
-        }
-        lab.build();
-        lab.start_servers();
-        lab.start_xlbd(config, xlbd_args);
-        lab
+        Lab::start_prepared(config, xlbd_args, |_| ()).0
     }
 
     fn namespaces(&self) -> Vec<String> {
@@ -678,6 +646,7 @@ impl Lab {
         prepare: impl FnOnce(&Lab) -> T,
     ) -> (Lab, T) {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // "xe" + pid + counter: unique per process and test; short enough for interface names.
         let prefix = format!("xe{}{}", std::process::id() % 100_000, n);
         let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -702,6 +671,7 @@ impl Lab {
             endings,
             endings_tx,
         };
+        // Created first, so that Drop also cleans up a half-built lab.
         for ns in lab.namespaces() {
             ip(&["netns", "add", &ns]);
         }
