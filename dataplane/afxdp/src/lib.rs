@@ -11,6 +11,26 @@
 //!
 //! See README.md for the design choices.
 
+/// `mod skel`: the libbpf-cargo skeleton `$file` that build.rs generated from one of
+/// `src/bpf/*.bpf.c`. Generated code, the one place exempt from the crate's lints.
+macro_rules! bpf_skeleton {
+    ($file:literal) => {
+        #[allow(
+            clippy::all,
+            clippy::pedantic,
+            clippy::undocumented_unsafe_blocks,
+            clippy::multiple_unsafe_ops_per_block,
+            missing_docs,
+            missing_debug_implementations,
+            unsafe_op_in_unsafe_fn,
+            unused_imports
+        )]
+        mod skel {
+            include!(concat!(env!("OUT_DIR"), "/", $file));
+        }
+    };
+}
+
 pub mod bare;
 pub mod csum;
 mod error;
