@@ -1,7 +1,8 @@
 //! Drives the established-flow path, or new-flow creation, for profiling
 //! (`valgrind --tool=callgrind`):
 //! `cargo build --release -p xlb-engine --example hotpath && valgrind --tool=callgrind target/release/examples/hotpath 200000`
-//! (established), `... hotpath syn 200000` (a new TCP flow per packet, distinct clients).
+//! (established), `... hotpath syn 200000` (a new TCP flow per packet, distinct clients),
+//! `... hotpath expire 200000` (those flows, then expiring them all).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -45,8 +46,9 @@ fn frame(sport: u16, syn: bool) -> Vec<u8> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let syn_mode = args.first().is_some_and(|a| a == "syn");
+    let expire_mode = args.first().is_some_and(|a| a == "expire");
     let n: usize = args
-        .get(usize::from(syn_mode))
+        .get(usize::from(syn_mode || expire_mode))
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000_000);
     let cfg = Config::from_toml_str(CONFIG).unwrap();
@@ -64,8 +66,28 @@ fn main() {
         )
         .unwrap();
     }
-    if syn_mode {
+    if syn_mode || expire_mode {
         new_flows(&mut e, n);
+        if expire_mode {
+            // Every flow is a half-open TCP flow: due at the half-open timeout.
+            let at = 2 + 3_600_000_000_000;
+            let start = std::time::Instant::now();
+            let mut sink = |_: u16, _: &[u8]| {};
+            let mut handled = 0;
+            loop {
+                let done = e.expire(at, 4096, &mut sink);
+                handled += done;
+                if done == 0 {
+                    break;
+                }
+            }
+            let el = start.elapsed();
+            eprintln!(
+                "{n} flows expired ({handled} timer entries), {:.1} ns/flow, {} left",
+                el.as_nanos() as f64 / n as f64,
+                e.flow_count()
+            );
+        }
         return;
     }
     let flows = 1000u16;
