@@ -236,3 +236,78 @@ fn help_lists_every_command() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn status_shows_workers_data_path_and_member_health() {
+    use xlb_api::{DatapathAvailability, RuntimeStatus, WorkerStatus};
+    let h = Harness::start().await;
+    h.telemetry.set_status(RuntimeStatus {
+        workers: vec![WorkerStatus {
+            worker: 0,
+            interface: "veth0,veth1".into(),
+            queue: 0,
+            core: Some(1),
+            generation: 1,
+            flows: 3,
+            flow_capacity: 100,
+        }],
+        poll_mode: "wakeup".into(),
+        uptime: std::time::Duration::from_secs(7),
+        datapath: vec![DatapathAvailability {
+            frontend: "vip".into(),
+            rule: "web".into(),
+            window: 20,
+            window_answered: 19,
+            answered_total: 50,
+            failed_total: 3,
+        }],
+    });
+    // Drain one member through the CLI; the status then shows it admin down, no new flows.
+    let out = xlbctl(
+        &h.socket,
+        &[
+            "member",
+            "set",
+            "web",
+            "198.18.2.1",
+            "--admin-state",
+            "down",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = xlbctl(&h.socket, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("poll mode wakeup"), "{s}");
+    let row = |needle: &str| {
+        s.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} in\n{s}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("veth0,veth1"),
+        ["0", "veth0,veth1", "0", "1", "1", "3/100"]
+    );
+    assert_eq!(row("95.0%"), ["vip", "web", "95.0%", "20", "50", "3"]);
+    let drained = row("198.18.2.1");
+    assert_eq!((drained[3], drained[5]), ("down", "no"), "{s}");
+    let other = row("198.18.2.2");
+    assert_eq!((other[2], other[3], other[5]), ("2", "none", "yes"), "{s}");
+
+    let out = xlbctl(&h.socket, &["--json", "status"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == "198.18.2.1")
+        .unwrap();
+    assert_eq!(m["admin_state"], "down");
+    assert_eq!(m["eligible"], false);
+    assert_eq!(v["datapath"][0]["availability"], 0.95);
+    assert_eq!(v["workers"][0]["core"], 1);
+}
