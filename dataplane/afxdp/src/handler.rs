@@ -40,6 +40,19 @@ pub trait FrameHandler {
     /// with the `now_ns` the iteration started with: where a handler measures how long its
     /// frames waited in the worker. Not called for idle iterations. The default does nothing.
     fn end_of_iteration(&mut self, _started_ns: u64) {}
+
+    /// How many look-ahead passes the worker makes over each receive batch before handling
+    /// it, calling `prefetch(stage, ..)` for every frame of the batch, stage by stage
+    /// (0: none, the default). Asked once per batch, so a handler can turn it on only when
+    /// its tables outgrow the caches.
+    fn prefetch_stages(&self) -> u8 {
+        0
+    }
+
+    /// Look-ahead pass `stage` over a frame about to be handled: where a handler starts the
+    /// memory loads `handle` will need (see [`crate::sys::prefetch`]). Must not change state
+    /// `handle` depends on. The default does nothing.
+    fn prefetch(&mut self, _stage: u8, _ingress: PortId, _frame: &[u8]) {}
 }
 
 impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
@@ -61,5 +74,13 @@ impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
 
     fn end_of_iteration(&mut self, started_ns: u64) {
         (**self).end_of_iteration(started_ns)
+    }
+
+    fn prefetch_stages(&self) -> u8 {
+        (**self).prefetch_stages()
+    }
+
+    fn prefetch(&mut self, stage: u8, ingress: PortId, frame: &[u8]) {
+        (**self).prefetch(stage, ingress, frame)
     }
 }

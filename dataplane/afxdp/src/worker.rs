@@ -800,6 +800,16 @@ impl Io {
         let port = socks[s].port;
         let su = socks[s].umem;
         let umem = &umems[su];
+        if n > 0 {
+            for stage in 0..h.prefetch_stages() {
+                for desc in &descs[..n] {
+                    // SAFETY: consumed from the RX ring just above: the kernel is done with
+                    // the frame and nothing else refers to it; read only, before `handle`.
+                    let data = unsafe { umem.data(desc) };
+                    h.prefetch(stage, port, data.contents());
+                }
+            }
+        }
         for desc in &mut descs[..n] {
             let rx_len = desc.lengths().data();
             let c = &mut counters[usize::from(port)];

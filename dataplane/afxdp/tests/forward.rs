@@ -136,15 +136,33 @@ fn bare_forwarder_binary_carries_udp_and_tcp() {
     println!("{out}");
 }
 
-/// Wraps the bare forwarder and emits one frame from its first `expire`.
+/// Wraps the bare forwarder, emits one frame from its first `expire`, and asks for two
+/// look-ahead passes, counting that every frame went through both before `handle`.
 struct EmitOnce {
     inner: BareForwarder,
     frame: Option<(PortId, Vec<u8>)>,
+    looked_ahead: [u64; 2],
+    handled: u64,
+    not_looked_ahead: u64,
 }
 
 impl FrameHandler for EmitOnce {
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict {
+        if self.looked_ahead[0].min(self.looked_ahead[1]) <= self.handled {
+            self.not_looked_ahead += 1;
+        }
+        self.handled += 1;
         self.inner.handle(now_ns, ingress, frame)
+    }
+
+    fn prefetch_stages(&self) -> u8 {
+        2
+    }
+
+    fn prefetch(&mut self, stage: u8, _ingress: PortId, frame: &[u8]) {
+        if !frame.is_empty() {
+            self.looked_ahead[usize::from(stage)] += 1;
+        }
     }
 
     fn next_deadline(&self) -> Option<u64> {
@@ -252,6 +270,9 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
         let handler = EmitOnce {
             inner: BareForwarder::new(ports, tables, None, 1),
             frame: Some((1, frame)),
+            looked_ahead: [0; 2],
+            handled: 0,
+            not_looked_ahead: 0,
         };
         let stats = worker.stats();
         let h = spawn(0, worker, handler, stop2, None).unwrap();
@@ -260,10 +281,13 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
         exit.result.as_ref().unwrap();
         let counters = xdp.counters().unwrap();
         drop(xdp);
+        let h = &exit.handler;
+        let look = (h.looked_ahead, h.handled, h.not_looked_ahead);
         (
             exit.worker.stats().ports(),
             exit.handler.inner.stats(),
             counters,
+            look,
         )
     });
     let live = ready_rx
@@ -289,7 +313,14 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
     );
 
     stop.store(true, Ordering::Relaxed);
-    let (ports, bare, xdp) = fwd.join().expect("forwarder thread");
+    let (ports, bare, xdp, look) = fwd.join().expect("forwarder thread");
+    let (looked_ahead, handled, not_looked_ahead) = look;
+    assert!(handled > 100, "{look:?}");
+    assert_eq!(
+        looked_ahead, [handled; 2],
+        "both look-ahead passes saw every frame"
+    );
+    assert_eq!(not_looked_ahead, 0, "look-ahead runs before handle");
     assert_eq!(ports[1].emitted, 1, "{ports:?}");
     assert_eq!(emitted.join().unwrap(), vec![b"emitted-by-timer".to_vec()]);
     assert!(
