@@ -600,11 +600,11 @@ mod tests {
         let m = member_only_from(
             "p",
             pb::Member {
-                address: "10.0.0.1".into(),
+                address: "198.18.2.1".into(),
                 ..Default::default()
             },
         )
         .unwrap();
-        assert_eq!(m, cfg::Member::new("10.0.0.1".parse().unwrap()));
+        assert_eq!(m, cfg::Member::new("198.18.2.1".parse().unwrap()));
     }
 }

@@ -876,7 +876,7 @@ mod tests {
 
     #[test]
     fn prefix_match_edges() {
-        assert!(prefix_match(&[10, 0, 0, 0], &[99, 1, 2, 3], 0));
+        assert!(prefix_match(&[198, 18, 0, 0], &[203, 0, 113, 3], 0));
         assert!(prefix_match(&[198, 18, 0, 0], &[198, 19, 255, 1], 15));
         assert!(!prefix_match(&[198, 18, 0, 0], &[198, 20, 0, 1], 15));
         assert!(prefix_match(&[1, 2, 3, 4], &[1, 2, 3, 4], 32));

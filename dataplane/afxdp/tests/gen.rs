@@ -312,7 +312,14 @@ fn generator_to_sink_counts_udp_syn_and_ack() {
 fn generator_refuses_addresses_outside_the_benchmark_range() {
     for (args, want) in [
         (
-            ["--src", "10.0.0.1", "--dst", "198.18.0.1", "--flows", "1"],
+            [
+                "--src",
+                "203.0.113.1",
+                "--dst",
+                "198.18.0.1",
+                "--flows",
+                "1",
+            ],
             "198.18.0.0/15",
         ),
         (

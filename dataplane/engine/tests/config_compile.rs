@@ -50,14 +50,14 @@ fn documented_example_parses_and_compiles() {
 
     let ha = rs.rule_id(RuleKind::LoadBalancing, "ha").unwrap();
     let dns = rs.rule_id(RuleKind::LoadBalancing, "dns").unwrap();
-    let ilb = addr("10.1.0.100");
+    let ilb = addr("198.18.4.100");
     assert_eq!(rs.match_inbound(PROTO_UDP, ilb, 53), Some(dns));
     assert_eq!(rs.match_inbound(PROTO_UDP, ilb, 5353), Some(ha));
     let nat_range = rs.rule_id(RuleKind::InboundNat, "ssh-apps").unwrap();
     assert_eq!(rs.match_inbound(PROTO_TCP, ilb, 50001), Some(nat_range));
     assert_eq!(rs.match_inbound(PROTO_UDP, ilb, 50001), Some(ha));
 
-    let (out, blocks) = rs.match_outbound(PROTO_UDP, addr("10.0.0.3")).unwrap();
+    let (out, blocks) = rs.match_outbound(PROTO_UDP, addr("198.18.2.3")).unwrap();
     assert_eq!(rs.rule(out).unwrap().kind, RuleKind::Outbound);
     assert_eq!(rs.rule(out).unwrap().idle_timeout, mins(60));
     assert_eq!(
@@ -68,7 +68,7 @@ fn documented_example_parses_and_compiles() {
     for fe in &c.frontends {
         assert!(rs.is_frontend(Addr::from(fe.address)), "{}", fe.name);
     }
-    assert!(!rs.is_frontend(addr("10.0.0.1")));
+    assert!(!rs.is_frontend(addr("198.18.2.1")));
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn pool(name: &str, n: usize) -> BackendPool {
         members: (0..n)
             .map(|i| {
                 Member::new(
-                    format!("10.{}.{}.{}", 200 + i / 65536, (i / 256) % 256, i % 256)
+                    format!("198.19.{}.{}", (i / 256) % 256, i % 256)
                         .parse()
                         .unwrap(),
                 )
@@ -201,7 +201,7 @@ fn rule_ids_are_per_kind() {
 fn ilb_config() -> Config {
     let mut c = Config {
         frontends: vec![
-            frontend("ilb", "10.1.0.100", FrontendKind::Internal),
+            frontend("ilb", "198.18.4.100", FrontendKind::Internal),
             frontend("vip", "198.18.0.10", FrontendKind::Public),
         ],
         backend_pools: vec![pool("web", 3)],
@@ -221,7 +221,7 @@ fn ilb_config() -> Config {
         protocol: Protocol::Tcp,
         frontend_port: Some(2222),
         frontend_port_range: None,
-        target: Some("10.200.0.1".parse().unwrap()),
+        target: Some("198.18.5.1".parse().unwrap()),
         backend_pool: None,
         backend_port: 22,
         idle_timeout_minutes: 4,
@@ -245,7 +245,7 @@ fn ilb_config() -> Config {
 #[test]
 fn match_inbound_precedence() {
     let rs = build(&ilb_config(), None, 1);
-    let (ilb, vip) = (addr("10.1.0.100"), addr("198.18.0.10"));
+    let (ilb, vip) = (addr("198.18.4.100"), addr("198.18.0.10"));
     let ha = id(&rs, "ha");
     let dns = id(&rs, "dns");
     let tcp443 = id(&rs, "tcp443");
@@ -273,7 +273,7 @@ fn match_inbound_precedence() {
     assert_eq!(rs.match_inbound(PROTO_TCP, vip, 80), Some(id(&rs, "web")));
     assert_eq!(rs.match_inbound(PROTO_UDP, vip, 80), None);
     assert_eq!(rs.match_inbound(PROTO_TCP, vip, 81), None);
-    assert_eq!(rs.match_inbound(PROTO_TCP, addr("10.1.0.101"), 53), None);
+    assert_eq!(rs.match_inbound(PROTO_TCP, addr("198.18.4.101"), 53), None);
     assert_eq!(rs.match_inbound(PROTO_TCP, addr("2001:db8::1"), 53), None);
 }
 
@@ -324,10 +324,10 @@ fn is_frontend_covers_every_frontend_and_nothing_else() {
     c.frontends
         .push(frontend("v6", "2001:db8::10", FrontendKind::Public));
     let rs = build(&c, None, 1);
-    for a in ["10.1.0.100", "198.18.0.10", "198.18.0.99", "2001:db8::10"] {
+    for a in ["198.18.4.100", "198.18.0.10", "198.18.0.99", "2001:db8::10"] {
         assert!(rs.is_frontend(addr(a)), "{a}");
     }
-    for a in ["10.200.0.0", "198.18.0.11", "2001:db8::11", "0.0.0.0"] {
+    for a in ["198.18.5.0", "198.18.0.11", "2001:db8::11", "0.0.0.0"] {
         assert!(!rs.is_frontend(addr(a)), "{a}");
     }
 }
@@ -371,12 +371,7 @@ fn snat_config(members: usize, ips: usize, ports: Option<u32>, protocol: Protoco
 }
 
 fn member(i: usize) -> Addr {
-    addr(&format!(
-        "10.{}.{}.{}",
-        200 + i / 65536,
-        (i / 256) % 256,
-        i % 256
-    ))
+    addr(&format!("198.19.{}.{}", (i / 256) % 256, i % 256))
 }
 
 fn blocks(rs: &RuleSet, i: usize) -> Vec<PortBlock> {
@@ -482,7 +477,7 @@ fn match_outbound_by_protocol_and_member() {
     let out = rs.rule_id(RuleKind::Outbound, "out").unwrap();
     assert_eq!(rs.match_outbound(PROTO_TCP, member(1)).unwrap().0, out);
     assert!(rs.match_outbound(PROTO_UDP, member(1)).is_none());
-    assert!(rs.match_outbound(PROTO_TCP, addr("10.9.9.9")).is_none());
+    assert!(rs.match_outbound(PROTO_TCP, addr("198.18.9.9")).is_none());
     assert!(rs.match_outbound(ICMP, member(1)).is_none());
     assert!(rs.is_frontend(addr("198.18.1.1")));
 

@@ -43,7 +43,7 @@ impl Rng {
 }
 
 const VIP: &str = "198.18.0.10";
-const ILB: &str = "10.1.0.100";
+const ILB: &str = "198.18.4.100";
 
 fn member(a: &str, weight: u32) -> Member {
     Member {
@@ -88,7 +88,7 @@ fn config(weights: &[u32]) -> Config {
             members: weights
                 .iter()
                 .enumerate()
-                .map(|(i, &w)| member(&format!("10.0.0.{}", i + 1), w))
+                .map(|(i, &w)| member(&format!("198.18.2.{}", i + 1), w))
                 .collect(),
         }],
         load_balancing_rules: vec![rule("web", "vip", Protocol::Tcp, 80)],
@@ -139,7 +139,7 @@ fn spread_follows_weights() {
     let n = 100_000;
     let counts = spread(&rs, lb_id(&rs, "web"), n);
     for (i, w) in [1.0, 2.0, 3.0, 4.0].into_iter().enumerate() {
-        let got = counts[&addr(&format!("10.0.0.{}", i + 1))] as f64 / n as f64;
+        let got = counts[&addr(&format!("198.18.2.{}", i + 1))] as f64 / n as f64;
         let want = w / 10.0;
         assert!((got - want).abs() < 0.01, "member {i}: {got} vs {want}");
     }
@@ -161,15 +161,15 @@ fn equal_weights_spread_evenly_over_many_members() {
 fn unhealthy_members_are_never_chosen() {
     let c = config(&[1, 1, 1]);
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.2"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
     let rs = build(&c, &health);
     let counts = spread(&rs, lb_id(&rs, "web"), 20_000);
-    assert!(!counts.contains_key(&addr("10.0.0.2")));
+    assert!(!counts.contains_key(&addr("198.18.2.2")));
     assert_eq!(counts.len(), 2);
 
     // Health of another pool does not matter.
     let mut other = MemberHealth::all_healthy();
-    other.set_healthy("other", addr("10.0.0.2"), false);
+    other.set_healthy("other", addr("198.18.2.2"), false);
     let rs = build(&c, &other);
     assert_eq!(spread(&rs, lb_id(&rs, "web"), 20_000).len(), 3);
 }
@@ -180,13 +180,13 @@ fn admin_state_overrides_probes() {
     c.backend_pools[0].members[0].admin_state = AdminState::Down;
     c.backend_pools[0].members[1].admin_state = AdminState::Up;
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.2"), false);
-    health.set_healthy("web", addr("10.0.0.3"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
+    health.set_healthy("web", addr("198.18.2.3"), false);
     let rs = build(&c, &health);
     let counts = spread(&rs, lb_id(&rs, "web"), 10_000);
     assert_eq!(
         counts.keys().copied().collect::<Vec<_>>(),
-        [addr("10.0.0.2")]
+        [addr("198.18.2.2")]
     );
 }
 
@@ -194,18 +194,18 @@ fn admin_state_overrides_probes() {
 fn no_healthy_member_selects_none() {
     let c = config(&[1, 1]);
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.1"), false);
-    health.set_healthy("web", addr("10.0.0.2"), false);
+    health.set_healthy("web", addr("198.18.2.1"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
     let rs = build(&c, &health);
     let t = Rng(1).tuple(addr(VIP), 80);
     assert_eq!(rs.select_backend(lb_id(&rs, "web"), &t), None);
 
     // Marked healthy again: chosen again.
-    health.set_healthy("web", addr("10.0.0.1"), true);
+    health.set_healthy("web", addr("198.18.2.1"), true);
     let rs = build(&c, &health);
     assert_eq!(
         rs.select_backend(lb_id(&rs, "web"), &t).unwrap().addr,
-        addr("10.0.0.1")
+        addr("198.18.2.1")
     );
 
     let mut empty = config(&[]);
@@ -294,7 +294,7 @@ fn ha_ports_keep_the_destination_port_and_floating_ip_keeps_the_frontend_port() 
         };
         let b = rs.select_backend(lb_id(&rs, "ha"), &t).unwrap();
         assert_eq!(b.port, port);
-        assert!(b.addr == addr("10.0.0.1") || b.addr == addr("10.0.0.2"));
+        assert!(b.addr == addr("198.18.2.1") || b.addr == addr("198.18.2.2"));
     }
     let t = rng.tuple(addr(VIP), 5000);
     let b = rs.select_backend(lb_id(&rs, "floating"), &t).unwrap();
@@ -326,13 +326,13 @@ fn inbound_nat_single_target() {
     let mut c = config(&[1, 1, 1]);
     c.inbound_nat_rules.push(InboundNatRule {
         frontend_port: Some(2202),
-        target: Some("10.0.0.2".parse().unwrap()),
+        target: Some("198.18.2.2".parse().unwrap()),
         backend_pool: Some("web".into()),
         ..nat("pooled")
     });
     c.inbound_nat_rules.push(InboundNatRule {
         frontend_port: Some(2209),
-        target: Some("10.9.9.9".parse().unwrap()),
+        target: Some("198.18.9.9".parse().unwrap()),
         ..nat("loose")
     });
     let mut health = MemberHealth::all_healthy();
@@ -345,16 +345,19 @@ fn inbound_nat_single_target() {
         assert_eq!(
             rs.select_backend(pooled, &t),
             Some(Backend {
-                addr: addr("10.0.0.2"),
+                addr: addr("198.18.2.2"),
                 port: 22
             })
         );
         let t = rng.tuple(addr(VIP), 2209);
-        assert_eq!(rs.select_backend(loose, &t).unwrap().addr, addr("10.9.9.9"));
+        assert_eq!(
+            rs.select_backend(loose, &t).unwrap().addr,
+            addr("198.18.9.9")
+        );
     }
 
     // Its pool says it is down: no backend (no fail-over: port forwarding is to one host).
-    health.set_healthy("web", addr("10.0.0.2"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
     let rs = build(&c, &health);
     assert_eq!(rs.select_backend(pooled, &rng.tuple(addr(VIP), 2202)), None);
     assert!(rs
@@ -374,13 +377,13 @@ fn inbound_nat_port_range_maps_one_port_per_member_in_order() {
         ..nat("range")
     });
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.3"), false);
+    health.set_healthy("web", addr("198.18.2.3"), false);
     let rs = build(&c, &health);
     let id = rs.rule_id(RuleKind::InboundNat, "range").unwrap();
     let mut rng = Rng(11);
     let pick = |port: u16, rng: &mut Rng| rs.select_backend(id, &rng.tuple(addr(VIP), port));
-    assert_eq!(pick(50_000, &mut rng).unwrap().addr, addr("10.0.0.1"));
-    assert_eq!(pick(50_001, &mut rng).unwrap().addr, addr("10.0.0.2"));
+    assert_eq!(pick(50_000, &mut rng).unwrap().addr, addr("198.18.2.1"));
+    assert_eq!(pick(50_001, &mut rng).unwrap().addr, addr("198.18.2.2"));
     assert_eq!(pick(50_001, &mut rng).unwrap().port, 22);
     // Member 3 is down; ports 50003–50004 are spare.
     assert_eq!(pick(50_002, &mut rng), None);
@@ -396,7 +399,7 @@ fn a_member_going_down_moves_only_its_own_flows_mostly() {
     let c = config(&[1; 10]);
     let before = build(&c, &MemberHealth::all_healthy());
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.4"), false);
+    health.set_healthy("web", addr("198.18.2.4"), false);
     let after = build(&c, &health);
     let id = lb_id(&before, "web");
     let mut rng = Rng(13);
@@ -404,7 +407,7 @@ fn a_member_going_down_moves_only_its_own_flows_mostly() {
     for _ in 0..20_000 {
         let t = rng.tuple(addr(VIP), 80);
         let b = before.select_backend(id, &t).unwrap();
-        if b.addr == addr("10.0.0.4") {
+        if b.addr == addr("198.18.2.4") {
             continue;
         }
         total += 1;
@@ -428,17 +431,17 @@ fn backend_eligible_follows_health_and_admin_state() {
         ..nat("range")
     });
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.2"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
     let rs = build(&c, &health);
     let web = lb_id(&rs, "web");
     let range = rs.rule_id(RuleKind::InboundNat, "range").unwrap();
     for id in [web, range] {
-        assert!(rs.backend_eligible(id, addr("10.0.0.1")));
-        assert!(!rs.backend_eligible(id, addr("10.0.0.2")));
-        assert!(!rs.backend_eligible(id, addr("10.0.0.3")));
-        assert!(!rs.backend_eligible(id, addr("10.0.0.9")));
+        assert!(rs.backend_eligible(id, addr("198.18.2.1")));
+        assert!(!rs.backend_eligible(id, addr("198.18.2.2")));
+        assert!(!rs.backend_eligible(id, addr("198.18.2.3")));
+        assert!(!rs.backend_eligible(id, addr("198.18.2.9")));
     }
-    assert!(!rs.backend_eligible(999, addr("10.0.0.1")));
+    assert!(!rs.backend_eligible(999, addr("198.18.2.1")));
 }
 
 #[test]
@@ -457,37 +460,37 @@ fn backend_down_names_configured_members_that_are_down_only() {
     });
     c.inbound_nat_rules.push(InboundNatRule {
         frontend_port: Some(2202),
-        target: Some("10.0.0.2".parse().unwrap()),
+        target: Some("198.18.2.2".parse().unwrap()),
         backend_pool: Some("web".into()),
         ..nat("single")
     });
     c.inbound_nat_rules.push(InboundNatRule {
         frontend_port: Some(2203),
-        target: Some("10.0.0.9".parse().unwrap()),
+        target: Some("198.18.2.9".parse().unwrap()),
         ..nat("no-pool")
     });
     let mut health = MemberHealth::all_healthy();
-    health.set_healthy("web", addr("10.0.0.2"), false);
-    health.set_healthy("web", addr("10.0.0.4"), false);
+    health.set_healthy("web", addr("198.18.2.2"), false);
+    health.set_healthy("web", addr("198.18.2.4"), false);
     let rs = build(&c, &health);
     let web = lb_id(&rs, "web");
     let range = rs.rule_id(RuleKind::InboundNat, "range").unwrap();
     for id in [web, range] {
-        assert!(!rs.backend_down(id, addr("10.0.0.1")));
-        assert!(rs.backend_down(id, addr("10.0.0.2")), "probe failed");
-        assert!(rs.backend_down(id, addr("10.0.0.3")), "admin down");
-        assert!(!rs.backend_down(id, addr("10.0.0.4")), "admin up");
-        assert!(!rs.backend_down(id, addr("10.0.0.9")), "not a member");
+        assert!(!rs.backend_down(id, addr("198.18.2.1")));
+        assert!(rs.backend_down(id, addr("198.18.2.2")), "probe failed");
+        assert!(rs.backend_down(id, addr("198.18.2.3")), "admin down");
+        assert!(!rs.backend_down(id, addr("198.18.2.4")), "admin up");
+        assert!(!rs.backend_down(id, addr("198.18.2.9")), "not a member");
     }
     let single = rs.rule_id(RuleKind::InboundNat, "single").unwrap();
-    assert!(rs.backend_down(single, addr("10.0.0.2")));
-    assert!(!rs.backend_down(single, addr("10.0.0.1")));
+    assert!(rs.backend_down(single, addr("198.18.2.2")));
+    assert!(!rs.backend_down(single, addr("198.18.2.1")));
     let no_pool = rs.rule_id(RuleKind::InboundNat, "no-pool").unwrap();
     assert!(
-        !rs.backend_down(no_pool, addr("10.0.0.9")),
+        !rs.backend_down(no_pool, addr("198.18.2.9")),
         "no pool, never down"
     );
-    assert!(!rs.backend_down(999, addr("10.0.0.2")), "deleted rule");
+    assert!(!rs.backend_down(999, addr("198.18.2.2")), "deleted rule");
     let healthy = build(&config(&[1, 1]), &MemberHealth::all_healthy());
-    assert!(!healthy.backend_down(lb_id(&healthy, "web"), addr("10.0.0.1")));
+    assert!(!healthy.backend_down(lb_id(&healthy, "web"), addr("198.18.2.1")));
 }

@@ -22,14 +22,7 @@ fn members(prefix: &str, n: usize) -> Vec<Member> {
 
 fn many_members(n: usize) -> Vec<Member> {
     (0..n)
-        .map(|i| {
-            Member::new(ip(&format!(
-                "10.{}.{}.{}",
-                100 + i / 65536,
-                (i / 256) % 256,
-                i % 256
-            )))
-        })
+        .map(|i| Member::new(ip(&format!("198.19.{}.{}", (i / 256) % 256, i % 256))))
         .collect()
 }
 
@@ -57,7 +50,7 @@ fn nat(name: &str, port: u32) -> InboundNatRule {
         protocol: Protocol::Tcp,
         frontend_port: Some(port),
         frontend_port_range: None,
-        target: Some(ip("10.0.0.1")),
+        target: Some(ip("198.18.2.1")),
         backend_pool: None,
         backend_port: 22,
         idle_timeout_minutes: 4,
@@ -91,7 +84,7 @@ fn base() -> Config {
             },
             Frontend {
                 name: "ilb".into(),
-                address: ip("10.1.0.100"),
+                address: ip("198.18.4.100"),
                 kind: FrontendKind::Internal,
             },
             Frontend {
@@ -113,7 +106,7 @@ fn base() -> Config {
         backend_pools: vec![
             BackendPool {
                 name: "web".into(),
-                members: members("10.0.0.", 3),
+                members: members("198.18.2.", 3),
             },
             BackendPool {
                 name: "web6".into(),
@@ -228,7 +221,7 @@ fn idle_timeout_defaults_to_4_minutes() {
         kind = "public"
         [[backend_pools]]
         name = "web"
-        members = [{ address = "10.0.0.1" }]
+        members = [{ address = "198.18.2.1" }]
         [[load_balancing_rules]]
         name = "web"
         frontend = "vip"
@@ -580,15 +573,15 @@ fn references_resolve() {
 #[test]
 fn nat_target_is_any_address_or_a_member_of_its_pool() {
     let mut c = base();
-    c.inbound_nat_rules[0].target = Some(ip("10.9.9.9"));
+    c.inbound_nat_rules[0].target = Some(ip("198.18.9.9"));
     ok(&c);
     c.inbound_nat_rules[0].backend_pool = Some("web".into());
     says(
         &only_error(&c, "inbound_nat_rules[ssh].target"),
-        "10.9.9.9",
+        "198.18.9.9",
         "a member of pool \"web\"",
     );
-    c.inbound_nat_rules[0].target = Some(ip("10.0.0.2"));
+    c.inbound_nat_rules[0].target = Some(ip("198.18.2.2"));
     ok(&c);
     c.inbound_nat_rules[0].target = None;
     only_error(&c, "inbound_nat_rules[ssh].target");
@@ -656,7 +649,7 @@ fn nat_port_range_shape() {
 
     let mut c = base();
     let mut r = range_rule(50000, 50010);
-    r.target = Some(ip("10.0.0.1"));
+    r.target = Some(ip("198.18.2.1"));
     c.inbound_nat_rules.push(r);
     only_error(&c, "inbound_nat_rules[range].target");
 
@@ -691,7 +684,7 @@ fn weights_1_to_1000() {
         if valid {
             ok(&c);
         } else {
-            let e = only_error(&c, "backend_pools[web].members[10.0.0.2].weight");
+            let e = only_error(&c, "backend_pools[web].members[198.18.2.2].weight");
             says(&e, &v.to_string(), "1–1000");
         }
     }
@@ -794,8 +787,8 @@ fn frontend_addresses_unique_and_unicast() {
     only_error(&c, "frontends[snat2].address");
 
     let mut c = base();
-    c.backend_pools[0].members[2].address = ip("10.0.0.1");
-    only_error(&c, "backend_pools[web].members[10.0.0.1].address");
+    c.backend_pools[0].members[2].address = ip("198.18.2.1");
+    only_error(&c, "backend_pools[web].members[198.18.2.1].address");
 }
 
 #[test]
@@ -895,7 +888,7 @@ fn outbound_membership_and_frontends_per_protocol() {
         ],
         "{e:#?}"
     );
-    assert!(e[0].message.contains("10.0.0.1") && e[0].message.contains("outbound_rules[out]"));
+    assert!(e[0].message.contains("198.18.2.1") && e[0].message.contains("outbound_rules[out]"));
 
     // Another IP fixes the frontend clash but not the member clash.
     c.outbound_rules[1].frontends = vec!["snat2".into()];
@@ -963,7 +956,7 @@ fn all_errors_reported_at_once() {
     assert_eq!(
         paths,
         [
-            "backend_pools[web].members[10.0.0.1].weight",
+            "backend_pools[web].members[198.18.2.1].weight",
             "load_balancing_rules[web].idle_timeout_minutes",
             "inbound_nat_rules[ssh].backend_port",
             "outbound_rules[out].allocated_outbound_ports",
@@ -1009,7 +1002,7 @@ fn toml_errors_are_parse_errors() {
 #[test]
 fn admin_state_parses() {
     let c = Config::from_toml_str(
-        "[[backend_pools]]\nname = \"p\"\nmembers = [{ address = \"10.0.0.1\", admin_state = \"down\" }, { address = \"10.0.0.2\", admin_state = \"up\", weight = 5 }]\n",
+        "[[backend_pools]]\nname = \"p\"\nmembers = [{ address = \"198.18.2.1\", admin_state = \"down\" }, { address = \"198.18.2.2\", admin_state = \"up\", weight = 5 }]\n",
     )
     .unwrap();
     assert_eq!(c.backend_pools[0].members[0].admin_state, AdminState::Down);

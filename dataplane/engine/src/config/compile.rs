@@ -422,10 +422,10 @@ mod tests {
             kind = "public"
             [[backend_pools]]
             name = "a"
-            members = [{ address = "10.0.0.1" }, { address = "10.0.0.2" }]
+            members = [{ address = "198.18.2.1" }, { address = "198.18.2.2" }]
             [[backend_pools]]
             name = "b"
-            members = [{ address = "10.0.1.1" }]
+            members = [{ address = "198.18.3.1" }]
             [[load_balancing_rules]]
             name = "a80"
             frontend = "vip"
@@ -472,7 +472,7 @@ mod tests {
         let c = config();
         let mut health = MemberHealth::all_healthy();
         let g1 = compile(&c, None, &health, 1).unwrap();
-        health.set_healthy("a", Addr::from_v4_bytes([10, 0, 0, 2]), false);
+        health.set_healthy("a", Addr::from_v4_bytes([198, 18, 2, 2]), false);
         let g2 = compile(&c, Some(&g1), &health, 2).unwrap();
         assert!(!Arc::ptr_eq(&table(&g1, "a80"), &table(&g2, "a80")));
         assert!(Arc::ptr_eq(&table(&g1, "b82"), &table(&g2, "b82")));
@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn member_health_defaults_to_healthy_and_admin_state_wins() {
-        let a = Addr::from_v4_bytes([10, 0, 0, 1]);
+        let a = Addr::from_v4_bytes([198, 18, 2, 1]);
         let mut h = MemberHealth::all_healthy();
         assert!(h.is_healthy("p", a));
         h.set_healthy("p", a, false);

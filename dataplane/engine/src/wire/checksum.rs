@@ -267,18 +267,18 @@ mod tests {
     #[test]
     fn pseudo_header_sums() {
         let (s4, d4) = (
-            Addr::from_v4_bytes([10, 0, 0, 1]),
-            Addr::from_v4_bytes([10, 0, 0, 2]),
+            Addr::from_v4_bytes([198, 18, 2, 1]),
+            Addr::from_v4_bytes([198, 18, 2, 2]),
         );
-        // 0a00 + 0001 + 0a00 + 0002 + 0006 + 0014
-        assert_eq!(pseudo_header_sum(s4, d4, false, 6, 20), 0x141d);
+        // c612 + 0201 + c612 + 0202 + 0006 + 0014, end-around carried.
+        assert_eq!(pseudo_header_sum(s4, d4, false, 6, 20), 0x9042);
         let s6 = Addr::from_v6_bytes([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         let d6 = Addr::from_v6_bytes([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
         // 2001 + 0db8 + 0001 + fe80 + ffff + 0011 + 0008, end-around carried.
         let words: u64 = 0x2001 + 0x0db8 + 0x0001 + 0xfe80 + 0xffff + 0x0011 + 0x0008;
         assert_eq!(pseudo_header_sum(s6, d6, true, 17, 8), fold(words));
         // The reference verifier agrees: an all-zero segment adds nothing to the pseudo-sum.
-        assert_eq!(verify_sum(s4, d4, false, 6, &[0; 20]), 0x141d);
+        assert_eq!(verify_sum(s4, d4, false, 6, &[0; 20]), 0x9042);
     }
 
     #[test]

@@ -62,8 +62,8 @@ pub(crate) mod fixtures {
 
     pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
     pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
-    pub const V4_A: [u8; 4] = [10, 0, 0, 1];
-    pub const V4_B: [u8; 4] = [10, 0, 0, 2];
+    pub const V4_A: [u8; 4] = [198, 18, 2, 1];
+    pub const V4_B: [u8; 4] = [198, 18, 2, 2];
     pub const V6_A: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     pub const V6_B: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
