@@ -6,7 +6,7 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Read},
+    io::ErrorKind,
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -53,9 +53,8 @@ async fn status(c: &mut Client) -> pb::GetStatusResponse {
 /// Reads until the connection ends; how long that took and how it ended.
 fn wait_for_end(s: &mut TcpStream, limit: Duration) -> (Duration, std::io::Result<usize>) {
     let from = Instant::now();
-    s.set_read_timeout(Some(limit)).unwrap();
     let mut buf = [0u8; 16];
-    let r = s.read(&mut buf);
+    let r = read_within(s, &mut buf, limit);
     (from.elapsed(), r)
 }
 

@@ -199,7 +199,7 @@ impl UdpFlows {
         let s = &self.socks[i];
         s.send_to(q.as_bytes(), (VIP, 53)).unwrap();
         let mut buf = [0u8; 256];
-        let (n, from) = s.recv_from(&mut buf).ok()?;
+        let (n, from) = recv_from_retrying(s, &mut buf).ok()?;
         assert_eq!(from, SocketAddr::new(VIP.parse().unwrap(), 53));
         let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
         let (who, echoed) = answer.split_once(':').expect("name:payload");

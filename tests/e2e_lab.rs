@@ -75,10 +75,8 @@ fn reset_on_idle_gives_client_and_backend_econnreset() {
     assert_eq!(echo(&mut s, b"hello\n"), b"hello\n");
     let idle_from = Instant::now();
     // Both ends now block in recv(): the client here, the backend in its server thread.
-    s.set_read_timeout(Some(IDLE + SLACK + Duration::from_secs(5)))
-        .unwrap();
     let mut buf = [0u8; 16];
-    let r = s.read(&mut buf);
+    let r = read_within(&mut s, &mut buf, IDLE + SLACK + Duration::from_secs(5));
     let waited = idle_from.elapsed();
     match r {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
@@ -153,7 +151,7 @@ fn silent_expiry_late_send_gets_no_answer_and_is_counted() {
     assert_eq!(lab.stat("rsts_sent"), 0, "silent by default");
     s.write_all(b"anyone?\n").unwrap();
     let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
+    match read_within(&mut s, &mut buf, Duration::from_secs(3)) {
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
         other => panic!("expected no answer, got {other:?}"),
     }
@@ -178,7 +176,7 @@ fn udp_flow_expires_at_the_udp_timeout_not_the_rules_tcp_timeout() {
     let ask = |q: &[u8]| {
         sock.send_to(q, (VIP, 53)).unwrap();
         let mut buf = [0u8; 256];
-        let (n, from) = sock.recv_from(&mut buf).expect("UDP answer");
+        let (n, from) = recv_from_retrying(&sock, &mut buf).expect("UDP answer");
         assert_eq!(from, SocketAddr::new(VIP.parse().unwrap(), 53));
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
@@ -296,10 +294,8 @@ fn two_workers_carry_both_directions_of_every_flow() {
     // One flow reset on idle with two workers: the owner's timer fires.
     let mut s = lab.client_connect(80);
     assert_eq!(echo(&mut s, b"hi\n"), b"hi\n");
-    s.set_read_timeout(Some(IDLE + SLACK + Duration::from_secs(5)))
-        .unwrap();
     let mut buf = [0u8; 4];
-    let r = s.read(&mut buf);
+    let r = read_within(&mut s, &mut buf, IDLE + SLACK + Duration::from_secs(5));
     assert!(
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "{r:?}"
@@ -338,10 +334,8 @@ fn ipv6_lb_rule_and_reset_on_idle() {
     });
     assert_eq!(echo(&mut s, b"hello6\n"), b"hello6\n");
     let idle_from = Instant::now();
-    s.set_read_timeout(Some(IDLE + SLACK + Duration::from_secs(5)))
-        .unwrap();
     let mut buf = [0u8; 8];
-    let r = s.read(&mut buf);
+    let r = read_within(&mut s, &mut buf, IDLE + SLACK + Duration::from_secs(5));
     let waited = idle_from.elapsed();
     assert!(
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),

@@ -211,8 +211,7 @@ fn udp_ask_from(src: IpAddr, port: u16, salt: usize) -> (SocketAddr, String) {
     let q = format!("q{salt}");
     s.send_to(q.as_bytes(), vip).expect("UDP send");
     let mut buf = [0u8; 256];
-    let (n, from) = s
-        .recv_from(&mut buf)
+    let (n, from) = recv_from_retrying(&s, &mut buf)
         .unwrap_or_else(|e| panic!("UDP answer from {vip} to {src}: {e}"));
     assert_eq!(from, vip, "the answer comes from the VIP");
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -588,7 +587,7 @@ fn unknown_flow_reset_answers_a_late_send_with_an_rst() {
     s.write_all(b"anyone?\n").expect("the send is only queued");
     let sent = Instant::now();
     let mut buf = [0u8; 16];
-    let r = s.read(&mut buf);
+    let r = read_within(&mut s, &mut buf, SLACK * 2);
     let waited = sent.elapsed();
     match r {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}

@@ -508,12 +508,41 @@ pub fn echo(s: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
     got
 }
 
+/// One `read` of `s` that waits at most `timeout` in all: the call the tests use to see how a
+/// connection ends (data, EOF, ECONNRESET, or `TimedOut`/`WouldBlock` for silence). Linux
+/// returns EINTR from a socket read with a receive timeout when the process was stopped and
+/// continued, even with no signal handler (signal(7)); that is retried with the time left.
+pub fn read_within(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// `recv_from` with the socket's own timeout, retried on EINTR (see [`read_within`]).
+pub fn recv_from_retrying(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match s.recv_from(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Asks the backend behind `s` its name.
 pub fn whoami(s: &mut TcpStream) -> String {
     s.write_all(b"whoami\n").expect("send");
     let mut line = String::new();
     let mut b = [0u8; 1];
-    while s.read(&mut b).expect("whoami") == 1 && b[0] != b'\n' {
+    while read_within(s, &mut b, Duration::from_secs(5)).expect("whoami") == 1 && b[0] != b'\n' {
         line.push(b[0] as char);
     }
     line
@@ -568,6 +597,7 @@ fn serve(name: &str, mut conn: TcpStream) -> Ending {
                     return Ending::Other(e.to_string());
                 }
             }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {
                 return Ending::Reset {
                     after: opened.elapsed(),
