@@ -418,6 +418,8 @@ pub fn tcp_echo_server(
         let mut buf = vec![0u8; 65536];
         while Instant::now() < deadline {
             match conn.read(&mut buf) {
+                // EINTR: the process was stopped and continued (signal(7)); read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     if conn.write_all(&buf[..n]).is_err() {
@@ -474,6 +476,7 @@ pub fn tcp_round_trip(ns: &str, server: SocketAddr, len: usize) -> Result<(), St
             let mut buf = vec![0u8; 65536];
             while got.len() < want {
                 match reader.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Ok(0) | Err(_) => break,
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
