@@ -120,6 +120,20 @@ pub(crate) fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) ->
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// An owned duplicate of a loaded program's fd. The loaders keep plain fds and let the
+/// skeleton (and its libbpf object) go: the program and maps live as long as any fd refers
+/// to them, which spares a self-referential struct around the skeleton's borrowed storage.
+pub(crate) fn owned_prog_fd(prog: &impl AsFd) -> Result<OwnedFd> {
+    prog.as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::with("duplicating the program fd", e))
+}
+
+/// A handle of its own on a loaded skeleton's map, named `what` in errors.
+pub(crate) fn map_handle(m: &libbpf_rs::MapMut<'_>, what: &str) -> Result<MapHandle> {
+    MapHandle::try_from(m).map_err(|e| Error::with(format!("map {what}"), e))
+}
+
 /// Attaches `prog` natively, or generically when `mode` allows and the driver refuses.
 pub(crate) fn xdp_attach(
     prog: BorrowedFd<'_>,
@@ -154,18 +168,9 @@ impl XdpProgram {
         let loaded = open
             .load()
             .map_err(|e| Error::with("loading the XDP program into the kernel", e))?;
-        // Keep our own fds and let the skeleton (and the libbpf object) go: the program
-        // and maps live as long as any fd refers to them, and owning plain fds spares us
-        // a self-referential struct around the skeleton's borrowed storage.
-        let prog = loaded
-            .progs
-            .xlb_xdp
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::with("duplicating the program fd", e))?;
-        let handle = |m: &libbpf_rs::MapMut<'_>, what: &str| {
-            MapHandle::try_from(m).map_err(|e| Error::with(format!("map {what}"), e))
-        };
+        // Our own fds (`owned_prog_fd`, `map_handle`); the skeleton goes.
+        let prog = owned_prog_fd(&loaded.progs.xlb_xdp)?;
+        let handle = map_handle;
         let me = Self {
             prog,
             xsks: handle(&loaded.maps.xlb_xsks, "xlb_xsks")?,
