@@ -32,6 +32,7 @@ macro_rules! bpf_skeleton {
 }
 
 pub mod bare;
+pub mod cli;
 pub mod csum;
 mod error;
 pub mod gen;

@@ -359,21 +359,5 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("xlb-afxdp-fwd: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xlb-afxdp-fwd: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    xlb_afxdp::cli::tool_main("xlb-afxdp-fwd", USAGE, parse_args, run)
 }

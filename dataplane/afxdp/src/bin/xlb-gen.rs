@@ -492,21 +492,5 @@ fn run_xsk(
 }
 
 fn main() -> ExitCode {
-    let a = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("xlb-gen: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xlb-gen: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    xlb_afxdp::cli::tool_main("xlb-gen", USAGE, parse_args, |a| run(&a))
 }

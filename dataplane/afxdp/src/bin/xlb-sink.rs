@@ -226,21 +226,5 @@ fn run(a: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let a = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("xlb-sink: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xlb-sink: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    xlb_afxdp::cli::tool_main("xlb-sink", USAGE, parse_args, |a| run(&a))
 }
