@@ -297,3 +297,62 @@ fn a_rule_created_after_a_deleted_one_starts_from_zero() {
     let after = counters(&mut c, "web-new").unwrap();
     assert_eq!(after[0].flows_created, 1, "{after:?}");
 }
+
+#[test]
+fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
+    if !need_root("a_member_added_live_behind_another_interface_gets_its_answers_taken") {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    // The internet host will serve as a member: it answers clients through the appliance.
+    ip(&[
+        "-n",
+        &lab.internet,
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        "198.19.0.1",
+    ]);
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+    let ai = format!("{}ai", lab.prefix);
+    assert!(
+        !lab.log_text()
+            .contains(&format!("{ai}=native+backend_side"))
+            && !lab
+                .log_text()
+                .contains(&format!("{ai}=generic+backend_side")),
+        "the internet side does not face a member at start:\n{}",
+        lab.log_text()
+    );
+    rt.block_on(async {
+        c.create_backend_pool(pb::CreateBackendPoolRequest {
+            backend_pool: Some(pb::BackendPool {
+                name: "far".into(),
+                members: vec![pb::Member {
+                    address: INTERNET.into(),
+                    ..Default::default()
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+        c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
+            rule: Some(rule("far", "vip", pb::Protocol::Tcp, 8080, "far", 80)),
+        })
+        .await
+        .unwrap();
+    });
+    // The member's answer arrives on the internet-side interface, addressed to the client:
+    // without the interface marked backend side it would go to the appliance's kernel (which
+    // does not forward) and the connection would never complete.
+    let mut s = tcp_to(&lab, VIP, 8080).expect("connect through the member added live");
+    let mut buf = [0u8; 64];
+    let n = read_within(&mut s, &mut buf, Duration::from_secs(3)).expect("the member's answer");
+    let peer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        peer.starts_with(CLIENT),
+        "the member sees the client: {peer}"
+    );
+}
