@@ -10,13 +10,15 @@ use std::sync::Arc;
 
 use crate::addr::Addr;
 use crate::counters::{Counters, DropReason, RuleCounters};
+use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::late::LateTable;
+use crate::natlog::{NatEvent, NatEventKind, NatLog, NatLogMode};
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
-use crate::time::{mins, Nanos};
+use crate::time::{mins, Nanos, NANOS_PER_MILLI};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
@@ -41,6 +43,12 @@ pub struct EngineConfig {
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
     pub event_capacity: usize,
+    /// How often drained members' flows are counted while a drain is open (`crate::drain`).
+    pub drain_census_interval: Nanos,
+    /// NAT events logged for the daemon's IPFIX export (`crate::natlog`), and the bound of
+    /// their queue between two worker iterations.
+    pub nat_log: NatLogMode,
+    pub nat_log_capacity: usize,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +63,9 @@ impl Default for EngineConfig {
             hash_seed: 0x5EED_F71B,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
+            drain_census_interval: 250 * NANOS_PER_MILLI,
+            nat_log: NatLogMode::Off,
+            nat_log_capacity: 4096,
         }
     }
 }
@@ -112,6 +123,9 @@ pub struct Engine {
     exhausted: Vec<Addr>,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
+    /// Drained members' flows: counted, and ended at their deadline.
+    census: Census,
+    natlog: NatLog,
     scratch: [u8; MAX_RST_FRAME],
 }
 
@@ -123,6 +137,8 @@ impl Engine {
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
         counters.live_flows.resize(rules.rule_id_bound(), 0);
+        let mut census = Census::default();
+        census.set_drains(rules.drains());
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
@@ -133,6 +149,8 @@ impl Engine {
             events: Vec::with_capacity(cfg.event_capacity),
             exhausted: Vec::new(),
             sweep: None,
+            census,
+            natlog: NatLog::new(cfg.nat_log, cfg.nat_log_capacity),
             scratch: [0; MAX_RST_FRAME],
             rules,
             cfg,
@@ -173,6 +191,7 @@ impl Engine {
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
+        self.census.set_drains(rules.drains());
         self.rules = rules;
     }
 
@@ -205,6 +224,22 @@ impl Engine {
         }
     }
 
+    /// What this worker knows of every drain of its rule set, in the rule set's order.
+    pub fn drain_progress(&self) -> &[DrainProgress] {
+        &self.census.progress
+    }
+
+    /// Hands over the NAT events logged since the last call, oldest first.
+    pub fn drain_nat_events(&mut self, mut f: impl FnMut(NatEvent)) {
+        self.natlog.drain(&mut f);
+    }
+
+    /// NAT events dropped because the queue was full between two calls of
+    /// [`drain_nat_events`](Self::drain_nat_events).
+    pub fn nat_events_lost(&self) -> u64 {
+        self.natlog.lost
+    }
+
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
         self.flows.iter().map(|(id, f)| FlowInfo {
@@ -225,7 +260,11 @@ impl Engine {
         if self.sweep.is_some() {
             return Some(0);
         }
-        self.wheel.next_deadline()
+        let wheel = self.wheel.next_deadline();
+        match self.census.next_due(self.rules.drains()) {
+            Some(c) => Some(wheel.map_or(c, |w| w.min(c))),
+            None => wheel,
+        }
     }
 
     /// The worker that owns the flow `frame` belongs to (in both directions), or `None` when
@@ -294,7 +333,7 @@ impl Engine {
                     && pkt.tcp_flags & (SYN | ACK | RST) == SYN;
                 if reopening {
                     // A new connection reusing the tuple of one that is only lingering.
-                    self.remove_flow(id);
+                    self.remove_flow(now, id);
                     return self.miss(now, ingress, frame, &pkt, &tuple, hash);
                 }
                 self.track(now, id, dir, &pkt);
@@ -329,7 +368,7 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let rule = self.flows.get(id).rule;
-        self.remove_flow(id);
+        self.remove_flow(now, id);
         let verdict = self.miss(now, ingress, frame, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
             rule_counters(&mut self.counters, rule).flows_moved += 1;
@@ -371,7 +410,56 @@ impl Engine {
             }
             self.sweep = (end < self.flows.capacity() as usize).then_some(end as u32);
         }
-        done
+        done + self.census_step(now, emit)
+    }
+
+    /// One step of the drain census (`crate::drain`): at most [`CENSUS_SLOTS_PER_CALL`] flow
+    /// slots; returns 1 when it did work, so that the worker comes back for the rest.
+    fn census_step(&mut self, now: Nanos, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        let rules = Arc::clone(&self.rules);
+        let drains = rules.drains();
+        self.census.maybe_start(now, drains);
+        let Some(cursor) = self.census.cursor else {
+            return 0;
+        };
+        let capacity = self.flows.capacity();
+        let end = cursor.saturating_add(CENSUS_SLOTS_PER_CALL).min(capacity);
+        for id in cursor..end {
+            if !self.flows.is_live(id) {
+                continue;
+            }
+            let f = *self.flows.get(id);
+            if f.nat == Nat::Snat {
+                continue;
+            }
+            let Some(i) = drains.iter().position(|d| d.covers(f.rule, f.xlat)) else {
+                continue;
+            };
+            let tcp_open = f.proto == proto::TCP && !f.tcp.state.is_closed();
+            if tcp_open && self.census.ends_flows(drains, i) {
+                let progress = &mut self.census.progress[i];
+                if f.tcp.can_reset() {
+                    progress.flows_reset += 1;
+                    self.send_idle_rsts(&f, emit);
+                } else {
+                    progress.flows_ended += 1;
+                }
+                for dir in [ORIG, REPLY] {
+                    let h = self.flows.hash(&f.key(dir));
+                    self.late.record(h, now, f.rule);
+                }
+                self.remove_flow(now, id);
+                continue;
+            }
+            self.census.counting[i] += 1;
+        }
+        if end >= capacity {
+            self.census
+                .finish_round(drains, self.cfg.drain_census_interval);
+        } else {
+            self.census.cursor = Some(end);
+        }
+        1
     }
 
     fn expire_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
@@ -403,7 +491,7 @@ impl Engine {
                 self.late.record(h1, now, f.rule);
             }
         }
-        self.remove_flow(id);
+        self.remove_flow(now, id);
     }
 
     /// The two RSTs of "TCP reset on idle": to the client as if from the frontend (a reply
@@ -432,8 +520,9 @@ impl Engine {
         }
     }
 
-    fn remove_flow(&mut self, id: FlowId) {
+    fn remove_flow(&mut self, now: Nanos, id: FlowId) {
         let f = *self.flows.get(id);
+        self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
@@ -661,6 +750,8 @@ impl Engine {
             Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
         };
         self.late.forget(hash);
+        self.natlog
+            .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);

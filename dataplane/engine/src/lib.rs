@@ -7,9 +7,11 @@
 pub mod addr;
 pub mod config;
 pub mod counters;
+pub mod drain;
 pub mod engine;
 pub mod flow;
 pub mod late;
+pub mod natlog;
 pub mod net;
 pub mod ruleset;
 pub mod select;

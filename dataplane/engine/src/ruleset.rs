@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addr::Addr;
 use crate::config::Distribution;
+use crate::drain::Drain;
 use crate::select::{flow_hash, reduce, FastBuild, PoolTable};
 use crate::time::{secs, Nanos};
 
@@ -158,6 +159,8 @@ pub struct RuleSet {
     pub(crate) members: Vec<Addr>,
     /// Kept so that the next compile can reuse tables whose inputs did not change.
     pub(crate) pool_tables: Vec<Arc<PoolTable>>,
+    /// Members drained by the operator (admin state `down`), in configuration order.
+    pub(crate) drains: Vec<Drain>,
 }
 
 #[derive(Debug)]
@@ -253,7 +256,13 @@ impl RuleSet {
             frontends: HashSet::default(),
             members: Vec::new(),
             pool_tables: Vec::new(),
+            drains: Vec::new(),
         }
+    }
+    /// Members drained by the operator (admin state `down`) and their deadlines, in
+    /// configuration order (see [`crate::drain`]).
+    pub fn drains(&self) -> &[Drain] {
+        &self.drains
     }
     /// Configuration generation this set was compiled from.
     pub fn generation(&self) -> u64 {
