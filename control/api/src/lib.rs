@@ -21,12 +21,12 @@ pub mod telemetry;
 
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
-    Snapshot, StateOptions,
+    process_clock, Applied, ControlError, ControlState, Kind, MemberChange, MemberDrain,
+    MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
 };
-pub use telemetry::sum_rule_counters;
+pub use telemetry::{sum_drains, sum_rule_counters};
 pub use telemetry::{
-    ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
-    FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,
-    TelemetryError, WorkerCounters, WorkerStatus,
+    ControlEvent, CountersSnapshot, DatapathAvailability, DrainEvent, DrainPhase, DrainStatus,
+    EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter, FlowPage, NatLogStatus,
+    RuntimeStatus, SnatUsage, StateFilter, Telemetry, TelemetryError, WorkerCounters, WorkerStatus,
 };

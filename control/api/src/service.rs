@@ -227,6 +227,25 @@ fn drops(d: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
 }
 
 /// Rule ids of every rule (any kind) with this name.
+/// The member change a `SetPoolMember` request asks for.
+fn xlb_api_change(
+    weight: Option<u32>,
+    admin_state: Option<xlb_engine::config::AdminState>,
+    r: &pb::SetPoolMemberRequest,
+    drain_action: Option<xlb_engine::config::DrainAction>,
+) -> crate::MemberChange {
+    crate::MemberChange {
+        weight,
+        admin_state,
+        drain_timeout_seconds: if r.clear_drain_timeout {
+            Some(None)
+        } else {
+            r.drain_timeout_seconds.map(Some)
+        },
+        drain_action,
+    }
+}
+
 fn rule_ids(rules: &RuleSet, name: &str) -> Vec<RuleId> {
     rules
         .rules()
@@ -273,6 +292,15 @@ fn event_to(rules: &RuleSet, r: &EventRecord) -> pb::Event {
                 generation: *generation,
             })
         }
+        ControlEvent::Drain(d) => K::Drain(pb::DrainProgress {
+            backend_pool: d.pool.clone(),
+            member: d.member.to_string(),
+            phase: d.phase.as_str().to_string(),
+            flows_left: d.flows_left,
+            flows_reset: d.flows_reset,
+            deadline_in_ms: d.deadline_in_ms,
+            action: convert::drain_action_to(d.action) as i32,
+        }),
     };
     pb::Event {
         unix_time_ms: r
@@ -446,9 +474,20 @@ impl Xlb for XlbService {
         let admin = r
             .admin_state
             .map(|a| convert::admin_from(&mut errs, "admin_state".into(), a));
+        let action = r
+            .drain_action
+            .map(|a| convert::drain_action_from(&mut errs, "drain_action".into(), a));
+        if r.clear_drain_timeout && r.drain_timeout_seconds.is_some() {
+            errs.push(
+                "drain_timeout_seconds".into(),
+                format!("{:?}", r.drain_timeout_seconds),
+                "(none) with clear_drain_timeout",
+                "either set a drain deadline or clear it",
+            );
+        }
         errs.finish(()).or_invalid()?;
-        let weight = r.weight;
-        self.change_pool(move |s| s.set_member(&r.backend_pool, addr, weight, admin))
+        let change = xlb_api_change(r.weight, admin, &r, action);
+        self.change_pool(move |s| s.change_member(&r.backend_pool, addr, change))
             .await
     }
 
@@ -946,19 +985,36 @@ impl Xlb for XlbService {
             uptime_seconds: rt.uptime.as_secs(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             degraded,
-            members: snap
-                .members()
-                .into_iter()
-                .map(|m| pb::MemberHealth {
-                    backend_pool: m.pool,
-                    address: m.address.to_string(),
-                    weight: m.weight,
-                    admin_state: convert::admin_to(m.admin_state) as i32,
-                    probed: m.probed,
-                    probe_healthy: m.probe_healthy,
-                    eligible: m.eligible,
-                })
-                .collect(),
+            members: {
+                let now = self.state.now();
+                snap.members()
+                    .into_iter()
+                    .map(|m| {
+                        let progress = rt
+                            .drains
+                            .iter()
+                            .find(|d| d.pool == m.pool && d.member == m.address);
+                        pb::MemberHealth {
+                            address: m.address.to_string(),
+                            weight: m.weight,
+                            admin_state: convert::admin_to(m.admin_state) as i32,
+                            probed: m.probed,
+                            probe_healthy: m.probe_healthy,
+                            eligible: m.eligible,
+                            draining: m.drain.is_some(),
+                            drain_flows_left: progress.and_then(|p| p.flows_left),
+                            drain_flows_reset: progress.map_or(0, |p| p.flows_reset),
+                            drain_deadline_in_ms: m
+                                .drain
+                                .and_then(|d| d.deadline)
+                                .map(|d| ms_between(now, d)),
+                            drain_action: convert::drain_action_to(m.drain_action) as i32,
+                            drain_timeout_seconds: m.drain_timeout_seconds,
+                            backend_pool: m.pool,
+                        }
+                    })
+                    .collect()
+            },
             datapath: rt
                 .datapath
                 .iter()
@@ -972,5 +1028,15 @@ impl Xlb for XlbService {
                 })
                 .collect(),
         }))
+    }
+}
+
+/// Milliseconds from `now` to `at` on the workers' time line (negative when `at` passed).
+pub fn ms_between(now: u64, at: u64) -> i64 {
+    let ms = |ns: u64| i64::try_from(ns / 1_000_000).unwrap_or(i64::MAX);
+    if at >= now {
+        ms(at - now)
+    } else {
+        -ms(now - at)
     }
 }

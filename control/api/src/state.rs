@@ -134,6 +134,16 @@ pub struct Applied<T> {
     pub generation: u64,
 }
 
+/// What [`ControlState::change_member`] changes; `None`: unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberChange {
+    pub weight: Option<u32>,
+    pub admin_state: Option<xlb_engine::config::AdminState>,
+    /// `Some(None)` removes the deadline.
+    pub drain_timeout_seconds: Option<Option<u32>>,
+    pub drain_action: Option<xlb_engine::config::DrainAction>,
+}
+
 /// The committed state: what reads see.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -159,6 +169,20 @@ pub struct MemberStatus {
     pub probe_healthy: bool,
     /// Gets new flows: admin state, else the probes.
     pub eligible: bool,
+    /// Its drain, while its admin state is `down`.
+    pub drain: Option<MemberDrain>,
+    /// The drain deadline it is configured with (applies once it is drained).
+    pub drain_timeout_seconds: Option<u32>,
+    pub drain_action: xlb_engine::config::DrainAction,
+}
+
+/// A drained member's deadline, from the rule set the workers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberDrain {
+    /// When the drain began and when its deadline falls, on the workers' time line
+    /// ([`ControlState::now`]).
+    pub started: Option<xlb_engine::time::Nanos>,
+    pub deadline: Option<xlb_engine::time::Nanos>,
 }
 
 impl Snapshot {
@@ -172,6 +196,17 @@ impl Snapshot {
                 .iter()
                 .any(|r| r.backend_pool == pool.name && r.health_probe.is_some());
             for m in &pool.members {
+                let addr = xlb_engine::Addr::from(m.address);
+                let drain =
+                    (m.admin_state == xlb_engine::config::AdminState::Down).then(|| MemberDrain {
+                        started: self.health.drain_started(&pool.name, addr),
+                        deadline: self
+                            .rules
+                            .drains()
+                            .iter()
+                            .find(|d| &*d.pool == pool.name.as_str() && d.member == addr)
+                            .and_then(|d| d.deadline),
+                    });
                 out.push(MemberStatus {
                     pool: pool.name.clone(),
                     address: m.address,
@@ -180,6 +215,9 @@ impl Snapshot {
                     probed,
                     probe_healthy: self.health.is_healthy(&pool.name, m.address),
                     eligible: self.health.eligible(&pool.name, m),
+                    drain,
+                    drain_timeout_seconds: m.drain_timeout_seconds,
+                    drain_action: m.drain_action,
                 });
             }
         }
@@ -194,6 +232,10 @@ pub struct StateOptions {
     pub publish_deadline: Duration,
     /// Capacity of the event channel of configuration events (generation applied, …).
     pub event_capacity: usize,
+    /// "Now" on the workers' time line, in nanoseconds: drains are stamped with it, and
+    /// their deadlines fall on it. The daemon gives its workers' clock (CLOCK_MONOTONIC);
+    /// the default counts from the first call in this process.
+    pub clock: fn() -> u64,
 }
 
 impl Default for StateOptions {
@@ -201,8 +243,18 @@ impl Default for StateOptions {
         StateOptions {
             publish_deadline: Duration::from_secs(2),
             event_capacity: 1024,
+            clock: process_clock,
         }
     }
+}
+
+/// Nanoseconds since the first call in this process (never 0, so that it is never "unset").
+pub fn process_clock() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    u64::try_from(base.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 /// State only the (serialized) writer touches.
@@ -241,6 +293,8 @@ impl ControlState {
         publisher: Arc<dyn Publisher>,
         options: StateOptions,
     ) -> Result<ControlState, ControlError> {
+        let mut health = health;
+        health.follow_drains(&config, (options.clock)());
         let rules = Arc::new(compile(&config, None, &health, 1)?);
         publisher
             .publish(Arc::clone(&rules), options.publish_deadline)
@@ -289,6 +343,11 @@ impl ControlState {
 
     pub fn generation(&self) -> u64 {
         self.snapshot().generation
+    }
+
+    /// Now, on the workers' time line (see [`StateOptions::clock`]).
+    pub fn now(&self) -> u64 {
+        (self.options.clock)()
     }
 
     /// Configuration events (generation applied). The gRPC `WatchEvents` merges these with
@@ -424,14 +483,40 @@ impl ControlState {
         weight: Option<u32>,
         admin_state: Option<xlb_engine::config::AdminState>,
     ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_member(
+            pool,
+            address,
+            MemberChange {
+                weight,
+                admin_state,
+                ..MemberChange::default()
+            },
+        )
+    }
+
+    /// Changes what `change` sets of a member, in one generation. Setting the admin state to
+    /// `down` starts the member's drain (its deadline counts from now); any other state ends
+    /// it.
+    pub fn change_member(
+        &self,
+        pool: &str,
+        address: IpAddr,
+        change: MemberChange,
+    ) -> Result<Applied<BackendPool>, ControlError> {
         self.change_pool(pool, |p| {
             let pos = member_pos(p, address)?;
             let m = &mut p.members[pos];
-            if let Some(w) = weight {
+            if let Some(w) = change.weight {
                 m.weight = w;
             }
-            if let Some(a) = admin_state {
+            if let Some(a) = change.admin_state {
                 m.admin_state = a;
+            }
+            if let Some(t) = change.drain_timeout_seconds {
+                m.drain_timeout_seconds = t;
+            }
+            if let Some(a) = change.drain_action {
+                m.drain_action = a;
             }
             Ok(())
         })
@@ -480,9 +565,7 @@ impl ControlState {
         let mut health = w.health.clone();
         f(&mut health);
         let current = self.snapshot();
-        let generation = self.publish_locked(&mut w, &current, current.config.clone(), &health)?;
-        w.health = health;
-        Ok(generation)
+        self.publish_locked(&mut w, &current, current.config.clone(), health)
     }
 
     /// The one path of every configuration change.
@@ -496,10 +579,11 @@ impl ControlState {
         f(&mut candidate)?;
         candidate.validate()?;
         let health = w.health.clone();
-        self.publish_locked(&mut w, &current, candidate, &health)
+        self.publish_locked(&mut w, &current, candidate, health)
     }
 
-    /// Compiles `candidate` as the next generation, publishes it and commits. On a publish
+    /// Compiles `candidate` as the next generation, publishes it and commits (the health it
+    /// was compiled with too: drains that `candidate` starts are stamped now). On a publish
     /// failure, the committed configuration is compiled again under a newer generation and
     /// published after it, so that a worker that did take the failed generation (late, or
     /// before another one timed out) returns to the committed configuration: the channels to
@@ -509,14 +593,15 @@ impl ControlState {
         w: &mut Writer,
         current: &Snapshot,
         candidate: Config,
-        health: &MemberHealth,
+        mut health: MemberHealth,
     ) -> Result<u64, ControlError> {
         let generation = w.last_generation + 1;
         let drained = self.publisher.drained(&current.rules);
+        health.follow_drains(&candidate, (self.options.clock)());
         let rules = Arc::new(compile_releasing(
             &candidate,
             Some(&current.rules),
-            health,
+            &health,
             generation,
             &drained,
         )?);
@@ -539,6 +624,7 @@ impl ControlState {
             generation,
             health: health.clone(),
         });
+        w.health = health;
         let _ = self.events.send(EventRecord {
             at: SystemTime::now(),
             event: ControlEvent::GenerationApplied { generation },

@@ -39,6 +39,102 @@ pub enum ControlEvent {
     },
     /// Every worker runs this generation (sent by [`crate::ControlState`]).
     GenerationApplied { generation: u64 },
+    /// A drained member's progress (sent by the daemon's drain watcher).
+    Drain(DrainEvent),
+}
+
+/// What a drain reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainPhase {
+    /// The member's admin state became `down`.
+    Started,
+    /// Its flow count changed.
+    Progress,
+    /// Its deadline passed and its action ran on every worker.
+    Deadline,
+    /// No flow of it is left on any worker.
+    Completed,
+}
+
+impl DrainPhase {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DrainPhase::Started => "started",
+            DrainPhase::Progress => "progress",
+            DrainPhase::Deadline => "deadline",
+            DrainPhase::Completed => "completed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainEvent {
+    pub pool: String,
+    pub member: IpAddr,
+    pub phase: DrainPhase,
+    /// Summed over workers; `None` until every worker counted.
+    pub flows_left: Option<u64>,
+    pub flows_reset: u64,
+    /// Milliseconds to the deadline (negative once passed); `None` without a deadline.
+    pub deadline_in_ms: Option<i64>,
+    pub action: xlb_engine::config::DrainAction,
+}
+
+/// One drained member's progress, summed over workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainStatus {
+    pub pool: String,
+    pub member: IpAddr,
+    /// Its flows on every worker; `None` until every worker has counted them once.
+    pub flows_left: Option<u64>,
+    /// TCP flows reset at the deadline (RSTs to both ends).
+    pub flows_reset: u64,
+    /// TCP flows ended at the deadline without RSTs (not established).
+    pub flows_ended: u64,
+    /// Every worker ran the deadline's action.
+    pub deadline_done: bool,
+}
+
+/// Sums the drain progress of every worker (each a list in its rule set's order): per
+/// (pool, member) in the order first seen.
+pub fn sum_drains<'a>(
+    workers: impl IntoIterator<Item = &'a [xlb_engine::drain::DrainProgress]>,
+) -> Vec<DrainStatus> {
+    let mut out: Vec<DrainStatus> = Vec::new();
+    let mut first = true;
+    for list in workers {
+        for p in list {
+            let member = p.member.to_ip();
+            let i = match out
+                .iter()
+                .position(|d| d.pool == *p.pool && d.member == member)
+            {
+                Some(i) => i,
+                None => {
+                    out.push(DrainStatus {
+                        pool: p.pool.to_string(),
+                        member,
+                        // A drain a worker before this one did not report is not counted yet.
+                        flows_left: if first { Some(0) } else { None },
+                        flows_reset: 0,
+                        flows_ended: 0,
+                        deadline_done: first,
+                    });
+                    out.len() - 1
+                }
+            };
+            let d = &mut out[i];
+            d.flows_left = match (d.flows_left, p.flows_left) {
+                (Some(a), Some(b)) => Some(a + b),
+                _ => None,
+            };
+            d.flows_reset += p.flows_reset;
+            d.flows_ended += p.flows_ended;
+            d.deadline_done &= p.deadline_done;
+        }
+        first = false;
+    }
+    out
 }
 
 /// One worker's counters.
@@ -196,6 +292,22 @@ pub struct RuntimeStatus {
     pub uptime: Duration,
     /// The data-path self-probe's figures, per probed rule (empty when it is off).
     pub datapath: Vec<DatapathAvailability>,
+    /// Every drained member's progress.
+    pub drains: Vec<DrainStatus>,
+    /// The NAT event export, when it is on.
+    pub nat_log: Option<NatLogStatus>,
+}
+
+/// The NAT event log's figures since start (IPFIX export, docs/xlbd.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatLogStatus {
+    /// Where records go.
+    pub collector: String,
+    /// Records and IPFIX messages sent.
+    pub records_sent: u64,
+    pub messages_sent: u64,
+    /// Records lost: queues full (engine, worker → exporter), sends that failed.
+    pub records_lost: u64,
 }
 
 /// Data-path availability of one (frontend, rule) from the daemon's self-probe.

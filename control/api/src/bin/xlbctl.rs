@@ -142,10 +142,16 @@ enum MemberCmd {
         /// none (default): probes decide; up: always eligible; down: no new flows.
         #[arg(long, value_enum)]
         admin_state: Option<AdminArg>,
+        /// Drain deadline, 0–3600 s after the admin state becomes down (default: none).
+        #[arg(long, value_name = "SECS")]
+        drain_timeout: Option<u32>,
+        /// What the deadline does to the remaining flows: reset (default) or idle.
+        #[arg(long, value_enum)]
+        drain_action: Option<DrainArg>,
     },
     /// Remove a member from a pool.
     Remove { pool: String, address: String },
-    /// Change a member's weight and/or admin state.
+    /// Change a member's weight, admin state and/or drain deadline.
     Set {
         pool: String,
         address: String,
@@ -155,6 +161,14 @@ enum MemberCmd {
         /// none: probes decide; up: always eligible; down: no new flows (drain).
         #[arg(long, value_enum)]
         admin_state: Option<AdminArg>,
+        /// Drain deadline in seconds after the drain began, 0–3600, or "none" (drained until
+        /// undrained). Counts from when the admin state became down.
+        #[arg(long, value_name = "SECS|none")]
+        drain_timeout: Option<String>,
+        /// What the deadline does to the remaining flows: reset (RSTs to both ends of every
+        /// established TCP flow) or idle (nothing; they run until they close or idle out).
+        #[arg(long, value_enum)]
+        drain_action: Option<DrainArg>,
     },
 }
 
@@ -174,7 +188,8 @@ struct FrontendArgs {
 struct PoolArgs {
     /// Pool name (unique among pools).
     name: String,
-    /// A member: ADDRESS[,weight=N][,admin=none|up|down]; repeat for more. On update, the
+    /// A member: ADDRESS[,weight=N][,admin=none|up|down][,drain_timeout=SECS]
+    /// [,drain_action=reset|idle]; repeat for more. On update, the
     /// given members replace the pool's members.
     #[arg(long = "member", value_name = "MEMBER")]
     members: Vec<String>,
@@ -285,7 +300,7 @@ struct OutboundRuleArgs {
 struct ProbeArgs {
     /// Probe name (unique among probes).
     name: String,
-    /// tcp or http (required).
+    /// tcp, http or https (required).
     #[arg(long, value_enum)]
     protocol: Option<ProbeProtoArg>,
     /// 1–65535 (required).
@@ -300,6 +315,21 @@ struct ProbeArgs {
     /// Consecutive failures before a member is drained, 1–100 (default 2).
     #[arg(long)]
     threshold: Option<u32>,
+    /// Seconds one attempt may take, 1–interval (default: the interval, at most 30; 0 goes
+    /// back to the default).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u32>,
+    /// HTTPS: check the member's certificate (default false).
+    #[arg(long, value_name = "BOOL")]
+    tls_verify: Option<bool>,
+    /// HTTPS: the name sent in SNI and checked against the certificate ("" removes it:
+    /// the member's address).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// HTTPS with --tls-verify: a PEM file of trusted CAs on xlbd's host ("" removes it:
+    /// the system's trust store).
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -343,6 +373,20 @@ enum ProtoArg {
 enum ProbeProtoArg {
     Tcp,
     Http,
+    Https,
+}
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DrainArg {
+    Reset,
+    Idle,
+}
+impl DrainArg {
+    fn pb(self) -> i32 {
+        (match self {
+            DrainArg::Reset => pb::DrainAction::Reset,
+            DrainArg::Idle => pb::DrainAction::Idle,
+        }) as i32
+    }
 }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum AdminArg {
@@ -711,6 +755,22 @@ fn parse_member(text: &str) -> Res<pb::Member> {
                     invalid(format!("--member = {text:?}: weight must be a whole number (allowed: 1–1000)"))
                 })?)
             }
+            Some(("drain_timeout", t)) => {
+                m.drain_timeout_seconds = Some(t.parse().map_err(|_| {
+                    invalid(format!("--member = {text:?}: drain_timeout must be whole seconds (allowed: 0–3600)"))
+                })?)
+            }
+            Some(("drain_action", a)) => {
+                m.drain_action = match a {
+                    "reset" => pb::DrainAction::Reset,
+                    "idle" => pb::DrainAction::Idle,
+                    _ => {
+                        return Err(invalid(format!(
+                            "--member = {text:?}: unknown drain action (allowed: reset, idle)"
+                        )))
+                    }
+                } as i32
+            }
             Some(("admin", a)) => {
                 m.admin_state = match a {
                     "none" => pb::AdminState::None,
@@ -725,7 +785,7 @@ fn parse_member(text: &str) -> Res<pb::Member> {
             }
             _ => {
                 return Err(invalid(format!(
-                    "--member = {text:?}: expected ADDRESS[,weight=N][,admin=none|up|down] (allowed: weight, admin)"
+                    "--member = {text:?}: expected ADDRESS[,weight=N][,admin=none|up|down][,drain_timeout=SECS][,drain_action=reset|idle] (allowed: weight, admin, drain_timeout, drain_action)"
                 )))
             }
         }
@@ -845,11 +905,15 @@ async fn member(c: &mut Client, cmd: MemberCmd, json: bool) -> Res {
             address,
             weight,
             admin_state,
+            drain_timeout,
+            drain_action,
         } => {
             let m = pb::Member {
                 address,
                 weight,
                 admin_state: admin_state.map_or(0, AdminArg::pb),
+                drain_timeout_seconds: drain_timeout,
+                drain_action: drain_action.map_or(0, DrainArg::pb),
             };
             c.add_pool_member(pb::AddPoolMemberRequest {
                 backend_pool: pool,
@@ -869,15 +933,38 @@ async fn member(c: &mut Client, cmd: MemberCmd, json: bool) -> Res {
             address,
             weight,
             admin_state,
+            drain_timeout,
+            drain_action,
         } => {
-            if weight.is_none() && admin_state.is_none() {
-                return Err(invalid("member set: give --weight and/or --admin-state"));
+            if weight.is_none()
+                && admin_state.is_none()
+                && drain_timeout.is_none()
+                && drain_action.is_none()
+            {
+                return Err(invalid(
+                    "member set: give --weight, --admin-state, --drain-timeout and/or --drain-action",
+                ));
             }
+            let (drain_timeout_seconds, clear_drain_timeout) = match drain_timeout.as_deref() {
+                None => (None, false),
+                Some("none") => (None, true),
+                Some(t) => (
+                    Some(t.parse().map_err(|_| {
+                        invalid(format!(
+                            "drain_timeout_seconds = {t:?}: seconds after the drain began, or none (allowed: 0–3600, none)"
+                        ))
+                    })?),
+                    false,
+                ),
+            };
             c.set_pool_member(pb::SetPoolMemberRequest {
                 backend_pool: pool,
                 address,
                 weight,
                 admin_state: admin_state.map(AdminArg::pb),
+                drain_timeout_seconds,
+                drain_action: drain_action.map(DrainArg::pb),
+                clear_drain_timeout,
             })
             .await?
         }
@@ -1383,7 +1470,20 @@ fn apply_probe(mut p: pb::HealthProbe, a: &ProbeArgs) -> pb::HealthProbe {
         p.protocol = (match v {
             ProbeProtoArg::Tcp => pb::ProbeProtocol::Tcp,
             ProbeProtoArg::Http => pb::ProbeProtocol::Http,
+            ProbeProtoArg::Https => pb::ProbeProtocol::Https,
         }) as i32;
+    }
+    if let Some(v) = a.timeout {
+        p.timeout_seconds = (v != 0).then_some(v);
+    }
+    if let Some(v) = a.tls_verify {
+        p.tls_verify = v;
+    }
+    if let Some(v) = &a.server_name {
+        p.tls_server_name = clear_empty(v.clone());
+    }
+    if let Some(v) = &a.ca_file {
+        p.tls_ca_file = clear_empty(v.clone());
     }
     if let Some(v) = a.port {
         p.port = v;
@@ -1773,6 +1873,12 @@ fn event_json(e: &pb::Event) -> Value {
             ("generation_applied", json!({"generation": g.generation}))
         }
         Some(K::EventsLost(l)) => ("events_lost", json!({"count": l.count})),
+        Some(K::Drain(d)) => (
+            "drain",
+            json!({"backend_pool": d.backend_pool, "member": d.member, "phase": d.phase,
+                   "flows_left": d.flows_left, "flows_reset": d.flows_reset,
+                   "deadline_in_ms": d.deadline_in_ms, "action": drain_name(d.action)}),
+        ),
         None => ("unknown", json!({})),
     };
     json!({"unix_time_ms": e.unix_time_ms, "kind": kind, "event": body})
@@ -1835,6 +1941,11 @@ async fn status(c: &mut Client, json: bool) -> Res {
                 "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
                 "admin_state": admin_name(m.admin_state), "probed": m.probed,
                 "probe_healthy": m.probe_healthy, "eligible": m.eligible,
+                "draining": m.draining, "drain_flows_left": m.drain_flows_left,
+                "drain_flows_reset": m.drain_flows_reset,
+                "drain_deadline_in_ms": m.drain_deadline_in_ms,
+                "drain_timeout_seconds": m.drain_timeout_seconds,
+                "drain_action": drain_name(m.drain_action),
             })).collect::<Vec<_>>(),
         }));
         return Ok(());
@@ -1927,15 +2038,55 @@ async fn status(c: &mut Client, json: bool) -> Res {
                         (true, false) => "failing".into(),
                     },
                     if m.eligible { "yes" } else { "no" }.to_string(),
+                    drain_cell(m),
                 ]
             })
             .collect();
         table(
-            &["POOL", "MEMBER", "WEIGHT", "ADMIN", "PROBE", "NEW FLOWS"],
+            &[
+                "POOL",
+                "MEMBER",
+                "WEIGHT",
+                "ADMIN",
+                "PROBE",
+                "NEW FLOWS",
+                "DRAIN",
+            ],
             &rows,
         );
     }
     Ok(())
+}
+
+fn drain_name(v: i32) -> &'static str {
+    match pb::DrainAction::try_from(v) {
+        Ok(pb::DrainAction::Idle) => "idle",
+        _ => "reset",
+    }
+}
+
+/// A member's drain in a few words: `-` when not drained, else its flows left, and its
+/// deadline (time left, or what it did).
+fn drain_cell(m: &pb::MemberHealth) -> String {
+    if !m.draining {
+        return "-".into();
+    }
+    let left = m
+        .drain_flows_left
+        .map_or("counting".to_string(), |n| format!("{n} flows left"));
+    match m.drain_deadline_in_ms {
+        None => left,
+        Some(ms) if ms > 0 => format!(
+            "{left}, {} in {:.1}s",
+            drain_name(m.drain_action),
+            ms as f64 / 1000.0
+        ),
+        Some(_) => format!(
+            "{left}, deadline passed ({}; {} reset)",
+            drain_name(m.drain_action),
+            m.drain_flows_reset
+        ),
+    }
 }
 
 fn admin_name(v: i32) -> &'static str {
