@@ -32,6 +32,7 @@ use xlb_engine::{
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes, XdpMaps},
+    drain::{self, DrainWatcher},
     handler::{ControlLink, EngineHandler, FromWorker, Steering, ToWorker},
     kernel::{self, Port, Resolver},
     metrics,
@@ -353,8 +354,11 @@ fn self_probe_setup(
 pub fn run(opts: Options) -> Result<(), Failure> {
     let config = load_config(&opts)?;
     let scale = config.settings.lab_time_scale.max(1);
+    // Members the file drains begin their drain now (their deadlines count from here).
+    let mut health = MemberHealth::default();
+    health.follow_drains(&config, sys::monotonic_ns());
     let rules = Arc::new(
-        xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
+        xlb_engine::compile(&config, None, &health, 1)
             .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?,
     );
     if opts.interfaces.is_empty() {
@@ -639,12 +643,16 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let state = Arc::new(ControlState::new(
         config.clone(),
         Arc::clone(&rules),
-        MemberHealth::default(),
+        health,
         Arc::new(
             WorkerPublisher::new(senders.clone(), ack_rx, Arc::clone(&shared))
                 .with_addresses(Arc::clone(&address_plane)),
         ),
-        StateOptions::default(),
+        // Drains are stamped, and their deadlines fall, on the workers' clock.
+        StateOptions {
+            clock: sys::monotonic_ns,
+            ..StateOptions::default()
+        },
     ));
     // Health probes publish through the same state as the API (docs/xlbd.md, "Health probes
     // and drain").
@@ -805,7 +813,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             }
         }
     }
-    let totals = Totals::sum(&snaps, &state.snapshot().rules);
+    let mut totals = Totals::sum(&snaps, &state.snapshot().rules);
+    totals.nat_log = shared.nat_log_status();
     out(&format!("xlbd final {}", totals.status_line(scale)));
     if let Some(path) = &opts.stats_file {
         let _ = write_atomic(path, &totals.to_kv(scale));
@@ -856,6 +865,7 @@ fn control_loop(
     // Backend-side marks to recompute after a route change (when no change is being published).
     let mut marks_stale = false;
     let mut members_probed_at = 0;
+    let mut drains = DrainWatcher::default();
     let started = Instant::now();
     while !signalled.load(Ordering::Relaxed) {
         // Members added live: resolve their neighbours before the first SYN needs them.
@@ -911,6 +921,18 @@ fn control_loop(
                     }
                 }
             }
+        }
+        for e in drains.tick(
+            Instant::now(),
+            &state.snapshot(),
+            &shared.drains(),
+            sys::monotonic_ns(),
+        ) {
+            say(opts.quiet, &format!("xlbd event {}", drain::describe(&e)));
+            let _ = shared.events.send(xlb_api::EventRecord {
+                at: std::time::SystemTime::now(),
+                event: xlb_api::ControlEvent::Drain(e),
+            });
         }
         if let Some(p) = self_probe.as_mut() {
             let snap = state.snapshot();
@@ -975,7 +997,8 @@ fn control_loop(
         if now >= next_stats_file {
             next_stats_file = now + STATS_FILE_EVERY;
             if let Some(path) = &opts.stats_file {
-                let totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
+                let mut totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
+                totals.nat_log = shared.nat_log_status();
                 if let Err(e) = write_atomic(path, &totals.to_kv(scale)) {
                     say(
                         opts.quiet,
@@ -987,7 +1010,8 @@ fn control_loop(
         if now >= next_status {
             next_status = now + opts.status_interval;
             if !opts.quiet {
-                let totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
+                let mut totals = Totals::sum(&shared.snapshots(), &state.snapshot().rules);
+                totals.nat_log = shared.nat_log_status();
                 let port_line: Vec<String> = workers
                     .iter()
                     .flat_map(|h| h.stats.ports())

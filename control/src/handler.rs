@@ -93,6 +93,8 @@ pub struct Snapshot {
     /// Duration of the worker's loop iterations that did work (received frames or ran
     /// timers), since start: how long a frame can wait inside the worker.
     pub loop_latency: Histogram<u64>,
+    /// What this worker knows of every drain of its rule set.
+    pub drains: Vec<xlb_engine::drain::DrainProgress>,
 }
 
 /// A frame on its way to the worker that owns its flow.
@@ -315,6 +317,7 @@ impl EngineHandler {
             generation: self.engine.rules().generation(),
             snat: self.snat_usage(),
             loop_latency: self.loop_latency.clone(),
+            drains: self.engine.drain_progress().to_vec(),
         }
     }
 

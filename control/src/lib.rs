@@ -4,6 +4,7 @@
 
 pub mod addresses;
 pub mod daemon;
+pub mod drain;
 pub mod handler;
 pub mod kernel;
 pub mod limits;

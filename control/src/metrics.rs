@@ -341,6 +341,51 @@ pub fn render(src: &Sources) -> String {
         }
     }
 
+    // Drains: flows left per drained member, resets at the deadline, time to the deadline.
+    let drains = src.shared.drains();
+    let now_ns = src.state.now();
+    o.family(
+        "xlb_member_drain_flows",
+        "gauge",
+        "Flows a drained member (admin state down) still has on every worker (absent until \
+         every worker counted them).",
+    );
+    for d in drains.iter().filter(|d| d.flows_left.is_some()) {
+        o.sample(
+            "xlb_member_drain_flows",
+            &[("pool", &d.pool), ("member", &d.member.to_string())],
+            d.flows_left.unwrap_or(0),
+        );
+    }
+    o.family(
+        "xlb_member_drain_reset_flows_total",
+        "counter",
+        "TCP flows of a drained member ended at its drain deadline with an RST to both ends.",
+    );
+    for d in &drains {
+        o.sample(
+            "xlb_member_drain_reset_flows_total",
+            &[("pool", &d.pool), ("member", &d.member.to_string())],
+            d.flows_reset,
+        );
+    }
+    o.family(
+        "xlb_member_drain_deadline_seconds",
+        "gauge",
+        "Seconds until a drained member's deadline (negative once passed; absent without a \
+         deadline), on the workers' (lab-scaled) time.",
+    );
+    for m in &members {
+        if let Some(deadline) = m.drain.and_then(|d| d.deadline) {
+            let ms = xlb_api::service::ms_between(now_ns, deadline);
+            o.sample(
+                "xlb_member_drain_deadline_seconds",
+                &[("pool", &m.pool), ("member", &m.address.to_string())],
+                format!("{:.3}", ms as f64 / 1000.0),
+            );
+        }
+    }
+
     // Data-path self-probe.
     let datapath = src
         .shared
@@ -554,6 +599,7 @@ backend_port = 8080
                 generation: 1,
                 snat: Vec::new(),
                 loop_latency: h.clone(),
+                drains: Vec::new(),
             });
         }
         Sources {

@@ -46,6 +46,8 @@ pub struct Shared {
     pub started: Instant,
     /// Data-path availability per probed rule (empty without the self-probe).
     pub datapath: Mutex<Vec<crate::selfprobe::Availability>>,
+    /// The NAT event export's figures (`None` when it is off), kept by its thread.
+    pub nat_log: Mutex<Option<xlb_api::NatLogStatus>>,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
             ),
             started: Instant::now(),
             datapath: Mutex::new(Vec::new()),
+            nat_log: Mutex::new(None),
         })
     }
 
@@ -80,6 +83,25 @@ impl Shared {
             .flatten()
             .cloned()
             .collect()
+    }
+
+    /// Every drain's progress, summed over the workers' latest snapshots (a worker without a
+    /// snapshot yet counts as not having counted).
+    pub fn drains(&self) -> Vec<xlb_api::DrainStatus> {
+        let snaps = self.snaps.lock().unwrap_or_else(PoisonError::into_inner);
+        let lists: Vec<&[xlb_engine::drain::DrainProgress]> = snaps
+            .iter()
+            .map(|s| s.as_ref().map_or(&[][..], |s| &s.drains[..]))
+            .collect();
+        xlb_api::sum_drains(&lists)
+    }
+
+    /// The NAT event export's figures, when it runs.
+    pub fn nat_log_status(&self) -> Option<xlb_api::NatLogStatus> {
+        self.nat_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Passes an engine event to the API's watchers (none listening is fine).
@@ -390,6 +412,8 @@ impl Telemetry for DaemonTelemetry {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            drains: self.shared.drains(),
+            nat_log: self.shared.nat_log_status(),
         })
     }
 }
@@ -571,6 +595,7 @@ mod tests {
             generation,
             snat: Vec::new(),
             loop_latency: Histogram::new(2).unwrap(),
+            drains: Vec::new(),
         }
     }
 
@@ -689,6 +714,7 @@ protocol = "TCP"
             generation: 1,
             snat: vec![u],
             loop_latency: crate::handler::loop_histogram(),
+            drains: Vec::new(),
         };
         let sum = sum_snat(&[snap(0, usage(512, 3)), snap(1, usage(512, 4))]);
         assert_eq!(sum, vec![usage(1024, 7)]);

@@ -21,6 +21,10 @@ pub struct Totals {
     pub drops: Vec<(&'static str, u64)>,
     /// (`lb.<name>` / `nat.<name>` / `out.<name>`, counters), in rule-id order.
     pub rules: Vec<(String, RuleCounters)>,
+    /// Every drained member's progress.
+    pub drains: Vec<xlb_api::DrainStatus>,
+    /// The NAT event export, when it runs (filled in by the daemon, which owns it).
+    pub nat_log: Option<xlb_api::NatLogStatus>,
 }
 
 fn kind_prefix(k: RuleKind) -> &'static str {
@@ -65,6 +69,9 @@ impl Totals {
                     Some((format!("{}.{}", kind_prefix(p.kind), p.name), rc))
                 })
                 .collect();
+        let lists: Vec<&[xlb_engine::drain::DrainProgress]> =
+            snaps.iter().map(|s| &s.drains[..]).collect();
+        t.drains = xlb_api::sum_drains(&lists);
         t
     }
 
@@ -138,6 +145,20 @@ impl Totals {
                 kv(&format!("rule.{name}.{field}"), v);
             }
         }
+        for d in &self.drains {
+            let key = format!("drain.{}.{}", d.pool, d.member);
+            if let Some(n) = d.flows_left {
+                kv(&format!("{key}.flows_left"), n);
+            }
+            kv(&format!("{key}.flows_reset"), d.flows_reset);
+            kv(&format!("{key}.flows_ended"), d.flows_ended);
+            kv(&format!("{key}.deadline_done"), u64::from(d.deadline_done));
+        }
+        if let Some(n) = &self.nat_log {
+            kv("nat_log.records_sent", n.records_sent);
+            kv("nat_log.messages_sent", n.messages_sent);
+            kv("nat_log.records_lost", n.records_lost);
+        }
         s
     }
 }
@@ -199,6 +220,14 @@ backend_port = 8080
                 generation: 1,
                 snat: Vec::new(),
                 loop_latency: crate::handler::loop_histogram(),
+                drains: vec![xlb_engine::drain::DrainProgress {
+                    pool: std::sync::Arc::from("web"),
+                    member: xlb_engine::Addr::from_v4_bytes([198, 18, 1, 11]),
+                    flows_left: Some(flows as u64),
+                    flows_reset: 1,
+                    flows_ended: 0,
+                    deadline_done: true,
+                }],
             }
         };
         let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);
@@ -212,6 +241,9 @@ backend_port = 8080
             "drop.no_flow=4",
             "rule.lb.web.flows_created=7",
             "handed_off=2",
+            "drain.web.198.18.1.11.flows_left=3",
+            "drain.web.198.18.1.11.flows_reset=2",
+            "drain.web.198.18.1.11.deadline_done=1",
         ] {
             assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
         }

@@ -95,35 +95,37 @@ pub struct DrainStatus {
     pub deadline_done: bool,
 }
 
-/// Sums the drain progress of every worker (each a list in its rule set's order): per
-/// (pool, member) in the order first seen.
-pub fn sum_drains<'a>(
-    workers: impl IntoIterator<Item = &'a [xlb_engine::drain::DrainProgress]>,
-) -> Vec<DrainStatus> {
-    let mut out: Vec<DrainStatus> = Vec::new();
-    let mut first = true;
+/// Sums the drain progress of every worker (each a list in its rule set's order; a worker
+/// that has not reported yet gives an empty list): per (pool, member), in the order first
+/// seen. A drain that some worker does not report yet (it runs an older rule set) is not
+/// counted yet: `flows_left` is `None` and its deadline not done.
+pub fn sum_drains(workers: &[&[xlb_engine::drain::DrainProgress]]) -> Vec<DrainStatus> {
+    let mut out: Vec<(DrainStatus, usize)> = Vec::new();
     for list in workers {
-        for p in list {
+        for p in *list {
             let member = p.member.to_ip();
             let i = match out
                 .iter()
-                .position(|d| d.pool == *p.pool && d.member == member)
+                .position(|(d, _)| d.pool == *p.pool && d.member == member)
             {
                 Some(i) => i,
                 None => {
-                    out.push(DrainStatus {
-                        pool: p.pool.to_string(),
-                        member,
-                        // A drain a worker before this one did not report is not counted yet.
-                        flows_left: if first { Some(0) } else { None },
-                        flows_reset: 0,
-                        flows_ended: 0,
-                        deadline_done: first,
-                    });
+                    out.push((
+                        DrainStatus {
+                            pool: p.pool.to_string(),
+                            member,
+                            flows_left: Some(0),
+                            flows_reset: 0,
+                            flows_ended: 0,
+                            deadline_done: true,
+                        },
+                        0,
+                    ));
                     out.len() - 1
                 }
             };
-            let d = &mut out[i];
+            let (d, reported) = &mut out[i];
+            *reported += 1;
             d.flows_left = match (d.flows_left, p.flows_left) {
                 (Some(a), Some(b)) => Some(a + b),
                 _ => None,
@@ -132,9 +134,65 @@ pub fn sum_drains<'a>(
             d.flows_ended += p.flows_ended;
             d.deadline_done &= p.deadline_done;
         }
-        first = false;
     }
-    out
+    out.into_iter()
+        .map(|(mut d, reported)| {
+            if reported < workers.len() {
+                d.flows_left = None;
+                d.deadline_done = false;
+            }
+            d
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use std::sync::Arc;
+
+    use xlb_engine::drain::DrainProgress;
+    use xlb_engine::Addr;
+
+    use super::sum_drains;
+
+    fn p(member: u8, left: Option<u64>, reset: u64, done: bool) -> DrainProgress {
+        DrainProgress {
+            pool: Arc::from("web"),
+            member: Addr::from_v4_bytes([198, 18, 1, member]),
+            flows_left: left,
+            flows_reset: reset,
+            flows_ended: 0,
+            deadline_done: done,
+        }
+    }
+
+    #[test]
+    fn drains_are_summed_only_once_every_worker_counted_them() {
+        let w0 = [p(11, Some(2), 1, true), p(12, Some(0), 0, false)];
+        let w1 = [p(11, Some(3), 2, true)];
+        let s = sum_drains(&[&w0, &w1]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].flows_left, s[0].flows_reset, s[0].deadline_done),
+            (Some(5), 3, true)
+        );
+        assert_eq!(
+            (s[1].flows_left, s[1].deadline_done),
+            (None, false),
+            "worker 1 does not run that drain yet"
+        );
+        let w1 = [p(11, None, 0, false)];
+        assert_eq!(
+            sum_drains(&[&w0, &w1])[0].flows_left,
+            None,
+            "not counted yet"
+        );
+        assert_eq!(
+            sum_drains(&[&w0, &[]])[0].flows_left,
+            None,
+            "no snapshot yet"
+        );
+    }
 }
 
 /// One worker's counters.
