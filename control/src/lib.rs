@@ -13,3 +13,4 @@ pub mod plane;
 pub mod probes;
 pub mod selfprobe;
 pub mod stats;
+pub mod tls_probe;

@@ -5,10 +5,13 @@
 //! traffic addressed to the host's own addresses to the kernel), one attempt per
 //! (probe, pool, member) and interval:
 //! - `TCP`: healthy if the handshake completes;
-//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200.
+//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200;
+//! - `HTTPS`: the same over TLS (`crate::tls_probe`: the certificate is not checked unless
+//!   `tls_verify` is set).
 //!
 //! Timing: the interval (default 5 s) is divided by the lab time scale like every timer. An
-//! attempt times out after one interval, but never sooner than [`MIN_TIMEOUT`] of real time
+//! attempt times out after `timeout_seconds` (default: the interval, at most 30 s; lab-scaled
+//! too), but never sooner than [`MIN_TIMEOUT`] of real time
 //! (a lab-scaled 5 s interval is 83 ms: a loaded host must not fail probes by itself); the
 //! next attempt starts one interval after the previous one started, or when it ends if it took
 //! longer. The first attempts of a new target are spread over its first interval.
@@ -50,6 +53,7 @@ use xlb_api::{ControlEvent, ControlState, EventRecord};
 use xlb_engine::config::{Config, ProbeProtocol};
 
 use crate::plane::Shared;
+use crate::tls_probe::TlsSpec;
 
 /// Shortest real time an attempt may take before it counts as failed.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(250);
@@ -77,11 +81,13 @@ pub struct TargetKey {
 pub struct ProbeSpec {
     pub protocol: ProbeProtocol,
     pub port: u16,
-    /// HTTP only.
+    /// HTTP(S) only.
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
     pub threshold: u32,
+    /// HTTPS only.
+    pub tls: Option<TlsSpec>,
 }
 
 /// Every target of `config`: the members of the pools of load-balancing rules that name a
@@ -104,13 +110,20 @@ pub fn targets(config: &Config) -> BTreeMap<TargetKey, ProbeSpec> {
             continue;
         };
         let interval = Duration::from_secs(u64::from(probe.interval_seconds.max(1))) / scale;
+        let timeout =
+            Duration::from_secs(u64::from(probe.effective_timeout_seconds().max(1))) / scale;
         let spec = ProbeSpec {
             protocol: probe.protocol,
             port: probe.port as u16,
             path: probe.path.clone().unwrap_or_else(|| "/".into()),
             interval,
-            timeout: interval.max(MIN_TIMEOUT),
+            timeout: timeout.max(MIN_TIMEOUT),
             threshold: probe.threshold.max(1),
+            tls: (probe.protocol == ProbeProtocol::Https).then(|| TlsSpec {
+                verify: probe.tls_verify,
+                server_name: probe.tls_server_name.clone(),
+                ca_file: probe.tls_ca_file.clone(),
+            }),
         };
         for m in &pool.members {
             let key = TargetKey {
@@ -216,45 +229,66 @@ impl Tracker {
 pub async fn probe_once(spec: &ProbeSpec, member: IpAddr) -> Result<(), String> {
     let addr = SocketAddr::new(member, spec.port);
     let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+        let s = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        if spec.protocol == ProbeProtocol::Tcp {
-            return Ok(());
-        }
-        let host = match member {
-            IpAddr::V4(a) => format!("{a}:{}", spec.port),
-            IpAddr::V6(a) => format!("[{a}]:{}", spec.port),
+        let host = match (&spec.tls, member) {
+            (
+                Some(TlsSpec {
+                    server_name: Some(name),
+                    ..
+                }),
+                _,
+            ) => format!("{name}:{}", spec.port),
+            (_, IpAddr::V4(a)) => format!("{a}:{}", spec.port),
+            (_, IpAddr::V6(a)) => format!("[{a}]:{}", spec.port),
         };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlbd-health-probe\r\n\
-             Accept: */*\r\nConnection: close\r\n\r\n",
-            spec.path
-        );
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("sending the request: {e}"))?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_STATUS_LINE {
-            let n = s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?;
-            if n == 0 {
-                break;
+        match (spec.protocol, &spec.tls) {
+            (ProbeProtocol::Tcp, _) => Ok(()),
+            (ProbeProtocol::Https, Some(tls)) => {
+                let s = crate::tls_probe::connect(s, tls, member).await?;
+                http_exchange(s, &spec.path, &host).await
             }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        match http_status(&buf) {
-            Some(200) => Ok(()),
-            Some(code) => Err(format!("HTTP status {code}")),
-            None => Err("no HTTP status line in the answer".into()),
+            _ => http_exchange(s, &spec.path, &host).await,
         }
     };
     match tokio::time::timeout(spec.timeout, attempt).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+    }
+}
+
+/// `GET path` on `s`; healthy only on status 200.
+async fn http_exchange<S>(mut s: S, path: &str, host: &str) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlbd-health-probe\r\n\
+         Accept: */*\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending the request: {e}"))?;
+    s.flush()
+        .await
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_STATUS_LINE {
+        let n = s
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    match http_status(&buf) {
+        Some(200) => Ok(()),
+        Some(code) => Err(format!("HTTP status {code}")),
+        None => Err("no HTTP status line in the answer".into()),
     }
 }
 
@@ -351,6 +385,8 @@ async fn probe_loop(state: &ControlState, stop: &AtomicBool, tx: Sender<Msg>) {
             let snap = state.snapshot();
             if seen_generation != Some(snap.generation) {
                 seen_generation = Some(snap.generation);
+                // A changed configuration may name a CA file whose contents changed too.
+                crate::tls_probe::forget_configs();
                 reconcile(&mut targets, self::targets(&snap.config), now, &tx);
             }
         }
@@ -922,6 +958,7 @@ mod tests {
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(5),
                 threshold: 1,
+                tls: None,
             };
             assert_eq!(probe_once(&spec, local).await, Ok(()));
             spec.path = "/other".into();
@@ -955,6 +992,7 @@ mod tests {
                 interval: Duration::from_millis(300),
                 timeout: Duration::from_millis(300),
                 threshold: 1,
+                tls: None,
             };
             let started = Instant::now();
             let r = probe_once(&spec, "127.0.0.1".parse().unwrap()).await;
@@ -964,5 +1002,140 @@ mod tests {
             assert!(took < Duration::from_secs(3), "{took:?}");
             drop(listener);
         });
+    }
+
+    /// A TLS server on loopback with a certificate for `backend.xlb.test` issued by a CA of
+    /// its own: answers every request with 200, `accept` times.
+    fn tls_server(
+        accept: usize,
+    ) -> (
+        u16,
+        std::path::PathBuf,
+        tempfile::TempDir,
+        std::thread::JoinHandle<()>,
+    ) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["backend.xlb.test".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let join = std::thread::spawn(move || {
+            for _ in 0..accept {
+                let Ok((tcp, _)) = listener.accept() else {
+                    return;
+                };
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 1024];
+                // A refused handshake ends here with an error: the next client is served.
+                if std::io::Read::read(&mut tls, &mut buf).unwrap_or(0) > 0 {
+                    let _ = std::io::Write::write_all(
+                        &mut tls,
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                    );
+                    tls.conn.send_close_notify();
+                    let _ = std::io::Write::flush(&mut tls);
+                }
+            }
+        });
+        (port, ca_file, dir, join)
+    }
+
+    #[test]
+    fn https_probes_accept_any_certificate_unless_told_to_verify_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (port, ca_file, _dir, server) = tls_server(5);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let spec = |tls: TlsSpec| ProbeSpec {
+            protocol: ProbeProtocol::Https,
+            port,
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            threshold: 1,
+            tls: Some(tls),
+        };
+        let unverified = TlsSpec {
+            verify: false,
+            server_name: None,
+            ca_file: None,
+        };
+        let verified = |name: &str| TlsSpec {
+            verify: true,
+            server_name: Some(name.into()),
+            ca_file: Some(ca_file.display().to_string()),
+        };
+        rt.block_on(async {
+            // Off by default: a certificate for another name, from an unknown CA, is fine.
+            assert_eq!(probe_once(&spec(unverified), local).await, Ok(()));
+            assert_eq!(
+                probe_once(&spec(verified("backend.xlb.test")), local).await,
+                Ok(())
+            );
+            let wrong = probe_once(&spec(verified("other.xlb.test")), local)
+                .await
+                .unwrap_err();
+            assert!(
+                wrong.starts_with("TLS handshake:") && wrong.contains("certificate"),
+                "{wrong}"
+            );
+            // The system's store does not know this CA.
+            let system = probe_once(
+                &spec(TlsSpec {
+                    ca_file: None,
+                    ..verified("backend.xlb.test")
+                }),
+                local,
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                system.starts_with("TLS handshake:") || system.contains("store"),
+                "{system}"
+            );
+            let missing = probe_once(
+                &spec(TlsSpec {
+                    ca_file: Some("/nonexistent/ca.pem".into()),
+                    ..verified("backend.xlb.test")
+                }),
+                local,
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                missing.starts_with("tls_ca_file /nonexistent/ca.pem"),
+                "{missing}"
+            );
+        });
+        // The missing CA file fails before connecting: the server took 4 connections.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+        server.join().unwrap();
     }
 }
