@@ -73,6 +73,21 @@ fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
     )
 }
 
+/// The backend whose echo server next saw a connection from the client end with ECONNRESET,
+/// skipping connections that ended otherwise (closed by the test); `None` after 3 s.
+fn reset_ending(lab: &Lab) -> Option<String> {
+    let end = Instant::now() + Duration::from_secs(3);
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        let (name, peer, ending) = lab.endings.recv_timeout(left).ok()?;
+        match ending {
+            Ending::Reset { .. } if peer.ip().to_string() == CLIENT => return Some(name),
+            Ending::Closed => continue,
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    None
+}
+
 fn event_lines(lab: &Lab, prefix: &str) -> Vec<String> {
     lab.log_text()
         .lines()
@@ -174,10 +189,12 @@ fn a_drained_members_connection_works_until_the_deadline_then_both_ends_are_rese
             .find(|m| m.address == BACKEND1)
             .unwrap()
     };
+    // (Connections that `one_connection_per_backend` opened on backend1 and closed may still
+    // linger in the first counts.)
     let end = Instant::now() + Duration::from_secs(1);
     let m = loop {
         let m = status();
-        if m.drain_flows_left.is_some() || Instant::now() > end {
+        if m.drain_flows_left == Some(1) || Instant::now() > end {
             break m;
         }
         thread::sleep(Duration::from_millis(20));
@@ -209,16 +226,9 @@ fn a_drained_members_connection_works_until_the_deadline_then_both_ends_are_rese
         at >= DRAIN_DEADLINE - Duration::from_millis(100) && at <= DRAIN_DEADLINE + SLACK,
         "reset {at:?} after the drain began; the deadline is {DRAIN_DEADLINE:?}"
     );
-    // … and on backend1.
-    let (name, peer, ending) = lab
-        .endings
-        .recv_timeout(Duration::from_secs(3))
-        .expect("backend1's connection ended");
-    assert_eq!(
-        (name.as_str(), peer.ip().to_string()),
-        ("backend1", CLIENT.to_string())
-    );
-    assert!(matches!(ending, Ending::Reset { .. }), "{ending:?}");
+    // … and on backend1 (connections the test closed itself end as `Closed`).
+    let reset = reset_ending(&lab).expect("backend1's connection was reset");
+    assert_eq!(reset, "backend1");
     // The other member's connection and new connections carry on.
     assert_eq!(echo(&mut on2, b"other\n"), b"other\n");
     let mut s = lab.client_connect(80);
@@ -708,12 +718,7 @@ fn floating_ip_members_get_the_vip_as_destination_and_idle_timeout_reset_and_kee
         waited >= IDLE - Duration::from_millis(50) && waited <= IDLE + SLACK,
         "reset {waited:?} after the last packet; the idle timeout is {IDLE:?}"
     );
-    let (_, peer, ending) = lab
-        .endings
-        .recv_timeout(Duration::from_secs(3))
-        .expect("the member's connection ended");
-    assert_eq!(peer.ip().to_string(), CLIENT);
-    assert!(matches!(ending, Ending::Reset { .. }), "member: {ending:?}");
+    reset_ending(&lab).expect("the member's connection was reset");
     assert_eq!(
         lab.wait_stat(
             "rule.lb.float.flows_reset_on_idle",
