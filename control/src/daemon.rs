@@ -75,6 +75,16 @@ pub struct Options {
     pub self_probe_sources: Vec<IpAddr>,
     /// Interval of the self-probe, before the lab time scale.
     pub self_probe_interval: Duration,
+    /// NAT event export over IPFIX (`crate::ipfix`); `None`: off.
+    pub ipfix: Option<IpfixOptions>,
+}
+
+/// `--ipfix-*`.
+#[derive(Debug, Clone)]
+pub struct IpfixOptions {
+    pub export: crate::ipfix::ExportOptions,
+    /// Load-balancing and inbound NAT flows too, not only SNAT.
+    pub lb_flows: bool,
 }
 
 /// Parses `--api`: `none`, `unix:PATH` (or an absolute path), `tcp:HOST:PORT` (or
@@ -564,6 +574,23 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ack_tx, ack_rx) = channel::bounded(256);
     let shared = Shared::new(opts.workers, rules.generation());
+    let exporter = match &opts.ipfix {
+        None => None,
+        Some(o) => Some(
+            crate::ipfix::Exporter::spawn(o.export.clone(), Arc::clone(&shared), sys::monotonic_ns)
+                .map_err(|e| {
+                    Failure::usage(format!(
+                        "--ipfix-collector {}: {e} (is there a route to it?)",
+                        o.export.collector
+                    ))
+                })?,
+        ),
+    };
+    let nat_log = match &opts.ipfix {
+        None => xlb_engine::natlog::NatLogMode::Off,
+        Some(o) if o.lb_flows => xlb_engine::natlog::NatLogMode::SnatAndInbound,
+        Some(_) => xlb_engine::natlog::NatLogMode::Snat,
+    };
     let mut placement = Vec::new();
     let mut sockets = Vec::new();
     let mut workers = Vec::new();
@@ -591,6 +618,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             workers: opts.workers as u16,
             flow_capacity: opts.flow_capacity,
             hash_seed: sys::monotonic_ns() ^ 0x9E37_79B9_7F4A_7C15,
+            nat_log,
             ..EngineConfig::default()
         };
         let mut engine = Engine::new(ecfg, Arc::clone(&rules), sys::monotonic_ns());
@@ -615,7 +643,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
                     .as_ref()
                     .map(|p| p.prober.sources())
                     .unwrap_or_default(),
-            );
+            )
+            .with_nat_events(exporter.as_ref().map(crate::ipfix::Exporter::sender));
         let stats = worker.stats();
         let core = if opts.cores.is_empty() {
             Some((w + 1) % ncpu)
@@ -761,6 +790,13 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             p.prober.interval().as_millis()
         ));
     }
+    if let Some(o) = &opts.ipfix {
+        start.push_str(&format!(
+            " ipfix={}{}",
+            o.export.collector,
+            if o.lb_flows { "+lb_flows" } else { "" }
+        ));
+    }
     if scale != 1 {
         start.push_str(&format!(" lab_time_scale={scale}"));
     }
@@ -802,16 +838,24 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let mut snaps = Vec::new();
     for (w, h) in workers.into_iter().enumerate() {
         match h.join.join() {
-            Ok(exit) => {
+            Ok(mut exit) => {
                 if let Err(e) = exit.result {
                     failed.get_or_insert(format!("worker {w}: {e}"));
                 }
+                // NAT events of the last iteration go to the exporter too.
+                exit.handler.pass_nat_events();
                 snaps.push(exit.handler.snapshot());
             }
             Err(_) => {
                 failed.get_or_insert(format!("worker {w} panicked"));
             }
         }
+    }
+    if let Some(x) = exporter {
+        x.stop();
+    }
+    for s in &snaps {
+        shared.store(s.clone());
     }
     let mut totals = Totals::sum(&snaps, &state.snapshot().rules);
     totals.nat_log = shared.nat_log_status();

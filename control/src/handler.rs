@@ -95,6 +95,9 @@ pub struct Snapshot {
     pub loop_latency: Histogram<u64>,
     /// What this worker knows of every drain of its rule set.
     pub drains: Vec<xlb_engine::drain::DrainProgress>,
+    /// NAT events (IPFIX export) this worker lost: its engine's queue or the channel to the
+    /// exporter was full.
+    pub nat_events_lost: u64,
 }
 
 /// A frame on its way to the worker that owns its flow.
@@ -190,6 +193,9 @@ pub struct EngineHandler {
     handoff_dropped: u64,
     /// Self-probe source addresses: frames to them are probe answers, taken off the wire.
     probe_sources: Vec<Addr>,
+    /// The NAT event exporter's input (`crate::ipfix`), when the export is on.
+    nat_events: Option<Sender<xlb_engine::natlog::NatEvent>>,
+    nat_events_lost: u64,
 }
 
 impl EngineHandler {
@@ -215,6 +221,27 @@ impl EngineHandler {
             handed_off: 0,
             handoff_dropped: 0,
             probe_sources: Vec::new(),
+            nat_events: None,
+            nat_events_lost: 0,
+        }
+    }
+
+    /// Hands the engine's NAT events to the exporter at every loop iteration.
+    pub fn with_nat_events(mut self, tx: Option<Sender<xlb_engine::natlog::NatEvent>>) -> Self {
+        self.nat_events = tx;
+        self
+    }
+
+    /// Moves the engine's NAT events into the exporter's channel; a full channel loses them
+    /// (counted). Also called once more after the worker stopped.
+    pub fn pass_nat_events(&mut self) {
+        if let Some(tx) = &self.nat_events {
+            let lost = &mut self.nat_events_lost;
+            self.engine.drain_nat_events(|e| {
+                if tx.try_send(e).is_err() {
+                    *lost += 1;
+                }
+            });
         }
     }
 
@@ -318,6 +345,7 @@ impl EngineHandler {
             snat: self.snat_usage(),
             loop_latency: self.loop_latency.clone(),
             drains: self.engine.drain_progress().to_vec(),
+            nat_events_lost: self.engine.nat_events_lost() + self.nat_events_lost,
         }
     }
 
@@ -488,6 +516,7 @@ impl FrameHandler for EngineHandler {
             }
         }
         self.take_handoffs(now_ns);
+        self.pass_nat_events();
         let misses = &mut self.misses;
         self.engine.next_hops().take_misses(|a| misses.push(a));
         if !self.misses.is_empty() {

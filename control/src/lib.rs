@@ -6,6 +6,7 @@ pub mod addresses;
 pub mod daemon;
 pub mod drain;
 pub mod handler;
+pub mod ipfix;
 pub mod kernel;
 pub mod limits;
 pub mod metrics;

@@ -341,6 +341,36 @@ pub fn render(src: &Sources) -> String {
         }
     }
 
+    // NAT event export (IPFIX).
+    if let Some(n) = src.shared.nat_log_status() {
+        o.family(
+            "xlb_nat_log_records_total",
+            "counter",
+            "NAT event records (IPFIX) sent to the collector, and lost (queues full, failed \
+             sends).",
+        );
+        o.sample(
+            "xlb_nat_log_records_total",
+            &[("collector", &n.collector), ("result", "sent")],
+            n.records_sent,
+        );
+        o.sample(
+            "xlb_nat_log_records_total",
+            &[("collector", &n.collector), ("result", "lost")],
+            n.records_lost,
+        );
+        o.family(
+            "xlb_nat_log_messages_total",
+            "counter",
+            "IPFIX messages sent to the collector.",
+        );
+        o.sample(
+            "xlb_nat_log_messages_total",
+            &[("collector", &n.collector)],
+            n.messages_sent,
+        );
+    }
+
     // Drains: flows left per drained member, resets at the deadline, time to the deadline.
     let drains = src.shared.drains();
     let now_ns = src.state.now();
@@ -600,6 +630,7 @@ backend_port = 8080
                 snat: Vec::new(),
                 loop_latency: h.clone(),
                 drains: Vec::new(),
+                nat_events_lost: 0,
             });
         }
         Sources {

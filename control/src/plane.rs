@@ -98,10 +98,20 @@ impl Shared {
 
     /// The NAT event export's figures, when it runs.
     pub fn nat_log_status(&self) -> Option<xlb_api::NatLogStatus> {
-        self.nat_log
+        let mut s = self
+            .nat_log
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone()?;
+        s.records_lost += self
+            .snaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .map(|w| w.nat_events_lost)
+            .sum::<u64>();
+        Some(s)
     }
 
     /// Passes an engine event to the API's watchers (none listening is fine).
@@ -596,6 +606,7 @@ mod tests {
             snat: Vec::new(),
             loop_latency: Histogram::new(2).unwrap(),
             drains: Vec::new(),
+            nat_events_lost: 0,
         }
     }
 
@@ -715,6 +726,7 @@ protocol = "TCP"
             snat: vec![u],
             loop_latency: crate::handler::loop_histogram(),
             drains: Vec::new(),
+            nat_events_lost: 0,
         };
         let sum = sum_snat(&[snap(0, usage(512, 3)), snap(1, usage(512, 4))]);
         assert_eq!(sum, vec![usage(1024, 7)]);

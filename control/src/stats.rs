@@ -92,6 +92,13 @@ impl Totals {
                 self.handed_off, self.handoff_dropped
             );
         }
+        if let Some(n) = &self.nat_log {
+            let _ = write!(
+                s,
+                " ipfix[sent={} messages={} lost={}]",
+                n.records_sent, n.messages_sent, n.records_lost
+            );
+        }
         let drops: Vec<String> = self
             .drops
             .iter()
@@ -228,6 +235,7 @@ backend_port = 8080
                     flows_ended: 0,
                     deadline_done: true,
                 }],
+                nat_events_lost: 0,
             }
         };
         let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);

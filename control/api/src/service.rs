@@ -1015,6 +1015,12 @@ impl Xlb for XlbService {
                     })
                     .collect()
             },
+            nat_log: rt.nat_log.as_ref().map(|n| pb::NatLogStatus {
+                collector: n.collector.clone(),
+                records_sent: n.records_sent,
+                messages_sent: n.messages_sent,
+                records_lost: n.records_lost,
+            }),
             datapath: rt
                 .datapath
                 .iter()

@@ -91,6 +91,21 @@ struct Cli {
     /// Seconds between self-probes of each TCP rule, 0.1–3600 (divided by the lab time scale).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     self_probe_interval: f64,
+    /// Export NAT events (SNAT port allocations and releases) as IPFIX records over UDP to
+    /// this collector (e.g. 198.18.0.5:4739). Off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    ipfix_collector: Option<std::net::SocketAddr>,
+    /// With --ipfix-collector: also export load-balancing and inbound NAT flows created and
+    /// removed.
+    #[arg(long)]
+    ipfix_lb_flows: bool,
+    /// With --ipfix-collector: most records sent per second, 1–10000000 (a backlog waits in a
+    /// bounded queue; what it cannot hold is counted lost).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    ipfix_max_rate: u32,
+    /// With --ipfix-collector: the IPFIX observation domain id.
+    #[arg(long, value_name = "ID", default_value_t = 1)]
+    ipfix_domain: u32,
 }
 
 /// The numeric options, range-checked (xlb_control::limits).
@@ -109,6 +124,10 @@ fn check(cli: &Cli) -> Result<Checked, String> {
         limits::count("--queues", q, limits::QUEUES)?;
     }
     limits::cores(&cli.cores, ncpu)?;
+    limits::count("--ipfix-max-rate", cli.ipfix_max_rate, limits::IPFIX_RATE)?;
+    if cli.ipfix_collector.is_none() && cli.ipfix_lb_flows {
+        return Err("--ipfix-lb-flows: needs --ipfix-collector".into());
+    }
     Ok(Checked {
         status_interval: seconds(
             "--status-interval",
@@ -184,6 +203,16 @@ fn main() -> ExitCode {
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
         self_probe_interval: checked.self_probe_interval,
+        ipfix: cli
+            .ipfix_collector
+            .map(|collector| xlb_control::daemon::IpfixOptions {
+                export: xlb_control::ipfix::ExportOptions {
+                    collector,
+                    max_rate: cli.ipfix_max_rate,
+                    domain: cli.ipfix_domain,
+                },
+                lb_flows: cli.ipfix_lb_flows,
+            }),
     };
     match daemon::run(opts) {
         Ok(()) => ExitCode::SUCCESS,

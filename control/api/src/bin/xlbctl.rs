@@ -1933,6 +1933,10 @@ async fn status(c: &mut Client, json: bool) -> Res {
                 "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
                 "flows": w.flows, "flow_capacity": w.flow_capacity,
             })).collect::<Vec<_>>(),
+            "nat_log": s.nat_log.as_ref().map(|n| json!({
+                "collector": n.collector, "records_sent": n.records_sent,
+                "messages_sent": n.messages_sent, "records_lost": n.records_lost,
+            })),
             "datapath": s.datapath.iter().map(|d| json!({
                 "frontend": d.frontend, "rule": d.rule, "availability": d.availability,
                 "window": d.window, "answered": d.answered, "failed": d.failed,
@@ -1963,6 +1967,12 @@ async fn status(c: &mut Client, json: bool) -> Res {
     }
     if !s.degraded.is_empty() {
         println!("DEGRADED: {}", s.degraded);
+    }
+    if let Some(n) = &s.nat_log {
+        println!(
+            "NAT event log (IPFIX) to {}: {} records sent in {} messages, {} lost",
+            n.collector, n.records_sent, n.messages_sent, n.records_lost
+        );
     }
     let rows: Vec<Vec<String>> = s
         .workers
