@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam::channel::{Receiver, Sender};
 use xlb_engine::natlog::{NatEvent, NatEventKind};
 
 use crate::plane::Shared;
@@ -534,16 +534,10 @@ fn run(
             .map_or(next_templates, |t| (t + FLUSH_EVERY).min(next_templates))
             .min(now + Duration::from_millis(50));
         let event = if stopping.is_some() {
-            match rx.try_recv() {
-                Ok(e) => Some(e),
-                Err(_) => None,
-            }
+            rx.try_recv().ok()
         } else {
-            match rx.recv_deadline(wake) {
-                Ok(e) => Some(e),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => None,
-            }
+            // Timed out, or every worker is gone (the stop request follows).
+            rx.recv_deadline(wake).ok()
         };
         match event {
             Some(e) => {

@@ -38,9 +38,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// Client configurations by (verify, CA file): building one reads the trust store, which is
 /// not done per attempt. [`forget_configs`] drops them (the probe thread does on every new
 /// configuration generation, so an edited CA file is read again).
-fn cache() -> &'static Mutex<HashMap<(bool, Option<String>), Arc<ClientConfig>>> {
-    static CACHE: OnceLock<Mutex<HashMap<(bool, Option<String>), Arc<ClientConfig>>>> =
-        OnceLock::new();
+type Configs = Mutex<HashMap<(bool, Option<String>), Arc<ClientConfig>>>;
+
+fn cache() -> &'static Configs {
+    static CACHE: OnceLock<Configs> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
