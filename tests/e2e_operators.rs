@@ -814,8 +814,8 @@ impl Nfcapd {
         }
     }
 
-    /// SIGTERM (nfcapd then writes out its file); the flow records nfdump reads from it.
-    fn stop_and_dump(&mut self) -> String {
+    /// SIGTERM (nfcapd then writes out its file); the file.
+    fn stop_and_dump(&mut self) -> std::path::PathBuf {
         let mut child = self.child.take().expect("running");
         let _ = xlb_afxdp::sys::signal_process(child.id(), xlb_afxdp::sys::SIGTERM);
         let end = Instant::now() + Duration::from_secs(10);
@@ -833,19 +833,25 @@ impl Nfcapd {
             })
             .collect();
         assert_eq!(files.len(), 1, "one nfcapd file: {files:?}");
-        let out = std::process::Command::new("nfdump")
-            .arg("-r")
-            .arg(&files[0])
-            .args(["-o", "raw"])
-            .output()
-            .expect("nfdump");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        files.into_iter().next().unwrap()
     }
+}
+
+/// `nfdump -r file -o raw [filter]`: one block of `name = value` lines per record.
+fn nfdump(file: &std::path::Path, filter: Option<&str>) -> String {
+    let out = std::process::Command::new("nfdump")
+        .arg("-r")
+        .arg(file)
+        .args(["-o", "raw"])
+        .args(filter)
+        .output()
+        .expect("nfdump");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Nfcapd {
@@ -1003,7 +1009,8 @@ fn every_snat_allocation_and_release_reaches_an_ipfix_collector() {
 
     // The real collector decoded the same: every allocation, with its member address and
     // port, its translated address and port, and the NAT event.
-    let dump = nfcapd.stop_and_dump();
+    let file = nfcapd.stop_and_dump();
+    let dump = nfdump(&file, None);
     // `nfdump -o raw` prints one block of `name = value` lines per record.
     let flows: Vec<std::collections::HashMap<String, String>> = dump
         .split("Flow Record:")
@@ -1037,4 +1044,14 @@ fn every_snat_allocation_and_release_reaches_an_ipfix_collector() {
             );
         }
     }
+    // The operator's question, as docs/deployment.md asks it: who held this SNAT port?
+    let (member, snat) = allocations.iter().next().unwrap();
+    let filter = format!("src xip {} and src xport {}", snat.ip(), snat.port());
+    let answer = nfdump(&file, Some(&filter));
+    assert_eq!(
+        answer.matches("Flow Record:").count(),
+        2,
+        "{filter}:\n{answer}"
+    );
+    assert!(answer.contains(&member.ip().to_string()), "{answer}");
 }
