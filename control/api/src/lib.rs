@@ -11,6 +11,7 @@
 //! - [`keepalive`]: the `xlbctl keepalive-check` logic (SPEC §6).
 #![forbid(unsafe_code)]
 
+pub mod authority;
 pub mod convert;
 pub mod keepalive;
 pub mod server;

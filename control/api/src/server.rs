@@ -19,6 +19,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -27,6 +28,7 @@ use tonic::{Request, Status};
 use xlb_proto::v1::xlb_client::XlbClient;
 use xlb_proto::v1::xlb_server::XlbServer;
 
+use crate::authority::FixAuthority;
 use crate::service::XlbService;
 use crate::state::ControlState;
 use crate::telemetry::Telemetry;
@@ -232,8 +234,10 @@ impl Bound {
             .add_service(InterceptedService::new(xlb, auth));
         match self.listener {
             Listener::Unix(l, path) => {
+                // Stock C-core clients send the socket path as :authority (see authority.rs).
+                let incoming = UnixListenerStream::new(l).map(|c| c.map(FixAuthority::new));
                 let r = router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;
                 let _ = std::fs::remove_file(&path);
                 r?;
