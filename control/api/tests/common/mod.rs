@@ -2,6 +2,8 @@
 //! recording fake `Publisher` and `FakeTelemetry`.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
