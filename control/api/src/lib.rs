@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod changes;
 pub mod convert;
 pub mod keepalive;
 pub mod server;
