@@ -135,6 +135,25 @@ fn refused(e: &str) -> bool {
 }
 
 #[tokio::test]
+async fn tls_on_ipv6_loopback_verifies_the_address() {
+    let pki = Pki::new();
+    let tls = pki.server_tls(false);
+    let h = Harness::start_with(BASE, move |o| {
+        o.listen = Listen::Tcp("[::1]:0".parse().unwrap());
+        o.tls = Some(tls);
+        o.token = Some(TOKEN.into());
+    })
+    .await;
+    // The target's brackets are not part of the name checked against the certificate.
+    let trusting = Pki::client_tls(&pki.ca, None);
+    assert_eq!(
+        list_over_tls(&h, "[::1]", &trusting, Some(TOKEN)).await,
+        Ok(3)
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn mutual_tls_admits_the_cas_clients_and_refuses_others() {
     let pki = Pki::new();
     let h = tls_server(&pki, true, None).await;
