@@ -211,3 +211,47 @@ fn api_on_tcp_without_authentication_or_off_loopback_in_clear_is_refused_at_star
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
+    for (args, want) in [
+        (
+            &["--flow-capacity", "4294967295"][..],
+            "--flow-capacity 4294967295: out of range (allowed: 16–16777216 flows per worker)",
+        ),
+        (
+            &["--flow-capacity", "0"][..],
+            "--flow-capacity 0: out of range",
+        ),
+        (
+            &["--status-interval", "1e300"][..],
+            "--status-interval 1e300: out of range",
+        ),
+        (
+            &["--status-interval", "0"][..],
+            "--status-interval 0: out of range",
+        ),
+        (
+            &["--max-runtime", "1e19"][..],
+            "--max-runtime 1e19: out of range",
+        ),
+        (
+            &["--self-probe-interval", "inf"][..],
+            "--self-probe-interval inf: out of range",
+        ),
+        (
+            &["--workers", "1000"][..],
+            "--workers 1000: out of range (allowed: 1–64 workers)",
+        ),
+        (&["--queues", "65"][..], "--queues 65: out of range"),
+        (&["--cores", "100000"][..], "--cores 100000: no such core"),
+    ] {
+        let mut all = vec!["--interface", "lo", "--api", "none"];
+        all.extend_from_slice(args);
+        let out = xlbd(VALID, &all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
