@@ -15,7 +15,7 @@ use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
-use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
+use crate::tcp::{Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
 use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
@@ -274,16 +274,21 @@ impl Engine {
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             if pkt.proto == proto::TCP {
-                let f = self.flows.get(id);
-                let reopening = f.tcp.state.is_closed()
-                    && dir == ORIG
-                    && pkt.tcp_flags & (SYN | ACK | RST) == SYN;
-                if reopening {
-                    // A new connection reusing the tuple of one that is only lingering.
+                let seg = Segment::of(&pkt);
+                if self.flows.get(id).tcp.reopens(dir, &seg) {
+                    // A new connection reusing the tuple of one that is over (or of a
+                    // handshake that this SYN is not part of).
                     self.remove_flow(id);
                     return self.miss(now, ingress, frame, &pkt, &tuple, hash);
                 }
-                self.track(now, id, dir, &pkt);
+                match self.track(now, id, dir, &seg) {
+                    Outcome::Tracked(_) => {}
+                    Outcome::Passed => return self.emit(id, dir, frame, &pkt),
+                    Outcome::OutOfWindow => {
+                        let rule = self.flows.get(id).rule;
+                        return self.drop_for(rule, DropReason::OutOfWindow);
+                    }
+                }
             } else if dir == ORIG {
                 let f = self.flows.get(id);
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
@@ -447,15 +452,17 @@ impl Engine {
         f.last_seen.saturating_add(timeout)
     }
 
-    fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, pkt: &Packet) {
+    /// Checks a segment of flow `id` against the window and tracks it (see `tcp`).
+    fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, seg: &Segment) -> Outcome {
         let f = self.flows.get_mut(id);
-        let change = f
-            .tcp
-            .on_segment(dir, pkt.tcp_flags, pkt.seq, pkt.payload_len);
+        let outcome = f.tcp.on_segment(dir, seg);
         let rule = f.rule;
-        if pkt.tcp_flags & (SYN | ACK) == SYN {
+        if outcome != Outcome::OutOfWindow && seg.is_pure_syn() {
             rule_counters(&mut self.counters, rule).syns += 1;
         }
+        let Outcome::Tracked(change) = outcome else {
+            return outcome;
+        };
         if matches!(change, Change::Closed | Change::Reset) {
             rule_counters(&mut self.counters, rule).flows_closed += 1;
             // The linger is shorter than the idle timeout the wheel holds: re-file now.
@@ -463,6 +470,7 @@ impl Engine {
             let d = self.deadline(self.flows.get(id));
             self.wheel.insert(id, d);
         }
+        outcome
     }
 
     /// Rewrites a packet of flow `id`, direction `dir`, and addresses it to its next hop.
@@ -522,7 +530,8 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let is_tcp = pkt.proto == proto::TCP;
-        let is_syn = pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+        let seg = Segment::of(pkt);
+        let is_syn = seg.is_pure_syn();
         if let Some(rule) = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port) {
             let Some((unknown_flow, floating)) = self
                 .rules
@@ -532,7 +541,7 @@ impl Engine {
                 return self.drop(DropReason::NoRule);
             };
             let mut track = if is_tcp {
-                TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+                TcpTrack::from_syn(&seg)
             } else {
                 TcpTrack::NONE
             };
@@ -545,7 +554,7 @@ impl Engine {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
                     UnknownFlowPolicy::Pickup => {
-                        track = TcpTrack::picked_up(pkt.tcp_flags, pkt.seq, pkt.payload_len);
+                        track = TcpTrack::picked_up(&seg);
                         rule_counters(&mut self.counters, rule).flows_picked_up += 1;
                     }
                 }
@@ -597,7 +606,7 @@ impl Engine {
                 rule,
                 next_hop: [0; 2],
                 tcp: if is_tcp {
-                    TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+                    TcpTrack::from_syn(&seg)
                 } else {
                     TcpTrack::NONE
                 },
@@ -711,6 +720,7 @@ impl Engine {
             DropReason::NoBackend => c.no_backend += 1,
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
+            DropReason::OutOfWindow => c.out_of_window += 1,
             _ => {}
         }
         self.drop(reason)
