@@ -97,7 +97,8 @@ pub struct TcpTrack {
     wscale: [u8; 2],
     /// Per direction: the sequence number that direction's sender will use next (SYN, FIN and
     /// payload counted): the highest segment end seen in the window. Meaningful once that
-    /// direction has been seen. Read it by value.
+    /// direction has been seen; until the reply is seen, `next_seq[REPLY]` holds the original
+    /// SYN's sequence number + 1, the least acknowledgement that answers it. Read it by value.
     next_seq: [u32; 2],
     /// Per direction: the largest window that direction's sender advertised, scaled, at least 1.
     max_win: [u32; 2],
@@ -227,7 +228,7 @@ impl TcpTrack {
             state: TcpState::SynSent,
             bits: SEEN_ORIG,
             wscale: [seg.wscale, NO_WSCALE],
-            next_seq: [seg.end(), 0],
+            next_seq: [seg.end(), seg.seq.wrapping_add(1)],
             max_win: [window_of(seg, NO_WSCALE), 0],
         }
     }
@@ -382,8 +383,10 @@ impl TcpTrack {
             return Outcome::Passed;
         }
         // SynSent: the reply must answer the SYN (RFC 9293 §3.10.7.3): its ACK acknowledges
-        // the SYN; an RST is acceptable only then.
-        let acks_syn = seg.is(ACK) && seg.ack == self.next_seq(other);
+        // the SYN (and no more than was sent with it); an RST is acceptable only then.
+        let acks_syn = seg.is(ACK)
+            && seq_le(self.next_seq(REPLY), seg.ack)
+            && seq_le(seg.ack, self.next_seq(other));
         if seg.is(RST) {
             if !acks_syn {
                 return Outcome::OutOfWindow;
@@ -391,14 +394,11 @@ impl TcpTrack {
             self.state = TcpState::Reset;
             return Outcome::Tracked(Change::Reset);
         }
-        if seg.flags & (SYN | ACK) != SYN | ACK {
+        if seg.flags & (SYN | ACK) != SYN | ACK || !acks_syn {
             return Outcome::OutOfWindow;
         }
         let mut learned = *self;
         learned.learn(dir, seg, seg.wscale);
-        if !learned.ack_in_window(dir, seg) {
-            return Outcome::OutOfWindow;
-        }
         let mut s = learned.wscale;
         if s[ORIG] == NO_WSCALE || s[REPLY] == NO_WSCALE {
             // Scaling is in force only when both SYNs carried the option.
@@ -665,6 +665,7 @@ mod tests {
         let t0 = TcpTrack::from_syn(&seg(SYN, C_ISN, 0, 0));
         for s in [
             seg(SYN | ACK, S_ISN, C_ISN + 2, 0),
+            seg(SYN | ACK, S_ISN, C_ISN, 0),
             seg(SYN | ACK, S_ISN, C_ISN.wrapping_sub(100_000), 0),
             seg(ACK, S_ISN, C_ISN + 1, 0),
             seg(SYN, S_ISN, 0, 0),
