@@ -28,8 +28,12 @@ pub enum DropReason {
     NextHopTableFull,
     /// The member has no free SNAT port.
     SnatExhausted,
-    /// TTL / hop limit would reach zero.
+    /// TTL / hop limit of 1 or 0: the packet would expire on its next hop. Checked before the
+    /// flow table, so it neither creates nor changes a flow.
     HopLimit,
+    /// A TCP flag combination no real stack sends (see `tcp::valid_flags`): never creates or
+    /// changes a flow.
+    BadTcpFlags,
     /// A TCP segment of a known flow outside its window (see `tcp`): changes nothing.
     OutOfWindow,
 }
@@ -37,7 +41,7 @@ pub enum DropReason {
 impl DropReason {
     pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 12] = [
+    pub const NON_PARSE: [DropReason; 13] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -49,6 +53,7 @@ impl DropReason {
         DropReason::NextHopTableFull,
         DropReason::SnatExhausted,
         DropReason::HopLimit,
+        DropReason::BadTcpFlags,
         DropReason::OutOfWindow,
     ];
 
@@ -87,6 +92,7 @@ impl DropReason {
             DropReason::NextHopTableFull => "next_hop_table_full",
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::HopLimit => "hop_limit",
+            DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::OutOfWindow => "out_of_window",
         }
     }

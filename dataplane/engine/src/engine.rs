@@ -15,7 +15,7 @@ use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
-use crate::tcp::{Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
+use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
 use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
@@ -263,6 +263,14 @@ impl Engine {
         };
         if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
             return self.drop(DropReason::Unsupported);
+        }
+        // Checked before any lookup, so that such a packet neither creates nor changes a flow
+        // (nor takes a SNAT port): it would never reach the other end.
+        if pkt.hop_limit <= 1 {
+            return self.drop(DropReason::HopLimit);
+        }
+        if pkt.proto == proto::TCP && !tcp::valid_flags(pkt.tcp_flags) {
+            return self.drop(DropReason::BadTcpFlags);
         }
         let tuple = FlowTuple {
             proto: pkt.proto,
@@ -612,11 +620,7 @@ impl Engine {
                 },
                 last_seen: now,
             };
-            let verdict = self.create(ingress, frame, pkt, flow, pkt.dst, hash);
-            if !matches!(verdict, Verdict::Tx { .. }) {
-                self.snat.release(addr, pkt.proto, port);
-            }
-            return verdict;
+            return self.create(ingress, frame, pkt, flow, pkt.dst, hash);
         }
         if is_tcp && self.count_late(hash, now) {
             return self.drop(DropReason::NoFlow);
@@ -624,43 +628,71 @@ impl Engine {
         self.drop(DropReason::NoRule)
     }
 
-    /// Inserts a new flow and forwards its first packet toward `toward`.
+    /// Inserts a new flow and forwards its first packet toward `toward`. An outbound flow's
+    /// SNAT port (allocated by the caller) is released exactly once if the flow does not come
+    /// to be: here when it is refused, by `remove_flow` once it exists.
     #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
         ingress: PortId,
         frame: &mut [u8],
         pkt: &Packet,
-        mut flow: Flow,
+        flow: Flow,
         toward: Addr,
         hash: u64,
     ) -> Verdict {
         let rule = flow.rule;
-        let forward = match self.net.resolve(toward) {
-            Ok(h) => h,
-            Err(e) => return self.drop_for(rule, hop_error(e)),
-        };
-        let mut src_mac = [0u8; 6];
-        src_mac.copy_from_slice(&frame[6..12]);
-        let back: NextHopId = match self.net.learn(ingress, src_mac, pkt.vlan) {
-            Ok(h) => h,
-            Err(e) => return self.drop_for(rule, hop_error(e)),
-        };
-        flow.next_hop = [forward, back];
-        let id = match self.flows.insert_new(flow, hash) {
+        let id = match self.insert_flow(ingress, frame, pkt, flow, toward, hash) {
             Ok(id) => id,
-            Err(InsertError::Full) => return self.drop_for(rule, DropReason::FlowTableFull),
-            Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
+            Err(reason) => {
+                if flow.nat == Nat::Snat {
+                    self.snat.release(flow.xlat, flow.proto, flow.xlat_port);
+                }
+                return self.drop_for(rule, reason);
+            }
         };
-        self.late.forget(hash);
-        let deadline = self.deadline(self.flows.get(id));
-        self.wheel.insert(id, deadline);
+        let verdict = self.emit(id, ORIG, frame, pkt);
+        if matches!(verdict, Verdict::Drop(_)) {
+            // A flow never outlives a first packet that did not leave (the hop limit, the only
+            // reason `emit` refuses, is checked before any flow is created).
+            self.remove_flow(id);
+            return verdict;
+        }
         let c = rule_counters(&mut self.counters, rule);
         c.flows_created += 1;
         if pkt.proto == proto::TCP && pkt.tcp_flags & (SYN | ACK) == SYN {
             c.syns += 1;
         }
-        self.emit(id, ORIG, frame, pkt)
+        verdict
+    }
+
+    /// Resolves both next hops of `flow` and inserts it.
+    fn insert_flow(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        pkt: &Packet,
+        mut flow: Flow,
+        toward: Addr,
+        hash: u64,
+    ) -> Result<FlowId, DropReason> {
+        let forward = self.net.resolve(toward).map_err(hop_error)?;
+        let mut src_mac = [0u8; 6];
+        src_mac.copy_from_slice(&frame[6..12]);
+        let back: NextHopId = self
+            .net
+            .learn(ingress, src_mac, pkt.vlan)
+            .map_err(hop_error)?;
+        flow.next_hop = [forward, back];
+        let id = match self.flows.insert_new(flow, hash) {
+            Ok(id) => id,
+            Err(InsertError::Full) => return Err(DropReason::FlowTableFull),
+            Err(InsertError::Conflict) => return Err(DropReason::TupleConflict),
+        };
+        self.late.forget(hash);
+        let deadline = self.deadline(self.flows.get(id));
+        self.wheel.insert(id, deadline);
+        Ok(id)
     }
 
     /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
