@@ -27,7 +27,7 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~120 bytes each).
+    /// Flows this worker can hold (memory is allocated up front: ~136 bytes each).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
     pub next_hop_capacity: usize,
