@@ -668,12 +668,6 @@ impl Engine {
                 return self.drop_for(rule, reason);
             }
         };
-<<<<<<< HEAD
-        self.late.forget(hash);
-        live_flows(&mut self.counters, rule);
-        let deadline = self.deadline(self.flows.get(id));
-        self.wheel.insert(id, deadline);
-=======
         let verdict = self.emit(id, ORIG, frame, pkt);
         if matches!(verdict, Verdict::Drop(_)) {
             // A flow never outlives a first packet that did not leave (the hop limit, the only
@@ -681,7 +675,6 @@ impl Engine {
             self.remove_flow(id);
             return verdict;
         }
->>>>>>> tcp-window
         let c = rule_counters(&mut self.counters, rule);
         c.flows_created += 1;
         if pkt.proto == proto::TCP && pkt.tcp_flags & (SYN | ACK) == SYN {
@@ -714,6 +707,7 @@ impl Engine {
             Err(InsertError::Conflict) => return Err(DropReason::TupleConflict),
         };
         self.late.forget(hash);
+        live_flows(&mut self.counters, flow.rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Ok(id)
