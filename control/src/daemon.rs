@@ -67,8 +67,12 @@ pub struct Options {
     pub max_runtime: Option<Duration>,
     /// Where the gRPC API listens; `None`: no API.
     pub api: Option<Listen>,
-    /// Bearer token the API requires (mandatory on a non-loopback TCP address).
+    /// Bearer token the API requires (a TCP listener needs it or client certificates).
     pub api_token: Option<String>,
+    /// TLS of a TCP API listener (mandatory off loopback), with optional client certificates.
+    pub api_tls: Option<xlb_api::server::ServerTls>,
+    /// Serve the API on TCP without authentication, or off loopback without TLS.
+    pub api_insecure: bool,
     /// Where the Prometheus endpoint listens; `None`: none.
     pub metrics: Option<SocketAddr>,
     /// Sources of the data-path self-probe (`crate::selfprobe`); empty: off.
@@ -388,8 +392,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         return Err(Failure::runtime(m));
     }
 
-    // The API's socket is bound before anything is attached, so that a busy socket or a
-    // missing token fails the start cleanly.
+    // The API's socket is bound before anything is attached, so that a busy socket, a
+    // missing token or a bad certificate fails the start cleanly.
     let api_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(8)
@@ -403,6 +407,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             let serve = ServeOptions {
                 listen: listen.clone(),
                 token: opts.api_token.clone(),
+                tls: opts.api_tls.clone(),
+                insecure: opts.api_insecure,
                 ..ServeOptions::default()
             };
             let bound = api_runtime.block_on(xlb_api::bind(serve)).map_err(|e| {

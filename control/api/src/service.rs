@@ -1,9 +1,11 @@
 //! The `xlb.v1.Xlb` gRPC service: a thin translator over [`ControlState`] and [`Telemetry`].
 //!
 //! Each handler converts the request (bad text and enum values become `INVALID_ARGUMENT`),
-//! calls the library, and converts the answer. Changes and telemetry reads run on the blocking
-//! pool: a publish waits for worker acks and a telemetry read may wait for workers, and
-//! neither may stall the async runtime that serves other requests.
+//! calls the library, and converts the answer. A publish waits for worker acks and a telemetry
+//! read may wait for workers, and neither may stall the async runtime that serves other
+//! requests: changes go to the [`ChangeQueue`] (its own thread, in the order received, carried
+//! out to the end even when the client hangs up or times out), telemetry reads to the blocking
+//! pool.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -25,6 +27,7 @@ use xlb_engine::{Addr, DropReason, RuleCounters, RuleId, RuleSet, ValidationErro
 use xlb_proto::v1 as pb;
 use xlb_proto::v1::xlb_server::Xlb;
 
+use crate::changes::ChangeQueue;
 use crate::convert::{self, Errors};
 use crate::state::{ControlState, Object};
 use crate::status::bad_field;
@@ -42,6 +45,8 @@ pub struct XlbService {
     /// Bounds concurrent `WatchEvents` streams: they outlive the request and the server's
     /// concurrency limit only counts requests until their answer starts.
     watchers: Arc<Semaphore>,
+    /// Every change of every connection goes through this one queue.
+    changes: Arc<ChangeQueue>,
     /// Turns true when the server shuts down: event streams end then, otherwise a graceful
     /// shutdown would wait for every watcher to hang up.
     closing: watch::Receiver<bool>,
@@ -65,6 +70,7 @@ impl XlbService {
             state,
             telemetry,
             watchers: Arc::new(Semaphore::new(max_watchers)),
+            changes: Arc::new(ChangeQueue::new()),
             closing: watch::channel(false).1,
         }
     }
@@ -83,7 +89,8 @@ impl XlbService {
     ) -> Result<(T, u64), Status> {
         let obj = from(convert::require(obj, field).or_invalid()?).or_invalid()?;
         let state = Arc::clone(&self.state);
-        blocking(move || Ok(state.create(obj)?))
+        self.changes
+            .run(move || Ok(state.create(obj)?))
             .await
             .map(|a| (a.value, a.generation))
     }
@@ -96,7 +103,8 @@ impl XlbService {
     ) -> Result<(T, u64), Status> {
         let obj = from(convert::require(obj, field).or_invalid()?).or_invalid()?;
         let state = Arc::clone(&self.state);
-        blocking(move || Ok(state.update(obj)?))
+        self.changes
+            .run(move || Ok(state.update(obj)?))
             .await
             .map(|a| (a.value, a.generation))
     }
@@ -106,7 +114,10 @@ impl XlbService {
         req: pb::DeleteRequest,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let state = Arc::clone(&self.state);
-        let a = blocking(move || Ok(state.delete::<T>(&req.name)?)).await?;
+        let a = self
+            .changes
+            .run(move || Ok(state.delete::<T>(&req.name)?))
+            .await?;
         Ok(Response::new(pb::DeleteResponse {
             generation: a.generation,
         }))
@@ -126,7 +137,7 @@ impl XlbService {
             + 'static,
     ) -> Result<Response<pb::BackendPoolResponse>, Status> {
         let state = Arc::clone(&self.state);
-        let a = blocking(move || Ok(f(&state)?)).await?;
+        let a = self.changes.run(move || Ok(f(&state)?)).await?;
         Ok(Response::new(pb::BackendPoolResponse {
             backend_pool: Some(convert::pool_to(&a.value)),
             generation: a.generation,
@@ -134,7 +145,7 @@ impl XlbService {
     }
 }
 
-/// Runs `f` on the blocking pool. A panic there becomes `INTERNAL` for this request only.
+/// Runs a read `f` on the blocking pool. A panic there becomes `INTERNAL` for this request only.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
@@ -213,6 +224,7 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_snat_exhausted: c.snat_exhausted,
         drops_flow_table_full: c.flow_table_full,
         flows_moved: c.flows_moved,
+        drops_out_of_window: c.out_of_window,
     }
 }
 

@@ -6,7 +6,7 @@
 //! failure, 3 `keepalive-check` found settings that do not keep connections alive.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 use xlb_api::convert;
 use xlb_api::keepalive;
-use xlb_api::server::{self, BearerToken, Client, Listen};
+use xlb_api::server::{self, BearerToken, Client, ClientTls, Listen};
 use xlb_api::status::validation_failure;
 use xlb_proto::v1 as pb;
 
@@ -34,24 +34,62 @@ struct Cli {
     /// Unix socket of the daemon.
     #[arg(long, global = true, help_heading = "Connection", value_name = "PATH", default_value = server::DEFAULT_SOCKET, env = "XLB_SOCKET")]
     socket: PathBuf,
-    /// TCP address of the daemon instead of the socket, e.g. 127.0.0.1:50051.
+    /// TCP address of the daemon instead of the socket: HOST:PORT or http://HOST:PORT
+    /// (plaintext), https://HOST:PORT (TLS; also implied by the --tls-* options).
     #[arg(
         long,
         global = true,
         help_heading = "Connection",
-        value_name = "HOST:PORT",
+        value_name = "TARGET",
         env = "XLB_ADDR"
     )]
     addr: Option<String>,
-    /// Bearer token (required by daemons listening on non-loopback TCP).
+    /// File holding the bearer token (surrounding whitespace trimmed). The token itself may
+    /// be given in the environment as XLB_TOKEN instead; never on the command line.
     #[arg(
         long,
         global = true,
         help_heading = "Connection",
-        env = "XLB_TOKEN",
-        hide_env_values = true
+        value_name = "FILE",
+        env = "XLB_TOKEN_FILE"
     )]
+    token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user in `ps`.
+    #[arg(long, global = true, hide = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the daemon's TLS certificate (default with TLS: the
+    /// system's trusted roots).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_CA"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for daemons that require one (mutual TLS); with --tls-key.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name to verify the daemon's certificate against (default: the host of --addr).
+    #[arg(long, global = true, help_heading = "Connection", value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true, help_heading = "Output")]
     json: bool,
@@ -104,7 +142,7 @@ enum Command {
     /// Daemon status: generation, workers, poll mode, lab time scale, uptime, version.
     Status,
     /// Check whether this host's TCP keepalive settings keep idle connections alive through
-    /// a rule's idle timeout (SPEC §6), and print the fix if not.
+    /// a rule's idle timeout, and print the fix if not.
     KeepaliveCheck {
         /// The rule (load-balancing, inbound NAT or outbound).
         #[arg(long)]
@@ -463,7 +501,14 @@ impl From<Status> for Failure {
             }
             return Failure::Invalid(vec![s.message().to_string()]);
         }
-        Failure::Other(format!("{:?}: {}", s.code(), s.message()))
+        // Transport failures (TLS alerts, refused connections) are told in the sources.
+        let mut msg = format!("{:?}: {}", s.code(), s.message());
+        let mut cur = std::error::Error::source(&s);
+        while let Some(c) = cur {
+            msg.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        Failure::Other(msg)
     }
 }
 
@@ -507,27 +552,110 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(cli: &Cli) -> Res<Client> {
-    let target = match &cli.addr {
-        Some(a) => {
-            let addr: SocketAddr = tokio::net::lookup_host(a.as_str())
-                .await
-                .ok()
-                .and_then(|mut i| i.next())
-                .ok_or_else(|| invalid(format!("--addr = {a:?}: not a host:port that resolves")))?;
-            Listen::Tcp(addr)
+/// The bearer token: `--token-file`, else `XLB_TOKEN`; `--token` is refused.
+fn token(cli: &Cli) -> Res<Option<String>> {
+    if cli.token.is_some() {
+        return Err(invalid(
+            "--token is refused: a token on the command line is visible to every user in `ps`. \
+             Put it in a file only you can read and pass --token-file FILE, or set XLB_TOKEN",
+        ));
+    }
+    if let Some(path) = &cli.token_file {
+        let t = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("--token-file {}: {e}", path.display())))?;
+        let t = t.trim();
+        if t.is_empty() {
+            return Err(invalid(format!(
+                "--token-file {}: the file is empty",
+                path.display()
+            )));
         }
-        None => Listen::Unix(cli.socket.clone()),
+        return Ok(Some(t.to_string()));
+    }
+    Ok(std::env::var("XLB_TOKEN").ok().filter(|t| !t.is_empty()))
+}
+
+fn read_pem(flag: &str, path: &Path) -> Res<Vec<u8>> {
+    std::fs::read(path).map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))
+}
+
+/// TLS settings when any is given (`None`: no --tls-* option).
+fn client_tls(cli: &Cli) -> Res<Option<ClientTls>> {
+    if cli.tls_ca.is_none() && cli.tls_cert.is_none() && cli.tls_server_name.is_none() {
+        return Ok(None);
+    }
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => Some((read_pem("--tls-cert", c)?, read_pem("--tls-key", k)?)),
+        _ => None,
     };
-    let where_ = match &target {
-        Listen::Unix(p) => p.display().to_string(),
-        Listen::Tcp(a) => a.to_string(),
-    };
-    let channel = server::channel(&target)
-        .await
-        .map_err(|e| Failure::Other(format!("cannot connect to xlbd at {where_}: {e}")))?;
+    Ok(Some(ClientTls {
+        ca_pem: cli
+            .tls_ca
+            .as_deref()
+            .map(|p| read_pem("--tls-ca", p))
+            .transpose()?,
+        identity,
+        server_name: cli.tls_server_name.clone(),
+    }))
+}
+
+async fn connect(cli: &Cli) -> Res<Client> {
     let token =
-        BearerToken::new(cli.token.as_deref()).map_err(|s| invalid(s.message().to_string()))?;
+        BearerToken::new(token(cli)?.as_deref()).map_err(|s| invalid(s.message().to_string()))?;
+    let tls = client_tls(cli)?;
+    let channel = match &cli.addr {
+        None => {
+            if tls.is_some() {
+                return Err(invalid(
+                    "the --tls-* options need a TCP daemon (--addr https://HOST:PORT); the Unix \
+                     socket has no TLS",
+                ));
+            }
+            let p = &cli.socket;
+            server::channel(&Listen::Unix(p.clone()))
+                .await
+                .map_err(|e| {
+                    Failure::Other(format!("cannot connect to xlbd at {}: {e}", p.display()))
+                })?
+        }
+        Some(a) => {
+            let (tls_scheme, hostport) = if let Some(rest) = a.strip_prefix("https://") {
+                (true, rest)
+            } else if let Some(rest) = a.strip_prefix("http://") {
+                if tls.is_some() {
+                    return Err(invalid(format!(
+                        "--addr {a:?} is plaintext but --tls-* options were given; use https://"
+                    )));
+                }
+                (false, rest)
+            } else {
+                (false, a.as_str())
+            };
+            let hostport = hostport.trim_end_matches('/');
+            if tls_scheme || tls.is_some() {
+                let uri = format!("https://{hostport}");
+                server::channel_tls(&uri, &tls.unwrap_or_default())
+                    .await
+                    .map_err(|e| {
+                        Failure::Other(format!(
+                            "cannot connect to xlbd at {uri}: {}",
+                            server::error_chain(&e)
+                        ))
+                    })?
+            } else {
+                let addr: SocketAddr = tokio::net::lookup_host(hostport)
+                    .await
+                    .ok()
+                    .and_then(|mut i| i.next())
+                    .ok_or_else(|| {
+                        invalid(format!("--addr = {a:?}: not a host:port that resolves"))
+                    })?;
+                server::channel(&Listen::Tcp(addr))
+                    .await
+                    .map_err(|e| Failure::Other(format!("cannot connect to xlbd at {addr}: {e}")))?
+            }
+        }
+    };
     Ok(server::client(channel, token))
 }
 
@@ -1631,6 +1759,7 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "unknown_flow_resets": r.unknown_flow_resets, "drops_no_flow": r.drops_no_flow,
         "drops_no_backend": r.drops_no_backend, "drops_snat_exhausted": r.drops_snat_exhausted,
         "drops_flow_table_full": r.drops_flow_table_full, "flows_moved": r.flows_moved,
+        "drops_out_of_window": r.drops_out_of_window,
     })
 }
 
@@ -1669,7 +1798,8 @@ fn rule_rows(rules: &[pb::RuleCounters], worker: Option<u32>) -> Vec<Vec<String>
                 (r.drops_no_flow
                     + r.drops_no_backend
                     + r.drops_snat_exhausted
-                    + r.drops_flow_table_full)
+                    + r.drops_flow_table_full
+                    + r.drops_out_of_window)
                     .to_string(),
             ];
             if let Some(w) = worker {
