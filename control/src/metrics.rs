@@ -307,7 +307,7 @@ pub fn render(src: &Sources) -> String {
         }
     }
 
-    // Member health (SPEC §5): the probes' verdict and whether the member gets new flows.
+    // Member health: the probes' verdict and whether the member gets new flows.
     let members = snap.members();
     for (metric, help, probe) in [
         (

@@ -1,4 +1,4 @@
-//! Health probes (SPEC §1, §5): xlbd probes every member of every pool that a
+//! Health probes (docs/behaviour.md, "Health and drain"): xlbd probes every member of every pool that a
 //! load-balancing rule with a `health_probe` sends to, and publishes the verdicts.
 //!
 //! Probes are ordinary kernel sockets of the appliance namespace (the XDP program passes

@@ -1,4 +1,4 @@
-//! The data-path self-probe (issue 6, SPEC §7 "data-path availability from a self-probe"):
+//! The data-path self-probe:
 //! xlbd sends a TCP handshake through its own dataplane to every TCP load-balancing rule of
 //! every frontend and reports, per rule, the share of probes answered — the "data path
 //! availability" figure.

@@ -1,4 +1,4 @@
-//! `xlbctl keepalive-check` (SPEC §6): do this host's TCP keepalive settings keep idle
+//! `xlbctl keepalive-check` (docs/behaviour.md, "Keepalive"): do this host's TCP keepalive settings keep idle
 //! connections alive through a rule's idle timeout?
 //!
 //! A keepalive probe is a packet like any other and refreshes the flow's idle timer, so the
@@ -13,7 +13,7 @@ use std::path::Path;
 /// Where Linux keeps the three sysctls.
 pub const DEFAULT_SYSCTL_DIR: &str = "/proc/sys/net/ipv4";
 
-/// SPEC §6's recommendation.
+/// The usual recommendation for hosts behind a NAT with idle timeouts.
 pub const RECOMMENDED: Keepalive = Keepalive {
     time: 120,
     intvl: 30,
@@ -100,7 +100,7 @@ pub fn check(
             "note: applications must enable SO_KEEPALIVE on their sockets; the sysctls only set its timing."
         );
     } else {
-        // SPEC's values when they fit; under lab time (seconds-long timeouts) scaled down.
+        // The recommended values when they fit; under lab time (seconds-long timeouts) scaled down.
         let fix = if RECOMMENDED.time < idle_seconds {
             RECOMMENDED
         } else {

@@ -8,7 +8,7 @@
 //! - [`service::XlbService`]: the `xlb.v1.Xlb` gRPC service, a thin translator over the two;
 //!   [`serve`] runs it with reflection and health on a Unix socket or TCP.
 //! - [`convert`]: proto ↔ `xlb_engine::config`.
-//! - [`keepalive`]: the `xlbctl keepalive-check` logic (SPEC §6).
+//! - [`keepalive`]: the `xlbctl keepalive-check` logic.
 #![forbid(unsafe_code)]
 
 pub mod convert;

@@ -25,7 +25,7 @@ use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationEr
 use crate::telemetry::{ControlEvent, EventRecord};
 
 /// Hands a new rule set to the workers. The daemon implements it by sending the `Arc` to every
-/// worker over its SPSC channel and waiting until every worker acknowledges the generation.
+/// worker over its bounded channel and waiting until every worker acknowledges the generation.
 pub trait Publisher: Send + Sync + 'static {
     /// Returns once every worker runs `rules` (or fails after `deadline`). Blocking is fine:
     /// [`ControlState`] calls it from a blocking context, one call at a time.

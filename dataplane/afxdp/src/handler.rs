@@ -32,7 +32,7 @@ pub trait FrameHandler {
     fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize;
 
     /// Called once per loop iteration, before the receive batch: where the daemon's
-    /// handler drains a bounded number of control messages (new rule sets) from its SPSC
+    /// handler drains a bounded number of control messages (new rule sets) from its bounded
     /// channel. The default does nothing.
     fn poll_control(&mut self, _now_ns: u64) {}
 

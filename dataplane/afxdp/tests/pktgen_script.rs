@@ -1,5 +1,5 @@
 //! `scripts/pktgen`, the driver of the kernel's pktgen for hosts that have it. This kernel has
-//! none (LAB.md), so what runs here is its `--dry-run` (the exact commands it would write) and
+//! none, so what runs here is its `--dry-run` (the exact commands it would write) and
 //! its refusals, which come before anything is touched.
 
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Per-packet cost of the engine (issue targets on the 2-vCPU lab machine: ≤ 50 ns per
+//! Per-packet cost of the engine (targets on the 2-vCPU lab machine: ≤ 50 ns per
 //! established packet, ≤ 200 ns per new flow, ≤ 100 ns per expired flow).
 //!
 //! Every iteration copies a 64-byte frame into the work buffer first (the engine rewrites in

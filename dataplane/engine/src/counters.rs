@@ -94,7 +94,7 @@ pub struct RuleCounters {
     pub flows_reset_on_idle: u64,
     pub flows_closed: u64,
     pub flows_picked_up: u64,
-    /// UDP flows moved off a member that went down (SPEC §5).
+    /// UDP flows moved off a member that went down.
     pub flows_moved: u64,
     pub packets: [u64; 2],
     pub bytes: [u64; 2],

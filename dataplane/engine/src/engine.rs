@@ -310,7 +310,7 @@ impl Engine {
         self.miss(now, ingress, frame, &pkt, &tuple, hash)
     }
 
-    /// SPEC §5: a UDP flow whose backend went down (probe or admin state) moves, at its next
+    /// Health: a UDP flow whose backend went down (probe or admin state) moves, at its next
     /// client packet, to the member the rule's distribution picks now; with no member left it
     /// ends, and the packet is dropped and counted `no_backend`. The old flow is removed
     /// without counting an expiry (it did not idle out); the new one counts as created and as

@@ -1,6 +1,6 @@
 //! xlb's pure packet engine.
 //!
-//! Everything SPEC.md §1–§4 asks of the data plane, with no I/O: frames in, frames out, and
+//! Everything xlb promises of the data plane (docs/behaviour.md), with no I/O: frames in, frames out, and
 //! `now` passed in by the caller. See `docs/architecture.md`.
 #![forbid(unsafe_code)]
 

@@ -390,10 +390,10 @@ impl RuleSet {
         }
     }
     /// Whether `addr` is a configured member of rule `id`'s pool that is **down**: failing its
-    /// probes or admin state `down` (for a single-target NAT rule: its target). SPEC §5 moves
+    /// probes or admin state `down` (for a single-target NAT rule: its target). Health moves
     /// UDP flows off such a member: the engine checks this on every original-direction packet
     /// of a UDP flow and re-selects with [`RuleSet::select_backend`] (the flow ends when that
-    /// gives `None`). A member removed from the pool, or a deleted rule, is not "down": SPEC §2
+    /// gives `None`). A member removed from the pool, or a deleted rule, is not "down": configuration changes never move flows
     /// says configuration changes never move flows. Per packet this is one load when no member
     /// of the pool is down, else one hash probe.
     #[inline]

@@ -1,4 +1,4 @@
-//! Packet-in / packet-out and virtual-time tests of SPEC §2–§4 through the whole engine.
+//! Packet-in / packet-out and virtual-time tests of the flow behaviour (docs/behaviour.md) through the whole engine.
 
 mod common;
 
@@ -925,7 +925,7 @@ fn expiry_work_is_bounded_per_call() {
     assert!(calls >= 1000 / 64);
 }
 
-/// DESIGN problem 1: both directions of every flow kind steer to the same worker.
+/// Both directions of every flow kind steer to the same worker.
 #[test]
 fn both_directions_of_every_flow_steer_to_one_worker() {
     for workers in [2u16, 3, 4, 16] {

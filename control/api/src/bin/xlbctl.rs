@@ -104,7 +104,7 @@ enum Command {
     /// Daemon status: generation, workers, poll mode, lab time scale, uptime, version.
     Status,
     /// Check whether this host's TCP keepalive settings keep idle connections alive through
-    /// a rule's idle timeout (SPEC §6), and print the fix if not.
+    /// a rule's idle timeout (docs/behaviour.md, "Keepalive"), and print the fix if not.
     KeepaliveCheck {
         /// The rule (load-balancing, inbound NAT or outbound).
         #[arg(long)]
