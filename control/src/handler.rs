@@ -95,6 +95,21 @@ pub struct Snapshot {
     pub loop_latency: Histogram<u64>,
 }
 
+impl Snapshot {
+    /// The counters as the API's one sum takes them.
+    pub fn worker_counters(&self) -> xlb_api::WorkerCounters {
+        xlb_api::WorkerCounters {
+            worker: self.worker as u16,
+            counters: self.counters.clone(),
+            flows: self.flows as u64,
+            flow_capacity: u64::from(self.flow_capacity),
+            handed_off: self.handed_off,
+            handoff_dropped: self.handoff_dropped,
+            generation: self.generation,
+        }
+    }
+}
+
 /// A frame on its way to the worker that owns its flow.
 #[derive(Debug)]
 pub struct Handoff {

@@ -106,8 +106,14 @@ pub fn render(src: &Sources) -> String {
     );
 
     // Per live rule, summed over workers (deleted rules leave the exposition).
-    let sum =
-        xlb_api::sum_rule_counters(workers.iter().map(|w| (&w.counters, w.generation)), rules);
+    let sum = xlb_api::sum(
+        &workers
+            .iter()
+            .map(|w| w.worker_counters())
+            .collect::<Vec<_>>(),
+        rules,
+    )
+    .rules;
     let names = RuleCounters::default().fields().map(|(n, _)| n);
     for (i, field) in names.iter().enumerate() {
         let metric = format!("xlb_rule_{field}_total");

@@ -21,8 +21,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::broadcast;
 use xlb_api::{
     ControlEvent, CountersSnapshot, EventRecord, FlowCursor, FlowEntry, FlowFilter, FlowPage,
-    PublishError, Publisher, RuntimeStatus, SnatUsage, Telemetry, TelemetryError, WorkerCounters,
-    WorkerStatus,
+    PublishError, Publisher, RuntimeStatus, SnatUsage, Telemetry, TelemetryError, WorkerStatus,
 };
 use xlb_engine::{RuleId, RuleSet};
 
@@ -305,16 +304,7 @@ impl Telemetry for DaemonTelemetry {
     fn counters(&self) -> Result<CountersSnapshot, TelemetryError> {
         let snaps = self.shared.snapshots();
         Ok(CountersSnapshot {
-            workers: snaps
-                .iter()
-                .map(|s| WorkerCounters {
-                    worker: s.worker as u16,
-                    counters: s.counters.clone(),
-                    flows: s.flows as u64,
-                    flow_capacity: u64::from(s.flow_capacity),
-                    generation: s.generation,
-                })
-                .collect(),
+            workers: snaps.iter().map(Snapshot::worker_counters).collect(),
             snat: sum_snat(&snaps),
         })
     }

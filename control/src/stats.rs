@@ -57,14 +57,20 @@ impl Totals {
         t.drops = DropReason::all()
             .map(|r| (r.as_str(), c.drop_count(r)))
             .collect();
-        t.rules =
-            xlb_api::sum_rule_counters(snaps.iter().map(|s| (&s.counters, s.generation)), rules)
-                .into_iter()
-                .filter_map(|(id, rc)| {
-                    let p = rules.rule(id)?;
-                    Some((format!("{}.{}", kind_prefix(p.kind), p.name), rc))
-                })
-                .collect();
+        t.rules = xlb_api::sum(
+            &snaps
+                .iter()
+                .map(|s| s.worker_counters())
+                .collect::<Vec<_>>(),
+            rules,
+        )
+        .rules
+        .into_iter()
+        .filter_map(|(id, rc)| {
+            let p = rules.rule(id)?;
+            Some((format!("{}.{}", kind_prefix(p.kind), p.name), rc))
+        })
+        .collect();
         t
     }
 

@@ -13,18 +13,20 @@
 
 pub mod convert;
 pub mod keepalive;
+pub mod resource;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod status;
 pub mod telemetry;
 
+pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
     Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
     Snapshot, StateOptions,
 };
-pub use telemetry::sum_rule_counters;
+pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{
     ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
     FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,

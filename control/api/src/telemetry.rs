@@ -14,7 +14,7 @@ use xlb_engine::flow::{FlowId, Nat};
 use xlb_engine::ruleset::PROTO_TCP;
 use xlb_engine::tcp::TcpState;
 use xlb_engine::time::Nanos;
-use xlb_engine::{Addr, Counters, FlowInfo, RuleId};
+use xlb_engine::{Addr, Counters, DropReason, FlowInfo, RuleCounters, RuleId, RuleSet};
 
 /// Something the operator should hear about, with its wall-clock time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,41 +42,98 @@ pub enum ControlEvent {
 }
 
 /// One worker's counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerCounters {
     pub worker: u16,
     pub counters: Counters,
     pub flows: u64,
     pub flow_capacity: u64,
+    /// Frames this worker received for a flow another worker owns, and passed on.
+    pub handed_off: u64,
+    /// Of those, frames lost because the owner's inbox was full.
+    pub handoff_dropped: u64,
     /// The rule-set generation the worker ran when it took these counters.
     pub generation: u64,
 }
 
-/// Per-rule counters of every live rule of `rules`, summed over workers, in rule-id order:
-/// the one place where workers' rule counters are added up (the API, Prometheus, the status
-/// line and the stats file all render from it).
-///
-/// Each item of `workers` is a worker's counters with the generation it ran when it took them.
-/// A worker's figures for an id count only when they were taken under the rule that holds the
-/// id now (generation at least the rule's creation): counters of a deleted rule whose id was
-/// released and handed to a new rule never leak into the new rule, not even from a snapshot
-/// taken just before the worker switched. Retired rules (deleted, flows draining) are left out.
-pub fn sum_rule_counters<'a>(
-    workers: impl IntoIterator<Item = (&'a Counters, u64)>,
-    rules: &xlb_engine::RuleSet,
-) -> Vec<(RuleId, xlb_engine::RuleCounters)> {
-    let mut sum: Vec<(RuleId, xlb_engine::RuleCounters)> = rules
-        .rules()
-        .map(|(id, _)| (id, xlb_engine::RuleCounters::default()))
-        .collect();
-    for (c, generation) in workers {
-        for (id, total) in sum.iter_mut() {
-            if rules.since(*id).is_some_and(|since| generation >= since) {
+/// Every worker's counters added up: the one sum that the API, Prometheus, the status line
+/// and the stats file all render from ([`sum`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSum {
+    /// Workers summed.
+    pub workers: usize,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rsts_sent: u64,
+    pub events_dropped: u64,
+    /// By [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    pub flows: u64,
+    pub flow_capacity: u64,
+    pub handed_off: u64,
+    pub handoff_dropped: u64,
+    /// Every live rule, in rule-id order, zeros included.
+    pub rules: Vec<(RuleId, RuleCounters)>,
+}
+
+impl CounterSum {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+}
+
+/// Whether a worker's figures for rule `id`, taken under `generation`, belong to the rule
+/// that holds the id in `rules`: taken under it (generation at least the rule's creation), and
+/// the rule is live. Counters of a deleted rule whose id went to a new rule never leak into the
+/// new rule, not even from a snapshot taken just before the worker switched.
+pub fn counts_for(rules: &RuleSet, id: RuleId, generation: u64) -> bool {
+    !rules.is_retired(id) && rules.since(id).is_some_and(|since| generation >= since)
+}
+
+/// Adds up `workers`' counters; per-rule counters for every live rule of `rules` (retired
+/// rules, deleted with flows draining, are left out), counting only figures that
+/// [`counts_for`] the rule.
+pub fn sum<'a>(
+    workers: impl IntoIterator<Item = &'a WorkerCounters>,
+    rules: &RuleSet,
+) -> CounterSum {
+    let mut s = CounterSum {
+        workers: 0,
+        rx_packets: 0,
+        tx_packets: 0,
+        rsts_sent: 0,
+        events_dropped: 0,
+        drops: [0; DropReason::COUNT],
+        flows: 0,
+        flow_capacity: 0,
+        handed_off: 0,
+        handoff_dropped: 0,
+        rules: rules
+            .rules()
+            .map(|(id, _)| (id, RuleCounters::default()))
+            .collect(),
+    };
+    for w in workers {
+        let c = &w.counters;
+        s.workers += 1;
+        s.rx_packets += c.rx_packets;
+        s.tx_packets += c.tx_packets;
+        s.rsts_sent += c.rsts_sent;
+        s.events_dropped += c.events_dropped;
+        for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
+            *total += d;
+        }
+        s.flows += w.flows;
+        s.flow_capacity += w.flow_capacity;
+        s.handed_off += w.handed_off;
+        s.handoff_dropped += w.handoff_dropped;
+        for (id, total) in s.rules.iter_mut() {
+            if counts_for(rules, *id, w.generation) {
                 total.add(&c.rule(*id));
             }
         }
     }
-    sum
+    s
 }
 
 /// SNAT ports of one member for one protocol, summed over workers.

@@ -30,6 +30,28 @@ pub enum RuleKind {
     Outbound,
 }
 
+impl RuleKind {
+    /// The operator's name of the kind, wherever one is shown: Prometheus' `kind` label,
+    /// `xlbctl`'s tables and JSON (the API's enum spells it `RULE_KIND_<NAME>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::LoadBalancing => "load_balancing",
+            RuleKind::InboundNat => "inbound_nat",
+            RuleKind::Outbound => "outbound",
+        }
+    }
+
+    /// The kind's short key in xlbd's one-line formats: the status line (`lb.web[…]`) and
+    /// the stats file (`rule.lb.web.flows_created`).
+    pub fn key(self) -> &'static str {
+        match self {
+            RuleKind::LoadBalancing => "lb",
+            RuleKind::InboundNat => "nat",
+            RuleKind::Outbound => "out",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownFlowPolicy {

@@ -1,5 +1,6 @@
 //! The `xlbctl` binary against an in-process server.
 
+#[path = "../../api/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
