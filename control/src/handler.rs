@@ -1,176 +1,22 @@
-//! The adapter between the AF_XDP worker loop and the pure engine, and the messages that
-//! cross between a worker and the control thread.
-//!
-//! Each worker owns one [`EngineHandler`]. The control thread talks to it only through two
-//! bounded channels: what the kernel knows (neighbours, routes) goes in, counters, events and
-//! neighbour misses come out. Nothing is shared and nothing blocks: a full channel drops the
-//! message (the next periodic one supersedes it).
-//!
-//! With several workers, a frame that arrives on a queue of the wrong worker is handed to
-//! the worker that owns its flow (`Engine::owner`) over that worker's bounded inbox; the owner
-//! processes it at its next loop iteration and transmits the result from its own sockets.
-
-use std::sync::Arc;
+//! The adapter between the AF_XDP worker loop and the pure engine: each worker owns one
+//! [`EngineHandler`]. The control thread talks to it only through bounded channels
+//! (`crate::messages`): what the kernel knows (neighbours, routes) and new rule sets go in;
+//! acks, events and neighbour misses come out. Counters are published into the worker's cell
+//! four times a second, without allocating. Frames of flows another worker owns are handed
+//! to it (`crate::steering`).
 
 use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
-use xlb_api::{FlowFilter, SnatUsage};
-use xlb_engine::{
-    flow::{Flow, FlowId},
-    wire, Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict,
+use xlb_api::SnatUsage;
+use xlb_engine::{flow::Flow, wire, Addr, Engine, Verdict};
+
+use crate::{
+    messages::{Ack, ControlLink, FlowAnswer, FlowQuery, FromWorker, ToWorker},
+    plane::cell::{loop_histogram, CellWriter},
+    selfprobe::{self, Injection},
+    steering::{Handoff, Steering},
 };
-
-/// Control thread → worker.
-#[derive(Debug, Clone)]
-pub enum ToWorker {
-    /// Usable neighbours on the worker's ports: (address, port, MAC). Applied in place, so
-    /// flows whose next hop changed MAC follow it.
-    Neighbours(Vec<(Addr, PortId, [u8; 6])>),
-    /// The kernel's routes, translated to port numbers.
-    Routes(Vec<Route>),
-    /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`].
-    Rules(Arc<RuleSet>),
-    /// A page of this worker's flows, for the flow listing of the API.
-    Flows(FlowQuery),
-    /// A data-path self-probe to run through the engine (`crate::selfprobe`).
-    Probe(crate::selfprobe::Injection),
-}
-
-/// "Worker `worker` now runs generation `generation`": sent right after the swap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    pub worker: usize,
-    pub generation: u64,
-}
-
-/// Up to `limit` flows matching `filter` whose id is above `after`, in flow-id order.
-#[derive(Debug, Clone)]
-pub struct FlowQuery {
-    pub filter: FlowFilter,
-    pub after: Option<FlowId>,
-    pub limit: usize,
-    pub reply: Sender<FlowAnswer>,
-}
-
-#[derive(Debug, Clone)]
-pub struct FlowAnswer {
-    pub worker: usize,
-    pub flows: Vec<FlowInfo>,
-    /// The worker's clock when it answered, to turn `last_seen` / `deadline` into ages.
-    pub now: u64,
-}
-
-/// The channels between one worker and the control thread.
-#[derive(Debug)]
-pub struct ControlLink {
-    pub from_control: Receiver<ToWorker>,
-    pub to_control: Sender<FromWorker>,
-    pub acks: Sender<Ack>,
-}
-
-/// Busy loop iterations, in nanoseconds: 1 ns to 10 s at 2 significant digits (about 20 KiB,
-/// allocated once; recording never allocates).
-pub fn loop_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("constant, valid bounds")
-}
-
-/// A worker's counters at one instant.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub worker: usize,
-    pub counters: Counters,
-    pub flows: usize,
-    pub flow_capacity: u32,
-    /// Frames this worker received for a flow another worker owns, and passed on.
-    pub handed_off: u64,
-    /// Of those, frames lost because the owner's inbox was full.
-    pub handoff_dropped: u64,
-    /// The rule-set generation the worker runs.
-    pub generation: u64,
-    /// SNAT ports of every (outbound rule, protocol, member): this worker's share and use.
-    pub snat: Vec<SnatUsage>,
-    /// Duration of the worker's loop iterations that did work (received frames or ran
-    /// timers), since start: how long a frame can wait inside the worker.
-    pub loop_latency: Histogram<u64>,
-}
-
-impl Snapshot {
-    /// The counters as the API's one sum takes them.
-    pub fn worker_counters(&self) -> xlb_api::WorkerCounters {
-        xlb_api::WorkerCounters {
-            worker: self.worker as u16,
-            counters: self.counters.clone(),
-            flows: self.flows as u64,
-            flow_capacity: u64::from(self.flow_capacity),
-            handed_off: self.handed_off,
-            handoff_dropped: self.handoff_dropped,
-            generation: self.generation,
-        }
-    }
-}
-
-/// A frame on its way to the worker that owns its flow.
-#[derive(Debug)]
-pub struct Handoff {
-    /// The worker that passed it on, which gets the buffer back once the frame is sent.
-    pub from: usize,
-    pub ingress: PortId,
-    pub frame: Vec<u8>,
-}
-
-/// The hand-off channels of one worker, the others' indexed by worker id (its own
-/// included, unused). Frame buffers travel back to the worker that filled them, so that
-/// steady-state hand-offs allocate nothing and the buffers in flight stay bounded by the
-/// channels' capacities.
-#[derive(Debug)]
-pub struct Steering {
-    pub inbox: Receiver<Handoff>,
-    pub peers: Vec<Sender<Handoff>>,
-    /// Buffers this worker filled, coming back.
-    pub recycled: Receiver<Vec<u8>>,
-    pub returns: Vec<Sender<Vec<u8>>>,
-}
-
-impl Steering {
-    /// The steering channels of `workers` workers, in worker order.
-    pub fn mesh(workers: usize, capacity: usize) -> Vec<Steering> {
-        let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| crossbeam::channel::bounded(capacity))
-            .unzip();
-        let (ret_tx, ret_rx): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| crossbeam::channel::bounded(capacity))
-            .unzip();
-        inbox_rx
-            .into_iter()
-            .zip(ret_rx)
-            .map(|(inbox, recycled)| Steering {
-                inbox,
-                peers: inbox_tx.clone(),
-                recycled,
-                returns: ret_tx.clone(),
-            })
-            .collect()
-    }
-}
-
-/// Worker → control thread.
-#[derive(Debug, Clone)]
-pub enum FromWorker {
-    /// Boxed: a snapshot is large and travels four times a second, the other kinds often.
-    Stats(Box<Snapshot>),
-    /// Next hops the engine needed but did not know: the control thread asks the kernel to
-    /// resolve them and pushes the result back.
-    Misses(Vec<Addr>),
-    Event(usize, Event),
-    /// The self-probe from `source`:`port` was answered by a member (`ok`), or its SYN was
-    /// dropped by the engine (not `ok`).
-    ProbeAnswer {
-        source: Addr,
-        port: u16,
-        ok: bool,
-    },
-}
 
 /// Control messages handled per loop iteration: bounds the time a burst of updates can steal
 /// from packet processing.
@@ -191,6 +37,7 @@ pub struct EngineHandler {
     from_control: Receiver<ToWorker>,
     to_control: Sender<FromWorker>,
     acks: Sender<Ack>,
+    counters: CellWriter,
     loop_latency: Histogram<u64>,
     stats_every_ns: u64,
     next_stats: u64,
@@ -219,6 +66,7 @@ impl EngineHandler {
             from_control: link.from_control,
             to_control: link.to_control,
             acks: link.acks,
+            counters: link.counters,
             loop_latency: loop_histogram(),
             stats_every_ns: stats_every_ns.max(1),
             next_stats: 0,
@@ -239,7 +87,7 @@ impl EngineHandler {
 
     /// Runs a self-probe's SYN through the engine like a client's; its verdict is sent on
     /// (with the other frames this worker did not receive itself) or reported dropped.
-    fn inject(&mut self, now_ns: u64, inj: crate::selfprobe::Injection) {
+    fn inject(&mut self, now_ns: u64, inj: Injection) {
         let mut frame = inj.frame;
         match self.engine.process(now_ns, inj.ingress, &mut frame) {
             Verdict::Tx { port, len } => {
@@ -292,7 +140,7 @@ impl EngineHandler {
         let mut src_mac = [0u8; 6];
         src_mac.copy_from_slice(&frame[6..12]);
         let spec = wire::RstSpec {
-            src_mac: crate::selfprobe::PROBE_MAC,
+            src_mac: selfprobe::PROBE_MAC,
             dst_mac: src_mac,
             vlan: None,
             src: p.dst,
@@ -307,7 +155,7 @@ impl EngineHandler {
             rst.truncate(len);
             self.inject(
                 now_ns,
-                crate::selfprobe::Injection {
+                Injection {
                     ingress: port,
                     frame: rst,
                 },
@@ -319,35 +167,44 @@ impl EngineHandler {
         &self.engine
     }
 
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            worker: self.id,
-            counters: self.engine.counters().clone(),
-            flows: self.engine.flow_count(),
-            flow_capacity: self.engine.flow_capacity(),
-            handed_off: self.handed_off,
-            handoff_dropped: self.handoff_dropped,
-            generation: self.engine.rules().generation(),
-            snat: self.snat_usage(),
-            loop_latency: self.loop_latency.clone(),
-        }
-    }
-
-    fn snat_usage(&self) -> Vec<SnatUsage> {
-        self.engine
-            .rules()
-            .outbound_allocations()
-            .map(|(rule, proto, member, blocks)| {
-                let (used, allocated) = self.engine.snat_usage(blocks, proto);
-                SnatUsage {
-                    rule,
-                    proto,
-                    member: member.to_ip(),
-                    allocated,
-                    used,
-                }
-            })
-            .collect()
+    /// Publishes the counters into the worker's cell: copies into the cell's storage, so
+    /// nothing is allocated once it has grown to the counters' size.
+    pub fn publish_counters(&mut self) {
+        let Self {
+            id,
+            engine,
+            counters,
+            loop_latency,
+            handed_off,
+            handoff_dropped,
+            ..
+        } = self;
+        counters.publish(|s| {
+            let c = &mut s.counters;
+            c.worker = *id as u16;
+            c.counters.clone_from(engine.counters());
+            c.flows = engine.flow_count() as u64;
+            c.flow_capacity = u64::from(engine.flow_capacity());
+            c.handed_off = *handed_off;
+            c.handoff_dropped = *handoff_dropped;
+            c.generation = engine.rules().generation();
+            s.snat.clear();
+            s.snat.extend(engine.rules().outbound_allocations().map(
+                |(rule, proto, member, blocks)| {
+                    let (used, allocated) = engine.snat_usage(blocks, proto);
+                    SnatUsage {
+                        rule,
+                        proto,
+                        member: member.to_ip(),
+                        allocated,
+                        used,
+                    }
+                },
+            ));
+            s.loop_latency.reset();
+            // Same bounds: adding never resizes.
+            let _ = s.loop_latency.add(&*loop_latency);
+        });
     }
 
     /// Answers a flow query: a page of at most `limit` matching flows (a control query, not
@@ -404,7 +261,7 @@ impl EngineHandler {
             if let Verdict::Tx { port, len } = self.engine.process(now_ns, h.ingress, &mut h.frame)
             {
                 h.frame.truncate(usize::from(len));
-                if !crate::selfprobe::is_probe_answer(&self.probe_sources, &h.frame) {
+                if !selfprobe::is_probe_answer(&self.probe_sources, &h.frame) {
                     self.outbox.push((port, h));
                     continue;
                 }
@@ -450,9 +307,7 @@ impl EngineHandler {
         self.engine.drain_events(|e| {
             let _ = tx.try_send(FromWorker::Event(id, e));
         });
-        let _ = self
-            .to_control
-            .try_send(FromWorker::Stats(Box::new(self.snapshot())));
+        self.publish_counters();
     }
 }
 
@@ -465,7 +320,7 @@ impl FrameHandler for EngineHandler {
         match self.engine.process(now_ns, ingress, frame) {
             Verdict::Tx { port, len } => {
                 let out = &frame[..usize::from(len)];
-                if crate::selfprobe::is_probe_answer(&self.probe_sources, out) {
+                if selfprobe::is_probe_answer(&self.probe_sources, out) {
                     self.take_probe_answer(now_ns, port, out);
                     return AfxdpVerdict::Drop;
                 }
@@ -542,6 +397,8 @@ impl FrameHandler for EngineHandler {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use std::sync::Arc;
 
     use etherparse::PacketBuilder;
     use xlb_engine::{compile, Config, MemberHealth};
@@ -621,6 +478,7 @@ protocol = "ALL"
             from_control: to_rx,
             to_control: from_tx,
             acks: ack_tx,
+            counters: crate::plane::cell::cell(0).0,
         };
         let h = EngineHandler::new(0, engine, link, u64::MAX, None)
             .with_probe_sources(vec![Addr::from_v4_bytes([198, 18, 0, 250])]);
@@ -629,7 +487,7 @@ protocol = "ALL"
 
     #[test]
     fn a_self_probe_goes_to_a_member_and_its_answer_is_taken_off_and_closed() {
-        use crate::selfprobe::{Injection, SelfProber};
+        use selfprobe::{Injection, SelfProber};
         let (mut h, from) = probe_handler();
         let config = Config::from_toml_str(CONFIG).unwrap();
         let source: std::net::IpAddr = "198.18.0.250".parse().unwrap();

@@ -1,257 +1,268 @@
-//! The Prometheus endpoint: `GET /metrics` in the text exposition format (0.0.4).
+//! The Prometheus endpoint: `GET /metrics` in the text exposition format (0.0.4), served by
+//! axum on the daemon's tokio runtime and encoded by the `prometheus` crate.
 //!
-//! A plain HTTP/1.1 server on one thread, one request per connection, answered from what the
-//! control loop already holds (worker snapshots, the committed rule set, the workers'
-//! published port counters): a scrape never asks a worker anything. Requests are bounded
-//! (8 KiB, 2 s to send them), so a slow or hostile client costs at most that.
+//! A scrape is answered from what the control side already holds — the workers' counter
+//! cells summed by [`xlb_api::sum`], their port counters, the committed rule set — so it
+//! never asks a worker anything.
 
 use std::{
-    fmt::Write as _,
-    io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, PoisonError,
-    },
-    thread::JoinHandle,
-    time::Duration,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, PoisonError},
 };
 
+use axum::{
+    extract::State,
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
 use hdrhistogram::Histogram;
-use xlb_afxdp::WorkerStats;
+use prometheus::{
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary},
+    TextEncoder,
+};
+use tokio::sync::watch;
 use xlb_api::ControlState;
-use xlb_engine::{ruleset::RuleKind, DropReason, RuleCounters};
+use xlb_engine::{DropReason, RuleCounters};
 
-use crate::{plane::sum_snat, plane::Shared};
+use crate::plane::{cell::WorkerSnapshot, sum_snat, Shared};
 
 /// Everything a scrape reads.
 #[derive(Debug, Clone)]
 pub struct Sources {
     pub state: Arc<ControlState>,
     pub shared: Arc<Shared>,
-    /// Per worker: its port counters (published by the worker with relaxed stores).
-    pub port_stats: Vec<Arc<WorkerStats>>,
     pub interfaces: Vec<String>,
     pub lab_time_scale: u32,
 }
 
-fn kind_label(k: RuleKind) -> &'static str {
-    match k {
-        RuleKind::LoadBalancing => "load_balancing",
-        RuleKind::InboundNat => "inbound_nat",
-        RuleKind::Outbound => "outbound",
+/// The exposition being built: families in order, each with its samples.
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    fn family(&mut self, name: &str, kind: MetricType, help: &str) {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(kind);
+        self.0.push(f);
     }
-}
 
-/// Label values are quoted strings: escape what the format asks (backslash, quote, newline).
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-struct Out(String);
-
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let _ = write!(self.0, "{k}=\"{}\"", esc(val));
-            }
-            self.0.push('}');
+    /// A sample of the last family (a counter or a gauge).
+    fn sample(&mut self, labels: &[(&str, &str)], v: f64) {
+        let Some(f) = self.0.last_mut() else { return };
+        let mut m = metric(labels);
+        if f.get_field_type() == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
         }
-        let _ = writeln!(self.0, " {v}");
+        f.mut_metric().push(m);
     }
-    fn summary(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram<u64>, unit: f64) {
-        for q in ["0.5", "0.99", "0.999"] {
-            let mut l = labels.to_vec();
-            l.push(("quantile", q));
-            let v = h.value_at_quantile(q.parse().unwrap_or(0.5)) as f64 * unit;
-            self.sample(name, &l, v);
+
+    /// A summary sample of the last family from a histogram (quantiles 0.5, 0.99, 0.999),
+    /// in units of `unit` seconds.
+    fn summary(&mut self, labels: &[(&str, &str)], h: &Histogram<u64>, unit: f64) {
+        let Some(f) = self.0.last_mut() else { return };
+        let quantiles = [0.5, 0.99, 0.999]
+            .into_iter()
+            .map(|q| {
+                let mut x = Quantile::default();
+                x.set_quantile(q);
+                x.set_value(h.value_at_quantile(q) as f64 * unit);
+                x
+            })
+            .collect();
+        let mut s = Summary::default();
+        s.set_quantile(quantiles);
+        s.set_sample_sum(h.mean() * h.len() as f64 * unit);
+        s.set_sample_count(h.len());
+        let mut m = metric(labels);
+        m.set_summary(s);
+        f.mut_metric().push(m);
+    }
+
+    /// A family with one sample per worker.
+    fn per_worker(&mut self, name: &str, kind: MetricType, help: &str, values: &[(usize, f64)]) {
+        self.family(name, kind, help);
+        for (w, v) in values {
+            self.sample(&[("worker", &w.to_string())], *v);
         }
-        let sum = h.mean() * h.len() as f64 * unit;
-        self.sample(&format!("{name}_sum"), labels, sum);
-        self.sample(&format!("{name}_count"), labels, h.len());
     }
 }
+
+fn metric(labels: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect(),
+    );
+    m
+}
+
+use MetricType::{COUNTER, GAUGE, SUMMARY};
 
 /// The whole exposition, from the current state.
 pub fn render(src: &Sources) -> String {
-    let snap = src.state.snapshot();
-    let rules = &snap.rules;
-    let workers = src.shared.snapshots();
-    let mut o = Out(String::with_capacity(16 << 10));
+    let mut o = Families(Vec::new());
+    daemon(&mut o, src);
+    rules(&mut o, src);
+    workers(&mut o, src);
+    ports(&mut o, src);
+    snat(&mut o, src);
+    members(&mut o, src);
+    datapath(&mut o, src);
+    propagation(&mut o, src);
+    // Families without a sample (no self-probe, no SNAT rule) are left out.
+    o.0.retain(|f| !f.get_metric().is_empty());
+    TextEncoder::new()
+        .encode_to_string(&o.0)
+        .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+}
 
-    o.family("xlb_generation", "gauge", "Rule-set generation committed.");
-    o.sample("xlb_generation", &[], snap.generation);
+fn daemon(o: &mut Families, src: &Sources) {
+    o.family("xlb_generation", GAUGE, "Rule-set generation committed.");
+    o.sample(&[], src.state.generation() as f64);
     o.family(
         "xlb_lab_time_scale",
-        "gauge",
+        GAUGE,
         "Every timer is divided by this (1: real time).",
     );
-    o.sample("xlb_lab_time_scale", &[], src.lab_time_scale);
-    o.family("xlb_uptime_seconds", "gauge", "Seconds since xlbd started.");
-    o.sample(
-        "xlb_uptime_seconds",
-        &[],
-        src.shared.started.elapsed().as_secs_f64(),
-    );
+    o.sample(&[], f64::from(src.lab_time_scale));
+    o.family("xlb_uptime_seconds", GAUGE, "Seconds since xlbd started.");
+    o.sample(&[], src.shared.started.elapsed().as_secs_f64());
+}
 
-    // Per live rule, summed over workers (deleted rules leave the exposition).
-    let sum = xlb_api::sum(
-        &workers
-            .iter()
-            .map(|w| w.worker_counters())
-            .collect::<Vec<_>>(),
-        rules,
-    )
-    .rules;
+/// Per live rule, summed over workers (deleted rules leave the exposition).
+fn rules(o: &mut Families, src: &Sources) {
+    let snap = src.state.snapshot();
+    let sum = xlb_api::sum(&src.shared.counters(), &snap.rules);
     let names = RuleCounters::default().fields().map(|(n, _)| n);
     for (i, field) in names.iter().enumerate() {
-        let metric = format!("xlb_rule_{field}_total");
-        o.family(&metric, "counter", &format!("Per rule: {field}."));
-        for (id, c) in &sum {
-            let Some(p) = rules.rule(*id) else { continue };
-            o.sample(
-                &metric,
-                &[("kind", kind_label(p.kind)), ("rule", &p.name)],
-                c.fields()[i].1,
-            );
+        o.family(
+            &format!("xlb_rule_{field}_total"),
+            COUNTER,
+            &format!("Per rule: {field}."),
+        );
+        for (id, c) in &sum.rules {
+            let Some(p) = snap.rules.rule(*id) else {
+                continue;
+            };
+            let labels = [("kind", p.kind.as_str()), ("rule", &*p.name)];
+            o.sample(&labels, c.fields()[i].1 as f64);
         }
     }
+}
 
-    // Per worker.
-    o.family(
+fn workers(o: &mut Families, src: &Sources) {
+    let snaps = src.shared.snapshots();
+    let of = |f: &dyn Fn(&xlb_api::WorkerCounters) -> u64| -> Vec<(usize, f64)> {
+        snaps
+            .iter()
+            .map(|s| (usize::from(s.counters.worker), f(&s.counters) as f64))
+            .collect()
+    };
+    o.per_worker(
         "xlb_worker_rx_packets_total",
-        "counter",
+        COUNTER,
         "Frames the worker's engine processed.",
+        &of(&|c| c.counters.rx_packets),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_rx_packets_total",
-            &[("worker", &w.worker.to_string())],
-            w.counters.rx_packets,
-        );
-    }
-    o.family(
+    o.per_worker(
         "xlb_worker_tx_packets_total",
-        "counter",
+        COUNTER,
         "Frames the worker's engine sent.",
+        &of(&|c| c.counters.tx_packets),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_tx_packets_total",
-            &[("worker", &w.worker.to_string())],
-            w.counters.tx_packets,
-        );
-    }
-    o.family(
+    o.per_worker(
         "xlb_worker_rsts_sent_total",
-        "counter",
+        COUNTER,
         "RST frames sent by reset on idle (two per flow; unknown-flow resets are counted per rule).",
+        &of(&|c| c.counters.rsts_sent),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_rsts_sent_total",
-            &[("worker", &w.worker.to_string())],
-            w.counters.rsts_sent,
-        );
-    }
     o.family(
         "xlb_worker_drops_total",
-        "counter",
+        COUNTER,
         "Frames dropped, by reason.",
     );
-    for w in &workers {
-        let wl = w.worker.to_string();
+    for s in &snaps {
+        let w = s.counters.worker.to_string();
         for r in DropReason::all() {
-            o.sample(
-                "xlb_worker_drops_total",
-                &[("worker", &wl), ("reason", r.as_str())],
-                w.counters.drop_count(r),
-            );
+            let v = s.counters.counters.drop_count(r) as f64;
+            o.sample(&[("worker", &w), ("reason", r.as_str())], v);
         }
     }
-    o.family("xlb_worker_flows", "gauge", "Flows in the worker's table.");
-    for w in &workers {
-        o.sample(
-            "xlb_worker_flows",
-            &[("worker", &w.worker.to_string())],
-            w.flows,
-        );
-    }
-    o.family(
+    worker_tables(o, src, &snaps);
+}
+
+/// Per worker: flow-table occupancy, hand-offs, the acknowledged generation, loop latency.
+fn worker_tables(o: &mut Families, src: &Sources, snaps: &[WorkerSnapshot]) {
+    let of = |f: &dyn Fn(&xlb_api::WorkerCounters) -> u64| -> Vec<(usize, f64)> {
+        snaps
+            .iter()
+            .map(|s| (usize::from(s.counters.worker), f(&s.counters) as f64))
+            .collect()
+    };
+    o.per_worker(
+        "xlb_worker_flows",
+        GAUGE,
+        "Flows in the worker's table.",
+        &of(&|c| c.flows),
+    );
+    o.per_worker(
         "xlb_worker_flow_capacity",
-        "gauge",
+        GAUGE,
         "Size of the worker's flow table.",
+        &of(&|c| c.flow_capacity),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_flow_capacity",
-            &[("worker", &w.worker.to_string())],
-            w.flow_capacity,
-        );
-    }
-    o.family(
+    o.per_worker(
         "xlb_worker_handed_off_total",
-        "counter",
+        COUNTER,
         "Frames passed to the worker that owns their flow.",
+        &of(&|c| c.handed_off),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_handed_off_total",
-            &[("worker", &w.worker.to_string())],
-            w.handed_off,
-        );
-    }
-    o.family(
+    o.per_worker(
         "xlb_worker_handoff_dropped_total",
-        "counter",
+        COUNTER,
         "Frames lost because the owning worker's inbox was full.",
+        &of(&|c| c.handoff_dropped),
     );
-    for w in &workers {
-        o.sample(
-            "xlb_worker_handoff_dropped_total",
-            &[("worker", &w.worker.to_string())],
-            w.handoff_dropped,
-        );
-    }
-    o.family(
+    let applied: Vec<(usize, f64)> = (src.shared.applied.iter().enumerate())
+        .map(|(w, g)| (w, g.load(Ordering::Relaxed) as f64))
+        .collect();
+    o.per_worker(
         "xlb_worker_generation",
-        "gauge",
+        GAUGE,
         "Rule-set generation the worker acknowledged.",
+        &applied,
     );
-    for (w, g) in src.shared.applied.iter().enumerate() {
-        o.sample(
-            "xlb_worker_generation",
-            &[("worker", &w.to_string())],
-            g.load(Ordering::Relaxed),
-        );
-    }
     o.family(
         "xlb_worker_loop_seconds",
-        "summary",
+        SUMMARY,
         "Duration of worker loop iterations that did work (receive, process, transmit, \
          timers): the longest a frame waits inside xlb.",
     );
-    for w in &workers {
-        o.summary(
-            "xlb_worker_loop_seconds",
-            &[("worker", &w.worker.to_string())],
-            &w.loop_latency,
-            1e-9,
-        );
+    for s in snaps {
+        let w = s.counters.worker.to_string();
+        o.summary(&[("worker", &w)], &s.loop_latency, 1e-9);
     }
+}
 
-    // Ports (AF_XDP sockets), per worker and interface.
+/// Ports (AF_XDP sockets), per worker and interface.
+fn ports(o: &mut Families, src: &Sources) {
+    let ports = src.shared.ports();
     for (metric, help, pick) in [
         (
             "xlb_port_rx_packets_total",
@@ -269,22 +280,24 @@ pub fn render(src: &Sources) -> String {
             2,
         ),
     ] {
-        o.family(metric, "counter", help);
-        for (w, stats) in src.port_stats.iter().enumerate() {
-            for (p, s) in stats.ports().iter().enumerate() {
+        o.family(metric, COUNTER, help);
+        for (w, stats) in ports.iter().enumerate() {
+            for (p, s) in stats.iter().enumerate() {
                 let v = [s.rx_packets, s.tx_packets, s.tx_ring_full][pick];
                 let ifname = src.interfaces.get(p).map_or("?", String::as_str);
                 o.sample(
-                    metric,
                     &[("worker", &w.to_string()), ("interface", ifname)],
-                    v,
+                    v as f64,
                 );
             }
         }
     }
+}
 
-    // SNAT ports per member and protocol.
-    let snat = sum_snat(&workers);
+/// SNAT ports per member and protocol.
+fn snat(o: &mut Families, src: &Sources) {
+    let rules = src.state.snapshot().rules.clone();
+    let snat = sum_snat(&src.shared.snapshots());
     for (metric, help, allocated) in [
         (
             "xlb_snat_ports_allocated",
@@ -297,24 +310,21 @@ pub fn render(src: &Sources) -> String {
             false,
         ),
     ] {
-        o.family(metric, "gauge", help);
+        o.family(metric, GAUGE, help);
         for u in &snat {
             let rule = rules.rule(u.rule).map_or("?", |p| p.name.as_ref());
             let proto = if u.proto == 6 { "tcp" } else { "udp" };
-            o.sample(
-                metric,
-                &[
-                    ("rule", rule),
-                    ("member", &u.member.to_string()),
-                    ("protocol", proto),
-                ],
-                if allocated { u.allocated } else { u.used },
-            );
+            let member = u.member.to_string();
+            let v = if allocated { u.allocated } else { u.used };
+            let labels = [("rule", rule), ("member", &*member), ("protocol", proto)];
+            o.sample(&labels, f64::from(v));
         }
     }
+}
 
-    // Member health: the probes' verdict and whether the member gets new flows.
-    let members = snap.members();
+/// Member health: the probes' verdict and whether the member gets new flows.
+fn members(o: &mut Families, src: &Sources) {
+    let members = src.state.snapshot().members();
     for (metric, help, probe) in [
         (
             "xlb_member_probe_healthy",
@@ -327,7 +337,7 @@ pub fn render(src: &Sources) -> String {
             false,
         ),
     ] {
-        o.family(metric, "gauge", help);
+        o.family(metric, GAUGE, help);
         for m in &members {
             let admin = match m.admin_state {
                 xlb_engine::config::AdminState::Up => "up",
@@ -335,19 +345,19 @@ pub fn render(src: &Sources) -> String {
                 xlb_engine::config::AdminState::None => "none",
             };
             let v = if probe { m.probe_healthy } else { m.eligible };
-            o.sample(
-                metric,
-                &[
-                    ("pool", &m.pool),
-                    ("member", &m.address.to_string()),
-                    ("admin_state", admin),
-                ],
-                u8::from(v),
-            );
+            let address = m.address.to_string();
+            let labels = [
+                ("pool", &*m.pool),
+                ("member", &*address),
+                ("admin_state", admin),
+            ];
+            o.sample(&labels, f64::from(u8::from(v)));
         }
     }
+}
 
-    // Data-path self-probe.
+/// The data-path self-probe.
+fn datapath(o: &mut Families, src: &Sources) {
     let datapath = src
         .shared
         .datapath
@@ -356,35 +366,30 @@ pub fn render(src: &Sources) -> String {
         .clone();
     o.family(
         "xlb_datapath_availability_ratio",
-        "gauge",
+        GAUGE,
         "Share of the recent self-probes (TCP handshakes through the dataplane) answered.",
     );
     for d in &datapath {
-        o.sample(
-            "xlb_datapath_availability_ratio",
-            &[("frontend", &d.frontend), ("rule", &d.rule)],
-            d.ratio(),
-        );
+        o.sample(&[("frontend", &d.frontend), ("rule", &d.rule)], d.ratio());
     }
     o.family(
         "xlb_datapath_probes_total",
-        "counter",
+        COUNTER,
         "Self-probes by result since start.",
     );
     for d in &datapath {
         for (result, v) in [("answered", d.answered_total), ("failed", d.failed_total)] {
-            o.sample(
-                "xlb_datapath_probes_total",
-                &[
-                    ("frontend", &d.frontend),
-                    ("rule", &d.rule),
-                    ("result", result),
-                ],
-                v,
-            );
+            let labels = [
+                ("frontend", &*d.frontend),
+                ("rule", &d.rule),
+                ("result", result),
+            ];
+            o.sample(&labels, v as f64);
         }
     }
+}
 
+fn propagation(o: &mut Families, src: &Sources) {
     let propagation = src
         .shared
         .propagation
@@ -393,105 +398,55 @@ pub fn render(src: &Sources) -> String {
         .clone();
     o.family(
         "xlb_rule_update_propagation_seconds",
-        "summary",
+        SUMMARY,
         "Time from publishing a rule set to every worker's acknowledgement.",
     );
-    o.summary(
-        "xlb_rule_update_propagation_seconds",
-        &[],
-        &propagation,
-        1e-6,
-    );
-    o.0
+    o.summary(&[], &propagation, 1e-6);
 }
 
 /// Binds the endpoint's socket (early, so that a busy address fails the start cleanly).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)?;
-    // Non-blocking accept, so that the thread sees `stop` within one poll interval.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`.
-pub fn spawn(
-    listener: TcpListener,
+/// Serves `GET /metrics` on `listener` until `stop` turns true. Runs on a tokio runtime.
+pub async fn serve(
+    listener: std::net::TcpListener,
     sources: Sources,
-    stop: Arc<AtomicBool>,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("xlbd-metrics".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let _ = answer(conn, &sources);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/", get(|| async { "xlbd: metrics at /metrics\n" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "see /metrics\n") })
+        .with_state(Arc::new(sources))
+        // One request per connection, as scrapers and plain clients that read to the end
+        // expect.
+        .layer(axum::middleware::map_response(close));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
         })
+        .await
 }
 
-fn answer(mut conn: TcpStream, src: &Sources) -> io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        if req.len() > 8192 {
-            return respond(
-                &mut conn,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-            );
-        }
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        req.extend_from_slice(&buf[..n]);
-    }
-    let line = req.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => respond(
-            &mut conn,
-            "200 OK",
+async fn close(mut r: Response) -> Response {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+async fn metrics(State(src): State<Arc<Sources>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(src),
-        ),
-        ("GET", "/") => respond(
-            &mut conn,
-            "200 OK",
-            "text/plain; charset=utf-8",
-            "xlbd: metrics at /metrics\n",
-        ),
-        ("GET", _) => respond(&mut conn, "404 Not Found", "text/plain", "see /metrics\n"),
-        _ => respond(
-            &mut conn,
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET /metrics\n",
-        ),
-    }
-}
-
-fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &str) -> io::Result<()> {
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    conn.flush()
+        )],
+        render(&src),
+    )
 }
 
 #[cfg(test)]
@@ -501,7 +456,10 @@ mod tests {
     use xlb_api::{PublishError, Publisher, StateOptions};
     use xlb_engine::{compile, Config, MemberHealth, RuleSet};
 
+    use std::time::Duration;
+
     use super::*;
+    use crate::plane::cell::{cell, loop_histogram};
 
     struct Accept;
     impl Publisher for Accept {
@@ -537,35 +495,27 @@ backend_port = 8080
             Arc::new(Accept),
             StateOptions::default(),
         ));
-        let shared = Shared::new(2, 1);
-        let mut h = crate::handler::loop_histogram();
+        let (mut writers, readers): (Vec<_>, Vec<_>) = (0..2).map(cell).unzip();
+        let shared = Shared::new(readers, Vec::new(), 1);
+        let mut h = loop_histogram();
         for ns in [1_000u64, 2_000, 50_000] {
             h.record(ns).unwrap();
         }
-        for w in 0..2 {
-            let counters = xlb_engine::Counters {
-                rules: vec![RuleCounters {
+        for (w, cell) in writers.iter_mut().enumerate() {
+            cell.publish(|s| {
+                s.counters.counters.rules = vec![RuleCounters {
                     flows_created: 3 + w as u64,
                     ..RuleCounters::default()
-                }],
-                ..xlb_engine::Counters::default()
-            };
-            shared.store(crate::handler::Snapshot {
-                worker: w,
-                counters,
-                flows: 1,
-                flow_capacity: 8,
-                handed_off: 0,
-                handoff_dropped: 0,
-                generation: 1,
-                snat: Vec::new(),
-                loop_latency: h.clone(),
+                }];
+                s.counters.flows = 1;
+                s.counters.flow_capacity = 8;
+                s.counters.generation = 1;
+                s.loop_latency.add(&h).unwrap();
             });
         }
         Sources {
             state,
             shared,
-            port_stats: Vec::new(),
             interfaces: vec!["eth0".into()],
             lab_time_scale: 60,
         }
@@ -604,8 +554,6 @@ backend_port = 8080
             text.contains("xlb_rule_flows_created_total{kind=\"load_balancing\",rule=\"web\"} 7"),
             "{text}"
         );
-        // Names are validated to [A-Za-z0-9_.-], but label values are escaped anyway.
-        assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
         assert!(text.contains("xlb_lab_time_scale 60"));
         assert!(text.contains("xlb_worker_loop_seconds_count{worker=\"1\"} 3"));
         assert!(text.contains("xlb_worker_loop_seconds{worker=\"0\",quantile=\"0.999\"} 0.00005"));
@@ -613,10 +561,17 @@ backend_port = 8080
 
     #[test]
     fn http_answers_metrics_404_and_405() {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let join = spawn(listener, sources(), Arc::clone(&stop)).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let server = rt.spawn(serve(listener, sources(), stopped));
         let get = |req: &str| {
             let mut s = TcpStream::connect(addr).unwrap();
             s.write_all(req.as_bytes()).unwrap();
@@ -624,20 +579,20 @@ backend_port = 8080
             s.read_to_string(&mut out).unwrap();
             out
         };
+        // A client that never ends its headers holds only its own connection.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(b"GET /metr").unwrap();
+        // No `Connection: close`: the server closes after its answer all the same.
         let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("text/plain; version=0.0.4"));
         assert!(ok.contains("xlb_generation 1"));
-        assert!(get("GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
-        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
-        // A request that never ends its headers is cut off, and the server goes on.
-        let mut slow = TcpStream::connect(addr).unwrap();
-        slow.write_all(&[b'a'; 9000]).unwrap();
-        let mut out = String::new();
-        let _ = slow.read_to_string(&mut out);
-        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
-        assert!(get("GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
-        stop.store(true, Ordering::Relaxed);
-        join.join().unwrap();
+        let nope = get("GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(nope.starts_with("HTTP/1.1 404"), "{nope}");
+        let post = get("POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        drop(slow);
+        stop.send(true).unwrap();
+        rt.block_on(server).unwrap().unwrap();
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod convert;
 pub mod keepalive;
+pub mod object;
 pub mod resource;
 pub mod server;
 pub mod service;

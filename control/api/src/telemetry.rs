@@ -42,7 +42,7 @@ pub enum ControlEvent {
 }
 
 /// One worker's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct WorkerCounters {
     pub worker: u16,
     pub counters: Counters,
@@ -54,6 +54,26 @@ pub struct WorkerCounters {
     pub handoff_dropped: u64,
     /// The rule-set generation the worker ran when it took these counters.
     pub generation: u64,
+}
+
+impl Clone for WorkerCounters {
+    fn clone(&self) -> WorkerCounters {
+        let mut c = WorkerCounters::default();
+        c.clone_from(self);
+        c
+    }
+
+    /// Copies into this value's storage (the daemon's workers publish their counters so,
+    /// without allocating).
+    fn clone_from(&mut self, source: &WorkerCounters) {
+        self.worker = source.worker;
+        self.counters.clone_from(&source.counters);
+        self.flows = source.flows;
+        self.flow_capacity = source.flow_capacity;
+        self.handed_off = source.handed_off;
+        self.handoff_dropped = source.handoff_dropped;
+        self.generation = source.generation;
+    }
 }
 
 /// Every worker's counters added up: the one sum that the API, Prometheus, the status line

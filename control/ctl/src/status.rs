@@ -11,24 +11,7 @@ use crate::{Failure, Res};
 pub async fn status(c: &mut Client, json: bool) -> Res {
     let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
     if json {
-        print_json(&json!({
-            "generation": s.generation, "poll_mode": s.poll_mode, "lab_time_scale": s.lab_time_scale,
-            "uptime_seconds": s.uptime_seconds, "version": s.version, "degraded": s.degraded,
-            "workers": s.workers.iter().map(|w| json!({
-                "worker": w.worker, "interface": w.interface, "queue": w.queue,
-                "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
-                "flows": w.flows, "flow_capacity": w.flow_capacity,
-            })).collect::<Vec<_>>(),
-            "datapath": s.datapath.iter().map(|d| json!({
-                "frontend": d.frontend, "rule": d.rule, "availability": d.availability,
-                "window": d.window, "answered": d.answered, "failed": d.failed,
-            })).collect::<Vec<_>>(),
-            "members": s.members.iter().map(|m| json!({
-                "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
-                "admin_state": admin_name(m.admin_state), "probed": m.probed,
-                "probe_healthy": m.probe_healthy, "eligible": m.eligible,
-            })).collect::<Vec<_>>(),
-        }));
+        status_json(&s);
         return Ok(());
     }
     println!(
@@ -45,6 +28,34 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
     if !s.degraded.is_empty() {
         println!("DEGRADED: {}", s.degraded);
     }
+    workers_table(&s);
+    datapath_table(&s);
+    members_table(&s);
+    Ok(())
+}
+
+fn status_json(s: &pb::GetStatusResponse) {
+    print_json(&json!({
+        "generation": s.generation, "poll_mode": s.poll_mode, "lab_time_scale": s.lab_time_scale,
+        "uptime_seconds": s.uptime_seconds, "version": s.version, "degraded": s.degraded,
+        "workers": s.workers.iter().map(|w| json!({
+            "worker": w.worker, "interface": w.interface, "queue": w.queue,
+            "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
+            "flows": w.flows, "flow_capacity": w.flow_capacity,
+        })).collect::<Vec<_>>(),
+        "datapath": s.datapath.iter().map(|d| json!({
+            "frontend": d.frontend, "rule": d.rule, "availability": d.availability,
+            "window": d.window, "answered": d.answered, "failed": d.failed,
+        })).collect::<Vec<_>>(),
+        "members": s.members.iter().map(|m| json!({
+            "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
+            "admin_state": admin_name(m.admin_state), "probed": m.probed,
+            "probe_healthy": m.probe_healthy, "eligible": m.eligible,
+        })).collect::<Vec<_>>(),
+    }));
+}
+
+fn workers_table(s: &pb::GetStatusResponse) {
     let rows: Vec<Vec<String>> = s
         .workers
         .iter()
@@ -74,6 +85,9 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
         ],
         &rows,
     );
+}
+
+fn datapath_table(s: &pb::GetStatusResponse) {
     if !s.datapath.is_empty() {
         println!();
         let rows: Vec<Vec<String>> = s
@@ -102,6 +116,9 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
             &rows,
         );
     }
+}
+
+fn members_table(s: &pb::GetStatusResponse) {
     if !s.members.is_empty() {
         println!();
         let rows: Vec<Vec<String>> = s
@@ -127,7 +144,6 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
             &rows,
         );
     }
-    Ok(())
 }
 
 fn admin_name(v: i32) -> &'static str {

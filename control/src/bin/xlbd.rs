@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use xlb_afxdp::ModeRequest;
-use xlb_control::daemon::{self, Options};
+use xlb_control::{daemon, options::Options};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Poll {

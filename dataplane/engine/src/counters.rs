@@ -110,7 +110,7 @@ pub struct RuleCounters {
 }
 
 /// All counters of one worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Counters {
     pub rx_packets: u64,
     pub tx_packets: u64,
@@ -123,6 +123,26 @@ pub struct Counters {
     pub live_flows: Vec<u32>,
     /// Events lost because the event queue was full.
     pub events_dropped: u64,
+}
+
+impl Clone for Counters {
+    fn clone(&self) -> Counters {
+        let mut c = Counters::default();
+        c.clone_from(self);
+        c
+    }
+
+    /// Copies into this value's storage: no allocation once the per-rule vectors are as long
+    /// as the source's (how a worker publishes its counters).
+    fn clone_from(&mut self, source: &Counters) {
+        self.rx_packets = source.rx_packets;
+        self.tx_packets = source.tx_packets;
+        self.rsts_sent = source.rsts_sent;
+        self.drops = source.drops;
+        self.rules.clone_from(&source.rules);
+        self.live_flows.clone_from(&source.live_flows);
+        self.events_dropped = source.events_dropped;
+    }
 }
 
 impl Default for Counters {
