@@ -15,6 +15,7 @@ pub mod ruleset;
 pub mod select;
 pub mod snat;
 pub mod tcp;
+pub mod terms;
 pub mod time;
 pub mod timer;
 pub mod wire;

@@ -12,11 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::addr::Addr;
-use crate::config::Distribution;
 use crate::select::{flow_hash, reduce, FastBuild, PoolTable};
+pub use crate::terms::{Distribution, FlowTuple, UnknownFlowPolicy, PROTO_TCP, PROTO_UDP};
 use crate::time::{secs, Nanos};
 
 /// Stable id of a rule (any kind). Ids are kept across generations for a rule of the same
@@ -50,18 +48,6 @@ impl RuleKind {
             RuleKind::Outbound => "out",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownFlowPolicy {
-    /// Drop and count `no_flow` (default).
-    #[default]
-    Drop,
-    /// Answer with a TCP RST, as a NAT gateway does.
-    Reset,
-    /// Re-create the flow with the same deterministic backend choice.
-    Pickup,
 }
 
 /// What a flow needs from its rule; looked up by [`RuleId`] at every expiry check, so changes
@@ -129,16 +115,6 @@ impl Timers {
     }
 }
 
-/// The 5-tuple of a packet, as received.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowTuple {
-    pub proto: u8,
-    pub src: Addr,
-    pub src_port: u16,
-    pub dst: Addr,
-    pub dst_port: u16,
-}
-
 /// The member chosen for a new inbound flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -155,10 +131,6 @@ pub struct PortBlock {
     /// Number of ports (a multiple of 8).
     pub count: u16,
 }
-
-/// IP protocol numbers the rule set matches on.
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
 
 /// The compiled rule set.
 #[derive(Debug)]

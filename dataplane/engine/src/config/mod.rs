@@ -26,7 +26,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::ruleset::UnknownFlowPolicy;
+pub use crate::terms::{Distribution, UnknownFlowPolicy};
 
 mod compile;
 mod validate;
@@ -259,18 +259,6 @@ impl Protocol {
             Protocol::All => "ALL",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Distribution {
-    /// src IP, src port, dst IP, dst port, protocol.
-    #[default]
-    FiveTuple,
-    /// src IP + dst IP: one client sticks to one member.
-    SourceIp,
-    /// src IP + dst IP + protocol.
-    SourceIpProtocol,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

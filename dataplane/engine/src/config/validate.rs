@@ -14,7 +14,7 @@ use super::{
     MAX_RULES, MAX_UDP_IDLE_TIMEOUT_SECONDS, MAX_WEIGHT, OUTBOUND_IDLE_BOUNDS, SNAT_PORTS_PER_IP,
 };
 use crate::addr::Addr;
-use crate::ruleset::PROTO_TCP;
+use crate::terms::PROTO_TCP;
 
 /// One violation.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
