@@ -35,8 +35,12 @@ pub struct Options {
     pub max_runtime: Option<Duration>,
     /// Where the gRPC API listens; `None`: no API.
     pub api: Option<Listen>,
-    /// Bearer token the API requires (mandatory on a non-loopback TCP address).
+    /// Bearer token the API requires (a TCP listener needs it or client certificates).
     pub api_token: Option<String>,
+    /// TLS of a TCP API listener (mandatory off loopback), with optional client certificates.
+    pub api_tls: Option<xlb_api::server::ServerTls>,
+    /// Serve the API on TCP without authentication, or off loopback without TLS.
+    pub api_insecure: bool,
     /// Where the Prometheus endpoint listens; `None`: none.
     pub metrics: Option<SocketAddr>,
     /// Sources of the data-path self-probe (`crate::selfprobe`); empty: off.

@@ -64,7 +64,7 @@ pub fn runtime() -> Result<(Runtime, Arc<AtomicBool>), Failure> {
 }
 
 /// The API's and the metrics' sockets, bound before anything is attached so that a busy
-/// socket or a missing token fails the start cleanly.
+/// socket, a missing token or a bad certificate fails the start cleanly.
 #[derive(Debug)]
 pub struct Endpoints {
     pub api: Option<Bound>,
@@ -79,6 +79,8 @@ pub fn bind_endpoints(runtime: &Runtime, opts: &Options) -> Result<Endpoints, Fa
             let serve = ServeOptions {
                 listen: listen.clone(),
                 token: opts.api_token.clone(),
+                tls: opts.api_tls.clone(),
+                insecure: opts.api_insecure,
                 ..ServeOptions::default()
             };
             let bound = runtime.block_on(xlb_api::bind(serve)).map_err(|e| {

@@ -6,11 +6,18 @@
 //! - [`Telemetry`]: what the daemon reads from its workers (counters, flows, events, status);
 //!   [`FakeTelemetry`] for tests.
 //! - [`service::XlbService`]: the `xlb.v1.Xlb` gRPC service, a thin translator over the two;
-//!   [`serve`] runs it with reflection and health on a Unix socket or TCP.
+//!   [`serve`] runs it with reflection and health on a Unix socket or TCP (TLS, client
+//!   certificates, bearer token).
 //! - [`convert`]: proto ↔ `xlb_engine::config`.
 //! - [`keepalive`]: the `xlbctl keepalive-check` logic.
+//! - [`resource`]: every object kind described once (`Resource`, `Remote`); the service and
+//!   `xlbctl` are generic over it.
+//! - [`authority`]: the Unix listener's repair of the `:authority` C-core clients send.
+//! - [`changes`]: the queue that carries out received changes in order, clients or not.
 #![forbid(unsafe_code)]
 
+pub mod authority;
+pub mod changes;
 pub mod convert;
 pub mod keepalive;
 pub mod object;

@@ -5,11 +5,11 @@
 //! invalid input (refused by the server's validation or by argument parsing), 1 any other
 //! failure, 3 `keepalive-check` found settings that do not keep connections alive.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod args;
+mod connect;
 mod kinds;
 mod output;
 mod reads;
@@ -20,7 +20,7 @@ use serde_json::json;
 use tonic::{Code, Status};
 use xlb_api::convert;
 use xlb_api::keepalive;
-use xlb_api::server::{self, BearerToken, Client, Listen};
+use xlb_api::server::{self, Client};
 use xlb_api::status::validation_failure;
 use xlb_engine::config::{
     BackendPool, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, OutboundRule,
@@ -45,28 +45,66 @@ use output::print_json;
         compiled and applied to every worker atomically, or not at all.\n\n\
         Exit codes: 0 ok, 1 failure, 2 invalid input, 3 keepalive-check NOT OK."
 )]
-struct Cli {
+pub struct Cli {
     /// Unix socket of the daemon.
     #[arg(long, global = true, help_heading = "Connection", value_name = "PATH", default_value = server::DEFAULT_SOCKET, env = "XLB_SOCKET")]
     socket: PathBuf,
-    /// TCP address of the daemon instead of the socket, e.g. 127.0.0.1:50051.
+    /// TCP address of the daemon instead of the socket: HOST:PORT or http://HOST:PORT
+    /// (plaintext), https://HOST:PORT (TLS; also implied by the --tls-* options).
     #[arg(
         long,
         global = true,
         help_heading = "Connection",
-        value_name = "HOST:PORT",
+        value_name = "TARGET",
         env = "XLB_ADDR"
     )]
     addr: Option<String>,
-    /// Bearer token (required by daemons listening on non-loopback TCP).
+    /// File holding the bearer token (surrounding whitespace trimmed). The token itself may
+    /// be given in the environment as XLB_TOKEN instead; never on the command line.
     #[arg(
         long,
         global = true,
         help_heading = "Connection",
-        env = "XLB_TOKEN",
-        hide_env_values = true
+        value_name = "FILE",
+        env = "XLB_TOKEN_FILE"
     )]
+    token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user in `ps`.
+    #[arg(long, global = true, hide = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the daemon's TLS certificate (default with TLS: the
+    /// system's trusted roots).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_CA"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for daemons that require one (mutual TLS); with --tls-key.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        env = "XLB_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Name to verify the daemon's certificate against (default: the host of --addr).
+    #[arg(long, global = true, help_heading = "Connection", value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true, help_heading = "Output")]
     json: bool,
@@ -187,7 +225,14 @@ impl From<Status> for Failure {
             }
             return Failure::Invalid(vec![s.message().to_string()]);
         }
-        Failure::Other(format!("{:?}: {}", s.code(), s.message()))
+        // Transport failures (TLS alerts, refused connections) are told in the sources.
+        let mut msg = format!("{:?}: {}", s.code(), s.message());
+        let mut cur = std::error::Error::source(&s);
+        while let Some(c) = cur {
+            msg.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        Failure::Other(msg)
     }
 }
 
@@ -231,32 +276,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(cli: &Cli) -> Res<Client> {
-    let target = match &cli.addr {
-        Some(a) => {
-            let addr: SocketAddr = tokio::net::lookup_host(a.as_str())
-                .await
-                .ok()
-                .and_then(|mut i| i.next())
-                .ok_or_else(|| invalid(format!("--addr = {a:?}: not a host:port that resolves")))?;
-            Listen::Tcp(addr)
-        }
-        None => Listen::Unix(cli.socket.clone()),
-    };
-    let where_ = match &target {
-        Listen::Unix(p) => p.display().to_string(),
-        Listen::Tcp(a) => a.to_string(),
-    };
-    let channel = server::channel(&target)
-        .await
-        .map_err(|e| Failure::Other(format!("cannot connect to xlbd at {where_}: {e}")))?;
-    let token =
-        BearerToken::new(cli.token.as_deref()).map_err(|s| invalid(s.message().to_string()))?;
-    Ok(server::client(channel, token))
-}
-
 async fn run(cli: Cli) -> Res {
-    let mut c = connect(&cli).await?;
+    let mut c = connect::connect(&cli).await?;
     let json = cli.json;
     match cli.command {
         Command::Frontend(cmd) => crud::<Frontend>(&mut c, cmd, json).await,

@@ -40,6 +40,7 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "unknown_flow_resets": r.unknown_flow_resets, "drops_no_flow": r.drops_no_flow,
         "drops_no_backend": r.drops_no_backend, "drops_snat_exhausted": r.drops_snat_exhausted,
         "drops_flow_table_full": r.drops_flow_table_full, "flows_moved": r.flows_moved,
+        "drops_out_of_window": r.drops_out_of_window,
     })
 }
 
@@ -78,7 +79,8 @@ fn rule_rows(rules: &[pb::RuleCounters], worker: Option<u32>) -> Vec<Vec<String>
                 (r.drops_no_flow
                     + r.drops_no_backend
                     + r.drops_snat_exhausted
-                    + r.drops_flow_table_full)
+                    + r.drops_flow_table_full
+                    + r.drops_out_of_window)
                     .to_string(),
             ];
             if let Some(w) = worker {

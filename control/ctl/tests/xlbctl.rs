@@ -9,9 +9,27 @@ use std::process::{Command, Output};
 use common::Harness;
 
 async fn xlbctl(socket: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--socket", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    xlbctl_env(&all, &[]).await
+}
+
+/// Runs xlbctl with `args` and only the `env` of its own variables.
+async fn xlbctl_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xlbctl"));
-    cmd.arg("--socket").arg(socket).args(args);
-    cmd.env_remove("XLB_ADDR").env_remove("XLB_TOKEN");
+    cmd.args(args);
+    for v in [
+        "XLB_SOCKET",
+        "XLB_ADDR",
+        "XLB_TOKEN",
+        "XLB_TOKEN_FILE",
+        "XLB_TLS_CA",
+        "XLB_TLS_CERT",
+        "XLB_TLS_KEY",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(env.iter().copied());
     // The server runs on this test's runtime: wait for the child off it.
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
@@ -311,4 +329,206 @@ async fn status_shows_workers_data_path_and_member_health() {
     assert_eq!(m["eligible"], false);
     assert_eq!(v["datapath"][0]["availability"], 0.95);
     assert_eq!(v["workers"][0]["core"], 1);
+}
+
+const TOKEN: &str = "xlbctl-test-token-0123456789";
+
+fn tcp_port(h: &Harness) -> u16 {
+    match h.listen {
+        xlb_api::Listen::Tcp(a) => a.port(),
+        xlb_api::Listen::Unix(_) => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn token_comes_from_a_file_or_the_environment_never_the_command_line() {
+    let h = Harness::start_with(common::BASE, |o| {
+        o.listen = xlb_api::Listen::Tcp("127.0.0.1:0".parse().unwrap());
+        o.token = Some(TOKEN.into());
+    })
+    .await;
+    let addr = format!("127.0.0.1:{}", tcp_port(&h));
+    let file = h.dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let file = file.to_str().unwrap();
+
+    let out = xlbctl_env(
+        &["--addr", &addr, "--token", TOKEN, "frontend", "list"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--token-file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    for (args, env) in [
+        (vec!["--addr", &addr, "--token-file", file], vec![]),
+        (vec!["--addr", &addr], vec![("XLB_TOKEN_FILE", file)]),
+        (vec!["--addr", &addr], vec![("XLB_TOKEN", TOKEN)]),
+        (vec![], vec![("XLB_ADDR", &addr[..]), ("XLB_TOKEN", TOKEN)]),
+    ] {
+        let mut a = args.clone();
+        a.extend(["--json", "frontend", "list"]);
+        let out = xlbctl_env(&a, &env).await;
+        assert!(out.status.success(), "{a:?} {env:?}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("\"vip\""));
+    }
+
+    let out = xlbctl_env(&["--addr", &addr, "frontend", "list"], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        text(&out.stderr)
+    );
+    let empty = h.dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = xlbctl_env(
+        &[
+            "--addr",
+            &addr,
+            "--token-file",
+            empty.to_str().unwrap(),
+            "frontend",
+            "list",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("the file is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn tls_and_client_certificates() {
+    let pki = common::pki::Pki::new();
+    let tls = pki.server_tls(true);
+    let h = Harness::start_with(common::BASE, |o| {
+        o.listen = xlb_api::Listen::Tcp("127.0.0.1:0".parse().unwrap());
+        o.tls = Some(tls);
+    })
+    .await;
+    let dir = pki.write(&h.dir.path().join("pki"));
+    let f = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let (ca, cert, key) = (f("ca.pem"), f("client.pem"), f("client.key"));
+    let port = tcp_port(&h);
+    let https = format!("https://localhost:{port}");
+    let bare = format!("127.0.0.1:{port}");
+
+    // https:// target, or TLS implied by --tls-ca; the certificate from flags or environment.
+    for (args, env) in [
+        (
+            vec![
+                "--addr",
+                &https,
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ],
+            vec![],
+        ),
+        (
+            vec![
+                "--addr",
+                &bare,
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ],
+            vec![],
+        ),
+        (
+            vec!["--addr", &https],
+            vec![
+                ("XLB_TLS_CA", &ca[..]),
+                ("XLB_TLS_CERT", &cert[..]),
+                ("XLB_TLS_KEY", &key[..]),
+            ],
+        ),
+    ] {
+        let mut a = args.clone();
+        a.extend(["--json", "frontend", "list"]);
+        let out = xlbctl_env(&a, &env).await;
+        assert!(out.status.success(), "{a:?}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("\"vip\""));
+    }
+
+    // No client certificate, another CA's, a server this client does not trust, plaintext.
+    // (TLS 1.3: the server judges the client's certificate after the client finished its
+    // handshake; the first call then sees the server's alert or the closed connection.)
+    let (rogue_cert, rogue_key) = (f("rogue-client.pem"), f("rogue-client.key"));
+    let rogue_ca = f("rogue-ca.pem");
+    for (args, says) in [
+        (vec!["--addr", &https, "--tls-ca", &ca], "error: "),
+        (
+            vec![
+                "--addr",
+                &https,
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &rogue_cert,
+                "--tls-key",
+                &rogue_key,
+            ],
+            "error: ",
+        ),
+        (
+            vec![
+                "--addr",
+                &https,
+                "--tls-ca",
+                &rogue_ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ],
+            "invalid peer certificate",
+        ),
+        (vec!["--addr", &bare], ""),
+    ] {
+        let mut a = args.clone();
+        a.extend(["frontend", "list"]);
+        let out = xlbctl_env(&a, &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{a:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(says),
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    // Contradictions are usage errors.
+    let out = xlbctl_env(
+        &[
+            "--addr",
+            &format!("http://{bare}"),
+            "--tls-ca",
+            &ca,
+            "config",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = xlbctl_env(&["--tls-ca", &ca, "config"], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = xlbctl_env(&["--addr", &https, "--tls-cert", &cert, "config"], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    h.stop().await;
 }

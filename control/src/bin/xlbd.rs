@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use xlb_afxdp::ModeRequest;
+use xlb_api::server::ServerTls;
 use xlb_control::{daemon, options::Options};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,7 +56,7 @@ struct Cli {
     /// Divide every timer by N (60: 4 minutes last 4 s). Overrides the configuration.
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
-    /// Flows per worker, 16–16777216 (memory is allocated at start: about 120 bytes each plus
+    /// Flows per worker, 16–16777216 (memory is allocated at start: about 136 bytes each with
     /// the index).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
@@ -74,12 +75,27 @@ struct Cli {
     #[arg(long, value_name = "SECS")]
     max_runtime: Option<f64>,
     /// Where the gRPC API (xlb.v1, reflection, grpc.health.v1) listens: unix:PATH (created
-    /// mode 0600), tcp:HOST:PORT (a non-loopback address needs --api-token-file), or none.
+    /// mode 0600), tcp:HOST:PORT, or none. TCP needs a token and/or client certificates, and
+    /// TLS off loopback (or --api-insecure).
     #[arg(long, value_name = "WHERE", default_value = "unix:/run/xlb/xlbd.sock")]
     api: String,
     /// File holding the bearer token API clients must send (`authorization: Bearer T`).
     #[arg(long, value_name = "FILE")]
     api_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) of a tcp: API listener; with --api-tls-key.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --api-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// CA (PEM) whose certificates API clients must present (mutual TLS): a client
+    /// certificate then authenticates like a token. Needs --api-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_tls_client_ca: Option<PathBuf>,
+    /// Serve a tcp: API without authentication, or off loopback without TLS: whoever reaches
+    /// the port can change the configuration (or read the token on the wire).
+    #[arg(long)]
+    api_insecure: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -160,6 +176,18 @@ fn main() -> ExitCode {
             }
         },
     };
+    let api_tls = match (&cli.api_tls_cert, &cli.api_tls_key) {
+        (Some(cert), Some(key)) => {
+            match ServerTls::from_files(cert, key, cli.api_tls_client_ca.as_deref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("xlbd: --api-tls-*: {e}");
+                    return ExitCode::from(daemon::EXIT_USAGE);
+                }
+            }
+        }
+        _ => None,
+    };
     let opts = Options {
         config: cli.config,
         interfaces: cli.interfaces,
@@ -181,6 +209,8 @@ fn main() -> ExitCode {
         max_runtime: checked.max_runtime,
         api,
         api_token,
+        api_tls,
+        api_insecure: cli.api_insecure,
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
         self_probe_interval: checked.self_probe_interval,

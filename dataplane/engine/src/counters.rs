@@ -28,14 +28,20 @@ pub enum DropReason {
     NextHopTableFull,
     /// The member has no free SNAT port.
     SnatExhausted,
-    /// TTL / hop limit would reach zero.
+    /// TTL / hop limit of 1 or 0: the packet would expire on its next hop. Checked before the
+    /// flow table, so it neither creates nor changes a flow.
     HopLimit,
+    /// A TCP flag combination no real stack sends (see `tcp::valid_flags`): never creates or
+    /// changes a flow.
+    BadTcpFlags,
+    /// A TCP segment of a known flow outside its window (see `tcp`): changes nothing.
+    OutOfWindow,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11 + ParseError::ALL.len();
+    pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 11] = [
+    pub const NON_PARSE: [DropReason; 13] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -47,12 +53,17 @@ impl DropReason {
         DropReason::NextHopTableFull,
         DropReason::SnatExhausted,
         DropReason::HopLimit,
+        DropReason::BadTcpFlags,
+        DropReason::OutOfWindow,
     ];
 
     /// Dense index for counter arrays.
     pub fn index(self) -> usize {
         match self {
-            DropReason::Parse(p) => 11 + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0),
+            DropReason::Parse(p) => {
+                DropReason::NON_PARSE.len()
+                    + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0)
+            }
             other => DropReason::NON_PARSE
                 .iter()
                 .position(|&x| x == other)
@@ -81,6 +92,8 @@ impl DropReason {
             DropReason::NextHopTableFull => "next_hop_table_full",
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::HopLimit => "hop_limit",
+            DropReason::BadTcpFlags => "bad_tcp_flags",
+            DropReason::OutOfWindow => "out_of_window",
         }
     }
 }
@@ -102,11 +115,14 @@ pub struct RuleCounters {
     pub late_packets: u64,
     /// Unknown-flow packets answered with an RST (`reset` policy).
     pub unknown_flow_resets: u64,
-    /// Drops attributed to this rule: no_flow, no_backend, snat_exhausted, flow_table_full.
+    /// Drops attributed to this rule: no_flow, no_backend, snat_exhausted, flow_table_full,
+    /// out_of_window.
     pub no_flow: u64,
     pub no_backend: u64,
     pub snat_exhausted: u64,
     pub flow_table_full: u64,
+    /// TCP segments of this rule's flows outside the window (dropped, nothing changed).
+    pub out_of_window: u64,
 }
 
 /// All counters of one worker.
@@ -162,7 +178,7 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 17] {
+    pub fn fields(&self) -> [(&'static str, u64); 18] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
@@ -181,6 +197,7 @@ impl RuleCounters {
             ("no_backend", self.no_backend),
             ("snat_exhausted", self.snat_exhausted),
             ("flow_table_full", self.flow_table_full),
+            ("out_of_window", self.out_of_window),
         ]
     }
 
@@ -203,6 +220,7 @@ impl RuleCounters {
         self.no_backend += other.no_backend;
         self.snat_exhausted += other.snat_exhausted;
         self.flow_table_full += other.flow_table_full;
+        self.out_of_window += other.out_of_window;
     }
 }
 

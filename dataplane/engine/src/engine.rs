@@ -15,7 +15,7 @@ use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
-use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
+use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
 use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
@@ -27,7 +27,7 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~120 bytes each).
+    /// Flows this worker can hold (memory is allocated up front: ~136 bytes each).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
     pub next_hop_capacity: usize,
@@ -278,6 +278,14 @@ impl Engine {
         if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
             return self.drop(DropReason::Unsupported);
         }
+        // Checked before any lookup, so that such a packet neither creates nor changes a flow
+        // (nor takes a SNAT port): it would never reach the other end.
+        if pkt.hop_limit <= 1 {
+            return self.drop(DropReason::HopLimit);
+        }
+        if pkt.proto == proto::TCP && !tcp::valid_flags(pkt.tcp_flags) {
+            return self.drop(DropReason::BadTcpFlags);
+        }
         let tuple = FlowTuple {
             proto: pkt.proto,
             src: pkt.src,
@@ -288,16 +296,21 @@ impl Engine {
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             if pkt.proto == proto::TCP {
-                let f = self.flows.get(id);
-                let reopening = f.tcp.state.is_closed()
-                    && dir == ORIG
-                    && pkt.tcp_flags & (SYN | ACK | RST) == SYN;
-                if reopening {
-                    // A new connection reusing the tuple of one that is only lingering.
+                let seg = Segment::of(&pkt);
+                if self.flows.get(id).tcp.reopens(dir, &seg) {
+                    // A new connection reusing the tuple of one that is over (or of a
+                    // handshake that this SYN is not part of).
                     self.remove_flow(id);
                     return self.miss(now, ingress, frame, &pkt, &tuple, hash);
                 }
-                self.track(now, id, dir, &pkt);
+                match self.track(now, id, dir, &seg) {
+                    Outcome::Tracked(_) => {}
+                    Outcome::Passed => return self.emit(id, dir, frame, &pkt),
+                    Outcome::OutOfWindow => {
+                        let rule = self.flows.get(id).rule;
+                        return self.drop_for(rule, DropReason::OutOfWindow);
+                    }
+                }
             } else if dir == ORIG {
                 let f = self.flows.get(id);
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
@@ -464,15 +477,17 @@ impl Engine {
         f.last_seen.saturating_add(timeout)
     }
 
-    fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, pkt: &Packet) {
+    /// Checks a segment of flow `id` against the window and tracks it (see `tcp`).
+    fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, seg: &Segment) -> Outcome {
         let f = self.flows.get_mut(id);
-        let change = f
-            .tcp
-            .on_segment(dir, pkt.tcp_flags, pkt.seq, pkt.payload_len);
+        let outcome = f.tcp.on_segment(dir, seg);
         let rule = f.rule;
-        if pkt.tcp_flags & (SYN | ACK) == SYN {
+        if outcome != Outcome::OutOfWindow && seg.is_pure_syn() {
             rule_counters(&mut self.counters, rule).syns += 1;
         }
+        let Outcome::Tracked(change) = outcome else {
+            return outcome;
+        };
         if matches!(change, Change::Closed | Change::Reset) {
             rule_counters(&mut self.counters, rule).flows_closed += 1;
             // The linger is shorter than the idle timeout the wheel holds: re-file now.
@@ -480,6 +495,7 @@ impl Engine {
             let d = self.deadline(self.flows.get(id));
             self.wheel.insert(id, d);
         }
+        outcome
     }
 
     /// Rewrites a packet of flow `id`, direction `dir`, and addresses it to its next hop.
@@ -539,7 +555,8 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let is_tcp = pkt.proto == proto::TCP;
-        let is_syn = pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+        let seg = Segment::of(pkt);
+        let is_syn = seg.is_pure_syn();
         if let Some(rule) = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port) {
             let Some((unknown_flow, floating)) = self
                 .rules
@@ -549,7 +566,7 @@ impl Engine {
                 return self.drop(DropReason::NoRule);
             };
             let mut track = if is_tcp {
-                TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+                TcpTrack::from_syn(&seg)
             } else {
                 TcpTrack::NONE
             };
@@ -562,7 +579,7 @@ impl Engine {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
                     UnknownFlowPolicy::Pickup => {
-                        track = TcpTrack::picked_up(pkt.tcp_flags, pkt.seq, pkt.payload_len);
+                        track = TcpTrack::picked_up(&seg);
                         rule_counters(&mut self.counters, rule).flows_picked_up += 1;
                     }
                 }
@@ -614,17 +631,13 @@ impl Engine {
                 rule,
                 next_hop: [0; 2],
                 tcp: if is_tcp {
-                    TcpTrack::from_syn(pkt.seq, pkt.payload_len)
+                    TcpTrack::from_syn(&seg)
                 } else {
                     TcpTrack::NONE
                 },
                 last_seen: now,
             };
-            let verdict = self.create(ingress, frame, pkt, flow, pkt.dst, hash);
-            if !matches!(verdict, Verdict::Tx { .. }) {
-                self.snat.release(addr, pkt.proto, port);
-            }
-            return verdict;
+            return self.create(ingress, frame, pkt, flow, pkt.dst, hash);
         }
         if is_tcp && self.count_late(hash, now) {
             return self.drop(DropReason::NoFlow);
@@ -632,44 +645,72 @@ impl Engine {
         self.drop(DropReason::NoRule)
     }
 
-    /// Inserts a new flow and forwards its first packet toward `toward`.
+    /// Inserts a new flow and forwards its first packet toward `toward`. An outbound flow's
+    /// SNAT port (allocated by the caller) is released exactly once if the flow does not come
+    /// to be: here when it is refused, by `remove_flow` once it exists.
     #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
         ingress: PortId,
         frame: &mut [u8],
         pkt: &Packet,
-        mut flow: Flow,
+        flow: Flow,
         toward: Addr,
         hash: u64,
     ) -> Verdict {
         let rule = flow.rule;
-        let forward = match self.net.resolve(toward) {
-            Ok(h) => h,
-            Err(e) => return self.drop_for(rule, hop_error(e)),
-        };
-        let mut src_mac = [0u8; 6];
-        src_mac.copy_from_slice(&frame[6..12]);
-        let back: NextHopId = match self.net.learn(ingress, src_mac, pkt.vlan) {
-            Ok(h) => h,
-            Err(e) => return self.drop_for(rule, hop_error(e)),
-        };
-        flow.next_hop = [forward, back];
-        let id = match self.flows.insert_new(flow, hash) {
+        let id = match self.insert_flow(ingress, frame, pkt, flow, toward, hash) {
             Ok(id) => id,
-            Err(InsertError::Full) => return self.drop_for(rule, DropReason::FlowTableFull),
-            Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
+            Err(reason) => {
+                if flow.nat == Nat::Snat {
+                    self.snat.release(flow.xlat, flow.proto, flow.xlat_port);
+                }
+                return self.drop_for(rule, reason);
+            }
         };
-        self.late.forget(hash);
-        live_flows(&mut self.counters, rule);
-        let deadline = self.deadline(self.flows.get(id));
-        self.wheel.insert(id, deadline);
+        let verdict = self.emit(id, ORIG, frame, pkt);
+        if matches!(verdict, Verdict::Drop(_)) {
+            // A flow never outlives a first packet that did not leave (the hop limit, the only
+            // reason `emit` refuses, is checked before any flow is created).
+            self.remove_flow(id);
+            return verdict;
+        }
         let c = rule_counters(&mut self.counters, rule);
         c.flows_created += 1;
         if pkt.proto == proto::TCP && pkt.tcp_flags & (SYN | ACK) == SYN {
             c.syns += 1;
         }
-        self.emit(id, ORIG, frame, pkt)
+        verdict
+    }
+
+    /// Resolves both next hops of `flow` and inserts it.
+    fn insert_flow(
+        &mut self,
+        ingress: PortId,
+        frame: &[u8],
+        pkt: &Packet,
+        mut flow: Flow,
+        toward: Addr,
+        hash: u64,
+    ) -> Result<FlowId, DropReason> {
+        let forward = self.net.resolve(toward).map_err(hop_error)?;
+        let mut src_mac = [0u8; 6];
+        src_mac.copy_from_slice(&frame[6..12]);
+        let back: NextHopId = self
+            .net
+            .learn(ingress, src_mac, pkt.vlan)
+            .map_err(hop_error)?;
+        flow.next_hop = [forward, back];
+        let id = match self.flows.insert_new(flow, hash) {
+            Ok(id) => id,
+            Err(InsertError::Full) => return Err(DropReason::FlowTableFull),
+            Err(InsertError::Conflict) => return Err(DropReason::TupleConflict),
+        };
+        self.late.forget(hash);
+        live_flows(&mut self.counters, flow.rule);
+        let deadline = self.deadline(self.flows.get(id));
+        self.wheel.insert(id, deadline);
+        Ok(id)
     }
 
     /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
@@ -729,6 +770,7 @@ impl Engine {
             DropReason::NoBackend => c.no_backend += 1,
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
+            DropReason::OutOfWindow => c.out_of_window += 1,
             _ => {}
         }
         self.drop(reason)

@@ -786,8 +786,8 @@ fn snat_exhaustion_is_counted_once_per_episode_and_ports_are_released_on_schedul
     // Flow 0: FIN both ways.
     lab.forward(BACKEND_PORT, member(50_100).seg(FIN | ACK, 2, 501, &[]));
     lab.forward(INTERNET_PORT, remote(ports[0]).seg(FIN | ACK, 501, 3, &[]));
-    // Flow 1: RST.
-    lab.forward(INTERNET_PORT, remote(ports[1]).seg(RST, 0, 0, &[]));
+    // Flow 1: RST, with the sequence number the member expects next.
+    lab.forward(INTERNET_PORT, remote(ports[1]).seg(RST, 501, 0, &[]));
     let t = lab.now;
     lab.run_until(t + s(15) - 1);
     assert!(matches!(

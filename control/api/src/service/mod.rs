@@ -1,9 +1,11 @@
 //! The `xlb.v1.Xlb` gRPC service: a thin translator over [`ControlState`] and [`Telemetry`].
 //!
 //! Each handler converts the request (bad text and enum values become `INVALID_ARGUMENT`),
-//! calls the library, and converts the answer. Changes and telemetry reads run on the blocking
-//! pool: a publish waits for worker acks and a telemetry read may wait for workers, and
-//! neither may stall the async runtime that serves other requests.
+//! calls the library, and converts the answer. A publish waits for worker acks and a telemetry
+//! read may wait for workers, and neither may stall the async runtime that serves other
+//! requests: changes go to the [`ChangeQueue`] (its own thread, in the order received, carried
+//! out to the end even when the client hangs up or times out), telemetry reads to the blocking
+//! pool.
 //!
 //! The create / update / delete / get / list methods of every object kind are one generic
 //! method each, over [`Resource`]; the reads are in [`reads`].
@@ -22,6 +24,7 @@ use xlb_engine::ValidationErrors;
 use xlb_proto::v1 as pb;
 use xlb_proto::v1::xlb_server::Xlb;
 
+use crate::changes::ChangeQueue;
 use crate::convert::{self, Errors};
 use crate::resource::{every_kind, Resource};
 use crate::state::{Applied, ControlError, ControlState};
@@ -37,6 +40,8 @@ pub struct XlbService {
     /// Bounds concurrent `WatchEvents` streams: they outlive the request and the server's
     /// concurrency limit only counts requests until their answer starts.
     watchers: Arc<Semaphore>,
+    /// Every change of every connection goes through this one queue.
+    changes: Arc<ChangeQueue>,
     /// Turns true when the server shuts down: event streams end then, otherwise a graceful
     /// shutdown would wait for every watcher to hang up.
     closing: watch::Receiver<bool>,
@@ -60,6 +65,7 @@ impl XlbService {
             state,
             telemetry,
             watchers: Arc::new(Semaphore::new(max_watchers)),
+            changes: Arc::new(ChangeQueue::new()),
             closing: watch::channel(false).1,
         }
     }
@@ -70,13 +76,13 @@ impl XlbService {
         self
     }
 
-    /// Runs a change on the blocking pool and answers with the object it produced.
+    /// Runs a change through the queue and answers with the object it produced.
     async fn change<T: Resource>(
         &self,
         f: impl FnOnce(&ControlState) -> Result<Applied<T>, ControlError> + Send + 'static,
     ) -> Result<Response<T::Response>, Status> {
         let state = Arc::clone(&self.state);
-        let a = blocking(move || Ok(f(&state)?)).await?;
+        let a = self.changes.run(move || Ok(f(&state)?)).await?;
         Ok(Response::new(T::response(
             Some(a.value.to_proto()),
             a.generation,
@@ -104,7 +110,9 @@ impl XlbService {
         r: pb::DeleteRequest,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let state = Arc::clone(&self.state);
-        let a = blocking(move || Ok(state.delete::<T>(&r.name)?)).await?;
+        let a = (self.changes)
+            .run(move || Ok(state.delete::<T>(&r.name)?))
+            .await?;
         Ok(Response::new(pb::DeleteResponse {
             generation: a.generation,
         }))
@@ -163,7 +171,7 @@ fn model<T: Resource>(p: Option<T::Proto>) -> Result<T, Status> {
     T::from_proto(convert::require(p, T::FIELD).or_invalid()?).or_invalid()
 }
 
-/// Runs `f` on the blocking pool. A panic there becomes `INTERNAL` for this request only.
+/// Runs a read `f` on the blocking pool. A panic there becomes `INTERNAL` for this request only.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {

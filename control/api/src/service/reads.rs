@@ -294,6 +294,7 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_snat_exhausted: c.snat_exhausted,
         drops_flow_table_full: c.flow_table_full,
         flows_moved: c.flows_moved,
+        drops_out_of_window: c.out_of_window,
     }
 }
 

@@ -2,6 +2,8 @@
 //! recording fake `Publisher` and `FakeTelemetry`.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,15 @@ pub struct Recorder {
     pub fail_next: AtomicUsize,
     /// Each publish takes this long (a slow worker ack).
     pub delay_ms: AtomicU64,
+    /// When set, each publish tells its generation on `started` and then waits for `release`
+    /// (or for its sender to be dropped).
+    pub hold: Mutex<Option<Hold>>,
+}
+
+#[derive(Debug)]
+pub struct Hold {
+    pub started: std::sync::mpsc::Sender<u64>,
+    pub release: std::sync::mpsc::Receiver<()>,
 }
 
 impl Recorder {
@@ -36,6 +47,10 @@ impl Recorder {
 impl Publisher for Recorder {
     fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError> {
         self.generations.lock().unwrap().push(rules.generation());
+        if let Some(h) = self.hold.lock().unwrap().as_ref() {
+            let _ = h.started.send(rules.generation());
+            let _ = h.release.recv();
+        }
         std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         let failing = self
             .fail_next

@@ -31,7 +31,7 @@ pub mod parse;
 
 pub use build::{build_tcp_rst, build_tcp_segment, reply_rst_in_place, RstSpec, MAX_RST_FRAME};
 pub use checksum::L4Checksum;
-pub use parse::{parse, Packet, ParseError};
+pub use parse::{parse, Packet, ParseError, MAX_WSCALE, NO_WSCALE};
 pub use rewrite::{decrement_hop_limit, rewrite, Rewrite};
 
 pub mod rewrite;
