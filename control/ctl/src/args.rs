@@ -44,12 +44,8 @@ pub struct LbRuleArgs {
     /// 1–65535; 0 for HA ports (required).
     #[arg(long)]
     pub backend_port: Option<u32>,
-    /// TCP idle timeout in minutes, 4–30 (default 4).
-    #[arg(long)]
-    pub idle_timeout: Option<u32>,
-    /// Send RSTs to both ends when an established flow times out idle (default false).
-    #[arg(long)]
-    pub tcp_reset: Option<bool>,
+    #[command(flatten)]
+    pub flows: FlowArgs,
     /// Floating IP / direct server return (default false).
     #[arg(long)]
     pub floating_ip: Option<bool>,
@@ -60,9 +56,6 @@ pub struct LbRuleArgs {
     /// Health probe name ("" removes it).
     #[arg(long)]
     pub probe: Option<String>,
-    /// TCP packets without a flow: drop (default), reset or pickup.
-    #[arg(long, value_enum)]
-    pub unknown_flow: Option<UnknownArg>,
 }
 
 #[derive(Args, Debug)]
@@ -90,15 +83,11 @@ pub struct NatRuleArgs {
     /// 1–65535 (required).
     #[arg(long)]
     pub backend_port: Option<u32>,
-    /// TCP idle timeout in minutes, 4–30 (default 4).
-    #[arg(long)]
-    pub idle_timeout: Option<u32>,
-    #[arg(long)]
-    pub tcp_reset: Option<bool>,
+    #[command(flatten)]
+    pub flows: FlowArgs,
+    /// Floating IP / direct server return (default false).
     #[arg(long)]
     pub floating_ip: Option<bool>,
-    #[arg(long, value_enum)]
-    pub unknown_flow: Option<UnknownArg>,
 }
 
 #[derive(Args, Debug)]
@@ -117,11 +106,20 @@ pub struct OutboundRuleArgs {
     /// SNAT ports per member, a multiple of 8 (default: by pool size; 0 resets to default).
     #[arg(long)]
     pub ports: Option<u32>,
-    /// TCP idle timeout in minutes, 4–100 (default 4).
+    #[command(flatten)]
+    pub flows: FlowArgs,
+}
+
+/// What every rule kind says of its flows.
+#[derive(Args, Debug)]
+pub struct FlowArgs {
+    /// TCP idle timeout in minutes: 4–30, outbound rules 4–100 (default 4).
     #[arg(long)]
     pub idle_timeout: Option<u32>,
+    /// Send RSTs to both ends when an established flow times out idle (default false).
     #[arg(long)]
     pub tcp_reset: Option<bool>,
+    /// TCP packets without a flow: drop (default), reset or pickup.
     #[arg(long, value_enum)]
     pub unknown_flow: Option<UnknownArg>,
 }

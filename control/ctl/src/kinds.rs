@@ -12,8 +12,8 @@ use xlb_engine::config::{
 use xlb_proto::v1 as pb;
 
 use crate::args::{
-    AdminArg, DistArg, FrontendArgs, KindArg, LbRuleArgs, NatRuleArgs, OutboundRuleArgs, PoolArgs,
-    ProbeArgs, ProbeProtoArg,
+    AdminArg, DistArg, FlowArgs, FrontendArgs, KindArg, LbRuleArgs, NatRuleArgs, OutboundRuleArgs,
+    PoolArgs, ProbeArgs, ProbeProtoArg,
 };
 use crate::output::{changed, clear_empty, name_of, opt, print_json, table, yes};
 use crate::{invalid, Res};
@@ -106,6 +106,13 @@ fn set<T: Clone>(field: &mut T, value: &Option<T>) {
     if let Some(v) = value {
         *field = v.clone();
     }
+}
+
+/// The flow settings every rule kind has.
+fn set_flows(a: &FlowArgs, idle: &mut Option<u32>, tcp_reset: &mut bool, unknown: &mut i32) {
+    set(idle, &a.idle_timeout.map(Some));
+    set(tcp_reset, &a.tcp_reset);
+    set(unknown, &a.unknown_flow.map(|v| v.pb()));
 }
 
 impl CliKind for Frontend {
@@ -235,12 +242,15 @@ impl CliKind for LoadBalancingRule {
         set(&mut r.frontend_port, &a.frontend_port);
         set(&mut r.backend_pool, &a.pool);
         set(&mut r.backend_port, &a.backend_port);
-        set(&mut r.idle_timeout_minutes, &a.idle_timeout.map(Some));
-        set(&mut r.tcp_reset, &a.tcp_reset);
+        set_flows(
+            &a.flows,
+            &mut r.idle_timeout_minutes,
+            &mut r.tcp_reset,
+            &mut r.unknown_flow,
+        );
         set(&mut r.floating_ip, &a.floating_ip);
         set(&mut r.distribution, &a.distribution.map(DistArg::pb));
         set(&mut r.health_probe, &a.probe.clone().map(clear_empty));
-        set(&mut r.unknown_flow, &a.unknown_flow.map(|v| v.pb()));
         Ok(r)
     }
     fn rows(&self) -> Vec<Vec<String>> {
@@ -295,10 +305,13 @@ impl CliKind for InboundNatRule {
         set(&mut r.target, &a.target.clone().map(clear_empty));
         set(&mut r.backend_pool, &a.pool.clone().map(clear_empty));
         set(&mut r.backend_port, &a.backend_port);
-        set(&mut r.idle_timeout_minutes, &a.idle_timeout.map(Some));
-        set(&mut r.tcp_reset, &a.tcp_reset);
+        set_flows(
+            &a.flows,
+            &mut r.idle_timeout_minutes,
+            &mut r.tcp_reset,
+            &mut r.unknown_flow,
+        );
         set(&mut r.floating_ip, &a.floating_ip);
-        set(&mut r.unknown_flow, &a.unknown_flow.map(|v| v.pb()));
         Ok(r)
     }
     fn rows(&self) -> Vec<Vec<String>> {
@@ -362,9 +375,12 @@ impl CliKind for OutboundRule {
             &mut r.allocated_outbound_ports,
             &a.ports.map(|v| (v != 0).then_some(v)),
         );
-        set(&mut r.idle_timeout_minutes, &a.idle_timeout.map(Some));
-        set(&mut r.tcp_reset, &a.tcp_reset);
-        set(&mut r.unknown_flow, &a.unknown_flow.map(|v| v.pb()));
+        set_flows(
+            &a.flows,
+            &mut r.idle_timeout_minutes,
+            &mut r.tcp_reset,
+            &mut r.unknown_flow,
+        );
         Ok(r)
     }
     fn rows(&self) -> Vec<Vec<String>> {
