@@ -48,7 +48,7 @@ fn flow(
 }
 
 #[tokio::test]
-async fn counters_flows_events_and_status_come_from_telemetry() {
+async fn counters_are_summed_over_workers_and_named_by_rule() {
     let h = Harness::start().await;
     let mut c = h.client().await;
     let web = h
@@ -130,6 +130,20 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
     );
     assert_eq!(s.code(), Code::NotFound);
 
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn flows_are_filtered_and_paged() {
+    let h = Harness::start().await;
+    let mut c = h.client().await;
+    let web = h
+        .state
+        .snapshot()
+        .rules
+        .rule_id(xlb_engine::ruleset::RuleKind::LoadBalancing, "web")
+        .unwrap();
+
     // Flows: filters and paging.
     let flows: Vec<FlowEntry> = (0..5)
         .map(|i| FlowEntry {
@@ -210,6 +224,20 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
     );
     violation(&s, "client_address");
 
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn events_of_changes_and_engines_reach_a_watcher() {
+    let h = Harness::start().await;
+    let mut c = h.client().await;
+    let web = h
+        .state
+        .snapshot()
+        .rules
+        .rule_id(xlb_engine::ruleset::RuleKind::LoadBalancing, "web")
+        .unwrap();
+
     // Events: a configuration change and an engine event reach a watcher.
     let mut events = c
         .watch_events(pb::WatchEventsRequest {})
@@ -252,6 +280,15 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
         (1, "web", "198.18.2.1")
     );
 
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn status_comes_from_the_telemetry_and_the_snapshot() {
+    let h = Harness::start().await;
+    let mut c = h.client().await;
+    let generation = h.state.generation();
+
     // Status.
     h.telemetry.set_status(RuntimeStatus {
         workers: vec![WorkerStatus {
@@ -259,7 +296,7 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
             interface: "veth0".into(),
             queue: 0,
             core: Some(1),
-            generation: 2,
+            generation,
             flows: 3,
             flow_capacity: 100,
         }],
@@ -286,7 +323,7 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
             st.uptime_seconds,
             st.lab_time_scale
         ),
-        (2, "busy", 42, 1)
+        (generation, "busy", 42, 1)
     );
     assert_eq!(st.workers[0].core, 1);
     assert!(!st.version.is_empty());
