@@ -30,12 +30,14 @@ pub enum DropReason {
     SnatExhausted,
     /// TTL / hop limit would reach zero.
     HopLimit,
+    /// An 802.1Q tag the configuration does not name on the ingress port.
+    VlanTag,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11 + ParseError::ALL.len();
+    pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 11] = [
+    pub const NON_PARSE: [DropReason; 12] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -47,12 +49,16 @@ impl DropReason {
         DropReason::NextHopTableFull,
         DropReason::SnatExhausted,
         DropReason::HopLimit,
+        DropReason::VlanTag,
     ];
 
     /// Dense index for counter arrays.
     pub fn index(self) -> usize {
         match self {
-            DropReason::Parse(p) => 11 + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0),
+            DropReason::Parse(p) => {
+                DropReason::NON_PARSE.len()
+                    + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0)
+            }
             other => DropReason::NON_PARSE
                 .iter()
                 .position(|&x| x == other)
@@ -81,6 +87,7 @@ impl DropReason {
             DropReason::NextHopTableFull => "next_hop_table_full",
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::HopLimit => "hop_limit",
+            DropReason::VlanTag => "vlan_tag",
         }
     }
 }
