@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod handler;
 pub mod kernel;
+pub mod kernel_watch;
 pub mod metrics;
 pub mod plane;
 pub mod probes;
