@@ -147,3 +147,18 @@ fn unknown_interface_and_too_many_workers_are_refused_before_anything_is_attache
         "{err}"
     );
 }
+
+#[test]
+fn bad_vlan_options_name_the_value_and_the_range() {
+    for (arg, says) in [
+        ("lo:0", "VLAN id 0 out of range (allowed: 1-4094)"),
+        ("lo:4095", "VLAN id 4095 out of range (allowed: 1-4094)"),
+        ("lo", "no ':' between interface and VLAN ids"),
+        ("lo:10,x", "VLAN id \"x\" is not a number"),
+    ] {
+        let out = xlbd(VALID, &["--interface", "lo", "--vlan", arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(says) && err.contains("--vlan"), "{arg}: {err}");
+    }
+}
