@@ -216,3 +216,40 @@ fn a_route_change_moves_running_flows_to_the_new_gateway_and_back() {
     }
     assert_eq!(echo(&mut tcp, b"direct again\n"), b"direct again\n");
 }
+
+#[test]
+fn a_member_the_kernel_forgets_is_resolved_again_before_a_flow_needs_it() {
+    if !need_root("a_member_the_kernel_forgets_is_resolved_again_before_a_flow_needs_it") {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    let ab = format!("{}ab", lab.prefix);
+    let entry = || {
+        let out = Command::new("ip")
+            .args(["-n", &lab.xlb, "neigh", "show", BACKEND1, "dev", &ab])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        entry().contains("lladdr"),
+        "resolved at start: {:?}",
+        entry()
+    );
+    // The kernel drops it (as its garbage collector does with entries it does not use
+    // itself: xlbd's traffic bypasses it).
+    ip(&["-n", &lab.xlb, "neigh", "del", BACKEND1, "dev", &ab]);
+    let end = Instant::now() + Duration::from_secs(2);
+    while !entry().contains("lladdr") {
+        assert!(Instant::now() < end, "not resolved again: {:?}", entry());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The entry's notification reaches the workers at xlbd's next tick (20 ms); after that,
+    // new connections to it never meet a missing neighbour.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = tcp_to(&lab, "backend1");
+    assert_eq!(echo(&mut s, b"hi\n"), b"hi\n");
+    std::thread::sleep(Duration::from_millis(600)); // the stats file: 4 times a second
+    assert_eq!(lab.stat("drop.no_neighbor"), 0, "{:?}", lab.stats());
+    assert!(lab.stat("next_hops") >= 2, "{:?}", lab.stats());
+}

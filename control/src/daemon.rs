@@ -901,6 +901,27 @@ fn control_loop(
                 );
             }
         }
+        // Members, NAT targets and gateways the kernel dropped (its garbage collector does
+        // not know the dataplane uses them): resolved again before a new flow needs them.
+        let gone = watch.take_gone();
+        if !gone.is_empty() {
+            let config = &state.snapshot().config;
+            let needed = |a: &Addr| {
+                let ip = a.to_ip();
+                config
+                    .backend_pools
+                    .iter()
+                    .any(|p| p.members.iter().any(|m| m.address == ip))
+                    || config
+                        .inbound_nat_rules
+                        .iter()
+                        .any(|r| r.target == Some(ip))
+                    || watch.routes().iter().any(|r| r.gateway == Some(*a))
+            };
+            for a in gone.iter().filter(|a| needed(a)) {
+                resolver.probe(*a);
+            }
+        }
         if watch.stats().resyncs != resyncs {
             resyncs = watch.stats().resyncs;
             say(

@@ -130,6 +130,8 @@ pub struct KernelWatch {
     view: KernelView,
     mailbox: Arc<KernelMailbox>,
     stats: WatchStats,
+    /// Neighbours that were usable in the last view and are not in the new one.
+    gone: Vec<Addr>,
 }
 
 /// What notifications asked for, gathered over one poll.
@@ -163,6 +165,7 @@ impl KernelWatch {
             view: KernelView::default(),
             mailbox: Arc::new(KernelMailbox::new(KernelView::default())),
             stats: WatchStats::default(),
+            gone: Vec::new(),
         };
         w.read_all()?;
         w.publish_if_changed();
@@ -189,6 +192,14 @@ impl KernelWatch {
 
     pub fn stats(&self) -> WatchStats {
         self.stats
+    }
+
+    /// Neighbours that left the view (deleted, failed, garbage-collected by the kernel) since
+    /// the last call. The kernel collects entries it does not use itself, and xlbd's traffic
+    /// bypasses it: the caller asks it to resolve again those the dataplane needs (members,
+    /// gateways), before a new flow has to wait for it.
+    pub fn take_gone(&mut self) -> Vec<Addr> {
+        std::mem::take(&mut self.gone)
     }
 
     /// Reads the notifications that arrived (without blocking), applies them, and publishes a
@@ -275,6 +286,15 @@ impl KernelWatch {
             return false;
         }
         self.view.version += 1;
+        for n in &self.view.neighbours {
+            // Sorted by address first.
+            if neighbours.binary_search_by(|m| m.0.cmp(&n.0)).is_err()
+                && !self.gone.contains(&n.0)
+                && self.gone.len() < 4096
+            {
+                self.gone.push(n.0);
+            }
+        }
         self.view.neighbours = neighbours;
         if routes_changed {
             self.view.routes_version += 1;
@@ -392,6 +412,8 @@ mod tests {
                 neigh del 198.18.1.11 dev w0");
             until(&mut w, "deleted neighbour", |v| mac(v).is_none());
             assert!(w.view().neighbours.is_empty(), "{:?}", w.view().neighbours);
+            assert_eq!(w.take_gone(), vec![b], "to be resolved again if needed");
+            assert!(w.take_gone().is_empty());
             assert_eq!(w.stats().route_reads, reads, "no route read for neighbours");
 
             ip("route add 198.19.0.0/16 via 198.18.1.254");
