@@ -22,8 +22,8 @@ use std::{
 
 use crossbeam::channel::{self, Receiver, Sender};
 use xlb_afxdp::{
-    netlink::Netlink, spawn, sys, AddrKind, ModeRequest, PollMode, Worker, WorkerConfig,
-    WorkerExit, WorkerStats, XdpProgram,
+    netlink::Netlink, spawn, sys, ModeRequest, PollMode, Worker, WorkerConfig, WorkerExit,
+    WorkerStats, XdpProgram,
 };
 use xlb_api::{ControlState, Listen, ServeOptions, StateOptions};
 use xlb_engine::{
@@ -31,6 +31,7 @@ use xlb_engine::{
 };
 
 use crate::{
+    addresses::{AddressPlane, SharedRoutes, XdpMaps},
     handler::{ControlLink, EngineHandler, FromWorker, Steering, ToWorker},
     kernel::{self, Port, Resolver},
     kernel_watch::KernelWatch,
@@ -488,13 +489,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     })?;
     xdp.add_local_addrs_from_kernel()
         .map_err(|e| Failure::runtime(e.to_string()))?;
-    // After the local ones: a frontend that is also configured on an interface (so that the
-    // kernel answers ARP for it) must still be the dataplane's.
-    for fe in &config.frontends {
-        xdp.add_addr(fe.address, AddrKind::Owned)
-            .map_err(|e| Failure::runtime(e.to_string()))?;
-    }
-    let mut attached = Vec::new();
+    let mut modes = Vec::new();
     for (p, bs) in ports.iter().zip(&backend_side) {
         let mode = xdp.attach(p.ifindex, opts.xdp_mode, *bs).map_err(|e| {
             Failure::runtime(format!(
@@ -505,13 +500,41 @@ pub fn run(opts: Options) -> Result<(), Failure> {
                 p.name, p.name
             ))
         })?;
-        attached.push(format!(
-            "{}={}{}",
-            p.name,
-            format!("{mode:?}").to_lowercase(),
-            if *bs { "+backend_side" } else { "" }
-        ));
+        modes.push(format!("{mode:?}").to_lowercase());
     }
+    // Owned addresses and backend-side marks from here on follow the rule set, generation by
+    // generation (crate::addresses). Frontends go in after the host's own addresses: one that
+    // is also configured on an interface (so that the kernel answers ARP for it) must still be
+    // the dataplane's.
+    let routes_shared: SharedRoutes = Arc::new(std::sync::Mutex::new(routes.clone()));
+    let xdp_maps = XdpMaps {
+        table: xdp
+            .addr_table()
+            .map_err(|e| Failure::runtime(e.to_string()))?,
+        ifindexes: ports.iter().map(|p| p.ifindex).collect(),
+    };
+    let mut address_plane = AddressPlane::new(
+        Box::new(xdp_maps),
+        ports.clone(),
+        opts.backend_side.as_ref().map(|_| backend_side.clone()),
+        Arc::clone(&routes_shared),
+    );
+    address_plane
+        .apply_now(&rules)
+        .map_err(|e| Failure::runtime(format!("marking the frontends as owned: {e}")))?;
+    let attached: Vec<String> = ports
+        .iter()
+        .zip(&modes)
+        .zip(&address_plane.applied().backend_side)
+        .map(|((p, mode), bs)| {
+            format!(
+                "{}={mode}{}",
+                p.name,
+                if *bs { "+backend_side" } else { "" }
+            )
+        })
+        .collect();
+    let address_plane = Arc::new(std::sync::Mutex::new(address_plane));
 
     // Give the warm-up probes a moment (their answers arrive as notifications), then take
     // the neighbour table as it is.
@@ -623,11 +646,10 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         config.clone(),
         Arc::clone(&rules),
         MemberHealth::default(),
-        Arc::new(WorkerPublisher::new(
-            senders.clone(),
-            ack_rx,
-            Arc::clone(&shared),
-        )),
+        Arc::new(
+            WorkerPublisher::new(senders.clone(), ack_rx, Arc::clone(&shared))
+                .with_addresses(Arc::clone(&address_plane)),
+        ),
         StateOptions::default(),
     ));
     // Health probes publish through the same state as the API (docs/xlbd.md, "Health probes
@@ -766,6 +788,10 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         &from_rx,
         signalled,
         &mut self_probe,
+        &LiveAddresses {
+            plane: Arc::clone(&address_plane),
+            routes: Arc::clone(&routes_shared),
+        },
     );
     // The API first: no change may be in flight while the workers stop.
     let mut failed = result.err();
@@ -813,6 +839,12 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     }
 }
 
+/// The address plane and the routes it reads, as the control loop sees them.
+struct LiveAddresses {
+    plane: Arc<std::sync::Mutex<AddressPlane>>,
+    routes: SharedRoutes,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn control_loop(
     opts: &Options,
@@ -826,6 +858,7 @@ fn control_loop(
     from_rx: &Receiver<FromWorker>,
     signalled: &AtomicBool,
     self_probe: &mut Option<SelfProbe>,
+    live: &LiveAddresses,
 ) -> Result<(), String> {
     const TICK: Duration = Duration::from_millis(20);
     const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
@@ -834,8 +867,32 @@ fn control_loop(
     let mut next_stats_file = Instant::now();
     let mut next_kernel_warning = Instant::now();
     let mut resyncs = watch.stats().resyncs;
+    let mut routes_version = watch.view().routes_version;
+    // Backend-side marks to recompute after a route change (when no change is being published).
+    let mut marks_stale = false;
+    let mut members_probed_at = 0;
     let started = Instant::now();
     while !signalled.load(Ordering::Relaxed) {
+        // Members added live: resolve their neighbours before the first SYN needs them.
+        let generation = state.generation();
+        if generation != members_probed_at {
+            members_probed_at = generation;
+            for m in state.snapshot().rules.member_addrs() {
+                resolver.probe(*m);
+            }
+        }
+        if marks_stale {
+            // try_lock: a publish in flight holds the plane, and recomputes the marks itself.
+            if let Ok(mut plane) = live.plane.try_lock() {
+                marks_stale = false;
+                if let Err(e) = plane.apply_now(&state.snapshot().rules) {
+                    say(
+                        opts.quiet,
+                        &format!("xlbd warning: backend-side interfaces after a route change: {e}"),
+                    );
+                }
+            }
+        }
         if opts.max_runtime.is_some_and(|d| started.elapsed() >= d) {
             say(opts.quiet, "xlbd: --max-runtime reached, stopping");
             break;
@@ -905,17 +962,9 @@ fn control_loop(
         // not know the dataplane uses them): resolved again before a new flow needs them.
         let gone = watch.take_gone();
         if !gone.is_empty() {
-            let config = &state.snapshot().config;
+            let snap = state.snapshot();
             let needed = |a: &Addr| {
-                let ip = a.to_ip();
-                config
-                    .backend_pools
-                    .iter()
-                    .any(|p| p.members.iter().any(|m| m.address == ip))
-                    || config
-                        .inbound_nat_rules
-                        .iter()
-                        .any(|r| r.target == Some(ip))
+                snap.rules.member_addrs().contains(a)
                     || watch.routes().iter().any(|r| r.gateway == Some(*a))
             };
             for a in gone.iter().filter(|a| needed(a)) {
@@ -931,6 +980,15 @@ fn control_loop(
                      were lost; neighbours, routes and links read again\""
                 ),
             );
+        }
+        if watch.view().routes_version != routes_version {
+            // The backend-side interfaces depend on the routes to the members.
+            routes_version = watch.view().routes_version;
+            *live
+                .routes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = watch.routes().to_vec();
+            marks_stale = true;
         }
         if now >= next_stats_file {
             next_stats_file = now + STATS_FILE_EVERY;

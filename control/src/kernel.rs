@@ -80,12 +80,12 @@ pub fn parse_vlan_option(v: &str) -> Result<(String, Vec<u16>), String> {
         ids.split(',')
             .map(|id| {
                 let n: u32 = id.trim().parse().map_err(|_| {
-                    bad(format!("VLAN id {id:?} is not a number (allowed: 1-4094)"))
+                    bad(format!("VLAN id {id:?} is not a number (allowed: 1–4094)"))
                 })?;
                 u16::try_from(n)
                     .ok()
                     .filter(|n| (1..=4094).contains(n))
-                    .ok_or_else(|| bad(format!("VLAN id {n} out of range (allowed: 1-4094)")))
+                    .ok_or_else(|| bad(format!("VLAN id {n} out of range (allowed: 1–4094)")))
             })
             .collect::<Result<Vec<u16>, String>>()?;
     Ok((iface.to_string(), ids))
@@ -218,14 +218,16 @@ impl Resolver {
         }
     }
 
+    fn too_soon(&self, addr: Addr, now: Instant) -> bool {
+        self.last
+            .get(&addr)
+            .is_some_and(|t| now.duration_since(*t) < self.min_gap)
+    }
+
     /// Returns whether a probe was sent.
     pub fn probe(&mut self, addr: Addr) -> bool {
         let now = Instant::now();
-        if self
-            .last
-            .get(&addr)
-            .is_some_and(|t| now.duration_since(*t) < self.min_gap)
-        {
+        if self.too_soon(addr, now) {
             return false;
         }
         // Bounded: forget old entries rather than grow with every address ever missed.
@@ -293,7 +295,7 @@ mod tests {
         for (bad, says) in [
             ("eth0", "no ':'"),
             (":100", "no interface"),
-            ("eth0:0", "VLAN id 0 out of range (allowed: 1-4094)"),
+            ("eth0:0", "VLAN id 0 out of range (allowed: 1–4094)"),
             ("eth0:4095", "VLAN id 4095 out of range"),
             ("eth0:70000", "VLAN id 70000 out of range"),
             ("eth0:x", "VLAN id \"x\" is not a number"),

@@ -105,22 +105,15 @@ pub fn render(src: &Sources) -> String {
         src.shared.started.elapsed().as_secs_f64(),
     );
 
-    // Per rule, summed over workers.
-    let mut sum: Vec<RuleCounters> = Vec::new();
-    for w in &workers {
-        if sum.len() < w.counters.rules.len() {
-            sum.resize(w.counters.rules.len(), RuleCounters::default());
-        }
-        for (a, b) in sum.iter_mut().zip(&w.counters.rules) {
-            a.add(b);
-        }
-    }
+    // Per live rule, summed over workers (deleted rules leave the exposition).
+    let sum =
+        xlb_api::sum_rule_counters(workers.iter().map(|w| (&w.counters, w.generation)), rules);
     let names = RuleCounters::default().fields().map(|(n, _)| n);
     for (i, field) in names.iter().enumerate() {
         let metric = format!("xlb_rule_{field}_total");
         o.family(&metric, "counter", &format!("Per rule: {field}."));
-        for (id, p) in rules.rules() {
-            let c = sum.get(usize::from(id)).copied().unwrap_or_default();
+        for (id, c) in &sum {
+            let Some(p) = rules.rule(*id) else { continue };
             o.sample(
                 &metric,
                 &[("kind", kind_label(p.kind)), ("rule", &p.name)],

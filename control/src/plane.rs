@@ -8,6 +8,7 @@
 //! threads and the metrics endpoint, never by a worker.
 
 use std::{
+    collections::HashSet,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
@@ -23,8 +24,9 @@ use xlb_api::{
     PublishError, Publisher, RuntimeStatus, SnatUsage, Telemetry, TelemetryError, WorkerCounters,
     WorkerStatus,
 };
-use xlb_engine::RuleSet;
+use xlb_engine::{RuleId, RuleSet};
 
+use crate::addresses::AddressPlane;
 use crate::handler::{Ack, FlowQuery, Snapshot, ToWorker};
 
 /// How long a telemetry read waits for a worker's answer.
@@ -94,11 +96,16 @@ impl Shared {
 
 /// Sends rule sets to the workers and waits for their acks. [`xlb_api::ControlState`] calls
 /// it one change at a time, from a blocking thread.
+///
+/// With an [`AddressPlane`], the XDP program's owned addresses and backend-side interfaces
+/// change with the same generation: a call returns `Ok` only once the maps and every worker
+/// agree, and on any failure the maps are put back as they were.
 #[derive(Debug)]
 pub struct WorkerPublisher {
     to: Vec<Sender<ToWorker>>,
     acks: Mutex<Receiver<Ack>>,
     shared: Arc<Shared>,
+    addresses: Option<Arc<Mutex<AddressPlane>>>,
 }
 
 impl WorkerPublisher {
@@ -107,12 +114,59 @@ impl WorkerPublisher {
             to,
             acks: Mutex::new(acks),
             shared,
+            addresses: None,
         }
+    }
+
+    /// Applies every generation to these XDP maps too.
+    pub fn with_addresses(mut self, addresses: Arc<Mutex<AddressPlane>>) -> Self {
+        self.addresses = Some(addresses);
+        self
     }
 }
 
 impl Publisher for WorkerPublisher {
     fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError> {
+        let Some(addresses) = &self.addresses else {
+            return self.publish_to_workers(rules, deadline);
+        };
+        let mut addresses = addresses.lock().unwrap_or_else(PoisonError::into_inner);
+        let pending = addresses.begin(&rules).map_err(|e| {
+            PublishError::Unavailable(format!("updating the XDP program's addresses: {e}"))
+        })?;
+        if let Err(e) = self.publish_to_workers(Arc::clone(&rules), deadline) {
+            addresses.abort(pending);
+            return Err(e);
+        }
+        addresses.finish(pending).map_err(|e| {
+            PublishError::Unavailable(format!("updating the XDP program's addresses: {e}"))
+        })
+    }
+
+    /// Retired rules of `rules` of which no worker holds a flow: every worker's latest
+    /// snapshot was taken under `rules`' generation or later (so after the rule stopped taking
+    /// new flows there) and counts none.
+    fn drained(&self, rules: &RuleSet) -> HashSet<RuleId> {
+        let snaps = self.shared.snapshots();
+        let all_current = snaps.len() == self.to.len()
+            && snaps.iter().all(|s| s.generation >= rules.generation());
+        if !all_current {
+            return HashSet::new();
+        }
+        rules
+            .retired_rules()
+            .map(|(id, _)| id)
+            .filter(|id| snaps.iter().all(|s| s.counters.live_flows(*id) == 0))
+            .collect()
+    }
+}
+
+impl WorkerPublisher {
+    fn publish_to_workers(
+        &self,
+        rules: Arc<RuleSet>,
+        deadline: Duration,
+    ) -> Result<(), PublishError> {
         let generation = rules.generation();
         let started = Instant::now();
         let until = started + deadline;
@@ -258,6 +312,7 @@ impl Telemetry for DaemonTelemetry {
                     counters: s.counters.clone(),
                     flows: s.flows as u64,
                     flow_capacity: u64::from(s.flow_capacity),
+                    generation: s.generation,
                 })
                 .collect(),
             snat: sum_snat(&snaps),
@@ -498,6 +553,66 @@ mod tests {
             "{e:?}"
         );
         drop(joins);
+    }
+
+    fn snapshot(worker: usize, generation: u64, live: &[(u16, u32)]) -> Snapshot {
+        let mut counters = xlb_engine::Counters::default();
+        for &(id, n) in live {
+            counters.live_flows.resize(usize::from(id) + 1, 0);
+            counters.live_flows[usize::from(id)] = n;
+        }
+        Snapshot {
+            worker,
+            counters,
+            flows: 0,
+            flow_capacity: 16,
+            handed_off: 0,
+            handoff_dropped: 0,
+            generation,
+            snat: Vec::new(),
+            loop_latency: Histogram::new(2).unwrap(),
+            next_hops: Default::default(),
+        }
+    }
+
+    #[test]
+    fn retired_rules_are_drained_once_every_worker_reports_none_of_their_flows() {
+        let (p, _, _) = daemon(vec![vec![], vec![]], &[]);
+        let cfg = |rules: &str| {
+            Config::from_toml_str(&format!(
+                "[[frontends]]\nname = \"v\"\naddress = \"198.18.0.100\"\nkind = \"public\"\n\
+                 [[backend_pools]]\nname = \"p\"\nmembers = [{{ address = \"198.18.1.11\" }}]\n{rules}"
+            ))
+            .unwrap()
+        };
+        let rule = |name: &str, port: u16| {
+            format!(
+                "[[load_balancing_rules]]\nname = \"{name}\"\nfrontend = \"v\"\nprotocol = \"TCP\"\n\
+                 frontend_port = {port}\nbackend_pool = \"p\"\nbackend_port = 80\n"
+            )
+        };
+        let g1 = compile(
+            &cfg(&(rule("a", 1) + &rule("b", 2))),
+            None,
+            &MemberHealth::default(),
+            1,
+        )
+        .unwrap();
+        let g2 = compile(&cfg(&rule("a", 1)), Some(&g1), &MemberHealth::default(), 2).unwrap();
+        let b = 1;
+        assert!(g2.is_retired(b));
+        // No snapshot yet from worker 1: nothing is known to be drained.
+        p.shared.store(snapshot(0, 2, &[]));
+        assert!(p.drained(&g2).is_empty());
+        // Worker 1 still runs generation 1 (it could create flows of "b"): not drained.
+        p.shared.store(snapshot(1, 1, &[]));
+        assert!(p.drained(&g2).is_empty());
+        // Both on generation 2, worker 1 still holds a flow of "b".
+        p.shared.store(snapshot(1, 2, &[(b, 1)]));
+        assert!(p.drained(&g2).is_empty());
+        // None left anywhere: drained.
+        p.shared.store(snapshot(1, 2, &[(b, 0)]));
+        assert_eq!(p.drained(&g2), HashSet::from([b]));
     }
 
     #[test]

@@ -38,9 +38,10 @@ fn kind_prefix(k: RuleKind) -> &'static str {
 impl Totals {
     /// Sums the latest snapshot of every worker; rules are named from `rules`.
     pub fn sum<'a>(snaps: impl IntoIterator<Item = &'a Snapshot>, rules: &RuleSet) -> Totals {
+        let snaps: Vec<&Snapshot> = snaps.into_iter().collect();
         let mut t = Totals::default();
         let mut c = Counters::default();
-        for s in snaps {
+        for s in &snaps {
             t.flows += s.flows;
             t.flow_capacity += u64::from(s.flow_capacity);
             t.handed_off += s.handed_off;
@@ -55,13 +56,6 @@ impl Totals {
             for (d, x) in c.drops.iter_mut().zip(s.counters.drops.iter()) {
                 *d += x;
             }
-            if c.rules.len() < s.counters.rules.len() {
-                c.rules
-                    .resize(s.counters.rules.len(), RuleCounters::default());
-            }
-            for (d, x) in c.rules.iter_mut().zip(s.counters.rules.iter()) {
-                d.add(x);
-            }
         }
         t.rx = c.rx_packets;
         t.tx = c.tx_packets;
@@ -70,10 +64,14 @@ impl Totals {
         t.drops = DropReason::all()
             .map(|r| (r.as_str(), c.drop_count(r)))
             .collect();
-        t.rules = rules
-            .rules()
-            .map(|(id, p)| (format!("{}.{}", kind_prefix(p.kind), p.name), c.rule(id)))
-            .collect();
+        t.rules =
+            xlb_api::sum_rule_counters(snaps.iter().map(|s| (&s.counters, s.generation)), rules)
+                .into_iter()
+                .filter_map(|(id, rc)| {
+                    let p = rules.rule(id)?;
+                    Some((format!("{}.{}", kind_prefix(p.kind), p.name), rc))
+                })
+                .collect();
         t
     }
 

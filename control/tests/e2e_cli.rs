@@ -149,10 +149,54 @@ fn unknown_interface_and_too_many_workers_are_refused_before_anything_is_attache
 }
 
 #[test]
+fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
+    for (args, want) in [
+        (
+            &["--flow-capacity", "4294967295"][..],
+            "--flow-capacity 4294967295: out of range (allowed: 16–16777216 flows per worker)",
+        ),
+        (
+            &["--flow-capacity", "0"][..],
+            "--flow-capacity 0: out of range",
+        ),
+        (
+            &["--status-interval", "1e300"][..],
+            "--status-interval 1e300: out of range",
+        ),
+        (
+            &["--status-interval", "0"][..],
+            "--status-interval 0: out of range",
+        ),
+        (
+            &["--max-runtime", "1e19"][..],
+            "--max-runtime 1e19: out of range",
+        ),
+        (
+            &["--self-probe-interval", "inf"][..],
+            "--self-probe-interval inf: out of range",
+        ),
+        (
+            &["--workers", "1000"][..],
+            "--workers 1000: out of range (allowed: 1–64 workers)",
+        ),
+        (&["--queues", "65"][..], "--queues 65: out of range"),
+        (&["--cores", "100000"][..], "--cores 100000: no such core"),
+    ] {
+        let mut all = vec!["--interface", "lo", "--api", "none"];
+        all.extend_from_slice(args);
+        let out = xlbd(VALID, &all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
 fn bad_vlan_options_name_the_value_and_the_range() {
     for (arg, says) in [
-        ("lo:0", "VLAN id 0 out of range (allowed: 1-4094)"),
-        ("lo:4095", "VLAN id 4095 out of range (allowed: 1-4094)"),
+        ("lo:0", "VLAN id 0 out of range (allowed: 1–4094)"),
+        ("lo:4095", "VLAN id 4095 out of range (allowed: 1–4094)"),
         ("lo", "no ':' between interface and VLAN ids"),
         ("lo:10,x", "VLAN id \"x\" is not a number"),
     ] {

@@ -24,6 +24,7 @@ pub use state::{
     Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
     Snapshot, StateOptions,
 };
+pub use telemetry::sum_rule_counters;
 pub use telemetry::{
     ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
     FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,

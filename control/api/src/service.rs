@@ -682,7 +682,13 @@ impl Xlb for XlbService {
         let telemetry = Arc::clone(&self.telemetry);
         let c = blocking(move || Ok(telemetry.counters()?)).await?;
         let wanted = |id: RuleId| only.as_ref().is_none_or(|o| o.contains(&id));
-        let mut sum_rules: Vec<RuleCounters> = Vec::new();
+        // A worker's figures for a rule count only when taken under that rule (see
+        // `sum_rule_counters`).
+        let current = |w: &crate::WorkerCounters, id: RuleId| {
+            snap.rules
+                .since(id)
+                .is_some_and(|since| w.generation >= since)
+        };
         let mut sum_drops = vec![0u64; DropReason::COUNT];
         let mut total = pb::WorkerCounters {
             worker: c.workers.len() as u32,
@@ -690,12 +696,6 @@ impl Xlb for XlbService {
         };
         let mut workers = Vec::new();
         for w in &c.workers {
-            if sum_rules.len() < w.counters.rules.len() {
-                sum_rules.resize(w.counters.rules.len(), RuleCounters::default());
-            }
-            for (i, rc) in w.counters.rules.iter().enumerate() {
-                sum_rules[i].add(rc);
-            }
             for (i, d) in w.counters.drops.iter().enumerate() {
                 sum_drops[i] += d;
             }
@@ -720,25 +720,29 @@ impl Xlb for XlbService {
                         .rules
                         .iter()
                         .enumerate()
-                        .filter(|(i, rc)| wanted(*i as RuleId) && **rc != RuleCounters::default())
+                        .filter(|(i, rc)| {
+                            let id = *i as RuleId;
+                            wanted(id)
+                                && !snap.rules.is_retired(id)
+                                && current(w, id)
+                                && **rc != RuleCounters::default()
+                        })
                         .map(|(i, rc)| rule_counters(&snap.rules, i as RuleId, rc))
                         .collect(),
                 });
             }
         }
         total.drops = drops(&sum_drops, true);
-        // Every configured rule (zeros included, so a new rule shows up), plus deleted rules
-        // whose draining flows still count.
-        let mut rules = Vec::new();
-        let bound = sum_rules.len().max(snap.rules.rule_id_bound());
-        for i in 0..bound {
-            let id = i as RuleId;
-            let rc = sum_rules.get(i).copied().unwrap_or_default();
-            let live = snap.rules.rule(id).is_some();
-            if wanted(id) && (live || rc != RuleCounters::default()) {
-                rules.push(rule_counters(&snap.rules, id, &rc));
-            }
-        }
+        // Every configured rule, zeros included (so a new rule shows up). A deleted rule is
+        // not listed: its figures leave with it, and its id never carries them to a new rule.
+        let rules: Vec<pb::RuleCounters> = crate::sum_rule_counters(
+            c.workers.iter().map(|w| (&w.counters, w.generation)),
+            &snap.rules,
+        )
+        .into_iter()
+        .filter(|(id, _)| wanted(*id))
+        .map(|(id, rc)| rule_counters(&snap.rules, id, &rc))
+        .collect();
         let snat = c
             .snat
             .iter()

@@ -20,7 +20,7 @@ use xlb_engine::config::{
     BackendPool, Config, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, Member,
     OutboundRule,
 };
-use xlb_engine::{compile, MemberHealth, RuleSet, ValidationErrors};
+use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
 use crate::telemetry::{ControlEvent, EventRecord};
 
@@ -30,6 +30,14 @@ pub trait Publisher: Send + Sync + 'static {
     /// Returns once every worker runs `rules` (or fails after `deadline`). Blocking is fine:
     /// [`ControlState`] calls it from a blocking context, one call at a time.
     fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError>;
+
+    /// Retired rules of `rules` (deleted, kept for their flows) of which no worker holds a
+    /// flow any more: the next compile releases them, and their ids may go to new rules. The
+    /// default releases none (retired rules then keep their ids for good).
+    fn drained(&self, rules: &RuleSet) -> std::collections::HashSet<xlb_engine::RuleId> {
+        let _ = rules;
+        std::collections::HashSet::new()
+    }
 }
 
 /// Why a rule set did not reach every worker.
@@ -504,11 +512,13 @@ impl ControlState {
         health: &MemberHealth,
     ) -> Result<u64, ControlError> {
         let generation = w.last_generation + 1;
-        let rules = Arc::new(compile(
+        let drained = self.publisher.drained(&current.rules);
+        let rules = Arc::new(compile_releasing(
             &candidate,
             Some(&current.rules),
             health,
             generation,
+            &drained,
         )?);
         w.last_generation = generation;
         let deadline = self.options.publish_deadline;

@@ -48,6 +48,35 @@ pub struct WorkerCounters {
     pub counters: Counters,
     pub flows: u64,
     pub flow_capacity: u64,
+    /// The rule-set generation the worker ran when it took these counters.
+    pub generation: u64,
+}
+
+/// Per-rule counters of every live rule of `rules`, summed over workers, in rule-id order:
+/// the one place where workers' rule counters are added up (the API, Prometheus, the status
+/// line and the stats file all render from it).
+///
+/// Each item of `workers` is a worker's counters with the generation it ran when it took them.
+/// A worker's figures for an id count only when they were taken under the rule that holds the
+/// id now (generation at least the rule's creation): counters of a deleted rule whose id was
+/// released and handed to a new rule never leak into the new rule, not even from a snapshot
+/// taken just before the worker switched. Retired rules (deleted, flows draining) are left out.
+pub fn sum_rule_counters<'a>(
+    workers: impl IntoIterator<Item = (&'a Counters, u64)>,
+    rules: &xlb_engine::RuleSet,
+) -> Vec<(RuleId, xlb_engine::RuleCounters)> {
+    let mut sum: Vec<(RuleId, xlb_engine::RuleCounters)> = rules
+        .rules()
+        .map(|(id, _)| (id, xlb_engine::RuleCounters::default()))
+        .collect();
+    for (c, generation) in workers {
+        for (id, total) in sum.iter_mut() {
+            if rules.since(*id).is_some_and(|since| generation >= since) {
+                total.add(&c.rule(*id));
+            }
+        }
+    }
+    sum
 }
 
 /// SNAT ports of one member for one protocol, summed over workers.

@@ -949,23 +949,40 @@ async fn counters_flows_events_and_status_come_from_telemetry() {
     };
     counters.rules[usize::from(web)].flows_created = 5;
     counters.drops[xlb_engine::DropReason::NoRule.index()] = 3;
-    h.telemetry.set_counters(CountersSnapshot {
+    let generation = h.state.generation();
+    let since = h.state.snapshot().rules.since(web).unwrap();
+    let workers = |second_generation: u64| CountersSnapshot {
         workers: vec![
             WorkerCounters {
                 worker: 0,
                 counters: counters.clone(),
                 flows: 2,
                 flow_capacity: 100,
+                generation,
             },
             WorkerCounters {
                 worker: 1,
-                counters,
+                counters: counters.clone(),
                 flows: 1,
                 flow_capacity: 100,
+                generation: second_generation,
             },
         ],
         snat: vec![],
-    });
+    };
+    // A worker whose figures were taken before the rule existed (under a generation older
+    // than the rule) does not count for it: its id may have belonged to a deleted rule.
+    h.telemetry.set_counters(workers(since - 1));
+    let r = c
+        .get_counters(pb::GetCountersRequest {
+            rule: "web".into(),
+            per_worker: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.rules[0].flows_created, 5, "{r:?}");
+    h.telemetry.set_counters(workers(generation));
     let r = c
         .get_counters(pb::GetCountersRequest {
             rule: String::new(),
@@ -1231,4 +1248,45 @@ async fn requests_over_the_concurrency_limit_are_refused_not_queued() {
     // Capacity is back once the slow request is done.
     other.list_frontends(pb::ListRequest {}).await.unwrap();
     h.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_reset_on_an_ha_ports_rule_is_refused_naming_field_and_reason() {
+    let h = Harness::start().await;
+    let mut c = h.client().await;
+    let generation = h.state.generation();
+    let ha = pb::LoadBalancingRule {
+        name: "ha".into(),
+        frontend: "ilb".into(),
+        protocol: pb::Protocol::All as i32,
+        frontend_port: 0,
+        backend_pool: "web".into(),
+        backend_port: 0,
+        tcp_reset: true,
+        ..Default::default()
+    };
+    let s = status_of(
+        c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
+            rule: Some(ha.clone()),
+        })
+        .await,
+    );
+    let (value, allowed) = violation(&s, "load_balancing_rules[ha].tcp_reset");
+    assert_eq!(value, "true");
+    assert!(allowed.contains("HA-ports"), "{allowed}");
+    assert!(
+        s.message().contains("never sent"),
+        "the reason: {}",
+        s.message()
+    );
+    assert_eq!(h.state.generation(), generation, "nothing applied");
+    // Without the reset it is accepted.
+    c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
+        rule: Some(pb::LoadBalancingRule {
+            tcp_reset: false,
+            ..ha
+        }),
+    })
+    .await
+    .unwrap();
 }

@@ -41,10 +41,10 @@ struct Cli {
     /// to the members go through.
     #[arg(long = "backend-side", value_name = "NAME")]
     backend_side: Vec<String>,
-    /// Worker threads; queue q of every interface goes to worker q % N.
+    /// Worker threads, 1–64; queue q of every interface goes to worker q % N.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Queues served on every interface (default: the interfaces' receive queue count).
+    /// Queues served on every interface, 1–64 (default: the interfaces' receive queue count).
     #[arg(long)]
     queues: Option<u32>,
     /// Cores to pin workers to, comma-separated (default: worker i on core i+1).
@@ -55,7 +55,8 @@ struct Cli {
     /// Divide every timer by N (60: 4 minutes last 4 s). Overrides the configuration.
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
-    /// Flows per worker (memory is allocated at start: about 120 bytes each).
+    /// Flows per worker, 16–16777216 (memory is allocated at start: about 120 bytes each plus
+    /// the index).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
@@ -63,13 +64,13 @@ struct Cli {
     /// No status lines and no event lines (the ready line and final counters remain).
     #[arg(long, short)]
     quiet: bool,
-    /// Seconds between status lines.
+    /// Seconds between status lines (0.01–86400).
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     status_interval: f64,
     /// Write every counter as key=value lines to FILE (replaced atomically, 4 times a second).
     #[arg(long, value_name = "FILE")]
     stats_file: Option<PathBuf>,
-    /// Stop by itself after SECS, as if signalled (tests and labs).
+    /// Stop by itself after SECS, as if signalled (tests and labs; 0.1 s to a year).
     #[arg(long, value_name = "SECS")]
     max_runtime: Option<f64>,
     /// Where the gRPC API (xlb.v1, reflection, grpc.health.v1) listens: unix:PATH (created
@@ -87,7 +88,7 @@ struct Cli {
     /// Off by default.
     #[arg(long, value_name = "ADDR")]
     self_probe_source: Vec<std::net::IpAddr>,
-    /// Seconds between self-probes of each TCP rule (divided by the lab time scale).
+    /// Seconds between self-probes of each TCP rule, 0.1–3600 (divided by the lab time scale).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     self_probe_interval: f64,
     /// Accept 802.1Q-tagged frames of these VLANs (1-4094) on interface IFACE (repeatable).
@@ -102,18 +103,49 @@ fn parse_vlan(v: &str) -> Result<(String, Vec<u16>), String> {
     xlb_control::kernel::parse_vlan_option(v)
 }
 
+/// The numeric options, range-checked (xlb_control::limits).
+struct Checked {
+    status_interval: Duration,
+    max_runtime: Option<Duration>,
+    self_probe_interval: Duration,
+}
+
+fn check(cli: &Cli) -> Result<Checked, String> {
+    use xlb_control::limits::{self, seconds};
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    limits::count("--flow-capacity", cli.flow_capacity, limits::FLOW_CAPACITY)?;
+    limits::count("--workers", cli.workers as u64, limits::WORKERS)?;
+    if let Some(q) = cli.queues {
+        limits::count("--queues", q, limits::QUEUES)?;
+    }
+    limits::cores(&cli.cores, ncpu)?;
+    Ok(Checked {
+        status_interval: seconds(
+            "--status-interval",
+            cli.status_interval,
+            limits::STATUS_INTERVAL,
+        )?,
+        max_runtime: cli
+            .max_runtime
+            .map(|v| seconds("--max-runtime", v, limits::MAX_RUNTIME))
+            .transpose()?,
+        self_probe_interval: seconds(
+            "--self-probe-interval",
+            cli.self_probe_interval,
+            limits::SELF_PROBE_INTERVAL,
+        )?,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    for (flag, v) in [
-        ("--status-interval", Some(cli.status_interval)),
-        ("--max-runtime", cli.max_runtime),
-        ("--self-probe-interval", Some(cli.self_probe_interval)),
-    ] {
-        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-            eprintln!("xlbd: {flag} must be a positive number of seconds");
+    let checked = match check(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xlbd: {e}");
             return ExitCode::from(daemon::EXIT_USAGE);
         }
-    }
+    };
     let api = match daemon::parse_api(&cli.api) {
         Ok(a) => a,
         Err(e) => {
@@ -153,15 +185,15 @@ fn main() -> ExitCode {
             XdpMode::Generic => ModeRequest::Generic,
         },
         quiet: cli.quiet,
-        status_interval: Duration::from_secs_f64(cli.status_interval),
+        status_interval: checked.status_interval,
         stats_file: cli.stats_file,
         cores: cli.cores,
-        max_runtime: cli.max_runtime.map(Duration::from_secs_f64),
+        max_runtime: checked.max_runtime,
         api,
         api_token,
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
-        self_probe_interval: Duration::from_secs_f64(cli.self_probe_interval),
+        self_probe_interval: checked.self_probe_interval,
         vlans: cli.vlans,
     };
     match daemon::run(opts) {

@@ -50,4 +50,4 @@ pub use worker::{
     spawn, BindMode, PollMode, PortStats, UmemSharing, Worker, WorkerConfig, WorkerExit,
     WorkerStats,
 };
-pub use xdp::{AddrKind, AttachMode, ModeRequest, XdpCounters, XdpProgram};
+pub use xdp::{AddrKind, AttachMode, ModeRequest, XdpAddrTable, XdpCounters, XdpProgram};

@@ -71,6 +71,76 @@ pub struct XdpCounters {
     pub no_xsk: u64,
 }
 
+/// A second handle on the program's address and interface maps, for the thread that applies
+/// configuration changes while the program runs (the maps are the kernel's; each update is one
+/// `bpf()` call, atomic per entry). Interfaces are named by ifindex; only those the program was
+/// attached to when the handle was made are known to it.
+#[derive(Debug)]
+pub struct XdpAddrTable {
+    ifaces: MapHandle,
+    addrs: MapHandle,
+    slots: HashMap<u32, u32>,
+}
+
+impl XdpAddrTable {
+    /// Adds or re-kinds an address.
+    pub fn set(&self, ip: IpAddr, kind: AddrKind) -> Result<()> {
+        set_addr(&self.addrs, ip, kind)
+    }
+
+    /// Removes an address; `Ok` also when it was not there.
+    pub fn remove(&self, ip: IpAddr) -> Result<()> {
+        remove_addr(&self.addrs, ip)
+    }
+
+    /// The kind of `ip` in the map, if it is there.
+    pub fn get(&self, ip: IpAddr) -> Result<Option<AddrKind>> {
+        let v = self
+            .addrs
+            .lookup(&addr_key(ip), MapFlags::ANY)
+            .map_err(|e| Error::with(format!("reading {ip} in xlb_addrs"), e))?;
+        Ok(v.and_then(|v| {
+            let k = u32::from_ne_bytes(v.get(..4)?.try_into().ok()?);
+            [AddrKind::Owned, AddrKind::Local]
+                .into_iter()
+                .find(|x| *x as u32 == k)
+        }))
+    }
+
+    /// Changes whether non-local traffic arriving on `ifindex` goes to the dataplane.
+    pub fn set_backend_side(&self, ifindex: u32, backend_side: bool) -> Result<()> {
+        let slot = *self
+            .slots
+            .get(&ifindex)
+            .ok_or_else(|| Error::msg(format!("not attached to ifindex {ifindex}")))?;
+        write_iface(&self.ifaces, ifindex, slot, backend_side)
+    }
+}
+
+fn write_iface(ifaces: &MapHandle, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
+    let flags = if backend_side { IFACE_BACKEND_SIDE } else { 0 };
+    let mut value = [0u8; 8];
+    value[..4].copy_from_slice(&slot.to_ne_bytes());
+    value[4..].copy_from_slice(&flags.to_ne_bytes());
+    ifaces
+        .update(&ifindex.to_ne_bytes(), &value, MapFlags::ANY)
+        .map_err(|e| Error::with(format!("configuring ifindex {ifindex}"), e))
+}
+
+fn set_addr(addrs: &MapHandle, ip: IpAddr, kind: AddrKind) -> Result<()> {
+    addrs
+        .update(&addr_key(ip), &(kind as u32).to_ne_bytes(), MapFlags::ANY)
+        .map_err(|e| Error::with(format!("adding {ip} to xlb_addrs"), e))
+}
+
+fn remove_addr(addrs: &MapHandle, ip: IpAddr) -> Result<()> {
+    match addrs.delete(&addr_key(ip)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::with(format!("removing {ip} from xlb_addrs"), e)),
+    }
+}
+
 #[derive(Debug)]
 struct Attachment {
     slot: u32,
@@ -227,13 +297,24 @@ impl XdpProgram {
     }
 
     fn write_iface(&self, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
-        let flags = if backend_side { IFACE_BACKEND_SIDE } else { 0 };
-        let mut value = [0u8; 8];
-        value[..4].copy_from_slice(&slot.to_ne_bytes());
-        value[4..].copy_from_slice(&flags.to_ne_bytes());
-        self.ifaces
-            .update(&ifindex.to_ne_bytes(), &value, MapFlags::ANY)
-            .map_err(|e| Error::with(format!("configuring ifindex {ifindex}"), e))
+        write_iface(&self.ifaces, ifindex, slot, backend_side)
+    }
+
+    /// A handle on the address and interface maps for another thread (see [`XdpAddrTable`]);
+    /// it knows the interfaces attached so far.
+    pub fn addr_table(&self) -> Result<XdpAddrTable> {
+        let dup = |m: &MapHandle, what: &str| {
+            MapHandle::try_from(m).map_err(|e| Error::with(format!("duplicating {what}"), e))
+        };
+        Ok(XdpAddrTable {
+            ifaces: dup(&self.ifaces, "xlb_ifaces")?,
+            addrs: dup(&self.addrs, "xlb_addrs")?,
+            slots: self
+                .attached
+                .iter()
+                .map(|(ifindex, a)| (*ifindex, a.slot))
+                .collect(),
+        })
     }
 
     /// Changes whether non-local traffic arriving on `ifindex` goes to the dataplane.
@@ -301,18 +382,12 @@ impl XdpProgram {
 
     /// Adds or re-kinds an address in `xlb_addrs`.
     pub fn add_addr(&self, ip: IpAddr, kind: AddrKind) -> Result<()> {
-        self.addrs
-            .update(&addr_key(ip), &(kind as u32).to_ne_bytes(), MapFlags::ANY)
-            .map_err(|e| Error::with(format!("adding {ip} to xlb_addrs"), e))
+        set_addr(&self.addrs, ip, kind)
     }
 
     /// Removes an address; `Ok` also when it was not there.
     pub fn remove_addr(&self, ip: IpAddr) -> Result<()> {
-        match self.addrs.delete(&addr_key(ip)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::with(format!("removing {ip} from xlb_addrs"), e)),
-        }
+        remove_addr(&self.addrs, ip)
     }
 
     /// Marks every address of the calling thread's namespace as [`AddrKind::Local`], so

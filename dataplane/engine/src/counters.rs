@@ -125,6 +125,9 @@ pub struct Counters {
     pub rsts_sent: u64,
     pub drops: [u64; DropReason::COUNT],
     pub rules: Vec<RuleCounters>,
+    /// Flows this worker holds per rule id right now (a gauge, not a counter): the daemon
+    /// releases a deleted rule's id once no worker holds a flow of it.
+    pub live_flows: Vec<u32>,
     /// Events lost because the event queue was full.
     pub events_dropped: u64,
 }
@@ -137,6 +140,7 @@ impl Default for Counters {
             rsts_sent: 0,
             drops: [0; DropReason::COUNT],
             rules: Vec::new(),
+            live_flows: Vec::new(),
             events_dropped: 0,
         }
     }
@@ -201,6 +205,11 @@ impl Counters {
     /// Counters of rule `id` (zero if never seen).
     pub fn rule(&self, id: u16) -> RuleCounters {
         self.rules.get(id as usize).copied().unwrap_or_default()
+    }
+
+    /// Flows held now for rule `id`.
+    pub fn live_flows(&self, id: u16) -> u32 {
+        self.live_flows.get(id as usize).copied().unwrap_or(0)
     }
 }
 

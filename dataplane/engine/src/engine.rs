@@ -126,6 +126,7 @@ impl Engine {
         counters
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
+        counters.live_flows.resize(rules.rule_id_bound(), 0);
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
@@ -156,11 +157,24 @@ impl Engine {
     /// translation; their rule's new timeout and reset setting apply from their next packet or
     /// expiry check. If a timeout got shorter, flows are re-filed in the wheel a bounded number
     /// per [`expire`](Self::expire) call so none expires late by more than the sweep.
+    ///
+    /// An id that now belongs to another rule than before (a deleted rule's id released and
+    /// handed to a new rule) starts from zero counters: a new rule never inherits a deleted
+    /// one's figures. Flows of a deleted rule keep its last settings (it stays in the set as a
+    /// retired rule until no worker holds a flow of it).
     pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
         if self.counters.rules.len() < rules.rule_id_bound() {
             self.counters
                 .rules
                 .resize(rules.rule_id_bound(), RuleCounters::default());
+            self.counters.live_flows.resize(rules.rule_id_bound(), 0);
+        }
+        for i in 0..self.counters.rules.len() {
+            let id = i as RuleId;
+            if self.rules.since(id) != rules.since(id) {
+                self.counters.rules[i] = RuleCounters::default();
+                self.late.forget_rule(id);
+            }
         }
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
@@ -510,6 +524,9 @@ impl Engine {
         }
         self.wheel.remove(id);
         self.flows.remove(id);
+        if let Some(n) = self.counters.live_flows.get_mut(usize::from(f.rule)) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     /// The time at which flow `f` expires, from its state and its rule's current settings.
@@ -749,6 +766,7 @@ impl Engine {
         self.net.acquire(forward);
         self.net.acquire(back);
         self.late.forget(hash);
+        live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         let c = rule_counters(&mut self.counters, rule);
@@ -857,6 +875,15 @@ fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {
     &mut c.rules[i]
 }
 
+/// Counts a new flow of `rule` in the live-flow gauge.
+fn live_flows(c: &mut Counters, rule: RuleId) {
+    let i = usize::from(rule);
+    if c.live_flows.len() <= i {
+        c.live_flows.resize(i + 1, 0);
+    }
+    c.live_flows[i] += 1;
+}
+
 fn hop_error(e: NextHopError) -> DropReason {
     match e {
         NextHopError::NoRoute => DropReason::NoRoute,
@@ -880,7 +907,8 @@ fn timeouts_shrank(old: &RuleSet, new: &RuleSet) -> bool {
         let id = i as RuleId;
         matches!((old.rule(id), new.rule(id)), (Some(o), Some(n)) if n.idle_timeout < o.idle_timeout)
     }) || (0..old.rule_id_bound()).any(|i| {
-        // A deleted rule's flows fall back to the orphan timeout, which may be shorter.
+        // An id no longer in use: its flows (if any were left) fall back to the orphan timeout,
+        // which may be shorter.
         let id = i as RuleId;
         old.rule(id).is_some() && new.rule(id).is_none()
     })

@@ -49,6 +49,14 @@ impl LateTable {
         (e.used && e.hash == hash && now.saturating_sub(e.expired_at) <= window).then_some(e.rule)
     }
 
+    /// Forgets every entry of rule `id` (its id now belongs to another rule). A scan of the
+    /// table: only done on a rule change, never per packet.
+    pub fn forget_rule(&mut self, id: RuleId) {
+        for e in self.entries.iter_mut().filter(|e| e.rule == id) {
+            e.used = false;
+        }
+    }
+
     /// Forgets `hash` (a new flow took the key).
     pub fn forget(&mut self, hash: u64) {
         let e = &mut self.entries[hash as usize & self.mask];

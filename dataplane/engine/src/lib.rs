@@ -20,7 +20,9 @@ pub mod timer;
 pub mod wire;
 
 pub use addr::Addr;
-pub use config::{compile, Config, MemberHealth, ValidationError, ValidationErrors};
+pub use config::{
+    compile, compile_releasing, Config, MemberHealth, ValidationError, ValidationErrors,
+};
 pub use counters::{Counters, DropReason, RuleCounters};
 pub use engine::{Engine, EngineConfig, Event, FlowInfo, Verdict};
 pub use net::{Mac, NextHop, PortId, Route};

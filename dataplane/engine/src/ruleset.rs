@@ -153,6 +153,9 @@ pub struct RuleSet {
     /// hands out a slice without allocating.
     pub(crate) port_blocks: Vec<PortBlock>,
     pub(crate) frontends: HashSet<Addr, FastBuild>,
+    /// Every pool member and inbound NAT target, sorted: the addresses the dataplane forwards
+    /// to, whose answers it must take (the daemon marks the interfaces they sit behind).
+    pub(crate) members: Vec<Addr>,
     /// Kept so that the next compile can reuse tables whose inputs did not change.
     pub(crate) pool_tables: Vec<Arc<PoolTable>>,
 }
@@ -161,6 +164,14 @@ pub struct RuleSet {
 pub(crate) struct CompiledRule {
     pub(crate) params: RuleParams,
     pub(crate) selector: Selector,
+    /// Generation in which this rule (this kind and name, under this id) was created: an id
+    /// that is handed to another rule gets a new `since`, so per-rule counters kept under the
+    /// id are known to belong to an older rule and are zeroed.
+    pub(crate) since: u64,
+    /// A deleted rule whose flows may still run: they keep its last settings until they end,
+    /// and its id is not handed to another rule until no worker holds a flow of it. It matches
+    /// no new packet and is not listed by [`RuleSet::rules`].
+    pub(crate) retired: bool,
 }
 
 /// How a rule picks the backend of a new flow.
@@ -187,6 +198,8 @@ pub(crate) enum Selector {
         down: HashSet<Addr, FastBuild>,
     },
     Outbound,
+    /// A retired rule: it selects nothing (its flows keep their backend).
+    Retired,
 }
 
 /// Key of the specific-port inbound table. Packing protocol and port into one word keeps the
@@ -238,6 +251,7 @@ impl RuleSet {
             outbound: HashMap::default(),
             port_blocks: Vec::new(),
             frontends: HashSet::default(),
+            members: Vec::new(),
             pool_tables: Vec::new(),
         }
     }
@@ -248,22 +262,46 @@ impl RuleSet {
     pub fn timers(&self) -> &Timers {
         &self.timers
     }
-    /// Parameters of the rule with this id, or `None` if it was deleted.
+    /// Parameters of the rule with this id — a live rule, or a retired one whose flows may
+    /// still run (they keep its last settings) — or `None` for an id not in use.
     pub fn rule(&self, id: RuleId) -> Option<&RuleParams> {
         self.rules
             .get(usize::from(id))
             .and_then(Option::as_ref)
             .map(|r| &r.params)
     }
+    /// Whether `id` is a deleted rule kept only for the flows it may still have.
+    pub fn is_retired(&self, id: RuleId) -> bool {
+        self.rules
+            .get(usize::from(id))
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.retired)
+    }
+    /// Deleted rules whose flows may still run, by ascending id.
+    pub fn retired_rules(&self) -> impl Iterator<Item = (RuleId, &RuleParams)> {
+        self.rules.iter().enumerate().filter_map(|(i, r)| {
+            let id = RuleId::try_from(i).ok()?;
+            r.as_ref().filter(|r| r.retired).map(|r| (id, &r.params))
+        })
+    }
+    /// The generation in which the rule now holding `id` (live or retired) was created; `None`
+    /// for an id not in use. Counters gathered under an older generation for this id belong to
+    /// another rule.
+    pub fn since(&self, id: RuleId) -> Option<u64> {
+        self.rules
+            .get(usize::from(id))
+            .and_then(Option::as_ref)
+            .map(|r| r.since)
+    }
     /// One more than the largest rule id in use (size for per-rule counter arrays).
     pub fn rule_id_bound(&self) -> usize {
         self.rules.len()
     }
-    /// Every rule in use, by ascending id.
+    /// Every live rule (retired ones left out), by ascending id.
     pub fn rules(&self) -> impl Iterator<Item = (RuleId, &RuleParams)> {
         self.rules.iter().enumerate().filter_map(|(i, r)| {
             let id = RuleId::try_from(i).ok()?;
-            r.as_ref().map(|r| (id, &r.params))
+            r.as_ref().filter(|r| !r.retired).map(|r| (id, &r.params))
         })
     }
     /// The id of the rule of this kind and name, if it exists.
@@ -275,6 +313,15 @@ impl RuleSet {
     /// Whether `addr` is a frontend IP (of any rule kind, including outbound SNAT addresses).
     pub fn is_frontend(&self, addr: Addr) -> bool {
         self.frontends.contains(&addr)
+    }
+    /// Every frontend IP (VIPs and SNAT addresses), in no particular order: the addresses the
+    /// dataplane owns.
+    pub fn frontend_addrs(&self) -> impl Iterator<Item = Addr> + '_ {
+        self.frontends.iter().copied()
+    }
+    /// Every pool member and inbound NAT target, sorted and without duplicates.
+    pub fn member_addrs(&self) -> &[Addr] {
+        &self.members
     }
     /// The load-balancing or inbound NAT rule that serves a packet addressed to
     /// `dst`:`dst_port` with protocol `proto`. Inbound NAT rules and specific-port LB rules win
@@ -326,7 +373,7 @@ impl RuleSet {
                     port: *backend_port,
                 })
             }
-            Selector::Outbound => None,
+            Selector::Outbound | Selector::Retired => None,
         }
     }
     /// Whether `addr` is still a backend that rule `id` gives new flows to (healthy and not
@@ -339,7 +386,7 @@ impl RuleSet {
             Selector::LoadBalancing { pool, .. } => pool.eligible.contains(&addr),
             Selector::NatSingle { target, eligible } => *eligible && target.addr == addr,
             Selector::NatRange { members, .. } => members.contains(&Some(addr)),
-            Selector::Outbound => false,
+            Selector::Outbound | Selector::Retired => false,
         }
     }
     /// Whether `addr` is a configured member of rule `id`'s pool that is **down**: failing its
@@ -360,7 +407,7 @@ impl RuleSet {
             }
             Selector::NatSingle { target, eligible } => !*eligible && target.addr == addr,
             Selector::NatRange { down, .. } => !down.is_empty() && down.contains(&addr),
-            Selector::Outbound => false,
+            Selector::Outbound | Selector::Retired => false,
         }
     }
     /// The outbound rule that SNATs a new connection from member address `src`, and that

@@ -141,29 +141,72 @@ fn rule_ids_are_stable_across_compiles() {
     let g1 = build(&lb_config(&["a", "b", "c"]), None, 1);
     assert_eq!([id(&g1, "a"), id(&g1, "b"), id(&g1, "c")], [0, 1, 2]);
     assert_eq!(g1.rule_id_bound(), 3);
+    assert_eq!(g1.since(1), Some(1));
 
-    // Reordering and changing settings keep ids.
+    // Reordering and changing settings keep ids (and the generation the rule was created in).
     let mut cfg = lb_config(&["c", "a", "b"]);
     cfg.load_balancing_rules[0].idle_timeout_minutes = 9;
     let g2 = build(&cfg, Some(&g1), 2);
     assert_eq!([id(&g2, "a"), id(&g2, "b"), id(&g2, "c")], [0, 1, 2]);
     assert_eq!(g2.rule(2).unwrap().idle_timeout, mins(9));
+    assert_eq!(g2.since(2), Some(1));
 
-    // Delete "b": its id is absent.
+    // Delete "b": it is retired — no longer a rule, but its flows keep its last settings.
     let g3 = build(&lb_config(&["a", "c"]), Some(&g2), 3);
-    assert_eq!(g3.rule(1), None);
-    assert_eq!(g3.rule_id_bound(), 3);
+    assert_eq!(g3.rule_id(RuleKind::LoadBalancing, "b"), None);
+    assert!(g3.is_retired(1));
+    assert_eq!(g3.rule(1).unwrap().name.as_ref(), "b");
+    assert_eq!(g3.rules().map(|(i, _)| i).collect::<Vec<_>>(), [0, 2]);
+    assert_eq!(g3.retired_rules().map(|(i, _)| i).collect::<Vec<_>>(), [1]);
     assert_eq!([id(&g3, "a"), id(&g3, "c")], [0, 2]);
 
-    // Re-add "b": the lowest id the previous set does not use.
+    // Re-add "b": a new rule, so a fresh id — never the retired one, whose flows may run.
     let g4 = build(&lb_config(&["a", "c", "b"]), Some(&g3), 4);
-    assert_eq!(id(&g4, "b"), 1);
+    assert_eq!(id(&g4, "b"), 3);
+    assert_eq!(g4.since(3), Some(4));
+    assert!(g4.is_retired(1), "still retired until released");
 
-    // Rename "c" to "d": a new rule, new id; the old id is gone.
+    // Rename "c" to "d": a new rule, new id; "c" retires.
     let g5 = build(&lb_config(&["a", "d", "b"]), Some(&g4), 5);
-    assert_eq!(id(&g5, "d"), 3);
-    assert_eq!(g5.rule(2), None);
-    assert_eq!(g5.rule(3).unwrap().name.as_ref(), "d");
+    assert_eq!(id(&g5, "d"), 4);
+    assert!(g5.is_retired(2));
+    assert_eq!(g5.rule(4).unwrap().name.as_ref(), "d");
+}
+
+#[test]
+fn a_retired_id_is_reused_only_once_released() {
+    let g1 = build(&lb_config(&["a", "b"]), None, 1);
+    let g2 = build(&lb_config(&["a"]), Some(&g1), 2);
+    assert!(g2.is_retired(1));
+    // Retired rules match nothing.
+    assert_eq!(
+        g2.match_inbound(
+            6,
+            "198.18.0.10".parse::<std::net::IpAddr>().unwrap().into(),
+            1001
+        ),
+        None
+    );
+    // Not drained: kept across further compiles.
+    let g3 = build(&lb_config(&["a", "new"]), Some(&g2), 3);
+    assert_eq!(id(&g3, "new"), 2);
+    assert!(g3.is_retired(1));
+    // Drained (no worker holds a flow of it): released, and then free for the next new rule,
+    // which gets a new creation generation.
+    let drained = std::collections::HashSet::from([1u16]);
+    let g4 = xlb_engine::compile_releasing(
+        &lb_config(&["a", "new"]),
+        Some(&g3),
+        &MemberHealth::default(),
+        4,
+        &drained,
+    )
+    .unwrap();
+    assert_eq!(g4.rule(1), None);
+    assert_eq!(g4.since(1), None);
+    let g5 = build(&lb_config(&["a", "new", "newer"]), Some(&g4), 5);
+    assert_eq!(id(&g5, "newer"), 1);
+    assert_eq!(g5.since(1), Some(5));
 }
 
 #[test]
@@ -171,7 +214,7 @@ fn a_deleted_id_is_not_reused_in_the_same_generation() {
     let g1 = build(&lb_config(&["a", "b"]), None, 1);
     let g2 = build(&lb_config(&["a", "new"]), Some(&g1), 2);
     assert_eq!(id(&g2, "new"), 2);
-    assert_eq!(g2.rule(1), None);
+    assert!(g2.is_retired(1));
 }
 
 #[test]
@@ -195,7 +238,7 @@ fn rule_ids_are_per_kind() {
     c.load_balancing_rules.clear();
     let g2 = build(&c, Some(&g1), 2);
     assert_eq!(g2.rule_id(RuleKind::Outbound, "x"), Some(out_id));
-    assert_eq!(g2.rule(lb_id), None);
+    assert!(g2.is_retired(lb_id));
 }
 
 fn ilb_config() -> Config {
@@ -207,10 +250,8 @@ fn ilb_config() -> Config {
         backend_pools: vec![pool("web", 3)],
         ..Config::default()
     };
-    let mut ha = lb("ha", "ilb", Protocol::All, 0);
-    ha.tcp_reset = true;
     c.load_balancing_rules = vec![
-        ha,
+        lb("ha", "ilb", Protocol::All, 0),
         lb("dns", "ilb", Protocol::All, 53),
         lb("web", "vip", Protocol::Tcp, 80),
         lb("tcp443", "ilb", Protocol::Tcp, 443),
@@ -278,9 +319,17 @@ fn match_inbound_precedence() {
 }
 
 #[test]
-fn tcp_reset_forced_off_for_ha_ports_on_internal_frontends() {
+fn tcp_reset_on_ha_ports_is_refused_naming_the_field() {
     let mut c = ilb_config();
+    c.load_balancing_rules[0].tcp_reset = true;
     c.load_balancing_rules[1].tcp_reset = true;
+    let e = compile(&c, None, &MemberHealth::all_healthy(), 1).unwrap_err();
+    assert_eq!(e.len(), 1, "{e}");
+    let v = &e.0[0];
+    assert_eq!(v.path, "load_balancing_rules[ha].tcp_reset");
+    assert_eq!(v.value, "true");
+    assert!(v.allowed.contains("false for HA-ports rules"), "{v:?}");
+    c.load_balancing_rules[0].tcp_reset = false;
     let rs = build(&c, None, 1);
     assert!(!rs.rule(id(&rs, "ha")).unwrap().tcp_reset);
     assert!(rs.rule(id(&rs, "dns")).unwrap().tcp_reset);

@@ -352,7 +352,7 @@ fn ha_ports_on_internal_frontend_never_reset() {
     assert_eq!(lab.engine.flow_count(), 0);
     assert!(
         lab.emitted.is_empty(),
-        "tcp_reset is ignored for HA ports on internal frontends"
+        "no RST for HA ports on internal frontends"
     );
     let c = lab.engine.counters().rule(rule_id(&lab, "ha"));
     assert_eq!((c.flows_expired_idle, c.flows_reset_on_idle), (1, 0));
@@ -1026,4 +1026,87 @@ fn two_workers_each_hold_their_own_flows_end_to_end() {
         let (port, _) = labs[rw].forward(INTERNET_PORT, reply);
         assert_eq!(port, BACKEND_PORT);
     }
+}
+
+/// The "http-long" rule block of the default configuration (30 minutes, reset on idle).
+const HTTP_LONG: &str = "[[load_balancing_rules]]\nname = \"http-long\"\nfrontend = \"web\"\nprotocol = \"TCP\"\nfrontend_port = 84\nbackend_pool = \"web\"\nbackend_port = 8080\nidle_timeout_minutes = 30\ntcp_reset = true\n";
+
+#[test]
+fn a_deleted_rules_flows_keep_its_settings_and_a_new_rule_starts_from_zero() {
+    let mut lab = Lab::new();
+    let mut conn = establish(&mut lab, 84, 46_000); // http-long: 30 minutes, reset on idle
+    conn.client_sends(&mut lab, b"x");
+    let old_id = rule_id(&lab, "http-long");
+    assert_eq!(lab.engine.counters().live_flows(old_id), 1);
+    assert!(lab.engine.counters().rule(old_id).flows_created == 1);
+
+    // Delete "http-long" and, in the same generation, add a rule on the same port with other
+    // settings (4 minutes, silent): the running flow must not follow the new rule.
+    assert!(DEFAULT_CONFIG.contains(HTTP_LONG));
+    let replaced = DEFAULT_CONFIG.replace(
+        HTTP_LONG,
+        "[[load_balancing_rules]]\nname = \"http-short\"\nfrontend = \"web\"\nprotocol = \"TCP\"\nfrontend_port = 84\nbackend_pool = \"web\"\nbackend_port = 8080\nidle_timeout_minutes = 4\n",
+    );
+    let prev = lab.engine.rules().clone();
+    lab.engine.set_rules(ruleset(&replaced, 2, Some(&prev)));
+    let new_id = rule_id(&lab, "http-short");
+    assert_ne!(new_id, old_id, "a new rule never takes a deleted rule's id");
+    assert!(lab.engine.rules().is_retired(old_id));
+    assert_eq!(lab.engine.counters().rule(new_id), Default::default());
+    assert_eq!(lab.engine.flow_count(), 1, "the change dropped nothing");
+
+    // The old flow's packets still count on the old rule, and it lives on past the new rule's
+    // 4 minutes, then is reset at the deleted rule's 30 minutes.
+    conn.client_sends(&mut lab, b"y");
+    assert_eq!(lab.engine.counters().rule(new_id).packets, [0, 0]);
+    let last = lab.now;
+    lab.run_until(last + mins(10));
+    assert_eq!(
+        lab.engine.flow_count(),
+        1,
+        "not expired at the new rule's 4 minutes"
+    );
+    lab.run_until(last + mins(30) + lab_tick());
+    assert_eq!(lab.engine.flow_count(), 0);
+    assert_eq!(
+        lab.emitted.len(),
+        2,
+        "reset on idle as the deleted rule said"
+    );
+    assert_eq!(lab.engine.counters().live_flows(old_id), 0);
+    assert_eq!(lab.engine.counters().rule(new_id).flows_expired_idle, 0);
+
+    // A new connection to port 84 is the new rule's, counted there from zero.
+    let _c2 = establish(&mut lab, 84, 46_001);
+    assert_eq!(lab.engine.counters().rule(new_id).flows_created, 1);
+
+    // Once released (no flow left), the old id may go to another new rule: that rule starts
+    // from zero counters, not the deleted rule's.
+    let drained = std::collections::HashSet::from([old_id]);
+    let cfg = xlb_engine::Config::from_toml_str(&replaced).unwrap();
+    let released = xlb_engine::compile_releasing(
+        &cfg,
+        Some(lab.engine.rules()),
+        &xlb_engine::MemberHealth::default(),
+        3,
+        &drained,
+    )
+    .unwrap();
+    lab.engine.set_rules(std::sync::Arc::new(released));
+    let again = DEFAULT_CONFIG.replace(
+        HTTP_LONG,
+        &format!(
+            "{HTTP_LONG}{}",
+            HTTP_LONG.replace("http-long", "reborn").replace("84", "85")
+        ),
+    );
+    let again = again.replace(
+        "[[load_balancing_rules]]\nname = \"http-long\"",
+        "[[load_balancing_rules]]\nname = \"http-short\"",
+    );
+    let prev = lab.engine.rules().clone();
+    lab.engine.set_rules(ruleset(&again, 4, Some(&prev)));
+    let reborn = rule_id(&lab, "reborn");
+    assert_eq!(reborn, old_id, "the released id is handed out again");
+    assert_eq!(lab.engine.counters().rule(reborn), Default::default());
 }

@@ -84,6 +84,21 @@ pub fn compile(
     health: &MemberHealth,
     generation: u64,
 ) -> Result<RuleSet, ValidationErrors> {
+    compile_releasing(config, previous, health, generation, &HashSet::new())
+}
+
+/// [`compile`], releasing the retired rules in `drained`: rules deleted earlier whose flows
+/// no worker holds any more (the daemon learns this from the workers' per-rule flow counts).
+/// Every other rule of `previous` that `config` no longer has is kept as a retired rule: its
+/// flows keep its last settings, and its id is not handed to a new rule, so that a new rule
+/// never inherits a deleted rule's flows or counters.
+pub fn compile_releasing(
+    config: &Config,
+    previous: Option<&RuleSet>,
+    health: &MemberHealth,
+    generation: u64,
+    drained: &HashSet<RuleId>,
+) -> Result<RuleSet, ValidationErrors> {
     validate(config)?;
     let scale = u64::from(config.settings.lab_time_scale.max(1));
     let timers = Timers {
@@ -92,7 +107,7 @@ pub fn compile(
     }
     .scaled(scale);
     let mut rs = RuleSet::empty(generation, timers);
-    let mut ids = Ids::new(previous);
+    let mut ids = Ids::new(previous, generation);
 
     let frontends: HashMap<&str, &Frontend> = config
         .frontends
@@ -107,11 +122,24 @@ pub fn compile(
     for fe in &config.frontends {
         rs.frontends.insert(Addr::from(fe.address));
     }
+    rs.members = config
+        .backend_pools
+        .iter()
+        .flat_map(|p| p.members.iter().map(|m| Addr::from(m.address)))
+        .chain(
+            config
+                .inbound_nat_rules
+                .iter()
+                .filter_map(|r| r.target.map(Addr::from)),
+        )
+        .collect();
+    rs.members.sort_unstable();
+    rs.members.dedup();
     let mut tables = Tables::new(previous, health);
     let idle = |minutes: u32| mins(u64::from(minutes)) / scale;
 
     for r in &config.load_balancing_rules {
-        let id = ids.take(RuleKind::LoadBalancing, &r.name);
+        let (id, since) = ids.take(RuleKind::LoadBalancing, &r.name)?;
         // Validation guarantees every reference resolves.
         let (fe, pool) = (
             frontends[r.frontend.as_str()],
@@ -141,11 +169,11 @@ pub fn compile(
             distribution: r.distribution,
             backend_port: (!ha).then_some(r.backend_port as u16),
         };
-        rs.set_rule(id, params, selector);
+        rs.set_rule(id, params, selector, since);
     }
 
     for r in &config.inbound_nat_rules {
-        let id = ids.take(RuleKind::InboundNat, &r.name);
+        let (id, since) = ids.take(RuleKind::InboundNat, &r.name)?;
         let fe = frontends[r.frontend.as_str()];
         let addr = Addr::from(fe.address);
         let pool = r.backend_pool.as_deref().map(|p| pools[p]);
@@ -209,11 +237,11 @@ pub fn compile(
             unknown_flow: r.unknown_flow,
             floating_ip: r.floating_ip,
         };
-        rs.set_rule(id, params, selector);
+        rs.set_rule(id, params, selector, since);
     }
 
     for r in &config.outbound_rules {
-        let id = ids.take(RuleKind::Outbound, &r.name);
+        let (id, since) = ids.take(RuleKind::Outbound, &r.name)?;
         let pool = pools[r.backend_pool.as_str()];
         let ips: Vec<Addr> = r
             .frontends
@@ -243,7 +271,22 @@ pub fn compile(
             unknown_flow: r.unknown_flow,
             floating_ip: false,
         };
-        rs.set_rule(id, params, Selector::Outbound);
+        rs.set_rule(id, params, Selector::Outbound, since);
+    }
+
+    // Deleted rules (now, or earlier and not drained yet) stay as retired rules.
+    for (i, rule) in previous
+        .into_iter()
+        .flat_map(|p| p.rules.iter().enumerate())
+        .filter_map(|(i, r)| Some((RuleId::try_from(i).ok()?, r.as_ref()?)))
+    {
+        if ids.taken.contains(&i) || drained.contains(&i) {
+            continue;
+        }
+        rs.set_rule(i, rule.params.clone(), Selector::Retired, rule.since);
+        if let Some(r) = rs.rules[usize::from(i)].as_mut() {
+            r.retired = true;
+        }
     }
 
     rs.pool_tables = tables.into_vec();
@@ -251,61 +294,94 @@ pub fn compile(
 }
 
 impl RuleSet {
-    fn set_rule(&mut self, id: RuleId, params: RuleParams, selector: Selector) {
+    fn set_rule(&mut self, id: RuleId, params: RuleParams, selector: Selector, since: u64) {
         let i = usize::from(id);
         if self.rules.len() <= i {
             self.rules.resize_with(i + 1, || None);
         }
-        self.rules[i] = Some(CompiledRule { params, selector });
+        self.rules[i] = Some(CompiledRule {
+            params,
+            selector,
+            since,
+            retired: false,
+        });
     }
 }
 
-/// Stable rule ids (see [`compile`]).
+/// Stable rule ids (see [`compile`]): a rule keeps its id (and its creation generation) for
+/// as long as a rule of the same kind and name exists; a new rule takes an id that neither a
+/// live nor a retired rule of `previous` holds.
 struct Ids<'p> {
-    previous: HashMap<(RuleKind, &'p str), RuleId>,
+    previous: HashMap<(RuleKind, &'p str), (RuleId, u64)>,
     used_before: HashSet<RuleId>,
     taken: HashSet<RuleId>,
     next_fresh: u32,
+    generation: u64,
 }
 
 impl<'p> Ids<'p> {
-    fn new(previous: Option<&'p RuleSet>) -> Ids<'p> {
+    fn new(previous: Option<&'p RuleSet>, generation: u64) -> Ids<'p> {
         let mut ids = Ids {
             previous: HashMap::new(),
             used_before: HashSet::new(),
             taken: HashSet::new(),
             next_fresh: 0,
+            generation,
         };
-        for (id, p) in previous.into_iter().flat_map(RuleSet::rules) {
-            ids.previous.insert((p.kind, &*p.name), id);
+        for (i, r) in previous
+            .into_iter()
+            .flat_map(|p| p.rules.iter().enumerate())
+        {
+            let (Ok(id), Some(r)) = (RuleId::try_from(i), r.as_ref()) else {
+                continue;
+            };
             ids.used_before.insert(id);
+            if !r.retired {
+                ids.previous
+                    .insert((r.params.kind, &*r.params.name), (id, r.since));
+            }
         }
         ids
     }
 
-    fn take(&mut self, kind: RuleKind, name: &str) -> RuleId {
-        let id = match self.previous.get(&(kind, name)) {
-            Some(&id) => id,
-            None => self.fresh(),
+    fn take(&mut self, kind: RuleKind, name: &str) -> Result<(RuleId, u64), ValidationErrors> {
+        let (id, since) = match self.previous.get(&(kind, name)) {
+            Some(&kept) => kept,
+            None => (
+                self.fresh().ok_or_else(|| ids_exhausted(kind, name))?,
+                self.generation,
+            ),
         };
         self.taken.insert(id);
-        id
+        Ok((id, since))
     }
 
-    /// Lowest id neither `previous` nor this set uses; when that space is exhausted, the
-    /// lowest id this set does not use (validation caps the rule count at the id space).
-    fn fresh(&mut self) -> RuleId {
+    /// Lowest id that no rule of `previous` (live or retired) and no rule of this set uses.
+    fn fresh(&mut self) -> Option<RuleId> {
         while self.next_fresh <= u32::from(RuleId::MAX) {
             let id = self.next_fresh as RuleId;
             self.next_fresh += 1;
             if !self.used_before.contains(&id) && !self.taken.contains(&id) {
-                return id;
+                return Some(id);
             }
         }
-        (0..=RuleId::MAX)
-            .find(|id| !self.taken.contains(id))
-            .unwrap_or(RuleId::MAX)
+        None
     }
+}
+
+/// Every 16-bit rule id is held by a live rule or by a deleted rule whose flows still run.
+fn ids_exhausted(kind: RuleKind, name: &str) -> ValidationErrors {
+    ValidationErrors(vec![super::ValidationError {
+        path: format!("{kind}[{name}]"),
+        value: format!("{name:?}"),
+        allowed: format!(
+            "at most {} rule ids held by rules and by deleted rules whose flows still run",
+            u32::from(RuleId::MAX) + 1
+        ),
+        message: "every rule id is in use; deleted rules keep theirs until their last flow \
+                  ends: retry once those flows have ended or idled out"
+            .into(),
+    }])
 }
 
 /// Maglev tables, one per pool, reused from the previous rule set when the same members,
@@ -502,9 +578,9 @@ mod tests {
 
     #[test]
     fn fresh_ids_skip_previous_and_taken() {
-        let mut ids = Ids::new(None);
+        let mut ids = Ids::new(None, 7);
         ids.used_before.extend([0, 2]);
-        assert_eq!(ids.take(RuleKind::LoadBalancing, "x"), 1);
-        assert_eq!(ids.take(RuleKind::LoadBalancing, "y"), 3);
+        assert_eq!(ids.take(RuleKind::LoadBalancing, "x").unwrap(), (1, 7));
+        assert_eq!(ids.take(RuleKind::LoadBalancing, "y").unwrap(), (3, 7));
     }
 }

@@ -31,7 +31,7 @@ pub use crate::ruleset::UnknownFlowPolicy;
 mod compile;
 mod validate;
 
-pub use compile::{compile, MemberHealth};
+pub use compile::{compile, compile_releasing, MemberHealth};
 pub use validate::{default_outbound_ports, validate, ValidationError, ValidationErrors};
 
 /// Idle timeout of every rule kind unless set (SPEC §1).

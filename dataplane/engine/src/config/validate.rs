@@ -598,6 +598,17 @@ impl<'a> Checker<'a> {
                 port_ok = self.port(format!("{base}.frontend_port"), r.frontend_port);
             }
 
+            if ha && r.tcp_reset {
+                // HA-ports rules carry every port and protocol of an internal frontend (the
+                // appliances behind it keep their own state): no RST is ever sent for them,
+                // so a request for one is refused rather than silently ignored.
+                self.push(
+                    format!("{base}.tcp_reset"),
+                    true,
+                    "false for HA-ports rules (protocol ALL, port 0)",
+                    "TCP reset on idle is never sent for an HA-ports rule on an internal frontend; set tcp_reset = false, or use a rule with a specific port",
+                );
+            }
             if ha {
                 if r.backend_port != 0 {
                     self.push(

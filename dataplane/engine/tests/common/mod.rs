@@ -135,7 +135,6 @@ protocol = "ALL"
 frontend_port = 0
 backend_pool = "web"
 backend_port = 0
-tcp_reset = true
 
 [[load_balancing_rules]]
 name = "http6"

@@ -1,0 +1,358 @@
+//! End to end: configuration changes through the gRPC API reach the XDP program as well as the
+//! workers. Frontends created live carry TCP, UDP and IPv6; a deleted frontend goes back to the
+//! kernel; a frontend moved to another address follows it; a rule created in place of a deleted
+//! one starts from zero counters; flows on the other frontends are never disturbed.
+//! Run as root; otherwise each test says it is skipped.
+
+mod common;
+
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use common::*;
+use xlb_api::{
+    server::{channel, client, BearerToken, Client},
+    Listen,
+};
+use xlb_proto::v1 as pb;
+
+const VIP2: &str = "198.18.0.101";
+const VIP3: &str = "198.18.0.102";
+const VIP6B: &str = "2001:db8::101";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(lab: &Lab) -> Client {
+    let ch = channel(&Listen::Unix(lab.api_socket()))
+        .await
+        .expect("connect to xlbd's API socket");
+    client(ch, BearerToken::new(None).unwrap())
+}
+
+fn tcp_to(lab: &Lab, addr: &str, port: u16) -> std::io::Result<TcpStream> {
+    let to = SocketAddr::new(addr.parse().unwrap(), port);
+    in_ns(&lab.client, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+}
+
+/// One UDP question to `addr`:`port` from the client; the answer, or the error.
+fn udp_ask(lab: &Lab, addr: &str, port: u16, q: &[u8]) -> std::io::Result<String> {
+    let any = if addr.contains(':') {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = in_ns(&lab.client, move || UdpSocket::bind(any).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(q, (addr, port))?;
+    let mut buf = [0u8; 256];
+    let (n, from) = recv_from_retrying(&sock, &mut buf)?;
+    assert_eq!(from.ip(), addr.parse::<IpAddr>().unwrap());
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn frontend(name: &str, address: &str) -> pb::Frontend {
+    pb::Frontend {
+        name: name.into(),
+        address: address.into(),
+        kind: pb::FrontendKind::Public as i32,
+    }
+}
+
+fn rule(
+    name: &str,
+    fe: &str,
+    proto: pb::Protocol,
+    port: u32,
+    pool: &str,
+    to: u32,
+) -> pb::LoadBalancingRule {
+    pb::LoadBalancingRule {
+        name: name.into(),
+        frontend: fe.into(),
+        protocol: proto as i32,
+        frontend_port: port,
+        backend_pool: pool.into(),
+        backend_port: to,
+        ..Default::default()
+    }
+}
+
+/// The connection kept open on the configured VIP throughout: still echoing, never reset.
+fn still_alive(s: &mut TcpStream, step: &str) {
+    let got = echo(s, step.as_bytes());
+    assert_eq!(
+        got,
+        step.as_bytes(),
+        "the untouched frontend's flow after {step}"
+    );
+}
+
+#[test]
+fn frontends_created_deleted_and_moved_live_follow_in_the_data_plane() {
+    if !need_root("frontends_created_deleted_and_moved_live_follow_in_the_data_plane") {
+        return;
+    }
+    let lab = Lab::start_with(CONFIG, &["--workers", "2", "--queues", "2"]);
+    // The appliance's kernel answers ARP / ND for the new addresses, as an operator would
+    // arrange (the lab does the same for the configured VIP).
+    let ac = format!("{}ac", lab.prefix);
+    for a in [format!("{VIP2}/32"), format!("{VIP3}/32")] {
+        ip(&["-n", &lab.xlb, "addr", "add", &a, "dev", &ac]);
+    }
+    ip(&[
+        "-n",
+        &lab.xlb,
+        "addr",
+        "add",
+        &format!("{VIP6B}/128"),
+        "dev",
+        &ac,
+        "nodad",
+    ]);
+
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+    let mut keep = lab.client_connect(80);
+    still_alive(&mut keep, "start");
+
+    // Before: VIP2 is the host's own address; nothing listens there, so its kernel refuses.
+    let e = tcp_to(&lab, VIP2, 80).expect_err("nothing there yet");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+
+    // Create a frontend, a pool for IPv6, and TCP, UDP and IPv6 rules, live.
+    rt.block_on(async {
+        c.create_frontend(pb::CreateFrontendRequest {
+            frontend: Some(frontend("vip2", VIP2)),
+        })
+        .await
+        .unwrap();
+        c.create_frontend(pb::CreateFrontendRequest {
+            frontend: Some(frontend("vip6b", VIP6B)),
+        })
+        .await
+        .unwrap();
+        c.create_backend_pool(pb::CreateBackendPoolRequest {
+            backend_pool: Some(pb::BackendPool {
+                name: "web6".into(),
+                members: vec![
+                    pb::Member {
+                        address: "2001:db8:1::11".into(),
+                        ..Default::default()
+                    },
+                    pb::Member {
+                        address: "2001:db8:1::12".into(),
+                        ..Default::default()
+                    },
+                ],
+            }),
+        })
+        .await
+        .unwrap();
+        for r in [
+            rule("live-tcp", "vip2", pb::Protocol::Tcp, 80, "web", 8080),
+            rule("live-udp", "vip2", pb::Protocol::Udp, 53, "web", 5353),
+            rule("live-v6", "vip6b", pb::Protocol::Tcp, 80, "web6", 8080),
+        ] {
+            c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest { rule: Some(r) })
+                .await
+                .unwrap();
+        }
+    });
+    still_alive(&mut keep, "create");
+
+    // TCP, UDP and IPv6 through the new frontends, to the backends.
+    let mut s = tcp_to(&lab, VIP2, 80).expect("TCP to the frontend created live");
+    let who = whoami(&mut s);
+    assert!(who.starts_with("backend"), "{who}");
+    let answer = udp_ask(&lab, VIP2, 53, b"live").expect("UDP to the frontend created live");
+    assert!(answer.ends_with(":live"), "{answer}");
+    let mut s6 = tcp_to(&lab, VIP6B, 80).expect("IPv6 TCP to the frontend created live");
+    let who6 = whoami(&mut s6);
+    assert!(who6.starts_with("backend"), "{who6}");
+    drop((s, s6));
+
+    // Move vip2 to VIP3: the new address carries the rules, the old one is the kernel's again.
+    rt.block_on(async {
+        c.update_frontend(pb::UpdateFrontendRequest {
+            frontend: Some(frontend("vip2", VIP3)),
+        })
+        .await
+        .unwrap();
+    });
+    still_alive(&mut keep, "move");
+    let mut s = tcp_to(&lab, VIP3, 80).expect("TCP to the moved frontend");
+    assert!(whoami(&mut s).starts_with("backend"));
+    let e = tcp_to(&lab, VIP2, 80).expect_err("the old address went back to the kernel");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    drop(s);
+
+    // Delete the IPv6 rule and frontend: the address is the kernel's again (it refuses).
+    rt.block_on(async {
+        c.delete_load_balancing_rule(pb::DeleteRequest {
+            name: "live-v6".into(),
+        })
+        .await
+        .unwrap();
+        c.delete_frontend(pb::DeleteRequest {
+            name: "vip6b".into(),
+        })
+        .await
+        .unwrap();
+    });
+    let e = tcp_to(&lab, VIP6B, 80).expect_err("a deleted frontend attracts nothing");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    still_alive(&mut keep, "delete");
+
+    // The configured frontend's flow went through every change.
+    still_alive(&mut keep, "end");
+}
+
+#[test]
+fn a_rule_created_after_a_deleted_one_starts_from_zero() {
+    if !need_root("a_rule_created_after_a_deleted_one_starts_from_zero") {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+
+    // Traffic on web-silent (port 81), and one connection left open on it.
+    for _ in 0..3 {
+        let mut s = lab.client_connect(81);
+        assert!(whoami(&mut s).starts_with("backend"));
+    }
+    let mut draining = lab.client_connect(81);
+    assert!(whoami(&mut draining).starts_with("backend"));
+    let counters = |c: &mut Client, name: &str| {
+        let name = name.to_string();
+        rt.block_on(async move {
+            c.get_counters(pb::GetCountersRequest {
+                rule: name,
+                per_worker: false,
+            })
+            .await
+            .map(|r| r.into_inner().rules)
+        })
+    };
+    // Workers report every 250 ms.
+    let mut before = counters(&mut c, "web-silent").unwrap();
+    for _ in 0..30 {
+        if before[0].flows_created >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        before = counters(&mut c, "web-silent").unwrap();
+    }
+    assert!(before[0].flows_created >= 4, "{before:?}");
+
+    // Delete it and create a rule on the same port: nothing of the old rule shows in the new.
+    rt.block_on(async {
+        c.delete_load_balancing_rule(pb::DeleteRequest {
+            name: "web-silent".into(),
+        })
+        .await
+        .unwrap();
+        c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
+            rule: Some(rule("web-new", "vip", pb::Protocol::Tcp, 81, "web", 8080)),
+        })
+        .await
+        .unwrap();
+    });
+    let fresh = counters(&mut c, "web-new").unwrap();
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0].flows_created, 0, "{fresh:?}");
+    assert_eq!(fresh[0].packets_original, 0, "{fresh:?}");
+    assert_ne!(
+        fresh[0].rule_id, before[0].rule_id,
+        "a new rule never takes a deleted rule's id"
+    );
+    let e = counters(&mut c, "web-silent").expect_err("the deleted rule is gone from the API");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let metrics = lab.metrics();
+    assert!(
+        !metrics.contains("rule=\"web-silent\""),
+        "a deleted rule leaves the exposition"
+    );
+    assert!(metrics.contains("rule=\"web-new\""), "{metrics}");
+
+    // The deleted rule's open connection still works (its flow keeps the old rule's settings),
+    // and its packets do not count on the new rule.
+    assert!(whoami(&mut draining).starts_with("backend"));
+    let after = counters(&mut c, "web-new").unwrap();
+    assert_eq!(after[0].packets_original, 0, "{after:?}");
+    // New connections on port 81 are the new rule's.
+    let mut s = lab.client_connect(81);
+    assert!(whoami(&mut s).starts_with("backend"));
+    std::thread::sleep(Duration::from_millis(600));
+    let after = counters(&mut c, "web-new").unwrap();
+    assert_eq!(after[0].flows_created, 1, "{after:?}");
+}
+
+#[test]
+fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
+    if !need_root("a_member_added_live_behind_another_interface_gets_its_answers_taken") {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    // The internet host will serve as a member: it answers clients through the appliance.
+    ip(&[
+        "-n",
+        &lab.internet,
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        "198.19.0.1",
+    ]);
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+    let ai = format!("{}ai", lab.prefix);
+    assert!(
+        !lab.log_text()
+            .contains(&format!("{ai}=native+backend_side"))
+            && !lab
+                .log_text()
+                .contains(&format!("{ai}=generic+backend_side")),
+        "the internet side does not face a member at start:\n{}",
+        lab.log_text()
+    );
+    rt.block_on(async {
+        c.create_backend_pool(pb::CreateBackendPoolRequest {
+            backend_pool: Some(pb::BackendPool {
+                name: "far".into(),
+                members: vec![pb::Member {
+                    address: INTERNET.into(),
+                    ..Default::default()
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+        c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
+            rule: Some(rule("far", "vip", pb::Protocol::Tcp, 8080, "far", 80)),
+        })
+        .await
+        .unwrap();
+    });
+    // The member's answer arrives on the internet-side interface, addressed to the client:
+    // without the interface marked backend side it would go to the appliance's kernel (which
+    // does not forward) and the connection would never complete.
+    let mut s = tcp_to(&lab, VIP, 8080).expect("connect through the member added live");
+    let mut buf = [0u8; 64];
+    let n = read_within(&mut s, &mut buf, Duration::from_secs(3)).expect("the member's answer");
+    let peer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        peer.starts_with(CLIENT),
+        "the member sees the client: {peer}"
+    );
+}
