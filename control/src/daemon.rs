@@ -968,9 +968,10 @@ fn control_loop(
                     || watch.routes().iter().any(|r| r.gateway == Some(*a))
             };
             for a in gone.iter().filter(|a| needed(a)) {
-                resolver.probe(*a);
+                resolver.probe_soon(*a);
             }
         }
+        resolver.retry_deferred();
         if watch.stats().resyncs != resyncs {
             resyncs = watch.stats().resyncs;
             say(

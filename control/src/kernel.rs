@@ -206,7 +206,13 @@ pub struct Resolver {
     v6: Option<UdpSocket>,
     last: HashMap<Addr, Instant>,
     min_gap: Duration,
+    /// Probes asked for too soon after the last one to the same address, sent once the gap
+    /// has passed ([`retry_deferred`](Self::retry_deferred)).
+    deferred: Vec<Addr>,
 }
+
+/// Most probes waiting for their gap.
+const MAX_DEFERRED: usize = 4096;
 
 impl Resolver {
     pub fn new(min_gap: Duration) -> Self {
@@ -215,6 +221,7 @@ impl Resolver {
             v6: UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok(),
             last: HashMap::new(),
             min_gap,
+            deferred: Vec::new(),
         }
     }
 
@@ -222,6 +229,41 @@ impl Resolver {
         self.last
             .get(&addr)
             .is_some_and(|t| now.duration_since(*t) < self.min_gap)
+    }
+
+    /// Like [`probe`](Self::probe), but a probe that comes too soon after the last one to
+    /// the same address is not dropped: it waits for [`retry_deferred`](Self::retry_deferred).
+    /// For what must be resolved (a member the kernel forgot), not for what recurs anyway.
+    pub fn probe_soon(&mut self, addr: Addr) {
+        if self.too_soon(addr, Instant::now()) {
+            if !self.deferred.contains(&addr) && self.deferred.len() < MAX_DEFERRED {
+                self.deferred.push(addr);
+            }
+            return;
+        }
+        self.probe(addr);
+    }
+
+    /// Sends the deferred probes whose gap has passed.
+    pub fn retry_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<Addr> = self
+            .deferred
+            .iter()
+            .copied()
+            .filter(|a| !self.too_soon(*a, now))
+            .collect();
+        self.deferred.retain(|a| !due.contains(a));
+        for a in due {
+            self.probe(a);
+        }
+    }
+
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// Returns whether a probe was sent.
@@ -280,6 +322,22 @@ mod tests {
         assert!(err.contains("\"nope\"") && err.contains("eth0"), "{err}");
         let p = ports(&links, &["eth0".into()]).unwrap();
         assert_eq!((p[0].id, p[0].ifindex), (0, 2));
+    }
+
+    #[test]
+    fn a_probe_asked_for_too_soon_waits_for_its_gap() {
+        let mut r = Resolver::new(Duration::from_millis(50));
+        let a = Addr::from_v4_bytes([198, 18, 1, 11]);
+        assert!(r.probe(a) || r.v4.is_none());
+        r.probe_soon(a);
+        r.probe_soon(a);
+        assert_eq!(r.deferred(), 1, "once");
+        r.retry_deferred();
+        assert_eq!(r.deferred(), 1, "not yet");
+        std::thread::sleep(Duration::from_millis(60));
+        r.retry_deferred();
+        assert_eq!(r.deferred(), 0);
+        assert!(r.too_soon(a, Instant::now()), "sent just now");
     }
 
     #[test]
