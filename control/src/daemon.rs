@@ -3,8 +3,8 @@
 //! Start: read and validate the configuration → compile it → load the XDP program, mark the
 //! frontends as owned and attach to every interface → read links, routes and neighbours over
 //! netlink → open and spawn the workers, each running the engine behind an
-//! [`EngineHandler`] → loop: refresh neighbours (every second, and soon after a worker
-//! reports a miss), print a status line, write the stats file → on SIGINT/SIGTERM stop the
+//! [`EngineHandler`] → loop: follow the kernel's neighbours and routes
+//! ([`KernelWatch`]), print a status line, write the stats file → on SIGINT/SIGTERM stop the
 //! workers, print the final counters and drop the XDP program (its BPF links detach it).
 //!
 //! Beside the control loop: the gRPC API (`xlb-api` on a small tokio runtime, one thread),
@@ -34,6 +34,7 @@ use crate::{
     addresses::{AddressPlane, SharedRoutes, XdpMaps},
     handler::{ControlLink, EngineHandler, FromWorker, Steering, ToWorker},
     kernel::{self, Port, Resolver},
+    kernel_watch::KernelWatch,
     metrics,
     plane::{DaemonTelemetry, Shared, WorkerPlacement, WorkerPublisher},
     probes::Probes,
@@ -78,6 +79,8 @@ pub struct Options {
     pub self_probe_sources: Vec<IpAddr>,
     /// Interval of the self-probe, before the lab time scale.
     pub self_probe_interval: Duration,
+    /// `--vlan IFACE:ID[,ID...]`: VLANs whose tagged frames are accepted on an interface.
+    pub vlans: Vec<(String, Vec<u16>)>,
 }
 
 /// Parses `--api`: `none`, `unix:PATH` (or an absolute path), `tcp:HOST:PORT` (or
@@ -421,8 +424,11 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         .links()
         .map_err(|e| Failure::runtime(format!("listing interfaces: {e}")))?;
     let ports = kernel::ports(&links, &opts.interfaces).map_err(Failure::usage)?;
-    let routes = kernel::routes(&mut nl, &ports)
-        .map_err(|e| Failure::runtime(format!("reading routes: {e}")))?;
+    let port_vlans = kernel::port_vlans(&ports, &opts.vlans).map_err(Failure::usage)?;
+    // From here on the kernel's neighbours and routes are followed from its notifications.
+    let mut watch = KernelWatch::start(&ports, &port_vlans)
+        .map_err(|e| Failure::runtime(format!("reading routes and neighbours: {e}")))?;
+    let routes = watch.routes().to_vec();
 
     let mut self_probe = self_probe_setup(&opts, &config, &ports, &routes, scale)?;
 
@@ -536,14 +542,14 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         .collect();
     let address_plane = Arc::new(std::sync::Mutex::new(address_plane));
 
-    // Give the warm-up probes a moment, then take the neighbour table as it is.
+    // Give the warm-up probes a moment (their answers arrive as notifications), then take
+    // the neighbour table as it is.
     let deadline = Instant::now() + Duration::from_millis(300);
-    let mut neigh = Vec::new();
     while Instant::now() < deadline {
-        neigh = kernel::neighbours(&mut nl, &ports)
+        watch
+            .poll()
             .map_err(|e| Failure::runtime(format!("reading neighbours: {e}")))?;
-        let known: HashSet<Addr> = neigh.iter().map(|n| n.0).collect();
-        if members.iter().all(|m| known.contains(&Addr::from(*m))) {
+        if members.iter().all(|m| watch.knows(Addr::from(*m))) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -600,9 +606,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         for p in &ports {
             net.set_port(p.id, p.mac);
         }
-        net.set_routes(routes.clone());
-        for (a, port, mac) in &neigh {
-            let _ = net.set_neighbor(*a, *port, *mac);
+        for pv in &port_vlans {
+            net.allow_vlan(pv.port, pv.vlan);
         }
         let (to_tx, to_rx) = channel::bounded(64);
 
@@ -617,7 +622,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
                     .as_ref()
                     .map(|p| p.prober.sources())
                     .unwrap_or_default(),
-            );
+            )
+            .with_kernel(watch.mailbox());
         let stats = worker.stats();
         let core = if opts.cores.is_empty() {
             Some((w + 1) % ncpu)
@@ -743,8 +749,19 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         afxdp_mode(&sockets),
         config.frontends.len(),
         rules.rules().count(),
-        neigh.len(),
+        watch.view().neighbours.len(),
     );
+    if !opts.vlans.is_empty() {
+        let vlans: Vec<String> = opts
+            .vlans
+            .iter()
+            .map(|(i, ids)| {
+                let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+                format!("{i}:{}", ids.join("+"))
+            })
+            .collect();
+        start.push_str(&format!(" vlans={}", vlans.join(",")));
+    }
     start.push_str(&extras);
     if let Some(p) = &self_probe {
         let sources: Vec<String> = p
@@ -771,7 +788,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         &state,
         &shared,
         &ports,
-        &mut nl,
+        &mut watch,
         &mut resolver,
         &workers,
         &from_rx,
@@ -841,7 +858,7 @@ fn control_loop(
     state: &ControlState,
     shared: &Shared,
     ports: &[Port],
-    nl: &mut Netlink,
+    watch: &mut KernelWatch,
     resolver: &mut Resolver,
     workers: &[WorkerHandle],
     from_rx: &Receiver<FromWorker>,
@@ -850,15 +867,13 @@ fn control_loop(
     live: &LiveAddresses,
 ) -> Result<(), String> {
     const TICK: Duration = Duration::from_millis(20);
-    const NEIGH_EVERY: Duration = Duration::from_secs(1);
     const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
-    let mut next_neigh = Instant::now() + NEIGH_EVERY;
-    // After a miss, re-read the neighbour table quickly for a while: ARP takes a round trip.
-    let mut fast_neigh_until: Option<Instant> = None;
+    const KERNEL_WARNING_EVERY: Duration = Duration::from_secs(5);
     let mut next_status = Instant::now() + opts.status_interval;
     let mut next_stats_file = Instant::now();
-    let mut last_neigh: Vec<(Addr, u16, [u8; 6])> = Vec::new();
-    let mut last_routes = Vec::new();
+    let mut next_kernel_warning = Instant::now();
+    let mut resyncs = watch.stats().resyncs;
+    let mut routes_version = watch.view().routes_version;
     // Backend-side marks to recompute after a route change (when no change is being published).
     let mut marks_stale = false;
     let mut members_probed_at = 0;
@@ -896,10 +911,10 @@ fn control_loop(
             match msg {
                 FromWorker::Stats(s) => shared.store(*s),
                 FromWorker::Misses(list) => {
+                    // The kernel resolves them; the entries arrive as notifications.
                     for a in list {
                         resolver.probe(a);
                     }
-                    fast_neigh_until = Some(Instant::now() + Duration::from_secs(1));
                 }
                 FromWorker::Event(w, e) => {
                     say(
@@ -939,44 +954,48 @@ fn control_loop(
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = p.prober.report();
         }
         let now = Instant::now();
-        let fast = fast_neigh_until.is_some_and(|t| now < t);
-        if now >= next_neigh || fast {
-            next_neigh = now + NEIGH_EVERY;
-            if !fast {
-                fast_neigh_until = None;
-            }
-            match kernel::neighbours(nl, ports) {
-                Ok(mut list) => {
-                    list.sort_unstable_by_key(|n| (n.0, n.1));
-                    if list != last_neigh {
-                        for h in workers {
-                            let _ = h.to.try_send(ToWorker::Neighbours(list.clone()));
-                        }
-                        last_neigh = list;
-                    }
-                }
-                Err(e) => say(
+        // Neighbour and route changes: published to every worker's mailbox, never lost.
+        if let Err(e) = watch.poll() {
+            if now >= next_kernel_warning {
+                next_kernel_warning = now + KERNEL_WARNING_EVERY;
+                say(
                     opts.quiet,
-                    &format!("xlbd warning: reading neighbours: {e}"),
+                    &format!("xlbd warning: following the kernel's neighbours and routes: {e}"),
+                );
+            }
+        }
+        // Members, NAT targets and gateways the kernel dropped (its garbage collector does
+        // not know the dataplane uses them): resolved again before a new flow needs them.
+        let gone = watch.take_gone();
+        if !gone.is_empty() {
+            let snap = state.snapshot();
+            let needed = |a: &Addr| {
+                snap.rules.member_addrs().contains(a)
+                    || watch.routes().iter().any(|r| r.gateway == Some(*a))
+            };
+            for a in gone.iter().filter(|a| needed(a)) {
+                resolver.probe_soon(*a);
+            }
+        }
+        resolver.retry_deferred();
+        if watch.stats().resyncs != resyncs {
+            resyncs = watch.stats().resyncs;
+            say(
+                opts.quiet,
+                &format!(
+                    "xlbd event kernel_resync resyncs={resyncs} why=\"netlink notifications \
+                     were lost; neighbours, routes and links read again\""
                 ),
-            }
-            if !fast {
-                match kernel::routes(nl, ports) {
-                    Ok(r) if r != last_routes => {
-                        for h in workers {
-                            let _ = h.to.try_send(ToWorker::Routes(r.clone()));
-                        }
-                        *live
-                            .routes
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = r.clone();
-                        marks_stale = true;
-                        last_routes = r;
-                    }
-                    Ok(_) => {}
-                    Err(e) => say(opts.quiet, &format!("xlbd warning: reading routes: {e}")),
-                }
-            }
+            );
+        }
+        if watch.view().routes_version != routes_version {
+            // The backend-side interfaces depend on the routes to the members.
+            routes_version = watch.view().routes_version;
+            *live
+                .routes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = watch.routes().to_vec();
+            marks_stale = true;
         }
         if now >= next_stats_file {
             next_stats_file = now + STATS_FILE_EVERY;

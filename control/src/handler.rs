@@ -1,10 +1,12 @@
 //! The adapter between the AF_XDP worker loop and the pure engine, and the messages that
 //! cross between a worker and the control thread.
 //!
-//! Each worker owns one [`EngineHandler`]. The control thread talks to it only through two
-//! bounded channels: what the kernel knows (neighbours, routes) goes in, counters, events and
-//! neighbour misses come out. Nothing is shared and nothing blocks: a full channel drops the
-//! message (the next periodic one supersedes it).
+//! Each worker owns one [`EngineHandler`]. The control thread talks to it through two bounded
+//! channels (rule sets, flow queries and self-probes in; counters, events and neighbour
+//! misses out; nothing blocks: a full channel drops the message, the next periodic one
+//! supersedes it) and one mailbox: what the kernel knows (neighbours, routes) is the latest
+//! [`KernelView`](crate::kernel_watch::KernelView), which the worker takes whenever its
+//! version moved, so that no kernel change is ever lost to a full channel.
 //!
 //! With several workers, a frame that arrives on a queue of the wrong worker is handed to
 //! the worker that owns its flow (`Engine::owner`) over that worker's bounded inbox; the owner
@@ -12,23 +14,22 @@
 
 use std::sync::Arc;
 
+use crate::kernel_watch::{self, Applied, KernelMailbox};
+
 use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
 use xlb_api::{FlowFilter, SnatUsage};
 use xlb_engine::{
     flow::{Flow, FlowId},
-    wire, Addr, Counters, Engine, Event, FlowInfo, Route, RuleSet, Verdict,
+    net::NextHopStats,
+    wire, Addr, Counters, Engine, Event, FlowInfo, RuleSet, Verdict,
 };
 
-/// Control thread → worker.
+/// Control thread → worker. (The kernel's neighbours and routes take the mailbox instead:
+/// [`EngineHandler::with_kernel`].)
 #[derive(Debug, Clone)]
 pub enum ToWorker {
-    /// Usable neighbours on the worker's ports: (address, port, MAC). Applied in place, so
-    /// flows whose next hop changed MAC follow it.
-    Neighbours(Vec<(Addr, PortId, [u8; 6])>),
-    /// The kernel's routes, translated to port numbers.
-    Routes(Vec<Route>),
     /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`].
     Rules(Arc<RuleSet>),
     /// A page of this worker's flows, for the flow listing of the API.
@@ -93,6 +94,8 @@ pub struct Snapshot {
     /// Duration of the worker's loop iterations that did work (received frames or ran
     /// timers), since start: how long a frame can wait inside the worker.
     pub loop_latency: Histogram<u64>,
+    /// The next-hop table: entries in use, reclaimed and refused.
+    pub next_hops: NextHopStats,
 }
 
 /// A frame on its way to the worker that owns its flow.
@@ -188,6 +191,9 @@ pub struct EngineHandler {
     handoff_dropped: u64,
     /// Self-probe source addresses: frames to them are probe answers, taken off the wire.
     probe_sources: Vec<Addr>,
+    /// Where the latest kernel view waits, and what this worker took of it.
+    kernel: Option<Arc<KernelMailbox>>,
+    kernel_applied: Applied,
 }
 
 impl EngineHandler {
@@ -213,7 +219,29 @@ impl EngineHandler {
             handed_off: 0,
             handoff_dropped: 0,
             probe_sources: Vec::new(),
+            kernel: None,
+            kernel_applied: Applied::default(),
         }
+    }
+
+    /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
+    /// view it holds now.
+    pub fn with_kernel(mut self, mailbox: Arc<KernelMailbox>) -> Self {
+        self.kernel = Some(mailbox);
+        self.take_kernel_view();
+        self
+    }
+
+    /// Applies the kernel's latest view if it moved since this worker last took it.
+    fn take_kernel_view(&mut self) {
+        let Some(view) = self
+            .kernel
+            .as_ref()
+            .and_then(|mb| mb.newer_than(self.kernel_applied.version))
+        else {
+            return;
+        };
+        kernel_watch::apply(self.engine.next_hops(), &view, &mut self.kernel_applied);
     }
 
     /// Takes answers to the data-path self-probes from `sources` off the wire.
@@ -226,7 +254,12 @@ impl EngineHandler {
     /// (with the other frames this worker did not receive itself) or reported dropped.
     fn inject(&mut self, now_ns: u64, inj: crate::selfprobe::Injection) {
         let mut frame = inj.frame;
-        match self.engine.process(now_ns, inj.ingress, &mut frame) {
+        let len = frame.len();
+        frame.resize(len + wire::VLAN_HLEN, 0);
+        match self
+            .engine
+            .process_buf(now_ns, inj.ingress, &mut frame, len)
+        {
             Verdict::Tx { port, len } => {
                 frame.truncate(usize::from(len));
                 self.outbox.push((
@@ -239,7 +272,7 @@ impl EngineHandler {
                 ));
             }
             Verdict::Drop(_) => {
-                if let Ok(p) = wire::parse(&frame) {
+                if let Ok(p) = wire::parse(&frame[..len]) {
                     let _ = self.to_control.try_send(FromWorker::ProbeAnswer {
                         source: p.src,
                         port: p.src_port,
@@ -315,6 +348,7 @@ impl EngineHandler {
             generation: self.engine.rules().generation(),
             snat: self.snat_usage(),
             loop_latency: self.loop_latency.clone(),
+            next_hops: self.engine.next_hop_stats(),
         }
     }
 
@@ -386,8 +420,13 @@ impl EngineHandler {
             let Some(Ok(mut h)) = self.steering.as_ref().map(|st| st.inbox.try_recv()) else {
                 break;
             };
-            if let Verdict::Tx { port, len } = self.engine.process(now_ns, h.ingress, &mut h.frame)
-            {
+            // Room for a VLAN tag: the buffers are allocated with a frame's capacity.
+            let len = h.frame.len();
+            h.frame.resize(len + wire::VLAN_HLEN, 0);
+            let verdict = self
+                .engine
+                .process_buf(now_ns, h.ingress, &mut h.frame, len);
+            if let Verdict::Tx { port, len } = verdict {
                 h.frame.truncate(usize::from(len));
                 if !crate::selfprobe::is_probe_answer(&self.probe_sources, &h.frame) {
                     self.outbox.push((port, h));
@@ -404,15 +443,6 @@ impl EngineHandler {
 
     fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
-            ToWorker::Neighbours(list) => {
-                let net = self.engine.next_hops();
-                for (addr, port, mac) in list {
-                    // A full next-hop table only costs this neighbour; the engine counts the
-                    // drops its flows then get.
-                    let _ = net.set_neighbor(addr, port, mac);
-                }
-            }
-            ToWorker::Routes(routes) => self.engine.next_hops().set_routes(routes),
             ToWorker::Rules(rules) => {
                 let generation = rules.generation();
                 self.engine.set_rules(rules);
@@ -444,12 +474,26 @@ impl EngineHandler {
 impl FrameHandler for EngineHandler {
     #[inline]
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> AfxdpVerdict {
-        if self.hand_off(ingress, frame) {
+        let len = frame.len();
+        self.handle_in(now_ns, ingress, frame, len)
+    }
+
+    /// The engine may grow a frame into `buf` (a VLAN tag toward a tagged next hop).
+    #[inline]
+    fn handle_in(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+    ) -> AfxdpVerdict {
+        let len = len.min(buf.len());
+        if self.hand_off(ingress, &buf[..len]) {
             return AfxdpVerdict::Drop;
         }
-        match self.engine.process(now_ns, ingress, frame) {
+        match self.engine.process_buf(now_ns, ingress, buf, len) {
             Verdict::Tx { port, len } => {
-                let out = &frame[..usize::from(len)];
+                let out = &buf[..usize::from(len)];
                 if crate::selfprobe::is_probe_answer(&self.probe_sources, out) {
                     self.take_probe_answer(now_ns, port, out);
                     return AfxdpVerdict::Drop;
@@ -478,6 +522,7 @@ impl FrameHandler for EngineHandler {
     }
 
     fn poll_control(&mut self, now_ns: u64) {
+        self.take_kernel_view();
         for _ in 0..CONTROL_BUDGET {
             match self.from_control.try_recv() {
                 Ok(msg) => self.apply(msg, now_ns),
@@ -610,6 +655,87 @@ protocol = "ALL"
         let h = EngineHandler::new(0, engine, link, u64::MAX, None)
             .with_probe_sources(vec![Addr::from_v4_bytes([198, 18, 0, 250])]);
         (h, from_rx)
+    }
+
+    /// The kernel's view as the control thread would publish it: both members on port 1
+    /// with `mac` as their last byte, the lab's routes.
+    fn kernel_view(version: u64, mac: u8) -> crate::kernel_watch::KernelView {
+        use xlb_engine::Route;
+        crate::kernel_watch::KernelView {
+            version,
+            neighbours: vec![
+                (
+                    Addr::from_v4_bytes([198, 18, 1, 11]),
+                    1,
+                    None,
+                    [2, 0, 0, 0, 0xb1, mac],
+                ),
+                (
+                    Addr::from_v4_bytes([198, 18, 1, 12]),
+                    1,
+                    None,
+                    [2, 0, 0, 0, 0xb2, mac],
+                ),
+            ],
+            routes_version: 1,
+            routes: vec![
+                Route::v4(Ipv4Addr::new(198, 18, 0, 0), 24, 0, None),
+                Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, 1, None),
+            ],
+        }
+    }
+
+    #[test]
+    fn kernel_changes_reach_the_engine_even_when_its_control_channel_is_full() {
+        use crate::kernel_watch::KernelMailbox;
+        use xlb_engine::EngineConfig;
+        let config = Config::from_toml_str(CONFIG).unwrap();
+        let rules = Arc::new(compile(&config, None, &MemberHealth::default(), 1).unwrap());
+        let mut engine = Engine::new(EngineConfig::default(), rules, 1);
+        engine.next_hops().set_port(0, [2, 0, 0, 0, 0xa0, 0]);
+        engine.next_hops().set_port(1, [2, 0, 0, 0, 0xa0, 1]);
+        let (to_tx, to_rx) = crossbeam::channel::bounded(4);
+        let (from_tx, _from_rx) = crossbeam::channel::bounded(8);
+        let (ack_tx, _ack_rx) = crossbeam::channel::bounded(8);
+        let link = ControlLink {
+            from_control: to_rx,
+            to_control: from_tx,
+            acks: ack_tx,
+        };
+        let mailbox = Arc::new(KernelMailbox::new(kernel_view(1, 1)));
+        let mut h =
+            EngineHandler::new(0, engine, link, 1 << 50, None).with_kernel(Arc::clone(&mailbox));
+        // The view it started with: routes and neighbours, so a client's SYN gets through.
+        let client = Ipv4Addr::new(198, 18, 0, 10);
+        let vip = Ipv4Addr::new(198, 18, 0, 100);
+        let mut syn = frame(client, 40_000, vip, 80, false);
+        assert!(matches!(
+            h.handle(10, 0, &mut syn),
+            AfxdpVerdict::Tx { port: 1, .. }
+        ));
+        assert_eq!(syn[5], 1, "the member's MAC of view 1");
+
+        // The worker's control channel is full (a slow worker, a burst of queries)...
+        let (reply_tx, _reply_rx) = crossbeam::channel::bounded(1);
+        let query = FlowQuery {
+            filter: FlowFilter::default(),
+            after: None,
+            limit: 1,
+            reply: reply_tx,
+        };
+        while to_tx.try_send(ToWorker::Flows(query.clone())).is_ok() {}
+        // ... while the kernel's neighbours change 100 times.
+        for v in 2..=101u64 {
+            mailbox.publish(kernel_view(v, v as u8));
+        }
+        // One loop iteration later the flow follows the latest MAC.
+        h.poll_control(20);
+        let mut ack = frame(client, 40_000, vip, 80, false);
+        ack[14 + 20 + 13] = wire::tcp_flags::ACK;
+        let v = h.handle(30, 0, &mut ack);
+        assert!(matches!(v, AfxdpVerdict::Tx { port: 1, .. }), "{v:?}");
+        assert_eq!(ack[5], 101, "the member's MAC of the last view");
+        assert_eq!(h.kernel_applied.version, 101);
     }
 
     #[test]

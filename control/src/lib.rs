@@ -6,6 +6,7 @@ pub mod addresses;
 pub mod daemon;
 pub mod handler;
 pub mod kernel;
+pub mod kernel_watch;
 pub mod limits;
 pub mod metrics;
 pub mod plane;

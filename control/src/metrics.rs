@@ -194,6 +194,31 @@ pub fn render(src: &Sources) -> String {
             w.flow_capacity,
         );
     }
+    for (name, kind, help, value) in [
+        (
+            "xlb_worker_next_hops",
+            "gauge",
+            "Next-hop entries in use (kernel neighbours and learned senders).",
+            (|w| w.next_hops.entries) as fn(&crate::handler::Snapshot) -> u64,
+        ),
+        (
+            "xlb_worker_next_hops_reclaimed_total",
+            "counter",
+            "Next-hop entries freed because no flow used them any more.",
+            |w| w.next_hops.reclaimed,
+        ),
+        (
+            "xlb_worker_next_hops_refused_total",
+            "counter",
+            "Next-hop entries refused because the table was full.",
+            |w| w.next_hops.refused,
+        ),
+    ] {
+        o.family(name, kind, help);
+        for w in &workers {
+            o.sample(name, &[("worker", &w.worker.to_string())], value(w));
+        }
+    }
     o.family(
         "xlb_worker_handed_off_total",
         "counter",
@@ -554,6 +579,11 @@ backend_port = 8080
                 generation: 1,
                 snat: Vec::new(),
                 loop_latency: h.clone(),
+                next_hops: xlb_engine::net::NextHopStats {
+                    entries: 4,
+                    reclaimed: 7 + w as u64,
+                    refused: 1,
+                },
             });
         }
         Sources {
@@ -601,6 +631,9 @@ backend_port = 8080
         // Names are validated to [A-Za-z0-9_.-], but label values are escaped anyway.
         assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
         assert!(text.contains("xlb_lab_time_scale 60"));
+        assert!(text.contains("xlb_worker_next_hops{worker=\"1\"} 4"));
+        assert!(text.contains("xlb_worker_next_hops_reclaimed_total{worker=\"1\"} 8"));
+        assert!(text.contains("xlb_worker_next_hops_refused_total{worker=\"0\"} 1"));
         assert!(text.contains("xlb_worker_loop_seconds_count{worker=\"1\"} 3"));
         assert!(text.contains("xlb_worker_loop_seconds{worker=\"0\",quantile=\"0.999\"} 0.00005"));
     }

@@ -571,6 +571,7 @@ mod tests {
             generation,
             snat: Vec::new(),
             loop_latency: Histogram::new(2).unwrap(),
+            next_hops: Default::default(),
         }
     }
 
@@ -689,6 +690,7 @@ protocol = "TCP"
             generation: 1,
             snat: vec![u],
             loop_latency: crate::handler::loop_histogram(),
+            next_hops: Default::default(),
         };
         let sum = sum_snat(&[snap(0, usage(512, 3)), snap(1, usage(512, 4))]);
         assert_eq!(sum, vec![usage(1024, 7)]);

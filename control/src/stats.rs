@@ -3,7 +3,9 @@
 
 use std::{fmt::Write as _, io, path::Path};
 
-use xlb_engine::{ruleset::RuleKind, Counters, DropReason, RuleCounters, RuleSet};
+use xlb_engine::{
+    net::NextHopStats, ruleset::RuleKind, Counters, DropReason, RuleCounters, RuleSet,
+};
 
 use crate::handler::Snapshot;
 
@@ -18,6 +20,8 @@ pub struct Totals {
     pub events_dropped: u64,
     pub handed_off: u64,
     pub handoff_dropped: u64,
+    /// Next-hop entries in use, reclaimed and refused (table full), summed over workers.
+    pub next_hops: NextHopStats,
     pub drops: Vec<(&'static str, u64)>,
     /// (`lb.<name>` / `nat.<name>` / `out.<name>`, counters), in rule-id order.
     pub rules: Vec<(String, RuleCounters)>,
@@ -42,6 +46,9 @@ impl Totals {
             t.flow_capacity += u64::from(s.flow_capacity);
             t.handed_off += s.handed_off;
             t.handoff_dropped += s.handoff_dropped;
+            t.next_hops.entries += s.next_hops.entries;
+            t.next_hops.reclaimed += s.next_hops.reclaimed;
+            t.next_hops.refused += s.next_hops.refused;
             c.rx_packets += s.counters.rx_packets;
             c.tx_packets += s.counters.tx_packets;
             c.rsts_sent += s.counters.rsts_sent;
@@ -130,6 +137,9 @@ impl Totals {
         kv("events_dropped", self.events_dropped);
         kv("handed_off", self.handed_off);
         kv("handoff_dropped", self.handoff_dropped);
+        kv("next_hops", self.next_hops.entries);
+        kv("next_hops_reclaimed", self.next_hops.reclaimed);
+        kv("next_hops_refused", self.next_hops.refused);
         for (r, n) in &self.drops {
             kv(&format!("drop.{r}"), *n);
         }
@@ -199,6 +209,11 @@ backend_port = 8080
                 generation: 1,
                 snat: Vec::new(),
                 loop_latency: crate::handler::loop_histogram(),
+                next_hops: xlb_engine::net::NextHopStats {
+                    entries: flows as u64,
+                    reclaimed: 5,
+                    refused: created,
+                },
             }
         };
         let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);
@@ -212,6 +227,9 @@ backend_port = 8080
             "drop.no_flow=4",
             "rule.lb.web.flows_created=7",
             "handed_off=2",
+            "next_hops=3",
+            "next_hops_reclaimed=10",
+            "next_hops_refused=7",
         ] {
             assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
         }
