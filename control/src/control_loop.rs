@@ -1,8 +1,8 @@
-//! The control loop (20 ms tick): worker events and neighbour misses in; neighbours re-read
-//! every second — and every tick for a second after a worker reports a miss — and pushed to
-//! every worker when they changed; routes every second; members added live resolved at once;
-//! the self-probe's rounds; the status line and the stats file from the one sum of the
-//! workers' counters.
+//! The control loop (20 ms tick): worker events and neighbour misses in; the kernel's
+//! neighbour and route notifications applied and published to the workers' mailbox
+//! (`crate::kernel_watch`); neighbours the kernel dropped and members added live resolved
+//! again at once; the self-probe's rounds; the status line and the stats file from the one sum
+//! of the workers' counters.
 
 use std::{
     sync::{atomic::AtomicBool, atomic::Ordering, Arc, Mutex, PoisonError},
@@ -10,11 +10,10 @@ use std::{
 };
 
 use xlb_api::ControlState;
-use xlb_engine::{Addr, Route};
+use xlb_engine::Addr;
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes},
-    kernel,
     messages::{FromWorker, ToWorker},
     options::Options,
     plane::Shared,
@@ -26,8 +25,8 @@ use crate::{
 };
 
 const TICK: Duration = Duration::from_millis(20);
-const NEIGH_EVERY: Duration = Duration::from_secs(1);
 const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
+const KERNEL_WARNING_EVERY: Duration = Duration::from_secs(5);
 
 /// The address plane and the routes it reads, as the control loop sees them.
 #[derive(Debug)]
@@ -49,13 +48,13 @@ pub struct ControlLoop<'a> {
     signalled: &'a AtomicBool,
     self_probe: Option<&'a mut SelfProbe>,
     started: Instant,
-    next_neigh: Instant,
-    /// After a miss, re-read the neighbour table quickly for a while: ARP takes a round trip.
-    fast_neigh_until: Option<Instant>,
     next_status: Instant,
     next_stats_file: Instant,
-    last_neigh: Vec<(Addr, u16, [u8; 6])>,
-    last_routes: Vec<Route>,
+    next_kernel_warning: Instant,
+    /// Resyncs of the kernel watch seen (each is told as an event line).
+    resyncs: u64,
+    /// The routes' version the backend-side marks were computed from.
+    routes_version: u64,
     /// Backend-side marks to recompute after a route change (when no change is being
     /// published).
     marks_stale: bool,
@@ -78,6 +77,8 @@ pub struct Parts<'a> {
 impl<'a> ControlLoop<'a> {
     pub fn new(opts: &'a Options, p: Parts<'a>) -> ControlLoop<'a> {
         let now = Instant::now();
+        let resyncs = p.kernel.watch.stats().resyncs;
+        let routes_version = p.kernel.watch.view().routes_version;
         ControlLoop {
             opts,
             scale: p.state.snapshot().config.settings.lab_time_scale.max(1),
@@ -89,12 +90,11 @@ impl<'a> ControlLoop<'a> {
             signalled: p.signalled,
             self_probe: p.self_probe,
             started: now,
-            next_neigh: now + NEIGH_EVERY,
-            fast_neigh_until: None,
             next_status: now + opts.status_interval,
             next_stats_file: now,
-            last_neigh: Vec::new(),
-            last_routes: Vec::new(),
+            next_kernel_warning: now,
+            resyncs,
+            routes_version,
             marks_stale: false,
             members_probed_at: 0,
         }
@@ -123,7 +123,7 @@ impl<'a> ControlLoop<'a> {
             self.take_messages(Instant::now() + TICK);
             self.self_probe_round();
             let now = Instant::now();
-            self.kernel_tables(now);
+            self.follow_kernel(now);
             self.stats_file(now);
             self.status_line(now);
         }
@@ -156,10 +156,10 @@ impl<'a> ControlLoop<'a> {
         while let Ok(msg) = self.workers.from.recv_deadline(wake) {
             match msg {
                 FromWorker::Misses(list) => {
+                    // The kernel resolves them; the entries arrive as notifications.
                     for a in list {
                         self.kernel.resolver.probe(a);
                     }
-                    self.fast_neigh_until = Some(Instant::now() + Duration::from_secs(1));
                 }
                 FromWorker::Event(w, e) => {
                     if !self.opts.quiet {
@@ -202,54 +202,57 @@ impl<'a> ControlLoop<'a> {
             .unwrap_or_else(PoisonError::into_inner) = p.prober.report();
     }
 
-    /// Neighbours every second (every tick for a second after a miss), routes every second;
-    /// pushed to every worker when they changed.
-    fn kernel_tables(&mut self, now: Instant) {
-        let fast = self.fast_neigh_until.is_some_and(|t| now < t);
-        if now < self.next_neigh && !fast {
-            return;
-        }
-        self.next_neigh = now + NEIGH_EVERY;
-        if !fast {
-            self.fast_neigh_until = None;
-        }
-        match kernel::neighbours(&mut self.kernel.nl, &self.kernel.ports) {
-            Ok(mut list) => {
-                list.sort_unstable_by_key(|n| (n.0, n.1));
-                if list != self.last_neigh {
-                    self.to_workers(|| ToWorker::Neighbours(list.clone()));
-                    self.last_neigh = list;
-                }
+    /// The kernel's notifications: neighbour and route changes published to every worker's
+    /// mailbox (never lost); neighbours it dropped that the dataplane needs resolved again;
+    /// backend-side marks recomputed after a route change.
+    fn follow_kernel(&mut self, now: Instant) {
+        if let Err(e) = self.kernel.watch.poll() {
+            if now >= self.next_kernel_warning {
+                self.next_kernel_warning = now + KERNEL_WARNING_EVERY;
+                tracing::warn!("following the kernel's neighbours and routes: {e}");
             }
-            Err(e) => tracing::warn!("reading neighbours: {e}"),
         }
-        if !fast {
-            self.routes();
+        self.resolve_gone();
+        let resyncs = self.kernel.watch.stats().resyncs;
+        if resyncs != self.resyncs {
+            self.resyncs = resyncs;
+            if !self.opts.quiet {
+                report::line(&format!(
+                    "xlbd event kernel_resync resyncs={resyncs} why=\"netlink notifications \
+                     were lost; neighbours, routes and links read again\""
+                ));
+            }
+        }
+        let routes_version = self.kernel.watch.view().routes_version;
+        if routes_version != self.routes_version {
+            // The backend-side interfaces depend on the routes to the members.
+            self.routes_version = routes_version;
+            *self
+                .live
+                .routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = self.kernel.watch.routes().to_vec();
+            self.marks_stale = true;
         }
     }
 
-    fn routes(&mut self) {
-        match kernel::routes(&mut self.kernel.nl, &self.kernel.ports) {
-            Ok(r) if r != self.last_routes => {
-                self.to_workers(|| ToWorker::Routes(r.clone()));
-                *self
-                    .live
-                    .routes
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = r.clone();
-                self.marks_stale = true;
-                self.last_routes = r;
+    /// Members, NAT targets and gateways the kernel dropped (its garbage collector does not
+    /// know the dataplane uses them): resolved again before a new flow needs them.
+    fn resolve_gone(&mut self) {
+        let gone = self.kernel.watch.take_gone();
+        if !gone.is_empty() {
+            let snap = self.state.snapshot();
+            let routes = self.kernel.watch.routes();
+            let needed = |a: &Addr| {
+                snap.rules.member_addrs().contains(a)
+                    || routes.iter().any(|r| r.gateway == Some(*a))
+            };
+            let wanted: Vec<Addr> = gone.into_iter().filter(|a| needed(a)).collect();
+            for a in wanted {
+                self.kernel.resolver.probe_soon(a);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("reading routes: {e}"),
         }
-    }
-
-    /// Sends a message to every worker; a full channel drops it (the next supersedes it).
-    fn to_workers(&self, msg: impl Fn() -> ToWorker) {
-        for h in &self.workers.handles {
-            let _ = h.to.try_send(msg());
-        }
+        self.kernel.resolver.retry_deferred();
     }
 
     fn stats_file(&mut self, now: Instant) {

@@ -76,15 +76,15 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let (runtime, signalled) = startup::runtime()?;
     let endpoints = startup::bind_endpoints(&runtime, opts)?;
     let mut kernel = startup::read_kernel(opts, &config)?;
-    let self_probe = preflight::self_probe(opts, &config, &kernel.ports, &kernel.routes)?;
+    let self_probe = preflight::self_probe(opts, &config, &kernel.ports, kernel.watch.routes())?;
     let attached = startup::attach_xdp(opts, &kernel, &rules)?;
-    let neighbours = startup::settle_neighbours(&mut kernel)?;
+    startup::settle_neighbours(&mut kernel)?;
     let mut workers = workers::spawn_all(&workers::Start {
         opts,
         xdp: &attached.xdp,
         ports: &kernel.ports,
-        routes: &kernel.routes,
-        neighbours: &neighbours,
+        port_vlans: &kernel.port_vlans,
+        kernel: kernel.watch.mailbox(),
         rules: &rules,
         queues: kernel.queues,
         probe_sources: self_probe
@@ -121,7 +121,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         services,
         self_probe,
     };
-    report::line(&ready_line(opts, &running, &neighbours, &listening));
+    report::line(&ready_line(opts, &running, &listening));
     Ok(running)
 }
 
@@ -217,16 +217,11 @@ async fn serve_api(
 }
 
 /// `xlbd ready …`: always printed, even with `--quiet` (scripts wait for it).
-fn ready_line(
-    opts: &Options,
-    r: &Running,
-    neighbours: &[(xlb_engine::Addr, xlb_afxdp::PortId, [u8; 6])],
-    listening: &str,
-) -> String {
+fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
     let rules = r.state.snapshot().rules.clone();
     let mut line = format!(
         "xlbd ready interfaces={} workers={} queues={} poll={} afxdp={} frontends={} \
-         rules={} neighbours={}{listening}",
+         rules={} neighbours={}{}{listening}",
         r.attached.described.join(","),
         opts.workers,
         r.kernel.queues,
@@ -234,7 +229,8 @@ fn ready_line(
         report::afxdp_mode(&r.workers.sockets),
         r.config.frontends.len(),
         rules.rules().count(),
-        neighbours.len(),
+        r.kernel.watch.view().neighbours.len(),
+        vlans(opts),
     );
     if let Some(p) = &r.self_probe {
         let sources: Vec<String> = p
@@ -254,6 +250,20 @@ fn ready_line(
         line.push_str(&format!(" lab_time_scale={scale}"));
     }
     line
+}
+
+/// ` vlans=IFACE:ID+ID,…` when `--vlan` is given.
+fn vlans(opts: &Options) -> String {
+    if opts.vlans.is_empty() {
+        return String::new();
+    }
+    let vlans: Vec<String> = (opts.vlans.iter())
+        .map(|(i, ids)| {
+            let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+            format!("{i}:{}", ids.join("+"))
+        })
+        .collect();
+    format!(" vlans={}", vlans.join(","))
 }
 
 /// The shutdown order: the API first (no change may be in flight while the workers stop),

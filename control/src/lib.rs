@@ -14,6 +14,7 @@ pub mod control_loop;
 pub mod daemon;
 pub mod handler;
 pub mod kernel;
+pub mod kernel_watch;
 pub mod limits;
 pub mod messages;
 pub mod metrics;

@@ -5,20 +5,15 @@
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
-use xlb_afxdp::PortId;
 use xlb_api::FlowFilter;
-use xlb_engine::{flow::FlowId, Addr, Event, FlowInfo, Route, RuleSet};
+use xlb_engine::{flow::FlowId, Addr, Event, FlowInfo, RuleSet};
 
 use crate::plane::cell::CellWriter;
 
-/// Control thread → worker.
+/// Control thread → worker. (The kernel's neighbours and routes take the mailbox instead:
+/// `EngineHandler::with_kernel`.)
 #[derive(Debug, Clone)]
 pub enum ToWorker {
-    /// Usable neighbours on the worker's ports: (address, port, MAC). Applied in place, so
-    /// flows whose next hop changed MAC follow it.
-    Neighbours(Vec<(Addr, PortId, [u8; 6])>),
-    /// The kernel's routes, translated to port numbers.
-    Routes(Vec<Route>),
     /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`].
     Rules(Arc<RuleSet>),
     /// A page of this worker's flows, for the flow listing of the API.

@@ -47,6 +47,8 @@ pub struct Options {
     pub self_probe_sources: Vec<IpAddr>,
     /// Interval of the self-probe, before the lab time scale.
     pub self_probe_interval: Duration,
+    /// `--vlan IFACE:ID[,ID...]`: VLANs whose tagged frames are accepted on an interface.
+    pub vlans: Vec<(String, Vec<u16>)>,
 }
 
 impl Options {

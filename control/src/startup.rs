@@ -3,7 +3,6 @@
 //! the services; each phase's failure says what to do and carries its exit code.
 
 use std::{
-    collections::HashSet,
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -15,11 +14,12 @@ use std::{
 use tokio::runtime::Runtime;
 use xlb_afxdp::{netlink::Netlink, XdpProgram};
 use xlb_api::{Bound, ServeOptions};
-use xlb_engine::{Addr, Config, MemberHealth, Route, RuleSet};
+use xlb_engine::{Addr, Config, MemberHealth, RuleSet};
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes, XdpMaps},
-    kernel::{self, Port, Resolver},
+    kernel::{self, Port, PortVlan, Resolver},
+    kernel_watch::KernelWatch,
     metrics,
     options::{describe_listen, load_config, Failure, Options},
     preflight,
@@ -106,9 +106,11 @@ pub fn bind_endpoints(runtime: &Runtime, opts: &Options) -> Result<Endpoints, Fa
 /// What the kernel of the appliance knows, as the daemon keeps it.
 #[derive(Debug)]
 pub struct Kernel {
-    pub nl: Netlink,
+    /// Neighbours and routes, followed from the kernel's notifications.
+    pub watch: KernelWatch,
     pub ports: Vec<Port>,
-    pub routes: Vec<Route>,
+    /// `--vlan`, by port.
+    pub port_vlans: Vec<PortVlan>,
     /// Pool members and NAT targets of the start-up configuration.
     pub members: Vec<IpAddr>,
     pub resolver: Resolver,
@@ -116,28 +118,30 @@ pub struct Kernel {
     pub backend_side: Vec<bool>,
 }
 
-/// Phase 4: the ports, routes, queues and backend-side interfaces; members' neighbours are
-/// asked for at once, so that the first SYN does not wait for ARP (a miss costs the client a
-/// SYN retransmission, 1 s).
+/// Phase 4: the ports (and their `--vlan`s), the kernel's neighbours and routes (subscribed
+/// to, then read once; followed from the notifications from here on), the queues and the
+/// backend-side interfaces; members' neighbours are asked for at once, so that the first SYN
+/// does not wait for ARP (a miss costs the client a SYN retransmission, 1 s).
 pub fn read_kernel(opts: &Options, config: &Config) -> Result<Kernel, Failure> {
     let mut nl = Netlink::open().map_err(|e| Failure::runtime(format!("netlink socket: {e}")))?;
     let links = nl
         .links()
         .map_err(|e| Failure::runtime(format!("listing interfaces: {e}")))?;
     let ports = kernel::ports(&links, &opts.interfaces).map_err(Failure::usage)?;
-    let routes = kernel::routes(&mut nl, &ports)
-        .map_err(|e| Failure::runtime(format!("reading routes: {e}")))?;
+    let port_vlans = kernel::port_vlans(&ports, &opts.vlans).map_err(Failure::usage)?;
+    let watch = KernelWatch::start(&ports, &port_vlans)
+        .map_err(|e| Failure::runtime(format!("reading routes and neighbours: {e}")))?;
     let queues = preflight::queues(opts, &ports)?;
     let members = preflight::members(config);
-    let backend_side = preflight::backend_side(opts, &ports, &routes, &members)?;
+    let backend_side = preflight::backend_side(opts, &ports, watch.routes(), &members)?;
     let mut resolver = Resolver::new(Duration::from_millis(200));
     for m in &members {
         resolver.probe(Addr::from(*m));
     }
     Ok(Kernel {
-        nl,
+        watch,
         ports,
-        routes,
+        port_vlans,
         members,
         resolver,
         queues,
@@ -182,7 +186,7 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         })?;
         modes.push(format!("{mode:?}").to_lowercase());
     }
-    let routes: SharedRoutes = Arc::new(Mutex::new(k.routes.clone()));
+    let routes: SharedRoutes = Arc::new(Mutex::new(k.watch.routes().to_vec()));
     let maps = XdpMaps {
         table: xdp
             .addr_table()
@@ -215,20 +219,18 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
     })
 }
 
-/// Phase 6: give the warm-up probes up to 300 ms, then take the neighbour table as it is.
-pub fn settle_neighbours(
-    k: &mut Kernel,
-) -> Result<Vec<(Addr, xlb_afxdp::PortId, [u8; 6])>, Failure> {
+/// Phase 6: give the warm-up probes up to 300 ms (their answers arrive as notifications),
+/// then take the neighbour table as it is.
+pub fn settle_neighbours(k: &mut Kernel) -> Result<(), Failure> {
     let deadline = Instant::now() + Duration::from_millis(300);
-    let mut neigh = Vec::new();
     while Instant::now() < deadline {
-        neigh = kernel::neighbours(&mut k.nl, &k.ports)
+        k.watch
+            .poll()
             .map_err(|e| Failure::runtime(format!("reading neighbours: {e}")))?;
-        let known: HashSet<Addr> = neigh.iter().map(|n| n.0).collect();
-        if k.members.iter().all(|m| known.contains(&Addr::from(*m))) {
+        if k.members.iter().all(|m| k.watch.knows(Addr::from(*m))) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(neigh)
+    Ok(())
 }

@@ -77,6 +77,9 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     kv("events_dropped", sum.events_dropped);
     kv("handed_off", sum.handed_off);
     kv("handoff_dropped", sum.handoff_dropped);
+    kv("next_hops", sum.next_hops.entries);
+    kv("next_hops_reclaimed", sum.next_hops.reclaimed);
+    kv("next_hops_refused", sum.next_hops.refused);
     for r in DropReason::all() {
         kv(&format!("drop.{}", r.as_str()), sum.drop_count(r));
     }
@@ -141,6 +144,11 @@ backend_port = 8080
                 flows,
                 flow_capacity: 100,
                 handed_off: 1,
+                next_hops: xlb_engine::net::NextHopStats {
+                    entries: flows,
+                    reclaimed: 5,
+                    refused: created,
+                },
                 generation: 1,
                 ..WorkerCounters::default()
             }
@@ -156,6 +164,9 @@ backend_port = 8080
             "drop.no_flow=4",
             "rule.lb.web.flows_created=7",
             "handed_off=2",
+            "next_hops=3",
+            "next_hops_reclaimed=10",
+            "next_hops_refused=7",
         ] {
             assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
         }

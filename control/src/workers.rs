@@ -13,11 +13,12 @@ use xlb_afxdp::{
     spawn, sys, worker::SocketInfo, PollMode, Worker, WorkerConfig, WorkerExit, WorkerStats,
     XdpProgram,
 };
-use xlb_engine::{Addr, Engine, EngineConfig, Route, RuleSet};
+use xlb_engine::{Addr, Engine, EngineConfig, RuleSet};
 
 use crate::{
     handler::EngineHandler,
-    kernel::Port,
+    kernel::{Port, PortVlan},
+    kernel_watch::KernelMailbox,
     messages::{Ack, ControlLink, FromWorker, ToWorker},
     options::{Failure, Options},
     plane::{
@@ -67,8 +68,9 @@ pub struct Start<'a> {
     pub opts: &'a Options,
     pub xdp: &'a XdpProgram,
     pub ports: &'a [Port],
-    pub routes: &'a [Route],
-    pub neighbours: &'a [(Addr, xlb_afxdp::PortId, [u8; 6])],
+    pub port_vlans: &'a [PortVlan],
+    /// The kernel's neighbours and routes, as every engine follows them.
+    pub kernel: Arc<KernelMailbox>,
     pub rules: &'a Arc<RuleSet>,
     pub queues: u32,
     /// Self-probe sources: answers to them are taken off the wire.
@@ -120,7 +122,8 @@ fn poll_mode(opts: &Options) -> PollMode {
     }
 }
 
-/// The engine of worker `w`, told the ports, routes and neighbours.
+/// The engine of worker `w`, told the ports and their VLANs (the kernel's view comes with the
+/// mailbox).
 fn engine(s: &Start, w: usize) -> Engine {
     let ecfg = EngineConfig {
         worker: w as u16,
@@ -134,9 +137,8 @@ fn engine(s: &Start, w: usize) -> Engine {
     for p in s.ports {
         net.set_port(p.id, p.mac);
     }
-    net.set_routes(s.routes.to_vec());
-    for (a, port, mac) in s.neighbours {
-        let _ = net.set_neighbor(*a, *port, *mac);
+    for pv in s.port_vlans {
+        net.allow_vlan(pv.port, pv.vlan);
     }
     engine
 }
@@ -175,7 +177,8 @@ fn spawn_one(
         counters: writer,
     };
     let handler = EngineHandler::new(w, engine(s, w), link, PUBLISH_EVERY_NS, Some(steering))
-        .with_probe_sources(s.probe_sources.clone());
+        .with_probe_sources(s.probe_sources.clone())
+        .with_kernel(Arc::clone(&s.kernel));
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

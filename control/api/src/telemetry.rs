@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 use xlb_engine::flow::{FlowId, Nat};
+use xlb_engine::net::NextHopStats;
 use xlb_engine::ruleset::PROTO_TCP;
 use xlb_engine::tcp::TcpState;
 use xlb_engine::time::Nanos;
@@ -52,6 +53,8 @@ pub struct WorkerCounters {
     pub handed_off: u64,
     /// Of those, frames lost because the owner's inbox was full.
     pub handoff_dropped: u64,
+    /// The next-hop table: entries in use, reclaimed and refused.
+    pub next_hops: NextHopStats,
     /// The rule-set generation the worker ran when it took these counters.
     pub generation: u64,
 }
@@ -72,6 +75,7 @@ impl Clone for WorkerCounters {
         self.flow_capacity = source.flow_capacity;
         self.handed_off = source.handed_off;
         self.handoff_dropped = source.handoff_dropped;
+        self.next_hops = source.next_hops;
         self.generation = source.generation;
     }
 }
@@ -92,6 +96,8 @@ pub struct CounterSum {
     pub flow_capacity: u64,
     pub handed_off: u64,
     pub handoff_dropped: u64,
+    /// Next-hop entries in use, reclaimed and refused (table full).
+    pub next_hops: NextHopStats,
     /// Every live rule, in rule-id order, zeros included.
     pub rules: Vec<(RuleId, RuleCounters)>,
 }
@@ -128,6 +134,7 @@ pub fn sum<'a>(
         flow_capacity: 0,
         handed_off: 0,
         handoff_dropped: 0,
+        next_hops: NextHopStats::default(),
         rules: rules
             .rules()
             .map(|(id, _)| (id, RuleCounters::default()))
@@ -147,6 +154,9 @@ pub fn sum<'a>(
         s.flow_capacity += w.flow_capacity;
         s.handed_off += w.handed_off;
         s.handoff_dropped += w.handoff_dropped;
+        s.next_hops.entries += w.next_hops.entries;
+        s.next_hops.reclaimed += w.next_hops.reclaimed;
+        s.next_hops.refused += w.next_hops.refused;
         for (id, total) in s.rules.iter_mut() {
             if counts_for(rules, *id, w.generation) {
                 total.add(&c.rule(*id));

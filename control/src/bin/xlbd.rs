@@ -107,6 +107,16 @@ struct Cli {
     /// Seconds between self-probes of each TCP rule, 0.1–3600 (divided by the lab time scale).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     self_probe_interval: f64,
+    /// Accept 802.1Q-tagged frames of these VLANs (1-4094) on interface IFACE (repeatable).
+    /// Other tagged frames are dropped (vlan_tag). Replies go back with the client's tag;
+    /// toward a neighbour the frame carries the tag of the VLAN interface the kernel knows
+    /// it on (none on the interface itself).
+    #[arg(long = "vlan", value_name = "IFACE:ID[,ID...]", value_parser = parse_vlan)]
+    vlans: Vec<(String, Vec<u16>)>,
+}
+
+fn parse_vlan(v: &str) -> Result<(String, Vec<u16>), String> {
+    xlb_control::kernel::parse_vlan_option(v)
 }
 
 /// The numeric options, range-checked (xlb_control::limits).
@@ -214,6 +224,7 @@ fn main() -> ExitCode {
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
         self_probe_interval: checked.self_probe_interval,
+        vlans: cli.vlans,
     };
     match daemon::run(opts) {
         Ok(()) => ExitCode::SUCCESS,

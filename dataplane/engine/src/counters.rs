@@ -36,12 +36,14 @@ pub enum DropReason {
     BadTcpFlags,
     /// A TCP segment of a known flow outside its window (see `tcp`): changes nothing.
     OutOfWindow,
+    /// An 802.1Q tag the configuration does not name on the ingress port.
+    VlanTag,
 }
 
 impl DropReason {
     pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 13] = [
+    pub const NON_PARSE: [DropReason; 14] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -55,6 +57,7 @@ impl DropReason {
         DropReason::HopLimit,
         DropReason::BadTcpFlags,
         DropReason::OutOfWindow,
+        DropReason::VlanTag,
     ];
 
     /// Dense index for counter arrays.
@@ -94,6 +97,7 @@ impl DropReason {
             DropReason::HopLimit => "hop_limit",
             DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::OutOfWindow => "out_of_window",
+            DropReason::VlanTag => "vlan_tag",
         }
     }
 }

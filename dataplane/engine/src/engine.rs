@@ -12,7 +12,7 @@ use crate::addr::Addr;
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::late::LateTable;
-use crate::net::{NextHopError, NextHopId, NextHops, PortId};
+use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
@@ -112,6 +112,10 @@ pub struct Engine {
     exhausted: Vec<Addr>,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
+    /// Next flow slot whose forward hop to re-resolve after the routes changed, and the
+    /// [`NextHops::route_epoch`] that re-resolution serves.
+    rehome: Option<u32>,
+    rehome_epoch: u64,
     scratch: [u8; MAX_RST_FRAME],
 }
 
@@ -133,6 +137,8 @@ impl Engine {
             events: Vec::with_capacity(cfg.event_capacity),
             exhausted: Vec::new(),
             sweep: None,
+            rehome: None,
+            rehome_epoch: 0,
             scratch: [0; MAX_RST_FRAME],
             rules,
             cfg,
@@ -184,6 +190,11 @@ impl Engine {
         &self.counters
     }
 
+    /// Next-hop entries in use, reclaimed and refused.
+    pub fn next_hop_stats(&self) -> NextHopStats {
+        self.net.stats()
+    }
+
     pub fn flow_count(&self) -> usize {
         self.flows.len()
     }
@@ -222,7 +233,10 @@ impl Engine {
 
     /// The earliest time at which [`expire`](Self::expire) has work, for the worker's sleep.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        if self.sweep.is_some() {
+        if self.sweep.is_some()
+            || self.rehome.is_some()
+            || self.net.route_epoch() != self.rehome_epoch
+        {
             return Some(0);
         }
         self.wheel.next_deadline()
@@ -267,14 +281,41 @@ impl Engine {
         }
     }
 
-    /// Processes one received frame in place.
+    /// Processes one received frame in place. A frame that must leave with a VLAN tag it
+    /// arrived without needs room to grow: see [`process_buf`](Self::process_buf).
     #[inline]
     pub fn process(&mut self, now: Nanos, ingress: PortId, frame: &mut [u8]) -> Verdict {
+        let len = frame.len();
+        self.process_buf(now, ingress, frame, len)
+    }
+
+    /// Processes the frame `buf[..len]` received on `ingress`, in place; the rest of `buf` is
+    /// room it may grow into (4 bytes are enough: a VLAN tag), so `Verdict::Tx` may say
+    /// more than `len` bytes.
+    ///
+    /// A tagged frame is dropped as `vlan_tag` unless its VLAN is allowed on `ingress`
+    /// ([`NextHops::allow_vlan`]). A forwarded frame always leaves with the tag of its next
+    /// hop: the sender's own tag back to a sender (learned with it), the neighbour's toward a
+    /// destination (none unless the neighbour sits on a VLAN).
+    #[inline]
+    pub fn process_buf(
+        &mut self,
+        now: Nanos,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Verdict {
         self.counters.rx_packets += 1;
-        let pkt = match wire::parse(frame) {
+        let len = len.min(buf.len());
+        let pkt = match wire::parse(&buf[..len]) {
             Ok(p) => p,
             Err(e) => return self.drop(DropReason::Parse(e)),
         };
+        if let Some(vlan) = pkt.vlan {
+            if !self.net.vlan_allowed(ingress, vlan) {
+                return self.drop(DropReason::VlanTag);
+            }
+        }
         if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
             return self.drop(DropReason::Unsupported);
         }
@@ -301,11 +342,11 @@ impl Engine {
                     // A new connection reusing the tuple of one that is over (or of a
                     // handshake that this SYN is not part of).
                     self.remove_flow(id);
-                    return self.miss(now, ingress, frame, &pkt, &tuple, hash);
+                    return self.miss(now, ingress, buf, len, &pkt, &tuple, hash);
                 }
                 match self.track(now, id, dir, &seg) {
                     Outcome::Tracked(_) => {}
-                    Outcome::Passed => return self.emit(id, dir, frame, &pkt),
+                    Outcome::Passed => return self.emit(id, dir, buf, len, &pkt),
                     Outcome::OutOfWindow => {
                         let rule = self.flows.get(id).rule;
                         return self.drop_for(rule, DropReason::OutOfWindow);
@@ -314,13 +355,13 @@ impl Engine {
             } else if dir == ORIG {
                 let f = self.flows.get(id);
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
-                    return self.move_udp(now, id, ingress, frame, &pkt, &tuple, hash);
+                    return self.move_udp(now, id, ingress, buf, len, &pkt, &tuple, hash);
                 }
             }
             self.flows.get_mut(id).last_seen = now;
-            return self.emit(id, dir, frame, &pkt);
+            return self.emit(id, dir, buf, len, &pkt);
         }
-        self.miss(now, ingress, frame, &pkt, &tuple, hash)
+        self.miss(now, ingress, buf, len, &pkt, &tuple, hash)
     }
 
     /// Health: a UDP flow whose backend went down (probe or admin state) moves, at its next
@@ -336,14 +377,15 @@ impl Engine {
         now: Nanos,
         id: FlowId,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         tuple: &FlowTuple,
         hash: u64,
     ) -> Verdict {
         let rule = self.flows.get(id).rule;
         self.remove_flow(id);
-        let verdict = self.miss(now, ingress, frame, pkt, tuple, hash);
+        let verdict = self.miss(now, ingress, buf, len, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
             rule_counters(&mut self.counters, rule).flows_moved += 1;
         }
@@ -384,7 +426,47 @@ impl Engine {
             }
             self.sweep = (end < self.flows.capacity() as usize).then_some(end as u32);
         }
+        let epoch = self.net.route_epoch();
+        if epoch != self.rehome_epoch {
+            // Routes changed (again): every flow's forward hop is looked up anew.
+            self.rehome_epoch = epoch;
+            self.rehome = Some(0);
+        }
+        match self.rehome {
+            Some(cursor) if done < budget => {
+                let end = (cursor as usize + (budget - done)).min(self.flows.capacity() as usize);
+                for id in cursor..end as u32 {
+                    if self.flows.is_live(id) {
+                        self.rehome_flow(id);
+                    }
+                    done += 1;
+                }
+                self.rehome = (end < self.flows.capacity() as usize).then_some(end as u32);
+            }
+            _ => {}
+        }
         done
+    }
+
+    /// Points flow `id`'s forward hop where the routes lead now. A flow whose new neighbour
+    /// is not known yet keeps its old hop until it is (the miss was queued for resolution).
+    fn rehome_flow(&mut self, id: FlowId) {
+        let f = self.flows.get(id);
+        let toward = match f.nat {
+            Nat::Snat => f.orig_dst,
+            Nat::Dnat | Nat::None => f.xlat,
+        };
+        let old = f.next_hop[ORIG];
+        match self.net.resolve(toward) {
+            Ok(new) if new != old => {
+                self.net.acquire(new);
+                self.net.release(old);
+                self.flows.get_mut(id).next_hop[ORIG] = new;
+            }
+            Ok(_) => {}
+            Err(NextHopError::NoNeighbor) => self.net.rehome_incomplete(),
+            Err(_) => {}
+        }
     }
 
     fn expire_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
@@ -450,6 +532,9 @@ impl Engine {
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
+        for hop in f.next_hop {
+            self.net.release(hop);
+        }
         self.wheel.remove(id);
         self.flows.remove(id);
         if let Some(n) = self.counters.live_flows.get_mut(usize::from(f.rule)) {
@@ -498,9 +583,11 @@ impl Engine {
         outcome
     }
 
-    /// Rewrites a packet of flow `id`, direction `dir`, and addresses it to its next hop.
+    /// Rewrites a packet of flow `id`, direction `dir` (the frame `buf[..len]`), and addresses
+    /// it to its next hop, with that hop's VLAN tag.
     #[inline]
-    fn emit(&mut self, id: FlowId, dir: Dir, frame: &mut [u8], pkt: &Packet) -> Verdict {
+    fn emit(&mut self, id: FlowId, dir: Dir, buf: &mut [u8], len: usize, pkt: &Packet) -> Verdict {
+        let frame = &mut buf[..len];
         if !wire::decrement_hop_limit(frame, pkt) {
             return self.drop(DropReason::HopLimit);
         }
@@ -530,26 +617,32 @@ impl Engine {
         };
         let (rule, hop) = (f.rule, f.next_hop[dir]);
         wire::rewrite(frame, pkt, &rw);
-        let hop = self.net.get(hop);
-        frame[0..6].copy_from_slice(&hop.dst_mac);
-        frame[6..12].copy_from_slice(&hop.src_mac);
-        let port = hop.port;
+        let hop = *self.net.get(hop);
+        // Last: the tag moves the IP header, which `pkt`'s offsets describe.
+        let Some(len) = wire::retag(buf, len, pkt.vlan, hop.vlan) else {
+            // No room to add the tag (a caller without room in its buffers).
+            return self.drop(DropReason::VlanTag);
+        };
+        buf[0..6].copy_from_slice(&hop.dst_mac);
+        buf[6..12].copy_from_slice(&hop.src_mac);
         let c = rule_counters(&mut self.counters, rule);
         c.packets[dir] += 1;
-        c.bytes[dir] += frame.len() as u64;
+        c.bytes[dir] += len as u64;
         self.counters.tx_packets += 1;
         Verdict::Tx {
-            port,
-            len: frame.len() as u16,
+            port: hop.port,
+            len: len as u16,
         }
     }
 
     /// A packet without a flow.
+    #[allow(clippy::too_many_arguments)]
     fn miss(
         &mut self,
         now: Nanos,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         tuple: &FlowTuple,
         hash: u64,
@@ -574,7 +667,9 @@ impl Engine {
                 self.count_late(hash, now);
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
-                    UnknownFlowPolicy::Reset => return self.answer_rst(rule, ingress, frame, pkt),
+                    UnknownFlowPolicy::Reset => {
+                        return self.answer_rst(rule, ingress, &mut buf[..len], pkt)
+                    }
                     UnknownFlowPolicy::Pickup if pkt.tcp_flags & RST != 0 => {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
@@ -601,7 +696,7 @@ impl Engine {
                 tcp: track,
                 last_seen: now,
             };
-            return self.create(ingress, frame, pkt, flow, backend.addr, hash);
+            return self.create(ingress, buf, len, pkt, flow, backend.addr, hash);
         }
         if let Some((rule, blocks)) = self.rules.match_outbound(pkt.proto, pkt.src) {
             if is_tcp && !is_syn {
@@ -637,7 +732,7 @@ impl Engine {
                 },
                 last_seen: now,
             };
-            return self.create(ingress, frame, pkt, flow, pkt.dst, hash);
+            return self.create(ingress, buf, len, pkt, flow, pkt.dst, hash);
         }
         if is_tcp && self.count_late(hash, now) {
             return self.drop(DropReason::NoFlow);
@@ -652,14 +747,15 @@ impl Engine {
     fn create(
         &mut self,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         flow: Flow,
         toward: Addr,
         hash: u64,
     ) -> Verdict {
         let rule = flow.rule;
-        let id = match self.insert_flow(ingress, frame, pkt, flow, toward, hash) {
+        let id = match self.insert_flow(ingress, buf, pkt, flow, toward, hash) {
             Ok(id) => id,
             Err(reason) => {
                 if flow.nat == Nat::Snat {
@@ -668,7 +764,7 @@ impl Engine {
                 return self.drop_for(rule, reason);
             }
         };
-        let verdict = self.emit(id, ORIG, frame, pkt);
+        let verdict = self.emit(id, ORIG, buf, len, pkt);
         if matches!(verdict, Verdict::Drop(_)) {
             // A flow never outlives a first packet that did not leave (the hop limit, the only
             // reason `emit` refuses, is checked before any flow is created).
@@ -683,7 +779,7 @@ impl Engine {
         verdict
     }
 
-    /// Resolves both next hops of `flow` and inserts it.
+    /// Resolves both next hops of `flow`, inserts it and takes its references on them.
     fn insert_flow(
         &mut self,
         ingress: PortId,
@@ -703,9 +799,17 @@ impl Engine {
         flow.next_hop = [forward, back];
         let id = match self.flows.insert_new(flow, hash) {
             Ok(id) => id,
-            Err(InsertError::Full) => return Err(DropReason::FlowTableFull),
-            Err(InsertError::Conflict) => return Err(DropReason::TupleConflict),
+            Err(e) => {
+                // A sender learned for this flow alone goes with it.
+                self.net.release_if_unused(back);
+                return Err(match e {
+                    InsertError::Full => DropReason::FlowTableFull,
+                    InsertError::Conflict => DropReason::TupleConflict,
+                });
+            }
         };
+        self.net.acquire(forward);
+        self.net.acquire(back);
         self.late.forget(hash);
         live_flows(&mut self.counters, flow.rule);
         let deadline = self.deadline(self.flows.get(id));

@@ -1,9 +1,13 @@
 //! The adapter between the AF_XDP worker loop and the pure engine: each worker owns one
-//! [`EngineHandler`]. The control thread talks to it only through bounded channels
-//! (`crate::messages`): what the kernel knows (neighbours, routes) and new rule sets go in;
-//! acks, events and neighbour misses come out. Counters are published into the worker's cell
-//! four times a second, without allocating. Frames of flows another worker owns are handed
-//! to it (`crate::steering`).
+//! [`EngineHandler`]. The control thread talks to it through bounded channels
+//! (`crate::messages`: rule sets, flow queries and self-probes in; acks, events and
+//! neighbour misses out; nothing blocks) and one mailbox: what the kernel knows (neighbours,
+//! routes) is the latest [`KernelView`](crate::kernel_watch::KernelView), which the worker
+//! takes whenever its version moved, so that no kernel change is ever lost to a full channel.
+//! Counters are published into the worker's cell four times a second, without allocating.
+//! Frames of flows another worker owns are handed to it (`crate::steering`).
+
+use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
@@ -12,6 +16,7 @@ use xlb_api::SnatUsage;
 use xlb_engine::{flow::Flow, wire, Addr, Engine, Verdict};
 
 use crate::{
+    kernel_watch::{self, Applied, KernelMailbox},
     messages::{Ack, ControlLink, FlowAnswer, FlowQuery, FromWorker, ToWorker},
     plane::cell::{loop_histogram, CellWriter},
     selfprobe::{self, Injection},
@@ -50,6 +55,9 @@ pub struct EngineHandler {
     handoff_dropped: u64,
     /// Self-probe source addresses: frames to them are probe answers, taken off the wire.
     probe_sources: Vec<Addr>,
+    /// Where the latest kernel view waits, and what this worker took of it.
+    kernel: Option<Arc<KernelMailbox>>,
+    kernel_applied: Applied,
 }
 
 impl EngineHandler {
@@ -76,7 +84,29 @@ impl EngineHandler {
             handed_off: 0,
             handoff_dropped: 0,
             probe_sources: Vec::new(),
+            kernel: None,
+            kernel_applied: Applied::default(),
         }
+    }
+
+    /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
+    /// view it holds now.
+    pub fn with_kernel(mut self, mailbox: Arc<KernelMailbox>) -> Self {
+        self.kernel = Some(mailbox);
+        self.take_kernel_view();
+        self
+    }
+
+    /// Applies the kernel's latest view if it moved since this worker last took it.
+    fn take_kernel_view(&mut self) {
+        let Some(view) = self
+            .kernel
+            .as_ref()
+            .and_then(|mb| mb.newer_than(self.kernel_applied.version))
+        else {
+            return;
+        };
+        kernel_watch::apply(self.engine.next_hops(), &view, &mut self.kernel_applied);
     }
 
     /// Takes answers to the data-path self-probes from `sources` off the wire.
@@ -89,7 +119,12 @@ impl EngineHandler {
     /// (with the other frames this worker did not receive itself) or reported dropped.
     fn inject(&mut self, now_ns: u64, inj: Injection) {
         let mut frame = inj.frame;
-        match self.engine.process(now_ns, inj.ingress, &mut frame) {
+        let len = frame.len();
+        frame.resize(len + wire::VLAN_HLEN, 0);
+        match self
+            .engine
+            .process_buf(now_ns, inj.ingress, &mut frame, len)
+        {
             Verdict::Tx { port, len } => {
                 frame.truncate(usize::from(len));
                 self.outbox.push((
@@ -102,7 +137,7 @@ impl EngineHandler {
                 ));
             }
             Verdict::Drop(_) => {
-                if let Ok(p) = wire::parse(&frame) {
+                if let Ok(p) = wire::parse(&frame[..len]) {
                     let _ = self.to_control.try_send(FromWorker::ProbeAnswer {
                         source: p.src,
                         port: p.src_port,
@@ -187,6 +222,7 @@ impl EngineHandler {
             c.flow_capacity = u64::from(engine.flow_capacity());
             c.handed_off = *handed_off;
             c.handoff_dropped = *handoff_dropped;
+            c.next_hops = engine.next_hop_stats();
             c.generation = engine.rules().generation();
             s.snat.clear();
             s.snat.extend(engine.rules().outbound_allocations().map(
@@ -258,8 +294,13 @@ impl EngineHandler {
             let Some(Ok(mut h)) = self.steering.as_ref().map(|st| st.inbox.try_recv()) else {
                 break;
             };
-            if let Verdict::Tx { port, len } = self.engine.process(now_ns, h.ingress, &mut h.frame)
-            {
+            // Room for a VLAN tag: the buffers are allocated with a frame's capacity.
+            let len = h.frame.len();
+            h.frame.resize(len + wire::VLAN_HLEN, 0);
+            let verdict = self
+                .engine
+                .process_buf(now_ns, h.ingress, &mut h.frame, len);
+            if let Verdict::Tx { port, len } = verdict {
                 h.frame.truncate(usize::from(len));
                 if !selfprobe::is_probe_answer(&self.probe_sources, &h.frame) {
                     self.outbox.push((port, h));
@@ -276,15 +317,6 @@ impl EngineHandler {
 
     fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
-            ToWorker::Neighbours(list) => {
-                let net = self.engine.next_hops();
-                for (addr, port, mac) in list {
-                    // A full next-hop table only costs this neighbour; the engine counts the
-                    // drops its flows then get.
-                    let _ = net.set_neighbor(addr, port, mac);
-                }
-            }
-            ToWorker::Routes(routes) => self.engine.next_hops().set_routes(routes),
             ToWorker::Rules(rules) => {
                 let generation = rules.generation();
                 self.engine.set_rules(rules);
@@ -314,12 +346,26 @@ impl EngineHandler {
 impl FrameHandler for EngineHandler {
     #[inline]
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> AfxdpVerdict {
-        if self.hand_off(ingress, frame) {
+        let len = frame.len();
+        self.handle_in(now_ns, ingress, frame, len)
+    }
+
+    /// The engine may grow a frame into `buf` (a VLAN tag toward a tagged next hop).
+    #[inline]
+    fn handle_in(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+    ) -> AfxdpVerdict {
+        let len = len.min(buf.len());
+        if self.hand_off(ingress, &buf[..len]) {
             return AfxdpVerdict::Drop;
         }
-        match self.engine.process(now_ns, ingress, frame) {
+        match self.engine.process_buf(now_ns, ingress, buf, len) {
             Verdict::Tx { port, len } => {
-                let out = &frame[..usize::from(len)];
+                let out = &buf[..usize::from(len)];
                 if selfprobe::is_probe_answer(&self.probe_sources, out) {
                     self.take_probe_answer(now_ns, port, out);
                     return AfxdpVerdict::Drop;
@@ -348,6 +394,7 @@ impl FrameHandler for EngineHandler {
     }
 
     fn poll_control(&mut self, now_ns: u64) {
+        self.take_kernel_view();
         for _ in 0..CONTROL_BUDGET {
             match self.from_control.try_recv() {
                 Ok(msg) => self.apply(msg, now_ns),
@@ -395,167 +442,4 @@ impl FrameHandler for EngineHandler {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use std::sync::Arc;
-
-    use etherparse::PacketBuilder;
-    use xlb_engine::{compile, Config, MemberHealth};
-
-    use super::*;
-
-    const CONFIG: &str = r#"
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[frontends]]
-name = "snat"
-address = "198.19.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
-[[load_balancing_rules]]
-name = "web"
-frontend = "vip"
-protocol = "ALL"
-frontend_port = 80
-backend_pool = "web"
-backend_port = 8080
-
-[[outbound_rules]]
-name = "out"
-frontends = ["snat"]
-backend_pool = "web"
-protocol = "ALL"
-"#;
-
-    fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, udp: bool) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
-            src.octets(),
-            dst.octets(),
-            64,
-        );
-        let mut out = Vec::new();
-        if udp {
-            b.udp(sport, dport).write(&mut out, b"x").unwrap();
-        } else {
-            b.tcp(sport, dport, 1, 1000)
-                .syn()
-                .write(&mut out, &[])
-                .unwrap();
-        }
-        out
-    }
-
-    /// A one-worker handler on `CONFIG` with ports 0 (clients) and 1 (members), both members'
-    /// MACs known, taking answers to the self-probe source 198.18.0.250.
-    fn probe_handler() -> (EngineHandler, Receiver<FromWorker>) {
-        use xlb_engine::{EngineConfig, Route};
-        let config = Config::from_toml_str(CONFIG).unwrap();
-        let rules = Arc::new(compile(&config, None, &MemberHealth::default(), 1).unwrap());
-        let mut engine = Engine::new(EngineConfig::default(), rules, 1);
-        let net = engine.next_hops();
-        net.set_port(0, [2, 0, 0, 0, 0xa0, 0]);
-        net.set_port(1, [2, 0, 0, 0, 0xa0, 1]);
-        net.set_routes(vec![
-            Route::v4(Ipv4Addr::new(198, 18, 0, 0), 24, 0, None),
-            Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, 1, None),
-        ]);
-        for (a, mac) in [([198, 18, 1, 11], 0xb1), ([198, 18, 1, 12], 0xb2)] {
-            net.set_neighbor(Addr::from_v4_bytes(a), 1, [2, 0, 0, 0, mac, 1])
-                .unwrap();
-        }
-        let (_to_tx, to_rx) = crossbeam::channel::bounded(8);
-        let (from_tx, from_rx) = crossbeam::channel::bounded(8);
-        let (ack_tx, _ack_rx) = crossbeam::channel::bounded(8);
-        let link = ControlLink {
-            from_control: to_rx,
-            to_control: from_tx,
-            acks: ack_tx,
-            counters: crate::plane::cell::cell(0).0,
-        };
-        let h = EngineHandler::new(0, engine, link, u64::MAX, None)
-            .with_probe_sources(vec![Addr::from_v4_bytes([198, 18, 0, 250])]);
-        (h, from_rx)
-    }
-
-    #[test]
-    fn a_self_probe_goes_to_a_member_and_its_answer_is_taken_off_and_closed() {
-        use selfprobe::{Injection, SelfProber};
-        let (mut h, from) = probe_handler();
-        let config = Config::from_toml_str(CONFIG).unwrap();
-        let source: std::net::IpAddr = "198.18.0.250".parse().unwrap();
-        let t0 = std::time::Instant::now();
-        let mut prober = SelfProber::new(&[source], std::time::Duration::from_secs(5), t0);
-        let rules = Arc::clone(h.engine().rules());
-        let round = prober.round(t0, &config, &rules, 1, 0, [2, 0, 0, 0, 0xa0, 0]);
-        assert_eq!(round.len(), 1, "rule `web` (ALL, port 80)");
-        let (_, inj): (usize, Injection) = round.into_iter().next().unwrap();
-        h.apply(ToWorker::Probe(inj), 10);
-        // The SYN waits in the outbox, translated toward a member.
-        let mut sent = Vec::new();
-        h.expire(10, 64, &mut |port, f| sent.push((port, f.to_vec())));
-        assert_eq!(sent.len(), 1);
-        let (port, syn) = &sent[0];
-        let p = wire::parse(syn).unwrap();
-        assert_eq!(*port, 1);
-        assert_eq!(p.tcp_flags, wire::tcp_flags::SYN);
-        assert_eq!((p.src, p.dst_port), (Addr::from(source), 8080));
-        let member = p.dst;
-        // The member's SYN-ACK arrives: not transmitted, reported, answered with an RST.
-        let spec = wire::RstSpec {
-            src_mac: syn[0..6].try_into().unwrap(),
-            dst_mac: syn[6..12].try_into().unwrap(),
-            vlan: None,
-            src: member,
-            dst: p.src,
-            src_port: 8080,
-            dst_port: p.src_port,
-            seq: 9_000,
-            ack: Some(p.seq.wrapping_add(1)),
-        };
-        let mut synack = vec![0u8; wire::MAX_RST_FRAME];
-        let n = wire::build_tcp_segment(&mut synack, &spec, wire::tcp_flags::SYN, 1000).unwrap();
-        assert_eq!(h.handle(20, 1, &mut synack[..n]), AfxdpVerdict::Drop);
-        match from.try_recv() {
-            Ok(FromWorker::ProbeAnswer {
-                source: s,
-                port,
-                ok,
-            }) => {
-                assert_eq!((s, port, ok), (Addr::from(source), p.src_port, true));
-                prober.answered(s, port, ok);
-            }
-            other => panic!("{other:?}"),
-        }
-        sent.clear();
-        h.expire(20, 64, &mut |port, f| sent.push((port, f.to_vec())));
-        assert_eq!(sent.len(), 1, "the RST to the member");
-        let rst = wire::parse(&sent[0].1).unwrap();
-        assert_eq!(sent[0].0, 1);
-        assert_eq!(rst.tcp_flags, wire::tcp_flags::RST);
-        assert_eq!((rst.dst, rst.dst_port), (member, 8080));
-        assert_eq!(
-            rst.seq,
-            p.seq.wrapping_add(1),
-            "exactly what the member expects"
-        );
-        assert_eq!(prober.report()[0].window_answered, 1);
-        // Frames to other addresses are never taken for probe answers.
-        let mut reply = frame(
-            Ipv4Addr::new(198, 18, 1, 11),
-            8080,
-            Ipv4Addr::new(198, 18, 0, 10),
-            1234,
-            true,
-        );
-        let _ = h.handle(30, 1, &mut reply);
-        assert!(from.try_recv().is_err(), "no probe answer for other frames");
-    }
-}
+mod tests;
