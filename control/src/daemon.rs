@@ -27,7 +27,8 @@ use xlb_afxdp::{
 };
 use xlb_api::{ControlState, Listen, ServeOptions, StateOptions};
 use xlb_engine::{
-    config::ConfigError, Addr, Config, Engine, EngineConfig, Event, MemberHealth, RuleSet,
+    config::ConfigError, hashkey::HashKey, Addr, Config, Engine, EngineConfig, Event, MemberHealth,
+    RuleSet,
 };
 
 use crate::{
@@ -39,6 +40,16 @@ use crate::{
     selfprobe::SelfProber,
     stats::{write_atomic, Totals},
 };
+
+/// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
+fn random_seed() -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading /dev/urandom: {e}")))?;
+    Ok(u64::from_ne_bytes(b))
+}
 
 /// Exit codes: 2 for what the operator must fix in the command or the file, 1 for the rest.
 pub const EXIT_USAGE: u8 = 2;
@@ -534,6 +545,12 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         }
     };
     let steering = Steering::mesh(opts.workers, 4096);
+    // One steering key for every worker (they must agree on each flow's owner), and for the
+    // self-probe, which picks the worker it injects at.
+    let steer_seed = random_seed().map_err(|e| Failure::runtime(format!("{e}")))?;
+    if let Some(p) = self_probe.as_mut() {
+        p.prober.set_steer_key(HashKey::from_seed(steer_seed));
+    }
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ack_tx, ack_rx) = channel::bounded(256);
     let shared = Shared::new(opts.workers, rules.generation());
@@ -563,7 +580,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             worker: w as u16,
             workers: opts.workers as u16,
             flow_capacity: opts.flow_capacity,
-            hash_seed: sys::monotonic_ns() ^ 0x9E37_79B9_7F4A_7C15,
+            hash_seed: random_seed().map_err(|e| Failure::runtime(format!("{e}")))?,
+            steer_seed,
             ..EngineConfig::default()
         };
         let mut engine = Engine::new(ecfg, Arc::clone(&rules), sys::monotonic_ns());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::addr::Addr;
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
+use crate::hashkey::HashKey;
 use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
@@ -35,8 +36,11 @@ pub struct EngineConfig {
     pub late_slots: usize,
     /// Timer tick is `2^tick_shift` ns (20 → ~1.05 ms).
     pub tick_shift: u32,
-    /// Secret seed of the flow hash.
+    /// Secret seed of the flow hash (this worker's own; draw it at random).
     pub hash_seed: u64,
+    /// Secret seed of the steering hash: the same on every worker of one daemon (they must
+    /// agree on the owner of each flow), drawn at random at start.
+    pub steer_seed: u64,
     /// Idle timeout of flows whose rule was deleted (they keep running, silently).
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
@@ -53,6 +57,7 @@ impl Default for EngineConfig {
             late_slots: 1 << 14,
             tick_shift: 20,
             hash_seed: 0x5EED_F71B,
+            steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
         }
@@ -101,6 +106,7 @@ pub struct FlowInfo {
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
+    steer_key: HashKey,
     rules: Arc<RuleSet>,
     flows: FlowTable,
     wheel: TimerWheel,
@@ -133,6 +139,7 @@ impl Engine {
             exhausted: Vec::new(),
             sweep: None,
             scratch: [0; MAX_RST_FRAME],
+            steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
         }
@@ -223,8 +230,9 @@ impl Engine {
     /// of every flow kind — load balancing, inbound NAT, floating IP, outbound SNAT — hash the
     /// same endpoint, so they land on the same worker whatever queue the NIC picked. SNAT ports
     /// are still partitioned between workers so that two workers never pick the same port.
+    /// The hash is keyed (`EngineConfig::steer_seed`), so a sender cannot aim at one worker.
     pub fn owner(&self, frame: &[u8]) -> Option<u16> {
-        owner(&self.rules, frame, self.cfg.workers)
+        owner(&self.rules, frame, self.cfg.workers, &self.steer_key)
     }
 
     /// Memory that `process` will read for `frame`'s flow, for the caller to prefetch a few
@@ -717,11 +725,11 @@ impl Engine {
     }
 }
 
-/// The worker of endpoint `addr`:`port` among `workers` (identical on every worker: unkeyed).
-/// The worker among `workers` that owns the flow of `frame` under `rules` (see
-/// [`Engine::owner`]); `None` for a frame that does not parse. For callers without an engine
-/// at hand (the daemon's self-probe picks the worker to inject a probe at).
-pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
+/// The worker among `workers` that owns the flow of `frame` under `rules` with steering key
+/// `key` (see [`Engine::owner`]); `None` for a frame that does not parse. For callers without
+/// an engine at hand (the daemon's self-probe picks the worker to inject a probe at: it must
+/// use the key its workers were given).
+pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16, key: &HashKey) -> Option<u16> {
     if workers <= 1 {
         return Some(0);
     }
@@ -731,15 +739,14 @@ pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
     } else {
         (pkt.dst, pkt.dst_port)
     };
-    Some(steer(addr, port, workers))
+    Some(steer(key, addr, port, workers))
 }
 
-pub fn steer(addr: Addr, port: u16, workers: u16) -> u16 {
-    let mut h = (addr.0 as u64) ^ ((addr.0 >> 64) as u64).rotate_left(32) ^ ((port as u64) << 48);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    ((h as u128 * workers.max(1) as u128) >> 64) as u16
+/// The worker of endpoint `addr`:`port` among `workers`: the same on every worker that holds
+/// the same key.
+pub fn steer(key: &HashKey, addr: Addr, port: u16, workers: u16) -> u16 {
+    let h = key.endpoint(addr, port);
+    ((u128::from(h) * u128::from(workers.max(1))) >> 64) as u16
 }
 
 fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod counters;
 pub mod engine;
 pub mod flow;
+pub mod hashkey;
 pub mod late;
 pub mod net;
 pub mod ruleset;
