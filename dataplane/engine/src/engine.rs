@@ -200,7 +200,15 @@ impl Engine {
 
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
-        self.flows.iter().map(|(id, f)| FlowInfo {
+        self.flows_in(0..self.flows.capacity())
+    }
+
+    /// Snapshot of the live flows whose slot (`FlowInfo::id`) is in `slots`, in slot order: a
+    /// page of a flow listing, whose cursor is the slot to go on from. A flow keeps its slot
+    /// for life, so a walk by slot sees every flow that lives through it exactly once; the
+    /// cost is the flows returned plus one bitmap word per 64 slots of the range.
+    pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
+        self.flows.iter_range(slots).map(|(id, f)| FlowInfo {
             id,
             rule: f.rule,
             proto: f.proto,

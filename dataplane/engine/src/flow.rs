@@ -614,7 +614,7 @@ mod tests {
                     .iter_range(cursor..cap)
                     .take(page)
                     .map(|(id, f)| {
-                        let client = (u128::from(f.orig_src.0) & 0xff) as u8;
+                        let client = (f.orig_src.0 & 0xff) as u8;
                         (id, (client, f.orig_sport))
                     })
                     .collect();
