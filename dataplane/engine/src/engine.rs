@@ -102,8 +102,9 @@ pub struct FlowInfo {
     pub deadline: Nanos,
 }
 
-/// The engine of one worker.
-#[derive(Debug)]
+/// The engine of one worker. `Clone` copies its whole state (benchmarks start every batch
+/// from one prepared engine).
+#[derive(Debug, Clone)]
 pub struct Engine {
     cfg: EngineConfig,
     steer_key: HashKey,
@@ -128,11 +129,13 @@ impl Engine {
         counters
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
+        let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
+        snat.prepare(&rules);
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
             net: NextHops::new(cfg.next_hop_capacity),
-            snat: SnatPorts::new(cfg.worker, cfg.workers),
+            snat,
             late: LateTable::new(cfg.late_slots),
             counters,
             events: Vec::with_capacity(cfg.event_capacity),
@@ -166,6 +169,7 @@ impl Engine {
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
+        self.snat.prepare(&rules);
         self.rules = rules;
     }
 

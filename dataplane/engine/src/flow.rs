@@ -113,7 +113,7 @@ pub enum InsertError {
 }
 
 /// Fixed-capacity flow table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FlowTable {
     flows: Vec<Flow>,
     /// Bit `id % 64` of word `id / 64`: slot `id` holds a live flow. Listing walks it a word

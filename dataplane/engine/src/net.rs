@@ -90,7 +90,7 @@ pub enum NextHopError {
 }
 
 /// Bounded next-hop table of one worker.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NextHops {
     port_macs: Vec<Mac>,
     routes: Vec<Route>,
