@@ -55,7 +55,7 @@ struct Cli {
     /// Divide every timer by N (60: 4 minutes last 4 s). Overrides the configuration.
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
-    /// Flows per worker (memory is allocated at start: about 120 bytes each).
+    /// Flows per worker (memory is allocated at start: about 136 bytes each).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]

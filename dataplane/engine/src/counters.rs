@@ -1,6 +1,7 @@
 //! Counters of one worker: per rule (indexed by stable `RuleId`) and per drop reason. Plain
 //! `u64`s owned by the worker; the control thread reads copies sent back over the stats channel.
 
+pub use crate::admission::EvictReason;
 use crate::wire::ParseError;
 
 /// Why the engine dropped a frame.
@@ -107,6 +108,9 @@ pub struct RuleCounters {
     pub no_backend: u64,
     pub snat_exhausted: u64,
     pub flow_table_full: u64,
+    /// Unconfirmed flows of this rule evicted to admit new flows (docs/architecture.md,
+    /// "Flow admission and eviction"; by reason in [`Counters::evictions`]).
+    pub flows_evicted: u64,
 }
 
 /// All counters of one worker.
@@ -120,6 +124,8 @@ pub struct Counters {
     pub rules: Vec<RuleCounters>,
     /// Events lost because the event queue was full.
     pub events_dropped: u64,
+    /// Unconfirmed flows evicted to admit new ones, by [`EvictReason::index`].
+    pub evictions: [u64; EvictReason::COUNT],
 }
 
 impl Default for Counters {
@@ -131,6 +137,7 @@ impl Default for Counters {
             drops: [0; DropReason::COUNT],
             rules: Vec::new(),
             events_dropped: 0,
+            evictions: [0; EvictReason::COUNT],
         }
     }
 }
@@ -138,7 +145,7 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 17] {
+    pub fn fields(&self) -> [(&'static str, u64); 18] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
@@ -157,6 +164,7 @@ impl RuleCounters {
             ("no_backend", self.no_backend),
             ("snat_exhausted", self.snat_exhausted),
             ("flow_table_full", self.flow_table_full),
+            ("flows_evicted", self.flows_evicted),
         ]
     }
 
@@ -179,6 +187,7 @@ impl RuleCounters {
         self.no_backend += other.no_backend;
         self.snat_exhausted += other.snat_exhausted;
         self.flow_table_full += other.flow_table_full;
+        self.flows_evicted += other.flows_evicted;
     }
 }
 
@@ -189,6 +198,10 @@ impl Counters {
 
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
+    }
+
+    pub fn eviction_count(&self, r: EvictReason) -> u64 {
+        self.evictions[r.index()]
     }
 
     /// Counters of rule `id` (zero if never seen).

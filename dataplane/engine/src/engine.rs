@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use crate::addr::Addr;
+use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::hashkey::HashKey;
@@ -28,7 +29,7 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~120 bytes each).
+    /// Flows this worker can hold (memory is allocated up front: ~136 bytes each).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
     pub next_hop_capacity: usize,
@@ -45,6 +46,8 @@ pub struct EngineConfig {
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
     pub event_capacity: usize,
+    /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
+    pub admission: AdmissionLimits,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +63,7 @@ impl Default for EngineConfig {
             steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
+            admission: AdmissionLimits::default(),
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct Engine {
     steer_key: HashKey,
     rules: Arc<RuleSet>,
     flows: FlowTable,
+    /// The flows not confirmed yet, oldest first: the only ones evicted for new flows.
+    unconfirmed: Unconfirmed,
     wheel: TimerWheel,
     net: NextHops,
     snat: SnatPorts,
@@ -131,8 +137,11 @@ impl Engine {
             .resize(rules.rule_id_bound(), RuleCounters::default());
         let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
         snat.prepare(&rules);
+        let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
+        unconfirmed.reserve_rules(rules.rule_id_bound());
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
+            unconfirmed,
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
             net: NextHops::new(cfg.next_hop_capacity),
             snat,
@@ -170,6 +179,7 @@ impl Engine {
             self.sweep = Some(0);
         }
         self.snat.prepare(&rules);
+        self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
     }
 
@@ -304,11 +314,21 @@ impl Engine {
                     return self.miss(now, ingress, frame, &pkt, &tuple, hash);
                 }
                 self.track(now, id, dir, &pkt);
+                if dir == ORIG
+                    && pkt.tcp_flags & (ACK | SYN | RST) == ACK
+                    && self.unconfirmed.is_unconfirmed(id)
+                {
+                    self.confirm_tcp(id, pkt.ack);
+                }
             } else if dir == ORIG {
                 let f = self.flows.get(id);
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
                     return self.move_udp(now, id, ingress, frame, &pkt, &tuple, hash);
                 }
+            } else if self.unconfirmed.is_unconfirmed(id) {
+                // A UDP reply: the flow is confirmed.
+                let rule = self.flows.get(id).rule;
+                self.unconfirmed.forget(id, rule, admission::UDP);
             }
             self.flows.get_mut(id).last_seen = now;
             return self.emit(id, dir, frame, &pkt);
@@ -438,11 +458,32 @@ impl Engine {
         }
     }
 
+    /// A TCP flow is confirmed when its original sender acknowledges exactly the next
+    /// sequence number of the reply direction: it receives what the other end sends, which
+    /// a sender of spoofed segments does not (see [`crate::admission`]).
+    #[cold]
+    fn confirm_tcp(&mut self, id: FlowId, ack: u32) {
+        let f = self.flows.get(id);
+        if f.tcp.seen(REPLY) && !f.tcp.state.is_closed() && ack == f.tcp.next_seq(REPLY) {
+            let rule = f.rule;
+            self.unconfirmed.forget(id, rule, admission::TCP);
+        }
+    }
+
+    /// Evicts unconfirmed flow `id` to admit a new one.
+    fn evict(&mut self, id: FlowId, reason: EvictReason) {
+        let rule = self.flows.get(id).rule;
+        self.counters.evictions[reason.index()] += 1;
+        rule_counters(&mut self.counters, rule).flows_evicted += 1;
+        self.remove_flow(id);
+    }
+
     fn remove_flow(&mut self, id: FlowId) {
         let f = *self.flows.get(id);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
+        self.unconfirmed.forget(id, f.rule, class_of(f.proto));
         self.wheel.remove(id);
         self.flows.remove(id);
     }
@@ -561,7 +602,10 @@ impl Engine {
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
                     UnknownFlowPolicy::Reset => return self.answer_rst(rule, ingress, frame, pkt),
-                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & RST != 0 => {
+                    // Only what looks like a segment of a live connection creates state: ACK
+                    // set, no SYN, no RST (a bare FIN, a SYN-ACK or an RST without a flow is
+                    // not picked up).
+                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & (ACK | SYN | RST) != ACK => {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
                     UnknownFlowPolicy::Pickup => {
@@ -658,11 +702,19 @@ impl Engine {
             Err(e) => return self.drop_for(rule, hop_error(e)),
         };
         flow.next_hop = [forward, back];
+        let class = class_of(flow.proto);
+        let full = self.flows.len() >= self.flows.capacity() as usize;
+        match self.unconfirmed.decide(rule, class, full) {
+            Admission::Admit => {}
+            Admission::Evict(victim, reason) => self.evict(victim, reason),
+            Admission::Refuse => return self.drop_for(rule, DropReason::FlowTableFull),
+        }
         let id = match self.flows.insert_new(flow, hash) {
             Ok(id) => id,
             Err(InsertError::Full) => return self.drop_for(rule, DropReason::FlowTableFull),
             Err(InsertError::Conflict) => return self.drop_for(rule, DropReason::TupleConflict),
         };
+        self.unconfirmed.admit(id, rule, class);
         self.late.forget(hash);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
@@ -769,6 +821,15 @@ fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {
         c.rules.resize(i + 1, RuleCounters::default());
     }
     &mut c.rules[i]
+}
+
+/// The admission class of a flow of IP protocol `proto`.
+fn class_of(proto: u8) -> admission::Class {
+    if proto == proto::UDP {
+        admission::UDP
+    } else {
+        admission::TCP
+    }
 }
 
 fn hop_error(e: NextHopError) -> DropReason {

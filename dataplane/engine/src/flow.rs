@@ -4,7 +4,8 @@
 //!
 //! Memory is fixed at start: `capacity` flows (80 bytes each) plus an index of
 //! `next_pow2(4 × capacity)` 8-byte slots (load ≤ 0.5, 32 bytes per flow), plus 8 bytes of
-//! timer links kept by the timer wheel: 120 bytes per flow for both directions.
+//! timer links kept by the timer wheel and 16 bytes of admission links
+//! (`crate::admission`): about 136 bytes per flow for both directions.
 //!
 //! Index slots pack `(tag: u32, ref: u32)` where `tag` is the high half of the key's hash (its
 //! low bits pick the home slot) and `ref = flow << 1 | dir`. Linear probing; deletion shifts

@@ -7,7 +7,9 @@ use std::collections::HashSet;
 
 use common::flags::*;
 use common::*;
-use xlb_engine::EngineConfig;
+use xlb_engine::admission::{AdmissionLimits, EvictReason};
+use xlb_engine::tcp::TcpState;
+use xlb_engine::{DropReason, EngineConfig, Verdict};
 
 fn member(sport: u16, dport: u16) -> Tcp {
     Tcp {
@@ -118,4 +120,342 @@ fn keyed_steering_keeps_both_directions_of_every_flow_on_one_worker() {
     let (a, b) = (owners(1), owners(2));
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     assert!(same < 200, "{same} of 400 owners unchanged by the key");
+}
+
+fn rule_id(lab: &Lab, name: &str) -> u16 {
+    let rules = lab.engine.rules();
+    (0..rules.rule_id_bound() as u16)
+        .find(|&id| rules.rule(id).is_some_and(|r| &*r.name == name))
+        .unwrap_or_else(|| panic!("no rule {name}"))
+}
+
+/// A client at 198.18.0.`host` (a spoofed source when nobody answers for it).
+fn client_at(host: u8, dport: u16, sport: u16) -> Tcp {
+    Tcp {
+        src: std::net::Ipv4Addr::new(198, 18, 0, host).into(),
+        ..Tcp::client(dport, sport)
+    }
+}
+
+/// A TCP connection through the lab: both ends and their next sequence numbers.
+struct Conn {
+    client: Tcp,
+    backend: Tcp,
+    c_seq: u32,
+    s_seq: u32,
+}
+
+impl Conn {
+    /// Three-way handshake from `client`.
+    fn open(lab: &mut Lab, client: Tcp) -> Conn {
+        let (port, syn) = lab.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
+        assert_eq!(port, BACKEND_PORT);
+        let syn = seen(&syn);
+        let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+        assert_eq!(
+            lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]))
+                .0,
+            CLIENT_PORT
+        );
+        assert_eq!(
+            lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]))
+                .0,
+            BACKEND_PORT
+        );
+        Conn {
+            client,
+            backend,
+            c_seq: 1001,
+            s_seq: 70_001,
+        }
+    }
+
+    /// One exchange each way; panics unless both are forwarded.
+    fn exchange(&mut self, lab: &mut Lab) {
+        let seg = self.client.seg(ACK | PSH, self.c_seq, self.s_seq, b"ping");
+        assert_eq!(lab.forward(CLIENT_PORT, seg).0, BACKEND_PORT);
+        self.c_seq += 4;
+        let seg = self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, b"pong");
+        assert_eq!(lab.forward(BACKEND_PORT, seg).0, CLIENT_PORT);
+        self.s_seq += 4;
+    }
+}
+
+/// Client ports of the flows of `state` on frontend port `dport`.
+fn flows_in_state(lab: &Lab, dport: u16, state: TcpState) -> Vec<u16> {
+    lab.engine
+        .flows()
+        .filter(|f| f.orig.dst_port == dport && f.tcp_state == Some(state))
+        .map(|f| f.orig.src_port)
+        .collect()
+}
+
+fn small_table(capacity: u32) -> EngineConfig {
+    EngineConfig {
+        flow_capacity: capacity,
+        ..EngineConfig::default()
+    }
+}
+
+/// A SYN flood at one rule, from spoofed sources, into a 64-flow table: the rule's share of
+/// unconfirmed flows (25 %: 16) is recycled oldest first, established connections (of that
+/// rule and of another) are never evicted and keep working, and another rule still gets new
+/// connections through.
+#[test]
+fn a_syn_flood_at_one_rule_recycles_its_own_share_oldest_first() {
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(64));
+    let http = rule_id(&lab, "http");
+    let mut on_flooded = Conn::open(&mut lab, client_at(10, 80, 40_000));
+    let mut on_other = Conn::open(&mut lab, client_at(10, 84, 40_001));
+    for i in 0..1000u16 {
+        let spoofed = client_at(100 + (i % 100) as u8, 80, 10_000 + i);
+        assert!(matches!(
+            lab.send(CLIENT_PORT, spoofed.seg(SYN, 7, 0, &[])).0,
+            Verdict::Tx { .. }
+        ));
+        if i % 100 == 0 {
+            on_flooded.exchange(&mut lab);
+            on_other.exchange(&mut lab);
+        }
+    }
+    // The 16 newest SYNs hold the share; everything older was evicted in order.
+    let mut half_open = flows_in_state(&lab, 80, TcpState::SynSent);
+    half_open.sort();
+    assert_eq!(half_open, (10_000 + 984..10_000 + 1000).collect::<Vec<_>>());
+    let c = lab.engine.counters();
+    assert_eq!(c.eviction_count(EvictReason::RuleShare), 1000 - 16);
+    assert_eq!(c.rule(http).flows_evicted, 1000 - 16);
+    assert_eq!(c.rule(http).flows_created, 1001);
+    assert_eq!(lab.engine.flow_count(), 2 + 16);
+    // Another rule admits new connections while the flood goes on: they reach the
+    // established state and then no flood can evict them.
+    let mut late = Conn::open(&mut lab, client_at(11, 84, 40_002));
+    for i in 0..200u16 {
+        let spoofed = client_at(100, 80, 20_000 + i);
+        lab.send(CLIENT_PORT, spoofed.seg(SYN, 7, 0, &[]));
+    }
+    late.exchange(&mut lab);
+    on_flooded.exchange(&mut lab);
+    on_other.exchange(&mut lab);
+    assert_eq!(
+        lab.engine
+            .counters()
+            .rule(rule_id(&lab, "http-long"))
+            .flows_evicted,
+        0
+    );
+}
+
+/// A handshake in progress on one rule survives a flood at another: the flooded rule only
+/// recycles its own share.
+#[test]
+fn a_flood_at_one_rule_never_evicts_another_rules_handshake() {
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(64));
+    let client = client_at(12, 84, 41_000);
+    let (_, syn) = lab.forward(CLIENT_PORT, client.seg(SYN, 5000, 0, &[]));
+    for i in 0..500u16 {
+        lab.send(
+            CLIENT_PORT,
+            client_at(150, 80, 30_000 + i).seg(SYN, 7, 0, &[]),
+        );
+    }
+    let syn = seen(&syn);
+    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+    lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 9_000, 5001, &[]));
+    lab.forward(CLIENT_PORT, client.seg(ACK, 5001, 9_001, &[]));
+    assert_eq!(
+        flows_in_state(&lab, 84, TcpState::Established),
+        vec![41_000]
+    );
+}
+
+/// Floods over several rules: each stays within its share, so the half-open budget (50 % of
+/// 40: 20) is what evicts, oldest first over all rules; a table full of confirmed flows
+/// refuses new ones.
+#[test]
+fn half_open_budget_evicts_the_oldest_over_all_rules() {
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(40));
+    // Rule share 25 % of 40 = 10: eight SYNs each at four rules stay within it.
+    let mut sent = vec![];
+    for round in 0..8u16 {
+        for dport in [80u16, 81, 84, 2201] {
+            let sport = 10 * dport + round;
+            lab.send(
+                CLIENT_PORT,
+                client_at(160, dport, sport).seg(SYN, 7, 0, &[]),
+            );
+            sent.push((dport, sport));
+        }
+    }
+    let c = lab.engine.counters();
+    assert_eq!(c.eviction_count(EvictReason::RuleShare), 0);
+    assert_eq!(c.eviction_count(EvictReason::HalfOpenBudget), 32 - 20);
+    let mut live: Vec<(u16, u16)> = lab
+        .engine
+        .flows()
+        .map(|f| (f.orig.dst_port, f.orig.src_port))
+        .collect();
+    live.sort();
+    let mut newest = sent[12..].to_vec();
+    newest.sort();
+    assert_eq!(live, newest, "the 20 newest survive");
+
+    // Confirmed flows are never victims: fill the table with established connections.
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(8));
+    let mut conns: Vec<Conn> = (0..8)
+        .map(|i| Conn::open(&mut lab, client_at(20 + i, 80 + u16::from(i % 2), 42_000)))
+        .collect();
+    assert_eq!(
+        lab.send(CLIENT_PORT, client_at(99, 80, 1).seg(SYN, 7, 0, &[]))
+            .0,
+        Verdict::Drop(DropReason::FlowTableFull)
+    );
+    for c in &mut conns {
+        c.exchange(&mut lab);
+    }
+    assert_eq!(lab.engine.counters().evictions, [0; EvictReason::COUNT]);
+}
+
+/// A UDP flood from spoofed sources: the unreplied UDP budget is recycled oldest first, a
+/// UDP flow that got a reply is confirmed and stays, and TCP handshakes are not touched.
+#[test]
+fn udp_flood_recycles_unreplied_flows_and_keeps_answered_ones() {
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(64));
+    let dns = |host: u8, sport: u16| {
+        udp(
+            CLIENT_MAC,
+            XLB_MAC[0],
+            std::net::Ipv4Addr::new(198, 18, 0, host).into(),
+            sport,
+            VIP.into(),
+            53,
+            b"q",
+        )
+    };
+    // An answered query.
+    let (_, out) = lab.forward(CLIENT_PORT, dns(10, 5353));
+    let q = seen(&out);
+    let answer = udp(q.dst_mac, XLB_MAC[1], q.dst, q.dport, q.src, q.sport, b"a");
+    assert_eq!(lab.forward(BACKEND_PORT, answer.clone()).0, CLIENT_PORT);
+    // A TCP handshake in progress.
+    let tcp = client_at(11, 80, 43_000);
+    lab.forward(CLIENT_PORT, tcp.seg(SYN, 1, 0, &[]));
+    // Rule share (16 of 64) is reached first for one rule; the counters say which budget.
+    for i in 0..300u16 {
+        assert!(matches!(
+            lab.send(CLIENT_PORT, dns(100 + (i % 50) as u8, 20_000 + i))
+                .0,
+            Verdict::Tx { .. }
+        ));
+    }
+    let c = lab.engine.counters();
+    assert_eq!(c.eviction_count(EvictReason::RuleShare), 300 - 16);
+    assert_eq!(flows_in_state(&lab, 80, TcpState::SynSent), vec![43_000]);
+    assert_eq!(
+        lab.forward(BACKEND_PORT, answer).0,
+        CLIENT_PORT,
+        "answered flow kept"
+    );
+
+    // With a share of 100 % the class budget (50 %: 32) is what recycles.
+    let mut lab = Lab::with(
+        DEFAULT_CONFIG,
+        EngineConfig {
+            admission: AdmissionLimits {
+                rule_percent: 100,
+                ..AdmissionLimits::default()
+            },
+            ..small_table(64)
+        },
+    );
+    lab.forward(CLIENT_PORT, tcp.seg(SYN, 1, 0, &[]));
+    for i in 0..100u16 {
+        lab.send(CLIENT_PORT, dns(100, 20_000 + i));
+    }
+    let c = lab.engine.counters();
+    assert_eq!(c.eviction_count(EvictReason::UnrepliedUdpBudget), 100 - 32);
+    assert_eq!(c.eviction_count(EvictReason::HalfOpenBudget), 0);
+    assert_eq!(flows_in_state(&lab, 80, TcpState::SynSent), vec![43_000]);
+}
+
+/// A blind spoofer that sends the SYN and then an ACK with a guessed acknowledgement number
+/// moves the tracked state but never confirms the flow: it stays evictable. The real client
+/// acknowledges the SYN-ACK exactly and is confirmed.
+#[test]
+fn only_an_exact_acknowledgement_of_the_reply_confirms_a_tcp_flow() {
+    let mut lab = Lab::with(DEFAULT_CONFIG, small_table(64));
+    let spoofer = client_at(170, 80, 44_000);
+    let (_, syn) = lab.forward(CLIENT_PORT, spoofer.seg(SYN, 1, 0, &[]));
+    let syn = seen(&syn);
+    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+    // The backend answers the spoofed address, which the spoofer never sees.
+    lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 123_456, 2, &[]));
+    lab.forward(CLIENT_PORT, spoofer.seg(ACK, 2, 1, &[]));
+    for i in 0..16u16 {
+        lab.send(
+            CLIENT_PORT,
+            client_at(171, 80, 45_000 + i).seg(SYN, 7, 0, &[]),
+        );
+    }
+    assert!(
+        lab.engine.flows().all(|f| f.orig.src_port != 44_000),
+        "the unconfirmed flow was the oldest and went first"
+    );
+    let mut real = Conn::open(&mut lab, client_at(172, 80, 46_000));
+    for i in 0..100u16 {
+        lab.send(
+            CLIENT_PORT,
+            client_at(171, 80, 47_000 + i).seg(SYN, 7, 0, &[]),
+        );
+    }
+    real.exchange(&mut lab);
+}
+
+/// `pickup` re-creates state only for segments that look like a live connection: ACK set,
+/// no SYN, no RST. A picked-up flow is confirmed once the client acknowledges what the
+/// backend sent.
+#[test]
+fn pickup_creates_state_only_for_live_looking_segments() {
+    let mut lab = Lab::new();
+    let c = client_at(30, 83, 48_000);
+    for flags in [FIN, SYN | ACK, RST, RST | ACK, PSH, 0] {
+        assert_eq!(
+            lab.send(CLIENT_PORT, c.seg(flags, 5, 6, b"x")).0,
+            Verdict::Drop(DropReason::NoFlow),
+            "flags {flags:#x}"
+        );
+    }
+    assert_eq!(lab.engine.flow_count(), 0);
+    let pickup = rule_id(&lab, "http-pickup");
+    assert_eq!(lab.engine.counters().rule(pickup).no_flow, 6);
+    let (port, out) = lab.forward(CLIENT_PORT, c.seg(ACK | PSH, 100, 200, b"mid"));
+    assert_eq!(port, BACKEND_PORT);
+    assert_eq!(lab.engine.counters().rule(pickup).flows_picked_up, 1);
+    // FIN with ACK is a live connection closing: picked up too.
+    let d = client_at(31, 83, 48_001);
+    assert_eq!(
+        lab.forward(CLIENT_PORT, d.seg(FIN | ACK, 100, 200, b"")).0,
+        BACKEND_PORT
+    );
+    assert_eq!(seen(&out).payload, b"mid");
+
+    // Confirmation, in a table of 8 (the rule's share: 2): the backend sends, the client
+    // acknowledges exactly that; a flood of picked-up segments then evicts the other,
+    // unconfirmed, picked-up flow and its own, never the confirmed one.
+    let mut lab2 = Lab::with(DEFAULT_CONFIG, small_table(8));
+    let (_, out) = lab2.forward(CLIENT_PORT, c.seg(ACK | PSH, 100, 200, b"mid"));
+    lab2.forward(CLIENT_PORT, d.seg(ACK, 100, 200, b""));
+    let o = seen(&out);
+    let backend = Tcp::reply_to(&o, o.dst_mac, XLB_MAC[1]);
+    lab2.forward(BACKEND_PORT, backend.seg(ACK | PSH, 200, 103, b"data"));
+    lab2.forward(CLIENT_PORT, c.seg(ACK, 103, 204, b""));
+    for i in 0..10u16 {
+        lab2.send(
+            CLIENT_PORT,
+            client_at(40, 83, 1_000 + i).seg(ACK, 1, 1, b""),
+        );
+    }
+    let kept: HashSet<u16> = lab2.engine.flows().map(|f| f.orig.src_port).collect();
+    assert!(kept.contains(&48_000), "confirmed pickup kept");
+    assert!(!kept.contains(&48_001), "unconfirmed pickup evicted");
 }
