@@ -31,12 +31,14 @@ pub enum DropReason {
     SnatExhausted,
     /// TTL / hop limit would reach zero.
     HopLimit,
+    /// The `reset` unknown-flow policy would answer, but this worker's RST rate is spent.
+    ResetRateLimited,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11 + ParseError::ALL.len();
+    pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 11] = [
+    pub const NON_PARSE: [DropReason; 12] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -48,12 +50,16 @@ impl DropReason {
         DropReason::NextHopTableFull,
         DropReason::SnatExhausted,
         DropReason::HopLimit,
+        DropReason::ResetRateLimited,
     ];
 
     /// Dense index for counter arrays.
     pub fn index(self) -> usize {
         match self {
-            DropReason::Parse(p) => 11 + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0),
+            DropReason::Parse(p) => {
+                DropReason::NON_PARSE.len()
+                    + ParseError::ALL.iter().position(|&x| x == p).unwrap_or(0)
+            }
             other => DropReason::NON_PARSE
                 .iter()
                 .position(|&x| x == other)
@@ -82,6 +88,7 @@ impl DropReason {
             DropReason::NextHopTableFull => "next_hop_table_full",
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::HopLimit => "hop_limit",
+            DropReason::ResetRateLimited => "reset_rate_limited",
         }
     }
 }
@@ -111,6 +118,8 @@ pub struct RuleCounters {
     /// Unconfirmed flows of this rule evicted to admit new flows (docs/architecture.md,
     /// "Flow admission and eviction"; by reason in [`Counters::evictions`]).
     pub flows_evicted: u64,
+    /// Unknown-flow segments not answered with an RST: the worker's RST rate was spent.
+    pub reset_rate_limited: u64,
 }
 
 /// All counters of one worker.
@@ -145,7 +154,7 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 19] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
@@ -165,6 +174,7 @@ impl RuleCounters {
             ("snat_exhausted", self.snat_exhausted),
             ("flow_table_full", self.flow_table_full),
             ("flows_evicted", self.flows_evicted),
+            ("reset_rate_limited", self.reset_rate_limited),
         ]
     }
 
@@ -188,6 +198,7 @@ impl RuleCounters {
         self.snat_exhausted += other.snat_exhausted;
         self.flow_table_full += other.flow_table_full;
         self.flows_evicted += other.flows_evicted;
+        self.reset_rate_limited += other.reset_rate_limited;
     }
 }
 

@@ -15,6 +15,7 @@ use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::hashkey::HashKey;
 use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHops, PortId};
+use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
@@ -22,6 +23,11 @@ use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
+
+/// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
+/// enough for the clients of a restarted appliance to learn quickly that their connections
+/// are gone, too few to make xlb a useful reflector of spoofed segments.
+pub const DEFAULT_RESET_RATE: u32 = 1_000;
 
 /// Sizing and identity of one worker's engine.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +54,9 @@ pub struct EngineConfig {
     pub event_capacity: usize,
     /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
     pub admission: AdmissionLimits,
+    /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
+    /// beyond it such segments are dropped (`reset_rate_limited`).
+    pub reset_rate: u32,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +73,7 @@ impl Default for EngineConfig {
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
             admission: AdmissionLimits::default(),
+            reset_rate: DEFAULT_RESET_RATE,
         }
     }
 }
@@ -123,6 +133,8 @@ pub struct Engine {
     counters: Counters,
     events: Vec<Event>,
     exhausted: Vec<Addr>,
+    /// Bounds the RSTs of the `reset` unknown-flow policy.
+    resets: TokenBucket,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
     scratch: [u8; MAX_RST_FRAME],
@@ -149,6 +161,7 @@ impl Engine {
             counters,
             events: Vec::with_capacity(cfg.event_capacity),
             exhausted: Vec::new(),
+            resets: TokenBucket::new(cfg.reset_rate, cfg.reset_rate),
             sweep: None,
             scratch: [0; MAX_RST_FRAME],
             steer_key: HashKey::from_seed(cfg.steer_seed),
@@ -601,7 +614,9 @@ impl Engine {
                 self.count_late(hash, now);
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
-                    UnknownFlowPolicy::Reset => return self.answer_rst(rule, ingress, frame, pkt),
+                    UnknownFlowPolicy::Reset => {
+                        return self.answer_rst(now, rule, ingress, frame, pkt)
+                    }
                     // Only what looks like a segment of a live connection creates state: ACK
                     // set, no SYN, no RST (a bare FIN, a SYN-ACK or an RST without a flow is
                     // not picked up).
@@ -729,6 +744,7 @@ impl Engine {
     /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
     fn answer_rst(
         &mut self,
+        now: Nanos,
         rule: RuleId,
         ingress: PortId,
         frame: &mut [u8],
@@ -737,6 +753,9 @@ impl Engine {
         if pkt.tcp_flags & RST != 0 {
             // Never answer an RST with an RST.
             return self.drop_for(rule, DropReason::NoFlow);
+        }
+        if !self.resets.take(now) {
+            return self.drop_for(rule, DropReason::ResetRateLimited);
         }
         let len = wire::reply_rst_in_place(frame, pkt);
         if len == 0 {
@@ -783,6 +802,7 @@ impl Engine {
             DropReason::NoBackend => c.no_backend += 1,
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
+            DropReason::ResetRateLimited => c.reset_rate_limited += 1,
             _ => {}
         }
         self.drop(reason)

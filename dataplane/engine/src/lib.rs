@@ -13,6 +13,7 @@ pub mod flow;
 pub mod hashkey;
 pub mod late;
 pub mod net;
+pub mod ratelimit;
 pub mod ruleset;
 pub mod select;
 pub mod snat;

@@ -459,3 +459,51 @@ fn pickup_creates_state_only_for_live_looking_segments() {
     assert!(kept.contains(&48_000), "confirmed pickup kept");
     assert!(!kept.contains(&48_001), "unconfirmed pickup evicted");
 }
+
+/// The `reset` unknown-flow policy answers at most the worker's RST rate (here 10 per
+/// second, 10 at once): the rest are counted drops, and the rate comes back with time.
+#[test]
+fn reset_policy_rsts_are_rate_limited_in_virtual_time() {
+    let mut lab = Lab::with(
+        DEFAULT_CONFIG,
+        EngineConfig {
+            reset_rate: 10,
+            ..EngineConfig::default()
+        },
+    );
+    let policy = rule_id(&lab, "http-reset-policy");
+    let burst = |lab: &mut Lab, base: u16| {
+        (0..50u16)
+            .map(|i| {
+                lab.send(
+                    CLIENT_PORT,
+                    client_at(200, 82, base + i).seg(ACK, 5, 6, b"x"),
+                )
+                .0
+            })
+            .filter(|v| {
+                matches!(
+                    v,
+                    Verdict::Tx {
+                        port: CLIENT_PORT,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    assert_eq!(burst(&mut lab, 1_000), 10);
+    let c = lab.engine.counters();
+    assert_eq!(c.drop_count(DropReason::ResetRateLimited), 40);
+    assert_eq!(c.rule(policy).reset_rate_limited, 40);
+    assert_eq!(c.rule(policy).unknown_flow_resets, 10);
+    lab.advance(secs_f(0.5));
+    assert_eq!(burst(&mut lab, 2_000), 5, "half a second: half the rate");
+    lab.advance(secs_f(10.0));
+    assert_eq!(
+        burst(&mut lab, 3_000),
+        10,
+        "a quiet period refills the burst, no more"
+    );
+    assert_eq!(lab.engine.flow_count(), 0);
+}
