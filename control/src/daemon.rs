@@ -586,8 +586,10 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         };
         let mut engine = Engine::new(ecfg, Arc::clone(&rules), sys::monotonic_ns());
         let net = engine.next_hops();
-        for p in &ports {
+        for (p, bs) in ports.iter().zip(&backend_side) {
             net.set_port(p.id, p.mac);
+            // Outbound flows are taken only from the members' side (anti-spoofing).
+            net.set_backend_side(p.id, *bs);
         }
         net.set_routes(routes.clone());
         for (a, port, mac) in &neigh {

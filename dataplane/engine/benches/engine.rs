@@ -273,6 +273,7 @@ fn snat_engine(used: u32) -> Engine {
     let net = e.next_hops();
     net.set_port(0, XLB);
     net.set_port(1, XLB);
+    net.set_backend_side(1, true);
     net.set_routes(vec![
         Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, 1, None),
         Route::v4(

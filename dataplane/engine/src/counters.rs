@@ -33,12 +33,18 @@ pub enum DropReason {
     HopLimit,
     /// The `reset` unknown-flow policy would answer, but this worker's RST rate is spent.
     ResetRateLimited,
+    /// A packet from a member's address (an outbound rule's source, or the original direction
+    /// of an outbound flow) on a port that does not face the members.
+    SpoofedSource,
+    /// A reply-direction packet of a flow on another port than the one the flow sends its
+    /// original direction to (where its replies come from).
+    WrongSide,
 }
 
 impl DropReason {
     pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 12] = [
+    pub const NON_PARSE: [DropReason; 14] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -51,6 +57,8 @@ impl DropReason {
         DropReason::SnatExhausted,
         DropReason::HopLimit,
         DropReason::ResetRateLimited,
+        DropReason::SpoofedSource,
+        DropReason::WrongSide,
     ];
 
     /// Dense index for counter arrays.
@@ -89,6 +97,8 @@ impl DropReason {
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::HopLimit => "hop_limit",
             DropReason::ResetRateLimited => "reset_rate_limited",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::WrongSide => "wrong_side",
         }
     }
 }
@@ -120,6 +130,10 @@ pub struct RuleCounters {
     pub flows_evicted: u64,
     /// Unknown-flow segments not answered with an RST: the worker's RST rate was spent.
     pub reset_rate_limited: u64,
+    /// Packets from a member's address on a port that does not face the members.
+    pub spoofed_source: u64,
+    /// Reply-direction packets of this rule's flows on the wrong port.
+    pub wrong_side: u64,
 }
 
 /// All counters of one worker.
@@ -154,7 +168,7 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 19] {
+    pub fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
@@ -175,6 +189,8 @@ impl RuleCounters {
             ("flow_table_full", self.flow_table_full),
             ("flows_evicted", self.flows_evicted),
             ("reset_rate_limited", self.reset_rate_limited),
+            ("spoofed_source", self.spoofed_source),
+            ("wrong_side", self.wrong_side),
         ]
     }
 
@@ -199,6 +215,8 @@ impl RuleCounters {
         self.flow_table_full += other.flow_table_full;
         self.flows_evicted += other.flows_evicted;
         self.reset_rate_limited += other.reset_rate_limited;
+        self.spoofed_source += other.spoofed_source;
+        self.wrong_side += other.wrong_side;
     }
 }
 

@@ -316,6 +316,10 @@ impl Engine {
         };
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+            if let Some(reason) = self.wrong_port(id, dir, ingress) {
+                let rule = self.flows.get(id).rule;
+                return self.drop_for(rule, reason);
+            }
             if pkt.proto == proto::TCP {
                 let f = self.flows.get(id);
                 let reopening = f.tcp.state.is_closed()
@@ -468,6 +472,21 @@ impl Engine {
                 self.counters.tx_packets += 1;
                 emit(hop.port, &self.scratch[..len]);
             }
+        }
+    }
+
+    /// Anti-spoofing for a packet of flow `id`, direction `dir`, received on `ingress`: a reply
+    /// must come from the port the flow sends its original direction to (where the backend or
+    /// the remote host is), and the original direction of an outbound flow from a port that
+    /// faces the members. Checked before anything else, so a spoofed packet changes nothing.
+    #[inline]
+    fn wrong_port(&self, id: FlowId, dir: Dir, ingress: PortId) -> Option<DropReason> {
+        let f = self.flows.get(id);
+        if dir == REPLY {
+            (self.net.get(f.next_hop[ORIG]).port != ingress).then_some(DropReason::WrongSide)
+        } else {
+            (f.nat == Nat::Snat && !self.net.is_backend_side(ingress))
+                .then_some(DropReason::SpoofedSource)
         }
     }
 
@@ -649,6 +668,11 @@ impl Engine {
             return self.create(ingress, frame, pkt, flow, backend.addr, hash);
         }
         if let Some((rule, blocks)) = self.rules.match_outbound(pkt.proto, pkt.src) {
+            if !self.net.is_backend_side(ingress) {
+                // A member's address from outside: taking SNAT ports for it would let anyone
+                // exhaust the member's ports or send as the appliance.
+                return self.drop_for(rule, DropReason::SpoofedSource);
+            }
             if is_tcp && !is_syn {
                 self.count_late(hash, now);
                 return self.drop_for(rule, DropReason::NoFlow);
@@ -803,6 +827,8 @@ impl Engine {
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
             DropReason::ResetRateLimited => c.reset_rate_limited += 1,
+            DropReason::SpoofedSource => c.spoofed_source += 1,
+            DropReason::WrongSide => c.wrong_side += 1,
             _ => {}
         }
         self.drop(reason)

@@ -93,6 +93,8 @@ pub enum NextHopError {
 #[derive(Debug, Clone)]
 pub struct NextHops {
     port_macs: Vec<Mac>,
+    /// Per port: it faces the pool members (outbound rules take new flows only from these).
+    backend_side: Vec<bool>,
     routes: Vec<Route>,
     hops: Vec<NextHop>,
     // The crate's fast hasher, not SipHash: these are looked up twice per new flow (SipHash
@@ -112,6 +114,7 @@ impl NextHops {
         let capacity = capacity.min(NextHopId::MAX as usize);
         NextHops {
             port_macs: Vec::new(),
+            backend_side: Vec::new(),
             routes: Vec::new(),
             hops: Vec::with_capacity(capacity),
             by_ip: HashMap::with_capacity_and_hasher(capacity, FastBuild::default()),
@@ -128,6 +131,25 @@ impl NextHops {
             self.port_macs.resize(i + 1, [0; 6]);
         }
         self.port_macs[i] = mac;
+    }
+
+    /// Declares whether port `port` faces the pool members. Only packets received on such a
+    /// port may open an outbound (SNAT) flow or travel its original direction: elsewhere a
+    /// member's address is spoofed. Ports not declared are not backend side.
+    pub fn set_backend_side(&mut self, port: PortId, backend_side: bool) {
+        let i = port as usize;
+        if self.backend_side.len() <= i {
+            self.backend_side.resize(i + 1, false);
+        }
+        self.backend_side[i] = backend_side;
+    }
+
+    #[inline]
+    pub fn is_backend_side(&self, port: PortId) -> bool {
+        self.backend_side
+            .get(port as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     pub fn set_routes(&mut self, mut routes: Vec<Route>) {

@@ -507,3 +507,113 @@ fn reset_policy_rsts_are_rate_limited_in_virtual_time() {
     );
     assert_eq!(lab.engine.flow_count(), 0);
 }
+
+/// An outbound rule takes new flows only from the port facing the members: a member's
+/// address arriving from the internet or the clients' side takes no SNAT port.
+#[test]
+fn outbound_flows_only_from_the_members_side() {
+    let mut lab = Lab::new();
+    let egress = rule_id(&lab, "egress");
+    for port in [INTERNET_PORT, CLIENT_PORT] {
+        for (i, flags) in [SYN, ACK].into_iter().enumerate() {
+            assert_eq!(
+                lab.send(port, member(50_000 + i as u16, 443).seg(flags, 1, 0, &[]))
+                    .0,
+                Verdict::Drop(DropReason::SpoofedSource)
+            );
+        }
+        let udp = udp(
+            NET_MAC,
+            XLB_MAC[2],
+            B1.into(),
+            5000,
+            REMOTE.into(),
+            53,
+            b"q",
+        );
+        assert_eq!(
+            lab.send(port, udp).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
+    }
+    let c = lab.engine.counters();
+    assert_eq!(c.rule(egress).spoofed_source, 6);
+    assert_eq!(c.drop_count(DropReason::SpoofedSource), 6);
+    assert_eq!(lab.engine.flow_count(), 0);
+    let rules = lab.engine.rules().clone();
+    let (_, blocks) = rules.match_outbound(6, B1.into()).unwrap();
+    assert_eq!(lab.engine.snat_usage(blocks, 6), (0, 8), "no port taken");
+    // From the members' side it works.
+    assert_eq!(
+        lab.forward(BACKEND_PORT, member(50_000, 443).seg(SYN, 1, 0, &[]))
+            .0,
+        INTERNET_PORT
+    );
+}
+
+/// Packets of an existing flow must come from the side the flow learned: replies from the
+/// port its original direction leaves by, an outbound flow's original direction from the
+/// members' side. A spoofed RST from the wrong side changes nothing.
+#[test]
+fn flows_take_each_direction_only_from_its_side() {
+    let mut lab = Lab::new();
+    let http = rule_id(&lab, "http");
+    let mut conn = Conn::open(&mut lab, client_at(10, 80, 40_000));
+    // The backend's address, arriving from the clients' side (an outside spoofer).
+    for flags in [RST, ACK | PSH, FIN | ACK] {
+        let forged = conn.backend.seg(flags, conn.s_seq, conn.c_seq, b"");
+        assert_eq!(
+            lab.send(CLIENT_PORT, forged).0,
+            Verdict::Drop(DropReason::WrongSide)
+        );
+    }
+    assert_eq!(lab.engine.counters().rule(http).wrong_side, 3);
+    assert_eq!(
+        flows_in_state(&lab, 80, TcpState::Established),
+        vec![40_000],
+        "the forged RST and FIN changed nothing"
+    );
+    conn.exchange(&mut lab);
+
+    // Outbound: the member's segment of an existing flow from outside, and the remote's
+    // reply from inside or the clients' side.
+    let (_, out) = lab.forward(BACKEND_PORT, member(50_000, 443).seg(SYN, 1, 0, &[]));
+    let port = seen(&out).sport;
+    let egress = rule_id(&lab, "egress");
+    assert_eq!(
+        lab.send(INTERNET_PORT, member(50_000, 443).seg(RST, 2, 0, &[]))
+            .0,
+        Verdict::Drop(DropReason::SpoofedSource)
+    );
+    for side in [CLIENT_PORT, BACKEND_PORT] {
+        assert_eq!(
+            lab.send(side, remote(443, port).seg(SYN | ACK, 9, 2, &[]))
+                .0,
+            Verdict::Drop(DropReason::WrongSide)
+        );
+    }
+    let c = lab.engine.counters().rule(egress);
+    assert_eq!((c.spoofed_source, c.wrong_side), (1, 2));
+    assert_eq!(
+        lab.forward(INTERNET_PORT, remote(443, port).seg(SYN | ACK, 9, 2, &[]))
+            .0,
+        BACKEND_PORT
+    );
+
+    // A backend that moves to another port (its neighbour entry follows it): its replies
+    // are expected there.
+    lab.engine
+        .next_hops()
+        .set_neighbor(B1.into(), INTERNET_PORT, B1_MAC)
+        .unwrap();
+    lab.engine
+        .next_hops()
+        .set_neighbor(B2.into(), INTERNET_PORT, B2_MAC)
+        .unwrap();
+    let reply = conn.backend.seg(ACK, conn.s_seq, conn.c_seq, b"");
+    assert_eq!(
+        lab.send(BACKEND_PORT, reply.clone()).0,
+        Verdict::Drop(DropReason::WrongSide)
+    );
+    assert_eq!(lab.forward(INTERNET_PORT, reply).0, CLIENT_PORT);
+}
