@@ -27,8 +27,8 @@ use xlb_afxdp::{
 };
 use xlb_api::{ControlState, Listen, ServeOptions, StateOptions};
 use xlb_engine::{
-    config::ConfigError, hashkey::HashKey, Addr, Config, Engine, EngineConfig, Event, MemberHealth,
-    RuleSet,
+    admission::AdmissionLimits, config::ConfigError, hashkey::HashKey, Addr, Config, Engine,
+    EngineConfig, Event, MemberHealth, RuleSet,
 };
 
 use crate::{
@@ -67,6 +67,10 @@ pub struct Options {
     pub busy_poll: bool,
     pub lab_time_scale: Option<u32>,
     pub flow_capacity: u32,
+    /// Budgets of unconfirmed flows (shares of each worker's table).
+    pub admission: AdmissionLimits,
+    /// RSTs per second per worker for the `reset` unknown-flow policy.
+    pub reset_rate: u32,
     pub xdp_mode: ModeRequest,
     pub quiet: bool,
     pub status_interval: Duration,
@@ -367,6 +371,9 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
             .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?,
     );
+    opts.admission
+        .validate()
+        .map_err(|e| Failure::usage(format!("flow admission: {e}")))?;
     if opts.interfaces.is_empty() {
         return Err(Failure::usage(
             "no interface: name each interface the dataplane drives with --interface NAME \
@@ -580,6 +587,8 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             worker: w as u16,
             workers: opts.workers as u16,
             flow_capacity: opts.flow_capacity,
+            admission: opts.admission,
+            reset_rate: opts.reset_rate,
             hash_seed: random_seed().map_err(|e| Failure::runtime(format!("{e}")))?,
             steer_seed,
             ..EngineConfig::default()
