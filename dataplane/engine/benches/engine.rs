@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use etherparse::PacketBuilder;
+use xlb_engine::admission::AdmissionLimits;
 use xlb_engine::config::{Config, MemberHealth};
 use xlb_engine::time::{mins, secs, Nanos};
 use xlb_engine::{compile, Engine, EngineConfig, Route, RuleSet, Verdict};
@@ -53,9 +54,22 @@ fn rules() -> Arc<RuleSet> {
     Arc::new(compile(&cfg, None, &MemberHealth::default(), 1).unwrap())
 }
 
+/// Admission budgets at 100 %: SYNs fill the table without evictions, so `new_flow` is the
+/// cost of a new flow into a table with room (`syn_flood` measures the evicting path).
+const NO_BUDGETS: AdmissionLimits = AdmissionLimits {
+    half_open_percent: 100,
+    unreplied_udp_percent: 100,
+    rule_percent: 100,
+};
+
 fn engine(capacity: u32) -> Engine {
+    engine_with(capacity, NO_BUDGETS)
+}
+
+fn engine_with(capacity: u32, admission: AdmissionLimits) -> Engine {
     let cfg = EngineConfig {
         flow_capacity: capacity,
+        admission,
         ..EngineConfig::default()
     };
     let mut e = Engine::new(cfg, rules(), T0);
@@ -94,7 +108,9 @@ fn tcp_frame(
     let b = PacketBuilder::ethernet2(src_mac, XLB)
         .ipv4(src, dst, 64)
         .tcp(sport, dport, 1000, 64000);
-    let b = if syn { b.syn() } else { b.ack(2000) };
+    // A non-SYN acknowledges the SYN-ACK (sequence 1000) exactly: the handshake of the
+    // established benchmark confirms its flows (see `admission`).
+    let b = if syn { b.syn() } else { b.ack(1001) };
     let mut v = Vec::new();
     b.write(&mut v, &[]).unwrap();
     v.resize(64, 0); // Ethernet minimum, as on the wire
@@ -218,6 +234,40 @@ fn bench_new_flow(c: &mut Criterion) {
             })
         });
     }
+    // A SYN flood from spoofed sources at one rule, with xlbd's default table and budgets: the
+    // rule holds its share (25 %: 16 384 half-open flows) and every further SYN evicts the
+    // oldest of them. Steady state: each iteration is one eviction and one new flow.
+    let capacity = 1u32 << 16;
+    let mut e = engine_with(capacity, AdmissionLimits::default());
+    let share = capacity / 4;
+    let frames: Vec<Vec<u8>> = (0..4 * share)
+        .map(|i| {
+            tcp_frame(
+                client_ip(i),
+                1024 + (i % 60_000) as u16,
+                [198, 18, 0, 100],
+                80,
+                true,
+                CLIENT_MAC,
+            )
+        })
+        .collect();
+    let mut buf = [0u8; 64];
+    for f in &frames[..share as usize] {
+        buf.copy_from_slice(f);
+        e.process(T0, 0, &mut buf);
+    }
+    assert_eq!(e.flow_count(), share as usize);
+    // Cycle through the frames: a SYN whose flow was evicted long ago is a new flow again.
+    let mut i = share as usize;
+    g.bench_function(format!("syn_flood_evicting/{capacity}_capacity"), |b| {
+        b.iter(|| {
+            i = (i + 1) % frames.len();
+            buf.copy_from_slice(&frames[i]);
+            black_box(e.process(T0, 0, &mut buf))
+        })
+    });
+    assert_eq!(e.flow_count(), share as usize);
     g.finish();
 }
 

@@ -45,7 +45,7 @@ impl HashKey {
         let b = fold_mul(d as u64 ^ k2, (d >> 64) as u64 ^ k3);
         let ports =
             (u64::from(t.src_port) << 32) | (u64::from(t.dst_port) << 16) | u64::from(t.proto);
-        finish(fold_mul(a ^ ports ^ k3, b ^ k0))
+        fold_mul(a ^ ports ^ k3, b ^ k0)
     }
 
     /// Hash of one endpoint (address and port), for steering.
@@ -53,25 +53,16 @@ impl HashKey {
     pub fn endpoint(&self, addr: Addr, port: u16) -> u64 {
         let [k0, k1, k2, k3] = self.0;
         let a = fold_mul(addr.0 as u64 ^ k0, (addr.0 >> 64) as u64 ^ k1);
-        finish(fold_mul(a ^ u64::from(port) ^ k2, k3))
+        fold_mul(a ^ u64::from(port) ^ k2, k3)
     }
 }
 
-/// The 128-bit product of `a` and `b`, high half XOR low half.
+/// The 128-bit product of `a` and `b`, high half XOR low half: every output bit depends on
+/// every bit of both operands (no finaliser needed after the last one).
 #[inline]
 fn fold_mul(a: u64, b: u64) -> u64 {
     let p = u128::from(a) * u128::from(b);
     (p as u64) ^ ((p >> 64) as u64)
-}
-
-/// murmur3's 64-bit finaliser: every output bit depends on every input bit.
-#[inline]
-fn finish(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }
 
 #[cfg(test)]
