@@ -314,7 +314,7 @@ fn snat_engine(used: u32) -> Engine {
     let rules = Arc::new(compile(&cfg, None, &MemberHealth::default(), 1).unwrap());
     let mut e = Engine::new(
         EngineConfig {
-            flow_capacity: 1 << 17,
+            flow_capacity: 1 << 16,
             ..EngineConfig::default()
         },
         rules,
