@@ -27,7 +27,8 @@ use xlb_afxdp::{
 };
 use xlb_api::{ControlState, Listen, ServeOptions, StateOptions};
 use xlb_engine::{
-    config::ConfigError, Addr, Config, Engine, EngineConfig, Event, MemberHealth, RuleSet,
+    admission::AdmissionLimits, config::ConfigError, hashkey::HashKey, Addr, Config, Engine,
+    EngineConfig, Event, MemberHealth, RuleSet,
 };
 
 use crate::{
@@ -41,6 +42,16 @@ use crate::{
     selfprobe::SelfProber,
     stats::{write_atomic, Totals},
 };
+
+/// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
+fn random_seed() -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading /dev/urandom: {e}")))?;
+    Ok(u64::from_ne_bytes(b))
+}
 
 /// Exit codes: 2 for what the operator must fix in the command or the file, 1 for the rest.
 pub const EXIT_USAGE: u8 = 2;
@@ -58,6 +69,10 @@ pub struct Options {
     pub busy_poll: bool,
     pub lab_time_scale: Option<u32>,
     pub flow_capacity: u32,
+    /// Budgets of unconfirmed flows (shares of each worker's table).
+    pub admission: AdmissionLimits,
+    /// RSTs per second per worker for the `reset` unknown-flow policy.
+    pub reset_rate: u32,
     pub xdp_mode: ModeRequest,
     pub quiet: bool,
     pub status_interval: Duration,
@@ -364,6 +379,9 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
             .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?,
     );
+    opts.admission
+        .validate()
+        .map_err(|e| Failure::usage(format!("flow admission: {e}")))?;
     if opts.interfaces.is_empty() {
         return Err(Failure::usage(
             "no interface: name each interface the dataplane drives with --interface NAME \
@@ -569,6 +587,12 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         }
     };
     let steering = Steering::mesh(opts.workers, 4096);
+    // One steering key for every worker (they must agree on each flow's owner), and for the
+    // self-probe, which picks the worker it injects at.
+    let steer_seed = random_seed().map_err(|e| Failure::runtime(format!("{e}")))?;
+    if let Some(p) = self_probe.as_mut() {
+        p.prober.set_steer_key(HashKey::from_seed(steer_seed));
+    }
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ack_tx, ack_rx) = channel::bounded(256);
     let shared = Shared::new(opts.workers, rules.generation());
@@ -598,13 +622,18 @@ pub fn run(opts: Options) -> Result<(), Failure> {
             worker: w as u16,
             workers: opts.workers as u16,
             flow_capacity: opts.flow_capacity,
-            hash_seed: sys::monotonic_ns() ^ 0x9E37_79B9_7F4A_7C15,
+            admission: opts.admission,
+            reset_rate: opts.reset_rate,
+            hash_seed: random_seed().map_err(|e| Failure::runtime(format!("{e}")))?,
+            steer_seed,
             ..EngineConfig::default()
         };
         let mut engine = Engine::new(ecfg, Arc::clone(&rules), sys::monotonic_ns());
         let net = engine.next_hops();
-        for p in &ports {
+        for (p, bs) in ports.iter().zip(&backend_side) {
             net.set_port(p.id, p.mac);
+            // Outbound flows are taken only from the members' side (anti-spoofing).
+            net.set_backend_side(p.id, *bs);
         }
         for pv in &port_vlans {
             net.allow_vlan(pv.port, pv.vlan);

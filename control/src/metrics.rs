@@ -20,7 +20,7 @@ use std::{
 use hdrhistogram::Histogram;
 use xlb_afxdp::WorkerStats;
 use xlb_api::ControlState;
-use xlb_engine::{ruleset::RuleKind, DropReason, RuleCounters};
+use xlb_engine::{counters::EvictReason, ruleset::RuleKind, DropReason, RuleCounters};
 
 use crate::{plane::sum_snat, plane::Shared};
 
@@ -171,6 +171,21 @@ pub fn render(src: &Sources) -> String {
                 "xlb_worker_drops_total",
                 &[("worker", &wl), ("reason", r.as_str())],
                 w.counters.drop_count(r),
+            );
+        }
+    }
+    o.family(
+        "xlb_worker_evictions_total",
+        "counter",
+        "Unconfirmed flows evicted to admit new ones, by reason.",
+    );
+    for w in &workers {
+        let wl = w.worker.to_string();
+        for r in EvictReason::ALL {
+            o.sample(
+                "xlb_worker_evictions_total",
+                &[("worker", &wl), ("reason", r.as_str())],
+                w.counters.eviction_count(r),
             );
         }
     }
@@ -562,13 +577,15 @@ backend_port = 8080
             h.record(ns).unwrap();
         }
         for w in 0..2 {
-            let counters = xlb_engine::Counters {
+            let mut counters = xlb_engine::Counters {
                 rules: vec![RuleCounters {
                     flows_created: 3 + w as u64,
+                    flows_evicted: 1,
                     ..RuleCounters::default()
                 }],
                 ..xlb_engine::Counters::default()
             };
+            counters.evictions[EvictReason::HalfOpenBudget.index()] = 2;
             shared.store(crate::handler::Snapshot {
                 worker: w,
                 counters,
@@ -630,6 +647,13 @@ backend_port = 8080
         );
         // Names are validated to [A-Za-z0-9_.-], but label values are escaped anyway.
         assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert!(
+            text.contains("xlb_rule_flows_evicted_total{kind=\"load_balancing\",rule=\"web\"} 2")
+        );
+        assert!(
+            text.contains("xlb_worker_evictions_total{worker=\"1\",reason=\"half_open_budget\"} 2")
+        );
+        assert!(text.contains("xlb_worker_drops_total{worker=\"0\",reason=\"spoofed_source\"} 0"));
         assert!(text.contains("xlb_lab_time_scale 60"));
         assert!(text.contains("xlb_worker_next_hops{worker=\"1\"} 4"));
         assert!(text.contains("xlb_worker_next_hops_reclaimed_total{worker=\"1\"} 8"));

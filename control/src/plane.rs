@@ -31,6 +31,10 @@ use crate::handler::{Ack, FlowQuery, Snapshot, ToWorker};
 
 /// How long a telemetry read waits for a worker's answer.
 const WORKER_ANSWER: Duration = Duration::from_secs(2);
+/// Flow queries one listing page may send to one worker beyond the first (each walks at most
+/// `handler::QUERY_SLOTS` slots); a page that needs more goes back short, with its cursor.
+/// With xlbd's default table (65 536 flows per worker) one page can walk a whole worker.
+const MAX_QUERIES_PER_PAGE: usize = 4;
 
 /// What the control loop learns from the workers, shared with the API and metrics threads.
 #[derive(Debug)]
@@ -327,26 +331,43 @@ impl Telemetry for DaemonTelemetry {
     ) -> Result<FlowPage, TelemetryError> {
         let mut page = FlowPage::default();
         let first = after.map_or(0, |c| usize::from(c.worker));
-        for w in first..self.to.len() {
-            let want = limit - page.flows.len();
-            let from = after.filter(|c| usize::from(c.worker) == w).map(|c| c.flow);
-            // One more than needed tells whether this worker has more.
-            let answer = self.ask_flows(w, filter, from, want + 1)?;
-            if page.now == 0 {
-                page.now = answer.now;
+        'workers: for w in first..self.to.len() {
+            let mut from = after.filter(|c| usize::from(c.worker) == w).map(|c| c.flow);
+            let mut queries = 0;
+            loop {
+                let want = limit - page.flows.len();
+                let answer = self.ask_flows(w, filter, from, want)?;
+                queries += 1;
+                if page.now == 0 {
+                    page.now = answer.now;
+                }
+                page.flows
+                    .extend(answer.flows.into_iter().map(|info| FlowEntry {
+                        worker: w as u16,
+                        info,
+                    }));
+                let Some(slot) = answer.more else {
+                    break;
+                };
+                // The worker has more after `slot`: its walk is bounded (a query costs it at
+                // most `QUERY_SLOTS` slots), so ask again, a bounded number of times per page
+                // and worker; past that the page goes back short, with the cursor.
+                if page.flows.len() >= limit || queries >= MAX_QUERIES_PER_PAGE {
+                    page.next = Some(FlowCursor {
+                        worker: w as u16,
+                        flow: slot,
+                    });
+                    break 'workers;
+                }
+                from = Some(slot);
             }
-            let more_here = answer.flows.len() > want;
-            page.flows
-                .extend(answer.flows.into_iter().take(want).map(|info| FlowEntry {
-                    worker: w as u16,
-                    info,
-                }));
             if page.flows.len() >= limit {
-                let more_after = more_here || w + 1 < self.to.len();
+                // Full at the end of this worker: the next page starts with the next worker
+                // (asked after its last slot, this one answers nothing more).
                 page.next = page
                     .flows
                     .last()
-                    .filter(|_| more_after)
+                    .filter(|_| w + 1 < self.to.len())
                     .map(|e| FlowCursor {
                         worker: e.worker,
                         flow: e.info.id,
@@ -415,6 +436,7 @@ mod tests {
         acks: Sender<Ack>,
         flows: Vec<FlowInfo>,
         mute: bool,
+        capacity: u32,
     ) -> thread::JoinHandle<()> {
         thread::spawn(move || {
             while let Ok(msg) = rx.recv() {
@@ -426,17 +448,9 @@ mod tests {
                         });
                     }
                     ToWorker::Flows(q) => {
-                        let page = flows
-                            .iter()
-                            .filter(|f| q.after.is_none_or(|a| f.id > a) && q.filter.matches(f))
-                            .take(q.limit)
-                            .copied()
-                            .collect();
-                        let _ = q.reply.send(crate::handler::FlowAnswer {
-                            worker: id,
-                            flows: page,
-                            now: 5,
-                        });
+                        let slots = q.slots(capacity);
+                        let live = flows.iter().filter(|f| slots.contains(&f.id)).copied();
+                        let _ = q.reply.send(q.answer(id, live, capacity, 5));
                     }
                     _ => {}
                 }
@@ -448,7 +462,7 @@ mod tests {
         let t = FlowTuple {
             proto: 6,
             src: Addr::from_v4_bytes([198, 18, 0, 10]),
-            src_port: 40000 + id as u16,
+            src_port: 40000u16.wrapping_add(id as u16),
             dst: Addr::from_v4_bytes([198, 18, 0, 100]),
             dst_port: 80,
         };
@@ -479,6 +493,19 @@ mod tests {
         DaemonTelemetry,
         Vec<thread::JoinHandle<()>>,
     ) {
+        daemon_with(flows, mute, crate::handler::QUERY_SLOTS)
+    }
+
+    /// [`daemon`] with workers whose flow tables have `capacity` slots.
+    fn daemon_with(
+        flows: Vec<Vec<FlowInfo>>,
+        mute: &[usize],
+        capacity: u32,
+    ) -> (
+        WorkerPublisher,
+        DaemonTelemetry,
+        Vec<thread::JoinHandle<()>>,
+    ) {
         let shared = Shared::new(flows.len(), 1);
         let (ack_tx, ack_rx) = channel::bounded(16);
         let mut to = Vec::new();
@@ -486,7 +513,14 @@ mod tests {
         for (w, f) in flows.into_iter().enumerate() {
             let (tx, rx) = channel::bounded(4);
             to.push(tx);
-            joins.push(fake_worker(w, rx, ack_tx.clone(), f, mute.contains(&w)));
+            joins.push(fake_worker(
+                w,
+                rx,
+                ack_tx.clone(),
+                f,
+                mute.contains(&w),
+                capacity,
+            ));
         }
         let placement = vec![
             WorkerPlacement {
@@ -650,6 +684,44 @@ mod tests {
         assert_eq!(page.flows.len(), 8);
         assert_eq!(page.next, None);
         assert_eq!(page.now, 5);
+    }
+
+    /// Flows spread over a table larger than one walk: each query walks a bounded number of
+    /// slots, pages come back short with a cursor, and the listing still sees every flow
+    /// once, filtered or not.
+    #[test]
+    fn flow_listing_resumes_where_a_bounded_walk_stopped() {
+        let qs = crate::handler::QUERY_SLOTS;
+        let ids = [0, 7, qs - 1, qs, qs + 5, 2 * qs + 9, 6 * qs + 2, 8 * qs - 1];
+        // Tables of eight walks: more than one page may ask a worker for.
+        let (_, t, _) = daemon_with(
+            vec![ids.iter().map(|&i| info(i)).collect(), vec![info(qs + 1)]],
+            &[],
+            8 * qs,
+        );
+        let odd_ports = FlowFilter {
+            client: Some(Addr::from_v4_bytes([198, 18, 0, 10])),
+            ..FlowFilter::default()
+        };
+        for (filter, limit) in [(FlowFilter::default(), 2), (odd_ports, 100)] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            let mut requests = 0;
+            loop {
+                let page = t.flows(&filter, after, limit).unwrap();
+                requests += 1;
+                assert!(page.flows.len() <= limit);
+                seen.extend(page.flows.iter().map(|e| (e.worker, e.info.id)));
+                match page.next {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+                assert!(requests < 30, "paging ends");
+            }
+            let want: Vec<(u16, u32)> = ids.iter().map(|&i| (0, i)).chain([(1, qs + 1)]).collect();
+            assert_eq!(seen, want, "limit {limit}");
+            assert!(requests >= 2, "bounded walks: {requests} requests");
+        }
     }
 
     #[test]

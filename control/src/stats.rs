@@ -4,7 +4,8 @@
 use std::{fmt::Write as _, io, path::Path};
 
 use xlb_engine::{
-    net::NextHopStats, ruleset::RuleKind, Counters, DropReason, RuleCounters, RuleSet,
+    counters::EvictReason, net::NextHopStats, ruleset::RuleKind, Counters, DropReason,
+    RuleCounters, RuleSet,
 };
 
 use crate::handler::Snapshot;
@@ -23,6 +24,8 @@ pub struct Totals {
     /// Next-hop entries in use, reclaimed and refused (table full), summed over workers.
     pub next_hops: NextHopStats,
     pub drops: Vec<(&'static str, u64)>,
+    /// Unconfirmed flows evicted for new ones, by reason.
+    pub evictions: Vec<(&'static str, u64)>,
     /// (`lb.<name>` / `nat.<name>` / `out.<name>`, counters), in rule-id order.
     pub rules: Vec<(String, RuleCounters)>,
 }
@@ -56,6 +59,9 @@ impl Totals {
             for (d, x) in c.drops.iter_mut().zip(s.counters.drops.iter()) {
                 *d += x;
             }
+            for (d, x) in c.evictions.iter_mut().zip(s.counters.evictions.iter()) {
+                *d += x;
+            }
         }
         t.rx = c.rx_packets;
         t.tx = c.tx_packets;
@@ -63,6 +69,10 @@ impl Totals {
         t.events_dropped = c.events_dropped;
         t.drops = DropReason::all()
             .map(|r| (r.as_str(), c.drop_count(r)))
+            .collect();
+        t.evictions = EvictReason::ALL
+            .iter()
+            .map(|&r| (r.as_str(), c.eviction_count(r)))
             .collect();
         t.rules =
             xlb_api::sum_rule_counters(snaps.iter().map(|s| (&s.counters, s.generation)), rules)
@@ -100,6 +110,15 @@ impl Totals {
             .collect();
         if !drops.is_empty() {
             let _ = write!(s, " drops[{}]", drops.join(" "));
+        }
+        let evicted: Vec<String> = self
+            .evictions
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        if !evicted.is_empty() {
+            let _ = write!(s, " evicted[{}]", evicted.join(" "));
         }
         for (name, r) in &self.rules {
             if r.flows_created == 0 && r.packets == [0, 0] && r.no_flow == 0 {
@@ -142,6 +161,9 @@ impl Totals {
         kv("next_hops_refused", self.next_hops.refused);
         for (r, n) in &self.drops {
             kv(&format!("drop.{r}"), *n);
+        }
+        for (r, n) in &self.evictions {
+            kv(&format!("evicted.{r}"), *n);
         }
         for (name, r) in &self.rules {
             for (field, v) in r.fields() {
@@ -197,6 +219,7 @@ backend_port = 8080
                 ..Counters::default()
             };
             c.drops[DropReason::NoFlow.index()] = 2;
+            c.evictions[EvictReason::RuleShare.index()] = 5;
             c.rules.resize(usize::from(id) + 1, RuleCounters::default());
             c.rules[usize::from(id)].flows_created = created;
             Snapshot {
@@ -225,7 +248,11 @@ backend_port = 8080
         for line in [
             "lab_time_scale=60",
             "drop.no_flow=4",
+            "drop.wrong_side=0",
+            "evicted.rule_share=10",
+            "evicted.table_full=0",
             "rule.lb.web.flows_created=7",
+            "rule.lb.web.flows_evicted=0",
             "handed_off=2",
             "next_hops=3",
             "next_hops_reclaimed=10",
@@ -236,6 +263,7 @@ backend_port = 8080
         let status = t.status_line(60);
         assert!(status.contains("lab_time_scale=60"), "{status}");
         assert!(status.contains("drops[no_flow=4]"), "{status}");
+        assert!(status.contains("evicted[rule_share=10]"), "{status}");
         assert!(status.contains("lb.web[created=7"), "{status}");
         assert!(!t.status_line(1).contains("lab_time_scale"));
     }

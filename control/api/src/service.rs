@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use xlb_engine::config::{
     BackendPool, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, OutboundRule,
 };
+use xlb_engine::counters::EvictReason;
 use xlb_engine::flow::Nat;
 use xlb_engine::ruleset::{RuleKind, PROTO_TCP, PROTO_UDP};
 use xlb_engine::tcp::TcpState;
@@ -225,7 +226,22 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_flow_table_full: c.flow_table_full,
         flows_moved: c.flows_moved,
         drops_out_of_window: c.out_of_window,
+        flows_evicted: c.flows_evicted,
+        drops_reset_rate_limited: c.reset_rate_limited,
+        drops_spoofed_source: c.spoofed_source,
+        drops_wrong_side: c.wrong_side,
     }
+}
+
+fn evictions(e: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
+    EvictReason::ALL
+        .iter()
+        .map(|r| pb::DropCount {
+            reason: r.as_str().to_string(),
+            count: e[r.index()],
+        })
+        .filter(|c| !nonzero_only || c.count != 0)
+        .collect()
 }
 
 fn drops(d: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
@@ -702,6 +718,7 @@ impl Xlb for XlbService {
                 .is_some_and(|since| w.generation >= since)
         };
         let mut sum_drops = vec![0u64; DropReason::COUNT];
+        let mut sum_evictions = [0u64; EvictReason::COUNT];
         let mut total = pb::WorkerCounters {
             worker: c.workers.len() as u32,
             ..Default::default()
@@ -710,6 +727,9 @@ impl Xlb for XlbService {
         for w in &c.workers {
             for (i, d) in w.counters.drops.iter().enumerate() {
                 sum_drops[i] += d;
+            }
+            for (s, e) in sum_evictions.iter_mut().zip(&w.counters.evictions) {
+                *s += e;
             }
             total.rx_packets += w.counters.rx_packets;
             total.tx_packets += w.counters.tx_packets;
@@ -727,6 +747,7 @@ impl Xlb for XlbService {
                     flows: w.flows,
                     flow_capacity: w.flow_capacity,
                     drops: drops(&w.counters.drops, true),
+                    evictions: evictions(&w.counters.evictions, true),
                     rules: w
                         .counters
                         .rules
@@ -745,6 +766,7 @@ impl Xlb for XlbService {
             }
         }
         total.drops = drops(&sum_drops, true);
+        total.evictions = evictions(&sum_evictions, true);
         // Every configured rule, zeros included (so a new rule shows up). A deleted rule is
         // not listed: its figures leave with it, and its id never carries them to a new rule.
         let rules: Vec<pb::RuleCounters> = crate::sum_rule_counters(
@@ -774,6 +796,7 @@ impl Xlb for XlbService {
             total: Some(total),
             workers,
             snat,
+            evictions: evictions(&sum_evictions, false),
         }))
     }
 

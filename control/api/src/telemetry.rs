@@ -153,7 +153,10 @@ pub fn backend_of(f: &FlowInfo) -> Addr {
 }
 
 /// Position in a flow listing: flows are ordered by (worker, flow id); a page starts after
-/// the cursor. Flows created or removed between pages may be missed or seen, never twice.
+/// the cursor. A flow id is a flow-table slot, kept for the flow's life, so a flow that lives
+/// through the whole listing is seen exactly once; flows created or removed between pages may
+/// be missed or seen, never twice. A page may be short (even empty) and still have a cursor:
+/// a worker walks a bounded part of its table per query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowCursor {
     pub worker: u16,

@@ -7,6 +7,7 @@ use clap::{Parser, ValueEnum};
 use xlb_afxdp::ModeRequest;
 use xlb_api::server::ServerTls;
 use xlb_control::daemon::{self, Options};
+use xlb_engine::{admission::AdmissionLimits, engine::DEFAULT_RESET_RATE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Poll {
@@ -60,6 +61,25 @@ struct Cli {
     /// the index).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
+    /// Percent of a worker's flow table that TCP flows without a confirmed handshake may hold;
+    /// beyond it the oldest is evicted for a new one (docs/architecture.md, "Flow admission").
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().half_open_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    half_open_share: u8,
+    /// Percent of a worker's flow table that UDP flows without a reply may hold.
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().unreplied_udp_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    unreplied_udp_share: u8,
+    /// Percent of a worker's flow table that one rule's unconfirmed flows may hold: a flood at
+    /// one rule recycles its own share and leaves the rest to the other rules.
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().rule_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    rule_share: u8,
+    /// RSTs per second (and at once) a worker sends for the `reset` unknown-flow policy;
+    /// beyond it the segments are dropped and counted (reset_rate_limited).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESET_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    reset_rate: u32,
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// No status lines and no event lines (the ready line and final counters remain).
@@ -207,6 +227,12 @@ fn main() -> ExitCode {
         busy_poll: cli.poll_mode == Poll::Busy,
         lab_time_scale: cli.lab_time_scale,
         flow_capacity: cli.flow_capacity,
+        admission: AdmissionLimits {
+            half_open_percent: cli.half_open_share,
+            unreplied_udp_percent: cli.unreplied_udp_share,
+            rule_percent: cli.rule_share,
+        },
+        reset_rate: cli.reset_rate,
         xdp_mode: match cli.xdp_mode {
             XdpMode::Auto => ModeRequest::Auto,
             XdpMode::Native => ModeRequest::Native,

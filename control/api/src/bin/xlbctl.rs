@@ -1660,6 +1660,8 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "drops_no_backend": r.drops_no_backend, "drops_snat_exhausted": r.drops_snat_exhausted,
         "drops_flow_table_full": r.drops_flow_table_full, "flows_moved": r.flows_moved,
         "drops_out_of_window": r.drops_out_of_window,
+        "flows_evicted": r.flows_evicted, "drops_reset_rate_limited": r.drops_reset_rate_limited,
+        "drops_spoofed_source": r.drops_spoofed_source, "drops_wrong_side": r.drops_wrong_side,
     })
 }
 
@@ -1676,6 +1678,7 @@ fn worker_json(w: &pb::WorkerCounters) -> Value {
         "worker": w.worker, "rx_packets": w.rx_packets, "tx_packets": w.tx_packets,
         "rsts_sent": w.rsts_sent, "events_dropped": w.events_dropped, "flows": w.flows,
         "flow_capacity": w.flow_capacity, "drops": drops_json(&w.drops),
+        "evictions": drops_json(&w.evictions),
         "rules": w.rules.iter().map(rule_json).collect::<Vec<_>>(),
     })
 }
@@ -1699,7 +1702,10 @@ fn rule_rows(rules: &[pb::RuleCounters], worker: Option<u32>) -> Vec<Vec<String>
                     + r.drops_no_backend
                     + r.drops_snat_exhausted
                     + r.drops_flow_table_full
-                    + r.drops_out_of_window)
+                    + r.drops_out_of_window
+                    + r.drops_reset_rate_limited
+                    + r.drops_spoofed_source
+                    + r.drops_wrong_side)
                     .to_string(),
             ];
             if let Some(w) = worker {
@@ -1738,6 +1744,7 @@ async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, json: 
             "generation": r.generation,
             "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
             "drops": drops_json(&r.drops),
+            "evictions": drops_json(&r.evictions),
             "total": worker_json(&total),
             "workers": r.workers.iter().map(worker_json).collect::<Vec<_>>(),
             "snat": r.snat.iter().map(|s| json!({
@@ -1768,6 +1775,16 @@ async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, json: 
     if !nonzero.is_empty() {
         println!();
         table(&["DROP_REASON", "COUNT"], &nonzero);
+    }
+    let evicted: Vec<Vec<String>> = r
+        .evictions
+        .iter()
+        .filter(|e| e.count > 0)
+        .map(|e| vec![e.reason.clone(), e.count.to_string()])
+        .collect();
+    if !evicted.is_empty() {
+        println!();
+        table(&["EVICTION_REASON", "COUNT"], &evicted);
     }
     if !r.snat.is_empty() {
         println!();
