@@ -76,15 +76,25 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let (runtime, signalled) = startup::runtime()?;
     let endpoints = startup::bind_endpoints(&runtime, opts)?;
     let mut kernel = startup::read_kernel(opts, &config)?;
-    let self_probe = preflight::self_probe(opts, &config, &kernel.ports, kernel.watch.routes())?;
+    let mut self_probe =
+        preflight::self_probe(opts, &config, &kernel.ports, kernel.watch.routes())?;
     let attached = startup::attach_xdp(opts, &kernel, &rules)?;
     startup::settle_neighbours(&mut kernel)?;
+    // One steering key for every worker, and for the self-probe, which picks the worker it
+    // injects at.
+    let steer_seed = workers::random_seed()?;
+    if let Some(p) = self_probe.as_mut() {
+        p.prober
+            .set_steer_key(xlb_engine::hashkey::HashKey::from_seed(steer_seed));
+    }
     let mut workers = workers::spawn_all(&workers::Start {
         opts,
         xdp: &attached.xdp,
         ports: &kernel.ports,
         port_vlans: &kernel.port_vlans,
         kernel: kernel.watch.mailbox(),
+        backend_side: &kernel.backend_side,
+        steer_seed,
         rules: &rules,
         queues: kernel.queues,
         probe_sources: self_probe

@@ -29,7 +29,14 @@ pub struct Ack {
     pub generation: u64,
 }
 
-/// Up to `limit` flows matching `filter` whose id is above `after`, in flow-id order.
+/// Flow-table slots one flow query walks at most. The filter may match few of the flows it
+/// passes, so a page may come back short (with a cursor to go on from): this bounds the time a
+/// query keeps a worker from its packets to about 16 k filter checks and 256 bitmap words,
+/// whatever the table's size.
+pub const QUERY_SLOTS: FlowId = 16_384;
+
+/// Up to `limit` flows matching `filter` whose id (flow-table slot) is above `after`, in
+/// flow-id order, from at most [`QUERY_SLOTS`] slots.
 #[derive(Debug, Clone)]
 pub struct FlowQuery {
     pub filter: FlowFilter,
@@ -38,10 +45,54 @@ pub struct FlowQuery {
     pub reply: Sender<FlowAnswer>,
 }
 
+impl FlowQuery {
+    /// The slots this query walks in a table of `capacity` flows.
+    pub fn slots(&self, capacity: FlowId) -> std::ops::Range<FlowId> {
+        let start = self.after.map_or(0, |a| a.saturating_add(1)).min(capacity);
+        start..start.saturating_add(QUERY_SLOTS).min(capacity)
+    }
+
+    /// The answer from `flows`, the live flows of [`slots`](Self::slots) in slot order.
+    pub fn answer(
+        &self,
+        worker: usize,
+        flows: impl Iterator<Item = FlowInfo>,
+        capacity: FlowId,
+        now: u64,
+    ) -> FlowAnswer {
+        let slots = self.slots(capacity);
+        let mut page: Vec<FlowInfo> = Vec::with_capacity(self.limit.min(1024));
+        let mut more = None;
+        let mut full = false;
+        for f in flows.filter(|f| self.filter.matches(f)) {
+            if page.len() >= self.limit {
+                // One more match than the page holds: go on after the page's last flow.
+                more = page.last().map(|p| p.id).or(self.after);
+                full = true;
+                break;
+            }
+            page.push(f);
+        }
+        if !full && slots.end < capacity {
+            // The walk stopped at its bound, not at the end of the table.
+            more = Some(slots.end - 1);
+        }
+        FlowAnswer {
+            worker,
+            flows: page,
+            more,
+            now,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct FlowAnswer {
     pub worker: usize,
     pub flows: Vec<FlowInfo>,
+    /// This worker has more flows for the query after this slot (the page is full, or the
+    /// walk reached [`QUERY_SLOTS`]); `None`: it has no more.
+    pub more: Option<FlowId>,
     /// The worker's clock when it answered, to turn `last_seen` / `deadline` into ages.
     pub now: u64,
 }

@@ -8,7 +8,7 @@ use std::{
 
 use xlb_afxdp::ModeRequest;
 use xlb_api::Listen;
-use xlb_engine::{config::ConfigError, Config};
+use xlb_engine::{admission::AdmissionLimits, config::ConfigError, Config};
 
 /// Exit codes: 2 for what the operator must fix in the command or the file, 1 for the rest.
 pub const EXIT_USAGE: u8 = 2;
@@ -26,6 +26,10 @@ pub struct Options {
     pub busy_poll: bool,
     pub lab_time_scale: Option<u32>,
     pub flow_capacity: u32,
+    /// Budgets of unconfirmed flows (shares of each worker's table).
+    pub admission: AdmissionLimits,
+    /// RSTs per second per worker for the `reset` unknown-flow policy.
+    pub reset_rate: u32,
     pub xdp_mode: ModeRequest,
     pub quiet: bool,
     pub status_interval: Duration,

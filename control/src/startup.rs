@@ -30,6 +30,9 @@ pub fn configure(opts: &Options) -> Result<(Config, Arc<RuleSet>), Failure> {
     let config = load_config(opts)?;
     let rules = xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
         .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?;
+    opts.admission
+        .validate()
+        .map_err(|e| Failure::usage(format!("flow admission: {e}")))?;
     preflight::command(opts)?;
     preflight::privileges()?;
     Ok((config, Arc::new(rules)))

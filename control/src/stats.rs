@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, io, path::Path};
 
 use xlb_api::CounterSum;
-use xlb_engine::{DropReason, RuleCounters, RuleSet};
+use xlb_engine::{counters::EvictReason, DropReason, RuleCounters, RuleSet};
 
 /// The rules of `sum` that `rules` names, as `<kind key>.<name>` (`lb.web`), in rule-id order.
 fn named<'a>(
@@ -40,6 +40,14 @@ pub fn status_line(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> St
         .collect();
     if !drops.is_empty() {
         let _ = write!(s, " drops[{}]", drops.join(" "));
+    }
+    let evicted: Vec<String> = EvictReason::ALL
+        .iter()
+        .filter(|r| sum.eviction_count(**r) > 0)
+        .map(|r| format!("{}={}", r.as_str(), sum.eviction_count(*r)))
+        .collect();
+    if !evicted.is_empty() {
+        let _ = write!(s, " evicted[{}]", evicted.join(" "));
     }
     for (name, r) in named(sum, rules) {
         if r.flows_created == 0 && r.packets == [0, 0] && r.no_flow == 0 {
@@ -82,6 +90,9 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     kv("next_hops_refused", sum.next_hops.refused);
     for r in DropReason::all() {
         kv(&format!("drop.{}", r.as_str()), sum.drop_count(r));
+    }
+    for r in EvictReason::ALL {
+        kv(&format!("evicted.{}", r.as_str()), sum.eviction_count(r));
     }
     for (name, r) in named(sum, rules) {
         for (field, v) in r.fields() {
@@ -137,6 +148,7 @@ backend_port = 8080
                 ..Counters::default()
             };
             c.drops[DropReason::NoFlow.index()] = 2;
+            c.evictions[EvictReason::RuleShare.index()] = 5;
             c.rules.resize(usize::from(id) + 1, RuleCounters::default());
             c.rules[usize::from(id)].flows_created = created;
             WorkerCounters {
@@ -162,7 +174,11 @@ backend_port = 8080
         for line in [
             "lab_time_scale=60",
             "drop.no_flow=4",
+            "drop.wrong_side=0",
+            "evicted.rule_share=10",
+            "evicted.table_full=0",
             "rule.lb.web.flows_created=7",
+            "rule.lb.web.flows_evicted=0",
             "handed_off=2",
             "next_hops=3",
             "next_hops_reclaimed=10",
@@ -173,6 +189,7 @@ backend_port = 8080
         let status = status_line(&sum, &rules, 60);
         assert!(status.contains("lab_time_scale=60"), "{status}");
         assert!(status.contains("drops[no_flow=4]"), "{status}");
+        assert!(status.contains("evicted[rule_share=10]"), "{status}");
         assert!(status.contains("lb.web[created=7"), "{status}");
         assert!(!status_line(&sum, &rules, 1).contains("lab_time_scale"));
     }

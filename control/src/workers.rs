@@ -75,6 +75,21 @@ pub struct Start<'a> {
     pub queues: u32,
     /// Self-probe sources: answers to them are taken off the wire.
     pub probe_sources: Vec<Addr>,
+    /// Per port, whether it faces the members: outbound flows are taken only from there
+    /// (anti-spoofing).
+    pub backend_side: &'a [bool],
+    /// The steering key's seed, one for every worker (they must agree on each flow's owner).
+    pub steer_seed: u64,
+}
+
+/// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
+pub fn random_seed() -> Result<u64, Failure> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Failure::runtime(format!("reading /dev/urandom: {e}")))?;
+    Ok(u64::from_ne_bytes(b))
 }
 
 /// The control side's channels, shared by every worker.
@@ -122,25 +137,29 @@ fn poll_mode(opts: &Options) -> PollMode {
     }
 }
 
-/// The engine of worker `w`, told the ports and their VLANs (the kernel's view comes with the
-/// mailbox).
-fn engine(s: &Start, w: usize) -> Engine {
+/// The engine of worker `w`, told the ports, which of them are backend side, and their VLANs
+/// (the kernel's view comes with the mailbox).
+fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
     let ecfg = EngineConfig {
         worker: w as u16,
         workers: s.opts.workers as u16,
         flow_capacity: s.opts.flow_capacity,
-        hash_seed: sys::monotonic_ns() ^ 0x9E37_79B9_7F4A_7C15,
+        admission: s.opts.admission,
+        reset_rate: s.opts.reset_rate,
+        hash_seed: random_seed()?,
+        steer_seed: s.steer_seed,
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
     let net = engine.next_hops();
-    for p in s.ports {
+    for (p, bs) in s.ports.iter().zip(s.backend_side) {
         net.set_port(p.id, p.mac);
+        net.set_backend_side(p.id, *bs);
     }
     for pv in s.port_vlans {
         net.allow_vlan(pv.port, pv.vlan);
     }
-    engine
+    Ok(engine)
 }
 
 fn spawn_one(
@@ -176,7 +195,7 @@ fn spawn_one(
         acks: links.acks.clone(),
         counters: writer,
     };
-    let handler = EngineHandler::new(w, engine(s, w), link, PUBLISH_EVERY_NS, Some(steering))
+    let handler = EngineHandler::new(w, engine(s, w)?, link, PUBLISH_EVERY_NS, Some(steering))
         .with_probe_sources(s.probe_sources.clone())
         .with_kernel(Arc::clone(&s.kernel));
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
+use xlb_engine::counters::EvictReason;
 use xlb_engine::flow::{FlowId, Nat};
 use xlb_engine::net::NextHopStats;
 use xlb_engine::ruleset::PROTO_TCP;
@@ -69,14 +70,25 @@ impl Clone for WorkerCounters {
     /// Copies into this value's storage (the daemon's workers publish their counters so,
     /// without allocating).
     fn clone_from(&mut self, source: &WorkerCounters) {
-        self.worker = source.worker;
-        self.counters.clone_from(&source.counters);
-        self.flows = source.flows;
-        self.flow_capacity = source.flow_capacity;
-        self.handed_off = source.handed_off;
-        self.handoff_dropped = source.handoff_dropped;
-        self.next_hops = source.next_hops;
-        self.generation = source.generation;
+        // Destructured so that a new field cannot be forgotten here.
+        let WorkerCounters {
+            worker,
+            counters,
+            flows,
+            flow_capacity,
+            handed_off,
+            handoff_dropped,
+            next_hops,
+            generation,
+        } = source;
+        self.worker = *worker;
+        self.counters.clone_from(counters);
+        self.flows = *flows;
+        self.flow_capacity = *flow_capacity;
+        self.handed_off = *handed_off;
+        self.handoff_dropped = *handoff_dropped;
+        self.next_hops = *next_hops;
+        self.generation = *generation;
     }
 }
 
@@ -92,6 +104,8 @@ pub struct CounterSum {
     pub events_dropped: u64,
     /// By [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
+    /// Unconfirmed flows evicted for new ones, by [`EvictReason::index`].
+    pub evictions: [u64; EvictReason::COUNT],
     pub flows: u64,
     pub flow_capacity: u64,
     pub handed_off: u64,
@@ -105,6 +119,10 @@ pub struct CounterSum {
 impl CounterSum {
     pub fn drop_count(&self, r: DropReason) -> u64 {
         self.drops[r.index()]
+    }
+
+    pub fn eviction_count(&self, r: EvictReason) -> u64 {
+        self.evictions[r.index()]
     }
 }
 
@@ -130,6 +148,7 @@ pub fn sum<'a>(
         rsts_sent: 0,
         events_dropped: 0,
         drops: [0; DropReason::COUNT],
+        evictions: [0; EvictReason::COUNT],
         flows: 0,
         flow_capacity: 0,
         handed_off: 0,
@@ -149,6 +168,9 @@ pub fn sum<'a>(
         s.events_dropped += c.events_dropped;
         for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
             *total += d;
+        }
+        for (total, e) in s.evictions.iter_mut().zip(c.evictions.iter()) {
+            *total += e;
         }
         s.flows += w.flows;
         s.flow_capacity += w.flow_capacity;
@@ -240,7 +262,10 @@ pub fn backend_of(f: &FlowInfo) -> Addr {
 }
 
 /// Position in a flow listing: flows are ordered by (worker, flow id); a page starts after
-/// the cursor. Flows created or removed between pages may be missed or seen, never twice.
+/// the cursor. A flow id is a flow-table slot, kept for the flow's life, so a flow that lives
+/// through the whole listing is seen exactly once; flows created or removed between pages may
+/// be missed or seen, never twice. A page may be short (even empty) and still have a cursor:
+/// a worker walks a bounded part of its table per query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowCursor {
     pub worker: u16,

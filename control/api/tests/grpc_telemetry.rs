@@ -64,7 +64,10 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
         ..Counters::default()
     };
     counters.rules[usize::from(web)].flows_created = 5;
+    counters.rules[usize::from(web)].flows_evicted = 4;
+    counters.rules[usize::from(web)].wrong_side = 1;
     counters.drops[xlb_engine::DropReason::NoRule.index()] = 3;
+    counters.evictions[xlb_engine::counters::EvictReason::RuleShare.index()] = 4;
     let generation = h.state.generation();
     let since = h.state.snapshot().rules.since(web).unwrap();
     let workers = |second_generation: u64| CountersSnapshot {
@@ -111,6 +114,18 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
         .into_inner();
     let web_c = r.rules.iter().find(|x| x.rule == "web").unwrap();
     assert_eq!(web_c.flows_created, 10);
+    assert_eq!((web_c.flows_evicted, web_c.drops_wrong_side), (8, 2));
+    let evicted = |list: &[pb::DropCount], reason: &str| {
+        list.iter().find(|d| d.reason == reason).map(|d| d.count)
+    };
+    assert_eq!(evicted(&r.evictions, "rule_share"), Some(8));
+    assert_eq!(evicted(&r.evictions, "table_full"), Some(0), "every reason");
+    assert_eq!(evicted(&r.workers[0].evictions, "rule_share"), Some(4));
+    assert_eq!(
+        evicted(&r.workers[0].evictions, "table_full"),
+        None,
+        "non-zero only"
+    );
     assert_eq!(
         r.drops
             .iter()

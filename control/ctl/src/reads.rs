@@ -41,6 +41,8 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "drops_no_backend": r.drops_no_backend, "drops_snat_exhausted": r.drops_snat_exhausted,
         "drops_flow_table_full": r.drops_flow_table_full, "flows_moved": r.flows_moved,
         "drops_out_of_window": r.drops_out_of_window,
+        "flows_evicted": r.flows_evicted, "drops_reset_rate_limited": r.drops_reset_rate_limited,
+        "drops_spoofed_source": r.drops_spoofed_source, "drops_wrong_side": r.drops_wrong_side,
     })
 }
 
@@ -57,6 +59,7 @@ fn worker_json(w: &pb::WorkerCounters) -> Value {
         "worker": w.worker, "rx_packets": w.rx_packets, "tx_packets": w.tx_packets,
         "rsts_sent": w.rsts_sent, "events_dropped": w.events_dropped, "flows": w.flows,
         "flow_capacity": w.flow_capacity, "drops": drops_json(&w.drops),
+        "evictions": drops_json(&w.evictions),
         "rules": w.rules.iter().map(rule_json).collect::<Vec<_>>(),
     })
 }
@@ -80,7 +83,10 @@ fn rule_rows(rules: &[pb::RuleCounters], worker: Option<u32>) -> Vec<Vec<String>
                     + r.drops_no_backend
                     + r.drops_snat_exhausted
                     + r.drops_flow_table_full
-                    + r.drops_out_of_window)
+                    + r.drops_out_of_window
+                    + r.drops_reset_rate_limited
+                    + r.drops_spoofed_source
+                    + r.drops_wrong_side)
                     .to_string(),
             ];
             if let Some(w) = worker {
@@ -119,6 +125,7 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
             "generation": r.generation,
             "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
             "drops": drops_json(&r.drops),
+            "evictions": drops_json(&r.evictions),
             "total": worker_json(&total),
             "workers": r.workers.iter().map(worker_json).collect::<Vec<_>>(),
             "snat": r.snat.iter().map(|s| json!({
@@ -140,16 +147,8 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
     );
     println!();
     table(&RULE_HEADERS, &rule_rows(&r.rules, None));
-    let nonzero: Vec<Vec<String>> = r
-        .drops
-        .iter()
-        .filter(|d| d.count > 0)
-        .map(|d| vec![d.reason.clone(), d.count.to_string()])
-        .collect();
-    if !nonzero.is_empty() {
-        println!();
-        table(&["DROP_REASON", "COUNT"], &nonzero);
-    }
+    reason_table("DROP_REASON", &r.drops);
+    reason_table("EVICTION_REASON", &r.evictions);
     if !r.snat.is_empty() {
         println!();
         let rows: Vec<Vec<String>> = r
@@ -182,6 +181,19 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
         table(&headers, &rows);
     }
     Ok(())
+}
+
+/// The non-zero counts of `list` as a table (nothing when all are zero).
+fn reason_table(header: &str, list: &[pb::DropCount]) {
+    let nonzero: Vec<Vec<String>> = list
+        .iter()
+        .filter(|d| d.count > 0)
+        .map(|d| vec![d.reason.clone(), d.count.to_string()])
+        .collect();
+    if !nonzero.is_empty() {
+        println!();
+        table(&[header, "COUNT"], &nonzero);
+    }
 }
 
 pub fn ep(e: &Option<pb::Endpoint>) -> String {

@@ -243,20 +243,17 @@ impl EngineHandler {
         });
     }
 
-    /// Answers a flow query: a page of at most `limit` matching flows (a control query, not
-    /// the packet path: it walks the table and allocates the answer).
+    /// Answers a flow query: a page of at most `limit` matching flows from at most
+    /// [`QUERY_SLOTS`](crate::messages::QUERY_SLOTS) slots after the cursor (a control query,
+    /// not the packet path: it allocates the answer).
     fn flows_page(&self, q: &FlowQuery, now_ns: u64) -> FlowAnswer {
-        let flows = self
-            .engine
-            .flows()
-            .filter(|f| q.after.is_none_or(|a| f.id > a) && q.filter.matches(f))
-            .take(q.limit)
-            .collect();
-        FlowAnswer {
-            worker: self.id,
-            flows,
-            now: now_ns,
-        }
+        let capacity = self.engine.flow_capacity();
+        q.answer(
+            self.id,
+            self.engine.flows_in(q.slots(capacity)),
+            capacity,
+            now_ns,
+        )
     }
 
     /// Passes `frame` to its owner if that is another worker; `true` when it did.

@@ -24,7 +24,7 @@ use prometheus::{
 };
 use tokio::sync::watch;
 use xlb_api::ControlState;
-use xlb_engine::{DropReason, RuleCounters};
+use xlb_engine::{counters::EvictReason, DropReason, RuleCounters};
 
 use crate::plane::{cell::WorkerSnapshot, sum_snat, Shared};
 
@@ -201,6 +201,18 @@ fn workers(o: &mut Families, src: &Sources) {
         let w = s.counters.worker.to_string();
         for r in DropReason::all() {
             let v = s.counters.counters.drop_count(r) as f64;
+            o.sample(&[("worker", &w), ("reason", r.as_str())], v);
+        }
+    }
+    o.family(
+        "xlb_worker_evictions_total",
+        COUNTER,
+        "Unconfirmed flows evicted to admit new ones, by reason.",
+    );
+    for s in &snaps {
+        let w = s.counters.worker.to_string();
+        for r in EvictReason::ALL {
+            let v = s.counters.counters.eviction_count(r) as f64;
             o.sample(&[("worker", &w), ("reason", r.as_str())], v);
         }
     }

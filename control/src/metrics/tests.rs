@@ -52,8 +52,10 @@ fn sources() -> Sources {
         cell.publish(|s| {
             s.counters.counters.rules = vec![RuleCounters {
                 flows_created: 3 + w as u64,
+                flows_evicted: 1,
                 ..RuleCounters::default()
             }];
+            s.counters.counters.evictions[EvictReason::HalfOpenBudget.index()] = 2;
             s.counters.flows = 1;
             s.counters.flow_capacity = 8;
             s.counters.generation = 1;
@@ -106,6 +108,9 @@ fn exposition_is_well_formed_and_sums_workers() {
         text.contains("xlb_rule_flows_created_total{kind=\"load_balancing\",rule=\"web\"} 7"),
         "{text}"
     );
+    assert!(text.contains("xlb_rule_flows_evicted_total{kind=\"load_balancing\",rule=\"web\"} 2"));
+    assert!(text.contains("xlb_worker_evictions_total{worker=\"1\",reason=\"half_open_budget\"} 2"));
+    assert!(text.contains("xlb_worker_drops_total{worker=\"0\",reason=\"spoofed_source\"} 0"));
     assert!(text.contains("xlb_lab_time_scale 60"));
     assert!(text.contains("xlb_worker_next_hops{worker=\"1\"} 4"));
     assert!(text.contains("xlb_worker_next_hops_reclaimed_total{worker=\"1\"} 8"));

@@ -18,6 +18,10 @@ use crate::messages::{FlowAnswer, FlowQuery, ToWorker};
 
 /// How long a telemetry read waits for a worker's answer.
 const WORKER_ANSWER: Duration = Duration::from_secs(2);
+/// Flow queries one listing page may send to one worker beyond the first (each walks at most
+/// `messages::QUERY_SLOTS` slots); a page that needs more goes back short, with its cursor.
+/// With xlbd's default table (65 536 flows per worker) one page can walk a whole worker.
+const MAX_QUERIES_PER_PAGE: usize = 4;
 
 /// The static part of a worker's status: where it runs.
 #[derive(Debug, Clone)]
@@ -75,6 +79,46 @@ impl DaemonTelemetry {
     }
 }
 
+impl DaemonTelemetry {
+    /// Adds worker `w`'s flows after `from` to `page`; the cursor to go on from when the page
+    /// has to stop inside this worker (full, or the bounded walks ran out).
+    fn page_from(
+        &self,
+        w: usize,
+        filter: &FlowFilter,
+        mut from: Option<u32>,
+        limit: usize,
+        page: &mut FlowPage,
+    ) -> Result<Option<FlowCursor>, TelemetryError> {
+        for queries in 1..=MAX_QUERIES_PER_PAGE {
+            let want = limit - page.flows.len();
+            let answer = self.ask_flows(w, filter, from, want)?;
+            if page.now == 0 {
+                page.now = answer.now;
+            }
+            page.flows
+                .extend(answer.flows.into_iter().map(|info| FlowEntry {
+                    worker: w as u16,
+                    info,
+                }));
+            let Some(slot) = answer.more else {
+                return Ok(None);
+            };
+            // The worker has more after `slot`: its walk is bounded (a query costs it at most
+            // `QUERY_SLOTS` slots), so ask again, a bounded number of times per page and
+            // worker; past that the page goes back short, with the cursor.
+            if page.flows.len() >= limit || queries == MAX_QUERIES_PER_PAGE {
+                return Ok(Some(FlowCursor {
+                    worker: w as u16,
+                    flow: slot,
+                }));
+            }
+            from = Some(slot);
+        }
+        Ok(None)
+    }
+}
+
 impl Telemetry for DaemonTelemetry {
     fn counters(&self) -> Result<CountersSnapshot, TelemetryError> {
         let snaps = self.shared.snapshots();
@@ -93,25 +137,18 @@ impl Telemetry for DaemonTelemetry {
         let mut page = FlowPage::default();
         let first = after.map_or(0, |c| usize::from(c.worker));
         for w in first..self.to.len() {
-            let want = limit - page.flows.len();
             let from = after.filter(|c| usize::from(c.worker) == w).map(|c| c.flow);
-            // One more than needed tells whether this worker has more.
-            let answer = self.ask_flows(w, filter, from, want + 1)?;
-            if page.now == 0 {
-                page.now = answer.now;
+            if let Some(next) = self.page_from(w, filter, from, limit, &mut page)? {
+                page.next = Some(next);
+                break;
             }
-            let more_here = answer.flows.len() > want;
-            page.flows
-                .extend(answer.flows.into_iter().take(want).map(|info| FlowEntry {
-                    worker: w as u16,
-                    info,
-                }));
             if page.flows.len() >= limit {
-                let more_after = more_here || w + 1 < self.to.len();
+                // Full at the end of this worker: the next page starts with the next worker
+                // (asked after its last slot, this one answers nothing more).
                 page.next = page
                     .flows
                     .last()
-                    .filter(|_| more_after)
+                    .filter(|_| w + 1 < self.to.len())
                     .map(|e| FlowCursor {
                         worker: e.worker,
                         flow: e.info.id,

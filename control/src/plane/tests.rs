@@ -11,7 +11,7 @@ use super::cell::{cell, CellWriter, WorkerSnapshot};
 use super::publisher::WorkerPublisher;
 use super::telemetry::{DaemonTelemetry, WorkerPlacement};
 use super::*;
-use crate::messages::{Ack, FlowAnswer, ToWorker};
+use crate::messages::{Ack, ToWorker};
 use crossbeam::channel::{self, Receiver, Sender};
 use std::{collections::HashSet, time::Duration};
 use xlb_api::{FlowFilter, PublishError, Publisher, Telemetry};
@@ -24,6 +24,7 @@ fn fake_worker(
     acks: Sender<Ack>,
     flows: Vec<FlowInfo>,
     mute: bool,
+    capacity: u32,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         while let Ok(msg) = rx.recv() {
@@ -35,17 +36,9 @@ fn fake_worker(
                     });
                 }
                 ToWorker::Flows(q) => {
-                    let page = flows
-                        .iter()
-                        .filter(|f| q.after.is_none_or(|a| f.id > a) && q.filter.matches(f))
-                        .take(q.limit)
-                        .copied()
-                        .collect();
-                    let _ = q.reply.send(FlowAnswer {
-                        worker: id,
-                        flows: page,
-                        now: 5,
-                    });
+                    let slots = q.slots(capacity);
+                    let live = flows.iter().filter(|f| slots.contains(&f.id)).copied();
+                    let _ = q.reply.send(q.answer(id, live, capacity, 5));
                 }
                 _ => {}
             }
@@ -57,7 +50,7 @@ fn info(id: u32) -> FlowInfo {
     let t = FlowTuple {
         proto: 6,
         src: Addr::from_v4_bytes([198, 18, 0, 10]),
-        src_port: 40000 + id as u16,
+        src_port: 40000u16.wrapping_add(id as u16),
         dst: Addr::from_v4_bytes([198, 18, 0, 100]),
         dst_port: 80,
     };
@@ -89,6 +82,20 @@ fn daemon(
     Vec<thread::JoinHandle<()>>,
     Vec<CellWriter>,
 ) {
+    daemon_with(flows, mute, crate::messages::QUERY_SLOTS)
+}
+
+/// [`daemon`] with workers whose flow tables have `capacity` slots.
+fn daemon_with(
+    flows: Vec<Vec<FlowInfo>>,
+    mute: &[usize],
+    capacity: u32,
+) -> (
+    WorkerPublisher,
+    DaemonTelemetry,
+    Vec<thread::JoinHandle<()>>,
+    Vec<CellWriter>,
+) {
     let (writers, readers): (Vec<_>, Vec<_>) = (0..flows.len()).map(cell).unzip();
     let shared = Shared::new(readers, Vec::new(), 1);
     let (ack_tx, ack_rx) = channel::bounded(16);
@@ -97,7 +104,14 @@ fn daemon(
     for (w, f) in flows.into_iter().enumerate() {
         let (tx, rx) = channel::bounded(4);
         to.push(tx);
-        joins.push(fake_worker(w, rx, ack_tx.clone(), f, mute.contains(&w)));
+        joins.push(fake_worker(
+            w,
+            rx,
+            ack_tx.clone(),
+            f,
+            mute.contains(&w),
+            capacity,
+        ));
     }
     let placement = vec![
         WorkerPlacement {
@@ -257,6 +271,44 @@ fn flow_pages_walk_workers_in_order_and_end_with_no_cursor() {
     assert_eq!(page.flows.len(), 8);
     assert_eq!(page.next, None);
     assert_eq!(page.now, 5);
+}
+
+/// Flows spread over a table larger than one walk: each query walks a bounded number of
+/// slots, pages come back short with a cursor, and the listing still sees every flow
+/// once, filtered or not.
+#[test]
+fn flow_listing_resumes_where_a_bounded_walk_stopped() {
+    let qs = crate::messages::QUERY_SLOTS;
+    let ids = [0, 7, qs - 1, qs, qs + 5, 2 * qs + 9, 6 * qs + 2, 8 * qs - 1];
+    // Tables of eight walks: more than one page may ask a worker for.
+    let (_, t, _, _) = daemon_with(
+        vec![ids.iter().map(|&i| info(i)).collect(), vec![info(qs + 1)]],
+        &[],
+        8 * qs,
+    );
+    let odd_ports = FlowFilter {
+        client: Some(Addr::from_v4_bytes([198, 18, 0, 10])),
+        ..FlowFilter::default()
+    };
+    for (filter, limit) in [(FlowFilter::default(), 2), (odd_ports, 100)] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut requests = 0;
+        loop {
+            let page = t.flows(&filter, after, limit).unwrap();
+            requests += 1;
+            assert!(page.flows.len() <= limit);
+            seen.extend(page.flows.iter().map(|e| (e.worker, e.info.id)));
+            match page.next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+            assert!(requests < 30, "paging ends");
+        }
+        let want: Vec<(u16, u32)> = ids.iter().map(|&i| (0, i)).chain([(1, qs + 1)]).collect();
+        assert_eq!(seen, want, "limit {limit}");
+        assert!(requests >= 2, "bounded walks: {requests} requests");
+    }
 }
 
 #[test]

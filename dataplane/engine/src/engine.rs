@@ -9,10 +9,13 @@
 use std::sync::Arc;
 
 use crate::addr::Addr;
+use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
+use crate::hashkey::HashKey;
 use crate::late::LateTable;
 use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
+use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
@@ -20,6 +23,11 @@ use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
+
+/// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
+/// enough for the clients of a restarted appliance to learn quickly that their connections
+/// are gone, too few to make xlb a useful reflector of spoofed segments.
+pub const DEFAULT_RESET_RATE: u32 = 1_000;
 
 /// Sizing and identity of one worker's engine.
 #[derive(Clone, Copy, Debug)]
@@ -35,12 +43,20 @@ pub struct EngineConfig {
     pub late_slots: usize,
     /// Timer tick is `2^tick_shift` ns (20 → ~1.05 ms).
     pub tick_shift: u32,
-    /// Secret seed of the flow hash.
+    /// Secret seed of the flow hash (this worker's own; draw it at random).
     pub hash_seed: u64,
+    /// Secret seed of the steering hash: the same on every worker of one daemon (they must
+    /// agree on the owner of each flow), drawn at random at start.
+    pub steer_seed: u64,
     /// Idle timeout of flows whose rule was deleted (they keep running, silently).
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
     pub event_capacity: usize,
+    /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
+    pub admission: AdmissionLimits,
+    /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
+    /// beyond it such segments are dropped (`reset_rate_limited`).
+    pub reset_rate: u32,
 }
 
 impl Default for EngineConfig {
@@ -53,8 +69,11 @@ impl Default for EngineConfig {
             late_slots: 1 << 14,
             tick_shift: 20,
             hash_seed: 0x5EED_F71B,
+            steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
+            admission: AdmissionLimits::default(),
+            reset_rate: DEFAULT_RESET_RATE,
         }
     }
 }
@@ -97,12 +116,16 @@ pub struct FlowInfo {
     pub deadline: Nanos,
 }
 
-/// The engine of one worker.
-#[derive(Debug)]
+/// The engine of one worker. `Clone` copies its whole state (benchmarks start every batch
+/// from one prepared engine).
+#[derive(Debug, Clone)]
 pub struct Engine {
     cfg: EngineConfig,
+    steer_key: HashKey,
     rules: Arc<RuleSet>,
     flows: FlowTable,
+    /// The flows not confirmed yet, oldest first: the only ones evicted for new flows.
+    unconfirmed: Unconfirmed,
     wheel: TimerWheel,
     net: NextHops,
     snat: SnatPorts,
@@ -110,6 +133,8 @@ pub struct Engine {
     counters: Counters,
     events: Vec<Event>,
     exhausted: Vec<Addr>,
+    /// Bounds the RSTs of the `reset` unknown-flow policy.
+    resets: TokenBucket,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
     /// Next flow slot whose forward hop to re-resolve after the routes changed, and the
@@ -127,19 +152,26 @@ impl Engine {
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
         counters.live_flows.resize(rules.rule_id_bound(), 0);
+        let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
+        snat.prepare(&rules);
+        let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
+        unconfirmed.reserve_rules(rules.rule_id_bound());
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
+            unconfirmed,
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
             net: NextHops::new(cfg.next_hop_capacity),
-            snat: SnatPorts::new(cfg.worker, cfg.workers),
+            snat,
             late: LateTable::new(cfg.late_slots),
             counters,
             events: Vec::with_capacity(cfg.event_capacity),
             exhausted: Vec::new(),
+            resets: TokenBucket::new(cfg.reset_rate, cfg.reset_rate),
             sweep: None,
             rehome: None,
             rehome_epoch: 0,
             scratch: [0; MAX_RST_FRAME],
+            steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
         }
@@ -179,6 +211,8 @@ impl Engine {
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
+        self.snat.prepare(&rules);
+        self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
     }
 
@@ -218,7 +252,15 @@ impl Engine {
 
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
-        self.flows.iter().map(|(id, f)| FlowInfo {
+        self.flows_in(0..self.flows.capacity())
+    }
+
+    /// Snapshot of the live flows whose slot (`FlowInfo::id`) is in `slots`, in slot order: a
+    /// page of a flow listing, whose cursor is the slot to go on from. A flow keeps its slot
+    /// for life, so a walk by slot sees every flow that lives through it exactly once; the
+    /// cost is the flows returned plus one bitmap word per 64 slots of the range.
+    pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
+        self.flows.iter_range(slots).map(|(id, f)| FlowInfo {
             id,
             rule: f.rule,
             proto: f.proto,
@@ -251,8 +293,9 @@ impl Engine {
     /// of every flow kind — load balancing, inbound NAT, floating IP, outbound SNAT — hash the
     /// same endpoint, so they land on the same worker whatever queue the NIC picked. SNAT ports
     /// are still partitioned between workers so that two workers never pick the same port.
+    /// The hash is keyed (`EngineConfig::steer_seed`), so a sender cannot aim at one worker.
     pub fn owner(&self, frame: &[u8]) -> Option<u16> {
-        owner(&self.rules, frame, self.cfg.workers)
+        owner(&self.rules, frame, self.cfg.workers, &self.steer_key)
     }
 
     /// Memory that `process` will read for `frame`'s flow, for the caller to prefetch a few
@@ -336,6 +379,10 @@ impl Engine {
         };
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+            if let Some(reason) = self.wrong_port(id, dir, ingress) {
+                let rule = self.flows.get(id).rule;
+                return self.drop_for(rule, reason);
+            }
             if pkt.proto == proto::TCP {
                 let seg = Segment::of(&pkt);
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
@@ -345,7 +392,16 @@ impl Engine {
                     return self.miss(now, ingress, buf, len, &pkt, &tuple, hash);
                 }
                 match self.track(now, id, dir, &seg) {
-                    Outcome::Tracked(_) => {}
+                    Outcome::Tracked(_) => {
+                        // The original sender acknowledges the reply side's next byte: it
+                        // receives the replies, so the flow is confirmed (never evicted).
+                        if dir == ORIG
+                            && pkt.tcp_flags & (ACK | SYN | RST) == ACK
+                            && self.unconfirmed.is_unconfirmed(id)
+                        {
+                            self.confirm_tcp(id, pkt.ack);
+                        }
+                    }
                     Outcome::Passed => return self.emit(id, dir, buf, len, &pkt),
                     Outcome::OutOfWindow => {
                         let rule = self.flows.get(id).rule;
@@ -357,6 +413,10 @@ impl Engine {
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
                     return self.move_udp(now, id, ingress, buf, len, &pkt, &tuple, hash);
                 }
+            } else if self.unconfirmed.is_unconfirmed(id) {
+                // A UDP reply: the flow is confirmed.
+                let rule = self.flows.get(id).rule;
+                self.unconfirmed.forget(id, rule, admission::UDP);
             }
             self.flows.get_mut(id).last_seen = now;
             return self.emit(id, dir, buf, len, &pkt);
@@ -527,6 +587,41 @@ impl Engine {
         }
     }
 
+    /// Anti-spoofing for a packet of flow `id`, direction `dir`, received on `ingress`: a reply
+    /// must come from the port the flow sends its original direction to (where the backend or
+    /// the remote host is), and the original direction of an outbound flow from a port that
+    /// faces the members. Checked before anything else, so a spoofed packet changes nothing.
+    #[inline]
+    fn wrong_port(&self, id: FlowId, dir: Dir, ingress: PortId) -> Option<DropReason> {
+        let f = self.flows.get(id);
+        if dir == REPLY {
+            (self.net.get(f.next_hop[ORIG]).port != ingress).then_some(DropReason::WrongSide)
+        } else {
+            (f.nat == Nat::Snat && !self.net.is_backend_side(ingress))
+                .then_some(DropReason::SpoofedSource)
+        }
+    }
+
+    /// A TCP flow is confirmed when its original sender acknowledges exactly the next
+    /// sequence number of the reply direction: it receives what the other end sends, which
+    /// a sender of spoofed segments does not (see [`crate::admission`]).
+    #[cold]
+    fn confirm_tcp(&mut self, id: FlowId, ack: u32) {
+        let f = self.flows.get(id);
+        if f.tcp.seen(REPLY) && !f.tcp.state.is_closed() && ack == f.tcp.next_seq(REPLY) {
+            let rule = f.rule;
+            self.unconfirmed.forget(id, rule, admission::TCP);
+        }
+    }
+
+    /// Evicts unconfirmed flow `id` to admit a new one.
+    fn evict(&mut self, id: FlowId, reason: EvictReason) {
+        let rule = self.flows.get(id).rule;
+        self.counters.evictions[reason.index()] += 1;
+        rule_counters(&mut self.counters, rule).flows_evicted += 1;
+        self.remove_flow(id);
+    }
+
     fn remove_flow(&mut self, id: FlowId) {
         let f = *self.flows.get(id);
         if f.nat == Nat::Snat {
@@ -535,6 +630,7 @@ impl Engine {
         for hop in f.next_hop {
             self.net.release(hop);
         }
+        self.unconfirmed.forget(id, f.rule, class_of(f.proto));
         self.wheel.remove(id);
         self.flows.remove(id);
         if let Some(n) = self.counters.live_flows.get_mut(usize::from(f.rule)) {
@@ -668,9 +764,12 @@ impl Engine {
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
                     UnknownFlowPolicy::Reset => {
-                        return self.answer_rst(rule, ingress, &mut buf[..len], pkt)
+                        return self.answer_rst(now, rule, ingress, &mut buf[..len], pkt)
                     }
-                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & RST != 0 => {
+                    // Only what looks like a segment of a live connection creates state: ACK
+                    // set, no SYN, no RST (a bare FIN, a SYN-ACK or an RST without a flow is
+                    // not picked up).
+                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & (ACK | SYN | RST) != ACK => {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
                     UnknownFlowPolicy::Pickup => {
@@ -699,6 +798,11 @@ impl Engine {
             return self.create(ingress, buf, len, pkt, flow, backend.addr, hash);
         }
         if let Some((rule, blocks)) = self.rules.match_outbound(pkt.proto, pkt.src) {
+            if !self.net.is_backend_side(ingress) {
+                // A member's address from outside: taking SNAT ports for it would let anyone
+                // exhaust the member's ports or send as the appliance.
+                return self.drop_for(rule, DropReason::SpoofedSource);
+            }
             if is_tcp && !is_syn {
                 self.count_late(hash, now);
                 return self.drop_for(rule, DropReason::NoFlow);
@@ -789,6 +893,16 @@ impl Engine {
         toward: Addr,
         hash: u64,
     ) -> Result<FlowId, DropReason> {
+        // Admission first (it may evict an unconfirmed flow, releasing that flow's hops),
+        // then this flow's hops, so that no reference taken here is released by an eviction.
+        let rule = flow.rule;
+        let class = class_of(flow.proto);
+        let full = self.flows.len() >= self.flows.capacity() as usize;
+        match self.unconfirmed.decide(rule, class, full) {
+            Admission::Admit => {}
+            Admission::Evict(victim, reason) => self.evict(victim, reason),
+            Admission::Refuse => return Err(DropReason::FlowTableFull),
+        }
         let forward = self.net.resolve(toward).map_err(hop_error)?;
         let mut src_mac = [0u8; 6];
         src_mac.copy_from_slice(&frame[6..12]);
@@ -810,8 +924,9 @@ impl Engine {
         };
         self.net.acquire(forward);
         self.net.acquire(back);
+        self.unconfirmed.admit(id, rule, class);
         self.late.forget(hash);
-        live_flows(&mut self.counters, flow.rule);
+        live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Ok(id)
@@ -820,6 +935,7 @@ impl Engine {
     /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
     fn answer_rst(
         &mut self,
+        now: Nanos,
         rule: RuleId,
         ingress: PortId,
         frame: &mut [u8],
@@ -828,6 +944,9 @@ impl Engine {
         if pkt.tcp_flags & RST != 0 {
             // Never answer an RST with an RST.
             return self.drop_for(rule, DropReason::NoFlow);
+        }
+        if !self.resets.take(now) {
+            return self.drop_for(rule, DropReason::ResetRateLimited);
         }
         let len = wire::reply_rst_in_place(frame, pkt);
         if len == 0 {
@@ -875,17 +994,20 @@ impl Engine {
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
             DropReason::OutOfWindow => c.out_of_window += 1,
+            DropReason::ResetRateLimited => c.reset_rate_limited += 1,
+            DropReason::SpoofedSource => c.spoofed_source += 1,
+            DropReason::WrongSide => c.wrong_side += 1,
             _ => {}
         }
         self.drop(reason)
     }
 }
 
-/// The worker of endpoint `addr`:`port` among `workers` (identical on every worker: unkeyed).
-/// The worker among `workers` that owns the flow of `frame` under `rules` (see
-/// [`Engine::owner`]); `None` for a frame that does not parse. For callers without an engine
-/// at hand (the daemon's self-probe picks the worker to inject a probe at).
-pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
+/// The worker among `workers` that owns the flow of `frame` under `rules` with steering key
+/// `key` (see [`Engine::owner`]); `None` for a frame that does not parse. For callers without
+/// an engine at hand (the daemon's self-probe picks the worker to inject a probe at: it must
+/// use the key its workers were given).
+pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16, key: &HashKey) -> Option<u16> {
     if workers <= 1 {
         return Some(0);
     }
@@ -895,15 +1017,14 @@ pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
     } else {
         (pkt.dst, pkt.dst_port)
     };
-    Some(steer(addr, port, workers))
+    Some(steer(key, addr, port, workers))
 }
 
-pub fn steer(addr: Addr, port: u16, workers: u16) -> u16 {
-    let mut h = (addr.0 as u64) ^ ((addr.0 >> 64) as u64).rotate_left(32) ^ ((port as u64) << 48);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    ((h as u128 * workers.max(1) as u128) >> 64) as u16
+/// The worker of endpoint `addr`:`port` among `workers`: the same on every worker that holds
+/// the same key.
+pub fn steer(key: &HashKey, addr: Addr, port: u16, workers: u16) -> u16 {
+    let h = key.endpoint(addr, port);
+    ((u128::from(h) * u128::from(workers.max(1))) >> 64) as u16
 }
 
 fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {
@@ -923,6 +1044,15 @@ fn live_flows(c: &mut Counters, rule: RuleId) {
         c.live_flows.resize(i + 1, 0);
     }
     c.live_flows[i] += 1;
+}
+
+/// The admission class of a flow of IP protocol `proto`.
+fn class_of(proto: u8) -> admission::Class {
+    if proto == proto::UDP {
+        admission::UDP
+    } else {
+        admission::TCP
+    }
 }
 
 fn hop_error(e: NextHopError) -> DropReason {

@@ -17,7 +17,7 @@ struct Entry {
     used: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LateTable {
     entries: Vec<Entry>,
     mask: usize,

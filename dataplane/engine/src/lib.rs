@@ -5,12 +5,15 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod admission;
 pub mod config;
 pub mod counters;
 pub mod engine;
 pub mod flow;
+pub mod hashkey;
 pub mod late;
 pub mod net;
+pub mod ratelimit;
 pub mod ruleset;
 pub mod select;
 pub mod snat;

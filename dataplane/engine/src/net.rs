@@ -146,10 +146,12 @@ fn learned_key(port: PortId, vlan: Option<u16>, mac: Mac) -> u128 {
 }
 
 /// Bounded next-hop table of one worker.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NextHops {
     port_macs: Vec<Mac>,
     port_vlans: Vec<VlanSet>,
+    /// Per port: it faces the pool members (outbound rules take new flows only from these).
+    backend_side: Vec<bool>,
     routes: Vec<Route>,
     hops: Vec<NextHop>,
     meta: Vec<Meta>,
@@ -180,6 +182,7 @@ impl NextHops {
         NextHops {
             port_macs: Vec::new(),
             port_vlans: Vec::new(),
+            backend_side: Vec::new(),
             routes: Vec::new(),
             hops: Vec::with_capacity(capacity),
             meta: Vec::with_capacity(capacity),
@@ -223,6 +226,25 @@ impl NextHops {
         self.port_vlans
             .get(port as usize)
             .is_some_and(|set| set[v / 64] & (1 << (v % 64)) != 0)
+    }
+
+    /// Declares whether port `port` faces the pool members. Only packets received on such a
+    /// port may open an outbound (SNAT) flow or travel its original direction: elsewhere a
+    /// member's address is spoofed. Ports not declared are not backend side.
+    pub fn set_backend_side(&mut self, port: PortId, backend_side: bool) {
+        let i = port as usize;
+        if self.backend_side.len() <= i {
+            self.backend_side.resize(i + 1, false);
+        }
+        self.backend_side[i] = backend_side;
+    }
+
+    #[inline]
+    pub fn is_backend_side(&self, port: PortId) -> bool {
+        self.backend_side
+            .get(port as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Replaces the routes. When they differ from the current ones, [`route_epoch`]

@@ -40,7 +40,7 @@ const UNLINKED: Link = Link {
 };
 
 /// A timing wheel over ids `0..capacity`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TimerWheel {
     tick_shift: u32,
     /// Ticks up to which every slot has fired.

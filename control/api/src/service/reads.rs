@@ -9,6 +9,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
+use xlb_engine::counters::EvictReason;
 use xlb_engine::flow::Nat;
 use xlb_engine::ruleset::{RuleKind, PROTO_TCP, PROTO_UDP};
 use xlb_engine::tcp::TcpState;
@@ -87,10 +88,12 @@ impl XlbService {
                 flows: total.flows,
                 flow_capacity: total.flow_capacity,
                 drops: drops(&total.drops, true),
+                evictions: evictions(&total.evictions, true),
                 rules: Vec::new(),
             }),
             workers,
             snat,
+            evictions: evictions(&total.evictions, false),
         })
     }
 
@@ -227,6 +230,7 @@ fn worker_counters(
         flows: w.flows,
         flow_capacity: w.flow_capacity,
         drops: drops(&c.drops, true),
+        evictions: evictions(&c.evictions, true),
         rules: (0..c.rules.len())
             .filter_map(|i| RuleId::try_from(i).ok())
             .filter(|id| {
@@ -295,7 +299,22 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_flow_table_full: c.flow_table_full,
         flows_moved: c.flows_moved,
         drops_out_of_window: c.out_of_window,
+        flows_evicted: c.flows_evicted,
+        drops_reset_rate_limited: c.reset_rate_limited,
+        drops_spoofed_source: c.spoofed_source,
+        drops_wrong_side: c.wrong_side,
     }
+}
+
+fn evictions(e: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
+    EvictReason::ALL
+        .iter()
+        .map(|r| pb::DropCount {
+            reason: r.as_str().to_string(),
+            count: e[r.index()],
+        })
+        .filter(|c| !nonzero_only || c.count != 0)
+        .collect()
 }
 
 fn drops(d: &[u64], nonzero_only: bool) -> Vec<pb::DropCount> {
