@@ -290,8 +290,26 @@ pub fn base_rules() -> Arc<RuleSet> {
 }
 
 /// Rule-set variant `v` (`0..VARIANTS`: base, fast timers, shrunk, base with member B1 down),
-/// compiled against `previous` as the control plane does.
-pub fn variant(v: u8, previous: &RuleSet, generation: u64) -> Arc<RuleSet> {
+/// compiled once per process against the base rule set. Compiling against whichever variant
+/// is running instead (as the control plane does) assigns the same rule ids: the variants only
+/// delete rules of the base and add none (a test pins this), so the cached sets are the ones a
+/// reload would produce, without the cost of building selection tables on every swap.
+pub fn variant(v: u8) -> Arc<RuleSet> {
+    static RULES: OnceLock<Vec<Arc<RuleSet>>> = OnceLock::new();
+    RULES
+        .get_or_init(|| {
+            let base = base_rules();
+            (0..VARIANTS)
+                .map(|v| Arc::new(compile_variant(v, &base, 2 + u64::from(v))))
+                .collect()
+        })
+        .get(usize::from(v % VARIANTS))
+        .cloned()
+        .unwrap_or_else(base_rules)
+}
+
+/// Variant `v` compiled against `previous`.
+pub fn compile_variant(v: u8, previous: &RuleSet, generation: u64) -> RuleSet {
     let configs = parsed();
     let mut health = MemberHealth::all_healthy();
     let config = match v % VARIANTS {
@@ -303,5 +321,5 @@ pub fn variant(v: u8, previous: &RuleSet, generation: u64) -> Arc<RuleSet> {
             &configs[0]
         }
     };
-    Arc::new(compile(config, Some(previous), &health, generation).expect("variant compiles"))
+    compile(config, Some(previous), &health, generation).expect("variant compiles")
 }

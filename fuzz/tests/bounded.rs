@@ -130,3 +130,21 @@ fn engine_seeds_exercise_every_path() {
     assert!(total.picked_up > 0, "{total:?}");
     assert!(total.quiet_periods >= 2, "{total:?}");
 }
+
+/// The cached rule-set variants the engine target swaps between carry the rule ids a reload
+/// from any other variant would give them.
+#[test]
+fn cached_variants_match_chained_reloads() {
+    use xlb_fuzz::lab;
+    let ids = |rs: &xlb_engine::RuleSet| {
+        let mut v: Vec<(u16, String)> = rs.rules().map(|(i, p)| (i, p.name.to_string())).collect();
+        v.sort();
+        v
+    };
+    for from in 0..lab::VARIANTS {
+        for to in 0..lab::VARIANTS {
+            let chained = lab::compile_variant(to, &lab::variant(from), 9);
+            assert_eq!(ids(&chained), ids(&lab::variant(to)), "{from} -> {to}");
+        }
+    }
+}

@@ -256,7 +256,6 @@ struct Harness {
     stats: Stats,
     engine: Engine,
     now: Nanos,
-    generation: u64,
     sessions: [[Session; PER_KIND]; 8],
     reached: HashMap<Tuple, Reached>,
     recent: Vec<(PortId, Vec<u8>)>,
@@ -328,7 +327,6 @@ impl Harness {
             stats: Stats::default(),
             engine,
             now: T0,
-            generation: 1,
             sessions: [[Session::default(); PER_KIND]; 8],
             reached: HashMap::new(),
             recent: Vec::with_capacity(RECENT),
@@ -388,10 +386,7 @@ impl Harness {
                 self.advance(d, budget);
             }
             op::SWAP_RULES => {
-                let v = input.u8();
-                self.generation += 1;
-                let rules = lab::variant(v, self.engine.rules(), self.generation);
-                self.engine.set_rules(rules);
+                self.engine.set_rules(lab::variant(input.u8()));
             }
             op::RAW => {
                 let ingress = PortId::from(input.u8() % 3);
