@@ -34,9 +34,17 @@ pub struct Frame {
     pub l3_off: usize,
     pub l4_off: usize,
     pub ip_end: usize,
-    /// Whether the IPv4 header checksum (IPv4 only) and the L4 checksum verify. A UDP/IPv4
-    /// checksum of 0 (none) verifies.
-    pub checksums_ok: bool,
+    /// Whether the IPv4 header checksum verifies (always true for IPv6, which has none).
+    pub ip_checksum_ok: bool,
+    /// Whether the TCP/UDP checksum verifies. A UDP/IPv4 checksum of 0 (none) verifies.
+    pub l4_checksum_ok: bool,
+}
+
+impl Frame {
+    /// Every checksum of the frame verifies.
+    pub fn checksums_ok(&self) -> bool {
+        self.ip_checksum_ok && self.l4_checksum_ok
+    }
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
@@ -168,7 +176,8 @@ pub fn read(frame: &[u8]) -> Option<Frame> {
                 l3_off: l3,
                 l4_off: l4,
                 ip_end,
-                checksums_ok: ip_ok && fold(sum(pseudo, seg)) == 0xffff,
+                ip_checksum_ok: ip_ok,
+                l4_checksum_ok: fold(sum(pseudo, seg)) == 0xffff,
             })
         }
         UDP => {
@@ -199,7 +208,8 @@ pub fn read(frame: &[u8]) -> Option<Frame> {
                 l3_off: l3,
                 l4_off: l4,
                 ip_end,
-                checksums_ok: ip_ok && l4_ok,
+                ip_checksum_ok: ip_ok,
+                l4_checksum_ok: l4_ok,
             })
         }
         _ => None,

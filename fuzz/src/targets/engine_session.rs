@@ -774,7 +774,7 @@ impl Harness {
     fn check_idle_rst(&mut self, frame: &[u8], snapshot: &[FlowInfo]) {
         self.stats.idle_rsts += 1;
         let o = verify::read(frame).expect("an idle RST reads as TCP");
-        assert!(o.checksums_ok, "idle RST with a bad checksum");
+        assert!(o.checksums_ok(), "idle RST with a bad checksum");
         assert!(
             wire::parse(frame).is_ok(),
             "idle RST the engine cannot parse"
@@ -905,16 +905,24 @@ fn check_output(out: &[u8], input: Option<&Frame>, partial: bool) {
     );
     let built_rst = o.flags & RST != 0 && input.is_some_and(|i| i.flags & RST == 0);
     if built_rst {
-        assert!(o.checksums_ok, "an RST answer with a bad checksum");
+        assert!(o.checksums_ok(), "an RST answer with a bad checksum");
         return;
     }
     let Some(i) = input else {
         return;
     };
-    if i.checksums_ok || partial {
+    // The IPv4 header checksum is updated, never recomputed: valid stays valid. The L4 one is
+    // updated when complete and completed when partial.
+    if i.ip_checksum_ok {
         assert!(
-            o.checksums_ok,
-            "checksums broken in transit: {i:?} -> {o:?}"
+            o.ip_checksum_ok,
+            "IPv4 header checksum broken in transit: {i:?} -> {o:?}"
+        );
+    }
+    if i.l4_checksum_ok || partial {
+        assert!(
+            o.l4_checksum_ok,
+            "L4 checksum broken in transit: {i:?} -> {o:?}"
         );
     }
     assert_eq!(o.proto, i.proto);
