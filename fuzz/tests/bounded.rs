@@ -131,13 +131,15 @@ fn engine_seeds_exercise_every_path() {
     assert!(total.quiet_periods >= 2, "{total:?}");
 }
 
-/// The cached rule-set variants the engine target swaps between carry the rule ids a reload
-/// from any other variant would give them.
+/// The cached rule-set variants the engine target swaps between carry the same rules a reload
+/// from any other variant would give. (Their ids may differ: a reload keeps a deleted rule's id
+/// retired while its flows may run, so a new rule takes another id. The engine is robust to
+/// either; the harness swaps cached sets for speed.)
 #[test]
 fn cached_variants_match_chained_reloads() {
     use xlb_fuzz::lab;
     let ids = |rs: &xlb_engine::RuleSet| {
-        let mut v: Vec<(u16, String)> = rs.rules().map(|(i, p)| (i, p.name.to_string())).collect();
+        let mut v: Vec<String> = rs.rules().map(|(_, p)| p.name.to_string()).collect();
         v.sort();
         v
     };

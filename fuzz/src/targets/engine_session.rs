@@ -245,6 +245,7 @@ pub struct Stats {
     /// Idle RSTs checked, and those checked exactly against a clean session's numbers.
     pub idle_rsts: u64,
     pub exact_rsts: u64,
+    /// New flows that met a full table: refused, or admitted by evicting an unconfirmed one.
     pub flow_table_full: u64,
     pub snat_exhausted: u64,
     pub reset_policy_answers: u64,
@@ -291,7 +292,9 @@ pub fn run_with_stats(data: &[u8]) -> Stats {
     }
     let c = h.engine.counters();
     let rules = c.rules.iter();
-    h.stats.flow_table_full = c.drop_count(DropReason::FlowTableFull);
+    // A full table shows as refusals, or as evictions of unconfirmed flows (admission).
+    h.stats.flow_table_full =
+        c.drop_count(DropReason::FlowTableFull) + c.evictions.iter().sum::<u64>();
     h.stats.snat_exhausted = c.drop_count(DropReason::SnatExhausted);
     h.stats.reset_policy_answers = rules.clone().map(|r| r.unknown_flow_resets).sum();
     h.stats.picked_up = rules.map(|r| r.flows_picked_up).sum();
@@ -305,6 +308,8 @@ impl Harness {
         for (i, mac) in XLB_MAC.iter().enumerate() {
             net.set_port(i as PortId, *mac);
         }
+        // The members sit behind the backend port: only there may they open outbound flows.
+        net.set_backend_side(BACKEND_PORT, true);
         net.set_routes(vec![
             Route::v4([198, 18, 0, 0].into(), 24, CLIENT_PORT, None),
             Route::v4([198, 18, 1, 0].into(), 24, BACKEND_PORT, None),
