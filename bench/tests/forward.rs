@@ -17,11 +17,11 @@ use std::{
 use common::*;
 use etherparse::PacketBuilder;
 use xlb_afxdp::{
-    bare::{BareForwarder, BarePort, KernelTables},
     netlink::{self, NeighState, Netlink},
     spawn, FrameHandler, ModeRequest, PollMode, PortId, UmemSharing, Verdict, Worker, WorkerConfig,
     XdpProgram,
 };
+use xlb_bench::bare::{BareForwarder, BarePort, KernelTables};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()

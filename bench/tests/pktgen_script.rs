@@ -1,12 +1,12 @@
 //! `scripts/pktgen`, the driver of the kernel's pktgen for hosts that have it. This kernel has
-//! none (LAB.md), so what runs here is its `--dry-run` (the exact commands it would write) and
+//! none, so what runs here is its `--dry-run` (the exact commands it would write) and
 //! its refusals, which come before anything is touched.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn pktgen(args: &[&str]) -> Output {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pktgen");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pktgen");
     Command::new("bash")
         .arg(script)
         .args(args)

@@ -21,10 +21,10 @@ use std::{
 };
 
 use xlb_afxdp::{
-    gen::{Flows, FrameSpec, GenConfig, Generator, Mode, Pacer, XskSender},
     netlink::{self, Netlink},
     spawn, sys, ModeRequest, PollMode, Worker, WorkerConfig, XdpProgram,
 };
+use xlb_bench::gen::{Flows, FrameSpec, GenConfig, Generator, Mode, Pacer, XskSender};
 
 const USAGE: &str = "usage: xlb-gen --dev IFACE --src A.B.C.D --dst A.B.C.D [options]
   --netns NAME          enter /run/netns/NAME first
@@ -272,7 +272,7 @@ fn egress_xmit(dev: &str) -> Option<(u64, u64)> {
         .args(["-S", dev])
         .output()
         .ok()?;
-    xlb_afxdp::gen::parse_veth_xdp_xmit(&String::from_utf8_lossy(&out.stdout))
+    xlb_bench::gen::parse_veth_xdp_xmit(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn run(a: &Args) -> Result<(), String> {
@@ -492,5 +492,5 @@ fn run_xsk(
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-gen", USAGE, parse_args, |a| run(&a))
+    xlb_bench::cli::tool_main("xlb-gen", USAGE, parse_args, |a| run(&a))
 }

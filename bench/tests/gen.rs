@@ -13,10 +13,8 @@ use std::{
 
 use common::*;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use xlb_afxdp::{
-    gen::{parse_marker, stamp, Flows, FrameSpec, GenConfig, Generator, Mode},
-    sys,
-};
+use xlb_afxdp::sys;
+use xlb_bench::gen::{parse_marker, stamp, Flows, FrameSpec, GenConfig, Generator, Mode};
 
 const XDP_DROP: u32 = 1;
 const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);

@@ -16,11 +16,10 @@ use std::{
 };
 
 use xlb_afxdp::{
-    bare::{BareForwarder, BarePort, KernelTables},
-    netlink::Netlink,
-    spawn, sys, BindMode, ModeRequest, PollMode, PortStats, UmemSharing, Worker, WorkerConfig,
-    XdpProgram,
+    netlink::Netlink, spawn, sys, BindMode, ModeRequest, PollMode, PortStats, UmemSharing, Worker,
+    WorkerConfig, XdpProgram,
 };
+use xlb_bench::bare::{BareForwarder, BarePort, KernelTables};
 
 const USAGE: &str = "usage: xlb-afxdp-fwd --if0 IFACE --if1 IFACE [options]
   --netns NAME          enter /run/netns/NAME first
@@ -359,5 +358,5 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-afxdp-fwd", USAGE, parse_args, run)
+    xlb_bench::cli::tool_main("xlb-afxdp-fwd", USAGE, parse_args, run)
 }

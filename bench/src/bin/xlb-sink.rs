@@ -15,7 +15,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 use libbpf_rs::RingBufferBuilder;
-use xlb_afxdp::{netlink::Netlink, sink::Sample, sink::Sink, sys, ModeRequest};
+use xlb_afxdp::{netlink::Netlink, sys, ModeRequest};
+use xlb_bench::sink::{Sample, Sink};
 
 const USAGE: &str = "usage: xlb-sink --dev IFACE [options]
   --netns NAME          enter /run/netns/NAME first
@@ -226,5 +227,5 @@ fn run(a: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-sink", USAGE, parse_args, |a| run(&a))
+    xlb_bench::cli::tool_main("xlb-sink", USAGE, parse_args, |a| run(&a))
 }
