@@ -1,11 +1,11 @@
 //! xlb-gen: template frames (etherparse) and the `BPF_PROG_RUN` live-frames sender.
 //!
-//! User space builds one template frame (Ethernet + IPv4 + UDP or TCP, full checksums,
-//! payload marker). `src/bpf/gen.bpf.c` runs on it once per frame sent, with
-//! `BPF_F_TEST_XDP_LIVE_FRAMES`: it varies the flow (source port, then source address),
-//! writes the sequence number and the CLOCK_MONOTONIC send time into the marker, fixes
-//! the checksums incrementally and redirects the frame out of the egress interface
-//! through a devmap. The kernel runs it `repeat` times per syscall in batches of
+//! User space builds one template frame (Ethernet + IPv4 or IPv6 + UDP or TCP, full
+//! checksums, payload marker). `src/bpf/gen.bpf.c` runs on it once per frame sent, with
+//! `BPF_F_TEST_XDP_LIVE_FRAMES`: it restores the template's headers, varies the flow (source
+//! port, then source address), writes the sequence number and the CLOCK_MONOTONIC send time
+//! into the marker, fixes the checksums incrementally and redirects the frame out of the
+//! egress interface through a devmap. The kernel runs it `repeat` times per syscall in batches of
 //! `batch_size`, with no copy to or from user space: several Mpps per core.
 //!
 //! Needs Linux ≥ 5.18 (live frames). On an older kernel [`Generator::run_live`] fails with
@@ -19,7 +19,7 @@
 use std::{
     fmt,
     mem::MaybeUninit,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd, OwnedFd},
     str::FromStr,
     sync::{
@@ -56,12 +56,17 @@ pub const MIN_SIZE: usize = 64;
 pub const MAX_SIZE: usize = 1518;
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+/// The template bytes gen.bpf.c restores per frame (`GEN_TMPL_MAX`): the longest headers
+/// (Ethernet + IPv6 + TCP) and the marker fit.
+pub const TEMPLATE_MAX: usize = 96;
 const UDP_LEN: usize = 8;
 const TCP_LEN: usize = 20;
 /// Initial window of the generated TCP segments.
 const TCP_WINDOW: u16 = 64240;
-/// The acknowledgment number carried by `ack` mode segments.
-const ACK_NUMBER: u32 = 0x1000_0001;
+/// The acknowledgment number carried by `ack` mode segments: the reflector's SYN-ACK
+/// (sequence [`crate::sink::SINK_ISN`]) acknowledged.
+pub const ACK_NUMBER: u32 = crate::sink::SINK_ISN + 1;
 
 /// What the frames are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +75,8 @@ pub enum Mode {
     Udp,
     /// TCP SYNs (a new connection attempt per frame when flows ≥ frames).
     Syn,
-    /// TCP ACKs of established-looking flows.
+    /// TCP segments of established flows (ACK set), each flow's in sequence after its SYN
+    /// (sent by a `syn` run over the same flows first).
     Ack,
 }
 
@@ -84,10 +90,10 @@ impl Mode {
         }
     }
 
-    /// Ethernet + IPv4 + L4 header bytes: where the marker starts.
-    pub fn header_len(self) -> usize {
+    /// Ethernet + IP + L4 header bytes: where the marker starts.
+    pub fn header_len(self, ipv6: bool) -> usize {
         ETH_LEN
-            + IPV4_LEN
+            + if ipv6 { IPV6_LEN } else { IPV4_LEN }
             + match self {
                 Mode::Udp => UDP_LEN,
                 Mode::Syn | Mode::Ack => TCP_LEN,
@@ -123,7 +129,8 @@ impl fmt::Display for Mode {
 }
 
 /// The flow space: flow `i` (of `count`) has source port `port_base + i % port_span` and
-/// source address `src_base + i / port_span`. gen.bpf.c computes the same.
+/// source address `src_base + i / port_span` (for IPv6, added to the address's last 32
+/// bits). gen.bpf.c computes the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flows {
     pub count: u32,
@@ -164,16 +171,35 @@ impl Flows {
     }
 
     /// (source address, source port) of flow `i % count`.
-    pub fn tuple(&self, src_base: Ipv4Addr, i: u64) -> (Ipv4Addr, u16) {
+    pub fn tuple(&self, src_base: IpAddr, i: u64) -> (IpAddr, u16) {
         let flow = (i % u64::from(self.count)) as u32;
         let port = u32::from(self.port_base) + flow % self.port_span;
-        let addr = u32::from(src_base).wrapping_add(flow / self.port_span);
-        (Ipv4Addr::from(addr), port as u16)
+        (offset_addr(src_base, flow / self.port_span), port as u16)
     }
 
     /// The last source address used.
-    pub fn last_address(&self, src_base: Ipv4Addr) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(src_base).wrapping_add(self.addresses() - 1))
+    pub fn last_address(&self, src_base: IpAddr) -> IpAddr {
+        offset_addr(src_base, self.addresses() - 1)
+    }
+}
+
+/// `base + k`: IPv4 as a whole, IPv6 in its last 32 bits (as gen.bpf.c varies it).
+pub fn offset_addr(base: IpAddr, k: u32) -> IpAddr {
+    match base {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a).wrapping_add(k))),
+        IpAddr::V6(a) => {
+            let b = u128::from(a);
+            let low = (b as u32).wrapping_add(k);
+            IpAddr::V6(Ipv6Addr::from((b & !0xffff_ffff) | u128::from(low)))
+        }
+    }
+}
+
+/// The last 32 bits of an address (the whole of an IPv4 one), as gen.bpf.c varies them.
+fn low32(a: IpAddr) -> u32 {
+    match a {
+        IpAddr::V4(a) => u32::from(a),
+        IpAddr::V6(a) => u128::from(a) as u32,
     }
 }
 
@@ -183,8 +209,9 @@ pub struct FrameSpec {
     pub mode: Mode,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    /// Both of one family.
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
     /// Frame size with FCS, [`MIN_SIZE`]..=[`MAX_SIZE`].
@@ -197,9 +224,23 @@ impl FrameSpec {
         self.size - FCS_LEN
     }
 
-    /// Whether the frame has room for the payload marker (TCP needs `size ≥ 74`).
+    pub fn ipv6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+
+    /// Ethernet + IP + L4 header bytes.
+    pub fn header_len(&self) -> usize {
+        self.mode.header_len(self.ipv6())
+    }
+
+    /// Whether the frame has room for the payload marker (IPv4 TCP needs `size ≥ 74`).
     pub fn has_marker(&self) -> bool {
-        self.frame_len() >= self.mode.header_len() + MARKER_LEN
+        self.frame_len() >= self.header_len() + MARKER_LEN
+    }
+
+    /// TCP/UDP payload bytes of each frame (0 if the frame is padded).
+    pub fn payload_len(&self) -> usize {
+        self.frame_len().saturating_sub(self.header_len())
     }
 
     /// The template: full IPv4 and UDP/TCP checksums; the payload is the marker (sequence
@@ -207,24 +248,26 @@ impl FrameSpec {
     /// A frame too short for the marker carries no payload and is padded after the IP
     /// packet, as Ethernet pads short frames.
     pub fn build(&self) -> Result<Vec<u8>> {
-        if !(MIN_SIZE..=MAX_SIZE).contains(&self.size) {
+        let min = MIN_SIZE.max(self.header_len() + FCS_LEN);
+        if !(min..=MAX_SIZE).contains(&self.size) {
             return Err(Error::msg(format!(
-                "frame size {} outside {MIN_SIZE}..={MAX_SIZE} (with FCS)",
+                "frame size {} outside {min}..={MAX_SIZE} (with FCS)",
                 self.size
             )));
         }
         let payload = if self.has_marker() {
-            let mut p = vec![0u8; self.frame_len() - self.mode.header_len()];
+            let mut p = vec![0u8; self.payload_len()];
             p[..4].copy_from_slice(&MAGIC.to_be_bytes());
             p
         } else {
             Vec::new()
         };
-        let ip = PacketBuilder::ethernet2(self.src_mac, self.dst_mac).ipv4(
-            self.src.octets(),
-            self.dst.octets(),
-            64,
-        );
+        let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
+        let ip = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+            _ => return Err(Error::msg("source and destination of different families")),
+        };
         let mut frame = Vec::with_capacity(self.frame_len());
         let written = match self.mode {
             Mode::Udp => ip.udp(self.sport, self.dport).write(&mut frame, &payload),
@@ -259,9 +302,44 @@ pub fn parse_marker(payload: &[u8]) -> Option<(u32, u64)> {
 pub struct GenConfig {
     pub mode: Mode,
     pub flows: Flows,
-    pub src_base: Ipv4Addr,
+    pub src_base: IpAddr,
     /// The template has room for the marker (see [`FrameSpec::has_marker`]).
     pub marker: bool,
+    /// TCP payload bytes per segment ([`FrameSpec::payload_len`]): ACK mode's sequence
+    /// numbers advance by it.
+    pub tcp_payload: u32,
+}
+
+impl GenConfig {
+    /// The configuration that sends `spec`'s frames over `flows`.
+    pub fn for_spec(spec: &FrameSpec, flows: Flows) -> Self {
+        Self {
+            mode: spec.mode,
+            flows,
+            src_base: spec.src,
+            marker: spec.has_marker(),
+            tcp_payload: u32::try_from(spec.payload_len()).unwrap_or(0),
+        }
+    }
+
+    pub fn ipv6(&self) -> bool {
+        self.src_base.is_ipv6()
+    }
+
+    /// The TCP sequence number of frame `n` (as gen.bpf.c writes it): in SYN mode the frame
+    /// counter, in ACK mode flow `f`'s own stream, `f + 1` after its SYN (sequence `f`, the
+    /// first pass of a `syn` run), advancing by the payload per segment.
+    pub fn tcp_seq(&self, n: u64) -> u32 {
+        match self.mode {
+            Mode::Ack => {
+                let c = u64::from(self.flows.count);
+                ((n % c) as u32)
+                    .wrapping_add(1)
+                    .wrapping_add(((n / c) as u32).wrapping_mul(self.tcp_payload))
+            }
+            _ => n as u32,
+        }
+    }
 }
 
 /// gen.bpf.c's counters.
@@ -284,8 +362,9 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Loads the program with `cfg` baked into its read-only data.
-    pub fn load(cfg: &GenConfig) -> Result<Self> {
+    /// Loads the program with `cfg` and the `template`'s headers baked into its read-only
+    /// data.
+    pub fn load(cfg: &GenConfig, template: &[u8]) -> Result<Self> {
         let mut storage = MaybeUninit::uninit();
         let mut open = skel::GenSkelBuilder::default()
             .open(&mut storage)
@@ -296,11 +375,24 @@ impl Generator {
             .as_deref_mut()
             .ok_or_else(|| Error::msg("gen.bpf.c has no .rodata"))?;
         ro.gen_mode = cfg.mode.code();
+        ro.gen_ipv6 = u32::from(cfg.ipv6());
         ro.gen_flows = cfg.flows.count;
         ro.gen_port_span = cfg.flows.port_span;
         ro.gen_port_base = u32::from(cfg.flows.port_base);
-        ro.gen_src_base = u32::from(cfg.src_base);
+        ro.gen_src_base = low32(cfg.src_base);
         ro.gen_marker = u32::from(cfg.marker);
+        ro.gen_tcp_payload = cfg.tcp_payload;
+        let restored = cfg.mode.header_len(cfg.ipv6()) + if cfg.marker { MARKER_LEN } else { 0 };
+        if template.len() < restored {
+            return Err(Error::msg(format!(
+                "template of {} bytes, shorter than its {restored} bytes of headers",
+                template.len()
+            )));
+        }
+        let n = template.len().min(TEMPLATE_MAX);
+        for (w, pair) in ro.gen_tmpl.iter_mut().zip(template[..n].chunks(2)) {
+            *w = u16::from_ne_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
+        }
         let loaded = open
             .load()
             .map_err(|e| Error::with("loading the generator's BPF program", e))?;
@@ -453,26 +545,32 @@ pub fn parse_veth_xdp_xmit(ethtool_s: &str) -> Option<(u64, u64)> {
 /// `now_ns` (if `cfg.marker`), and both checksums recomputed in full. `frame` is a template
 /// of `cfg.mode` from [`FrameSpec::build`]; `false` (untouched) if it is too short.
 pub fn stamp(frame: &mut [u8], cfg: &GenConfig, n: u64, now_ns: u64) -> bool {
-    let marker = cfg.mode.header_len();
+    let v6 = cfg.ipv6();
+    let marker = cfg.mode.header_len(v6);
     let need = marker + if cfg.marker { MARKER_LEN } else { 0 };
     if frame.len() < need {
         return false;
     }
     let (src, sport) = cfg.flows.tuple(cfg.src_base, n);
     let l3 = ETH_LEN;
-    let l4 = ETH_LEN + IPV4_LEN;
-    frame[l3 + 12..l3 + 16].copy_from_slice(&src.octets());
+    let l4 = ETH_LEN + if v6 { IPV6_LEN } else { IPV4_LEN };
+    match src {
+        IpAddr::V4(a) => frame[l3 + 12..l3 + 16].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => frame[l3 + 8..l3 + 24].copy_from_slice(&a.octets()),
+    }
     frame[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
     if cfg.mode != Mode::Udp {
-        frame[l4 + 4..l4 + 8].copy_from_slice(&(n as u32).to_be_bytes());
+        frame[l4 + 4..l4 + 8].copy_from_slice(&cfg.tcp_seq(n).to_be_bytes());
     }
     if cfg.marker {
         frame[marker + 4..marker + 8].copy_from_slice(&(n as u32).to_be_bytes());
         frame[marker + 8..marker + 16].copy_from_slice(&now_ns.to_be_bytes());
     }
-    frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-    let ip_check = csum::finish(csum::sum(&frame[l3..l4], 0));
-    frame[l3 + 10..l3 + 12].copy_from_slice(&ip_check.to_be_bytes());
+    if !v6 {
+        frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let ip_check = csum::finish(csum::sum(&frame[l3..l4], 0));
+        frame[l3 + 10..l3 + 12].copy_from_slice(&ip_check.to_be_bytes());
+    }
     csum::fill_l4_checksum(frame) == csum::L4Checksum::Filled
 }
 
@@ -587,6 +685,29 @@ impl Pacer {
         Self::with_slack(rate, max_run, 1_000_000)
     }
 
+    /// Smooth pacing: runs of at most `burst` frames (flat out: `max_run`), and the slack is
+    /// one burst's time, so a late sender sends at most one burst more than its share before
+    /// the debt is forgiven.
+    pub fn smooth(rate: u64, max_run: u32, burst: u32) -> Self {
+        if rate == 0 {
+            return Self::with_slack(0, max_run, 1);
+        }
+        let burst = u64::from(burst.clamp(1, max_run.max(1)));
+        let slack = u128::from(burst) * 1_000_000_000 / u128::from(rate);
+        let mut p = Self::with_slack(rate, max_run, u64::try_from(slack).unwrap_or(u64::MAX));
+        p.burst = burst;
+        p
+    }
+
+    /// Most frames per run (when paced).
+    pub fn burst(&self) -> u64 {
+        if self.rate == 0 {
+            self.max_run
+        } else {
+            self.burst
+        }
+    }
+
     pub fn with_slack(rate: u64, max_run: u32, slack_ns: u64) -> Self {
         let max_run = u64::from(max_run.max(1));
         let slack_ns = slack_ns.max(1);
@@ -644,8 +765,8 @@ mod tests {
             mode,
             src_mac: [2, 0, 0, 0, 0, 1],
             dst_mac: [2, 0, 0, 0, 0, 2],
-            src: Ipv4Addr::new(198, 18, 1, 2),
-            dst: Ipv4Addr::new(198, 18, 2, 2),
+            src: Ipv4Addr::new(198, 18, 1, 2).into(),
+            dst: Ipv4Addr::new(198, 18, 2, 2).into(),
             sport: 1024,
             dport: 7000,
             size,
@@ -692,7 +813,7 @@ mod tests {
                 assert_eq!(f.len(), size - FCS_LEN, "{mode} {size}");
                 let (t, payload) = verify(&f);
                 if s.has_marker() {
-                    assert_eq!(payload.len(), f.len() - mode.header_len());
+                    assert_eq!(payload.len(), f.len() - mode.header_len(false));
                     assert_eq!(parse_marker(&payload), Some((0, 0)));
                 } else {
                     assert!(payload.is_empty(), "{mode} {size}: padded, no payload");
@@ -720,7 +841,8 @@ mod tests {
 
     #[test]
     fn flow_space() {
-        let base = Ipv4Addr::new(198, 18, 1, 2);
+        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+        let base = v4(198, 18, 1, 2);
         let f = Flows::new(1000, 1024).unwrap();
         assert_eq!((f.port_span, f.addresses()), (1000, 1));
         assert_eq!(f.tuple(base, 0), (base, 1024));
@@ -729,13 +851,52 @@ mod tests {
         let f = Flows::new(1_000_000, 1024).unwrap();
         assert_eq!(f.port_span, 64_512);
         assert_eq!(f.addresses(), 16);
-        assert_eq!(f.tuple(base, 64_512), (Ipv4Addr::new(198, 18, 1, 3), 1024));
-        assert_eq!(f.last_address(base), Ipv4Addr::new(198, 18, 1, 17));
+        assert_eq!(f.tuple(base, 64_512), (v4(198, 18, 1, 3), 1024));
+        assert_eq!(f.last_address(base), v4(198, 18, 1, 17));
         let f = Flows::with_span(10, 5000, 4).unwrap();
-        assert_eq!(f.tuple(base, 9), (Ipv4Addr::new(198, 18, 1, 4), 5001));
+        assert_eq!(f.tuple(base, 9), (v4(198, 18, 1, 4), 5001));
         assert!(Flows::new(0, 1024).is_err());
         assert!(Flows::with_span(10, 65_535, 2).is_err());
         assert!(Flows::with_span(10, 0, 2).is_err());
+        // IPv6: the last 32 bits vary
+        let b6: IpAddr = "2001:db8::ffff:fffe".parse().unwrap();
+        let f = Flows::with_span(10, 5000, 4).unwrap();
+        assert_eq!(
+            f.tuple(b6, 4).0,
+            "2001:db8::ffff:ffff".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(f.tuple(b6, 9).0, "2001:db8::".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn ack_mode_sequence_numbers_follow_each_flow() {
+        let s = spec(Mode::Ack, 128);
+        let cfg = GenConfig::for_spec(&s, Flows::new(3, 1024).unwrap());
+        assert_eq!(cfg.tcp_payload, 128 - 4 - 54);
+        // flow f: SYN seq f, then f + 1, f + 1 + 70, ...
+        let seqs: Vec<u32> = (0..7).map(|n| cfg.tcp_seq(n)).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 71, 72, 73, 141]);
+        let syn = GenConfig::for_spec(&spec(Mode::Syn, 74), Flows::new(3, 1024).unwrap());
+        assert_eq!(syn.tcp_seq(5), 5);
+    }
+
+    #[test]
+    fn ipv6_templates() {
+        let mut s = spec(Mode::Udp, 82);
+        s.src = "2001:db8::1".parse().unwrap();
+        s.dst = "2001:db8::2".parse().unwrap();
+        assert!(s.ipv6() && s.has_marker());
+        let f = s.build().unwrap();
+        assert_eq!(f.len(), 78);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        s.size = 64;
+        assert!(s.build().is_err(), "IPv6 UDP needs 66 B at least");
+        s.mode = Mode::Syn;
+        s.size = 94;
+        assert!(s.has_marker());
+        let mut mixed = spec(Mode::Udp, 128);
+        mixed.dst = "2001:db8::2".parse().unwrap();
+        assert!(mixed.build().is_err());
     }
 
     #[test]
@@ -798,5 +959,28 @@ mod tests {
         let mut p = Pacer::with_slack(1_000_000, 16, 4_000_000);
         assert_eq!(p.next(0, 100, 0), Ok(1));
         assert_eq!(p.next(1, 99, 1_000_000), Ok(16));
+        // smooth: 1 Mpps in runs of at most 64 frames; 64 µs late is still one burst, more is
+        // forgiven
+        let mut p = Pacer::smooth(1_000_000, 1 << 20, 64);
+        assert_eq!(p.burst(), 64);
+        assert_eq!(p.next(0, 10_000, 0), Ok(1));
+        assert_eq!(p.next(1, 9_999, 10_000), Ok(10));
+        assert_eq!(p.next(11, 9_989, 60_000), Ok(50));
+        // 139 µs late (more than one burst's 64 µs): the debt is forgiven, the schedule
+        // restarts from now
+        assert_eq!(p.next(61, 9_939, 200_000), Ok(1));
+        assert_eq!(p.next(62, 9_938, 200_000), Err(1_000));
+        // 49 µs late: what is due goes, in one run
+        assert_eq!(p.next(62, 9_938, 250_000), Ok(50));
+        assert_eq!(p.next(112, 9_888, 250_000), Err(1_000));
+        assert_eq!(Pacer::smooth(0, 1 << 20, 64).burst(), 1 << 20);
+        assert_eq!(
+            Pacer::smooth(0, 1 << 20, 64).next(0, 5_000_000, 0),
+            Ok(1 << 20)
+        );
+        // at low rates the burst is still at most 64, and one frame is never refused
+        let mut p = Pacer::smooth(1_000, 1 << 20, 64);
+        assert_eq!(p.next(0, 10, 0), Ok(1));
+        assert_eq!(p.next(1, 9, 500_000), Err(500_000));
     }
 }

@@ -1,24 +1,29 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * xlb-gen's XDP program: run by BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on a template
- * frame built in user space (Ethernet + IPv4 without options + UDP or TCP, full checksums).
- * Per frame it
+ * frame built in user space (Ethernet + IPv4 without options or IPv6 without extension
+ * headers + UDP or TCP, full checksums). Per frame it
+ *   - writes the template's headers and marker back over the frame: live-frame
+ *     pages are recycled without being reset, and whatever the frame met on its way (a
+ *     reflector swapping addresses, a forwarder rewriting MACs) changed them;
  *   - takes a global sequence number (atomic add on one array slot, so it is unique across
  *     CPUs and survives the thread migrating between runs),
- *   - derives the flow from it: source port and source address,
- *   - for TCP writes the sequence number into th->seq,
+ *   - derives the flow from it: source port, then source address (the last 32 bits for IPv6),
+ *   - for TCP writes the sequence number: in SYN mode the frame counter, in ACK mode the
+ *     flow's own byte stream (flow + 1 + bytes the flow sent before), so that each flow's
+ *     segments follow its handshake in order,
  *   - when the frame has room, writes the 16-byte payload marker: magic, sequence number,
  *     CLOCK_MONOTONIC send time (bpf_ktime_get_ns),
- *   - fixes the IPv4 and TCP/UDP checksums incrementally (RFC 1624) from the words it
- *     actually replaced, so it is correct whatever the page held before (live-frame pages
- *     are recycled without their data being reset),
+ *   - fixes the IPv4 and TCP/UDP checksums incrementally (RFC 1624) from the template's,
  *   - and redirects the frame to the egress interface in `gen_tx[0]`.
- * Offsets are fixed (IPv4 header without options), which keeps the verifier simple.
+ * The payload beyond the marker is the template's (zeros): nothing on the benchmark's paths
+ * writes payload bytes. Offsets are fixed, which keeps the verifier simple.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
@@ -30,9 +35,9 @@
 #define GEN_MODE_ACK 2
 #define GEN_MARKER_LEN 16
 #define GEN_L3 14
-#define GEN_L4 (GEN_L3 + 20)
-#define GEN_UDP_PAYLOAD (GEN_L4 + 8)
-#define GEN_TCP_PAYLOAD (GEN_L4 + 20)
+#define GEN_L4_4 (GEN_L3 + 20)
+#define GEN_L4_6 (GEN_L3 + 40)
+#define GEN_TMPL_MAX 96
 
 enum gen_counter {
 	GEN_CNT_FRAMES = 0,  /* frames the program handled: the sequence number source */
@@ -42,15 +47,22 @@ enum gen_counter {
 
 /* Set before load (read-only after: the verifier prunes the other modes). */
 const volatile __u32 gen_mode = GEN_MODE_UDP;
+/* 1: IPv6. */
+const volatile __u32 gen_ipv6 = 0;
 /* Distinct (source address, source port) tuples, >= 1. */
 const volatile __u32 gen_flows = 1;
 /* Source ports per source address, 1..65536, from gen_port_base. */
 const volatile __u32 gen_port_span = 1;
 const volatile __u32 gen_port_base = 1024;
-/* First source IPv4 address, host byte order. */
+/* First source address (IPv4, or the last 32 bits of the IPv6 one), host byte order. */
 const volatile __u32 gen_src_base = 0;
 /* 1: the frame is long enough for the payload marker. */
 const volatile __u32 gen_marker = 0;
+/* TCP payload bytes per segment (ACK mode's sequence numbers advance by it). */
+const volatile __u32 gen_tcp_payload = 0;
+/* The template's first bytes: headers and the marker (magic, zeros), as 16-bit words in
+ * memory order (every header length here is even). */
+const volatile __u16 gen_tmpl[GEN_TMPL_MAX / 2] = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_DEVMAP);
@@ -94,24 +106,59 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 acc)
 	return (__u16)~acc;
 }
 
+/* Writes the template's first `len` bytes (an even constant) over the frame, word by word
+ * through the volatile array (a memcpy from a cast-away-volatile pointer would let the
+ * compiler copy the zeros it was initialised with instead). */
+#define RESTORE(len)                                                                  \
+	do {                                                                          \
+		__u16 *w = data;                                                      \
+		int i;                                                                \
+		if (data + (len) > data_end)                                          \
+			return XDP_ABORTED;                                           \
+		_Pragma("unroll") for (i = 0; i < (len) / 2; i++) w[i] = gen_tmpl[i]; \
+	} while (0)
+
 SEC("xdp")
 int xlb_gen(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct iphdr *ip = data + GEN_L3;
-	__u32 key = GEN_CNT_FRAMES, l3acc = 0, l4acc = 0, flow, sport, saddr;
+	__u32 key = GEN_CNT_FRAMES, l3acc = 0, l4acc = 0, flow, sport, saddr, l4off;
 	__u16 *l4check, *marker;
 	__u64 *cnt, n, ts;
 	long ret;
 
-	if (gen_mode == GEN_MODE_UDP) {
-		if (data + GEN_UDP_PAYLOAD + (gen_marker ? GEN_MARKER_LEN : 0) > data_end)
-			return XDP_ABORTED;
+	/* Headers and the marker back to the template's (magic, zeros). */
+	if (!gen_ipv6) {
+		if (gen_mode == GEN_MODE_UDP) {
+			if (gen_marker)
+				RESTORE(GEN_L4_4 + 8 + GEN_MARKER_LEN);
+			else
+				RESTORE(GEN_L4_4 + 8);
+		} else {
+			if (gen_marker)
+				RESTORE(GEN_L4_4 + 20 + GEN_MARKER_LEN);
+			else
+				RESTORE(GEN_L4_4 + 20);
+		}
 	} else {
-		if (data + GEN_TCP_PAYLOAD + (gen_marker ? GEN_MARKER_LEN : 0) > data_end)
-			return XDP_ABORTED;
+		if (gen_mode == GEN_MODE_UDP) {
+			if (gen_marker)
+				RESTORE(GEN_L4_6 + 8 + GEN_MARKER_LEN);
+			else
+				RESTORE(GEN_L4_6 + 8);
+		} else {
+			if (gen_marker)
+				RESTORE(GEN_L4_6 + 20 + GEN_MARKER_LEN);
+			else
+				RESTORE(GEN_L4_6 + 20);
+		}
 	}
+	l4off = gen_ipv6 ? GEN_L4_6 : GEN_L4_4;
+	if (data + l4off + (gen_mode == GEN_MODE_UDP ? 8 : 20) +
+		    (gen_marker ? GEN_MARKER_LEN : 0) > data_end)
+		return XDP_ABORTED;
+
 	cnt = bpf_map_lookup_elem(&gen_counters, &key);
 	if (!cnt)
 		return XDP_ABORTED;
@@ -121,30 +168,53 @@ int xlb_gen(struct xdp_md *ctx)
 	saddr = gen_src_base + flow / gen_port_span;
 
 	/* Source address: in the IPv4 header and the TCP/UDP pseudo-header. */
-	put32(&l3acc, (__u16 *)&ip->saddr, bpf_htonl(saddr));
-	ip->check = csum_apply(ip->check, l3acc);
-	l4acc = l3acc;
+	if (!gen_ipv6) {
+		struct iphdr *ip = data + GEN_L3;
+
+		if ((void *)(ip + 1) > data_end)
+			return XDP_ABORTED;
+		put32(&l3acc, (__u16 *)&ip->saddr, bpf_htonl(saddr));
+		ip->check = csum_apply(ip->check, l3acc);
+		l4acc = l3acc;
+	} else {
+		struct ipv6hdr *ip6 = data + GEN_L3;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_ABORTED;
+		put32(&l4acc, (__u16 *)&ip6->saddr.in6_u.u6_addr32[3], bpf_htonl(saddr));
+	}
 
 	if (gen_mode == GEN_MODE_UDP) {
-		struct udphdr *udp = data + GEN_L4;
+		struct udphdr *udp = data + l4off;
 
+		if ((void *)(udp + 1) > data_end)
+			return XDP_ABORTED;
 		put16(&l4acc, &udp->source, bpf_htons((__u16)sport));
 		l4check = &udp->check;
-		marker = data + GEN_UDP_PAYLOAD;
+		marker = (void *)(udp + 1);
 	} else {
-		struct tcphdr *tcp = data + GEN_L4;
+		struct tcphdr *tcp = data + l4off;
+		__u32 seq;
 
+		if ((void *)(tcp + 1) > data_end)
+			return XDP_ABORTED;
 		put16(&l4acc, &tcp->source, bpf_htons((__u16)sport));
-		put32(&l4acc, (__u16 *)&tcp->seq, bpf_htonl((__u32)n));
+		if (gen_mode == GEN_MODE_ACK)
+			seq = flow + 1 + (__u32)(n / gen_flows) * gen_tcp_payload;
+		else
+			seq = (__u32)n;
+		put32(&l4acc, (__u16 *)&tcp->seq, bpf_htonl(seq));
 		l4check = &tcp->check;
-		marker = data + GEN_TCP_PAYLOAD;
+		marker = (void *)(tcp + 1);
 	}
 
 	if (gen_marker) {
 		__u64 be;
 		__u16 w[4];
 
-		/* marker[0..2] holds the magic, written once in the template. */
+		if ((void *)marker + GEN_MARKER_LEN > data_end)
+			return XDP_ABORTED;
+		/* marker[0..2] holds the magic (restored above). */
 		put32(&l4acc, &marker[2], bpf_htonl((__u32)n));
 		ts = bpf_ktime_get_ns();
 		be = bpf_cpu_to_be64(ts);
@@ -156,7 +226,7 @@ int xlb_gen(struct xdp_md *ctx)
 	}
 
 	*l4check = csum_apply(*l4check, l4acc);
-	/* 0 means "no checksum" in UDP over IPv4: send its ones-complement twin instead. */
+	/* 0 means "no checksum" in UDP: send its ones-complement twin instead. */
 	if (gen_mode == GEN_MODE_UDP && *l4check == 0)
 		*l4check = 0xffff;
 
