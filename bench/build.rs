@@ -1,15 +1,17 @@
 //! Compiles the benchmark tools' XDP programs in `src/bpf/` and generates their libbpf-rs
-//! skeletons into `OUT_DIR`: `gen.bpf.c` (xlb-gen) and `sink.bpf.c` (xlb-sink).
+//! skeletons into `OUT_DIR`: `gen.bpf.c` (xlb-gen), `sink.bpf.c` (xlb-sink) and
+//! `redirect.bpf.c` (xlb-xdp-fwd).
 
 use std::{env, path::PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
 /// (source, skeleton file, extra clang flags)
-const PROGRAMS: [(&str, &str, &[&str]); 2] = [
+const PROGRAMS: [(&str, &str, &[&str]); 3] = [
     // The sequence number is a fetch-and-add (BPF_FETCH atomics need ISA v3).
     ("src/bpf/gen.bpf.c", "gen.skel.rs", &["-mcpu=v3"]),
     ("src/bpf/sink.bpf.c", "sink.skel.rs", &[]),
+    ("src/bpf/redirect.bpf.c", "redirect.skel.rs", &[]),
 ];
 
 fn main() {

@@ -29,6 +29,8 @@ macro_rules! bpf_skeleton {
 pub mod bare;
 pub mod cli;
 pub mod gen;
+pub mod redirect;
+pub mod rss;
 pub mod sink;
 
 use std::net::IpAddr;
