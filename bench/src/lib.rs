@@ -59,9 +59,34 @@ pub fn set_timer_slack_ns(ns: u64) {
     let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) };
 }
 
+/// A BPF program's run statistics, (run_time_ns, run_cnt), from the fdinfo of its fd in this
+/// process; both stay 0 unless `kernel.bpf_stats_enabled` is 1. `None` if unreadable.
+pub fn prog_run_stats(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    parse_run_stats(&text)
+}
+
+/// (run_time_ns, run_cnt) of a BPF program's fdinfo text.
+pub fn parse_run_stats(fdinfo: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    Some((field("run_time_ns:")?, field("run_cnt:")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fdinfo_run_stats() {
+        let t = "pos:\t0\nflags:\t02000002\nprog_type:\t6\nprog_jited:\t1\nrun_time_ns:\t1234\nrun_cnt:\t5\n";
+        assert_eq!(parse_run_stats(t), Some((1234, 5)));
+        assert_eq!(parse_run_stats("prog_type:\t6\n"), None);
+    }
 
     #[test]
     fn benchmark_ranges() {

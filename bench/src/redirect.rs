@@ -46,6 +46,7 @@ impl FwdPort {
 /// redirect.bpf.c loaded and attached to both ports.
 #[derive(Debug)]
 pub struct KernelForwarder {
+    prog: OwnedFd,
     counters: MapHandle,
     // Dropping the links detaches the program.
     links: Vec<OwnedFd>,
@@ -83,6 +84,7 @@ impl KernelForwarder {
             modes.push(m);
         }
         Ok(Self {
+            prog,
             counters,
             links,
             modes,
@@ -107,6 +109,11 @@ impl KernelForwarder {
                 .sum())
         };
         Ok((read(0)?, read(1)?))
+    }
+
+    /// The program's (run_time_ns, run_cnt) while `kernel.bpf_stats_enabled` is on.
+    pub fn run_stats(&self) -> Option<(u64, u64)> {
+        crate::prog_run_stats(self.prog.as_fd())
     }
 
     /// Detaches from both ports.

@@ -114,7 +114,7 @@ pub struct SinkStats {
     pub syn: u64,
     pub syn_ack: u64,
     pub rst: u64,
-    /// Frames answered (XDP_TX).
+    /// Frames answered (sent back out of the receiving interface).
     pub reflected: u64,
 }
 
@@ -343,7 +343,8 @@ impl Sink {
     }
 
     /// Runs the program once on `frame` (`BPF_PROG_TEST_RUN`, nothing attached or sent) and
-    /// returns its action (XDP_DROP 1, XDP_TX 3) and the frame as it left the program;
+    /// returns its action (XDP_DROP 1, XDP_REDIRECT 4 for an answer) and the frame as it
+    /// left the program;
     /// the counters move as for a received frame.
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
@@ -370,6 +371,11 @@ impl Sink {
         }
         out.truncate(opts.data_size_out as usize);
         Ok((opts.retval, out))
+    }
+
+    /// The program's (run_time_ns, run_cnt) while `kernel.bpf_stats_enabled` is on.
+    pub fn run_stats(&self) -> Option<(u64, u64)> {
+        crate::prog_run_stats(self.prog.as_fd())
     }
 
     /// The ring buffer of [`Sample`]s, for `libbpf_rs::RingBufferBuilder`.

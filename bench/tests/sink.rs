@@ -13,7 +13,8 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use xlb_bench::sink::{Check, Sink, SinkConfig, SinkStats, SINK_ISN};
 
 const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
+/// An answer: redirected back out of the receiving interface.
+const ANSWER: u32 = 4;
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
 const BACKEND: [u8; 4] = [198, 18, 1, 11];
 const VIP: [u8; 4] = [198, 18, 0, 100];
@@ -166,7 +167,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
 
     // UDP to the backend: echoed, addresses and ports swapped, checksums still valid.
     let f = udp4(CLIENT, BACKEND, 40_000, 8000, b"hello");
-    let out = step("udp", &f, XDP_TX, &|s| {
+    let out = step("udp", &f, ANSWER, &|s| {
         s.good += 1;
         s.udp += 1;
         s.reflected += 1;
@@ -220,7 +221,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
         s.bad_l4_csum += 1;
     });
     let f = udp4(CLIENT, BACKEND, 40_000, 8000, &[7u8; 1472]);
-    step("udp 1514 B", &f, XDP_TX, &|s| {
+    step("udp 1514 B", &f, ANSWER, &|s| {
         s.udp += 1;
         s.good += 1;
         s.reflected += 1;
@@ -228,7 +229,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
     // UDP without a checksum (0) is valid over IPv4: good, counted apart.
     let mut f = udp4(CLIENT, BACKEND, 40_000, 8000, b"nocsum");
     f[40..42].fill(0);
-    step("udp without checksum", &f, XDP_TX, &|s| {
+    step("udp without checksum", &f, ANSWER, &|s| {
         s.udp += 1;
         s.good += 1;
         s.l4_csum_none += 1;
@@ -246,7 +247,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
     step("arp", &arp, XDP_DROP, &|s| s.not_checked += 1);
 
     // A SYN with a payload (xlb-gen's marker): a SYN-ACK from SINK_ISN acknowledging it.
-    let out = step("syn", &tcp4(1000, None, true, &[1u8; 16]), XDP_TX, &|s| {
+    let out = step("syn", &tcp4(1000, None, true, &[1u8; 16]), ANSWER, &|s| {
         s.tcp += 1;
         s.good += 1;
         s.syn += 1;
@@ -262,7 +263,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
     let out = step(
         "data",
         &tcp4(1017, Some(SINK_ISN + 1), false, b"0123456789"),
-        XDP_TX,
+        ANSWER,
         &|s| {
             s.tcp += 1;
             s.good += 1;
@@ -290,7 +291,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
     let sum = u32::from(!c) + 1;
     let sum = (sum & 0xffff) + (sum >> 16);
     t.copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    let out = step("fin", &fin, XDP_TX, &|s| {
+    let out = step("fin", &fin, ANSWER, &|s| {
         s.tcp += 1;
         s.good += 1;
         s.reflected += 1;
@@ -328,7 +329,7 @@ fn reflector_checks_and_answers_frame_by_frame() {
     })
     .unwrap();
     let (a, out) = v6.test_run(&udp6("2001:db8::b", b"v6")).unwrap();
-    assert_eq!(a, XDP_TX);
+    assert_eq!(a, ANSWER);
     let ans = answer(&out);
     assert_eq!((ans.dst, ans.sport), ("2001:db8::a".parse().unwrap(), 8000));
     let mut bad = udp6("2001:db8::b", b"v6 broken");

@@ -43,7 +43,7 @@ const USAGE: &str = "usage: xlb-sink --dev IFACE [options]
                         the backend side, after the NAT; checksums are verified too
   --check-src IP[:U,T]  every UDP/TCP frame must come from IP (ports U, T): the client side
   --reflect             answer good frames: UDP echoed, SYN -> SYN-ACK, TCP data echoed
-                        as an ACK of it (XDP_TX)";
+                        as an ACK of it, back out of --dev";
 
 const POLL: Duration = Duration::from_millis(20);
 
@@ -299,6 +299,7 @@ fn run(a: &Args) -> Result<(), String> {
     } else {
         0.0
     };
+    let (run_ns, runs) = sink.run_stats().unwrap_or_default();
     let h = hist.borrow();
     let q = |p: f64| {
         if h.is_empty() {
@@ -308,8 +309,8 @@ fn run(a: &Args) -> Result<(), String> {
         }
     };
     println!(
-        "xlb-sink done {} active_s={window:.3} pps={pps:.0} lat_samples={} lat_p50_ns={} \
-         lat_p99_ns={} lat_p999_ns={} lat_max_ns={}",
+        "xlb-sink done {} active_s={window:.3} pps={pps:.0} xdp_run_ns={run_ns} xdp_runs={runs} \
+         lat_samples={} lat_p50_ns={} lat_p99_ns={} lat_p999_ns={} lat_max_ns={}",
         t.fields(),
         h.len(),
         q(0.5),

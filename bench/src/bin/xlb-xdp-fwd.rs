@@ -116,9 +116,11 @@ fn run(a: Args) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (redirected, passed) = fwd.counters().map_err(|e| e.to_string())?;
+    let (run_ns, runs) = fwd.run_stats().unwrap_or_default();
     fwd.stop();
     println!(
-        "xlb-xdp-fwd done seconds={:.3} redirected={redirected} passed={passed}",
+        "xlb-xdp-fwd done seconds={:.3} redirected={redirected} passed={passed} \
+         xdp_run_ns={run_ns} xdp_runs={runs}",
         start.elapsed().as_secs_f64()
     );
     Ok(())

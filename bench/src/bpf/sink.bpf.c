@@ -13,13 +13,17 @@
  * A frame that fails a check is counted under its reason and dropped: a forwarder that
  * breaks packets cannot score. Frames that pass are `good`.
  *
- * Good frames are then dropped, or with `sink_reflect` sent back where they came from
- * (XDP_TX) the way a server would answer them: MACs, addresses and ports swapped (which
+ * Good frames are then dropped, or with `sink_reflect` sent back where they came from the
+ * way a server would answer them: MACs, addresses and ports swapped (which
  * leaves both checksums as they are); UDP echoed as it is; a TCP SYN answered with a SYN-ACK
  * (sequence SINK_ISN, acknowledging the SYN); a TCP segment with data or a FIN answered with
  * the same bytes as an ACK of them (sequence = the ACK number it carried); pure ACKs and RSTs
  * are only counted. The TCP checksum is updated incrementally (RFC 1624) for the words that
  * change. The reflector keeps no state: every answer comes from the segment it answers.
+ * Answers leave by XDP_REDIRECT to the receiving interface itself rather than XDP_TX: a veth
+ * flushes XDP_TX frames to its peer only when the peer runs an XDP program, so a kernel
+ * path (GRO on the peer, no program) would see 256 answers and then none; the redirect's
+ * ndo_xdp_xmit flushes either way.
  *
  * Frames that carry xlb-gen's payload marker (magic "XLBG" right after the L4 header) are
  * counted as marked; one marked frame in `sink_sample_every` sends (send time, receive time,
@@ -50,7 +54,7 @@
 
 /* 0: no latency samples. */
 const volatile __u32 sink_sample_every = 0;
-/* 1: answer good frames (XDP_TX) instead of dropping them. */
+/* 1: answer good frames instead of dropping them. */
 const volatile __u32 sink_reflect = 0;
 /* SINK_CHECK_*: which side's address and port must match. */
 const volatile __u32 sink_check = SINK_CHECK_NONE;
@@ -462,7 +466,7 @@ int xlb_sink(struct xdp_md *ctx)
 		ip6->daddr = a;
 	}
 	st->reflected++;
-	return XDP_TX;
+	return bpf_redirect(ctx->ingress_ifindex, 0);
 
 bad_frame:
 	st->bad_frame++;
