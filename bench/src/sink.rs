@@ -105,7 +105,8 @@ pub struct SinkStats {
     pub bad_l4_csum: u64,
     /// Truncated, inconsistent lengths, IPv4 options or fragments, IPv6 extension headers.
     pub bad_frame: u64,
-    /// Neither IPv4 nor IPv6 with UDP or TCP: counted only.
+    /// Not test traffic (not UDP/TCP over IP, or with neither the generator's marker nor the
+    /// expected port: the appliance's own probes): counted only.
     pub not_checked: u64,
     /// UDP over IPv4 with checksum 0 ("none"): valid, not verified.
     pub l4_csum_none: u64,

@@ -194,13 +194,27 @@ fn reflector_checks_and_answers_frame_by_frame() {
             s.bad_addr += 1;
         },
     );
+    // The generator's marker makes a frame test traffic whatever its port.
+    let mut marker = b"XLBG".to_vec();
+    marker.extend_from_slice(&[0u8; 12]);
     step(
         "udp to the wrong port",
-        &udp4(CLIENT, BACKEND, 40_000, 7000, b"x"),
+        &udp4(CLIENT, BACKEND, 40_000, 7000, &marker),
         XDP_DROP,
         &|s| {
             s.udp += 1;
             s.bad_port += 1;
+        },
+    );
+    // Neither the marker nor the expected port: not test traffic (the appliance's own
+    // neighbour probes to port 9), counted apart.
+    step(
+        "a probe to port 9",
+        &udp4([198, 18, 1, 1], BACKEND, 51_000, 9, b""),
+        XDP_DROP,
+        &|s| {
+            s.udp += 1;
+            s.not_checked += 1;
         },
     );
 
@@ -350,19 +364,19 @@ fn reflector_checks_and_answers_frame_by_frame() {
     })
     .unwrap();
     assert_eq!(
-        ret.test_run(&udp4(VIP, CLIENT, 7000, 40_000, b"r"))
+        ret.test_run(&udp4(VIP, CLIENT, 7000, 40_000, &marker))
             .unwrap()
             .0,
         XDP_DROP
     );
     assert_eq!(
-        ret.test_run(&udp4(BACKEND, CLIENT, 8000, 40_000, b"r"))
+        ret.test_run(&udp4(BACKEND, CLIENT, 8000, 40_000, &marker))
             .unwrap()
             .0,
         XDP_DROP
     );
     let t = ret.total().unwrap();
-    assert_eq!((t.good, t.bad_addr, t.reflected), (1, 1, 0));
+    assert_eq!((t.good, t.bad_addr, t.reflected, t.marked), (1, 1, 0, 1));
 }
 
 /// xlb-gen → veth → `xlb-sink --reflect --check-dst` → back over the same veth →

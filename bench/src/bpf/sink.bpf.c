@@ -4,6 +4,8 @@
  *
  * Every frame is counted (packets and bytes per CPU). IPv4 and IPv6 frames carrying UDP or
  * TCP are then checked, when `sink_check` asks for it:
+ * Frames that are not test traffic (neither the generator's marker nor the expected port:
+ * the appliance's own neighbour probes, say) are counted apart and dropped. Test frames:
  *   - the address and port on one side are the expected ones: on the backend side
  *     (SINK_CHECK_DST) the destination must be the backend's address and port, i.e. the NAT
  *     rewrite happened; on the client side (SINK_CHECK_SRC) the source must be what the
@@ -76,7 +78,8 @@ struct sink_stats {
 	__u64 bad_ip_csum;  /* IPv4 header checksum wrong */
 	__u64 bad_l4_csum;  /* TCP/UDP checksum wrong */
 	__u64 bad_frame;    /* truncated, bad lengths, IPv4 options, IPv6 extension headers */
-	__u64 not_checked;  /* not IPv4/IPv6 with UDP/TCP (ARP, ICMP, ...): only counted */
+	__u64 not_checked;  /* not test traffic: ARP, ICMP, or UDP/TCP with neither the
+			     * generator's marker nor the expected port; only counted */
 	__u64 l4_csum_none; /* UDP over IPv4 without checksum (0): valid, not verified */
 	__u64 udp;
 	__u64 tcp;
@@ -246,6 +249,7 @@ int xlb_sink(struct xdp_md *ctx)
 	struct sink_stats *st;
 	__u32 zero = 0, l4off, l4len, proto, addr_ok, pseudo;
 	__u16 sport, dport, want_port;
+	int marked;
 	__s64 sum;
 	void *l4;
 	int v6;
@@ -326,6 +330,7 @@ int xlb_sink(struct xdp_md *ctx)
 		sport = bpf_ntohs(udp->source);
 		dport = bpf_ntohs(udp->dest);
 		want_port = sink_port_udp;
+		marked = marker_at(udp + 1, data_end) != 0;
 	} else {
 		struct tcphdr *tcp = l4;
 
@@ -336,9 +341,17 @@ int xlb_sink(struct xdp_md *ctx)
 		sport = bpf_ntohs(tcp->source);
 		dport = bpf_ntohs(tcp->dest);
 		want_port = sink_port_tcp;
+		marked = marker_at((void *)tcp + tcp->doff * 4, data_end) != 0;
 	}
 
 	if (sink_check != SINK_CHECK_NONE) {
+		/* Test traffic carries the generator's marker or the expected port; anything else
+		 * (the appliance's own neighbour probes, say) is not the forwarder's doing. */
+		if (!marked && want_port &&
+		    (sink_check == SINK_CHECK_DST ? dport : sport) != want_port) {
+			st->not_checked++;
+			return XDP_DROP;
+		}
 		if (!addr_ok) {
 			st->bad_addr++;
 			return XDP_DROP;
