@@ -351,20 +351,44 @@ pub struct GenCounters {
     pub no_egress: u64,
 }
 
+/// Pacing in gen.bpf.c: frames evenly spaced at `rate` per second, the kernel flushing every
+/// `batch` frames; a sender late by more than 64 frames' time forgives the debt, so no burst
+/// exceeds 64 frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPacing {
+    pub rate: u64,
+    pub batch: u32,
+}
+
+impl KernelPacing {
+    /// Frames per flush: about 40 µs of frames, 1 to 64. (Each flush into a veth whose
+    /// receiver runs threaded NAPI on another CPU costs an inter-processor interrupt; in a VM
+    /// that is microseconds, so a flush per frame would cap the rate.)
+    pub fn for_rate(rate: u64) -> Self {
+        let batch = (rate / 25_000).clamp(1, 64) as u32;
+        Self { rate, batch }
+    }
+
+    pub fn ns_per_frame(&self) -> u64 {
+        1_000_000_000 / self.rate.max(1)
+    }
+}
+
 /// gen.bpf.c, loaded.
 #[derive(Debug)]
 pub struct Generator {
     prog: OwnedFd,
     tx: MapHandle,
     counters: MapHandle,
+    pace: MapHandle,
     // See `hold_dispatcher`; dropping it detaches.
     held: Option<OwnedFd>,
 }
 
 impl Generator {
     /// Loads the program with `cfg` and the `template`'s headers baked into its read-only
-    /// data.
-    pub fn load(cfg: &GenConfig, template: &[u8]) -> Result<Self> {
+    /// data; with `pacing`, it spaces the frames itself.
+    pub fn load(cfg: &GenConfig, template: &[u8], pacing: Option<KernelPacing>) -> Result<Self> {
         let mut storage = MaybeUninit::uninit();
         let mut open = skel::GenSkelBuilder::default()
             .open(&mut storage)
@@ -382,6 +406,12 @@ impl Generator {
         ro.gen_src_base = low32(cfg.src_base);
         ro.gen_marker = u32::from(cfg.marker);
         ro.gen_tcp_payload = cfg.tcp_payload;
+        if let Some(p) = pacing {
+            ro.gen_ns_per_frame = p.ns_per_frame();
+            // Lateness up to 64 frames' worth is caught up (a burst of at most 64 frames);
+            // more is forgiven.
+            ro.gen_slack_ns = p.ns_per_frame() * 64;
+        }
         let restored = cfg.mode.header_len(cfg.ipv6()) + if cfg.marker { MARKER_LEN } else { 0 };
         if template.len() < restored {
             return Err(Error::msg(format!(
@@ -402,6 +432,7 @@ impl Generator {
             prog,
             tx: handle(&loaded.maps.gen_tx, "gen_tx")?,
             counters: handle(&loaded.maps.gen_counters, "gen_counters")?,
+            pace: handle(&loaded.maps.gen_pace, "gen_pace")?,
             held: None,
         })
     }
@@ -433,6 +464,17 @@ impl Generator {
         self.tx
             .update(&0u32.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
             .map_err(|e| Error::with(format!("gen_tx[0] = ifindex {ifindex}"), e))
+    }
+
+    /// Starts a paced run: frame `base_n` (the counter's next value) is due at `start_ns`
+    /// (CLOCK_MONOTONIC).
+    pub fn set_pace_start(&self, start_ns: u64, base_n: u64) -> Result<()> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&start_ns.to_ne_bytes());
+        v[8..].copy_from_slice(&base_n.to_ne_bytes());
+        self.pace
+            .update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
+            .map_err(|e| Error::with("gen_pace", e))
     }
 
     /// Runs the program `repeat` times on `frame` with live frames, `batch` frames per

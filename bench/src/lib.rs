@@ -50,15 +50,6 @@ pub fn is_bench_ip(addr: IpAddr) -> bool {
     }
 }
 
-/// Sets the calling thread's timer slack (`PR_SET_TIMERSLACK`): how much later than asked
-/// the kernel may end its sleeps. Pacing at microsecond gaps needs 1 ns instead of the
-/// default 50 µs. Best effort: a refusal leaves the default.
-pub fn set_timer_slack_ns(ns: u64) {
-    let ns = libc::c_ulong::try_from(ns.max(1)).unwrap_or(libc::c_ulong::MAX);
-    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
-    let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) };
-}
-
 /// A BPF program's run statistics, (run_time_ns, run_cnt), from the fdinfo of its fd in this
 /// process; both stay 0 unless `kernel.bpf_stats_enabled` is 1. `None` if unreadable.
 pub fn prog_run_stats(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {

@@ -133,8 +133,8 @@ fn generator_program_writes_flows_sequence_time_and_checksums() {
         // 3 ports per address: the first frames walk ports, then addresses, then wrap.
         let flows = Flows::with_span(7, s.sport, 3).unwrap();
         let cfg = GenConfig::for_spec(&s, flows);
-        let gen =
-            Generator::load(&cfg, &template).unwrap_or_else(|e| panic!("{mode} {size}: load: {e}"));
+        let gen = Generator::load(&cfg, &template, None)
+            .unwrap_or_else(|e| panic!("{mode} {size}: load: {e}"));
         // Feed the output back in as the next input, as recycled live-frame pages are:
         // the checksum fix must hold from whatever the page held before.
         let mut frame = template.clone();

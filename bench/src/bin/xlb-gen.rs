@@ -2,9 +2,10 @@
 //!
 //! Builds one template frame, loads `gen.bpf.c` (which varies flows, writes the sequence
 //! number and send time, fixes checksums and redirects out of `--dev`) and runs it in the
-//! kernel `--count` times, in runs of at most `--run` frames; paced to `--rate` if given,
-//! in runs of at most `--burst` frames (64) spread evenly over time; stopping at `--count`
-//! or `--duration`, whichever comes first. Prints one `done` line
+//! kernel `--count` times, in runs of at most `--run` frames; paced to `--rate` if given
+//! (the program waits for each frame's time, and the kernel flushes about 40 µs of frames
+//! at a time, at most `--burst`); stopping at `--count` or `--duration`, whichever comes
+//! first. Prints one `done` line
 //! with `sent=` and `pps=`. `--sender xsk` sends the same frames by AF_XDP transmit
 //! instead (the fallback for kernels without live frames).
 //!
@@ -25,7 +26,7 @@ use xlb_afxdp::{
     netlink::{self, Netlink},
     spawn, sys, ModeRequest, PollMode, Worker, WorkerConfig, XdpProgram,
 };
-use xlb_bench::gen::{Flows, FrameSpec, GenConfig, Generator, Mode, Pacer, XskSender};
+use xlb_bench::gen::{Flows, FrameSpec, GenConfig, Generator, KernelPacing, Mode, XskSender};
 
 const USAGE: &str = "usage: xlb-gen --dev IFACE --src A.B.C.D --dst A.B.C.D [options]
   --netns NAME          enter /run/netns/NAME first
@@ -42,9 +43,10 @@ const USAGE: &str = "usage: xlb-gen --dev IFACE --src A.B.C.D --dst A.B.C.D [opt
   --size BYTES          frame size with FCS, 64..1518 (default 64)
   --count N             frames to send (default 100000)
   --duration SECS       stop after SECS even if --count is not reached (default 5, max 600)
-  --rate PPS            at most PPS frames per second, evenly spread in runs of at most
-                        --burst frames, no catch-up after a stall (default 0: flat out)
-  --burst N             most frames per run when paced, 1..256 (default 64)
+  --rate PPS            at most PPS frames per second, evenly spaced by the program itself,
+                        flushed in bursts of about 40 us worth (at most --burst), no
+                        catch-up after a stall (default 0: flat out)
+  --burst N             most frames per flush when paced, 1..256 (default 64)
   --batch N             frames per redirect flush in the kernel, 1..256 (default 64)
   --run N               most frames per BPF_PROG_RUN call (default 1048576)
   --core N              pin to CPU N
@@ -331,10 +333,10 @@ fn run(a: &Args) -> Result<(), String> {
     };
     let frame = spec.build().map_err(|e| e.to_string())?;
     let cfg = GenConfig::for_spec(&spec, flows);
-    let burst = if a.sender == Sender::Live {
-        Pacer::smooth(a.rate, a.run, a.burst).burst()
-    } else {
-        0
+    let burst = match (a.sender, a.rate) {
+        (Sender::Live, 0) => a.batch,
+        (Sender::Live, r) => KernelPacing::for_rate(r).batch.min(a.burst).max(1),
+        (Sender::Xsk, _) => 0,
     };
     println!(
         "xlb-gen ready sender={} dev={} ifindex={} src_mac={} dst_mac={} mode={} size={} flows={} \
@@ -376,7 +378,14 @@ fn run_live(
     cfg: &GenConfig,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let mut gen = Generator::load(cfg, frame).map_err(|e| e.to_string())?;
+    // Paced: the program spaces the frames itself and the kernel flushes every `batch` of
+    // them (about 40 µs worth, at most --burst); flat out: runs of --run frames.
+    let pacing = (a.rate > 0).then(|| {
+        let mut p = KernelPacing::for_rate(a.rate);
+        p.batch = p.batch.min(a.burst).max(1);
+        p
+    });
+    let mut gen = Generator::load(cfg, frame, pacing).map_err(|e| e.to_string())?;
     gen.set_egress(ifindex).map_err(|e| e.to_string())?;
     let _holder = if a.hold.unwrap_or(a.netns.is_some()) {
         let h = HolderDev::create(nl)?;
@@ -390,24 +399,36 @@ fn run_live(
     let start = Instant::now();
     let mut sent = 0u64;
     let mut runs = 0u64;
-    let mut pacer = Pacer::smooth(a.rate, a.run, a.burst);
-    // Waits between bursts are tens of microseconds: sleep to the nanosecond (the default
-    // timer slack, 50 µs, would coarsen every one of them).
-    xlb_bench::set_timer_slack_ns(1);
+    let (run_max, batch) = match pacing {
+        // a quarter of a second per call, so that --duration and signals are seen
+        Some(p) => (u64::from(a.run).min((p.rate / 4).max(1)), p.batch),
+        None => (u64::from(a.run), a.batch),
+    };
+    if pacing.is_some() {
+        // the first frame due 1 ms from now
+        gen.set_pace_start(sys::monotonic_ns() + 1_000_000, base)
+            .map_err(|e| e.to_string())?;
+    }
     while !stop.load(Ordering::Relaxed) && sent < a.count {
         let elapsed = start.elapsed();
         if elapsed >= a.duration {
             break;
         }
-        let n = match pacer.next(sent, a.count - sent, elapsed.as_nanos() as u64) {
-            Ok(n) => n,
-            Err(wait) => {
-                std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
-                continue;
+        let mut n = (a.count - sent).min(run_max);
+        if let Some(p) = pacing {
+            // never past --duration
+            let left = (a.duration - elapsed).as_nanos() as u64 / p.ns_per_frame() + 1;
+            n = n.min(left);
+        }
+        match gen.run_live(frame, n as u32, batch.min(n as u32)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => break,
+            Err(e) => {
+                return Err(format!(
+                    "{e} (try --sender xsk, the AF_XDP transmit fallback)"
+                ))
             }
-        };
-        gen.run_live(frame, n, a.batch.min(n))
-            .map_err(|e| format!("{e} (try --sender xsk, the AF_XDP transmit fallback)"))?;
+        }
         runs += 1;
         // The program's own counter is the truth (a signal can cut a run short).
         sent = gen.counters().map_err(|e| e.to_string())?.frames - base;
@@ -432,7 +453,7 @@ fn run_live(
         sent,
         c.no_egress,
         runs,
-        pacer.burst(),
+        batch,
         elapsed,
         sent as f64 / elapsed,
         sent as f64 * a.size as f64 * 8.0 / elapsed / 1e9,

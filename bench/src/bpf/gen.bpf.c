@@ -15,6 +15,9 @@
  *   - when the frame has room, writes the 16-byte payload marker: magic, sequence number,
  *     CLOCK_MONOTONIC send time (bpf_ktime_get_ns),
  *   - fixes the IPv4 and TCP/UDP checksums incrementally (RFC 1624) from the template's,
+ *   - paced (gen_ns_per_frame), waits until the frame is due, spinning in the program, so
+ *     that one BPF_PROG_RUN call sends a whole paced run with frames evenly spaced (the
+ *     kernel flushes every batch_size frames: user space keeps that batch small);
  *   - and redirects the frame to the egress interface in `gen_tx[0]`.
  * The payload beyond the marker is the template's (zeros): nothing on the benchmark's paths
  * writes payload bytes. Offsets are fixed, which keeps the verifier simple.
@@ -60,6 +63,10 @@ const volatile __u32 gen_src_base = 0;
 const volatile __u32 gen_marker = 0;
 /* TCP payload bytes per segment (ACK mode's sequence numbers advance by it). */
 const volatile __u32 gen_tcp_payload = 0;
+/* Pacing in the program: nanoseconds between frames (0: flat out), and how late a frame may
+ * be before the schedule moves on (the debt is forgiven rather than sent as a burst). */
+const volatile __u64 gen_ns_per_frame = 0;
+const volatile __u64 gen_slack_ns = 0;
 /* The template's first bytes: headers and the marker (magic, zeros), as 16-bit words in
  * memory order (every header length here is even). */
 const volatile __u16 gen_tmpl[GEN_TMPL_MAX / 2] = {};
@@ -70,6 +77,20 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } gen_tx SEC(".maps");
+
+/* The pacing schedule, set by user space before a paced run: frame `base_n` is due at
+ * `start_ns`, each later one `gen_ns_per_frame` after the one before. */
+struct gen_pace {
+	__u64 start_ns;
+	__u64 base_n;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct gen_pace);
+} gen_pace SEC(".maps");
 
 /* A plain array, not per-CPU: the frame counter is the sequence number. */
 struct {
@@ -104,6 +125,32 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 acc)
 	acc = (acc & 0xffff) + (acc >> 16);
 	acc = (acc & 0xffff) + (acc >> 16);
 	return (__u16)~acc;
+}
+
+static long wait_until(__u64 i, void *due)
+{
+	return bpf_ktime_get_ns() >= *(__u64 *)due ? 1 : 0;
+}
+
+/* Waits (spinning in the program, at most ~30 ms) until frame `n` is due. */
+static __always_inline void pace(__u64 n)
+{
+	struct gen_pace *p;
+	__u32 zero = 0;
+	__u64 due, now;
+
+	p = bpf_map_lookup_elem(&gen_pace, &zero);
+	if (!p || n < p->base_n)
+		return;
+	due = p->start_ns + (n - p->base_n) * gen_ns_per_frame;
+	now = bpf_ktime_get_ns();
+	if (now > due + gen_slack_ns) {
+		/* late (preempted): forgive the debt, the schedule restarts from now */
+		p->start_ns += now - due;
+		return;
+	}
+	if (now < due)
+		bpf_loop(1 << 20, wait_until, &due, 0);
 }
 
 /* Writes the template's first `len` bytes (an even constant) over the frame, word by word
@@ -163,6 +210,8 @@ int xlb_gen(struct xdp_md *ctx)
 	if (!cnt)
 		return XDP_ABORTED;
 	n = __sync_fetch_and_add(cnt, 1);
+	if (gen_ns_per_frame)
+		pace(n);
 	flow = (__u32)(n % gen_flows);
 	sport = gen_port_base + flow % gen_port_span;
 	saddr = gen_src_base + flow / gen_port_span;
