@@ -1,13 +1,13 @@
 //! The bare forwarder: port 0 ↔ port 1, MACs rewritten from the kernel's neighbour table,
 //! TCP/UDP checksums completed. Nothing else: no TTL decrement, no NAT, no flows. It is
-//! this crate's smoke test and the benchmark's "AF_XDP copy-mode forwarder" ceiling.
+//! the benchmark's "AF_XDP copy-mode reference": the worker loop with nothing of xlb's in it.
 
 use std::{collections::HashMap, net::IpAddr};
 
-use crate::{
+use xlb_afxdp::{
     csum,
-    handler::{FrameHandler, PortId, Verdict},
     netlink::{self, Neighbour, Netlink, Route},
+    FrameHandler, PortId, Verdict,
 };
 
 /// One side of the forwarder.
@@ -186,8 +186,8 @@ impl FrameHandler for BareForwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::{NeighState, NextHop, RTN_UNICAST, RT_TABLE_MAIN};
     use etherparse::PacketBuilder;
+    use xlb_afxdp::netlink::{NeighState, NextHop, RTN_UNICAST, RT_TABLE_MAIN};
 
     const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
     const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];

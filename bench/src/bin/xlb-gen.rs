@@ -2,13 +2,15 @@
 //!
 //! Builds one template frame, loads `gen.bpf.c` (which varies flows, writes the sequence
 //! number and send time, fixes checksums and redirects out of `--dev`) and runs it in the
-//! kernel `--count` times, in runs of at most `--run` frames, paced to `--rate` if given,
-//! stopping at `--count` or `--duration`, whichever comes first. Prints one `done` line
+//! kernel `--count` times, in runs of at most `--run` frames; paced to `--rate` if given
+//! (the program waits for each frame's time, and the kernel flushes about 40 µs of frames
+//! at a time, at most `--burst`); stopping at `--count` or `--duration`, whichever comes
+//! first. Prints one `done` line
 //! with `sent=` and `pps=`. `--sender xsk` sends the same frames by AF_XDP transmit
 //! instead (the fallback for kernels without live frames).
 //!
-//! Addresses are checked to lie in 198.18.0.0/15 (the benchmarking range): this tool
-//! sends only to test hosts.
+//! Addresses are checked to lie in 198.18.0.0/15 (the benchmarking range) or 2001:db8::/32:
+//! this tool sends only to test hosts.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -21,26 +23,30 @@ use std::{
 };
 
 use xlb_afxdp::{
-    gen::{Flows, FrameSpec, GenConfig, Generator, Mode, Pacer, XskSender},
     netlink::{self, Netlink},
     spawn, sys, ModeRequest, PollMode, Worker, WorkerConfig, XdpProgram,
 };
+use xlb_bench::gen::{Flows, FrameSpec, GenConfig, Generator, KernelPacing, Mode, XskSender};
 
 const USAGE: &str = "usage: xlb-gen --dev IFACE --src A.B.C.D --dst A.B.C.D [options]
   --netns NAME          enter /run/netns/NAME first
   --dev IFACE           egress interface (a veth needs XDP or GRO on its peer)
-  --src IP --dst IP     IPv4 source (first of the flows) and destination; 198.18.0.0/15 only
+  --src IP --dst IP     source (first of the flows) and destination, IPv4 or IPv6;
+                        198.18.0.0/15 or 2001:db8::/32 only
   --dst-mac MAC         next hop's MAC (default: from the neighbour table, via the route)
   --src-mac MAC         (default: the interface's)
-  --mode udp|syn|ack    UDP, TCP SYN flood, TCP established-style ACKs (default udp)
+  --mode udp|syn|ack    UDP, TCP SYNs, TCP segments of established flows: each flow's
+                        sequence follows its SYN (send `syn` over the same flows first)
   --flows N             distinct (source address, source port) tuples (default 1000)
   --sport PORT          first source port (default 1024); ports, then addresses, vary
   --dport PORT          destination port (default 7000)
   --size BYTES          frame size with FCS, 64..1518 (default 64)
   --count N             frames to send (default 100000)
   --duration SECS       stop after SECS even if --count is not reached (default 5, max 600)
-  --rate PPS            at most PPS frames per second, in bursts of at most 1 ms worth,
-                        no catch-up after a stall (default 0: flat out)
+  --rate PPS            at most PPS frames per second, evenly spaced by the program itself,
+                        flushed in bursts of about 40 us worth (at most --burst), no
+                        catch-up after a stall (default 0: flat out)
+  --burst N             most frames per flush when paced, 1..256 (default 64)
   --batch N             frames per redirect flush in the kernel, 1..256 (default 64)
   --run N               most frames per BPF_PROG_RUN call (default 1048576)
   --core N              pin to CPU N
@@ -54,8 +60,8 @@ const USAGE: &str = "usage: xlb-gen --dev IFACE --src A.B.C.D --dst A.B.C.D [opt
 struct Args {
     netns: Option<String>,
     dev: String,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     dst_mac: Option<[u8; 6]>,
     src_mac: Option<[u8; 6]>,
     mode: Mode,
@@ -68,6 +74,7 @@ struct Args {
     rate: u64,
     batch: u32,
     run: u32,
+    burst: u32,
     core: Option<usize>,
     /// None: only inside `--netns` (never add interfaces to the host's namespace unasked).
     hold: Option<bool>,
@@ -105,18 +112,18 @@ fn fmt_mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// 198.18.0.0/15, RFC 2544's benchmarking range: the only destinations allowed.
-fn is_bench_addr(a: Ipv4Addr) -> bool {
-    let o = a.octets();
-    o[0] == 198 && (o[1] & 0xfe) == 18
+/// 198.18.0.0/15 (RFC 2544's benchmarking range) and 2001:db8::/32: the only addresses
+/// allowed.
+fn is_bench_addr(a: IpAddr) -> bool {
+    xlb_bench::is_bench_ip(a)
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         netns: None,
         dev: String::new(),
-        src: Ipv4Addr::UNSPECIFIED,
-        dst: Ipv4Addr::UNSPECIFIED,
+        src: Ipv4Addr::UNSPECIFIED.into(),
+        dst: Ipv4Addr::UNSPECIFIED.into(),
         dst_mac: None,
         src_mac: None,
         mode: Mode::Udp,
@@ -129,6 +136,7 @@ fn parse_args() -> Result<Args, String> {
         rate: 0,
         batch: 64,
         run: 1 << 20,
+        burst: 64,
         core: None,
         hold: None,
         sender: Sender::Live,
@@ -151,8 +159,8 @@ fn parse_args() -> Result<Args, String> {
             Ok(n)
         };
         let ip = |v: &str| {
-            v.parse::<Ipv4Addr>()
-                .map_err(|_| format!("{flag}: not an IPv4 address: {v}"))
+            v.parse::<IpAddr>()
+                .map_err(|_| format!("{flag}: not an IP address: {v}"))
         };
         match flag.as_str() {
             "--netns" => a.netns = Some(val),
@@ -171,6 +179,7 @@ fn parse_args() -> Result<Args, String> {
             "--rate" => a.rate = num(&val)?,
             "--batch" => a.batch = small(&val, 256)? as u32,
             "--run" => a.run = small(&val, 1 << 24)? as u32,
+            "--burst" => a.burst = small(&val, 256)?.max(1) as u32,
             "--core" => a.core = Some(num(&val)? as usize),
             "--sender" => {
                 a.sender = match val.as_str() {
@@ -194,7 +203,12 @@ fn parse_args() -> Result<Args, String> {
         return Err("--dev is required".into());
     }
     if !is_bench_addr(a.src) || !is_bench_addr(a.dst) {
-        return Err("--src and --dst must be in 198.18.0.0/15 (test hosts only)".into());
+        return Err(
+            "--src and --dst must be in 198.18.0.0/15 or 2001:db8::/32 (test hosts only)".into(),
+        );
+    }
+    if a.src.is_ipv6() != a.dst.is_ipv6() {
+        return Err("--src and --dst must be of one family".into());
     }
     if a.count == 0 || a.duration.is_zero() || a.run == 0 {
         return Err("--count, --duration and --run must be positive".into());
@@ -204,12 +218,12 @@ fn parse_args() -> Result<Args, String> {
 
 /// The MAC of the next hop toward `dst`: the route's gateway (or `dst` on a connected
 /// route) in the neighbour table.
-fn resolve_dst_mac(nl: &mut Netlink, ifindex: u32, dst: Ipv4Addr) -> Result<[u8; 6], String> {
+fn resolve_dst_mac(nl: &mut Netlink, ifindex: u32, dst: IpAddr) -> Result<[u8; 6], String> {
     let routes = nl.routes().map_err(|e| format!("reading routes: {e}"))?;
-    let hop = netlink::lookup_route(&routes, IpAddr::V4(dst))
+    let hop = netlink::lookup_route(&routes, dst)
         .and_then(|r| r.nexthops.first())
         .and_then(|h| h.gateway)
-        .unwrap_or(IpAddr::V4(dst));
+        .unwrap_or(dst);
     let neigh = nl
         .neighbours()
         .map_err(|e| format!("reading neighbours: {e}"))?;
@@ -272,7 +286,7 @@ fn egress_xmit(dev: &str) -> Option<(u64, u64)> {
         .args(["-S", dev])
         .output()
         .ok()?;
-    xlb_afxdp::gen::parse_veth_xdp_xmit(&String::from_utf8_lossy(&out.stdout))
+    xlb_bench::gen::parse_veth_xdp_xmit(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn run(a: &Args) -> Result<(), String> {
@@ -281,7 +295,8 @@ fn run(a: &Args) -> Result<(), String> {
     let last = flows.last_address(a.src);
     if !is_bench_addr(last) {
         return Err(format!(
-            "{} flows from {}:{} need source addresses up to {last}, outside 198.18.0.0/15",
+            "{} flows from {}:{} need source addresses up to {last}, outside the benchmarking \
+             ranges",
             a.flows, a.src, a.sport
         ));
     }
@@ -317,15 +332,15 @@ fn run(a: &Args) -> Result<(), String> {
         size: a.size,
     };
     let frame = spec.build().map_err(|e| e.to_string())?;
-    let cfg = GenConfig {
-        mode: a.mode,
-        flows,
-        src_base: a.src,
-        marker: spec.has_marker(),
+    let cfg = GenConfig::for_spec(&spec, flows);
+    let burst = match (a.sender, a.rate) {
+        (Sender::Live, 0) => a.batch,
+        (Sender::Live, r) => KernelPacing::for_rate(r).batch.min(a.burst).max(1),
+        (Sender::Xsk, _) => 0,
     };
     println!(
         "xlb-gen ready sender={} dev={} ifindex={} src_mac={} dst_mac={} mode={} size={} flows={} \
-         sources={}..{} sport={}..{} marker={} count={} duration_s={} rate={}",
+         sources={}..{} sport={}..{} marker={} count={} duration_s={} rate={} burst={burst}",
         a.sender.as_str(),
         a.dev,
         link.ifindex,
@@ -363,7 +378,14 @@ fn run_live(
     cfg: &GenConfig,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let mut gen = Generator::load(cfg).map_err(|e| e.to_string())?;
+    // Paced: the program spaces the frames itself and the kernel flushes every `batch` of
+    // them (about 40 µs worth, at most --burst); flat out: runs of --run frames.
+    let pacing = (a.rate > 0).then(|| {
+        let mut p = KernelPacing::for_rate(a.rate);
+        p.batch = p.batch.min(a.burst).max(1);
+        p
+    });
+    let mut gen = Generator::load(cfg, frame, pacing).map_err(|e| e.to_string())?;
     gen.set_egress(ifindex).map_err(|e| e.to_string())?;
     let _holder = if a.hold.unwrap_or(a.netns.is_some()) {
         let h = HolderDev::create(nl)?;
@@ -377,21 +399,36 @@ fn run_live(
     let start = Instant::now();
     let mut sent = 0u64;
     let mut runs = 0u64;
-    let mut pacer = Pacer::new(a.rate, a.run);
+    let (run_max, batch) = match pacing {
+        // a quarter of a second per call, so that --duration and signals are seen
+        Some(p) => (u64::from(a.run).min((p.rate / 4).max(1)), p.batch),
+        None => (u64::from(a.run), a.batch),
+    };
+    if pacing.is_some() {
+        // the first frame due 1 ms from now
+        gen.set_pace_start(sys::monotonic_ns() + 1_000_000, base)
+            .map_err(|e| e.to_string())?;
+    }
     while !stop.load(Ordering::Relaxed) && sent < a.count {
         let elapsed = start.elapsed();
         if elapsed >= a.duration {
             break;
         }
-        let n = match pacer.next(sent, a.count - sent, elapsed.as_nanos() as u64) {
-            Ok(n) => n,
-            Err(wait) => {
-                std::thread::sleep(Duration::from_nanos(wait.min(1_000_000)));
-                continue;
+        let mut n = (a.count - sent).min(run_max);
+        if let Some(p) = pacing {
+            // never past --duration
+            let left = (a.duration - elapsed).as_nanos() as u64 / p.ns_per_frame() + 1;
+            n = n.min(left);
+        }
+        match gen.run_live(frame, n as u32, batch.min(n as u32)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => break,
+            Err(e) => {
+                return Err(format!(
+                    "{e} (try --sender xsk, the AF_XDP transmit fallback)"
+                ))
             }
-        };
-        gen.run_live(frame, n, a.batch)
-            .map_err(|e| format!("{e} (try --sender xsk, the AF_XDP transmit fallback)"))?;
+        }
         runs += 1;
         // The program's own counter is the truth (a signal can cut a run short).
         sent = gen.counters().map_err(|e| e.to_string())?.frames - base;
@@ -409,13 +446,14 @@ fn run_live(
     };
     println!(
         "xlb-gen done sender=live mode={} size={} flows={} sent={} no_egress={} {egress} runs={} \
-         elapsed_s={:.3} pps={:.0} gbps={:.3}",
+         burst={} elapsed_s={:.3} pps={:.0} gbps={:.3}",
         a.mode,
         a.size,
         cfg.flows.count,
         sent,
         c.no_egress,
         runs,
+        batch,
         elapsed,
         sent as f64 / elapsed,
         sent as f64 * a.size as f64 * 8.0 / elapsed / 1e9,
@@ -492,5 +530,5 @@ fn run_xsk(
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-gen", USAGE, parse_args, |a| run(&a))
+    xlb_bench::cli::tool_main("xlb-gen", USAGE, parse_args, |a| run(&a))
 }

@@ -6,59 +6,79 @@ mod common;
 
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, UdpSocket},
     process::Command,
     time::Duration,
 };
 
 use common::*;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use xlb_afxdp::{
-    gen::{parse_marker, stamp, Flows, FrameSpec, GenConfig, Generator, Mode},
-    sys,
-};
+use xlb_afxdp::sys;
+use xlb_bench::gen::{parse_marker, stamp, Flows, FrameSpec, GenConfig, Generator, Mode};
 
 const XDP_DROP: u32 = 1;
 const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const DST: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+const SRC6: &str = "2001:db8:1::2";
+const DST6: &str = "2001:db8:1::3";
 
 fn spec(mode: Mode, size: usize) -> FrameSpec {
     FrameSpec {
         mode,
         src_mac: [2, 0, 0, 0, 0, 1],
         dst_mac: [2, 0, 0, 0, 0, 2],
-        src: SRC,
-        dst: DST,
+        src: SRC.into(),
+        dst: DST.into(),
         sport: 5000,
         dport: 7000,
         size,
     }
 }
 
-/// Parses a frame, checks its IPv4 and TCP/UDP checksums, and returns (source address,
-/// source port, TCP sequence number if TCP, L4 payload).
-fn check(frame: &[u8]) -> (Ipv4Addr, u16, Option<u32>, Vec<u8>) {
+fn spec6(mode: Mode, size: usize) -> FrameSpec {
+    FrameSpec {
+        src: SRC6.parse().unwrap(),
+        dst: DST6.parse().unwrap(),
+        ..spec(mode, size)
+    }
+}
+
+/// Parses a frame, checks its IPv4 and TCP/UDP checksums (IPv4 or IPv6), and returns
+/// (source address, source port, TCP sequence number if TCP, L4 payload).
+fn check(frame: &[u8]) -> (IpAddr, u16, Option<u32>, Vec<u8>) {
     let p = SlicedPacket::from_ethernet(frame).expect("frame parses");
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        panic!("not IPv4")
+    let (src, v4, v6) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            assert_eq!(h.calc_header_checksum(), h.header_checksum, "IPv4 checksum");
+            (IpAddr::from(h.source), Some(h), None)
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header().to_header();
+            (IpAddr::from(h.source), None, Some(h))
+        }
+        _ => panic!("not IP"),
     };
-    let h = ip.header().to_header();
-    assert_eq!(h.calc_header_checksum(), h.header_checksum, "IPv4 checksum");
-    let src = Ipv4Addr::from(h.source);
     match p.transport.expect("transport") {
         TransportSlice::Udp(u) => {
-            let want = u
-                .to_header()
-                .calc_checksum_ipv4(&h, u.payload())
-                .expect("UDP checksum computes");
+            let h = u.to_header();
+            let want = match (&v4, &v6) {
+                (Some(ip), _) => h.calc_checksum_ipv4(ip, u.payload()),
+                (_, Some(ip)) => h.calc_checksum_ipv6(ip, u.payload()),
+                _ => unreachable!(),
+            }
+            .expect("UDP checksum computes");
             assert_eq!(u.checksum(), want, "UDP checksum");
             (src, u.source_port(), None, u.payload().to_vec())
         }
         TransportSlice::Tcp(t) => {
-            let want = t
-                .to_header()
-                .calc_checksum_ipv4(&h, t.payload())
-                .expect("TCP checksum computes");
+            let h = t.to_header();
+            let want = match (&v4, &v6) {
+                (Some(ip), _) => h.calc_checksum_ipv4(ip, t.payload()),
+                (_, Some(ip)) => h.calc_checksum_ipv6(ip, t.payload()),
+                _ => unreachable!(),
+            }
+            .expect("TCP checksum computes");
             assert_eq!(t.checksum(), want, "TCP checksum");
             (
                 src,
@@ -71,33 +91,50 @@ fn check(frame: &[u8]) -> (Ipv4Addr, u16, Option<u32>, Vec<u8>) {
     }
 }
 
+/// What a reflector or forwarder does to a frame on its way: addresses and MACs swapped,
+/// a TTL changed. The generator must restore its headers whatever the page holds.
+fn mangle(frame: &mut [u8], v6: bool) {
+    let (a, b) = frame.split_at_mut(6);
+    a.swap_with_slice(&mut b[..6]);
+    if v6 {
+        let (x, y) = frame[22..54].split_at_mut(16);
+        x.swap_with_slice(y);
+        frame[21] = 7;
+    } else {
+        let (x, y) = frame[26..34].split_at_mut(4);
+        x.swap_with_slice(y);
+        frame[22] = 7;
+    }
+}
+
 /// gen.bpf.c run frame by frame (no live frames, nothing sent): every output frame has
 /// valid checksums, the flow the flow space says, the sequence number in the TCP header
-/// and the marker, and a send time taken during the run. With no egress configured the
-/// program drops and counts `no_egress`.
+/// (ACK mode: each flow's own stream) and the marker, and a send time taken during the run,
+/// over IPv4 and IPv6, even when the page it runs on was changed on its way (as a recycled
+/// live-frame page that met a reflector is). With no egress configured the program drops
+/// and counts `no_egress`.
 #[test]
 fn generator_program_writes_flows_sequence_time_and_checksums() {
     if !need_root("generator_program_writes_flows_sequence_time_and_checksums") {
         return;
     }
-    for (mode, size) in [
-        (Mode::Udp, 64),
-        (Mode::Udp, 1518),
-        (Mode::Syn, 64),
-        (Mode::Syn, 74),
-        (Mode::Ack, 128),
+    for (s, v6) in [
+        (spec(Mode::Udp, 64), false),
+        (spec(Mode::Udp, 1518), false),
+        (spec(Mode::Syn, 64), false),
+        (spec(Mode::Syn, 74), false),
+        (spec(Mode::Ack, 128), false),
+        (spec6(Mode::Udp, 82), true),
+        (spec6(Mode::Syn, 94), true),
+        (spec6(Mode::Ack, 1518), true),
     ] {
-        let s = spec(mode, size);
+        let (mode, size) = (s.mode, s.size);
         let template = s.build().unwrap();
         // 3 ports per address: the first frames walk ports, then addresses, then wrap.
         let flows = Flows::with_span(7, s.sport, 3).unwrap();
-        let cfg = GenConfig {
-            mode,
-            flows,
-            src_base: SRC,
-            marker: s.has_marker(),
-        };
-        let gen = Generator::load(&cfg).unwrap_or_else(|e| panic!("{mode} {size}: load: {e}"));
+        let cfg = GenConfig::for_spec(&s, flows);
+        let gen = Generator::load(&cfg, &template, None)
+            .unwrap_or_else(|e| panic!("{mode} {size}: load: {e}"));
         // Feed the output back in as the next input, as recycled live-frame pages are:
         // the checksum fix must hold from whatever the page held before.
         let mut frame = template.clone();
@@ -108,10 +145,14 @@ fn generator_program_writes_flows_sequence_time_and_checksums() {
             assert_eq!(action, XDP_DROP, "{mode} {size}: no egress → drop");
             assert_eq!(out.len(), template.len());
             let (src, sport, seq, payload) = check(&out);
-            assert_eq!((src, sport), flows.tuple(SRC, i), "{mode} {size} frame {i}");
+            assert_eq!(
+                (src, sport),
+                flows.tuple(s.src, i),
+                "{mode} {size} frame {i}"
+            );
             match mode {
                 Mode::Udp => assert_eq!(seq, None),
-                Mode::Syn | Mode::Ack => assert_eq!(seq, Some(i as u32)),
+                Mode::Syn | Mode::Ack => assert_eq!(seq, Some(cfg.tcp_seq(i))),
             }
             if s.has_marker() {
                 let (mseq, ts) = parse_marker(&payload).expect("marker");
@@ -136,10 +177,13 @@ fn generator_program_writes_flows_sequence_time_and_checksums() {
             };
             assert!(stamp(&mut mine, &cfg, i, ts));
             check(&mine);
-            let l4_check = if mode == Mode::Udp { 40 } else { 50 };
+            let l4 = if v6 { 54 } else { 34 };
+            let l4_check = l4 + if mode == Mode::Udp { 6 } else { 16 };
             let blank = |f: &[u8]| {
                 let mut f = f.to_vec();
-                f[24..26].fill(0);
+                if !v6 {
+                    f[24..26].fill(0);
+                }
                 f[l4_check..l4_check + 2].fill(0);
                 f
             };
@@ -149,6 +193,9 @@ fn generator_program_writes_flows_sequence_time_and_checksums() {
                 "{mode} {size} frame {i}: stamp vs BPF"
             );
             frame = out;
+            if i % 2 == 1 {
+                mangle(&mut frame, v6);
+            }
         }
         let c = gen.counters().unwrap();
         assert_eq!((c.frames, c.no_egress), (16, 16), "{mode} {size}");
@@ -307,12 +354,13 @@ fn generator_to_sink_counts_udp_syn_and_ack() {
 }
 
 /// Only test hosts: sources, destinations and the last flow's source address must lie in
-/// 198.18.0.0/15; nothing is touched before that is checked (no root needed).
+/// 198.18.0.0/15 or 2001:db8::/32; nothing is touched before that is checked (no root
+/// needed).
 #[test]
 fn generator_refuses_addresses_outside_the_benchmark_range() {
-    for (args, want) in [
+    let cases: [(&[&str], &str); 6] = [
         (
-            [
+            &[
                 "--src",
                 "203.0.113.1",
                 "--dst",
@@ -323,12 +371,12 @@ fn generator_refuses_addresses_outside_the_benchmark_range() {
             "198.18.0.0/15",
         ),
         (
-            ["--src", "198.18.0.1", "--dst", "192.0.2.1", "--flows", "1"],
+            &["--src", "198.18.0.1", "--dst", "192.0.2.1", "--flows", "1"],
             "198.18.0.0/15",
         ),
         (
             // 100 000 flows from port 60 000: 19 source addresses, past 198.19.255.255
-            [
+            &[
                 "--src",
                 "198.19.255.250",
                 "--dst",
@@ -336,9 +384,36 @@ fn generator_refuses_addresses_outside_the_benchmark_range() {
                 "--flows",
                 "100000",
             ],
-            "outside 198.18.0.0/15",
+            "outside the benchmarking ranges",
         ),
-    ] {
+        (
+            &[
+                "--src",
+                "2001:db9::1",
+                "--dst",
+                "2001:db8::1",
+                "--flows",
+                "1",
+            ],
+            "2001:db8::/32",
+        ),
+        (
+            &["--src", "2001:db8::1", "--dst", "fd00::1", "--flows", "1"],
+            "2001:db8::/32",
+        ),
+        (
+            &[
+                "--src",
+                "2001:db8::1",
+                "--dst",
+                "198.18.0.1",
+                "--flows",
+                "1",
+            ],
+            "one family",
+        ),
+    ];
+    for (args, want) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_xlb-gen"))
             .args(["--dev", "xlb-no-such-dev", "--sport", "60000"])
             .args(args)

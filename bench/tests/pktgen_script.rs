@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn pktgen(args: &[&str]) -> Output {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pktgen");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pktgen");
     Command::new("bash")
         .arg(script)
         .args(args)

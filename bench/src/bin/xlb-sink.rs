@@ -1,10 +1,17 @@
-//! `xlb-sink`: counts (and drops) what arrives on an interface, with latency samples.
+//! `xlb-sink`: counts, checks and drops or answers what arrives on an interface, with
+//! latency samples.
 //!
 //! Attaches `sink.bpf.c` to `--dev`, prints a `ready` line, then polls the counters every
 //! 20 ms and the latency ring buffer, until `--duration`, SIGINT/SIGTERM, `--expect N`
 //! packets, or `--idle-ms` without a new packet after the first one. Prints per-CPU lines
-//! and one `done` line: packets, bytes, marked, the receive rate over the time packets
-//! were arriving, and latency p50/p99/p99.9/max in ns when sampling (`--sample N`).
+//! and one `done` line: every counter (good frames, each reason a frame was bad, what was
+//! answered), the receive rate over the time frames were arriving, and latency
+//! p50/p99/p99.9/max in ns when sampling (`--sample N`).
+//!
+//! `--check-dst IP[:UDP,TCP]` (the backend side) or `--check-src ...` (the client side) name
+//! the address and ports each frame must carry there; with a check, the rate counts only
+//! good frames. `--reflect` answers them (see sink.bpf.c). Checked addresses must lie in
+//! the benchmarking ranges (198.18.0.0/15, 2001:db8::/32).
 
 use std::{
     cell::RefCell,
@@ -15,7 +22,13 @@ use std::{
 
 use hdrhistogram::Histogram;
 use libbpf_rs::RingBufferBuilder;
-use xlb_afxdp::{netlink::Netlink, sink::Sample, sink::Sink, sys, ModeRequest};
+use std::net::IpAddr;
+
+use xlb_afxdp::{netlink::Netlink, sys, ModeRequest};
+use xlb_bench::{
+    is_bench_ip,
+    sink::{Check, Sample, Sink, SinkConfig},
+};
 
 const USAGE: &str = "usage: xlb-sink --dev IFACE [options]
   --netns NAME          enter /run/netns/NAME first
@@ -25,7 +38,12 @@ const USAGE: &str = "usage: xlb-sink --dev IFACE [options]
   --duration SECS       stop after SECS (default 10, max 600)
   --expect N            stop once N packets arrived
   --idle-ms MS          stop MS after the last packet (once one arrived)
-  --stats-ms MS         print a stats line every MS";
+  --stats-ms MS         print a stats line every MS
+  --check-dst IP[:U,T]  every UDP/TCP frame must go to IP (and UDP port U, TCP port T):
+                        the backend side, after the NAT; checksums are verified too
+  --check-src IP[:U,T]  every UDP/TCP frame must come from IP (ports U, T): the client side
+  --reflect             answer good frames: UDP echoed, SYN -> SYN-ACK, TCP data echoed
+                        as an ACK of it, back out of --dev";
 
 const POLL: Duration = Duration::from_millis(20);
 
@@ -39,6 +57,37 @@ struct Args {
     expect: Option<u64>,
     idle: Option<Duration>,
     stats: Option<Duration>,
+    check: Check,
+    reflect: bool,
+}
+
+/// `IP` or `IP:UDP,TCP`.
+fn parse_check(flag: &str, v: &str) -> Result<(IpAddr, u16, u16), String> {
+    let (ip, ports) = match v.rsplit_once(':') {
+        Some((ip, ports)) if ports.contains(',') => (ip, Some(ports)),
+        _ => (v, None),
+    };
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let addr: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{flag}: not an address: {ip}"))?;
+    if !is_bench_ip(addr) {
+        return Err(format!(
+            "{flag}: {addr} is outside 198.18.0.0/15 and 2001:db8::/32 (test hosts only)"
+        ));
+    }
+    let (udp, tcp) = match ports {
+        None => (0, 0),
+        Some(p) => {
+            let (u, t) = p.split_once(',').unwrap_or((p, "0"));
+            let port = |x: &str| {
+                x.parse::<u16>()
+                    .map_err(|_| format!("{flag}: not a port: {x}"))
+            };
+            (port(u)?, port(t)?)
+        }
+    };
+    Ok((addr, udp, tcp))
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,11 +100,17 @@ fn parse_args() -> Result<Args, String> {
         expect: None,
         idle: None,
         stats: None,
+        check: Check::None,
+        reflect: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Err(String::new());
+        }
+        if flag == "--reflect" {
+            a.reflect = true;
+            continue;
         }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| {
@@ -84,6 +139,22 @@ fn parse_args() -> Result<Args, String> {
             "--expect" => a.expect = Some(num(&val)?),
             "--idle-ms" => a.idle = Some(Duration::from_millis(num(&val)?)),
             "--stats-ms" => a.stats = Some(Duration::from_millis(num(&val)?.max(1))),
+            "--check-dst" => {
+                let (addr, udp_port, tcp_port) = parse_check(&flag, &val)?;
+                a.check = Check::Dst {
+                    addr,
+                    udp_port,
+                    tcp_port,
+                };
+            }
+            "--check-src" => {
+                let (addr, udp_port, tcp_port) = parse_check(&flag, &val)?;
+                a.check = Check::Src {
+                    addr,
+                    udp_port,
+                    tcp_port,
+                };
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -101,7 +172,12 @@ fn run(a: &Args) -> Result<(), String> {
     let link = Netlink::open()
         .and_then(|mut nl| nl.link_by_name(&a.dev))
         .map_err(|e| format!("interface {}: {e}", a.dev))?;
-    let mut sink = Sink::load(a.sample).map_err(|e| e.to_string())?;
+    let mut sink = Sink::load(&SinkConfig {
+        sample_every: a.sample,
+        reflect: a.reflect,
+        check: a.check,
+    })
+    .map_err(|e| e.to_string())?;
     let mode = sink
         .attach(link.ifindex, a.mode)
         .map_err(|e| e.to_string())?;
@@ -121,16 +197,32 @@ fn run(a: &Args) -> Result<(), String> {
     .map_err(|e| format!("ring buffer: {e}"))?;
     let rb = rb.build().map_err(|e| format!("ring buffer: {e}"))?;
 
+    let check = match a.check {
+        Check::None => "none".to_string(),
+        Check::Dst {
+            addr,
+            udp_port,
+            tcp_port,
+        } => format!("dst:{addr}:{udp_port},{tcp_port}"),
+        Check::Src {
+            addr,
+            udp_port,
+            tcp_port,
+        } => format!("src:{addr}:{udp_port},{tcp_port}"),
+    };
     println!(
-        "xlb-sink ready dev={} ifindex={} mode={mode:?} sample={}",
-        a.dev, link.ifindex, a.sample
+        "xlb-sink ready dev={} ifindex={} mode={mode:?} sample={} check={check} reflect={}",
+        a.dev, link.ifindex, a.sample, a.reflect
     );
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     let mut last_change = start;
     let mut last_packets = 0u64;
-    // The rate window follows marked frames when there are any: the namespaces' own
-    // stray frames (router solicitations) would stretch it.
+    // The rate window follows the frames that count (good ones with a check, else marked
+    // ones) when there are any: the namespaces' own stray frames (router solicitations)
+    // would stretch it.
+    let checking = a.check != Check::None;
+    let counts = |t: &xlb_bench::sink::SinkStats| if checking { t.good } else { t.marked };
     let mut marked_window: Option<(Instant, Instant)> = None;
     let mut last_marked = 0u64;
     let mut last_stats = start;
@@ -148,17 +240,20 @@ fn run(a: &Args) -> Result<(), String> {
             last_change = now;
             last_packets = t.packets;
         }
-        if t.marked != last_marked {
+        if counts(&t) != last_marked {
             marked_window = Some((marked_window.map_or(now, |w| w.0), now));
-            last_marked = t.marked;
+            last_marked = counts(&t);
         }
         if let Some(every) = a.stats {
             if now - last_stats >= every {
                 let dt = (now - last_stats).as_secs_f64();
                 println!(
-                    "xlb-sink stats packets={} marked={} pps={:.0}",
+                    "xlb-sink stats packets={} marked={} good={} bad={} reflected={} pps={:.0}",
                     t.packets,
                     t.marked,
+                    t.good,
+                    t.bad(),
+                    t.reflected,
                     (t.packets - stats_packets) as f64 / dt
                 );
                 last_stats = now;
@@ -179,8 +274,13 @@ fn run(a: &Args) -> Result<(), String> {
     let per_cpu = sink.per_cpu().map_err(|e| e.to_string())?;
     for (cpu, s) in per_cpu.iter().enumerate().filter(|(_, s)| s.packets > 0) {
         println!(
-            "xlb-sink cpu={cpu} packets={} bytes={} marked={}",
-            s.packets, s.bytes, s.marked
+            "xlb-sink cpu={cpu} packets={} bytes={} marked={} good={} bad={} reflected={}",
+            s.packets,
+            s.bytes,
+            s.marked,
+            s.good,
+            s.bad(),
+            s.reflected
         );
     }
     let t = sink.total().map_err(|e| e.to_string())?;
@@ -190,7 +290,7 @@ fn run(a: &Args) -> Result<(), String> {
         .map(|(f, l)| (l - f).as_secs_f64() + POLL.as_secs_f64())
         .unwrap_or(0.0);
     let counted = if marked_window.is_some() {
-        t.marked
+        counts(&t)
     } else {
         t.packets
     };
@@ -199,6 +299,7 @@ fn run(a: &Args) -> Result<(), String> {
     } else {
         0.0
     };
+    let (run_ns, runs) = sink.run_stats().unwrap_or_default();
     let h = hist.borrow();
     let q = |p: f64| {
         if h.is_empty() {
@@ -208,14 +309,9 @@ fn run(a: &Args) -> Result<(), String> {
         }
     };
     println!(
-        "xlb-sink done packets={} bytes={} marked={} samples={} samples_lost={} \
-         active_s={window:.3} pps={pps:.0} lat_samples={} lat_p50_ns={} lat_p99_ns={} \
-         lat_p999_ns={} lat_max_ns={}",
-        t.packets,
-        t.bytes,
-        t.marked,
-        t.samples,
-        t.samples_lost,
+        "xlb-sink done {} active_s={window:.3} pps={pps:.0} xdp_run_ns={run_ns} xdp_runs={runs} \
+         lat_samples={} lat_p50_ns={} lat_p99_ns={} lat_p999_ns={} lat_max_ns={}",
+        t.fields(),
         h.len(),
         q(0.5),
         q(0.99),
@@ -226,5 +322,5 @@ fn run(a: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-sink", USAGE, parse_args, |a| run(&a))
+    xlb_bench::cli::tool_main("xlb-sink", USAGE, parse_args, |a| run(&a))
 }

@@ -17,11 +17,11 @@ use std::{
 use common::*;
 use etherparse::PacketBuilder;
 use xlb_afxdp::{
-    bare::{BareForwarder, BarePort, KernelTables},
     netlink::{self, NeighState, Netlink},
     spawn, FrameHandler, ModeRequest, PollMode, PortId, UmemSharing, Verdict, Worker, WorkerConfig,
     XdpProgram,
 };
+use xlb_bench::bare::{BareForwarder, BarePort, KernelTables};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -475,4 +475,121 @@ fn netlink_reads_the_namespace_tables() {
     })
     .join()
     .expect("netlink checks");
+}
+
+/// `xlb-xdp-fwd`, the kernel XDP_REDIRECT forwarder, between the `fwd` veths: generated
+/// UDP from the client to the reflector on the server and every answer back, MACs rewritten
+/// on both sides, frames unchanged otherwise (both sinks check addresses, ports and
+/// checksums); detached when it stops.
+#[test]
+fn kernel_forwarder_carries_both_directions() {
+    if !need_root("kernel_forwarder_carries_both_directions") {
+        return;
+    }
+    let lab = Lab::new();
+    let f0_mac = mac_of(&lab.fwd, &lab.f0);
+    let mut fwd = ChildGuard::spawn(Command::new(env!("CARGO_BIN_EXE_xlb-xdp-fwd")).args([
+        "--netns",
+        &lab.fwd,
+        "--if0",
+        &lab.f0,
+        "--if1",
+        &lab.f1,
+        "--mac0",
+        &lab.client_mac,
+        "--mac1",
+        &lab.server_mac,
+        "--duration",
+        "60",
+    ]));
+    fwd.wait_for("xlb-xdp-fwd ready", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("forwarder never got ready: {:#?}", fwd.output));
+    assert!(lab.has_xdp(&lab.fwd, &lab.f0) && lab.has_xdp(&lab.fwd, &lab.f1));
+    let n = 20_000u64;
+    let sink = |ns: &str, dev: &str, check: &str, reflect: bool| {
+        let mut args: Vec<String> = [
+            "--netns",
+            ns,
+            "--dev",
+            dev,
+            "--sample",
+            "16",
+            "--expect",
+            &n.to_string(),
+            "--idle-ms",
+            "1500",
+            "--duration",
+            "20",
+            check,
+            &format!("{SERVER4}:8000,8001"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if reflect {
+            args.push("--reflect".into());
+        }
+        let mut c = ChildGuard::spawn(Command::new(env!("CARGO_BIN_EXE_xlb-sink")).args(&args));
+        c.wait_for("xlb-sink ready", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("sink never got ready: {:#?}", c.output));
+        c
+    };
+    let mut back = sink(&lab.server, &lab.s0, "--check-dst", true);
+    let mut front = sink(&lab.client, &lab.c0, "--check-src", false);
+    let out = Command::new(env!("CARGO_BIN_EXE_xlb-gen"))
+        .args([
+            "--netns",
+            &lab.client,
+            "--dev",
+            &lab.c0,
+            "--src",
+            CLIENT4,
+            "--dst",
+            SERVER4,
+            "--dst-mac",
+            &f0_mac,
+            "--dport",
+            "8000",
+            "--flows",
+            "100",
+            "--count",
+            &n.to_string(),
+            "--rate",
+            "200000",
+            "--duration",
+            "10",
+        ])
+        .output()
+        .expect("running xlb-gen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gen = String::from_utf8_lossy(&out.stdout).into_owned();
+    let took = field(&gen, "egress_xmit").unwrap();
+    assert!(took >= n * 99 / 100, "{gen}");
+    let b = back
+        .wait_for("xlb-sink done", Duration::from_secs(25))
+        .expect("reflector done");
+    let f = front
+        .wait_for("xlb-sink done", Duration::from_secs(25))
+        .expect("client-side sink done");
+    for (line, side) in [(&b, "server side"), (&f, "client side")] {
+        assert_eq!(field(line, "bad"), Some(0), "{side}: {line}");
+        assert_eq!(field(line, "good"), Some(took), "{side}: {line}");
+    }
+    assert!(
+        fwd.terminate(Duration::from_secs(10)),
+        "clean exit: {:#?}",
+        fwd.output
+    );
+    let done = fwd
+        .output
+        .iter()
+        .find(|l| l.starts_with("xlb-xdp-fwd done"))
+        .cloned()
+        .expect("done line");
+    assert!(field(&done, "redirected").unwrap() >= 2 * took, "{done}");
+    assert!(!lab.has_xdp(&lab.fwd, &lab.f0) && !lab.has_xdp(&lab.fwd, &lab.f1));
 }

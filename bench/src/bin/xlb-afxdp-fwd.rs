@@ -16,11 +16,10 @@ use std::{
 };
 
 use xlb_afxdp::{
-    bare::{BareForwarder, BarePort, KernelTables},
-    netlink::Netlink,
-    spawn, sys, BindMode, ModeRequest, PollMode, PortStats, UmemSharing, Worker, WorkerConfig,
-    XdpProgram,
+    netlink::Netlink, spawn, sys, BindMode, ModeRequest, PollMode, PortStats, UmemSharing, Worker,
+    WorkerConfig, XdpProgram,
 };
+use xlb_bench::bare::{BareForwarder, BarePort, KernelTables};
 
 const USAGE: &str = "usage: xlb-afxdp-fwd --if0 IFACE --if1 IFACE [options]
   --netns NAME          enter /run/netns/NAME first
@@ -34,6 +33,8 @@ const USAGE: &str = "usage: xlb-afxdp-fwd --if0 IFACE --if1 IFACE [options]
   --xdp-mode auto|native|generic  (default auto)
   --ring N --frame N --batch N    ring size (1024), frame size (2048), batch (64)
   --refresh-ms MS       re-read neighbours and routes (default 1000, 0 = never)
+  --tx-budget N         copy mode: frames per sendto() (XDP_MAX_TX_SKB_BUDGET, Linux >= 6.17;
+                        default 0: the TX ring's size; 32: the kernel's default)
   --duration SECS       stop by itself after SECS
   --stats-ms MS         print counters every MS";
 
@@ -53,6 +54,7 @@ struct Args {
     frame: u32,
     batch: u32,
     refresh_ms: u64,
+    tx_budget: u32,
     duration: Option<Duration>,
     stats_ms: Option<u64>,
 }
@@ -81,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
         frame: 2048,
         batch: 64,
         refresh_ms: 1000,
+        tx_budget: 0,
         duration: None,
         stats_ms: None,
     };
@@ -138,6 +141,9 @@ fn parse_args() -> Result<Args, String> {
             "--frame" => a.frame = num(&val)? as u32,
             "--batch" => a.batch = num(&val)? as u32,
             "--refresh-ms" => a.refresh_ms = num(&val)?,
+            "--tx-budget" => {
+                a.tx_budget = u32::try_from(num(&val)?).map_err(|_| "--tx-budget too large")?
+            }
             "--duration" => {
                 a.duration = Some(Duration::from_secs_f64(
                     val.parse::<f64>()
@@ -221,6 +227,7 @@ fn run(args: Args) -> Result<(), String> {
     let signalled = sys::stop_flag_on_signals().map_err(|e| format!("signals: {e}"))?;
     let mut handles = Vec::new();
     let mut zero_copy = Vec::new();
+    let mut tx_budget = Vec::new();
     let mut all_stats = Vec::new();
     for w in 0..args.workers {
         let queues: Vec<u32> = args
@@ -241,10 +248,12 @@ fn run(args: Args) -> Result<(), String> {
             frame_size: args.frame,
             batch: args.batch,
             memlock_share: args.workers as u32,
+            copy_tx_budget: args.tx_budget,
             ..WorkerConfig::default()
         };
         let worker = Worker::open(&cfg, &xdp).map_err(|e| format!("worker {w}: {e}"))?;
         zero_copy.extend(worker.sockets().iter().map(|s| s.zero_copy));
+        tx_budget.extend(worker.sockets().iter().map(|s| s.tx_budget));
         all_stats.push(worker.stats());
         let refresh = (args.refresh_ms > 0)
             .then(Netlink::open)
@@ -264,13 +273,14 @@ fn run(args: Args) -> Result<(), String> {
     }
     println!(
         "xlb-afxdp-fwd ready if0={} if1={} xdp={} workers={} queues={:?} zero_copy={} \
-         local_addrs={locals}",
+         tx_budget={} local_addrs={locals}",
         args.if0,
         args.if1,
         modes.join(","),
         args.workers,
         args.queues,
         zero_copy.iter().any(|z| *z),
+        tx_budget.iter().min().copied().unwrap_or(0),
     );
     let _ = std::io::stdout().flush();
 
@@ -359,5 +369,5 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    xlb_afxdp::cli::tool_main("xlb-afxdp-fwd", USAGE, parse_args, run)
+    xlb_bench::cli::tool_main("xlb-afxdp-fwd", USAGE, parse_args, run)
 }
