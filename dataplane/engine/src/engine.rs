@@ -18,7 +18,7 @@ use crate::snat::SnatPorts;
 use crate::tcp::{Change, Dir, TcpState, TcpTrack, ORIG, REPLY};
 use crate::time::{mins, Nanos};
 use crate::timer::TimerWheel;
-use crate::wire::tcp_flags::{ACK, RST, SYN};
+use crate::wire::tcp_flags::{ACK, FIN, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 /// Sizing and identity of one worker's engine.
@@ -277,7 +277,7 @@ impl Engine {
                 let f = self.flows.get(id);
                 let reopening = f.tcp.state.is_closed()
                     && dir == ORIG
-                    && pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+                    && pkt.tcp_flags & (SYN | ACK | RST | FIN) == SYN;
                 if reopening {
                     // A new connection reusing the tuple of one that is only lingering.
                     self.remove_flow(id);
@@ -522,7 +522,10 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let is_tcp = pkt.proto == proto::TCP;
-        let is_syn = pkt.tcp_flags & (SYN | ACK | RST) == SYN;
+        // A SYN with FIN (or RST) is no connection's opening segment (stacks never send it;
+        // scanners do): it creates no flow. Counting it as one also left the flow's next
+        // sequence number short of the FIN, so reset on idle would have sent a wrong number.
+        let is_syn = pkt.tcp_flags & (SYN | ACK | RST | FIN) == SYN;
         if let Some(rule) = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port) {
             let Some((unknown_flow, floating)) = self
                 .rules
