@@ -53,6 +53,7 @@ fn lb_rule_spreads_connections_over_both_backends_bytes_intact() {
         "both backends serve: {per_backend:?}"
     );
     assert!(lab.wait_stat("rule.lb.web.flows_created", 40, Duration::from_secs(2)) >= 40);
+    lab.assert_no_invalid_tcp();
 
     // Clean stop: exit 0, no XDP program left behind.
     let status = lab.stop_xlbd().expect("xlbd was running");
@@ -100,6 +101,7 @@ fn reset_on_idle_gives_client_and_backend_econnreset() {
     );
     assert_eq!(lab.wait_stat("rsts_sent", 2, Duration::from_secs(2)), 2);
     assert_eq!(lab.stat("rule.lb.web.flows_reset_on_idle"), 1);
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -127,6 +129,7 @@ fn keepalive_below_timeout_keeps_connection_past_three_timeouts() {
     );
     assert_eq!(lab.stat("rule.lb.web.flows_expired_idle"), 0);
     assert_eq!(lab.stat("rsts_sent"), 0);
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -161,6 +164,7 @@ fn silent_expiry_late_send_gets_no_answer_and_is_counted() {
     SockRef::from(&s)
         .set_tcp_user_timeout(Some(Duration::from_millis(100)))
         .ok();
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -207,7 +211,7 @@ fn outbound_rule_translates_members_to_the_snat_address_and_their_port_block() {
         return;
     }
     let lab = Lab::start(CONFIG);
-    // Members in pool order take 1024-port blocks from port 1024 (SPEC §4).
+    // Members in pool order take 1024-port blocks from port 1024.
     for (ns, block) in [
         (lab.backend1.clone(), 1024..2048u16),
         (lab.backend2.clone(), 2048..3072u16),
@@ -237,6 +241,7 @@ fn outbound_rule_translates_members_to_the_snat_address_and_their_port_block() {
         lab.wait_stat("rule.out.web-out.flows_created", 2, Duration::from_secs(2)),
         2
     );
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -300,6 +305,7 @@ fn two_workers_carry_both_directions_of_every_flow() {
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "{r:?}"
     );
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -356,4 +362,5 @@ fn ipv6_lb_rule_and_reset_on_idle() {
         }
     }
     assert!(reset_seen, "the backend saw ECONNRESET");
+    lab.assert_no_invalid_tcp();
 }

@@ -473,6 +473,7 @@ fn distribution_modes_five_tuple_spreads_source_ip_sticks_source_ip_protocol_per
             "{key}"
         );
     }
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -561,6 +562,7 @@ fn inbound_nat_rules_forward_to_their_member_bytes_intact() {
         expected.is_empty(),
         "connections whose end the members did not see: {expected:?}"
     );
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -626,6 +628,7 @@ fn unknown_flow_reset_answers_a_late_send_with_an_rst() {
         ),
         2
     );
+    lab.assert_no_invalid_tcp();
 }
 
 #[test]
@@ -724,4 +727,5 @@ fn unknown_flow_pickup_resumes_expired_connections_on_their_backend() {
         expected.is_empty(),
         "connections whose end the members did not see: {expected:?}"
     );
+    lab.assert_no_invalid_tcp();
 }

@@ -30,6 +30,8 @@ fn frame(i: u32) -> Vec<u8> {
 
 fn bench_handoff(c: &mut Criterion) {
     let rules = sim_rules();
+    let key =
+        xlb_engine::hashkey::HashKey::from_seed(xlb_engine::EngineConfig::default().steer_seed);
     let frames: Vec<Vec<u8>> = (0..1024).map(frame).collect();
     let mut g = c.benchmark_group("handoff");
     g.throughput(Throughput::Elements(1));
@@ -37,7 +39,7 @@ fn bench_handoff(c: &mut Criterion) {
     g.bench_function("owner_only/4_workers", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;
-            black_box(engine::owner(&rules, &frames[i], 4))
+            black_box(engine::owner(&rules, &frames[i], 4, &key))
         })
     });
     let (to_owner, inbox) = crossbeam::channel::bounded::<(usize, Vec<u8>)>(4096);
@@ -50,7 +52,7 @@ fn bench_handoff(c: &mut Criterion) {
             i = (i + 1) & 1023;
             let f = &frames[i];
             // the receiving worker
-            let owner = engine::owner(&rules, f, 4).unwrap_or(0);
+            let owner = engine::owner(&rules, f, 4, &key).unwrap_or(0);
             let mut buf = recycled
                 .try_recv()
                 .unwrap_or_else(|_| Vec::with_capacity(2048));
@@ -70,7 +72,7 @@ fn bench_handoff(c: &mut Criterion) {
     };
     g.bench_function("full_handoff_1514B/4_workers", |b| {
         b.iter(|| {
-            let owner = engine::owner(&rules, &big, 4).unwrap_or(0);
+            let owner = engine::owner(&rules, &big, 4, &key).unwrap_or(0);
             let mut buf = recycled
                 .try_recv()
                 .unwrap_or_else(|_| Vec::with_capacity(2048));

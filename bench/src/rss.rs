@@ -348,6 +348,9 @@ pub fn simulate(cfg: &SimConfig) -> SimReport {
         processed: vec![0; n],
         ..SimReport::default()
     };
+    // The engines' own steering key (every engine here runs the default seed).
+    let steer_key =
+        xlb_engine::hashkey::HashKey::from_seed(xlb_engine::EngineConfig::default().steer_seed);
     let mut now = T0;
     for _ in 0..cfg.frames {
         now += 100;
@@ -355,7 +358,7 @@ pub fn simulate(cfg: &SimConfig) -> SimReport {
         // client -> VIP
         let mut f = udp_frame(caddr, VIP, cport, VIP_PORT, CLIENT_MAC);
         let rx = table.queue(rss_ipv4(&MICROSOFT_KEY, caddr, VIP, cport, VIP_PORT));
-        let owner = engine::owner(&rules, &f, workers).unwrap_or(0);
+        let owner = engine::owner(&rules, &f, workers, &steer_key).unwrap_or(0);
         r.frames += 1;
         r.received[usize::from(rx)] += 1;
         r.processed[usize::from(owner)] += 1;
@@ -374,7 +377,7 @@ pub fn simulate(cfg: &SimConfig) -> SimReport {
         let (backend, bport) = (ipv4_at(&f, 30), port_at(&f, 36));
         let mut reply = udp_frame(backend, caddr, bport, cport, BACKEND_MAC);
         let rx = table.queue(rss_ipv4(&MICROSOFT_KEY, backend, caddr, bport, cport));
-        let owner = engine::owner(&rules, &reply, workers).unwrap_or(0);
+        let owner = engine::owner(&rules, &reply, workers, &steer_key).unwrap_or(0);
         r.frames += 1;
         r.received[usize::from(rx)] += 1;
         r.processed[usize::from(owner)] += 1;

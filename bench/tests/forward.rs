@@ -136,8 +136,9 @@ fn bare_forwarder_binary_carries_udp_and_tcp() {
     println!("{out}");
 }
 
-/// Wraps the bare forwarder, emits one frame from its first `expire`, and asks for two
-/// look-ahead passes, counting that every frame went through both before `handle`.
+/// Wraps the bare forwarder, emits one frame from its first `expire`, asks for two
+/// look-ahead passes, counting that every frame went through both before `handle`, and
+/// grows IPv4 UDP datagrams to port 7003 by 4 bytes ("GROW") into the frame's free room.
 struct EmitOnce {
     inner: BareForwarder,
     frame: Option<(PortId, Vec<u8>)>,
@@ -146,7 +147,40 @@ struct EmitOnce {
     not_looked_ahead: u64,
 }
 
+/// Appends "GROW" to an IPv4 UDP datagram to port 7003 in `buf[..len]` (lengths and IP
+/// checksum fixed, UDP checksum left out), if there is room; returns the frame's length.
+fn grow_udp_7003(buf: &mut [u8], len: usize) -> usize {
+    let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    let is_it = len >= 42
+        && be16(buf, 12) == 0x0800
+        && buf[14] == 0x45
+        && buf[23] == 17
+        && be16(buf, 36) == 7003
+        && 14 + usize::from(be16(buf, 16)) == len
+        && buf.len() >= len + 4;
+    if !is_it {
+        return len;
+    }
+    buf[len..len + 4].copy_from_slice(b"GROW");
+    let total = be16(buf, 16) + 4;
+    buf[16..18].copy_from_slice(&total.to_be_bytes());
+    let udp_len = be16(buf, 38) + 4;
+    buf[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    buf[40..42].copy_from_slice(&[0, 0]);
+    buf[24..26].copy_from_slice(&[0, 0]);
+    let sum: u32 = (14..34).step_by(2).map(|i| u32::from(be16(buf, i))).sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    buf[24..26].copy_from_slice(&csum.to_be_bytes());
+    len + 4
+}
+
 impl FrameHandler for EmitOnce {
+    fn handle_in(&mut self, now_ns: u64, ingress: PortId, buf: &mut [u8], len: usize) -> Verdict {
+        let len = grow_udp_7003(buf, len);
+        self.handle(now_ns, ingress, &mut buf[..len])
+    }
+
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict {
         if self.looked_ahead[0].min(self.looked_ahead[1]) <= self.handled {
             self.not_looked_ahead += 1;
@@ -199,7 +233,13 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
         Duration::from_secs(20),
     );
     let (t_ready, t) = tcp_echo_server(&lab.server, sa("198.18.2.2:7001"), Duration::from_secs(20));
-    for r in [&u_ready, &e_ready, &t_ready] {
+    let (g_ready, grown) = udp_echo_server(
+        &lab.server,
+        sa("198.18.2.2:7003"),
+        1,
+        Duration::from_secs(20),
+    );
+    for r in [&u_ready, &e_ready, &t_ready, &g_ready] {
         r.recv_timeout(Duration::from_secs(5))
             .expect("server ready");
     }
@@ -297,6 +337,9 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
     let echo = udp_round_trip(&lab.client, sa("198.18.2.2:7000"), b"copied between umems");
     assert_eq!(echo.as_deref(), Some(&b"copied between umems"[..]));
     tcp_round_trip(&lab.client, sa("198.18.2.2:7001"), 128 * 1024).expect("tcp");
+    // A handler may grow a frame into the UMEM frame's room (copied between UMEMs here).
+    let echo = udp_round_trip(&lab.client, sa("198.18.2.2:7003"), b"grown");
+    assert_eq!(echo.as_deref(), Some(&b"grownGROW"[..]));
     let to_local = in_netns(&lab.client, || {
         TcpStream::connect_timeout(&sa("198.18.1.1:7100"), Duration::from_secs(3)).is_ok()
     })
@@ -337,6 +380,7 @@ fn worker_api_copies_between_umems_and_emits_from_timers() {
     assert!(!lab.has_xdp(&lab.fwd, &lab.f0) && !lab.has_xdp(&lab.fwd, &lab.f1));
     assert_eq!(u.join().unwrap().len(), 1);
     assert_eq!(t.join().unwrap(), 128 * 1024);
+    assert_eq!(grown.join().unwrap(), vec![b"grownGROW".to_vec()]);
 }
 
 /// Links, addresses, neighbours and routes read over netlink inside a namespace.

@@ -149,6 +149,70 @@ fn unknown_interface_and_too_many_workers_are_refused_before_anything_is_attache
 }
 
 #[test]
+fn api_on_tcp_without_authentication_or_off_loopback_in_clear_is_refused_at_start() {
+    if !xlb_afxdp::sys::is_root() {
+        eprintln!("SKIP: needs root (the API is bound after the privilege check)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("xlbd-cli-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let token = token.to_str().unwrap();
+    let refused = |args: &[&str], says: &[&str]| {
+        let out = xlbd(VALID, args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: {err}");
+        }
+    };
+    refused(
+        &["--interface", "lo", "--api", "tcp:127.0.0.1:0"],
+        &["without authentication", "--api-insecure"],
+    );
+    refused(
+        &[
+            "--interface",
+            "lo",
+            "--api",
+            "tcp:198.18.0.1:50051",
+            "--api-token-file",
+            token,
+        ],
+        &["without TLS", "--api-tls-cert"],
+    );
+    refused(
+        &[
+            "--interface",
+            "lo",
+            "--api",
+            "tcp:127.0.0.1:0",
+            "--api-token-file",
+            token,
+            "--api-tls-cert",
+            "/nonexistent/xlb/api.pem",
+            "--api-tls-key",
+            "/nonexistent/xlb/api.key",
+        ],
+        &["/nonexistent/xlb/api.pem"],
+    );
+    // The key without the certificate is a usage error of its own.
+    refused(
+        &["--interface", "lo", "--api-tls-key", token],
+        &["--api-tls-cert"],
+    );
+    // Accepted with a token, or insecure: the start goes on to the interfaces (lo cannot be
+    // driven: the next refusal).
+    for extra in [&["--api-token-file", token][..], &["--api-insecure"][..]] {
+        let mut args = vec!["--interface", "lo", "--api", "tcp:127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        refused(&args, &["lo has no Ethernet address"]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
     for (args, want) in [
         (
@@ -189,5 +253,20 @@ fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn bad_vlan_options_name_the_value_and_the_range() {
+    for (arg, says) in [
+        ("lo:0", "VLAN id 0 out of range (allowed: 1–4094)"),
+        ("lo:4095", "VLAN id 4095 out of range (allowed: 1–4094)"),
+        ("lo", "no ':' between interface and VLAN ids"),
+        ("lo:10,x", "VLAN id \"x\" is not a number"),
+    ] {
+        let out = xlbd(VALID, &["--interface", "lo", "--vlan", arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(says) && err.contains("--vlan"), "{arg}: {err}");
     }
 }

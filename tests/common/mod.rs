@@ -440,6 +440,18 @@ impl Lab {
         }
     }
 
+    /// Real TCP stacks send no segment outside its flow's window and no invalid flag
+    /// combination: after a test's traffic, xlbd counted none (read after two stats-file
+    /// writes, so that the last packets are in).
+    pub fn assert_no_invalid_tcp(&self) {
+        thread::sleep(Duration::from_millis(600));
+        let stats = self.stats();
+        for key in ["drop.out_of_window", "drop.bad_tcp_flags"] {
+            let n = stats.get(key).copied();
+            assert_eq!(n, Some(0), "{key}; log:\n{}", self.log_text());
+        }
+    }
+
     /// SIGTERM to xlbd; its exit status.
     pub fn stop_xlbd(&mut self) -> Option<ExitStatus> {
         let mut child = self.xlbd.take()?;

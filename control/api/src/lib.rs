@@ -6,25 +6,35 @@
 //! - [`Telemetry`]: what the daemon reads from its workers (counters, flows, events, status);
 //!   [`FakeTelemetry`] for tests.
 //! - [`service::XlbService`]: the `xlb.v1.Xlb` gRPC service, a thin translator over the two;
-//!   [`serve`] runs it with reflection and health on a Unix socket or TCP.
+//!   [`serve`] runs it with reflection and health on a Unix socket or TCP (TLS, client
+//!   certificates, bearer token).
 //! - [`convert`]: proto ↔ `xlb_engine::config`.
-//! - [`keepalive`]: the `xlbctl keepalive-check` logic (SPEC §6).
+//! - [`keepalive`]: the `xlbctl keepalive-check` logic.
+//! - [`resource`]: every object kind described once (`Resource`, `Remote`); the service and
+//!   `xlbctl` are generic over it.
+//! - [`authority`]: the Unix listener's repair of the `:authority` C-core clients send.
+//! - [`changes`]: the queue that carries out received changes in order, clients or not.
 #![forbid(unsafe_code)]
 
+pub mod authority;
+pub mod changes;
 pub mod convert;
 pub mod keepalive;
+pub mod object;
+pub mod resource;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod status;
 pub mod telemetry;
 
+pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
     Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
     Snapshot, StateOptions,
 };
-pub use telemetry::sum_rule_counters;
+pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{
     ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
     FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,

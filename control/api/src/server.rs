@@ -1,13 +1,19 @@
-//! Serving the API: Unix socket (default, mode 0600) or TCP, bearer-token check, reflection
-//! and health on the same server, and limits so that a flood of requests cannot stall the
-//! daemon. Also the client side of the same transport (used by `xlbctl` and tests).
+//! Serving the API: Unix socket (default, mode 0600) or TCP (with TLS, client certificates and
+//! a bearer token), reflection and health on the same server, and limits so that a flood of
+//! requests cannot stall the daemon. Also the client side of the same transports (used by
+//! `xlbctl` and tests).
 //!
-//! Security model: the Unix socket is the default and relies on file permissions (0600: the
-//! daemon's user, normally root). TCP on a loopback address is allowed without a token; TCP
-//! on any other address is refused unless a bearer token is configured, and every `xlb.v1`
-//! and reflection call must then carry `authorization: Bearer <token>`. The health service
-//! answers without a token (it reveals nothing and load balancers / orchestrators probe it).
-//! TLS is not built in: put a TLS-terminating proxy in front, or use the socket over SSH.
+//! Security model (`docs/control-api.md` has the threat model):
+//! - the Unix socket relies on file permissions (0600: the daemon's user, normally root); a
+//!   token may be required there too;
+//! - a TCP listener must authenticate its clients: a bearer token (every `xlb.v1` and
+//!   reflection call carries `authorization: Bearer <token>`) and/or client certificates
+//!   signed by a configured CA (mutual TLS). Without either, [`bind`] refuses it;
+//! - a TCP listener on a non-loopback address must use TLS, or the token and every change
+//!   would cross the network in clear; [`bind`] refuses it without;
+//! - [`ServeOptions::insecure`] lifts both refusals, for those who accept the risk;
+//! - the health service answers without a token (it reveals nothing, and load balancers /
+//!   orchestrators probe it), but behind TLS and client certificates like everything else.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,14 +25,18 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig, Uri,
+};
 use tonic::{Request, Status};
 use xlb_proto::v1::xlb_client::XlbClient;
 use xlb_proto::v1::xlb_server::XlbServer;
 
+use crate::authority::FixAuthority;
 use crate::service::XlbService;
 use crate::state::ControlState;
 use crate::telemetry::Telemetry;
@@ -48,12 +58,16 @@ impl Default for Listen {
 }
 
 /// Server options. The defaults suit a daemon on a small host.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub listen: Listen,
-    /// Bearer token required of `xlb.v1` and reflection calls (`None`: no check). Required
-    /// to listen on a non-loopback TCP address.
+    /// Bearer token required of `xlb.v1` and reflection calls (`None`: no check). A TCP
+    /// listener needs it unless `tls` requires client certificates.
     pub token: Option<String>,
+    /// TLS of a TCP listener (required on a non-loopback address).
+    pub tls: Option<ServerTls>,
+    /// Serve TCP without authentication or, off loopback, without TLS (refused otherwise).
+    pub insecure: bool,
     /// Requests in progress across all connections; more are refused at once with
     /// `RESOURCE_EXHAUSTED` rather than queued.
     pub max_concurrent_requests: usize,
@@ -74,6 +88,8 @@ impl Default for ServeOptions {
         ServeOptions {
             listen: Listen::default(),
             token: None,
+            tls: None,
+            insecure: false,
             max_concurrent_requests: 64,
             max_streams_per_connection: 32,
             max_request_bytes: 1 << 20,
@@ -84,10 +100,91 @@ impl Default for ServeOptions {
     }
 }
 
+/// TLS of a TCP listener: the server's certificate chain and private key, and optionally the CA
+/// whose certificates clients must present (mutual TLS), all PEM.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Clients must present a certificate this CA signed (`None`: no client certificates).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("ServerTls")
+            .field("client_certificates", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads the PEM files (checked when the listener is bound).
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<ServerTls, ServeError> {
+        Ok(ServerTls {
+            cert_pem: read_file(cert)?,
+            key_pem: read_file(key)?,
+            client_ca_pem: client_ca.map(read_file).transpose()?,
+        })
+    }
+
+    fn config(&self) -> ServerTlsConfig {
+        let mut c = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            // A client that connects and never finishes the handshake holds nothing for long.
+            .timeout(Duration::from_secs(10));
+        if let Some(ca) = &self.client_ca_pem {
+            c = c.client_ca_root(Certificate::from_pem(ca));
+        }
+        c
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::File {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ServeOptions")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("tls", &self.tls)
+            .field("insecure", &self.insecure)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_watchers", &self.max_watchers)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("refusing to listen on {0} without a bearer token: only loopback addresses may go without one (set a token, or use the Unix socket)")]
-    InsecureListen(SocketAddr),
+    #[error("refusing to serve the API on tcp:{0} without authentication: whoever can connect could change the configuration. Require a bearer token and/or client certificates (xlbd: --api-token-file, --api-tls-client-ca), use the Unix socket, or accept the risk explicitly (--api-insecure)")]
+    Unauthenticated(SocketAddr),
+    #[error("refusing to serve the API on tcp:{0} without TLS: off loopback, the bearer token and every change would cross the network in clear. Configure TLS (xlbd: --api-tls-cert and --api-tls-key), or accept the risk explicitly (--api-insecure)")]
+    Cleartext(SocketAddr),
+    #[error("TLS applies to TCP listeners; the Unix socket is protected by its file mode (0600)")]
+    TlsOnUnix,
+    #[error("TLS certificate or key: {0}")]
+    Tls(String),
+    #[error("{}: {what}", path.display())]
+    File { path: PathBuf, what: String },
     #[error("{path}: {what}")]
     Socket { path: PathBuf, what: String },
     #[error("cannot listen on {what}: {source}")]
@@ -102,6 +199,54 @@ pub enum ServeError {
     Reflection(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl ServeOptions {
+    /// The security refusals of [`bind`] (see the module docs), without binding anything.
+    pub fn check(&self) -> Result<(), ServeError> {
+        if let Some(t) = &self.token {
+            MetadataValue::<Ascii>::try_from(format!("Bearer {t}"))
+                .map_err(|_| ServeError::BadToken)?;
+        }
+        if let Some(tls) = &self.tls {
+            if matches!(self.listen, Listen::Unix(_)) {
+                return Err(ServeError::TlsOnUnix);
+            }
+            // Builds rustls' configuration: a bad certificate or key fails here, at start.
+            tonic::transport::Server::builder()
+                .tls_config(tls.config())
+                .map_err(|e| ServeError::Tls(error_chain(&e)))?;
+        }
+        let Listen::Tcp(addr) = self.listen else {
+            return Ok(());
+        };
+        if self.insecure {
+            return Ok(());
+        }
+        let client_certs = self.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+        if self.token.is_none() && !client_certs {
+            return Err(ServeError::Unauthenticated(addr));
+        }
+        if self.tls.is_none() && !addr.ip().is_loopback() {
+            return Err(ServeError::Cleartext(addr));
+        }
+        Ok(())
+    }
+}
+
+/// An error with its sources (tonic's TLS and transport errors say little at the top).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Checks `authorization: Bearer <token>` on every call of a guarded service.
@@ -218,7 +363,13 @@ impl Bound {
         let limits = tower::ServiceBuilder::new().load_shed().layer(
             tower::limit::GlobalConcurrencyLimitLayer::new(o.max_concurrent_requests.max(1)),
         );
-        let router = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &o.tls {
+            server = server
+                .tls_config(tls.config())
+                .map_err(|e| ServeError::Tls(error_chain(&e)))?;
+        }
+        let router = server
             .concurrency_limit_per_connection(o.max_streams_per_connection as usize)
             .load_shed(true)
             .max_concurrent_streams(o.max_streams_per_connection)
@@ -232,8 +383,10 @@ impl Bound {
             .add_service(InterceptedService::new(xlb, auth));
         match self.listener {
             Listener::Unix(l, path) => {
+                // Stock C-core clients send the socket path as :authority (see authority.rs).
+                let incoming = UnixListenerStream::new(l).map(|c| c.map(FixAuthority::new));
                 let r = router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;
                 let _ = std::fs::remove_file(&path);
                 r?;
@@ -250,15 +403,9 @@ impl Bound {
 
 /// Binds the listener described by `options` (see the module docs for what is refused).
 pub async fn bind(options: ServeOptions) -> Result<Bound, ServeError> {
-    if let Some(t) = &options.token {
-        MetadataValue::<Ascii>::try_from(format!("Bearer {t}"))
-            .map_err(|_| ServeError::BadToken)?;
-    }
+    options.check()?;
     let listener = match &options.listen {
         Listen::Tcp(addr) => {
-            if !addr.ip().is_loopback() && options.token.is_none() {
-                return Err(ServeError::InsecureListen(*addr));
-            }
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Io {
@@ -383,6 +530,50 @@ pub async fn channel(target: &Listen) -> Result<Channel, tonic::transport::Error
                 .await
         }
     }
+}
+
+/// TLS of a client: the CA that signed the server's certificate (`None`: the system's roots),
+/// the client's own certificate and key for mutual TLS, and the name to verify the server's
+/// certificate against (`None`: the host of the URI). All PEM.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+/// A TLS channel to `uri` (`https://HOST:PORT`).
+pub async fn channel_tls(uri: &str, tls: &ClientTls) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(uri.to_string())?;
+    let mut config = ClientTlsConfig::new();
+    config = match &tls.ca_pem {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+        None => config.with_native_roots(),
+    };
+    if let Some((cert, key)) = &tls.identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    // The URI's host keeps an IPv6 literal's brackets; a certificate names the bare address.
+    let host = endpoint.uri().host().unwrap_or_default();
+    let name = tls.server_name.clone().unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    endpoint
+        .tls_config(config.domain_name(name))?
+        .connect()
+        .await
 }
 
 /// An `xlb.v1.Xlb` client over `channel`.

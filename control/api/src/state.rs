@@ -16,16 +16,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
-use xlb_engine::config::{
-    BackendPool, Config, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, Member,
-    OutboundRule,
-};
+use xlb_engine::config::{BackendPool, Config, Member};
 use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
+pub use crate::object::{Kind, Object};
 use crate::telemetry::{ControlEvent, EventRecord};
 
 /// Hands a new rule set to the workers. The daemon implements it by sending the `Arc` to every
-/// worker over its SPSC channel and waiting until every worker acknowledges the generation.
+/// worker over its bounded channel and waiting until every worker acknowledges the generation.
 pub trait Publisher: Send + Sync + 'static {
     /// Returns once every worker runs `rules` (or fails after `deadline`). Blocking is fine:
     /// [`ControlState`] calls it from a blocking context, one call at a time.
@@ -63,39 +61,6 @@ fn list(ids: &[u16]) -> String {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The kinds of configuration objects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Frontend,
-    BackendPool,
-    HealthProbe,
-    LoadBalancingRule,
-    InboundNatRule,
-    OutboundRule,
-    Member,
-}
-
-impl Kind {
-    /// As in configuration paths and TOML tables.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Frontend => "frontend",
-            Kind::BackendPool => "backend pool",
-            Kind::HealthProbe => "health probe",
-            Kind::LoadBalancingRule => "load-balancing rule",
-            Kind::InboundNatRule => "inbound NAT rule",
-            Kind::OutboundRule => "outbound rule",
-            Kind::Member => "pool member",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Why a request was refused. Each variant maps to one gRPC status code.
@@ -615,137 +580,4 @@ fn member_pos(p: &BackendPool, address: IpAddr) -> Result<usize, ControlError> {
         .iter()
         .position(|m| xlb_engine::Addr::from(m.address) == want)
         .ok_or_else(|| not_found(Kind::Member, &format!("{}/{address}", p.name)))
-}
-
-/// A configuration object kind that [`ControlState`] manages generically.
-pub trait Object: Clone + Send + 'static {
-    const KIND: Kind;
-    fn name(&self) -> &str;
-    fn all(c: &Config) -> &Vec<Self>;
-    fn all_mut(c: &mut Config) -> &mut Vec<Self>;
-    /// Configuration paths of the objects that reference the one named `name`.
-    fn used_by(_c: &Config, _name: &str) -> Vec<String> {
-        Vec::new()
-    }
-}
-
-impl Object for Frontend {
-    const KIND: Kind = Kind::Frontend;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.frontends
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.frontends
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        let lb = c
-            .load_balancing_rules
-            .iter()
-            .filter(|r| r.frontend == name)
-            .map(|r| format!("load_balancing_rules[{}]", r.name));
-        let nat = c
-            .inbound_nat_rules
-            .iter()
-            .filter(|r| r.frontend == name)
-            .map(|r| format!("inbound_nat_rules[{}]", r.name));
-        let out = c
-            .outbound_rules
-            .iter()
-            .filter(|r| r.frontends.iter().any(|f| f == name))
-            .map(|r| format!("outbound_rules[{}]", r.name));
-        lb.chain(nat).chain(out).collect()
-    }
-}
-
-impl Object for BackendPool {
-    const KIND: Kind = Kind::BackendPool;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.backend_pools
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.backend_pools
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        let lb = c
-            .load_balancing_rules
-            .iter()
-            .filter(|r| r.backend_pool == name)
-            .map(|r| format!("load_balancing_rules[{}]", r.name));
-        let nat = c
-            .inbound_nat_rules
-            .iter()
-            .filter(|r| r.backend_pool.as_deref() == Some(name))
-            .map(|r| format!("inbound_nat_rules[{}]", r.name));
-        let out = c
-            .outbound_rules
-            .iter()
-            .filter(|r| r.backend_pool == name)
-            .map(|r| format!("outbound_rules[{}]", r.name));
-        lb.chain(nat).chain(out).collect()
-    }
-}
-
-impl Object for HealthProbe {
-    const KIND: Kind = Kind::HealthProbe;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.health_probes
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.health_probes
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        c.load_balancing_rules
-            .iter()
-            .filter(|r| r.health_probe.as_deref() == Some(name))
-            .map(|r| format!("load_balancing_rules[{}]", r.name))
-            .collect()
-    }
-}
-
-impl Object for LoadBalancingRule {
-    const KIND: Kind = Kind::LoadBalancingRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.load_balancing_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.load_balancing_rules
-    }
-}
-
-impl Object for InboundNatRule {
-    const KIND: Kind = Kind::InboundNatRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.inbound_nat_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.inbound_nat_rules
-    }
-}
-
-impl Object for OutboundRule {
-    const KIND: Kind = Kind::OutboundRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.outbound_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.outbound_rules
-    }
 }

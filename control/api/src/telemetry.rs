@@ -10,11 +10,13 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
+use xlb_engine::counters::EvictReason;
 use xlb_engine::flow::{FlowId, Nat};
+use xlb_engine::net::NextHopStats;
 use xlb_engine::ruleset::PROTO_TCP;
 use xlb_engine::tcp::TcpState;
 use xlb_engine::time::Nanos;
-use xlb_engine::{Addr, Counters, FlowInfo, RuleId};
+use xlb_engine::{Addr, Counters, DropReason, FlowInfo, RuleCounters, RuleId, RuleSet};
 
 /// Something the operator should hear about, with its wall-clock time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,41 +44,148 @@ pub enum ControlEvent {
 }
 
 /// One worker's counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct WorkerCounters {
     pub worker: u16,
     pub counters: Counters,
     pub flows: u64,
     pub flow_capacity: u64,
+    /// Frames this worker received for a flow another worker owns, and passed on.
+    pub handed_off: u64,
+    /// Of those, frames lost because the owner's inbox was full.
+    pub handoff_dropped: u64,
+    /// The next-hop table: entries in use, reclaimed and refused.
+    pub next_hops: NextHopStats,
     /// The rule-set generation the worker ran when it took these counters.
     pub generation: u64,
 }
 
-/// Per-rule counters of every live rule of `rules`, summed over workers, in rule-id order:
-/// the one place where workers' rule counters are added up (the API, Prometheus, the status
-/// line and the stats file all render from it).
-///
-/// Each item of `workers` is a worker's counters with the generation it ran when it took them.
-/// A worker's figures for an id count only when they were taken under the rule that holds the
-/// id now (generation at least the rule's creation): counters of a deleted rule whose id was
-/// released and handed to a new rule never leak into the new rule, not even from a snapshot
-/// taken just before the worker switched. Retired rules (deleted, flows draining) are left out.
-pub fn sum_rule_counters<'a>(
-    workers: impl IntoIterator<Item = (&'a Counters, u64)>,
-    rules: &xlb_engine::RuleSet,
-) -> Vec<(RuleId, xlb_engine::RuleCounters)> {
-    let mut sum: Vec<(RuleId, xlb_engine::RuleCounters)> = rules
-        .rules()
-        .map(|(id, _)| (id, xlb_engine::RuleCounters::default()))
-        .collect();
-    for (c, generation) in workers {
-        for (id, total) in sum.iter_mut() {
-            if rules.since(*id).is_some_and(|since| generation >= since) {
+impl Clone for WorkerCounters {
+    fn clone(&self) -> WorkerCounters {
+        let mut c = WorkerCounters::default();
+        c.clone_from(self);
+        c
+    }
+
+    /// Copies into this value's storage (the daemon's workers publish their counters so,
+    /// without allocating).
+    fn clone_from(&mut self, source: &WorkerCounters) {
+        // Destructured so that a new field cannot be forgotten here.
+        let WorkerCounters {
+            worker,
+            counters,
+            flows,
+            flow_capacity,
+            handed_off,
+            handoff_dropped,
+            next_hops,
+            generation,
+        } = source;
+        self.worker = *worker;
+        self.counters.clone_from(counters);
+        self.flows = *flows;
+        self.flow_capacity = *flow_capacity;
+        self.handed_off = *handed_off;
+        self.handoff_dropped = *handoff_dropped;
+        self.next_hops = *next_hops;
+        self.generation = *generation;
+    }
+}
+
+/// Every worker's counters added up: the one sum that the API, Prometheus, the status line
+/// and the stats file all render from ([`sum`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSum {
+    /// Workers summed.
+    pub workers: usize,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rsts_sent: u64,
+    pub events_dropped: u64,
+    /// By [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    /// Unconfirmed flows evicted for new ones, by [`EvictReason::index`].
+    pub evictions: [u64; EvictReason::COUNT],
+    pub flows: u64,
+    pub flow_capacity: u64,
+    pub handed_off: u64,
+    pub handoff_dropped: u64,
+    /// Next-hop entries in use, reclaimed and refused (table full).
+    pub next_hops: NextHopStats,
+    /// Every live rule, in rule-id order, zeros included.
+    pub rules: Vec<(RuleId, RuleCounters)>,
+}
+
+impl CounterSum {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    pub fn eviction_count(&self, r: EvictReason) -> u64 {
+        self.evictions[r.index()]
+    }
+}
+
+/// Whether a worker's figures for rule `id`, taken under `generation`, belong to the rule
+/// that holds the id in `rules`: taken under it (generation at least the rule's creation), and
+/// the rule is live. Counters of a deleted rule whose id went to a new rule never leak into the
+/// new rule, not even from a snapshot taken just before the worker switched.
+pub fn counts_for(rules: &RuleSet, id: RuleId, generation: u64) -> bool {
+    !rules.is_retired(id) && rules.since(id).is_some_and(|since| generation >= since)
+}
+
+/// Adds up `workers`' counters; per-rule counters for every live rule of `rules` (retired
+/// rules, deleted with flows draining, are left out), counting only figures that
+/// [`counts_for`] the rule.
+pub fn sum<'a>(
+    workers: impl IntoIterator<Item = &'a WorkerCounters>,
+    rules: &RuleSet,
+) -> CounterSum {
+    let mut s = CounterSum {
+        workers: 0,
+        rx_packets: 0,
+        tx_packets: 0,
+        rsts_sent: 0,
+        events_dropped: 0,
+        drops: [0; DropReason::COUNT],
+        evictions: [0; EvictReason::COUNT],
+        flows: 0,
+        flow_capacity: 0,
+        handed_off: 0,
+        handoff_dropped: 0,
+        next_hops: NextHopStats::default(),
+        rules: rules
+            .rules()
+            .map(|(id, _)| (id, RuleCounters::default()))
+            .collect(),
+    };
+    for w in workers {
+        let c = &w.counters;
+        s.workers += 1;
+        s.rx_packets += c.rx_packets;
+        s.tx_packets += c.tx_packets;
+        s.rsts_sent += c.rsts_sent;
+        s.events_dropped += c.events_dropped;
+        for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
+            *total += d;
+        }
+        for (total, e) in s.evictions.iter_mut().zip(c.evictions.iter()) {
+            *total += e;
+        }
+        s.flows += w.flows;
+        s.flow_capacity += w.flow_capacity;
+        s.handed_off += w.handed_off;
+        s.handoff_dropped += w.handoff_dropped;
+        s.next_hops.entries += w.next_hops.entries;
+        s.next_hops.reclaimed += w.next_hops.reclaimed;
+        s.next_hops.refused += w.next_hops.refused;
+        for (id, total) in s.rules.iter_mut() {
+            if counts_for(rules, *id, w.generation) {
                 total.add(&c.rule(*id));
             }
         }
     }
-    sum
+    s
 }
 
 /// SNAT ports of one member for one protocol, summed over workers.
@@ -153,7 +262,10 @@ pub fn backend_of(f: &FlowInfo) -> Addr {
 }
 
 /// Position in a flow listing: flows are ordered by (worker, flow id); a page starts after
-/// the cursor. Flows created or removed between pages may be missed or seen, never twice.
+/// the cursor. A flow id is a flow-table slot, kept for the flow's life, so a flow that lives
+/// through the whole listing is seen exactly once; flows created or removed between pages may
+/// be missed or seen, never twice. A page may be short (even empty) and still have a cursor:
+/// a worker walks a bounded part of its table per query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowCursor {
     pub worker: u16,

@@ -863,11 +863,15 @@ impl Io {
             let c = &mut counters[usize::from(port)];
             c.rx_packets += 1;
             c.rx_bytes += rx_len as u64;
-            let verdict = {
+            let (verdict, room) = {
                 // SAFETY: the frame was just consumed from the RX ring: the kernel is done
                 // with it and nothing else refers to it until we hand it back.
                 let mut data = unsafe { umem.data_mut(desc) };
-                h.handle(now, port, data.contents_mut())
+                // The handler sees the whole UMEM frame and may grow the packet into it.
+                let mut cur = data.cursor();
+                let room = cur.buf_len();
+                cur.set_pos(room);
+                (h.handle_in(now, port, data.contents_mut(), rx_len), room)
             };
             let (out, len) = match verdict {
                 Verdict::Drop => {
@@ -876,7 +880,7 @@ impl Io {
                     continue;
                 }
                 Verdict::Tx { port: out, len }
-                    if usize::from(out) < nports && usize::from(len) <= rx_len && len > 0 =>
+                    if usize::from(out) < nports && usize::from(len) <= room && len > 0 =>
                 {
                     (usize::from(out), usize::from(len))
                 }
@@ -886,6 +890,9 @@ impl Io {
                     continue;
                 }
             };
+            // SAFETY: still our exclusive frame (see above); from here on its descriptor
+            // says the length to send, which the copy below reads too.
+            unsafe { umem.data_mut(desc) }.cursor().set_pos(len);
             let t = tx_route[s * nports + out];
             let tu = socks[t].umem;
             if socks[t].pending.len() >= socks[t].ring_size as usize {
@@ -894,8 +901,6 @@ impl Io {
                 continue;
             }
             if tu == su {
-                // SAFETY: still our exclusive frame (see above).
-                unsafe { umem.data_mut(desc) }.cursor().set_pos(len);
                 socks[t].pending.push(*desc);
                 continue;
             }

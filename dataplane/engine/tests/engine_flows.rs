@@ -1,4 +1,4 @@
-//! Packet-in / packet-out and virtual-time tests of SPEC §2–§4 through the whole engine.
+//! Packet-in / packet-out and virtual-time tests of the flow behaviour (docs/behaviour.md) through the whole engine.
 
 mod common;
 
@@ -786,8 +786,8 @@ fn snat_exhaustion_is_counted_once_per_episode_and_ports_are_released_on_schedul
     // Flow 0: FIN both ways.
     lab.forward(BACKEND_PORT, member(50_100).seg(FIN | ACK, 2, 501, &[]));
     lab.forward(INTERNET_PORT, remote(ports[0]).seg(FIN | ACK, 501, 3, &[]));
-    // Flow 1: RST.
-    lab.forward(INTERNET_PORT, remote(ports[1]).seg(RST, 0, 0, &[]));
+    // Flow 1: RST, with the sequence number the member expects next.
+    lab.forward(INTERNET_PORT, remote(ports[1]).seg(RST, 501, 0, &[]));
     let t = lab.now;
     lab.run_until(t + s(15) - 1);
     assert!(matches!(
@@ -925,7 +925,7 @@ fn expiry_work_is_bounded_per_call() {
     assert!(calls >= 1000 / 64);
 }
 
-/// DESIGN problem 1: both directions of every flow kind steer to the same worker.
+/// Both directions of every flow kind steer to the same worker.
 #[test]
 fn both_directions_of_every_flow_steer_to_one_worker() {
     for workers in [2u16, 3, 4, 16] {

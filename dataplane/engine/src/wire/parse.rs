@@ -31,6 +31,11 @@ pub struct Packet {
     /// TCP sequence and acknowledgement numbers (0 for UDP/ICMP).
     pub seq: u32,
     pub ack: u32,
+    /// TCP window field as sent (unscaled; 0 for UDP/ICMP).
+    pub window: u16,
+    /// The shift of the TCP window-scale option (RFC 7323), read from SYN segments only and
+    /// capped at 14; [`NO_WSCALE`] when absent (or not a SYN).
+    pub wscale: u8,
     /// TCP/UDP payload length in bytes (bytes after the L4 header up to `ip_end`).
     pub payload_len: u16,
     /// State of the L4 checksum as received (see [`L4Checksum`]).
@@ -90,6 +95,11 @@ const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
+
+/// [`Packet::wscale`] of a segment without a window-scale option.
+pub const NO_WSCALE: u8 = 0xff;
+/// The largest window shift RFC 7323 allows; larger values are taken as this.
+pub const MAX_WSCALE: u8 = 14;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -286,6 +296,8 @@ fn parse_l4(l3: L3<'_>) -> Result<Packet, ParseError> {
         tcp_flags: 0,
         seq: 0,
         ack: 0,
+        window: 0,
+        wscale: NO_WSCALE,
         payload_len: 0,
         l4_csum: L4Checksum::Full,
     };
@@ -304,6 +316,13 @@ fn parse_l4(l3: L3<'_>) -> Result<Packet, ParseError> {
             pkt.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
             pkt.ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
             pkt.tcp_flags = h[13];
+            pkt.window = be16([h[14], h[15]]);
+            if h[13] & crate::wire::tcp_flags::SYN != 0 {
+                let opts = ip
+                    .get(l3.l4_off + TCP_HLEN..l3.l4_off + hlen)
+                    .unwrap_or_default();
+                pkt.wscale = window_scale(opts);
+            }
             pkt.payload_len = (l4_room - hlen) as u16;
             csum_len = l4_room;
             field = be16([h[16], h[17]]);
@@ -343,6 +362,36 @@ fn parse_l4(l3: L3<'_>) -> Result<Packet, ParseError> {
         .then(|| checksum::pseudo_header_sum(l3.src, l3.dst, l3.is_v6, l3.proto, csum_len as u32));
     pkt.l4_csum = checksum::classify(field, pseudo, !l3.is_v6 && l3.proto == UDP);
     Ok(pkt)
+}
+
+/// The shift of the window-scale option (kind 3, length 3) among TCP `options`, capped at
+/// [`MAX_WSCALE`]; [`NO_WSCALE`] when absent. A malformed option list ends the search (what
+/// was found before it stands), as a receiving stack would stop parsing there.
+fn window_scale(options: &[u8]) -> u8 {
+    const EOL: u8 = 0;
+    const NOP: u8 = 1;
+    const WSCALE: u8 = 3;
+    let mut rest = options;
+    while let Some((&kind, tail)) = rest.split_first() {
+        match kind {
+            EOL => break,
+            NOP => rest = tail,
+            _ => {
+                let Some(&len) = tail.first() else { break };
+                let len = usize::from(len);
+                if len < 2 || len > rest.len() {
+                    break;
+                }
+                if kind == WSCALE && len == 3 {
+                    if let Some(&shift) = rest.get(2) {
+                        return shift.min(MAX_WSCALE);
+                    }
+                }
+                rest = rest.get(len..).unwrap_or_default();
+            }
+        }
+    }
+    NO_WSCALE
 }
 
 #[cfg(test)]
@@ -416,6 +465,8 @@ mod tests {
                         },
                         seq: if proto == proto::TCP { 1000 } else { 0 },
                         ack: 0,
+                        window: if proto == proto::TCP { 1000 } else { 0 },
+                        wscale: NO_WSCALE,
                         payload_len: payload.len() as u16,
                         l4_csum: L4Checksum::Full,
                     };
@@ -444,6 +495,49 @@ mod tests {
         // 12 bytes of options are header, not payload.
         assert_eq!(p.payload_len, 5);
         assert_eq!(usize::from(p.ip_end), f.len());
+    }
+
+    #[test]
+    fn window_and_window_scale_option() {
+        use etherparse::{PacketBuilder, TcpOptionElement as O};
+        let build = |syn: bool, opts: &[O]| {
+            let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(V4_A, V4_B, 64);
+            let mut b = b.tcp(1, 2, 3, 29_200);
+            if syn {
+                b = b.syn();
+            } else {
+                b = b.ack(1);
+            }
+            let b = b.options(opts).unwrap();
+            let mut out = Vec::new();
+            b.write(&mut out, b"").unwrap();
+            out
+        };
+        let linux = [
+            O::MaximumSegmentSize(1460),
+            O::SelectiveAcknowledgementPermitted,
+            O::Timestamp(1, 0),
+            O::Noop,
+            O::WindowScale(7),
+        ];
+        let p = parse(&build(true, &linux)).unwrap();
+        assert_eq!((p.window, p.wscale), (29_200, 7));
+        // RFC 7323: a shift above 14 is used as 14.
+        let p = parse(&build(true, &[O::WindowScale(20)])).unwrap();
+        assert_eq!(p.wscale, MAX_WSCALE);
+        // Absent, or on a non-SYN segment (where it means nothing): no scale.
+        assert_eq!(parse(&build(true, &linux[..3])).unwrap().wscale, NO_WSCALE);
+        assert_eq!(parse(&build(false, &linux)).unwrap().wscale, NO_WSCALE);
+        assert_eq!(parse(&build(false, &linux)).unwrap().window, 29_200);
+        // Malformed lists end the search: a zero length, a length past the header, an
+        // end-of-list before the option.
+        assert_eq!(window_scale(&[2, 0, 3, 3, 7]), NO_WSCALE);
+        assert_eq!(window_scale(&[2, 9, 3, 3, 7]), NO_WSCALE);
+        assert_eq!(window_scale(&[0, 3, 3, 7]), NO_WSCALE);
+        assert_eq!(window_scale(&[3, 3]), NO_WSCALE);
+        assert_eq!(window_scale(&[3, 4, 7, 0]), NO_WSCALE);
+        assert_eq!(window_scale(&[1, 1, 3, 3, 9]), 9);
+        assert_eq!(window_scale(&[]), NO_WSCALE);
     }
 
     #[test]

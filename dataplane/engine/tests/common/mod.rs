@@ -189,6 +189,7 @@ impl Lab {
         for (i, mac) in XLB_MAC.iter().enumerate() {
             net.set_port(i as PortId, *mac);
         }
+        net.set_backend_side(BACKEND_PORT, true);
         net.set_routes(vec![
             Route::v4(Ipv4Addr::new(198, 18, 0, 0), 24, CLIENT_PORT, None),
             Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, BACKEND_PORT, None),
@@ -304,13 +305,26 @@ impl Tcp {
     }
 
     pub fn seg(&self, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+        self.seg_win(flags, seq, ack, 64240, None, payload)
+    }
+
+    /// A segment with window field `window` and, when `wscale` is given, a window-scale option.
+    pub fn seg_win(
+        &self,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        wscale: Option<u8>,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let b = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
         let b = match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
             (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
             _ => panic!("mixed families"),
         };
-        let mut b = b.tcp(self.sport, self.dport, seq, 64240);
+        let mut b = b.tcp(self.sport, self.dport, seq, window);
         if flags & flags::SYN != 0 {
             b = b.syn();
         }
@@ -325,6 +339,14 @@ impl Tcp {
         }
         if flags & flags::ACK != 0 {
             b = b.ack(ack);
+        }
+        if let Some(shift) = wscale {
+            b = b
+                .options(&[
+                    etherparse::TcpOptionElement::Noop,
+                    etherparse::TcpOptionElement::WindowScale(shift),
+                ])
+                .unwrap();
         }
         let mut out = Vec::with_capacity(b.size(payload.len()));
         b.write(&mut out, payload).unwrap();
@@ -517,6 +539,21 @@ pub fn expected_rst(
     }
     tcp.write(&mut out).unwrap();
     out
+}
+
+/// `frame` with its IPv4 TTL or IPv6 hop limit set to `ttl` (IPv4 header checksum updated).
+pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    match frame[12..14] {
+        [0x08, 0x00] => {
+            frame[14 + 8] = ttl;
+            let mut h = Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+            h.header_checksum = h.calc_header_checksum();
+            frame[14 + 10..14 + 12].copy_from_slice(&h.header_checksum.to_be_bytes());
+        }
+        [0x86, 0xdd] => frame[14 + 7] = ttl,
+        _ => panic!("not IP"),
+    }
+    frame
 }
 
 pub fn secs_f(s: f64) -> Nanos {
