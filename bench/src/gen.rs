@@ -727,29 +727,6 @@ impl Pacer {
         Self::with_slack(rate, max_run, 1_000_000)
     }
 
-    /// Smooth pacing: runs of at most `burst` frames (flat out: `max_run`), and the slack is
-    /// one burst's time, so a late sender sends at most one burst more than its share before
-    /// the debt is forgiven.
-    pub fn smooth(rate: u64, max_run: u32, burst: u32) -> Self {
-        if rate == 0 {
-            return Self::with_slack(0, max_run, 1);
-        }
-        let burst = u64::from(burst.clamp(1, max_run.max(1)));
-        let slack = u128::from(burst) * 1_000_000_000 / u128::from(rate);
-        let mut p = Self::with_slack(rate, max_run, u64::try_from(slack).unwrap_or(u64::MAX));
-        p.burst = burst;
-        p
-    }
-
-    /// Most frames per run (when paced).
-    pub fn burst(&self) -> u64 {
-        if self.rate == 0 {
-            self.max_run
-        } else {
-            self.burst
-        }
-    }
-
     pub fn with_slack(rate: u64, max_run: u32, slack_ns: u64) -> Self {
         let max_run = u64::from(max_run.max(1));
         let slack_ns = slack_ns.max(1);
@@ -1001,28 +978,5 @@ mod tests {
         let mut p = Pacer::with_slack(1_000_000, 16, 4_000_000);
         assert_eq!(p.next(0, 100, 0), Ok(1));
         assert_eq!(p.next(1, 99, 1_000_000), Ok(16));
-        // smooth: 1 Mpps in runs of at most 64 frames; 64 µs late is still one burst, more is
-        // forgiven
-        let mut p = Pacer::smooth(1_000_000, 1 << 20, 64);
-        assert_eq!(p.burst(), 64);
-        assert_eq!(p.next(0, 10_000, 0), Ok(1));
-        assert_eq!(p.next(1, 9_999, 10_000), Ok(10));
-        assert_eq!(p.next(11, 9_989, 60_000), Ok(50));
-        // 139 µs late (more than one burst's 64 µs): the debt is forgiven, the schedule
-        // restarts from now
-        assert_eq!(p.next(61, 9_939, 200_000), Ok(1));
-        assert_eq!(p.next(62, 9_938, 200_000), Err(1_000));
-        // 49 µs late: what is due goes, in one run
-        assert_eq!(p.next(62, 9_938, 250_000), Ok(50));
-        assert_eq!(p.next(112, 9_888, 250_000), Err(1_000));
-        assert_eq!(Pacer::smooth(0, 1 << 20, 64).burst(), 1 << 20);
-        assert_eq!(
-            Pacer::smooth(0, 1 << 20, 64).next(0, 5_000_000, 0),
-            Ok(1 << 20)
-        );
-        // at low rates the burst is still at most 64, and one frame is never refused
-        let mut p = Pacer::smooth(1_000, 1 << 20, 64);
-        assert_eq!(p.next(0, 10, 0), Ok(1));
-        assert_eq!(p.next(1, 9, 500_000), Err(500_000));
     }
 }

@@ -374,6 +374,31 @@ impl Sink {
         Ok((opts.retval, out))
     }
 
+    /// The program's own cost on `frame`: `BPF_PROG_TEST_RUN` with `repeat` runs, the kernel's
+    /// mean nanoseconds per run (the counters move `repeat` times).
+    pub fn time_run(&self, frame: &[u8], repeat: u32) -> Result<u32> {
+        let mut opts = libbpf_rs::libbpf_sys::bpf_test_run_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_test_run_opts>()
+                as libbpf_rs::libbpf_sys::size_t,
+            data_in: frame.as_ptr().cast(),
+            data_size_in: u32::try_from(frame.len()).map_err(|_| Error::msg("frame too long"))?,
+            repeat: i32::try_from(repeat).map_err(|_| Error::msg("repeat too large"))?,
+            ..Default::default()
+        };
+        // SAFETY: `opts` is properly sized; its only pointer references `frame`, which
+        // outlives the call; no output buffer is given.
+        let rc = unsafe {
+            libbpf_rs::libbpf_sys::bpf_prog_test_run_opts(self.prog.as_raw_fd(), &mut opts)
+        };
+        if rc < 0 {
+            return Err(Error::with(
+                "BPF_PROG_TEST_RUN",
+                std::io::Error::from_raw_os_error(-rc),
+            ));
+        }
+        Ok(opts.duration)
+    }
+
     /// The program's (run_time_ns, run_cnt) while `kernel.bpf_stats_enabled` is on.
     pub fn run_stats(&self) -> Option<(u64, u64)> {
         crate::prog_run_stats(self.prog.as_fd())
