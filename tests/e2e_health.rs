@@ -1,4 +1,4 @@
-//! End to end, SPEC §5: xlbd's health probes and drain in the namespace lab of
+//! End to end, health and drain: xlbd's health probes and drain in the namespace lab of
 //! `common/mod.rs`, at lab time scale 60, with real Linux TCP/UDP stacks on both sides.
 //! - a member whose server stops is marked down within interval × threshold (lab-scaled) and
 //!   gets no new flows, while its established TCP connection keeps working; it comes back;
@@ -8,7 +8,7 @@
 //!   verdict flips reach the API's event stream;
 //! - drain: admin state `down` set live through the API keeps existing connections and sends
 //!   new ones (and UDP flows) elsewhere;
-//! - SNAT exhaustion (SPEC §4) with 8 ports per member: new outbound flows refused and
+//! - SNAT exhaustion with 8 ports per member: new outbound flows refused and
 //!   counted `snat_exhausted`, one event per episode, existing flows untouched, ports free
 //!   again after their release timer.
 //!

@@ -211,7 +211,7 @@ fn outbound_rule_translates_members_to_the_snat_address_and_their_port_block() {
         return;
     }
     let lab = Lab::start(CONFIG);
-    // Members in pool order take 1024-port blocks from port 1024 (SPEC §4).
+    // Members in pool order take 1024-port blocks from port 1024.
     for (ns, block) in [
         (lab.backend1.clone(), 1024..2048u16),
         (lab.backend2.clone(), 2048..3072u16),

@@ -257,6 +257,11 @@ fn a_drained_members_connection_works_until_the_deadline_then_both_ends_are_rese
         ),
         1
     );
+    // The stats file is written four times a second: wait for the one after the count.
+    let end = Instant::now() + Duration::from_secs(2);
+    while lab.stat("drain.web.198.18.1.11.flows_left") != 0 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(lab.stat("drain.web.198.18.1.11.flows_left"), 0);
     assert_eq!(lab.stat("rsts_sent"), 2, "one RST to each end");
     let metrics = lab.metrics();

@@ -1,6 +1,6 @@
 //! What the kernel of the appliance knows, translated for the engine: routes and neighbours
-//! by port number (the order of `--interface`), and a way to make the kernel resolve a
-//! neighbour the engine is missing.
+//! by port number (the order of `--interface`) and VLAN, and a way to make the kernel resolve
+//! a neighbour the engine is missing. `crate::kernel_watch` keeps it up to date.
 
 use std::{
     collections::HashMap,
@@ -10,10 +10,10 @@ use std::{
 };
 
 use xlb_afxdp::{
-    netlink::{Link, Netlink, RTN_UNICAST, RT_TABLE_MAIN},
+    netlink::{self, Link, Neighbour, Netlink, RTN_UNICAST, RT_TABLE_MAIN},
     PortId,
 };
-use xlb_engine::{Addr, Route};
+use xlb_engine::{Addr, Mac, Route};
 
 /// One interface the dataplane drives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,14 +53,106 @@ pub fn ports(links: &[Link], names: &[String]) -> Result<Vec<Port>, String> {
         .collect()
 }
 
-fn port_of(ports: &[Port], ifindex: u32) -> Option<PortId> {
-    ports.iter().find(|p| p.ifindex == ifindex).map(|p| p.id)
+/// The interfaces whose neighbours and routes the engine uses, by ifindex: xlbd's ports
+/// (untagged), and the 802.1Q VLAN interfaces stacked on a port whose VLAN is allowed there
+/// (`--vlan`), as (port, VLAN).
+pub type PortMap = HashMap<u32, (PortId, Option<u16>)>;
+
+/// A VLAN allowed on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortVlan {
+    pub port: PortId,
+    pub vlan: u16,
+}
+
+/// Parses one `--vlan IFACE:ID[,ID...]`: the interface and its VLAN ids (1–4094; 0 marks
+/// priority-tagged frames and 4095 is reserved, 802.1Q).
+pub fn parse_vlan_option(v: &str) -> Result<(String, Vec<u16>), String> {
+    let bad =
+        |why: String| format!("--vlan {v:?}: {why} (expected IFACE:ID[,ID...], e.g. eth0:100,200)");
+    let (iface, ids) = v
+        .split_once(':')
+        .ok_or_else(|| bad("no ':' between interface and VLAN ids".into()))?;
+    if iface.is_empty() {
+        return Err(bad("no interface".into()));
+    }
+    let ids =
+        ids.split(',')
+            .map(|id| {
+                let n: u32 = id.trim().parse().map_err(|_| {
+                    bad(format!("VLAN id {id:?} is not a number (allowed: 1–4094)"))
+                })?;
+                u16::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=4094).contains(n))
+                    .ok_or_else(|| bad(format!("VLAN id {n} out of range (allowed: 1–4094)")))
+            })
+            .collect::<Result<Vec<u16>, String>>()?;
+    Ok((iface.to_string(), ids))
+}
+
+/// The `--vlan` options against the ports: every interface named must be an `--interface`.
+pub fn port_vlans(ports: &[Port], vlans: &[(String, Vec<u16>)]) -> Result<Vec<PortVlan>, String> {
+    let mut out = Vec::new();
+    for (iface, ids) in vlans {
+        let port = ports.iter().find(|p| &p.name == iface).ok_or_else(|| {
+            format!("--vlan {iface}:...: {iface} is not one of the --interface names")
+        })?;
+        for &vlan in ids {
+            let pv = PortVlan {
+                port: port.id,
+                vlan,
+            };
+            if !out.contains(&pv) {
+                out.push(pv);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn port_map(links: &[Link], ports: &[Port], vlans: &[PortVlan]) -> PortMap {
+    let mut map: PortMap = ports.iter().map(|p| (p.ifindex, (p.id, None))).collect();
+    for l in links {
+        let (Some(parent), Some(vlan)) = (l.parent, l.vlan) else {
+            continue;
+        };
+        let Some(port) = ports.iter().find(|p| p.ifindex == parent) else {
+            continue;
+        };
+        if vlans.contains(&PortVlan {
+            port: port.id,
+            vlan,
+        }) {
+            map.insert(l.ifindex, (port.id, Some(vlan)));
+        }
+    }
+    map
+}
+
+/// A neighbour the engine can use: (address, port, VLAN, MAC).
+pub type EngineNeighbour = (Addr, PortId, Option<u16>, Mac);
+
+/// `n` as the engine sees it, if it is usable (it has a MAC, in a state the kernel would
+/// send to) and on one of the mapped interfaces.
+pub fn engine_neighbour(n: &Neighbour, map: &PortMap) -> Option<EngineNeighbour> {
+    if !n.state.is_usable() {
+        return None;
+    }
+    let &(port, vlan) = map.get(&n.ifindex)?;
+    Some((Addr::from(n.ip), port, vlan, n.mac?))
 }
 
 /// The main table's unicast routes that leave through one of `ports`.
-pub fn routes(nl: &mut Netlink, ports: &[Port]) -> io::Result<Vec<Route>> {
+pub fn routes(nl: &mut Netlink, map: &PortMap) -> io::Result<Vec<Route>> {
+    Ok(engine_routes(&nl.routes()?, map))
+}
+
+/// The main table's unicast routes among `kernel` that leave through a mapped interface, in
+/// the engine's terms.
+pub fn engine_routes(kernel: &[netlink::Route], map: &PortMap) -> Vec<Route> {
     let mut out = Vec::new();
-    for r in nl.routes()? {
+    for r in kernel {
         if r.table != RT_TABLE_MAIN || r.kind != RTN_UNICAST {
             continue;
         }
@@ -68,7 +160,7 @@ pub fn routes(nl: &mut Netlink, ports: &[Port]) -> io::Result<Vec<Route>> {
         let Some((port, gw)) = r
             .nexthops
             .iter()
-            .find_map(|nh| Some((port_of(ports, nh.ifindex?)?, nh.gateway)))
+            .find_map(|nh| Some((map.get(&nh.ifindex?)?.0, nh.gateway)))
         else {
             continue;
         };
@@ -82,17 +174,7 @@ pub fn routes(nl: &mut Netlink, ports: &[Port]) -> io::Result<Vec<Route>> {
         };
         out.push(route);
     }
-    Ok(out)
-}
-
-/// Usable neighbour entries on `ports`.
-pub fn neighbours(nl: &mut Netlink, ports: &[Port]) -> io::Result<Vec<(Addr, PortId, [u8; 6])>> {
-    Ok(nl
-        .neighbours()?
-        .into_iter()
-        .filter(|n| n.state.is_usable())
-        .filter_map(|n| Some((Addr::from(n.ip), port_of(ports, n.ifindex)?, n.mac?)))
-        .collect())
+    out
 }
 
 /// Whether a route through `port` covers `ip` (used to find the backend-facing interfaces).
@@ -124,7 +206,13 @@ pub struct Resolver {
     v6: Option<UdpSocket>,
     last: HashMap<Addr, Instant>,
     min_gap: Duration,
+    /// Probes asked for too soon after the last one to the same address, sent once the gap
+    /// has passed ([`retry_deferred`](Self::retry_deferred)).
+    deferred: Vec<Addr>,
 }
+
+/// Most probes waiting for their gap.
+const MAX_DEFERRED: usize = 4096;
 
 impl Resolver {
     pub fn new(min_gap: Duration) -> Self {
@@ -133,17 +221,55 @@ impl Resolver {
             v6: UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok(),
             last: HashMap::new(),
             min_gap,
+            deferred: Vec::new(),
         }
+    }
+
+    fn too_soon(&self, addr: Addr, now: Instant) -> bool {
+        self.last
+            .get(&addr)
+            .is_some_and(|t| now.duration_since(*t) < self.min_gap)
+    }
+
+    /// Like [`probe`](Self::probe), but a probe that comes too soon after the last one to
+    /// the same address is not dropped: it waits for [`retry_deferred`](Self::retry_deferred).
+    /// For what must be resolved (a member the kernel forgot), not for what recurs anyway.
+    pub fn probe_soon(&mut self, addr: Addr) {
+        if self.too_soon(addr, Instant::now()) {
+            if !self.deferred.contains(&addr) && self.deferred.len() < MAX_DEFERRED {
+                self.deferred.push(addr);
+            }
+            return;
+        }
+        self.probe(addr);
+    }
+
+    /// Sends the deferred probes whose gap has passed.
+    pub fn retry_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<Addr> = self
+            .deferred
+            .iter()
+            .copied()
+            .filter(|a| !self.too_soon(*a, now))
+            .collect();
+        self.deferred.retain(|a| !due.contains(a));
+        for a in due {
+            self.probe(a);
+        }
+    }
+
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// Returns whether a probe was sent.
     pub fn probe(&mut self, addr: Addr) -> bool {
         let now = Instant::now();
-        if self
-            .last
-            .get(&addr)
-            .is_some_and(|t| now.duration_since(*t) < self.min_gap)
-        {
+        if self.too_soon(addr, now) {
             return false;
         }
         // Bounded: forget old entries rather than grow with every address ever missed.
@@ -189,10 +315,132 @@ mod tests {
             mac: Some([2, 0, 0, 0, 0, 1]),
             mtu: 1500,
             flags: 1,
+            parent: None,
+            vlan: None,
         }];
         let err = ports(&links, &["nope".into()]).unwrap_err();
         assert!(err.contains("\"nope\"") && err.contains("eth0"), "{err}");
         let p = ports(&links, &["eth0".into()]).unwrap();
         assert_eq!((p[0].id, p[0].ifindex), (0, 2));
+    }
+
+    #[test]
+    fn a_probe_asked_for_too_soon_waits_for_its_gap() {
+        let mut r = Resolver::new(Duration::from_millis(50));
+        let a = Addr::from_v4_bytes([198, 18, 1, 11]);
+        assert!(r.probe(a) || r.v4.is_none());
+        r.probe_soon(a);
+        r.probe_soon(a);
+        assert_eq!(r.deferred(), 1, "once");
+        r.retry_deferred();
+        assert_eq!(r.deferred(), 1, "not yet");
+        std::thread::sleep(Duration::from_millis(60));
+        r.retry_deferred();
+        assert_eq!(r.deferred(), 0);
+        assert!(r.too_soon(a, Instant::now()), "sent just now");
+    }
+
+    #[test]
+    fn vlan_options_parse_and_name_the_range() {
+        assert_eq!(
+            parse_vlan_option("eth0:100"),
+            Ok(("eth0".into(), vec![100]))
+        );
+        assert_eq!(
+            parse_vlan_option("eth0:1,4094, 7"),
+            Ok(("eth0".into(), vec![1, 4094, 7]))
+        );
+        for (bad, says) in [
+            ("eth0", "no ':'"),
+            (":100", "no interface"),
+            ("eth0:0", "VLAN id 0 out of range (allowed: 1–4094)"),
+            ("eth0:4095", "VLAN id 4095 out of range"),
+            ("eth0:70000", "VLAN id 70000 out of range"),
+            ("eth0:x", "VLAN id \"x\" is not a number"),
+            ("eth0:", "is not a number"),
+        ] {
+            let e = parse_vlan_option(bad).unwrap_err();
+            assert!(e.contains(says) && e.starts_with("--vlan"), "{bad}: {e}");
+        }
+        let links = vec![Link {
+            ifindex: 2,
+            name: "eth0".into(),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+            flags: 1,
+            parent: None,
+            vlan: None,
+        }];
+        let p = ports(&links, &["eth0".into()]).unwrap();
+        let v = port_vlans(&p, &[("eth0".into(), vec![5, 6, 5])]).unwrap();
+        assert_eq!(
+            v,
+            vec![PortVlan { port: 0, vlan: 5 }, PortVlan { port: 0, vlan: 6 }]
+        );
+        let e = port_vlans(&p, &[("eth1".into(), vec![5])]).unwrap_err();
+        assert!(e.contains("not one of the --interface names"), "{e}");
+    }
+
+    #[test]
+    fn vlan_interfaces_of_allowed_vlans_map_to_their_port() {
+        let link = |ifindex, name: &str, parent, vlan| Link {
+            ifindex,
+            name: name.into(),
+            mac: Some([2, 0, 0, 0, 0, ifindex as u8]),
+            mtu: 1500,
+            flags: 1,
+            parent,
+            vlan,
+        };
+        let links = vec![
+            link(2, "eth0", None, None),
+            link(3, "eth1", None, None),
+            link(4, "eth0.100", Some(2), Some(100)),
+            link(5, "eth0.200", Some(2), Some(200)),
+            link(6, "eth9.100", Some(9), Some(100)),
+        ];
+        let ports = ports(&links, &["eth0".into(), "eth1".into()]).unwrap();
+        let map = port_map(&links, &ports, &[PortVlan { port: 0, vlan: 100 }]);
+        assert_eq!(map.get(&2), Some(&(0, None)));
+        assert_eq!(map.get(&3), Some(&(1, None)));
+        assert_eq!(map.get(&4), Some(&(0, Some(100))));
+        assert_eq!(map.get(&5), None, "VLAN 200 is not allowed on eth0");
+        assert_eq!(map.get(&6), None, "not on a port");
+
+        let n = |ifindex, state| Neighbour {
+            ifindex,
+            ip: "198.18.1.7".parse().unwrap(),
+            mac: Some([2, 0, 0, 0, 9, 9]),
+            state: netlink::NeighState(state),
+        };
+        use netlink::NeighState as S;
+        assert_eq!(
+            engine_neighbour(&n(4, S::STALE), &map),
+            Some((
+                Addr::from_v4_bytes([198, 18, 1, 7]),
+                0,
+                Some(100),
+                [2, 0, 0, 0, 9, 9]
+            ))
+        );
+        assert_eq!(engine_neighbour(&n(5, S::REACHABLE), &map), None);
+        assert_eq!(engine_neighbour(&n(2, S::FAILED), &map), None);
+
+        let route = |ifindex| netlink::Route {
+            dst: "198.18.7.0".parse().unwrap(),
+            prefix_len: 24,
+            table: RT_TABLE_MAIN,
+            kind: RTN_UNICAST,
+            priority: 0,
+            nexthops: vec![netlink::NextHop {
+                ifindex: Some(ifindex),
+                gateway: None,
+            }],
+        };
+        let r = engine_routes(&[route(4), route(5)], &map);
+        assert_eq!(
+            r,
+            vec![Route::v4(Ipv4Addr::new(198, 18, 7, 0), 24, 0, None)]
+        );
     }
 }

@@ -1,17 +1,32 @@
 //! `xlbd`, xlb's daemon: the configuration, the AF_XDP workers that run the engine, and the
 //! control loop between them. See `docs/xlbd.md`.
+//!
+//! By role: [`options`] and [`preflight`] (what is checked before anything is attached),
+//! [`startup`] (the phases), [`workers`], [`control_loop`], [`daemon`] (services and the
+//! shutdown order); the worker side: [`handler`] (the engine adapter), [`messages`],
+//! [`steering`]; what the control side reads and serves: [`plane`] (counter cells, the
+//! publisher, the API's telemetry), [`metrics`], [`stats`], [`report`]; and [`kernel`],
+//! [`addresses`], [`probes`], [`selfprobe`], [`limits`].
 #![forbid(unsafe_code)]
 
 pub mod addresses;
+pub mod control_loop;
 pub mod daemon;
 pub mod drain;
 pub mod handler;
 pub mod ipfix;
 pub mod kernel;
+pub mod kernel_watch;
 pub mod limits;
+pub mod messages;
 pub mod metrics;
+pub mod options;
 pub mod plane;
+pub mod preflight;
 pub mod probes;
+pub mod report;
 pub mod selfprobe;
+pub mod startup;
 pub mod stats;
-pub mod tls_probe;
+pub mod steering;
+pub mod workers;

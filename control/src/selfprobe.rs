@@ -1,4 +1,4 @@
-//! The data-path self-probe (issue 6, SPEC §7 "data-path availability from a self-probe"):
+//! The data-path self-probe:
 //! xlbd sends a TCP handshake through its own dataplane to every TCP load-balancing rule of
 //! every frontend and reports, per rule, the share of probes answered — the "data path
 //! availability" figure.
@@ -38,6 +38,7 @@ use std::{
 use xlb_afxdp::PortId;
 use xlb_engine::{
     config::{Config, Protocol},
+    hashkey::HashKey,
     wire::{build_tcp_segment, tcp_flags, RstSpec, MAX_RST_FRAME},
     Addr, RuleSet,
 };
@@ -135,6 +136,8 @@ pub struct SelfProber {
     /// (probe source, source port) → (target, sent at).
     pending: HashMap<(Addr, u16), (Target, Instant)>,
     windows: BTreeMap<Target, Window>,
+    /// The workers' steering key: a probe goes to the worker that owns its flow.
+    steer_key: HashKey,
 }
 
 impl SelfProber {
@@ -151,7 +154,13 @@ impl SelfProber {
             isn: 0x5e1f_0000,
             pending: HashMap::new(),
             windows: BTreeMap::new(),
+            steer_key: HashKey::from_seed(0),
         }
+    }
+
+    /// The steering key the workers were given (they pick owners with it).
+    pub fn set_steer_key(&mut self, key: HashKey) {
+        self.steer_key = key;
     }
 
     /// The probe sources.
@@ -210,7 +219,8 @@ impl SelfProber {
                 continue;
             };
             frame.truncate(len);
-            let Some(w) = xlb_engine::engine::owner(rules, &frame, workers as u16).map(usize::from)
+            let Some(w) = xlb_engine::engine::owner(rules, &frame, workers as u16, &self.steer_key)
+                .map(usize::from)
             else {
                 continue;
             };
@@ -388,6 +398,8 @@ mod tests {
         let src: IpAddr = "198.18.0.250".parse().unwrap();
         let t0 = Instant::now();
         let mut p = SelfProber::new(&[src], Duration::from_secs(5), t0);
+        let key = HashKey::from_seed(0xfeed);
+        p.set_steer_key(key);
         let round = p.round(t0, &c, &rs, 2, 0, [2, 0, 0, 0, 0, 9]);
         assert_eq!(round.len(), 2, "IPv4 rules only: no IPv6 source");
         let mut ports = Vec::new();
@@ -402,7 +414,7 @@ mod tests {
             assert!(PORTS.contains(&pkt.src_port));
             assert_eq!(
                 Some(*w),
-                xlb_engine::engine::owner(&rs, &inj.frame, 2).map(usize::from)
+                xlb_engine::engine::owner(&rs, &inj.frame, 2, &key).map(usize::from)
             );
             assert_eq!(&inj.frame[0..6], &[2, 0, 0, 0, 0, 9]);
             let seg = &inj.frame[usize::from(pkt.l4_off)..usize::from(pkt.ip_end)];

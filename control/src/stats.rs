@@ -1,97 +1,121 @@
-//! Counters summed over workers, and the two ways xlbd shows them: a one-line status on
-//! stdout and a `key=value` file (one per line) that scripts and tests read.
+//! The two ways xlbd shows the sum of its workers' counters (`xlb_api::sum`): a one-line
+//! status on stdout and a `key=value` file (one per line) that scripts and tests read; both
+//! also show the drains' progress and the NAT event export ([`Operations`]).
 
 use std::{fmt::Write as _, io, path::Path};
 
-use xlb_engine::{ruleset::RuleKind, Counters, DropReason, RuleCounters, RuleSet};
+use xlb_api::{CounterSum, DrainStatus, NatLogStatus};
+use xlb_engine::{counters::EvictReason, DropReason, RuleCounters, RuleSet};
 
-use crate::handler::Snapshot;
-
-/// Everything xlbd reports, summed over workers.
-#[derive(Debug, Clone, Default)]
-pub struct Totals {
-    pub flows: usize,
-    pub flow_capacity: u64,
-    pub rx: u64,
-    pub tx: u64,
-    pub rsts_sent: u64,
-    pub events_dropped: u64,
-    pub handed_off: u64,
-    pub handoff_dropped: u64,
-    pub drops: Vec<(&'static str, u64)>,
-    /// (`lb.<name>` / `nat.<name>` / `out.<name>`, counters), in rule-id order.
-    pub rules: Vec<(String, RuleCounters)>,
-    /// Every drained member's progress.
-    pub drains: Vec<xlb_api::DrainStatus>,
-    /// The NAT event export, when it runs (filled in by the daemon, which owns it).
-    pub nat_log: Option<xlb_api::NatLogStatus>,
+/// The rules of `sum` that `rules` names, as `<kind key>.<name>` (`lb.web`), in rule-id order.
+fn named<'a>(
+    sum: &'a CounterSum,
+    rules: &'a RuleSet,
+) -> impl Iterator<Item = (String, &'a RuleCounters)> + 'a {
+    sum.rules.iter().filter_map(|(id, rc)| {
+        let p = rules.rule(*id)?;
+        Some((format!("{}.{}", p.kind.key(), p.name), rc))
+    })
 }
 
-fn kind_prefix(k: RuleKind) -> &'static str {
-    match k {
-        RuleKind::LoadBalancing => "lb",
-        RuleKind::InboundNat => "nat",
-        RuleKind::Outbound => "out",
+/// One line for humans (after a `xlbd status` / `xlbd final` prefix): totals, non-zero
+/// drops, and each rule that has seen traffic.
+pub fn status_line(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
+    let mut s = format!(
+        "flows={}/{} rx={} tx={} rsts_sent={}",
+        sum.flows, sum.flow_capacity, sum.rx_packets, sum.tx_packets, sum.rsts_sent
+    );
+    if lab_time_scale != 1 {
+        let _ = write!(s, " lab_time_scale={lab_time_scale}");
     }
-}
-
-impl Totals {
-    /// Sums the latest snapshot of every worker; rules are named from `rules`.
-    pub fn sum<'a>(snaps: impl IntoIterator<Item = &'a Snapshot>, rules: &RuleSet) -> Totals {
-        let snaps: Vec<&Snapshot> = snaps.into_iter().collect();
-        let mut t = Totals::default();
-        let mut c = Counters::default();
-        for s in &snaps {
-            t.flows += s.flows;
-            t.flow_capacity += u64::from(s.flow_capacity);
-            t.handed_off += s.handed_off;
-            t.handoff_dropped += s.handoff_dropped;
-            c.rx_packets += s.counters.rx_packets;
-            c.tx_packets += s.counters.tx_packets;
-            c.rsts_sent += s.counters.rsts_sent;
-            c.events_dropped += s.counters.events_dropped;
-            for (d, x) in c.drops.iter_mut().zip(s.counters.drops.iter()) {
-                *d += x;
-            }
-        }
-        t.rx = c.rx_packets;
-        t.tx = c.tx_packets;
-        t.rsts_sent = c.rsts_sent;
-        t.events_dropped = c.events_dropped;
-        t.drops = DropReason::all()
-            .map(|r| (r.as_str(), c.drop_count(r)))
-            .collect();
-        t.rules =
-            xlb_api::sum_rule_counters(snaps.iter().map(|s| (&s.counters, s.generation)), rules)
-                .into_iter()
-                .filter_map(|(id, rc)| {
-                    let p = rules.rule(id)?;
-                    Some((format!("{}.{}", kind_prefix(p.kind), p.name), rc))
-                })
-                .collect();
-        let lists: Vec<&[xlb_engine::drain::DrainProgress]> =
-            snaps.iter().map(|s| &s.drains[..]).collect();
-        t.drains = xlb_api::sum_drains(&lists);
-        t
-    }
-
-    /// One line for humans (after a `xlbd status` / `xlbd final` prefix): totals, non-zero
-    /// drops, and each rule that has seen traffic.
-    pub fn status_line(&self, lab_time_scale: u32) -> String {
-        let mut s = format!(
-            "flows={}/{} rx={} tx={} rsts_sent={}",
-            self.flows, self.flow_capacity, self.rx, self.tx, self.rsts_sent
+    if sum.handed_off > 0 {
+        let _ = write!(
+            s,
+            " handed_off={} handoff_dropped={}",
+            sum.handed_off, sum.handoff_dropped
         );
-        if lab_time_scale != 1 {
-            let _ = write!(s, " lab_time_scale={lab_time_scale}");
+    }
+    let drops: Vec<String> = DropReason::all()
+        .filter(|r| sum.drop_count(*r) > 0)
+        .map(|r| format!("{}={}", r.as_str(), sum.drop_count(r)))
+        .collect();
+    if !drops.is_empty() {
+        let _ = write!(s, " drops[{}]", drops.join(" "));
+    }
+    let evicted: Vec<String> = EvictReason::ALL
+        .iter()
+        .filter(|r| sum.eviction_count(**r) > 0)
+        .map(|r| format!("{}={}", r.as_str(), sum.eviction_count(*r)))
+        .collect();
+    if !evicted.is_empty() {
+        let _ = write!(s, " evicted[{}]", evicted.join(" "));
+    }
+    for (name, r) in named(sum, rules) {
+        if r.flows_created == 0 && r.packets == [0, 0] && r.no_flow == 0 {
+            continue;
         }
-        if self.handed_off > 0 {
-            let _ = write!(
-                s,
-                " handed_off={} handoff_dropped={}",
-                self.handed_off, self.handoff_dropped
-            );
+        let _ = write!(
+            s,
+            " {name}[created={} expired_idle={} reset_on_idle={} closed={} late={} \
+             no_flow={} pkts={}/{}]",
+            r.flows_created,
+            r.flows_expired_idle,
+            r.flows_reset_on_idle,
+            r.flows_closed,
+            r.late_packets,
+            r.no_flow,
+            r.packets[0],
+            r.packets[1]
+        );
+    }
+    s
+}
+
+/// Every counter as `key=value` lines (the stats file).
+pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
+    let mut s = String::new();
+    let mut kv = |k: &str, v: u64| {
+        let _ = writeln!(s, "{k}={v}");
+    };
+    kv("lab_time_scale", u64::from(lab_time_scale));
+    kv("flows", sum.flows);
+    kv("flow_capacity", sum.flow_capacity);
+    kv("rx_packets", sum.rx_packets);
+    kv("tx_packets", sum.tx_packets);
+    kv("rsts_sent", sum.rsts_sent);
+    kv("events_dropped", sum.events_dropped);
+    kv("handed_off", sum.handed_off);
+    kv("handoff_dropped", sum.handoff_dropped);
+    kv("next_hops", sum.next_hops.entries);
+    kv("next_hops_reclaimed", sum.next_hops.reclaimed);
+    kv("next_hops_refused", sum.next_hops.refused);
+    for r in DropReason::all() {
+        kv(&format!("drop.{}", r.as_str()), sum.drop_count(r));
+    }
+    for r in EvictReason::ALL {
+        kv(&format!("evicted.{}", r.as_str()), sum.eviction_count(r));
+    }
+    for (name, r) in named(sum, rules) {
+        for (field, v) in r.fields() {
+            kv(&format!("rule.{name}.{field}"), v);
         }
+    }
+    s
+}
+
+/// What the status line and the stats file show beside the workers' counters.
+#[derive(Debug, Default, Clone)]
+pub struct Operations {
+    /// Every drained member's progress, summed over the workers.
+    pub drains: Vec<DrainStatus>,
+    /// The NAT event export, when it runs.
+    pub nat_log: Option<NatLogStatus>,
+}
+
+impl Operations {
+    /// ` ipfix[…]` when the export runs, and each open drain, for the status line.
+    pub fn status_line(&self) -> String {
+        let mut s = String::new();
         if let Some(n) = &self.nat_log {
             let _ = write!(
                 s,
@@ -99,59 +123,25 @@ impl Totals {
                 n.records_sent, n.messages_sent, n.records_lost
             );
         }
-        let drops: Vec<String> = self
-            .drops
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(r, n)| format!("{r}={n}"))
-            .collect();
-        if !drops.is_empty() {
-            let _ = write!(s, " drops[{}]", drops.join(" "));
-        }
-        for (name, r) in &self.rules {
-            if r.flows_created == 0 && r.packets == [0, 0] && r.no_flow == 0 {
-                continue;
-            }
+        for d in &self.drains {
+            let left = d
+                .flows_left
+                .map_or_else(|| "counting".to_string(), |n| n.to_string());
             let _ = write!(
                 s,
-                " {name}[created={} expired_idle={} reset_on_idle={} closed={} late={} \
-                 no_flow={} pkts={}/{}]",
-                r.flows_created,
-                r.flows_expired_idle,
-                r.flows_reset_on_idle,
-                r.flows_closed,
-                r.late_packets,
-                r.no_flow,
-                r.packets[0],
-                r.packets[1]
+                " drain.{}.{}[flows_left={left} reset={}]",
+                d.pool, d.member, d.flows_reset
             );
         }
         s
     }
 
-    /// Every counter as `key=value` lines.
-    pub fn to_kv(&self, lab_time_scale: u32) -> String {
+    /// `key=value` lines for the stats file.
+    pub fn to_kv(&self) -> String {
         let mut s = String::new();
         let mut kv = |k: &str, v: u64| {
             let _ = writeln!(s, "{k}={v}");
         };
-        kv("lab_time_scale", u64::from(lab_time_scale));
-        kv("flows", self.flows as u64);
-        kv("flow_capacity", self.flow_capacity);
-        kv("rx_packets", self.rx);
-        kv("tx_packets", self.tx);
-        kv("rsts_sent", self.rsts_sent);
-        kv("events_dropped", self.events_dropped);
-        kv("handed_off", self.handed_off);
-        kv("handoff_dropped", self.handoff_dropped);
-        for (r, n) in &self.drops {
-            kv(&format!("drop.{r}"), *n);
-        }
-        for (name, r) in &self.rules {
-            for (field, v) in r.fields() {
-                kv(&format!("rule.{name}.{field}"), v);
-            }
-        }
         for d in &self.drains {
             let key = format!("drain.{}.{}", d.pool, d.member);
             if let Some(n) = d.flows_left {
@@ -180,12 +170,13 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use xlb_engine::{compile, Config, MemberHealth};
+    use xlb_api::WorkerCounters;
+    use xlb_engine::{compile, Config, Counters, MemberHealth};
 
     use super::*;
 
     #[test]
-    fn totals_sum_workers_and_name_rules_by_kind() {
+    fn the_sum_shows_as_status_line_and_stats_file_with_rules_named_by_kind() {
         let config = Config::from_toml_str(
             r#"
 [settings]
@@ -209,56 +200,95 @@ backend_port = 8080
         .unwrap();
         let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
         let id = rules.rules().next().unwrap().0;
-        let snap = |flows, created| {
+        let worker = |flows, created| {
             let mut c = Counters {
                 rx_packets: 10,
                 ..Counters::default()
             };
             c.drops[DropReason::NoFlow.index()] = 2;
+            c.evictions[EvictReason::RuleShare.index()] = 5;
             c.rules.resize(usize::from(id) + 1, RuleCounters::default());
             c.rules[usize::from(id)].flows_created = created;
-            Snapshot {
-                worker: 0,
+            WorkerCounters {
                 counters: c,
                 flows,
                 flow_capacity: 100,
                 handed_off: 1,
-                handoff_dropped: 0,
+                next_hops: xlb_engine::net::NextHopStats {
+                    entries: flows,
+                    reclaimed: 5,
+                    refused: created,
+                },
                 generation: 1,
-                snat: Vec::new(),
-                loop_latency: crate::handler::loop_histogram(),
-                drains: vec![xlb_engine::drain::DrainProgress {
-                    pool: std::sync::Arc::from("web"),
-                    member: xlb_engine::Addr::from_v4_bytes([198, 18, 1, 11]),
-                    flows_left: Some(flows as u64),
-                    flows_reset: 1,
-                    flows_ended: 0,
-                    deadline_done: true,
-                }],
-                nat_events_lost: 0,
+                ..WorkerCounters::default()
             }
         };
-        let t = Totals::sum(&[snap(1, 3), snap(2, 4)], &rules);
+        let sum = xlb_api::sum(&[worker(1, 3), worker(2, 4)], &rules);
         assert_eq!(
-            (t.flows, t.flow_capacity, t.rx, t.handed_off),
+            (sum.flows, sum.flow_capacity, sum.rx_packets, sum.handed_off),
             (3, 200, 20, 2)
         );
-        let kv = t.to_kv(60);
+        let kv = to_kv(&sum, &rules, 60);
         for line in [
             "lab_time_scale=60",
             "drop.no_flow=4",
+            "drop.wrong_side=0",
+            "evicted.rule_share=10",
+            "evicted.table_full=0",
             "rule.lb.web.flows_created=7",
+            "rule.lb.web.flows_evicted=0",
             "handed_off=2",
-            "drain.web.198.18.1.11.flows_left=3",
-            "drain.web.198.18.1.11.flows_reset=2",
-            "drain.web.198.18.1.11.deadline_done=1",
+            "next_hops=3",
+            "next_hops_reclaimed=10",
+            "next_hops_refused=7",
         ] {
             assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
         }
-        let status = t.status_line(60);
+        let status = status_line(&sum, &rules, 60);
         assert!(status.contains("lab_time_scale=60"), "{status}");
         assert!(status.contains("drops[no_flow=4]"), "{status}");
+        assert!(status.contains("evicted[rule_share=10]"), "{status}");
         assert!(status.contains("lb.web[created=7"), "{status}");
-        assert!(!t.status_line(1).contains("lab_time_scale"));
+        assert!(!status_line(&sum, &rules, 1).contains("lab_time_scale"));
+    }
+
+    #[test]
+    fn drains_and_the_nat_log_show_beside_the_counters() {
+        let ops = Operations {
+            drains: vec![DrainStatus {
+                pool: "web".into(),
+                member: "198.18.1.11".parse().unwrap(),
+                flows_left: Some(3),
+                flows_reset: 2,
+                flows_ended: 0,
+                deadline_done: true,
+            }],
+            nat_log: Some(NatLogStatus {
+                collector: "198.18.0.5:4739".into(),
+                records_sent: 10,
+                messages_sent: 2,
+                records_lost: 1,
+            }),
+        };
+        let kv = ops.to_kv();
+        for line in [
+            "drain.web.198.18.1.11.flows_left=3",
+            "drain.web.198.18.1.11.flows_reset=2",
+            "drain.web.198.18.1.11.deadline_done=1",
+            "nat_log.records_sent=10",
+            "nat_log.records_lost=1",
+        ] {
+            assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
+        }
+        let status = ops.status_line();
+        assert!(
+            status.contains(" ipfix[sent=10 messages=2 lost=1]"),
+            "{status}"
+        );
+        assert!(
+            status.contains(" drain.web.198.18.1.11[flows_left=3 reset=2]"),
+            "{status}"
+        );
+        assert_eq!(Operations::default().status_line(), "");
     }
 }

@@ -255,3 +255,18 @@ fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn bad_vlan_options_name_the_value_and_the_range() {
+    for (arg, says) in [
+        ("lo:0", "VLAN id 0 out of range (allowed: 1–4094)"),
+        ("lo:4095", "VLAN id 4095 out of range (allowed: 1–4094)"),
+        ("lo", "no ':' between interface and VLAN ids"),
+        ("lo:10,x", "VLAN id \"x\" is not a number"),
+    ] {
+        let out = xlbd(VALID, &["--interface", "lo", "--vlan", arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(says) && err.contains("--vlan"), "{arg}: {err}");
+    }
+}

@@ -1,17 +1,12 @@
-//! Compiles the XDP programs in `src/bpf/` and generates their libbpf-rs skeletons into
-//! `OUT_DIR`: `xlb.bpf.c` (the dataplane's), `gen.bpf.c` (xlb-gen), `sink.bpf.c` (xlb-sink).
+//! Compiles xlbd's XDP program, `src/bpf/xlb.bpf.c`, and generates its libbpf-rs skeleton
+//! into `OUT_DIR`. (The benchmark tools' programs are built by the `xlb-bench` crate.)
 
 use std::{env, path::PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
 /// (source, skeleton file, extra clang flags)
-const PROGRAMS: [(&str, &str, &[&str]); 3] = [
-    ("src/bpf/xlb.bpf.c", "xlb.skel.rs", &[]),
-    // The sequence number is a fetch-and-add (BPF_FETCH atomics need ISA v3).
-    ("src/bpf/gen.bpf.c", "gen.skel.rs", &["-mcpu=v3"]),
-    ("src/bpf/sink.bpf.c", "sink.skel.rs", &[]),
-];
+const PROGRAMS: [(&str, &str, &[&str]); 1] = [("src/bpf/xlb.bpf.c", "xlb.skel.rs", &[])];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));

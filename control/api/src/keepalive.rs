@@ -1,4 +1,4 @@
-//! `xlbctl keepalive-check` (SPEC §6): do this host's TCP keepalive settings keep idle
+//! `xlbctl keepalive-check` (docs/behaviour.md, "Keepalive"): do this host's TCP keepalive settings keep idle
 //! connections alive through a rule's idle timeout?
 //!
 //! A keepalive probe is a packet like any other and refreshes the flow's idle timer, so the
@@ -13,7 +13,7 @@ use std::path::Path;
 /// Where Linux keeps the three sysctls.
 pub const DEFAULT_SYSCTL_DIR: &str = "/proc/sys/net/ipv4";
 
-/// SPEC §6's recommendation.
+/// The usual recommendation for hosts behind a NAT with idle timeouts.
 pub const RECOMMENDED: Keepalive = Keepalive {
     time: 120,
     intvl: 30,
@@ -83,72 +83,80 @@ pub fn check(
         k.time, k.intvl, k.probes
     );
     if ok {
-        let _ = writeln!(
-            t,
-            "OK: the first keepalive probe comes after {} s idle, before the {idle_seconds} s idle timeout, so idle connections with SO_KEEPALIVE enabled survive.",
-            k.time
-        );
-        if k.intvl >= idle_seconds {
-            let _ = writeln!(
-                t,
-                "note: tcp_keepalive_intvl ({} s) is not below the idle timeout; if a probe is lost before reaching xlb, the next one comes too late.",
-                k.intvl
-            );
-        }
-        let _ = writeln!(
-            t,
-            "note: applications must enable SO_KEEPALIVE on their sockets; the sysctls only set its timing."
-        );
+        explain_ok(&mut t, k, idle_seconds);
     } else {
-        // SPEC's values when they fit; under lab time (seconds-long timeouts) scaled down.
-        let fix = if RECOMMENDED.time < idle_seconds {
-            RECOMMENDED
-        } else {
-            Keepalive {
-                time: (idle_seconds / 2).max(1),
-                intvl: (idle_seconds / 4).max(1),
-                probes: RECOMMENDED.probes,
-            }
-        };
-        let _ = writeln!(
-            t,
-            "NOT OK: the first keepalive probe would come after {} s idle, but the flow expires after {idle_seconds} s: idle connections through this rule are dropped{}.",
-            k.time,
-            if k.time == 7200 { " (7200 s is the Linux default)" } else { "" }
-        );
-        if fix.time >= idle_seconds {
-            let _ = writeln!(
-                t,
-                "The idle timeout is too short for any keepalive timing (at least 1 s is needed); raise the rule's idle_timeout_minutes."
-            );
-        } else {
-            let _ = writeln!(t, "Fix on this host (as root):");
-            let _ = writeln!(t, "  sysctl -w net.ipv4.tcp_keepalive_time={}", fix.time);
-            let _ = writeln!(t, "  sysctl -w net.ipv4.tcp_keepalive_intvl={}", fix.intvl);
-            let _ = writeln!(
-                t,
-                "  sysctl -w net.ipv4.tcp_keepalive_probes={}",
-                fix.probes
-            );
-            let _ = writeln!(
-                t,
-                "and to keep it across reboots, in /etc/sysctl.d/60-keepalive.conf:"
-            );
-            let _ = writeln!(t, "  net.ipv4.tcp_keepalive_time = {}", fix.time);
-            let _ = writeln!(t, "  net.ipv4.tcp_keepalive_intvl = {}", fix.intvl);
-            let _ = writeln!(t, "  net.ipv4.tcp_keepalive_probes = {}", fix.probes);
-            let _ = writeln!(
-                t,
-                "Or per socket, without changing the host: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE={}, TCP_KEEPINTVL={}, TCP_KEEPCNT={}.",
-                fix.time, fix.intvl, fix.probes
-            );
-        }
+        explain_fix(&mut t, k, idle_seconds);
     }
     Report {
         ok,
         idle_seconds,
         text: t,
     }
+}
+
+fn explain_ok(t: &mut String, k: Keepalive, idle_seconds: u64) {
+    let _ = writeln!(
+        t,
+        "OK: the first keepalive probe comes after {} s idle, before the {idle_seconds} s idle timeout, so idle connections with SO_KEEPALIVE enabled survive.",
+        k.time
+    );
+    if k.intvl >= idle_seconds {
+        let _ = writeln!(
+            t,
+            "note: tcp_keepalive_intvl ({} s) is not below the idle timeout; if a probe is lost before reaching xlb, the next one comes too late.",
+            k.intvl
+        );
+    }
+    let _ = writeln!(
+        t,
+        "note: applications must enable SO_KEEPALIVE on their sockets; the sysctls only set its timing."
+    );
+}
+
+fn explain_fix(t: &mut String, k: Keepalive, idle_seconds: u64) {
+    // The recommended values when they fit; under lab time (seconds-long timeouts) scaled down.
+    let fix = if RECOMMENDED.time < idle_seconds {
+        RECOMMENDED
+    } else {
+        Keepalive {
+            time: (idle_seconds / 2).max(1),
+            intvl: (idle_seconds / 4).max(1),
+            probes: RECOMMENDED.probes,
+        }
+    };
+    let _ = writeln!(
+        t,
+        "NOT OK: the first keepalive probe would come after {} s idle, but the flow expires after {idle_seconds} s: idle connections through this rule are dropped{}.",
+        k.time,
+        if k.time == 7200 { " (7200 s is the Linux default)" } else { "" }
+    );
+    if fix.time >= idle_seconds {
+        let _ = writeln!(
+            t,
+            "The idle timeout is too short for any keepalive timing (at least 1 s is needed); raise the rule's idle_timeout_minutes."
+        );
+        return;
+    }
+    let _ = writeln!(t, "Fix on this host (as root):");
+    let _ = writeln!(t, "  sysctl -w net.ipv4.tcp_keepalive_time={}", fix.time);
+    let _ = writeln!(t, "  sysctl -w net.ipv4.tcp_keepalive_intvl={}", fix.intvl);
+    let _ = writeln!(
+        t,
+        "  sysctl -w net.ipv4.tcp_keepalive_probes={}",
+        fix.probes
+    );
+    let _ = writeln!(
+        t,
+        "and to keep it across reboots, in /etc/sysctl.d/60-keepalive.conf:"
+    );
+    let _ = writeln!(t, "  net.ipv4.tcp_keepalive_time = {}", fix.time);
+    let _ = writeln!(t, "  net.ipv4.tcp_keepalive_intvl = {}", fix.intvl);
+    let _ = writeln!(t, "  net.ipv4.tcp_keepalive_probes = {}", fix.probes);
+    let _ = writeln!(
+        t,
+        "Or per socket, without changing the host: setsockopt SO_KEEPALIVE=1, TCP_KEEPIDLE={}, TCP_KEEPINTVL={}, TCP_KEEPCNT={}.",
+        fix.time, fix.intvl, fix.probes
+    );
 }
 
 #[cfg(test)]

@@ -10,28 +10,38 @@
 //!   certificates, bearer token).
 //! - [`convert`]: proto ↔ `xlb_engine::config`.
 //! - [`keepalive`]: the `xlbctl keepalive-check` logic.
+//! - [`resource`]: every object kind described once (`Resource`, `Remote`); the service and
+//!   `xlbctl` are generic over it.
 //! - [`authority`]: the Unix listener's repair of the `:authority` C-core clients send.
 //! - [`changes`]: the queue that carries out received changes in order, clients or not.
+//! - [`drain`]: drained members' progress summed over the workers, drain events, the NAT
+//!   event export's figures.
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod changes;
 pub mod convert;
+pub mod drain;
 pub mod keepalive;
+pub mod members;
+pub mod object;
+pub mod resource;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod status;
 pub mod telemetry;
 
+pub use drain::{sum_drains, DrainEvent, DrainPhase, DrainStatus, NatLogStatus};
+pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
     process_clock, Applied, ControlError, ControlState, Kind, MemberChange, MemberDrain,
     MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
 };
-pub use telemetry::{sum_drains, sum_rule_counters};
+pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{
-    ControlEvent, CountersSnapshot, DatapathAvailability, DrainEvent, DrainPhase, DrainStatus,
-    EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter, FlowPage, NatLogStatus,
-    RuntimeStatus, SnatUsage, StateFilter, Telemetry, TelemetryError, WorkerCounters, WorkerStatus,
+    ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
+    FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,
+    TelemetryError, WorkerCounters, WorkerStatus,
 };

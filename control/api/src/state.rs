@@ -16,16 +16,15 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
-use xlb_engine::config::{
-    BackendPool, Config, Frontend, HealthProbe, InboundNatRule, LoadBalancingRule, Member,
-    OutboundRule,
-};
+use xlb_engine::config::{BackendPool, Config, Member};
 use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
+pub use crate::members::{process_clock, MemberChange, MemberDrain, MemberStatus};
+pub use crate::object::{Kind, Object};
 use crate::telemetry::{ControlEvent, EventRecord};
 
 /// Hands a new rule set to the workers. The daemon implements it by sending the `Arc` to every
-/// worker over its SPSC channel and waiting until every worker acknowledges the generation.
+/// worker over its bounded channel and waiting until every worker acknowledges the generation.
 pub trait Publisher: Send + Sync + 'static {
     /// Returns once every worker runs `rules` (or fails after `deadline`). Blocking is fine:
     /// [`ControlState`] calls it from a blocking context, one call at a time.
@@ -65,39 +64,6 @@ fn list(ids: &[u16]) -> String {
         .join(", ")
 }
 
-/// The kinds of configuration objects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Frontend,
-    BackendPool,
-    HealthProbe,
-    LoadBalancingRule,
-    InboundNatRule,
-    OutboundRule,
-    Member,
-}
-
-impl Kind {
-    /// As in configuration paths and TOML tables.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Frontend => "frontend",
-            Kind::BackendPool => "backend pool",
-            Kind::HealthProbe => "health probe",
-            Kind::LoadBalancingRule => "load-balancing rule",
-            Kind::InboundNatRule => "inbound NAT rule",
-            Kind::OutboundRule => "outbound rule",
-            Kind::Member => "pool member",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Why a request was refused. Each variant maps to one gRPC status code.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ControlError {
@@ -134,16 +100,6 @@ pub struct Applied<T> {
     pub generation: u64,
 }
 
-/// What [`ControlState::change_member`] changes; `None`: unchanged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemberChange {
-    pub weight: Option<u32>,
-    pub admin_state: Option<xlb_engine::config::AdminState>,
-    /// `Some(None)` removes the deadline.
-    pub drain_timeout_seconds: Option<Option<u32>>,
-    pub drain_action: Option<xlb_engine::config::DrainAction>,
-}
-
 /// The committed state: what reads see.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -152,77 +108,6 @@ pub struct Snapshot {
     pub generation: u64,
     /// The probe verdicts `rules` was compiled with.
     pub health: MemberHealth,
-}
-
-/// One pool member as the operator sees it: admin state, probe verdict, and whether it gets
-/// new flows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemberStatus {
-    pub pool: String,
-    pub address: IpAddr,
-    pub weight: u32,
-    pub admin_state: xlb_engine::config::AdminState,
-    /// Whether a load-balancing rule with a health probe sends to the pool (else probes never
-    /// judge the member).
-    pub probed: bool,
-    /// The probes' verdict (true when not probed).
-    pub probe_healthy: bool,
-    /// Gets new flows: admin state, else the probes.
-    pub eligible: bool,
-    /// Its drain, while its admin state is `down`.
-    pub drain: Option<MemberDrain>,
-    /// The drain deadline it is configured with (applies once it is drained).
-    pub drain_timeout_seconds: Option<u32>,
-    pub drain_action: xlb_engine::config::DrainAction,
-}
-
-/// A drained member's deadline, from the rule set the workers run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemberDrain {
-    /// When the drain began and when its deadline falls, on the workers' time line
-    /// ([`ControlState::now`]).
-    pub started: Option<xlb_engine::time::Nanos>,
-    pub deadline: Option<xlb_engine::time::Nanos>,
-}
-
-impl Snapshot {
-    /// Every member of every pool, in configuration order.
-    pub fn members(&self) -> Vec<MemberStatus> {
-        let mut out = Vec::new();
-        for pool in &self.config.backend_pools {
-            let probed = self
-                .config
-                .load_balancing_rules
-                .iter()
-                .any(|r| r.backend_pool == pool.name && r.health_probe.is_some());
-            for m in &pool.members {
-                let addr = xlb_engine::Addr::from(m.address);
-                let drain =
-                    (m.admin_state == xlb_engine::config::AdminState::Down).then(|| MemberDrain {
-                        started: self.health.drain_started(&pool.name, addr),
-                        deadline: self
-                            .rules
-                            .drains()
-                            .iter()
-                            .find(|d| &*d.pool == pool.name.as_str() && d.member == addr)
-                            .and_then(|d| d.deadline),
-                    });
-                out.push(MemberStatus {
-                    pool: pool.name.clone(),
-                    address: m.address,
-                    weight: m.weight,
-                    admin_state: m.admin_state,
-                    probed,
-                    probe_healthy: self.health.is_healthy(&pool.name, m.address),
-                    eligible: self.health.eligible(&pool.name, m),
-                    drain,
-                    drain_timeout_seconds: m.drain_timeout_seconds,
-                    drain_action: m.drain_action,
-                });
-            }
-        }
-        out
-    }
 }
 
 /// Options of [`ControlState`].
@@ -246,15 +131,6 @@ impl Default for StateOptions {
             clock: process_clock,
         }
     }
-}
-
-/// Nanoseconds since the first call in this process (never 0, so that it is never "unset").
-pub fn process_clock() -> u64 {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let base = *BASE.get_or_init(std::time::Instant::now);
-    u64::try_from(base.elapsed().as_nanos())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1)
 }
 
 /// State only the (serialized) writer touches.
@@ -701,137 +577,4 @@ fn member_pos(p: &BackendPool, address: IpAddr) -> Result<usize, ControlError> {
         .iter()
         .position(|m| xlb_engine::Addr::from(m.address) == want)
         .ok_or_else(|| not_found(Kind::Member, &format!("{}/{address}", p.name)))
-}
-
-/// A configuration object kind that [`ControlState`] manages generically.
-pub trait Object: Clone + Send + 'static {
-    const KIND: Kind;
-    fn name(&self) -> &str;
-    fn all(c: &Config) -> &Vec<Self>;
-    fn all_mut(c: &mut Config) -> &mut Vec<Self>;
-    /// Configuration paths of the objects that reference the one named `name`.
-    fn used_by(_c: &Config, _name: &str) -> Vec<String> {
-        Vec::new()
-    }
-}
-
-impl Object for Frontend {
-    const KIND: Kind = Kind::Frontend;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.frontends
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.frontends
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        let lb = c
-            .load_balancing_rules
-            .iter()
-            .filter(|r| r.frontend == name)
-            .map(|r| format!("load_balancing_rules[{}]", r.name));
-        let nat = c
-            .inbound_nat_rules
-            .iter()
-            .filter(|r| r.frontend == name)
-            .map(|r| format!("inbound_nat_rules[{}]", r.name));
-        let out = c
-            .outbound_rules
-            .iter()
-            .filter(|r| r.frontends.iter().any(|f| f == name))
-            .map(|r| format!("outbound_rules[{}]", r.name));
-        lb.chain(nat).chain(out).collect()
-    }
-}
-
-impl Object for BackendPool {
-    const KIND: Kind = Kind::BackendPool;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.backend_pools
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.backend_pools
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        let lb = c
-            .load_balancing_rules
-            .iter()
-            .filter(|r| r.backend_pool == name)
-            .map(|r| format!("load_balancing_rules[{}]", r.name));
-        let nat = c
-            .inbound_nat_rules
-            .iter()
-            .filter(|r| r.backend_pool.as_deref() == Some(name))
-            .map(|r| format!("inbound_nat_rules[{}]", r.name));
-        let out = c
-            .outbound_rules
-            .iter()
-            .filter(|r| r.backend_pool == name)
-            .map(|r| format!("outbound_rules[{}]", r.name));
-        lb.chain(nat).chain(out).collect()
-    }
-}
-
-impl Object for HealthProbe {
-    const KIND: Kind = Kind::HealthProbe;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.health_probes
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.health_probes
-    }
-    fn used_by(c: &Config, name: &str) -> Vec<String> {
-        c.load_balancing_rules
-            .iter()
-            .filter(|r| r.health_probe.as_deref() == Some(name))
-            .map(|r| format!("load_balancing_rules[{}]", r.name))
-            .collect()
-    }
-}
-
-impl Object for LoadBalancingRule {
-    const KIND: Kind = Kind::LoadBalancingRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.load_balancing_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.load_balancing_rules
-    }
-}
-
-impl Object for InboundNatRule {
-    const KIND: Kind = Kind::InboundNatRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.inbound_nat_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.inbound_nat_rules
-    }
-}
-
-impl Object for OutboundRule {
-    const KIND: Kind = Kind::OutboundRule;
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn all(c: &Config) -> &Vec<Self> {
-        &c.outbound_rules
-    }
-    fn all_mut(c: &mut Config) -> &mut Vec<Self> {
-        &mut c.outbound_rules
-    }
 }

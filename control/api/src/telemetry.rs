@@ -10,11 +10,13 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
+use xlb_engine::counters::EvictReason;
 use xlb_engine::flow::{FlowId, Nat};
+use xlb_engine::net::NextHopStats;
 use xlb_engine::ruleset::PROTO_TCP;
 use xlb_engine::tcp::TcpState;
 use xlb_engine::time::Nanos;
-use xlb_engine::{Addr, Counters, FlowInfo, RuleId};
+use xlb_engine::{Addr, Counters, DropReason, FlowInfo, RuleCounters, RuleId, RuleSet};
 
 /// Something the operator should hear about, with its wall-clock time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,197 +42,152 @@ pub enum ControlEvent {
     /// Every worker runs this generation (sent by [`crate::ControlState`]).
     GenerationApplied { generation: u64 },
     /// A drained member's progress (sent by the daemon's drain watcher).
-    Drain(DrainEvent),
-}
-
-/// What a drain reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DrainPhase {
-    /// The member's admin state became `down`.
-    Started,
-    /// Its flow count changed.
-    Progress,
-    /// Its deadline passed and its action ran on every worker.
-    Deadline,
-    /// No flow of it is left on any worker.
-    Completed,
-}
-
-impl DrainPhase {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DrainPhase::Started => "started",
-            DrainPhase::Progress => "progress",
-            DrainPhase::Deadline => "deadline",
-            DrainPhase::Completed => "completed",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DrainEvent {
-    pub pool: String,
-    pub member: IpAddr,
-    pub phase: DrainPhase,
-    /// Summed over workers; `None` until every worker counted.
-    pub flows_left: Option<u64>,
-    pub flows_reset: u64,
-    /// Milliseconds to the deadline (negative once passed); `None` without a deadline.
-    pub deadline_in_ms: Option<i64>,
-    pub action: xlb_engine::config::DrainAction,
-}
-
-/// One drained member's progress, summed over workers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DrainStatus {
-    pub pool: String,
-    pub member: IpAddr,
-    /// Its flows on every worker; `None` until every worker has counted them once.
-    pub flows_left: Option<u64>,
-    /// TCP flows reset at the deadline (RSTs to both ends).
-    pub flows_reset: u64,
-    /// TCP flows ended at the deadline without RSTs (not established).
-    pub flows_ended: u64,
-    /// Every worker ran the deadline's action.
-    pub deadline_done: bool,
-}
-
-/// Sums the drain progress of every worker (each a list in its rule set's order; a worker
-/// that has not reported yet gives an empty list): per (pool, member), in the order first
-/// seen. A drain that some worker does not report yet (it runs an older rule set) is not
-/// counted yet: `flows_left` is `None` and its deadline not done.
-pub fn sum_drains(workers: &[&[xlb_engine::drain::DrainProgress]]) -> Vec<DrainStatus> {
-    let mut out: Vec<(DrainStatus, usize)> = Vec::new();
-    for list in workers {
-        for p in *list {
-            let member = p.member.to_ip();
-            let i = match out
-                .iter()
-                .position(|(d, _)| d.pool == *p.pool && d.member == member)
-            {
-                Some(i) => i,
-                None => {
-                    out.push((
-                        DrainStatus {
-                            pool: p.pool.to_string(),
-                            member,
-                            flows_left: Some(0),
-                            flows_reset: 0,
-                            flows_ended: 0,
-                            deadline_done: true,
-                        },
-                        0,
-                    ));
-                    out.len() - 1
-                }
-            };
-            let (d, reported) = &mut out[i];
-            *reported += 1;
-            d.flows_left = match (d.flows_left, p.flows_left) {
-                (Some(a), Some(b)) => Some(a + b),
-                _ => None,
-            };
-            d.flows_reset += p.flows_reset;
-            d.flows_ended += p.flows_ended;
-            d.deadline_done &= p.deadline_done;
-        }
-    }
-    out.into_iter()
-        .map(|(mut d, reported)| {
-            if reported < workers.len() {
-                d.flows_left = None;
-                d.deadline_done = false;
-            }
-            d
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod drain_tests {
-    use std::sync::Arc;
-
-    use xlb_engine::drain::DrainProgress;
-    use xlb_engine::Addr;
-
-    use super::sum_drains;
-
-    fn p(member: u8, left: Option<u64>, reset: u64, done: bool) -> DrainProgress {
-        DrainProgress {
-            pool: Arc::from("web"),
-            member: Addr::from_v4_bytes([198, 18, 1, member]),
-            flows_left: left,
-            flows_reset: reset,
-            flows_ended: 0,
-            deadline_done: done,
-        }
-    }
-
-    #[test]
-    fn drains_are_summed_only_once_every_worker_counted_them() {
-        let w0 = [p(11, Some(2), 1, true), p(12, Some(0), 0, false)];
-        let w1 = [p(11, Some(3), 2, true)];
-        let s = sum_drains(&[&w0, &w1]);
-        assert_eq!(s.len(), 2);
-        assert_eq!(
-            (s[0].flows_left, s[0].flows_reset, s[0].deadline_done),
-            (Some(5), 3, true)
-        );
-        assert_eq!(
-            (s[1].flows_left, s[1].deadline_done),
-            (None, false),
-            "worker 1 does not run that drain yet"
-        );
-        let w1 = [p(11, None, 0, false)];
-        assert_eq!(
-            sum_drains(&[&w0, &w1])[0].flows_left,
-            None,
-            "not counted yet"
-        );
-        assert_eq!(
-            sum_drains(&[&w0, &[]])[0].flows_left,
-            None,
-            "no snapshot yet"
-        );
-    }
+    Drain(crate::drain::DrainEvent),
 }
 
 /// One worker's counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct WorkerCounters {
     pub worker: u16,
     pub counters: Counters,
     pub flows: u64,
     pub flow_capacity: u64,
+    /// Frames this worker received for a flow another worker owns, and passed on.
+    pub handed_off: u64,
+    /// Of those, frames lost because the owner's inbox was full.
+    pub handoff_dropped: u64,
+    /// The next-hop table: entries in use, reclaimed and refused.
+    pub next_hops: NextHopStats,
     /// The rule-set generation the worker ran when it took these counters.
     pub generation: u64,
 }
 
-/// Per-rule counters of every live rule of `rules`, summed over workers, in rule-id order:
-/// the one place where workers' rule counters are added up (the API, Prometheus, the status
-/// line and the stats file all render from it).
-///
-/// Each item of `workers` is a worker's counters with the generation it ran when it took them.
-/// A worker's figures for an id count only when they were taken under the rule that holds the
-/// id now (generation at least the rule's creation): counters of a deleted rule whose id was
-/// released and handed to a new rule never leak into the new rule, not even from a snapshot
-/// taken just before the worker switched. Retired rules (deleted, flows draining) are left out.
-pub fn sum_rule_counters<'a>(
-    workers: impl IntoIterator<Item = (&'a Counters, u64)>,
-    rules: &xlb_engine::RuleSet,
-) -> Vec<(RuleId, xlb_engine::RuleCounters)> {
-    let mut sum: Vec<(RuleId, xlb_engine::RuleCounters)> = rules
-        .rules()
-        .map(|(id, _)| (id, xlb_engine::RuleCounters::default()))
-        .collect();
-    for (c, generation) in workers {
-        for (id, total) in sum.iter_mut() {
-            if rules.since(*id).is_some_and(|since| generation >= since) {
+impl Clone for WorkerCounters {
+    fn clone(&self) -> WorkerCounters {
+        let mut c = WorkerCounters::default();
+        c.clone_from(self);
+        c
+    }
+
+    /// Copies into this value's storage (the daemon's workers publish their counters so,
+    /// without allocating).
+    fn clone_from(&mut self, source: &WorkerCounters) {
+        // Destructured so that a new field cannot be forgotten here.
+        let WorkerCounters {
+            worker,
+            counters,
+            flows,
+            flow_capacity,
+            handed_off,
+            handoff_dropped,
+            next_hops,
+            generation,
+        } = source;
+        self.worker = *worker;
+        self.counters.clone_from(counters);
+        self.flows = *flows;
+        self.flow_capacity = *flow_capacity;
+        self.handed_off = *handed_off;
+        self.handoff_dropped = *handoff_dropped;
+        self.next_hops = *next_hops;
+        self.generation = *generation;
+    }
+}
+
+/// Every worker's counters added up: the one sum that the API, Prometheus, the status line
+/// and the stats file all render from ([`sum`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterSum {
+    /// Workers summed.
+    pub workers: usize,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rsts_sent: u64,
+    pub events_dropped: u64,
+    /// By [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    /// Unconfirmed flows evicted for new ones, by [`EvictReason::index`].
+    pub evictions: [u64; EvictReason::COUNT],
+    pub flows: u64,
+    pub flow_capacity: u64,
+    pub handed_off: u64,
+    pub handoff_dropped: u64,
+    /// Next-hop entries in use, reclaimed and refused (table full).
+    pub next_hops: NextHopStats,
+    /// Every live rule, in rule-id order, zeros included.
+    pub rules: Vec<(RuleId, RuleCounters)>,
+}
+
+impl CounterSum {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    pub fn eviction_count(&self, r: EvictReason) -> u64 {
+        self.evictions[r.index()]
+    }
+}
+
+/// Whether a worker's figures for rule `id`, taken under `generation`, belong to the rule
+/// that holds the id in `rules`: taken under it (generation at least the rule's creation), and
+/// the rule is live. Counters of a deleted rule whose id went to a new rule never leak into the
+/// new rule, not even from a snapshot taken just before the worker switched.
+pub fn counts_for(rules: &RuleSet, id: RuleId, generation: u64) -> bool {
+    !rules.is_retired(id) && rules.since(id).is_some_and(|since| generation >= since)
+}
+
+/// Adds up `workers`' counters; per-rule counters for every live rule of `rules` (retired
+/// rules, deleted with flows draining, are left out), counting only figures that
+/// [`counts_for`] the rule.
+pub fn sum<'a>(
+    workers: impl IntoIterator<Item = &'a WorkerCounters>,
+    rules: &RuleSet,
+) -> CounterSum {
+    let mut s = CounterSum {
+        workers: 0,
+        rx_packets: 0,
+        tx_packets: 0,
+        rsts_sent: 0,
+        events_dropped: 0,
+        drops: [0; DropReason::COUNT],
+        evictions: [0; EvictReason::COUNT],
+        flows: 0,
+        flow_capacity: 0,
+        handed_off: 0,
+        handoff_dropped: 0,
+        next_hops: NextHopStats::default(),
+        rules: rules
+            .rules()
+            .map(|(id, _)| (id, RuleCounters::default()))
+            .collect(),
+    };
+    for w in workers {
+        let c = &w.counters;
+        s.workers += 1;
+        s.rx_packets += c.rx_packets;
+        s.tx_packets += c.tx_packets;
+        s.rsts_sent += c.rsts_sent;
+        s.events_dropped += c.events_dropped;
+        for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
+            *total += d;
+        }
+        for (total, e) in s.evictions.iter_mut().zip(c.evictions.iter()) {
+            *total += e;
+        }
+        s.flows += w.flows;
+        s.flow_capacity += w.flow_capacity;
+        s.handed_off += w.handed_off;
+        s.handoff_dropped += w.handoff_dropped;
+        s.next_hops.entries += w.next_hops.entries;
+        s.next_hops.reclaimed += w.next_hops.reclaimed;
+        s.next_hops.refused += w.next_hops.refused;
+        for (id, total) in s.rules.iter_mut() {
+            if counts_for(rules, *id, w.generation) {
                 total.add(&c.rule(*id));
             }
         }
     }
-    sum
+    s
 }
 
 /// SNAT ports of one member for one protocol, summed over workers.
@@ -307,7 +264,10 @@ pub fn backend_of(f: &FlowInfo) -> Addr {
 }
 
 /// Position in a flow listing: flows are ordered by (worker, flow id); a page starts after
-/// the cursor. Flows created or removed between pages may be missed or seen, never twice.
+/// the cursor. A flow id is a flow-table slot, kept for the flow's life, so a flow that lives
+/// through the whole listing is seen exactly once; flows created or removed between pages may
+/// be missed or seen, never twice. A page may be short (even empty) and still have a cursor:
+/// a worker walks a bounded part of its table per query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowCursor {
     pub worker: u16,
@@ -351,21 +311,9 @@ pub struct RuntimeStatus {
     /// The data-path self-probe's figures, per probed rule (empty when it is off).
     pub datapath: Vec<DatapathAvailability>,
     /// Every drained member's progress.
-    pub drains: Vec<DrainStatus>,
+    pub drains: Vec<crate::drain::DrainStatus>,
     /// The NAT event export, when it is on.
-    pub nat_log: Option<NatLogStatus>,
-}
-
-/// The NAT event log's figures since start (IPFIX export, docs/xlbd.md).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NatLogStatus {
-    /// Where records go.
-    pub collector: String,
-    /// Records and IPFIX messages sent.
-    pub records_sent: u64,
-    pub messages_sent: u64,
-    /// Records lost: queues full (engine, worker → exporter), sends that failed.
-    pub records_lost: u64,
+    pub nat_log: Option<crate::drain::NatLogStatus>,
 }
 
 /// Data-path availability of one (frontend, rule) from the daemon's self-probe.

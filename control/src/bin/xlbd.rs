@@ -3,10 +3,15 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use xlb_afxdp::ModeRequest;
 use xlb_api::server::ServerTls;
-use xlb_control::daemon::{self, Options};
+use xlb_control::{
+    daemon,
+    ipfix::{ExportOptions, IpfixOptions},
+    options::Options,
+};
+use xlb_engine::{admission::AdmissionLimits, engine::DEFAULT_RESET_RATE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Poll {
@@ -60,6 +65,25 @@ struct Cli {
     /// the index).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
+    /// Percent of a worker's flow table that TCP flows without a confirmed handshake may hold;
+    /// beyond it the oldest is evicted for a new one (docs/architecture.md, "Flow admission").
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().half_open_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    half_open_share: u8,
+    /// Percent of a worker's flow table that UDP flows without a reply may hold.
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().unreplied_udp_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    unreplied_udp_share: u8,
+    /// Percent of a worker's flow table that one rule's unconfirmed flows may hold: a flood at
+    /// one rule recycles its own share and leaves the rest to the other rules.
+    #[arg(long, value_name = "PCT", default_value_t = AdmissionLimits::default().rule_percent,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    rule_share: u8,
+    /// RSTs per second (and at once) a worker sends for the `reset` unknown-flow policy;
+    /// beyond it the segments are dropped and counted (reset_rate_limited).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESET_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    reset_rate: u32,
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
     /// No status lines and no event lines (the ready line and final counters remain).
@@ -107,6 +131,19 @@ struct Cli {
     /// Seconds between self-probes of each TCP rule, 0.1–3600 (divided by the lab time scale).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     self_probe_interval: f64,
+    /// Accept 802.1Q-tagged frames of these VLANs (1-4094) on interface IFACE (repeatable).
+    /// Other tagged frames are dropped (vlan_tag). Replies go back with the client's tag;
+    /// toward a neighbour the frame carries the tag of the VLAN interface the kernel knows
+    /// it on (none on the interface itself).
+    #[arg(long = "vlan", value_name = "IFACE:ID[,ID...]", value_parser = parse_vlan)]
+    vlans: Vec<(String, Vec<u16>)>,
+    #[command(flatten)]
+    ipfix: IpfixArgs,
+}
+
+/// NAT event logging over IPFIX.
+#[derive(Args, Debug)]
+struct IpfixArgs {
     /// Export NAT events (SNAT port allocations and releases) as IPFIX records over UDP to
     /// this collector (e.g. 198.18.0.5:4739). Off by default.
     #[arg(long, value_name = "HOST:PORT")]
@@ -122,6 +159,33 @@ struct Cli {
     /// With --ipfix-collector: the IPFIX observation domain id.
     #[arg(long, value_name = "ID", default_value_t = 1)]
     ipfix_domain: u32,
+}
+
+/// `--ipfix-*`, checked.
+fn ipfix(a: &IpfixArgs) -> Result<Option<IpfixOptions>, String> {
+    xlb_control::limits::count(
+        "--ipfix-max-rate",
+        a.ipfix_max_rate,
+        xlb_control::limits::IPFIX_RATE,
+    )?;
+    let Some(collector) = a.ipfix_collector else {
+        if a.ipfix_lb_flows {
+            return Err("--ipfix-lb-flows: needs --ipfix-collector".into());
+        }
+        return Ok(None);
+    };
+    Ok(Some(IpfixOptions {
+        export: ExportOptions {
+            collector,
+            max_rate: a.ipfix_max_rate,
+            domain: a.ipfix_domain,
+        },
+        lb_flows: a.ipfix_lb_flows,
+    }))
+}
+
+fn parse_vlan(v: &str) -> Result<(String, Vec<u16>), String> {
+    xlb_control::kernel::parse_vlan_option(v)
 }
 
 /// The numeric options, range-checked (xlb_control::limits).
@@ -140,10 +204,6 @@ fn check(cli: &Cli) -> Result<Checked, String> {
         limits::count("--queues", q, limits::QUEUES)?;
     }
     limits::cores(&cli.cores, ncpu)?;
-    limits::count("--ipfix-max-rate", cli.ipfix_max_rate, limits::IPFIX_RATE)?;
-    if cli.ipfix_collector.is_none() && cli.ipfix_lb_flows {
-        return Err("--ipfix-lb-flows: needs --ipfix-collector".into());
-    }
     Ok(Checked {
         status_interval: seconds(
             "--status-interval",
@@ -163,51 +223,50 @@ fn check(cli: &Cli) -> Result<Checked, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let checked = match check(&cli) {
-        Ok(c) => c,
+    let opts = match options(Cli::parse()) {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("xlbd: {e}");
             return ExitCode::from(daemon::EXIT_USAGE);
         }
     };
-    let api = match daemon::parse_api(&cli.api) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("xlbd: {e}");
-            return ExitCode::from(daemon::EXIT_USAGE);
+    match daemon::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("xlbd: {}", f.message);
+            ExitCode::from(f.code)
         }
+    }
+}
+
+/// `--api-token-file`: the token, trimmed; an empty file is refused.
+fn api_token(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let Some(path) = path else {
+        return Ok(None);
     };
-    let api_token = match &cli.api_token_file {
-        None => None,
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            Ok(_) => {
-                eprintln!(
-                    "xlbd: --api-token-file {}: the file is empty",
-                    path.display()
-                );
-                return ExitCode::from(daemon::EXIT_USAGE);
-            }
-            Err(e) => {
-                eprintln!("xlbd: --api-token-file {}: {e}", path.display());
-                return ExitCode::from(daemon::EXIT_USAGE);
-            }
-        },
-    };
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        Ok(_) => Err(format!(
+            "--api-token-file {}: the file is empty",
+            path.display()
+        )),
+        Err(e) => Err(format!("--api-token-file {}: {e}", path.display())),
+    }
+}
+
+/// The command line, checked, as the daemon's options.
+fn options(cli: Cli) -> Result<Options, String> {
+    let checked = check(&cli)?;
+    let api = daemon::parse_api(&cli.api)?;
+    let api_token = api_token(cli.api_token_file.as_deref())?;
     let api_tls = match (&cli.api_tls_cert, &cli.api_tls_key) {
-        (Some(cert), Some(key)) => {
-            match ServerTls::from_files(cert, key, cli.api_tls_client_ca.as_deref()) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("xlbd: --api-tls-*: {e}");
-                    return ExitCode::from(daemon::EXIT_USAGE);
-                }
-            }
-        }
+        (Some(cert), Some(key)) => Some(
+            ServerTls::from_files(cert, key, cli.api_tls_client_ca.as_deref())
+                .map_err(|e| format!("--api-tls-*: {e}"))?,
+        ),
         _ => None,
     };
-    let opts = Options {
+    Ok(Options {
         config: cli.config,
         interfaces: cli.interfaces,
         backend_side: (!cli.backend_side.is_empty()).then_some(cli.backend_side),
@@ -216,6 +275,12 @@ fn main() -> ExitCode {
         busy_poll: cli.poll_mode == Poll::Busy,
         lab_time_scale: cli.lab_time_scale,
         flow_capacity: cli.flow_capacity,
+        admission: AdmissionLimits {
+            half_open_percent: cli.half_open_share,
+            unreplied_udp_percent: cli.unreplied_udp_share,
+            rule_percent: cli.rule_share,
+        },
+        reset_rate: cli.reset_rate,
         xdp_mode: match cli.xdp_mode {
             XdpMode::Auto => ModeRequest::Auto,
             XdpMode::Native => ModeRequest::Native,
@@ -233,22 +298,7 @@ fn main() -> ExitCode {
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
         self_probe_interval: checked.self_probe_interval,
-        ipfix: cli
-            .ipfix_collector
-            .map(|collector| xlb_control::daemon::IpfixOptions {
-                export: xlb_control::ipfix::ExportOptions {
-                    collector,
-                    max_rate: cli.ipfix_max_rate,
-                    domain: cli.ipfix_domain,
-                },
-                lb_flows: cli.ipfix_lb_flows,
-            }),
-    };
-    match daemon::run(opts) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("xlbd: {}", f.message);
-            ExitCode::from(f.code)
-        }
-    }
+        ipfix: ipfix(&cli.ipfix)?,
+        vlans: cli.vlans,
+    })
 }

@@ -1,6 +1,7 @@
 use std::fmt;
 
-type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// The underlying cause of an [`Error`].
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An error from this crate: what was being done, and the underlying cause.
 #[derive(Debug)]
@@ -10,14 +11,16 @@ pub struct Error {
 }
 
 impl Error {
-    pub(crate) fn msg(context: impl Into<String>) -> Self {
+    /// An error with no underlying cause.
+    pub fn msg(context: impl Into<String>) -> Self {
         Self {
             context: context.into(),
             source: None,
         }
     }
 
-    pub(crate) fn with(context: impl Into<String>, source: impl Into<Source>) -> Self {
+    /// An error caused by `source`.
+    pub fn with(context: impl Into<String>, source: impl Into<Source>) -> Self {
         Self {
             context: context.into(),
             source: Some(source.into()),

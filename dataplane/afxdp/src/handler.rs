@@ -10,7 +10,8 @@ pub type PortId = u16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Transmit the first `len` bytes of the (possibly rewritten) frame on `port`.
-    /// `len` may be shorter than the received frame, never longer.
+    /// `len` may be shorter than the received frame; longer only up to the buffer a
+    /// [`FrameHandler::handle_in`] call was given.
     Tx {
         port: PortId,
         len: u16,
@@ -23,6 +24,16 @@ pub trait FrameHandler {
     /// Decides the fate of one frame received on `ingress`, rewriting it in place.
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict;
 
+    /// What the worker calls: the frame is `buf[..len]`, and the rest of `buf` (the UMEM
+    /// frame's free room) is the handler's to grow the frame into, e.g. with a VLAN tag, so
+    /// `Verdict::Tx` may name up to `buf.len()` bytes. The default hands `buf[..len]` to
+    /// [`handle`](Self::handle).
+    #[inline]
+    fn handle_in(&mut self, now_ns: u64, ingress: PortId, buf: &mut [u8], len: usize) -> Verdict {
+        let len = len.min(buf.len());
+        self.handle(now_ns, ingress, &mut buf[..len])
+    }
+
     /// The earliest time `expire` has work, if any. Bounds how long a worker in wakeup
     /// mode sleeps.
     fn next_deadline(&self) -> Option<u64>;
@@ -32,7 +43,7 @@ pub trait FrameHandler {
     fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize;
 
     /// Called once per loop iteration, before the receive batch: where the daemon's
-    /// handler drains a bounded number of control messages (new rule sets) from its SPSC
+    /// handler drains a bounded number of control messages (new rule sets) from its bounded
     /// channel. The default does nothing.
     fn poll_control(&mut self, _now_ns: u64) {}
 
@@ -58,6 +69,10 @@ pub trait FrameHandler {
 impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
     fn handle(&mut self, now_ns: u64, ingress: PortId, frame: &mut [u8]) -> Verdict {
         (**self).handle(now_ns, ingress, frame)
+    }
+
+    fn handle_in(&mut self, now_ns: u64, ingress: PortId, buf: &mut [u8], len: usize) -> Verdict {
+        (**self).handle_in(now_ns, ingress, buf, len)
     }
 
     fn next_deadline(&self) -> Option<u64> {

@@ -1,13 +1,16 @@
-//! xlb's platform crate: the only one allowed `unsafe`.
+//! xlb's platform crate: with the benchmark tools' `xlb-bench`, the only one allowed `unsafe`.
 //!
 //! - [`xdp`]: the XDP program (`src/bpf/xlb.bpf.c`) — load, attach (native, falling back
 //!   to generic), owned/local address map, XSKMAP, counters.
 //! - [`worker`]: AF_XDP sockets and UMEM through xsk-rs, and the loop that drives a
-//!   [`FrameHandler`] (the engine, or the [`bare`] forwarder).
+//!   [`FrameHandler`] (xlbd's engine; the benchmark tools of `xlb-bench` drive it too).
 //! - [`netlink`]: links, addresses, neighbours and routes of the current namespace.
 //! - [`sys`]: the few libc calls other crates need, wrapped safe.
-//! - [`gen`] and [`sink`]: the benchmark's packet generator (`BPF_PROG_RUN` live frames,
-//!   `src/bpf/gen.bpf.c`) and its receiving-side XDP counter (`src/bpf/sink.bpf.c`).
+//! - [`csum`]: Internet checksums, completing partial TCP/UDP checksums.
+//!
+//! The benchmark tools (generator, sink, bare forwarder) and their XDP programs live in the
+//! `xlb-bench` crate; [`xdp::xdp_attach`], [`xdp::owned_prog_fd`] and [`xdp::map_handle`] are
+//! public for their loaders.
 //!
 //! See README.md for the design choices.
 
@@ -31,14 +34,10 @@ macro_rules! bpf_skeleton {
     };
 }
 
-pub mod bare;
-pub mod cli;
 pub mod csum;
 mod error;
-pub mod gen;
 pub mod handler;
 pub mod netlink;
-pub mod sink;
 pub mod sys;
 pub mod umem;
 pub mod worker;

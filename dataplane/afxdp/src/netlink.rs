@@ -1,4 +1,5 @@
-//! Reading the kernel's links, addresses, neighbours and routes over rtnetlink.
+//! Reading the kernel's links, addresses, neighbours and routes over rtnetlink, and following
+//! their changes ([`NetlinkEvents`]: a socket subscribed to the kernel's notifications).
 //!
 //! Why raw `libc` netlink rather than `netlink-packet-route` + `netlink-sys`: we need four
 //! dump requests and a handful of attributes, synchronously, from a worker-adjacent thread.
@@ -29,12 +30,15 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_DUMP: u16 = 0x300;
 
 const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 const RTM_GETNEIGH: u16 = 30;
 
 const AF_INET: u8 = 2;
@@ -43,6 +47,13 @@ const AF_INET6: u8 = 10;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_VLAN_ID: u16 = 1;
+const IFLA_VLAN_PROTOCOL: u16 = 5;
+const ETH_P_8021Q: u16 = 0x8100;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
@@ -66,6 +77,12 @@ pub const RTN_UNICAST: u8 = 1;
 /// `RTN_LOCAL`: one of the host's own addresses.
 pub const RTN_LOCAL: u8 = 2;
 
+/// Multicast groups of rtnetlink notifications (`RTNLGRP_*`), for [`NetlinkEvents`].
+pub const RTNLGRP_LINK: u32 = 1;
+pub const RTNLGRP_NEIGH: u32 = 3;
+pub const RTNLGRP_IPV4_ROUTE: u32 = 7;
+pub const RTNLGRP_IPV6_ROUTE: u32 = 11;
+
 /// One network interface (RTM_NEWLINK).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -76,6 +93,11 @@ pub struct Link {
     pub mtu: u32,
     /// `IFF_*` flags (`IFF_UP` = 1).
     pub flags: u32,
+    /// The interface this one is stacked on (`IFLA_LINK`: a VLAN interface's parent).
+    pub parent: Option<u32>,
+    /// For an 802.1Q VLAN interface (`ip link add link eth0 name eth0.100 type vlan id
+    /// 100`), its VLAN id; `None` for anything else, 802.1ad (QinQ) interfaces included.
+    pub vlan: Option<u16>,
 }
 
 /// One address configured on an interface (RTM_NEWADDR).
@@ -549,6 +571,8 @@ pub(crate) fn parse_link(p: &[u8]) -> Option<Link> {
         mac: None,
         mtu: 0,
         flags: u32_at(p, 8),
+        parent: None,
+        vlan: None,
     };
     for (ty, v) in Attrs::new(&p[16..]) {
         match ty {
@@ -558,10 +582,41 @@ pub(crate) fn parse_link(p: &[u8]) -> Option<Link> {
             }
             IFLA_ADDRESS => link.mac = attr_mac(v),
             IFLA_MTU => link.mtu = attr_u32(v).unwrap_or(0),
+            IFLA_LINK => link.parent = attr_u32(v).filter(|&i| i != 0),
+            IFLA_LINKINFO => link.vlan = parse_vlan_info(v),
             _ => {}
         }
     }
     Some(link)
+}
+
+/// `IFLA_LINKINFO` of a link: its 802.1Q VLAN id if it is a VLAN interface of that protocol.
+fn parse_vlan_info(v: &[u8]) -> Option<u16> {
+    let mut is_vlan = false;
+    let (mut id, mut protocol) = (None, ETH_P_8021Q);
+    for (ty, a) in Attrs::new(v) {
+        match ty {
+            IFLA_INFO_KIND => is_vlan = a.split(|&b| b == 0).next() == Some(b"vlan"),
+            IFLA_INFO_DATA => {
+                for (ty, d) in Attrs::new(a) {
+                    match ty {
+                        IFLA_VLAN_ID if d.len() >= 2 => id = Some(u16_at(d, 0) & 0x0fff),
+                        // Network byte order (`__be16`).
+                        IFLA_VLAN_PROTOCOL if d.len() >= 2 => {
+                            protocol = u16::from_be_bytes([d[0], d[1]]);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if is_vlan && protocol == ETH_P_8021Q {
+        id
+    } else {
+        None
+    }
 }
 
 /// Payload of RTM_NEWADDR: `ifaddrmsg` (8 bytes) + attributes.
@@ -673,6 +728,191 @@ fn parse_multipath(family: u8, mut v: &[u8]) -> Vec<NextHop> {
         v = &v[align4(len).min(v.len())..];
     }
     out
+}
+
+/// One change the kernel announced on a [`NetlinkEvents`] socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// A neighbour entry was created or changed (state, MAC): RTM_NEWNEIGH.
+    Neighbour(Neighbour),
+    /// A neighbour entry was deleted: RTM_DELNEIGH.
+    NeighbourGone(Neighbour),
+    Route(Route),
+    RouteGone(Route),
+    Link(Link),
+    LinkGone(Link),
+    /// Notifications were lost (the socket's receive buffer overflowed, `ENOBUFS`, or a
+    /// datagram did not fit): what the caller knows may be stale; it should read the tables
+    /// again.
+    Overrun,
+}
+
+/// The event a notification message carries, if it is one of ours.
+pub(crate) fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
+    Some(match ty {
+        RTM_NEWNEIGH => KernelEvent::Neighbour(parse_neigh(payload)?),
+        RTM_DELNEIGH => KernelEvent::NeighbourGone(parse_neigh(payload)?),
+        RTM_NEWROUTE => KernelEvent::Route(parse_route(payload)?),
+        RTM_DELROUTE => KernelEvent::RouteGone(parse_route(payload)?),
+        RTM_NEWLINK => KernelEvent::Link(parse_link(payload)?),
+        RTM_DELLINK => KernelEvent::LinkGone(parse_link(payload)?),
+        _ => return None,
+    })
+}
+
+/// A non-blocking rtnetlink socket subscribed to notification groups (`RTNLGRP_*`) of the
+/// calling thread's network namespace.
+///
+/// Subscribe *before* reading the tables with [`Netlink`]: a change made between the dump
+/// and the subscription would otherwise be missed. A netlink socket can lose notifications
+/// (a burst larger than its receive buffer): that is reported as [`KernelEvent::Overrun`],
+/// after which the caller reads the tables again.
+#[derive(Debug)]
+pub struct NetlinkEvents {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+/// Receive buffer asked for by [`NetlinkEvents::subscribe`]: room for tens of thousands of
+/// notifications between two reads.
+const EVENTS_RCVBUF: usize = 4 << 20;
+
+impl NetlinkEvents {
+    pub fn subscribe(groups: &[u32]) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Bound explicitly, with a port id the kernel picks: an unbound socket has port id 0,
+        // the kernel's own, and would not be sent the kernel's notifications.
+        // SAFETY: sockaddr_nl is plain old data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: `addr` is a valid sockaddr_nl and its size is passed alongside.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for &group in groups {
+            let g = group as libc::c_int;
+            // SAFETY: `g` is a valid c_int and its size is passed alongside.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_NETLINK,
+                    libc::NETLINK_ADD_MEMBERSHIP,
+                    (&g as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let events = Self {
+            fd,
+            buf: vec![0; 64 * 1024],
+        };
+        events.set_receive_buffer(EVENTS_RCVBUF)?;
+        Ok(events)
+    }
+
+    /// Sets the socket's receive buffer: beyond the system's limit when the process may
+    /// (CAP_NET_ADMIN), else as far as that limit allows. Smaller means overruns sooner.
+    pub fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let v = bytes.min(libc::c_int::MAX as usize / 2) as libc::c_int;
+        let set = |opt| {
+            // SAFETY: `v` is a valid c_int and its size is passed alongside.
+            unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(libc::SO_RCVBUFFORCE) == 0 || set(libc::SO_RCVBUF) == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Reads what has arrived, without blocking, at most `max_datagrams` datagrams (each
+    /// holds one or more notifications), and hands every event to `f` in the kernel's
+    /// order. Returns the number of datagrams read: `max_datagrams` means more may wait.
+    pub fn drain(
+        &mut self,
+        max_datagrams: usize,
+        mut f: impl FnMut(KernelEvent),
+    ) -> io::Result<usize> {
+        let mut read = 0;
+        while read < max_datagrams {
+            // SAFETY: `self.buf` is a valid writable buffer of the length passed.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => break,
+                    // Reported once per overflow; the socket goes on receiving.
+                    Some(libc::ENOBUFS) => {
+                        f(KernelEvent::Overrun);
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            read += 1;
+            let n = n as usize;
+            if n > self.buf.len() {
+                // Cut off: its events are lost. Make room for the next one that big.
+                self.buf.resize(n.next_power_of_two(), 0);
+                f(KernelEvent::Overrun);
+                continue;
+            }
+            for msg in Messages::new(&self.buf[..n]) {
+                let Ok(msg) = msg else {
+                    f(KernelEvent::Overrun);
+                    break;
+                };
+                if let Some(ev) = parse_event(msg.ty, msg.payload) {
+                    f(ev);
+                }
+            }
+        }
+        Ok(read)
+    }
+}
+
+impl AsRawFd for NetlinkEvents {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 #[cfg(test)]
@@ -789,9 +1029,93 @@ mod tests {
                 name: "veth0".into(),
                 mac: Some([2, 1, 2, 3, 4, 5]),
                 mtu: 1500,
-                flags: 1
+                flags: 1,
+                parent: None,
+                vlan: None,
             }
         );
+    }
+
+    fn link_payload(ifindex: u32, name: &[u8], extra: &[u8]) -> Vec<u8> {
+        let mut p = vec![0, 0, 1, 0];
+        p.extend_from_slice(&ifindex.to_ne_bytes());
+        p.extend_from_slice(&1u32.to_ne_bytes());
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend(attr(IFLA_IFNAME, name));
+        p.extend(attr(IFLA_ADDRESS, &[2, 1, 2, 3, 4, 5]));
+        p.extend_from_slice(extra);
+        p
+    }
+
+    fn linkinfo(kind: &[u8], id: u16, protocol: Option<u16>) -> Vec<u8> {
+        let mut data = attr(IFLA_VLAN_ID, &id.to_ne_bytes());
+        if let Some(proto) = protocol {
+            data.extend(attr(IFLA_VLAN_PROTOCOL, &proto.to_be_bytes()));
+        }
+        let mut info = attr(IFLA_INFO_KIND, kind);
+        info.extend(attr(0x8000 | IFLA_INFO_DATA, &data));
+        attr(0x8000 | IFLA_LINKINFO, &info)
+    }
+
+    #[test]
+    fn vlan_interfaces_name_their_parent_and_id() {
+        let mut extra = attr(IFLA_LINK, &3u32.to_ne_bytes());
+        extra.extend(linkinfo(b"vlan\0", 100, Some(0x8100)));
+        let l = parse_link(&link_payload(9, b"veth0.100\0", &extra)).unwrap();
+        assert_eq!((l.parent, l.vlan), (Some(3), Some(100)));
+        // Without a protocol attribute: 802.1Q.
+        let l = parse_link(&link_payload(9, b"v\0", &linkinfo(b"vlan\0", 7, None))).unwrap();
+        assert_eq!(l.vlan, Some(7));
+        // 802.1ad (QinQ) and other kinds are not 802.1Q VLANs.
+        let l = parse_link(&link_payload(
+            9,
+            b"v\0",
+            &linkinfo(b"vlan\0", 7, Some(0x88a8)),
+        ))
+        .unwrap();
+        assert_eq!(l.vlan, None);
+        let l = parse_link(&link_payload(9, b"v\0", &linkinfo(b"vxlan\0", 7, None))).unwrap();
+        assert_eq!(l.vlan, None);
+        // A veth names its peer's index in IFLA_LINK too; 0 means none.
+        let extra = attr(IFLA_LINK, &0u32.to_ne_bytes());
+        let l = parse_link(&link_payload(9, b"v\0", &extra)).unwrap();
+        assert_eq!((l.parent, l.vlan), (None, None));
+    }
+
+    #[test]
+    fn notifications_become_events() {
+        let mut neigh = vec![AF_INET, 0, 0, 0];
+        neigh.extend_from_slice(&5u32.to_ne_bytes());
+        neigh.extend_from_slice(&NeighState::STALE.to_ne_bytes());
+        neigh.extend_from_slice(&[0, 1]);
+        neigh.extend(attr(NDA_DST, &[198, 18, 1, 2]));
+        neigh.extend(attr(NDA_LLADDR, &[2, 0, 0, 0, 0, 7]));
+        let n = parse_neigh(&neigh).unwrap();
+        assert_eq!(
+            parse_event(RTM_NEWNEIGH, &neigh),
+            Some(KernelEvent::Neighbour(n.clone()))
+        );
+        assert_eq!(
+            parse_event(RTM_DELNEIGH, &neigh),
+            Some(KernelEvent::NeighbourGone(n))
+        );
+        let route = route_payload(Some([198, 18, 2, 0]), 24, None, 3);
+        let r = parse_route(&route).unwrap();
+        assert_eq!(
+            parse_event(RTM_NEWROUTE, &route),
+            Some(KernelEvent::Route(r.clone()))
+        );
+        assert_eq!(
+            parse_event(RTM_DELROUTE, &route),
+            Some(KernelEvent::RouteGone(r))
+        );
+        let link = link_payload(4, b"eth0\0", &[]);
+        assert!(matches!(
+            parse_event(RTM_DELLINK, &link),
+            Some(KernelEvent::LinkGone(Link { ifindex: 4, .. }))
+        ));
+        assert_eq!(parse_event(RTM_NEWADDR, &[0; 8]), None);
+        assert_eq!(parse_event(RTM_NEWNEIGH, &[0; 3]), None, "short payload");
     }
 
     #[test]

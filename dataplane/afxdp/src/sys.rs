@@ -72,6 +72,37 @@ pub fn memlock_budget() -> io::Result<Option<u64>> {
     memlock_limit()
 }
 
+// Capability bits (include/uapi/linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The capabilities this process lacks to load XDP programs and open AF_XDP sockets, by
+/// name (empty: none missing).
+pub fn missing_xdp_capabilities() -> Vec<&'static str> {
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .unwrap_or(0);
+    missing_from(caps)
+}
+
+fn missing_from(caps: u64) -> Vec<&'static str> {
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_NET_RAW) {
+        missing.push("CAP_NET_RAW");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    missing
+}
+
 /// The `CapEff:` mask of a `/proc/<pid>/status` text.
 pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
     status
@@ -166,6 +197,20 @@ mod tests {
         let a = monotonic_ns();
         let b = monotonic_ns();
         assert!(b >= a && a > 0);
+    }
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        assert!(missing_from(u64::MAX).is_empty());
+        assert_eq!(
+            missing_from(0),
+            ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF (or CAP_SYS_ADMIN)"]
+        );
+        let admin_raw_sys = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW) | (1 << CAP_SYS_ADMIN);
+        assert!(
+            missing_from(admin_raw_sys).is_empty(),
+            "CAP_SYS_ADMIN covers CAP_BPF"
+        );
     }
 
     #[test]

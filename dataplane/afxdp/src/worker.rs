@@ -93,6 +93,10 @@ pub struct WorkerConfig {
     pub expire_budget: usize,
     /// How many workers share this process's RLIMIT_MEMLOCK budget.
     pub memlock_share: u32,
+    /// Copy mode: the most frames one `sendto()` kick transmits (`XDP_MAX_TX_SKB_BUDGET`,
+    /// Linux ≥ 6.17; the kernel's default is 32). 0: the TX ring's size. Kernels without
+    /// the option keep 32.
+    pub copy_tx_budget: u32,
 }
 
 impl Default for WorkerConfig {
@@ -108,6 +112,7 @@ impl Default for WorkerConfig {
             batch: 64,
             expire_budget: 256,
             memlock_share: 1,
+            copy_tx_budget: 0,
         }
     }
 }
@@ -254,6 +259,9 @@ pub struct SocketInfo {
     /// Index of the UMEM the socket uses (equal indexes: frames move without a copy).
     pub umem: usize,
     pub ring_size: u32,
+    /// Copy mode: frames one `sendto()` transmits (32 unless the kernel took a larger
+    /// `XDP_MAX_TX_SKB_BUDGET`).
+    pub tx_budget: u32,
 }
 
 /// The kernel's per-socket drop counters (`XDP_STATISTICS`).
@@ -273,6 +281,8 @@ struct Sock {
     umem: usize,
     ring_size: u32,
     zero_copy: bool,
+    /// Frames one copy-mode kick transmits.
+    tx_budget: u32,
     fd: RawFd,
     rx: RxQueue,
     tx: TxQueue,
@@ -327,6 +337,32 @@ impl std::fmt::Debug for Worker {
 // From include/uapi/linux/if_xdp.h; not in the libc crate.
 const XDP_OPTIONS: libc::c_int = 8;
 const XDP_OPTIONS_ZEROCOPY: u32 = 1;
+/// Linux ≥ 6.17 (Debian's headers lack it): frames one copy-mode `sendto()` may transmit,
+/// 32 (`TX_BATCH_SIZE`) up to the TX ring's size.
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
+
+/// Asks the kernel to let one copy-mode kick transmit `budget` frames; the budget in force
+/// (32 where the kernel lacks the option or refuses the value).
+fn set_tx_budget(fd: RawFd, budget: u32) -> u32 {
+    if budget <= COPY_MODE_KICK_FRAMES {
+        return COPY_MODE_KICK_FRAMES;
+    }
+    // SAFETY: `budget` is a valid u32 for reads and its size is passed as the length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_XDP,
+            XDP_MAX_TX_SKB_BUDGET,
+            (&budget as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        budget
+    } else {
+        COPY_MODE_KICK_FRAMES
+    }
+}
 
 fn is_zero_copy(fd: RawFd) -> bool {
     let mut opts: u32 = 0;
@@ -529,12 +565,23 @@ impl Worker {
             } else {
                 solo_plan.ring_size
             };
+            let zero_copy = is_zero_copy(fd);
+            let tx_budget = if zero_copy {
+                COPY_MODE_KICK_FRAMES
+            } else {
+                let want = match cfg.copy_tx_budget {
+                    0 => ring_size,
+                    b => b.min(ring_size),
+                };
+                set_tx_budget(fd, want)
+            };
             socks.push(Sock {
                 port,
                 queue,
                 umem: umem_idx,
                 ring_size,
-                zero_copy: is_zero_copy(fd),
+                zero_copy,
+                tx_budget,
                 fd,
                 rx,
                 tx,
@@ -623,6 +670,7 @@ impl Worker {
                 zero_copy: s.zero_copy,
                 umem: s.umem,
                 ring_size: s.ring_size,
+                tx_budget: s.tx_budget,
             })
             .collect()
     }
@@ -815,11 +863,15 @@ impl Io {
             let c = &mut counters[usize::from(port)];
             c.rx_packets += 1;
             c.rx_bytes += rx_len as u64;
-            let verdict = {
+            let (verdict, room) = {
                 // SAFETY: the frame was just consumed from the RX ring: the kernel is done
                 // with it and nothing else refers to it until we hand it back.
                 let mut data = unsafe { umem.data_mut(desc) };
-                h.handle(now, port, data.contents_mut())
+                // The handler sees the whole UMEM frame and may grow the packet into it.
+                let mut cur = data.cursor();
+                let room = cur.buf_len();
+                cur.set_pos(room);
+                (h.handle_in(now, port, data.contents_mut(), rx_len), room)
             };
             let (out, len) = match verdict {
                 Verdict::Drop => {
@@ -828,7 +880,7 @@ impl Io {
                     continue;
                 }
                 Verdict::Tx { port: out, len }
-                    if usize::from(out) < nports && usize::from(len) <= rx_len && len > 0 =>
+                    if usize::from(out) < nports && usize::from(len) <= room && len > 0 =>
                 {
                     (usize::from(out), usize::from(len))
                 }
@@ -838,6 +890,9 @@ impl Io {
                     continue;
                 }
             };
+            // SAFETY: still our exclusive frame (see above); from here on its descriptor
+            // says the length to send, which the copy below reads too.
+            unsafe { umem.data_mut(desc) }.cursor().set_pos(len);
             let t = tx_route[s * nports + out];
             let tu = socks[t].umem;
             if socks[t].pending.len() >= socks[t].ring_size as usize {
@@ -846,8 +901,6 @@ impl Io {
                 continue;
             }
             if tu == su {
-                // SAFETY: still our exclusive frame (see above).
-                unsafe { umem.data_mut(desc) }.cursor().set_pos(len);
                 socks[t].pending.push(*desc);
                 continue;
             }
@@ -955,8 +1008,8 @@ impl Io {
         self.kick_copy_mode(t);
     }
 
-    /// Copy mode transmits inside `sendto()`, at most 32 frames per call: kick until the
-    /// ring is drained, reaping completions when the kernel stalls on a full completion
+    /// Copy mode transmits inside `sendto()`, at most `tx_budget` frames per call (32 unless
+    /// the kernel took `XDP_MAX_TX_SKB_BUDGET`): kick until the ring is drained, reaping completions when the kernel stalls on a full completion
     /// ring, and give up after a few kicks without progress (device queue full) so that
     /// receiving is not starved; the rest goes out on the next iteration.
     fn kick_copy_mode(&mut self, t: usize) {
@@ -965,7 +1018,7 @@ impl Io {
         if outstanding == 0 {
             return;
         }
-        let max_kicks = outstanding / COPY_MODE_KICK_FRAMES + 4;
+        let max_kicks = outstanding / self.socks[t].tx_budget.max(1) + 4;
         let mut stalls = 0;
         for _ in 0..max_kicks {
             let sock = &mut self.socks[t];

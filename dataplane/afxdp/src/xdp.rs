@@ -161,13 +161,13 @@ pub struct XdpProgram {
 }
 
 // XDP flag bits (include/uapi/linux/if_link.h).
-pub(crate) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-pub(crate) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
 /// Attaches XDP program `prog` to `ifindex` (calling thread's namespace) through a BPF
 /// link with `flags` (XDP_FLAGS_DRV_MODE or XDP_FLAGS_SKB_MODE); dropping the returned fd
 /// detaches it.
-pub(crate) fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result<OwnedFd> {
+pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result<OwnedFd> {
     let ifindex_i32 = i32::try_from(ifindex)
         .map_err(|_| Error::msg(format!("ifindex {ifindex} out of range")))?;
     let opts = libbpf_sys::bpf_link_create_opts {
@@ -193,19 +193,19 @@ pub(crate) fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) ->
 /// An owned duplicate of a loaded program's fd. The loaders keep plain fds and let the
 /// skeleton (and its libbpf object) go: the program and maps live as long as any fd refers
 /// to them, which spares a self-referential struct around the skeleton's borrowed storage.
-pub(crate) fn owned_prog_fd(prog: &impl AsFd) -> Result<OwnedFd> {
+pub fn owned_prog_fd(prog: &impl AsFd) -> Result<OwnedFd> {
     prog.as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::with("duplicating the program fd", e))
 }
 
 /// A handle of its own on a loaded skeleton's map, named `what` in errors.
-pub(crate) fn map_handle(m: &libbpf_rs::MapMut<'_>, what: &str) -> Result<MapHandle> {
+pub fn map_handle(m: &libbpf_rs::MapMut<'_>, what: &str) -> Result<MapHandle> {
     MapHandle::try_from(m).map_err(|e| Error::with(format!("map {what}"), e))
 }
 
 /// Attaches `prog` natively, or generically when `mode` allows and the driver refuses.
-pub(crate) fn xdp_attach(
+pub fn xdp_attach(
     prog: BorrowedFd<'_>,
     ifindex: u32,
     mode: ModeRequest,

@@ -1,6 +1,7 @@
 //! Counters of one worker: per rule (indexed by stable `RuleId`) and per drop reason. Plain
 //! `u64`s owned by the worker; the control thread reads copies sent back over the stats channel.
 
+pub use crate::admission::EvictReason;
 use crate::wire::ParseError;
 
 /// Why the engine dropped a frame.
@@ -36,12 +37,22 @@ pub enum DropReason {
     BadTcpFlags,
     /// A TCP segment of a known flow outside its window (see `tcp`): changes nothing.
     OutOfWindow,
+    /// An 802.1Q tag the configuration does not name on the ingress port.
+    VlanTag,
+    /// The `reset` unknown-flow policy would answer, but this worker's RST rate is spent.
+    ResetRateLimited,
+    /// A packet from a member's address (an outbound rule's source, or the original direction
+    /// of an outbound flow) on a port that does not face the members.
+    SpoofedSource,
+    /// A reply-direction packet of a flow on another port than the one the flow sends its
+    /// original direction to (where its replies come from).
+    WrongSide,
 }
 
 impl DropReason {
     pub const COUNT: usize = DropReason::NON_PARSE.len() + ParseError::ALL.len();
 
-    pub const NON_PARSE: [DropReason; 13] = [
+    pub const NON_PARSE: [DropReason; 17] = [
         DropReason::Unsupported,
         DropReason::NoRule,
         DropReason::NoFlow,
@@ -55,6 +66,10 @@ impl DropReason {
         DropReason::HopLimit,
         DropReason::BadTcpFlags,
         DropReason::OutOfWindow,
+        DropReason::VlanTag,
+        DropReason::ResetRateLimited,
+        DropReason::SpoofedSource,
+        DropReason::WrongSide,
     ];
 
     /// Dense index for counter arrays.
@@ -94,6 +109,10 @@ impl DropReason {
             DropReason::HopLimit => "hop_limit",
             DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::OutOfWindow => "out_of_window",
+            DropReason::VlanTag => "vlan_tag",
+            DropReason::ResetRateLimited => "reset_rate_limited",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::WrongSide => "wrong_side",
         }
     }
 }
@@ -107,7 +126,7 @@ pub struct RuleCounters {
     pub flows_reset_on_idle: u64,
     pub flows_closed: u64,
     pub flows_picked_up: u64,
-    /// UDP flows moved off a member that went down (SPEC §5).
+    /// UDP flows moved off a member that went down.
     pub flows_moved: u64,
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
@@ -123,10 +142,19 @@ pub struct RuleCounters {
     pub flow_table_full: u64,
     /// TCP segments of this rule's flows outside the window (dropped, nothing changed).
     pub out_of_window: u64,
+    /// Unconfirmed flows of this rule evicted to admit new flows (docs/architecture.md,
+    /// "Flow admission and eviction"; by reason in [`Counters::evictions`]).
+    pub flows_evicted: u64,
+    /// Unknown-flow segments not answered with an RST: the worker's RST rate was spent.
+    pub reset_rate_limited: u64,
+    /// Packets from a member's address on a port that does not face the members.
+    pub spoofed_source: u64,
+    /// Reply-direction packets of this rule's flows on the wrong port.
+    pub wrong_side: u64,
 }
 
 /// All counters of one worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Counters {
     pub rx_packets: u64,
     pub tx_packets: u64,
@@ -139,6 +167,40 @@ pub struct Counters {
     pub live_flows: Vec<u32>,
     /// Events lost because the event queue was full.
     pub events_dropped: u64,
+    /// Unconfirmed flows evicted to admit new ones, by [`EvictReason::index`].
+    pub evictions: [u64; EvictReason::COUNT],
+}
+
+impl Clone for Counters {
+    fn clone(&self) -> Counters {
+        let mut c = Counters::default();
+        c.clone_from(self);
+        c
+    }
+
+    /// Copies into this value's storage: no allocation once the per-rule vectors are as long
+    /// as the source's (how a worker publishes its counters).
+    fn clone_from(&mut self, source: &Counters) {
+        // Destructured so that a new field cannot be forgotten here.
+        let Counters {
+            rx_packets,
+            tx_packets,
+            rsts_sent,
+            drops,
+            rules,
+            live_flows,
+            events_dropped,
+            evictions,
+        } = source;
+        self.rx_packets = *rx_packets;
+        self.tx_packets = *tx_packets;
+        self.rsts_sent = *rsts_sent;
+        self.drops = *drops;
+        self.rules.clone_from(rules);
+        self.live_flows.clone_from(live_flows);
+        self.events_dropped = *events_dropped;
+        self.evictions = *evictions;
+    }
 }
 
 impl Default for Counters {
@@ -151,6 +213,7 @@ impl Default for Counters {
             rules: Vec::new(),
             live_flows: Vec::new(),
             events_dropped: 0,
+            evictions: [0; EvictReason::COUNT],
         }
     }
 }
@@ -158,7 +221,7 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 22] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
@@ -178,6 +241,10 @@ impl RuleCounters {
             ("snat_exhausted", self.snat_exhausted),
             ("flow_table_full", self.flow_table_full),
             ("out_of_window", self.out_of_window),
+            ("flows_evicted", self.flows_evicted),
+            ("reset_rate_limited", self.reset_rate_limited),
+            ("spoofed_source", self.spoofed_source),
+            ("wrong_side", self.wrong_side),
         ]
     }
 
@@ -201,6 +268,10 @@ impl RuleCounters {
         self.snat_exhausted += other.snat_exhausted;
         self.flow_table_full += other.flow_table_full;
         self.out_of_window += other.out_of_window;
+        self.flows_evicted += other.flows_evicted;
+        self.reset_rate_limited += other.reset_rate_limited;
+        self.spoofed_source += other.spoofed_source;
+        self.wrong_side += other.wrong_side;
     }
 }
 
@@ -211,6 +282,10 @@ impl Counters {
 
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
+    }
+
+    pub fn eviction_count(&self, r: EvictReason) -> u64 {
+        self.evictions[r.index()]
     }
 
     /// Counters of rule `id` (zero if never seen).

@@ -67,7 +67,7 @@ pub struct DrainProgress {
 }
 
 /// The census of one worker's engine (see the module notes).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Census {
     /// The slot the running round looks at next; `None` between rounds.
     pub(crate) cursor: Option<u32>,

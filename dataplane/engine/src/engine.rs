@@ -9,12 +9,15 @@
 use std::sync::Arc;
 
 use crate::addr::Addr;
+use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
+use crate::hashkey::HashKey;
 use crate::late::LateTable;
 use crate::natlog::{NatEvent, NatEventKind, NatLog, NatLogMode};
-use crate::net::{NextHopError, NextHopId, NextHops, PortId};
+use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
+use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
@@ -22,6 +25,11 @@ use crate::time::{mins, Nanos, NANOS_PER_MILLI};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
+
+/// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
+/// enough for the clients of a restarted appliance to learn quickly that their connections
+/// are gone, too few to make xlb a useful reflector of spoofed segments.
+pub const DEFAULT_RESET_RATE: u32 = 1_000;
 
 /// Sizing and identity of one worker's engine.
 #[derive(Clone, Copy, Debug)]
@@ -37,8 +45,11 @@ pub struct EngineConfig {
     pub late_slots: usize,
     /// Timer tick is `2^tick_shift` ns (20 → ~1.05 ms).
     pub tick_shift: u32,
-    /// Secret seed of the flow hash.
+    /// Secret seed of the flow hash (this worker's own; draw it at random).
     pub hash_seed: u64,
+    /// Secret seed of the steering hash: the same on every worker of one daemon (they must
+    /// agree on the owner of each flow), drawn at random at start.
+    pub steer_seed: u64,
     /// Idle timeout of flows whose rule was deleted (they keep running, silently).
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
@@ -49,6 +60,11 @@ pub struct EngineConfig {
     /// their queue between two worker iterations.
     pub nat_log: NatLogMode,
     pub nat_log_capacity: usize,
+    /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
+    pub admission: AdmissionLimits,
+    /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
+    /// beyond it such segments are dropped (`reset_rate_limited`).
+    pub reset_rate: u32,
 }
 
 impl Default for EngineConfig {
@@ -61,11 +77,14 @@ impl Default for EngineConfig {
             late_slots: 1 << 14,
             tick_shift: 20,
             hash_seed: 0x5EED_F71B,
+            steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
             drain_census_interval: 250 * NANOS_PER_MILLI,
             nat_log: NatLogMode::Off,
             nat_log_capacity: 4096,
+            admission: AdmissionLimits::default(),
+            reset_rate: DEFAULT_RESET_RATE,
         }
     }
 }
@@ -108,12 +127,16 @@ pub struct FlowInfo {
     pub deadline: Nanos,
 }
 
-/// The engine of one worker.
-#[derive(Debug)]
+/// The engine of one worker. `Clone` copies its whole state (benchmarks start every batch
+/// from one prepared engine).
+#[derive(Debug, Clone)]
 pub struct Engine {
     cfg: EngineConfig,
+    steer_key: HashKey,
     rules: Arc<RuleSet>,
     flows: FlowTable,
+    /// The flows not confirmed yet, oldest first: the only ones evicted for new flows.
+    unconfirmed: Unconfirmed,
     wheel: TimerWheel,
     net: NextHops,
     snat: SnatPorts,
@@ -121,11 +144,17 @@ pub struct Engine {
     counters: Counters,
     events: Vec<Event>,
     exhausted: Vec<Addr>,
+    /// Bounds the RSTs of the `reset` unknown-flow policy.
+    resets: TokenBucket,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
     /// Drained members' flows: counted, and ended at their deadline.
     census: Census,
     natlog: NatLog,
+    /// Next flow slot whose forward hop to re-resolve after the routes changed, and the
+    /// [`NextHops::route_epoch`] that re-resolution serves.
+    rehome: Option<u32>,
+    rehome_epoch: u64,
     scratch: [u8; MAX_RST_FRAME],
 }
 
@@ -139,19 +168,28 @@ impl Engine {
         counters.live_flows.resize(rules.rule_id_bound(), 0);
         let mut census = Census::default();
         census.set_drains(rules.drains());
+        let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
+        snat.prepare(&rules);
+        let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
+        unconfirmed.reserve_rules(rules.rule_id_bound());
         Engine {
             flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
+            unconfirmed,
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
             net: NextHops::new(cfg.next_hop_capacity),
-            snat: SnatPorts::new(cfg.worker, cfg.workers),
+            snat,
             late: LateTable::new(cfg.late_slots),
             counters,
             events: Vec::with_capacity(cfg.event_capacity),
             exhausted: Vec::new(),
+            resets: TokenBucket::new(cfg.reset_rate, cfg.reset_rate),
             sweep: None,
             census,
             natlog: NatLog::new(cfg.nat_log, cfg.nat_log_capacity),
+            rehome: None,
+            rehome_epoch: 0,
             scratch: [0; MAX_RST_FRAME],
+            steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
         }
@@ -192,6 +230,8 @@ impl Engine {
             self.sweep = Some(0);
         }
         self.census.set_drains(rules.drains());
+        self.snat.prepare(&rules);
+        self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
     }
 
@@ -201,6 +241,11 @@ impl Engine {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Next-hop entries in use, reclaimed and refused.
+    pub fn next_hop_stats(&self) -> NextHopStats {
+        self.net.stats()
     }
 
     pub fn flow_count(&self) -> usize {
@@ -242,7 +287,15 @@ impl Engine {
 
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
-        self.flows.iter().map(|(id, f)| FlowInfo {
+        self.flows_in(0..self.flows.capacity())
+    }
+
+    /// Snapshot of the live flows whose slot (`FlowInfo::id`) is in `slots`, in slot order: a
+    /// page of a flow listing, whose cursor is the slot to go on from. A flow keeps its slot
+    /// for life, so a walk by slot sees every flow that lives through it exactly once; the
+    /// cost is the flows returned plus one bitmap word per 64 slots of the range.
+    pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
+        self.flows.iter_range(slots).map(|(id, f)| FlowInfo {
             id,
             rule: f.rule,
             proto: f.proto,
@@ -257,7 +310,10 @@ impl Engine {
 
     /// The earliest time at which [`expire`](Self::expire) has work, for the worker's sleep.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        if self.sweep.is_some() {
+        if self.sweep.is_some()
+            || self.rehome.is_some()
+            || self.net.route_epoch() != self.rehome_epoch
+        {
             return Some(0);
         }
         let wheel = self.wheel.next_deadline();
@@ -276,8 +332,9 @@ impl Engine {
     /// of every flow kind — load balancing, inbound NAT, floating IP, outbound SNAT — hash the
     /// same endpoint, so they land on the same worker whatever queue the NIC picked. SNAT ports
     /// are still partitioned between workers so that two workers never pick the same port.
+    /// The hash is keyed (`EngineConfig::steer_seed`), so a sender cannot aim at one worker.
     pub fn owner(&self, frame: &[u8]) -> Option<u16> {
-        owner(&self.rules, frame, self.cfg.workers)
+        owner(&self.rules, frame, self.cfg.workers, &self.steer_key)
     }
 
     /// Memory that `process` will read for `frame`'s flow, for the caller to prefetch a few
@@ -306,14 +363,41 @@ impl Engine {
         }
     }
 
-    /// Processes one received frame in place.
+    /// Processes one received frame in place. A frame that must leave with a VLAN tag it
+    /// arrived without needs room to grow: see [`process_buf`](Self::process_buf).
     #[inline]
     pub fn process(&mut self, now: Nanos, ingress: PortId, frame: &mut [u8]) -> Verdict {
+        let len = frame.len();
+        self.process_buf(now, ingress, frame, len)
+    }
+
+    /// Processes the frame `buf[..len]` received on `ingress`, in place; the rest of `buf` is
+    /// room it may grow into (4 bytes are enough: a VLAN tag), so `Verdict::Tx` may say
+    /// more than `len` bytes.
+    ///
+    /// A tagged frame is dropped as `vlan_tag` unless its VLAN is allowed on `ingress`
+    /// ([`NextHops::allow_vlan`]). A forwarded frame always leaves with the tag of its next
+    /// hop: the sender's own tag back to a sender (learned with it), the neighbour's toward a
+    /// destination (none unless the neighbour sits on a VLAN).
+    #[inline]
+    pub fn process_buf(
+        &mut self,
+        now: Nanos,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Verdict {
         self.counters.rx_packets += 1;
-        let pkt = match wire::parse(frame) {
+        let len = len.min(buf.len());
+        let pkt = match wire::parse(&buf[..len]) {
             Ok(p) => p,
             Err(e) => return self.drop(DropReason::Parse(e)),
         };
+        if let Some(vlan) = pkt.vlan {
+            if !self.net.vlan_allowed(ingress, vlan) {
+                return self.drop(DropReason::VlanTag);
+            }
+        }
         if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
             return self.drop(DropReason::Unsupported);
         }
@@ -334,17 +418,30 @@ impl Engine {
         };
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+            if let Some(reason) = self.wrong_port(id, dir, ingress) {
+                let rule = self.flows.get(id).rule;
+                return self.drop_for(rule, reason);
+            }
             if pkt.proto == proto::TCP {
                 let seg = Segment::of(&pkt);
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
                     // A new connection reusing the tuple of one that is over (or of a
                     // handshake that this SYN is not part of).
                     self.remove_flow(now, id);
-                    return self.miss(now, ingress, frame, &pkt, &tuple, hash);
+                    return self.miss(now, ingress, buf, len, &pkt, &tuple, hash);
                 }
                 match self.track(now, id, dir, &seg) {
-                    Outcome::Tracked(_) => {}
-                    Outcome::Passed => return self.emit(id, dir, frame, &pkt),
+                    Outcome::Tracked(_) => {
+                        // The original sender acknowledges the reply side's next byte: it
+                        // receives the replies, so the flow is confirmed (never evicted).
+                        if dir == ORIG
+                            && pkt.tcp_flags & (ACK | SYN | RST) == ACK
+                            && self.unconfirmed.is_unconfirmed(id)
+                        {
+                            self.confirm_tcp(id, pkt.ack);
+                        }
+                    }
+                    Outcome::Passed => return self.emit(id, dir, buf, len, &pkt),
                     Outcome::OutOfWindow => {
                         let rule = self.flows.get(id).rule;
                         return self.drop_for(rule, DropReason::OutOfWindow);
@@ -353,16 +450,20 @@ impl Engine {
             } else if dir == ORIG {
                 let f = self.flows.get(id);
                 if f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
-                    return self.move_udp(now, id, ingress, frame, &pkt, &tuple, hash);
+                    return self.move_udp(now, id, ingress, buf, len, &pkt, &tuple, hash);
                 }
+            } else if self.unconfirmed.is_unconfirmed(id) {
+                // A UDP reply: the flow is confirmed.
+                let rule = self.flows.get(id).rule;
+                self.unconfirmed.forget(id, rule, admission::UDP);
             }
             self.flows.get_mut(id).last_seen = now;
-            return self.emit(id, dir, frame, &pkt);
+            return self.emit(id, dir, buf, len, &pkt);
         }
-        self.miss(now, ingress, frame, &pkt, &tuple, hash)
+        self.miss(now, ingress, buf, len, &pkt, &tuple, hash)
     }
 
-    /// SPEC §5: a UDP flow whose backend went down (probe or admin state) moves, at its next
+    /// Health: a UDP flow whose backend went down (probe or admin state) moves, at its next
     /// client packet, to the member the rule's distribution picks now; with no member left it
     /// ends, and the packet is dropped and counted `no_backend`. The old flow is removed
     /// without counting an expiry (it did not idle out); the new one counts as created and as
@@ -375,14 +476,15 @@ impl Engine {
         now: Nanos,
         id: FlowId,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         tuple: &FlowTuple,
         hash: u64,
     ) -> Verdict {
         let rule = self.flows.get(id).rule;
         self.remove_flow(now, id);
-        let verdict = self.miss(now, ingress, frame, pkt, tuple, hash);
+        let verdict = self.miss(now, ingress, buf, len, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
             rule_counters(&mut self.counters, rule).flows_moved += 1;
         }
@@ -422,6 +524,25 @@ impl Engine {
                 done += 1;
             }
             self.sweep = (end < self.flows.capacity() as usize).then_some(end as u32);
+        }
+        let epoch = self.net.route_epoch();
+        if epoch != self.rehome_epoch {
+            // Routes changed (again): every flow's forward hop is looked up anew.
+            self.rehome_epoch = epoch;
+            self.rehome = Some(0);
+        }
+        match self.rehome {
+            Some(cursor) if done < budget => {
+                let end = (cursor as usize + (budget - done)).min(self.flows.capacity() as usize);
+                for id in cursor..end as u32 {
+                    if self.flows.is_live(id) {
+                        self.rehome_flow(id);
+                    }
+                    done += 1;
+                }
+                self.rehome = (end < self.flows.capacity() as usize).then_some(end as u32);
+            }
+            _ => {}
         }
         done + self.census_step(now, emit)
     }
@@ -473,6 +594,27 @@ impl Engine {
             self.census.cursor = Some(end);
         }
         1
+    }
+
+    /// Points flow `id`'s forward hop where the routes lead now. A flow whose new neighbour
+    /// is not known yet keeps its old hop until it is (the miss was queued for resolution).
+    fn rehome_flow(&mut self, id: FlowId) {
+        let f = self.flows.get(id);
+        let toward = match f.nat {
+            Nat::Snat => f.orig_dst,
+            Nat::Dnat | Nat::None => f.xlat,
+        };
+        let old = f.next_hop[ORIG];
+        match self.net.resolve(toward) {
+            Ok(new) if new != old => {
+                self.net.acquire(new);
+                self.net.release(old);
+                self.flows.get_mut(id).next_hop[ORIG] = new;
+            }
+            Ok(_) => {}
+            Err(NextHopError::NoNeighbor) => self.net.rehome_incomplete(),
+            Err(_) => {}
+        }
     }
 
     fn expire_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
@@ -533,12 +675,51 @@ impl Engine {
         }
     }
 
+    /// Anti-spoofing for a packet of flow `id`, direction `dir`, received on `ingress`: a reply
+    /// must come from the port the flow sends its original direction to (where the backend or
+    /// the remote host is), and the original direction of an outbound flow from a port that
+    /// faces the members. Checked before anything else, so a spoofed packet changes nothing.
+    #[inline]
+    fn wrong_port(&self, id: FlowId, dir: Dir, ingress: PortId) -> Option<DropReason> {
+        let f = self.flows.get(id);
+        if dir == REPLY {
+            (self.net.get(f.next_hop[ORIG]).port != ingress).then_some(DropReason::WrongSide)
+        } else {
+            (f.nat == Nat::Snat && !self.net.is_backend_side(ingress))
+                .then_some(DropReason::SpoofedSource)
+        }
+    }
+
+    /// A TCP flow is confirmed when its original sender acknowledges exactly the next
+    /// sequence number of the reply direction: it receives what the other end sends, which
+    /// a sender of spoofed segments does not (see [`crate::admission`]).
+    #[cold]
+    fn confirm_tcp(&mut self, id: FlowId, ack: u32) {
+        let f = self.flows.get(id);
+        if f.tcp.seen(REPLY) && !f.tcp.state.is_closed() && ack == f.tcp.next_seq(REPLY) {
+            let rule = f.rule;
+            self.unconfirmed.forget(id, rule, admission::TCP);
+        }
+    }
+
+    /// Evicts unconfirmed flow `id` to admit a new one.
+    fn evict(&mut self, now: Nanos, id: FlowId, reason: EvictReason) {
+        let rule = self.flows.get(id).rule;
+        self.counters.evictions[reason.index()] += 1;
+        rule_counters(&mut self.counters, rule).flows_evicted += 1;
+        self.remove_flow(now, id);
+    }
+
     fn remove_flow(&mut self, now: Nanos, id: FlowId) {
         let f = *self.flows.get(id);
         self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
+        for hop in f.next_hop {
+            self.net.release(hop);
+        }
+        self.unconfirmed.forget(id, f.rule, class_of(f.proto));
         self.wheel.remove(id);
         self.flows.remove(id);
         if let Some(n) = self.counters.live_flows.get_mut(usize::from(f.rule)) {
@@ -587,9 +768,11 @@ impl Engine {
         outcome
     }
 
-    /// Rewrites a packet of flow `id`, direction `dir`, and addresses it to its next hop.
+    /// Rewrites a packet of flow `id`, direction `dir` (the frame `buf[..len]`), and addresses
+    /// it to its next hop, with that hop's VLAN tag.
     #[inline]
-    fn emit(&mut self, id: FlowId, dir: Dir, frame: &mut [u8], pkt: &Packet) -> Verdict {
+    fn emit(&mut self, id: FlowId, dir: Dir, buf: &mut [u8], len: usize, pkt: &Packet) -> Verdict {
+        let frame = &mut buf[..len];
         if !wire::decrement_hop_limit(frame, pkt) {
             return self.drop(DropReason::HopLimit);
         }
@@ -619,26 +802,32 @@ impl Engine {
         };
         let (rule, hop) = (f.rule, f.next_hop[dir]);
         wire::rewrite(frame, pkt, &rw);
-        let hop = self.net.get(hop);
-        frame[0..6].copy_from_slice(&hop.dst_mac);
-        frame[6..12].copy_from_slice(&hop.src_mac);
-        let port = hop.port;
+        let hop = *self.net.get(hop);
+        // Last: the tag moves the IP header, which `pkt`'s offsets describe.
+        let Some(len) = wire::retag(buf, len, pkt.vlan, hop.vlan) else {
+            // No room to add the tag (a caller without room in its buffers).
+            return self.drop(DropReason::VlanTag);
+        };
+        buf[0..6].copy_from_slice(&hop.dst_mac);
+        buf[6..12].copy_from_slice(&hop.src_mac);
         let c = rule_counters(&mut self.counters, rule);
         c.packets[dir] += 1;
-        c.bytes[dir] += frame.len() as u64;
+        c.bytes[dir] += len as u64;
         self.counters.tx_packets += 1;
         Verdict::Tx {
-            port,
-            len: frame.len() as u16,
+            port: hop.port,
+            len: len as u16,
         }
     }
 
     /// A packet without a flow.
+    #[allow(clippy::too_many_arguments)]
     fn miss(
         &mut self,
         now: Nanos,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         tuple: &FlowTuple,
         hash: u64,
@@ -663,8 +852,13 @@ impl Engine {
                 self.count_late(hash, now);
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
-                    UnknownFlowPolicy::Reset => return self.answer_rst(rule, ingress, frame, pkt),
-                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & RST != 0 => {
+                    UnknownFlowPolicy::Reset => {
+                        return self.answer_rst(now, rule, ingress, &mut buf[..len], pkt)
+                    }
+                    // Only what looks like a segment of a live connection creates state: ACK
+                    // set, no SYN, no RST (a bare FIN, a SYN-ACK or an RST without a flow is
+                    // not picked up).
+                    UnknownFlowPolicy::Pickup if pkt.tcp_flags & (ACK | SYN | RST) != ACK => {
                         return self.drop_for(rule, DropReason::NoFlow)
                     }
                     UnknownFlowPolicy::Pickup => {
@@ -690,9 +884,14 @@ impl Engine {
                 tcp: track,
                 last_seen: now,
             };
-            return self.create(ingress, frame, pkt, flow, backend.addr, hash);
+            return self.create(ingress, buf, len, pkt, flow, backend.addr, hash);
         }
         if let Some((rule, blocks)) = self.rules.match_outbound(pkt.proto, pkt.src) {
+            if !self.net.is_backend_side(ingress) {
+                // A member's address from outside: taking SNAT ports for it would let anyone
+                // exhaust the member's ports or send as the appliance.
+                return self.drop_for(rule, DropReason::SpoofedSource);
+            }
             if is_tcp && !is_syn {
                 self.count_late(hash, now);
                 return self.drop_for(rule, DropReason::NoFlow);
@@ -726,7 +925,7 @@ impl Engine {
                 },
                 last_seen: now,
             };
-            return self.create(ingress, frame, pkt, flow, pkt.dst, hash);
+            return self.create(ingress, buf, len, pkt, flow, pkt.dst, hash);
         }
         if is_tcp && self.count_late(hash, now) {
             return self.drop(DropReason::NoFlow);
@@ -741,14 +940,15 @@ impl Engine {
     fn create(
         &mut self,
         ingress: PortId,
-        frame: &mut [u8],
+        buf: &mut [u8],
+        len: usize,
         pkt: &Packet,
         flow: Flow,
         toward: Addr,
         hash: u64,
     ) -> Verdict {
         let rule = flow.rule;
-        let id = match self.insert_flow(ingress, frame, pkt, flow, toward, hash) {
+        let id = match self.insert_flow(ingress, buf, pkt, flow, toward, hash) {
             Ok(id) => id,
             Err(reason) => {
                 if flow.nat == Nat::Snat {
@@ -757,7 +957,7 @@ impl Engine {
                 return self.drop_for(rule, reason);
             }
         };
-        let verdict = self.emit(id, ORIG, frame, pkt);
+        let verdict = self.emit(id, ORIG, buf, len, pkt);
         if matches!(verdict, Verdict::Drop(_)) {
             // A flow never outlives a first packet that did not leave (the hop limit, the only
             // reason `emit` refuses, is checked before any flow is created).
@@ -772,7 +972,7 @@ impl Engine {
         verdict
     }
 
-    /// Resolves both next hops of `flow` and inserts it.
+    /// Resolves both next hops of `flow`, inserts it and takes its references on them.
     fn insert_flow(
         &mut self,
         ingress: PortId,
@@ -782,6 +982,16 @@ impl Engine {
         toward: Addr,
         hash: u64,
     ) -> Result<FlowId, DropReason> {
+        // Admission first (it may evict an unconfirmed flow, releasing that flow's hops),
+        // then this flow's hops, so that no reference taken here is released by an eviction.
+        let rule = flow.rule;
+        let class = class_of(flow.proto);
+        let full = self.flows.len() >= self.flows.capacity() as usize;
+        match self.unconfirmed.decide(rule, class, full) {
+            Admission::Admit => {}
+            Admission::Evict(victim, reason) => self.evict(flow.last_seen, victim, reason),
+            Admission::Refuse => return Err(DropReason::FlowTableFull),
+        }
         let forward = self.net.resolve(toward).map_err(hop_error)?;
         let mut src_mac = [0u8; 6];
         src_mac.copy_from_slice(&frame[6..12]);
@@ -792,13 +1002,22 @@ impl Engine {
         flow.next_hop = [forward, back];
         let id = match self.flows.insert_new(flow, hash) {
             Ok(id) => id,
-            Err(InsertError::Full) => return Err(DropReason::FlowTableFull),
-            Err(InsertError::Conflict) => return Err(DropReason::TupleConflict),
+            Err(e) => {
+                // A sender learned for this flow alone goes with it.
+                self.net.release_if_unused(back);
+                return Err(match e {
+                    InsertError::Full => DropReason::FlowTableFull,
+                    InsertError::Conflict => DropReason::TupleConflict,
+                });
+            }
         };
+        self.net.acquire(forward);
+        self.net.acquire(back);
+        self.unconfirmed.admit(id, rule, class);
         self.late.forget(hash);
         self.natlog
             .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
-        live_flows(&mut self.counters, flow.rule);
+        live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Ok(id)
@@ -807,6 +1026,7 @@ impl Engine {
     /// The `reset` unknown-flow policy: answer the segment with an RST back where it came from.
     fn answer_rst(
         &mut self,
+        now: Nanos,
         rule: RuleId,
         ingress: PortId,
         frame: &mut [u8],
@@ -815,6 +1035,9 @@ impl Engine {
         if pkt.tcp_flags & RST != 0 {
             // Never answer an RST with an RST.
             return self.drop_for(rule, DropReason::NoFlow);
+        }
+        if !self.resets.take(now) {
+            return self.drop_for(rule, DropReason::ResetRateLimited);
         }
         let len = wire::reply_rst_in_place(frame, pkt);
         if len == 0 {
@@ -862,17 +1085,20 @@ impl Engine {
             DropReason::SnatExhausted => c.snat_exhausted += 1,
             DropReason::FlowTableFull => c.flow_table_full += 1,
             DropReason::OutOfWindow => c.out_of_window += 1,
+            DropReason::ResetRateLimited => c.reset_rate_limited += 1,
+            DropReason::SpoofedSource => c.spoofed_source += 1,
+            DropReason::WrongSide => c.wrong_side += 1,
             _ => {}
         }
         self.drop(reason)
     }
 }
 
-/// The worker of endpoint `addr`:`port` among `workers` (identical on every worker: unkeyed).
-/// The worker among `workers` that owns the flow of `frame` under `rules` (see
-/// [`Engine::owner`]); `None` for a frame that does not parse. For callers without an engine
-/// at hand (the daemon's self-probe picks the worker to inject a probe at).
-pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
+/// The worker among `workers` that owns the flow of `frame` under `rules` with steering key
+/// `key` (see [`Engine::owner`]); `None` for a frame that does not parse. For callers without
+/// an engine at hand (the daemon's self-probe picks the worker to inject a probe at: it must
+/// use the key its workers were given).
+pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16, key: &HashKey) -> Option<u16> {
     if workers <= 1 {
         return Some(0);
     }
@@ -882,15 +1108,14 @@ pub fn owner(rules: &RuleSet, frame: &[u8], workers: u16) -> Option<u16> {
     } else {
         (pkt.dst, pkt.dst_port)
     };
-    Some(steer(addr, port, workers))
+    Some(steer(key, addr, port, workers))
 }
 
-pub fn steer(addr: Addr, port: u16, workers: u16) -> u16 {
-    let mut h = (addr.0 as u64) ^ ((addr.0 >> 64) as u64).rotate_left(32) ^ ((port as u64) << 48);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    ((h as u128 * workers.max(1) as u128) >> 64) as u16
+/// The worker of endpoint `addr`:`port` among `workers`: the same on every worker that holds
+/// the same key.
+pub fn steer(key: &HashKey, addr: Addr, port: u16, workers: u16) -> u16 {
+    let h = key.endpoint(addr, port);
+    ((u128::from(h) * u128::from(workers.max(1))) >> 64) as u16
 }
 
 fn rule_counters(c: &mut Counters, rule: RuleId) -> &mut RuleCounters {
@@ -910,6 +1135,15 @@ fn live_flows(c: &mut Counters, rule: RuleId) {
         c.live_flows.resize(i + 1, 0);
     }
     c.live_flows[i] += 1;
+}
+
+/// The admission class of a flow of IP protocol `proto`.
+fn class_of(proto: u8) -> admission::Class {
+    if proto == proto::UDP {
+        admission::UDP
+    } else {
+        admission::TCP
+    }
 }
 
 fn hop_error(e: NextHopError) -> DropReason {

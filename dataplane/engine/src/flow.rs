@@ -4,13 +4,15 @@
 //!
 //! Memory is fixed at start: `capacity` flows (96 bytes each) plus an index of
 //! `next_pow2(4 × capacity)` 8-byte slots (load ≤ 0.5, 32 bytes per flow), plus 8 bytes of
-//! timer links kept by the timer wheel: 136 bytes per flow for both directions.
+//! timer links kept by the timer wheel and 16 bytes of admission links
+//! (`crate::admission`): about 136 bytes per flow for both directions.
 //!
 //! Index slots pack `(tag: u32, ref: u32)` where `tag` is the high half of the key's hash (its
 //! low bits pick the home slot) and `ref = flow << 1 | dir`. Linear probing; deletion shifts
 //! later entries back (no tombstones, so probe lengths never degrade).
 
 use crate::addr::Addr;
+use crate::hashkey::HashKey;
 use crate::net::NextHopId;
 use crate::ruleset::{FlowTuple, RuleId};
 use crate::tcp::{Dir, TcpTrack, ORIG, REPLY};
@@ -112,29 +114,31 @@ pub enum InsertError {
 }
 
 /// Fixed-capacity flow table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FlowTable {
     flows: Vec<Flow>,
-    live: Vec<bool>,
+    /// Bit `id % 64` of word `id / 64`: slot `id` holds a live flow. Listing walks it a word
+    /// at a time, so a page costs its flows plus one word per 64 slots it spans.
+    live: Vec<u64>,
     free: Vec<FlowId>,
     index: Vec<u64>,
     mask: usize,
-    seed: u64,
+    key: HashKey,
 }
 
 impl FlowTable {
-    /// A table of `capacity` flows; `seed` keys the hash (keep it secret against collision
-    /// floods).
+    /// A table of `capacity` flows; `seed` keys the hash (draw it at random and keep it
+    /// secret: see [`crate::hashkey`]).
     pub fn new(capacity: u32, seed: u64) -> FlowTable {
         let capacity = capacity.max(1);
         let slots = (capacity as usize * 4).next_power_of_two();
         FlowTable {
             flows: vec![EMPTY_FLOW; capacity as usize],
-            live: vec![false; capacity as usize],
+            live: vec![0; (capacity as usize).div_ceil(64)],
             free: (0..capacity).rev().collect(),
             index: vec![EMPTY; slots],
             mask: slots - 1,
-            seed,
+            key: HashKey::from_seed(seed),
         }
     }
 
@@ -151,7 +155,7 @@ impl FlowTable {
     }
 
     pub fn hash(&self, t: &FlowTuple) -> u64 {
-        hash_tuple(self.seed, t)
+        self.key.tuple(t)
     }
 
     /// Finds the flow and direction a packet with tuple `t` (hashed as `hash`) belongs to.
@@ -218,7 +222,7 @@ impl FlowTable {
         }
         let id = self.free.pop().ok_or(InsertError::Full)?;
         self.flows[id as usize] = flow;
-        self.live[id as usize] = true;
+        self.set_live(id, true);
         self.index_insert(h0, id << 1);
         self.index_insert(h1, (id << 1) | 1);
         Ok(id)
@@ -253,7 +257,7 @@ impl FlowTable {
         }
         let id = self.free.pop().ok_or(InsertError::Full)?;
         self.flows[id as usize] = flow;
-        self.live[id as usize] = true;
+        self.set_live(id, true);
         // The reply entry first: the slot found above is still empty.
         self.index[i] = ((tag1 as u64) << 32) | ((id << 1) | 1) as u64;
         self.index_insert(orig_hash, id << 1);
@@ -262,19 +266,30 @@ impl FlowTable {
 
     /// Removes flow `id` (both keys). No-op if it is not live.
     pub fn remove(&mut self, id: FlowId) {
-        if !self.live[id as usize] {
+        if !self.is_live(id) {
             return;
         }
         let f = self.flows[id as usize];
         let (h0, h1) = (self.hash(&f.key(ORIG)), self.hash(&f.key(REPLY)));
         self.index_remove(h0, id << 1);
         self.index_remove(h1, (id << 1) | 1);
-        self.live[id as usize] = false;
+        self.set_live(id, false);
         self.free.push(id);
     }
 
     pub fn is_live(&self, id: FlowId) -> bool {
-        self.live.get(id as usize).copied().unwrap_or(false)
+        self.live
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    fn set_live(&mut self, id: FlowId, live: bool) {
+        let (w, bit) = (id as usize / 64, 1u64 << (id % 64));
+        if live {
+            self.live[w] |= bit;
+        } else {
+            self.live[w] &= !bit;
+        }
     }
 
     #[inline]
@@ -289,11 +304,40 @@ impl FlowTable {
 
     /// Live flows, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow)> {
-        self.flows
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.live[*i])
-            .map(|(i, f)| (i as FlowId, f))
+        self.iter_range(0..self.capacity())
+    }
+
+    /// Live flows whose slot is in `slots`, in slot order: a listing's cursor. A flow keeps
+    /// its slot for life, so paging by slot sees every flow that lives through the whole walk
+    /// exactly once, whatever comes and goes meanwhile. Costs the flows returned plus one
+    /// bitmap word per 64 slots of the range.
+    pub fn iter_range(
+        &self,
+        slots: std::ops::Range<FlowId>,
+    ) -> impl Iterator<Item = (FlowId, &Flow)> + '_ {
+        let end = slots.end.min(self.capacity());
+        let start = slots.start.min(end);
+        let mut word = start as usize / 64;
+        // The first word without the slots below `start`.
+        let mut bits = self
+            .live
+            .get(word)
+            .map_or(0, |w| w & (u64::MAX << (start % 64)));
+        std::iter::from_fn(move || loop {
+            if bits != 0 {
+                let id = (word * 64) as FlowId + bits.trailing_zeros();
+                bits &= bits - 1;
+                if id >= end {
+                    return None;
+                }
+                return Some((id, &self.flows[id as usize]));
+            }
+            word += 1;
+            if word * 64 >= end as usize {
+                return None;
+            }
+            bits = self.live[word];
+        })
     }
 
     fn index_insert(&mut self, hash: u64, r: u32) {
@@ -352,23 +396,6 @@ const EMPTY_FLOW: Flow = Flow {
     tcp: TcpTrack::NONE,
     last_seen: 0,
 };
-
-/// Keyed 64-bit hash of a 5-tuple (multiply-xorshift; murmur3's finaliser at the end).
-#[inline]
-pub fn hash_tuple(seed: u64, t: &FlowTuple) -> u64 {
-    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
-    const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    let s = t.src.0;
-    let d = t.dst.0;
-    let mut h = seed ^ ((s as u64) ^ ((s >> 64) as u64).rotate_left(23)).wrapping_mul(K1);
-    h = (h.rotate_left(31) ^ ((d as u64) ^ ((d >> 64) as u64).rotate_left(41))).wrapping_mul(K2);
-    h ^= ((t.src_port as u64) << 40) | ((t.dst_port as u64) << 16) | t.proto as u64;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
 
 #[cfg(test)]
 mod tests {
@@ -557,6 +584,78 @@ mod tests {
             dst_port: 2,
         };
         assert_eq!(t.flow_addr(t.hash(&missing)), None);
+    }
+
+    /// A listing that pages by slot while flows come and go between pages sees every flow
+    /// that lives through the whole walk exactly once, and no slot twice.
+    #[test]
+    fn slot_cursor_pages_cover_every_lasting_flow_once_under_churn() {
+        let cap = 300;
+        let mut t = FlowTable::new(cap, 5);
+        let mut live: std::collections::HashMap<(u8, u16), FlowId> = Default::default();
+        let mut rng = 7u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for i in 0..200u16 {
+            let f = flow((i % 50) as u8, 1000 + i, Nat::Dnat);
+            live.insert(((i % 50) as u8, 1000 + i), t.insert(f).unwrap());
+        }
+        for page in [1usize, 7, 64, 1000] {
+            let at_start: std::collections::HashSet<(u8, u16)> = live.keys().copied().collect();
+            let mut removed = std::collections::HashSet::new();
+            let mut seen_slots = std::collections::HashSet::new();
+            let mut seen_keys = Vec::new();
+            let mut cursor = 0;
+            loop {
+                let got: Vec<(FlowId, (u8, u16))> = t
+                    .iter_range(cursor..cap)
+                    .take(page)
+                    .map(|(id, f)| {
+                        let client = (f.orig_src.0 & 0xff) as u8;
+                        (id, (client, f.orig_sport))
+                    })
+                    .collect();
+                for &(id, key) in &got {
+                    assert!(seen_slots.insert(id), "slot {id} seen twice");
+                    seen_keys.push(key);
+                }
+                let Some(&(last, _)) = got.last() else { break };
+                cursor = last + 1;
+                // Churn between pages: remove a few, add a few (slots get reused).
+                for _ in 0..3 {
+                    let r = next();
+                    let key = ((r % 50) as u8, 1000 + (r >> 8) as u16 % 400);
+                    if let Some(id) = live.remove(&key) {
+                        t.remove(id);
+                        removed.insert(key);
+                    } else if let Ok(id) = t.insert(flow(key.0, key.1, Nat::Dnat)) {
+                        live.insert(key, id);
+                    }
+                }
+            }
+            for key in at_start.difference(&removed) {
+                assert_eq!(
+                    seen_keys.iter().filter(|k| *k == key).count(),
+                    1,
+                    "page {page}: {key:?}"
+                );
+            }
+        }
+        // A range stops at its end, and at the capacity.
+        let all: Vec<FlowId> = t.iter().map(|(id, _)| id).collect();
+        let mid: Vec<FlowId> = t.iter_range(64..130).map(|(id, _)| id).collect();
+        let want: Vec<FlowId> = all
+            .iter()
+            .copied()
+            .filter(|id| (64..130).contains(id))
+            .collect();
+        assert_eq!(mid, want);
+        assert_eq!(t.iter_range(cap..cap + 100).count(), 0);
+        assert_eq!(t.iter().count(), t.len());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Late-packet detection: remembers, in bounded memory, the keys of TCP flows that expired idle,
 //! so that a packet arriving for one of them shortly after is counted as `late` on its rule —
-//! the casualty that the silent default otherwise hides (SPEC §6).
+//! the casualty that the silent default otherwise hides.
 //!
 //! A direct-mapped table of key hashes: a newer expiry overwrites an older one in the same slot,
 //! so under heavy churn some late packets go uncounted; it never counts a packet that is not
@@ -17,7 +17,7 @@ struct Entry {
     used: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LateTable {
     entries: Vec<Entry>,
     mask: usize,

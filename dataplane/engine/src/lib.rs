@@ -1,22 +1,26 @@
 //! xlb's pure packet engine.
 //!
-//! Everything SPEC.md §1–§4 asks of the data plane, with no I/O: frames in, frames out, and
+//! Everything xlb promises of the data plane (docs/behaviour.md), with no I/O: frames in, frames out, and
 //! `now` passed in by the caller. See `docs/architecture.md`.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod admission;
 pub mod config;
 pub mod counters;
 pub mod drain;
 pub mod engine;
 pub mod flow;
+pub mod hashkey;
 pub mod late;
 pub mod natlog;
 pub mod net;
+pub mod ratelimit;
 pub mod ruleset;
 pub mod select;
 pub mod snat;
 pub mod tcp;
+pub mod terms;
 pub mod time;
 pub mod timer;
 pub mod wire;

@@ -75,7 +75,7 @@ impl NatEvent {
 }
 
 /// The bounded queue of one engine.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct NatLog {
     pub(crate) mode: NatLogMode,
     queue: Vec<NatEvent>,

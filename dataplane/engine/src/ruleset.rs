@@ -12,12 +12,10 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::addr::Addr;
-use crate::config::Distribution;
 use crate::drain::Drain;
 use crate::select::{flow_hash, reduce, FastBuild, PoolTable};
+pub use crate::terms::{Distribution, FlowTuple, UnknownFlowPolicy, PROTO_TCP, PROTO_UDP};
 use crate::time::{secs, Nanos};
 
 /// Stable id of a rule (any kind). Ids are kept across generations for a rule of the same
@@ -31,16 +29,26 @@ pub enum RuleKind {
     Outbound,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownFlowPolicy {
-    /// Drop and count `no_flow` (default).
-    #[default]
-    Drop,
-    /// Answer with a TCP RST, as a NAT gateway does.
-    Reset,
-    /// Re-create the flow with the same deterministic backend choice.
-    Pickup,
+impl RuleKind {
+    /// The operator's name of the kind, wherever one is shown: Prometheus' `kind` label,
+    /// `xlbctl`'s tables and JSON (the API's enum spells it `RULE_KIND_<NAME>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::LoadBalancing => "load_balancing",
+            RuleKind::InboundNat => "inbound_nat",
+            RuleKind::Outbound => "outbound",
+        }
+    }
+
+    /// The kind's short key in xlbd's one-line formats: the status line (`lb.web[…]`) and
+    /// the stats file (`rule.lb.web.flows_created`).
+    pub fn key(self) -> &'static str {
+        match self {
+            RuleKind::LoadBalancing => "lb",
+            RuleKind::InboundNat => "nat",
+            RuleKind::Outbound => "out",
+        }
+    }
 }
 
 /// What a flow needs from its rule; looked up by [`RuleId`] at every expiry check, so changes
@@ -108,16 +116,6 @@ impl Timers {
     }
 }
 
-/// The 5-tuple of a packet, as received.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowTuple {
-    pub proto: u8,
-    pub src: Addr,
-    pub src_port: u16,
-    pub dst: Addr,
-    pub dst_port: u16,
-}
-
 /// The member chosen for a new inbound flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -134,10 +132,6 @@ pub struct PortBlock {
     /// Number of ports (a multiple of 8).
     pub count: u16,
 }
-
-/// IP protocol numbers the rule set matches on.
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
 
 /// The compiled rule set.
 #[derive(Debug)]
@@ -399,10 +393,10 @@ impl RuleSet {
         }
     }
     /// Whether `addr` is a configured member of rule `id`'s pool that is **down**: failing its
-    /// probes or admin state `down` (for a single-target NAT rule: its target). SPEC §5 moves
+    /// probes or admin state `down` (for a single-target NAT rule: its target). Health moves
     /// UDP flows off such a member: the engine checks this on every original-direction packet
     /// of a UDP flow and re-selects with [`RuleSet::select_backend`] (the flow ends when that
-    /// gives `None`). A member removed from the pool, or a deleted rule, is not "down": SPEC §2
+    /// gives `None`). A member removed from the pool, or a deleted rule, is not "down": configuration changes never move flows
     /// says configuration changes never move flows. Per packet this is one load when no member
     /// of the pool is down, else one hash probe.
     #[inline]

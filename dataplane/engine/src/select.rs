@@ -20,8 +20,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::addr::Addr;
-use crate::config::Distribution;
-use crate::ruleset::FlowTuple;
+use crate::terms::{Distribution, FlowTuple};
 
 /// Slots of a small table (prime).
 pub const MAGLEV_SMALL: usize = 4_099;

@@ -1,4 +1,4 @@
-//! Hierarchical timing wheel for idle expiry (DESIGN.md problem 3; after tokio's wheel:
+//! Hierarchical timing wheel for idle expiry (after tokio's wheel:
 //! 6 levels × 64 slots, O(1) insert / remove / advance with bit tricks).
 //!
 //! The wheel stores no deadlines. A slot *fires* at its start time and hands every entry in it
@@ -40,7 +40,7 @@ const UNLINKED: Link = Link {
 };
 
 /// A timing wheel over ids `0..capacity`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TimerWheel {
     tick_shift: u32,
     /// Ticks up to which every slot has fired.

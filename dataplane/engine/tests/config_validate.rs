@@ -1,4 +1,4 @@
-//! Validation of SPEC §1: every rule at each bound (below, at, above), and error messages
+//! Validation of the configuration: every rule at each bound (below, at, above), and error messages
 //! that name the field, the value and the allowed range.
 
 use std::net::IpAddr;

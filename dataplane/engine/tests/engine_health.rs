@@ -1,4 +1,4 @@
-//! SPEC §5 through the whole engine: what a member going down (failed probes or admin state
+//! Health and drain through the whole engine: what a member going down (failed probes or admin state
 //! `down`) does to existing and new flows. Health changes reach the engine only as a new rule
 //! set, exactly as the daemon publishes them.
 
@@ -305,7 +305,7 @@ fn admin_down_acts_like_a_failed_probe_and_admin_up_overrides_probes() {
 
 #[test]
 fn removing_a_member_from_the_pool_does_not_move_its_udp_flows() {
-    // SPEC §2: configuration changes never move flows; only health (SPEC §5) does.
+    // Configuration changes never move flows; only health does.
     let mut lab = Lab::new();
     let mut sport = 45_000;
     let q = loop {

@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tonic::Code;
 use xlb_api::server::{self, BearerToken, Client};
+use xlb_api::status::validation_failure;
 use xlb_api::{
     ControlState, FakeTelemetry, Listen, PublishError, Publisher, ServeOptions, StateOptions,
 };
 use xlb_engine::config::Config;
 use xlb_engine::{MemberHealth, RuleSet};
+use xlb_proto::v1 as pb;
 
 /// Records every generation it is handed; fails the next `fail_next` publishes.
 #[derive(Debug, Default)]
@@ -174,5 +177,88 @@ impl Harness {
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+    }
+}
+
+/// Create, get, list, update, delete of one object of kind `K`, checking every answer: `sent`
+/// is created and answered as `answered` (defaults made explicit), then replaced by `changed`.
+/// Returns the generation of the create.
+pub async fn crud_round_trip<K: xlb_api::Remote>(
+    c: &mut Client,
+    sent: K::Proto,
+    answered: K::Proto,
+    changed: K::Proto,
+) -> u64
+where
+    K::Proto: PartialEq,
+{
+    let name = K::from_proto(sent.clone()).unwrap().name().to_string();
+    let listed = |r| K::list_answer(r).0.len();
+    let before = listed(K::list(c).await.unwrap());
+    let (got, generation) = K::answer(K::create(c, K::create_request(sent)).await.unwrap());
+    assert_eq!(got.as_ref(), Some(&answered));
+    assert_eq!(
+        K::answer(K::get(c, name.clone()).await.unwrap()).0,
+        Some(answered)
+    );
+    assert_eq!(listed(K::list(c).await.unwrap()), before + 1);
+    let r = K::answer(
+        K::update(c, K::update_request(changed.clone()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r, (Some(changed.clone()), generation + 1));
+    assert_eq!(
+        K::answer(K::get(c, name.clone()).await.unwrap()).0,
+        Some(changed)
+    );
+    let d = K::delete(c, name.clone()).await.unwrap();
+    assert_eq!(d.generation, generation + 2);
+    let gone = K::get(c, name).await.err().expect("deleted");
+    assert_eq!(gone.code(), Code::NotFound);
+    assert_eq!(listed(K::list(c).await.unwrap()), before);
+    generation
+}
+
+pub fn status_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Status {
+    r.expect_err("the request should have been refused")
+}
+
+/// The single violation of an INVALID_ARGUMENT status at `path`: (value, allowed).
+pub fn violation(s: &tonic::Status, path: &str) -> (String, String) {
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let v = validation_failure(s).expect("structured details");
+    let hit = v
+        .violations
+        .iter()
+        .find(|v| v.path == path)
+        .unwrap_or_else(|| panic!("no violation at {path}: {v:?}"));
+    assert!(
+        s.message().contains(path),
+        "message names the field: {}",
+        s.message()
+    );
+    (hit.value.clone(), hit.allowed.clone())
+}
+
+pub fn lb(name: &str, port: u32) -> pb::LoadBalancingRule {
+    pb::LoadBalancingRule {
+        name: name.into(),
+        frontend: "vip".into(),
+        protocol: pb::Protocol::Tcp as i32,
+        frontend_port: port,
+        backend_pool: "web".into(),
+        backend_port: 8080,
+        ..Default::default()
+    }
+}
+
+pub fn outbound(name: &str) -> pb::OutboundRule {
+    pb::OutboundRule {
+        name: name.into(),
+        frontends: vec!["snat".into()],
+        backend_pool: "web".into(),
+        protocol: pb::Protocol::Tcp as i32,
+        ..Default::default()
     }
 }

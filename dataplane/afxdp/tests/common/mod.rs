@@ -36,7 +36,7 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -206,7 +206,7 @@ pub fn compile_releasing(
             kind: RuleKind::LoadBalancing,
             name: Arc::from(r.name.as_str()),
             idle_timeout: idle(r.idle_timeout_minutes),
-            // SPEC §3: HA-ports rules on internal frontends never reset on idle.
+            // HA-ports rules on internal frontends never reset on idle.
             tcp_reset: r.tcp_reset && !(ha && fe.kind == FrontendKind::Internal),
             unknown_flow: r.unknown_flow,
             floating_ip: r.floating_ip,

@@ -1,4 +1,4 @@
-//! The operator's configuration model (SPEC §1), its validation and its compilation into a
+//! The operator's configuration model (docs/behaviour.md), its validation and its compilation into a
 //! [`crate::RuleSet`].
 //!
 //! One typed model serves the TOML start-up file and the gRPC API: plain serde structs,
@@ -7,7 +7,7 @@
 //! value reaches [`validate`] and gets an error naming the field, the value and the range,
 //! instead of an opaque decoding error (protobuf has no 16-bit integers either).
 //!
-//! Choices where SPEC is silent, all documented in `docs/examples/xlb.toml`:
+//! Choices beyond the behaviour xlb promises, all documented in `docs/examples/xlb.toml`:
 //! - protocols are written `TCP`/`UDP`/`ALL`/`HTTP` (lower case accepted);
 //! - a frontend's `kind` is required (public vs internal decides whether HA ports are legal);
 //! - health probes: `interval_seconds` 1–3600 (default 5), `threshold` 1–100 (default 2:
@@ -20,13 +20,13 @@
 //!   rule but select no backend);
 //! - outbound: a member may be SNATed by one outbound rule per protocol; two outbound rules
 //!   may share a frontend IP only for different protocols (TCP and UDP ports are separate);
-//! - `unknown_flow` exists on every rule kind (SPEC §2 applies it to any flow), default drop.
+//! - `unknown_flow` exists on every rule kind (it applies to any flow), default drop.
 
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::ruleset::UnknownFlowPolicy;
+pub use crate::terms::{Distribution, UnknownFlowPolicy};
 
 mod compile;
 mod validate;
@@ -34,14 +34,14 @@ mod validate;
 pub use compile::{compile, compile_releasing, MemberHealth};
 pub use validate::{default_outbound_ports, validate, ValidationError, ValidationErrors};
 
-/// Idle timeout of every rule kind unless set (SPEC §1).
+/// Idle timeout of every rule kind unless set.
 pub const DEFAULT_IDLE_TIMEOUT_MINUTES: u32 = 4;
-/// Idle-timeout bounds of load-balancing and inbound NAT rules (SPEC §1).
+/// Idle-timeout bounds of load-balancing and inbound NAT rules.
 pub const INBOUND_IDLE_BOUNDS: MinutesRange = MinutesRange {
     min_minutes: 4,
     max_minutes: 30,
 };
-/// Idle-timeout bounds of outbound rules (SPEC §1).
+/// Idle-timeout bounds of outbound rules.
 pub const OUTBOUND_IDLE_BOUNDS: MinutesRange = MinutesRange {
     min_minutes: 4,
     max_minutes: 100,
@@ -62,7 +62,7 @@ pub const MAX_PROBE_THRESHOLD: u32 = 100;
 pub const DEFAULT_PROBE_TIMEOUT_SECONDS: u32 = 30;
 /// Longest drain deadline (an hour, as the cloud balancers allow).
 pub const MAX_DRAIN_TIMEOUT_SECONDS: u32 = 3_600;
-/// Usable SNAT ports per frontend IP: 1024–65023 (SPEC §4).
+/// Usable SNAT ports per frontend IP: 1024–65023.
 pub const SNAT_PORTS_PER_IP: u32 = 64_000;
 pub const SNAT_FIRST_PORT: u32 = 1_024;
 /// Member indices are `u16` in the Maglev table, and `u16::MAX` marks an empty slot.
@@ -96,7 +96,7 @@ pub enum ConfigError {
     /// Not TOML, or not the shape of a [`Config`] (unknown field, wrong type, missing field).
     #[error("cannot read the configuration: {0}")]
     Parse(String),
-    /// Well-formed, but breaks a rule of SPEC §1.
+    /// Well-formed, but breaks a validation rule.
     #[error(transparent)]
     Invalid(#[from] ValidationErrors),
 }
@@ -114,7 +114,7 @@ impl Config {
         toml::to_string(self).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
-    /// Checks every rule of SPEC §1 and reports every violation.
+    /// Checks every validation rule and reports every violation.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         validate(self)
     }
@@ -124,7 +124,7 @@ impl Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
-    /// Idle timeout of every UDP flow, independent of the rules' TCP idle timeout (SPEC §3).
+    /// Idle timeout of every UDP flow, independent of the rules' TCP idle timeout.
     pub udp_idle_timeout_seconds: u32,
     /// Lab time: every timer is divided by this (60 makes 4 minutes last 4 seconds).
     pub lab_time_scale: u32,
@@ -190,7 +190,7 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
-/// Operator override of probe results (SPEC §5).
+/// Operator override of probe results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminState {
@@ -302,18 +302,6 @@ impl Protocol {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Distribution {
-    /// src IP, src port, dst IP, dst port, protocol.
-    #[default]
-    FiveTuple,
-    /// src IP + dst IP: one client sticks to one member.
-    SourceIp,
-    /// src IP + dst IP + protocol.
-    SourceIpProtocol,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancingRule {
@@ -404,7 +392,7 @@ pub struct OutboundRule {
     pub frontends: Vec<String>,
     pub backend_pool: String,
     pub protocol: Protocol,
-    /// SNAT ports per member; a multiple of 8. Unset: by pool size (SPEC §4).
+    /// SNAT ports per member; a multiple of 8. Unset: by pool size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated_outbound_ports: Option<u32>,
     #[serde(default = "default_idle")]

@@ -1,4 +1,4 @@
-//! Validation of SPEC §1: a pure function of the configuration that reports every violation
+//! Validation of the configuration (docs/behaviour.md, "Objects"): a pure function of the configuration that reports every violation
 //! at once, each with the field path, the value, the allowed range or set, and what to do.
 //! The daemon applies a configuration only when this returns `Ok`, so nothing is ever partly
 //! applied.
@@ -15,7 +15,7 @@ use super::{
     SNAT_PORTS_PER_IP,
 };
 use crate::addr::Addr;
-use crate::ruleset::PROTO_TCP;
+use crate::terms::PROTO_TCP;
 
 /// One violation.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -75,7 +75,7 @@ impl<'a> IntoIterator for &'a ValidationErrors {
     }
 }
 
-/// SNAT ports per member when an outbound rule does not set them, by pool size (SPEC §4);
+/// SNAT ports per member when an outbound rule does not set them, by pool size;
 /// `None` above 1,000 members, where the operator must choose.
 pub fn default_outbound_ports(pool_size: usize) -> Option<u32> {
     match pool_size {
@@ -89,7 +89,7 @@ pub fn default_outbound_ports(pool_size: usize) -> Option<u32> {
     }
 }
 
-/// Checks every rule of SPEC §1 and returns every violation.
+/// Checks every validation rule and returns every violation.
 pub fn validate(config: &Config) -> Result<(), ValidationErrors> {
     let mut c = Checker::new(config);
     c.settings();
@@ -323,7 +323,7 @@ impl<'a> Checker<'a> {
     }
 
     /// Bounds may only widen the defaults, so that the default of 4 minutes and every value
-    /// valid under SPEC stay valid.
+    /// valid under the default bounds stay valid.
     fn bounds(&mut self, field: &str, b: MinutesRange, default: MinutesRange) -> bool {
         let min_ok = self.range(
             format!("settings.{field}.min_minutes"),
@@ -1046,7 +1046,7 @@ impl<'a> Checker<'a> {
     }
 
     /// SNAT ports per member: a multiple of 8, and all members together within 64,000 ports
-    /// per frontend IP (SPEC §4).
+    /// per frontend IP.
     fn allocation(&mut self, base: &str, set: Option<u32>, pool: &BackendPool, ips: usize) {
         let path = format!("{base}.allocated_outbound_ports");
         let members = pool.members.len() as u64;

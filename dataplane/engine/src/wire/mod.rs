@@ -28,11 +28,13 @@
 pub mod build;
 pub mod checksum;
 pub mod parse;
+pub mod vlan;
 
 pub use build::{build_tcp_rst, build_tcp_segment, reply_rst_in_place, RstSpec, MAX_RST_FRAME};
 pub use checksum::L4Checksum;
 pub use parse::{parse, Packet, ParseError, MAX_WSCALE, NO_WSCALE};
 pub use rewrite::{decrement_hop_limit, rewrite, Rewrite};
+pub use vlan::{retag, VLAN_HLEN};
 
 pub mod rewrite;
 

@@ -189,6 +189,7 @@ impl Lab {
         for (i, mac) in XLB_MAC.iter().enumerate() {
             net.set_port(i as PortId, *mac);
         }
+        net.set_backend_side(BACKEND_PORT, true);
         net.set_routes(vec![
             Route::v4(Ipv4Addr::new(198, 18, 0, 0), 24, CLIENT_PORT, None),
             Route::v4(Ipv4Addr::new(198, 18, 1, 0), 24, BACKEND_PORT, None),

@@ -1,0 +1,42 @@
+//! Compiles the benchmark tools' XDP programs in `src/bpf/` and generates their libbpf-rs
+//! skeletons into `OUT_DIR`: `gen.bpf.c` (xlb-gen), `sink.bpf.c` (xlb-sink) and
+//! `redirect.bpf.c` (xlb-xdp-fwd).
+
+use std::{env, path::PathBuf};
+
+use libbpf_cargo::SkeletonBuilder;
+
+/// (source, skeleton file, extra clang flags)
+const PROGRAMS: [(&str, &str, &[&str]); 3] = [
+    // The sequence number is a fetch-and-add (BPF_FETCH atomics need ISA v3).
+    ("src/bpf/gen.bpf.c", "gen.skel.rs", &["-mcpu=v3"]),
+    ("src/bpf/sink.bpf.c", "sink.skel.rs", &[]),
+    ("src/bpf/redirect.bpf.c", "redirect.skel.rs", &[]),
+];
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("CARGO_CFG_TARGET_ARCH is set by cargo");
+    // Debian keeps <asm/types.h> under the multiarch directory, which clang's BPF target
+    // does not search by itself.
+    let multiarch = match arch.as_str() {
+        "x86_64" => "x86_64-linux-gnu",
+        "aarch64" => "aarch64-linux-gnu",
+        other => other,
+    };
+    for (src, skel, extra) in PROGRAMS {
+        let mut args = vec![
+            format!("-I/usr/include/{multiarch}"),
+            "-O2".to_string(),
+            "-g".to_string(),
+            "-Wall".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        SkeletonBuilder::new()
+            .source(src)
+            .clang_args(args)
+            .build_and_generate(out.join(skel))
+            .unwrap_or_else(|e| panic!("building {src} failed (needs clang and libelf): {e:#}"));
+        println!("cargo:rerun-if-changed={src}");
+    }
+}

@@ -1,0 +1,225 @@
+//! Opening and spawning the workers: one AF_XDP worker per set of queues, each running an
+//! engine behind an [`EngineHandler`], with its channels to the control thread, its counter
+//! cell and its steering channels to the other workers.
+
+use std::{
+    sync::{atomic::AtomicBool, Arc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use xlb_afxdp::{
+    spawn, sys, worker::SocketInfo, PollMode, Worker, WorkerConfig, WorkerExit, WorkerStats,
+    XdpProgram,
+};
+use xlb_engine::{
+    natlog::{NatEvent, NatLogMode},
+    Addr, Engine, EngineConfig, RuleSet,
+};
+
+use crate::{
+    handler::EngineHandler,
+    kernel::{Port, PortVlan},
+    kernel_watch::KernelMailbox,
+    messages::{Ack, ControlLink, FromWorker, ToWorker},
+    options::{Failure, Options},
+    plane::{
+        cell::{cell, CellReader},
+        telemetry::WorkerPlacement,
+    },
+    steering::Steering,
+};
+
+/// Counters travel to the cells four times a second.
+const PUBLISH_EVERY_NS: u64 = 250_000_000;
+/// Frames a worker's hand-off inbox holds.
+const HANDOFF_INBOX: usize = 4096;
+
+/// A running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    pub join: JoinHandle<WorkerExit<EngineHandler>>,
+    pub to: Sender<ToWorker>,
+}
+
+/// The running workers and the control side's ends of their channels and cells.
+#[derive(Debug)]
+pub struct Workers {
+    pub handles: Vec<WorkerHandle>,
+    pub from: Receiver<FromWorker>,
+    /// The workers' acknowledgements, for the publisher (taken once).
+    pub acks: Option<Receiver<Ack>>,
+    pub cells: Vec<CellReader>,
+    pub port_stats: Vec<Arc<WorkerStats>>,
+    pub placement: Vec<WorkerPlacement>,
+    /// The AF_XDP sockets as the kernel granted them.
+    pub sockets: Vec<SocketInfo>,
+    /// Set to stop the workers.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Workers {
+    pub fn senders(&self) -> Vec<Sender<ToWorker>> {
+        self.handles.iter().map(|h| h.to.clone()).collect()
+    }
+}
+
+/// What every worker starts from.
+#[derive(Debug)]
+pub struct Start<'a> {
+    pub opts: &'a Options,
+    pub xdp: &'a XdpProgram,
+    pub ports: &'a [Port],
+    pub port_vlans: &'a [PortVlan],
+    /// The kernel's neighbours and routes, as every engine follows them.
+    pub kernel: Arc<KernelMailbox>,
+    pub rules: &'a Arc<RuleSet>,
+    pub queues: u32,
+    /// Self-probe sources: answers to them are taken off the wire.
+    pub probe_sources: Vec<Addr>,
+    /// Per port, whether it faces the members: outbound flows are taken only from there
+    /// (anti-spoofing).
+    pub backend_side: &'a [bool],
+    /// The steering key's seed, one for every worker (they must agree on each flow's owner).
+    pub steer_seed: u64,
+    /// Where the engines' NAT events go (`crate::ipfix`); `None`: the export is off.
+    pub nat_events: Option<Sender<NatEvent>>,
+}
+
+/// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
+pub fn random_seed() -> Result<u64, Failure> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Failure::runtime(format!("reading /dev/urandom: {e}")))?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// The control side's channels, shared by every worker.
+struct Links {
+    from: Sender<FromWorker>,
+    acks: Sender<Ack>,
+}
+
+/// Opens and spawns `--workers` workers.
+pub fn spawn_all(s: &Start) -> Result<Workers, Failure> {
+    let (from_tx, from) = channel::bounded(1024);
+    let (ack_tx, acks) = channel::bounded(256);
+    let links = Links {
+        from: from_tx,
+        acks: ack_tx,
+    };
+    let mut out = Workers {
+        handles: Vec::new(),
+        from,
+        acks: Some(acks),
+        cells: Vec::new(),
+        port_stats: Vec::new(),
+        placement: Vec::new(),
+        sockets: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    for (w, steering) in Steering::mesh(s.opts.workers, HANDOFF_INBOX)
+        .into_iter()
+        .enumerate()
+    {
+        spawn_one(s, w, steering, &links, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn poll_mode(opts: &Options) -> PollMode {
+    if opts.busy_poll {
+        PollMode::Busy
+    } else {
+        // A sleeping worker only wakes for its own sockets: frames handed to it by another
+        // worker wait for the timeout, so keep it short when there are hand-offs.
+        PollMode::Wakeup {
+            timeout: Duration::from_millis(if opts.workers > 1 { 1 } else { 10 }),
+        }
+    }
+}
+
+/// The engine of worker `w`, told the ports, which of them are backend side, and their VLANs
+/// (the kernel's view comes with the mailbox).
+fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
+    let ecfg = EngineConfig {
+        worker: w as u16,
+        workers: s.opts.workers as u16,
+        flow_capacity: s.opts.flow_capacity,
+        admission: s.opts.admission,
+        reset_rate: s.opts.reset_rate,
+        hash_seed: random_seed()?,
+        steer_seed: s.steer_seed,
+        nat_log: (s.opts.ipfix.as_ref()).map_or(NatLogMode::Off, |o| o.mode()),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
+    let net = engine.next_hops();
+    for (p, bs) in s.ports.iter().zip(s.backend_side) {
+        net.set_port(p.id, p.mac);
+        net.set_backend_side(p.id, *bs);
+    }
+    for pv in s.port_vlans {
+        net.allow_vlan(pv.port, pv.vlan);
+    }
+    Ok(engine)
+}
+
+fn spawn_one(
+    s: &Start,
+    w: usize,
+    steering: Steering,
+    links: &Links,
+    out: &mut Workers,
+) -> Result<(), Failure> {
+    let opts = s.opts;
+    let cfg = WorkerConfig {
+        interfaces: opts.interfaces.clone(),
+        queues: (0..s.queues)
+            .filter(|q| *q as usize % opts.workers == w)
+            .collect(),
+        poll: poll_mode(opts),
+        memlock_share: opts.workers as u32,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::open(&cfg, s.xdp).map_err(|e| {
+        Failure::runtime(format!(
+            "worker {w}: {e} (queues {:?} on {}; set --queues if the interfaces have fewer)",
+            cfg.queues,
+            opts.interfaces.join(",")
+        ))
+    })?;
+    out.sockets.extend(worker.sockets());
+    let (to_tx, to_rx) = channel::bounded(64);
+    let (writer, reader) = cell(w);
+    let link = ControlLink {
+        from_control: to_rx,
+        to_control: links.from.clone(),
+        acks: links.acks.clone(),
+        counters: writer,
+    };
+    let handler = EngineHandler::new(w, engine(s, w)?, link, PUBLISH_EVERY_NS, Some(steering))
+        .with_probe_sources(s.probe_sources.clone())
+        .with_kernel(Arc::clone(&s.kernel))
+        .with_nat_events(s.nat_events.clone());
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core = if opts.cores.is_empty() {
+        Some((w + 1) % ncpu)
+    } else {
+        Some(opts.cores[w % opts.cores.len()])
+    };
+    out.placement.push(WorkerPlacement {
+        interfaces: opts.interfaces.join(","),
+        first_queue: cfg.queues.first().copied().unwrap_or(0),
+        core,
+    });
+    out.port_stats.push(worker.stats());
+    out.cells.push(reader);
+    let join = spawn(w, worker, handler, Arc::clone(&out.stop), core)
+        .map_err(|e| Failure::runtime(format!("spawning worker {w}: {e}")))?;
+    out.handles.push(WorkerHandle { join, to: to_tx });
+    Ok(())
+}
