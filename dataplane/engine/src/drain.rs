@@ -20,9 +20,9 @@
 use std::sync::Arc;
 
 use crate::addr::Addr;
-use crate::config::DrainAction;
-use crate::ruleset::RuleId;
-use crate::time::Nanos;
+use crate::config::{AdminState, Config, DrainAction, MemberHealth};
+use crate::ruleset::{RuleId, RuleKind, RuleSet};
+use crate::time::{secs, Nanos};
 
 /// Flow slots a census looks at per `expire` call: about 4–10 µs of work.
 pub const CENSUS_SLOTS_PER_CALL: u32 = 4096;
@@ -168,4 +168,56 @@ impl Census {
             .zip(drains)
             .all(|(p, d)| p.flows_left == Some(0) && (d.deadline.is_none() || p.deadline_done));
     }
+}
+
+/// The drained members of `config` (admin state `down`), with the rules of `rs` that send to
+/// their pools and their deadlines from the drain start `health` recorded (none recorded: no
+/// deadline).
+pub(crate) fn compile(
+    config: &Config,
+    rs: &RuleSet,
+    health: &MemberHealth,
+    scale: u64,
+) -> Vec<Drain> {
+    let mut out = Vec::new();
+    for pool in &config.backend_pools {
+        let mut rules: Vec<RuleId> = config
+            .load_balancing_rules
+            .iter()
+            .filter(|r| r.backend_pool == pool.name)
+            .filter_map(|r| rs.rule_id(RuleKind::LoadBalancing, &r.name))
+            .chain(
+                config
+                    .inbound_nat_rules
+                    .iter()
+                    .filter(|r| r.backend_pool.as_deref() == Some(pool.name.as_str()))
+                    .filter_map(|r| rs.rule_id(RuleKind::InboundNat, &r.name)),
+            )
+            .collect();
+        rules.sort_unstable();
+        let name: Arc<str> = Arc::from(pool.name.as_str());
+        for m in pool
+            .members
+            .iter()
+            .filter(|m| m.admin_state == AdminState::Down)
+        {
+            let deadline = match (
+                m.drain_timeout_seconds,
+                health.drain_started(&pool.name, m.address),
+            ) {
+                (Some(t), Some(started)) => {
+                    Some(started.saturating_add(secs(u64::from(t)) / scale))
+                }
+                _ => None,
+            };
+            out.push(Drain {
+                pool: Arc::clone(&name),
+                member: Addr::from(m.address),
+                rules: rules.clone().into_boxed_slice(),
+                deadline,
+                action: m.drain_action,
+            });
+        }
+    }
+    out
 }

@@ -7,119 +7,19 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::health::MemberHealth;
 use super::validate::allocation_of;
 use super::{
-    validate, AdminState, BackendPool, Config, Frontend, FrontendKind, Member, ValidationErrors,
-    SNAT_FIRST_PORT, SNAT_PORTS_PER_IP,
+    validate, BackendPool, Config, Frontend, FrontendKind, ValidationErrors, SNAT_FIRST_PORT,
+    SNAT_PORTS_PER_IP,
 };
 use crate::addr::Addr;
-use crate::drain::Drain;
 use crate::ruleset::{
     Backend, CompiledRule, InboundKey, OutboundEntry, OutboundKey, PortBlock, RuleId, RuleKind,
     RuleParams, RuleSet, Selector, Timers,
 };
 use crate::select::{PoolTable, TableInput};
-use crate::time::{mins, secs, Nanos};
-
-/// Probe results: which (pool, member address) pairs currently fail their probes. The
-/// default says every member is healthy. Admin state is applied on top by [`compile`]: `up`
-/// makes a member eligible whatever this says, `down` makes it ineligible.
-///
-/// Health is per pool because probes are: when several rules with different probes share a
-/// pool, the daemon decides how their results combine (e.g. healthy only if all pass) and
-/// records the outcome here.
-///
-/// It also holds when each drained member's drain began (on the workers' time line), from
-/// which `compile` computes the drain deadlines: the daemon stamps a member when its admin
-/// state becomes `down` ([`MemberHealth::follow_drains`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MemberHealth {
-    unhealthy: HashMap<String, HashSet<Addr>>,
-    drain_started: HashMap<(String, Addr), Nanos>,
-}
-
-impl MemberHealth {
-    /// Every member healthy.
-    pub fn all_healthy() -> MemberHealth {
-        MemberHealth::default()
-    }
-
-    /// Records a probe verdict.
-    pub fn set_healthy(&mut self, pool: &str, member: impl Into<Addr>, healthy: bool) {
-        let member = member.into();
-        if healthy {
-            if let Some(set) = self.unhealthy.get_mut(pool) {
-                set.remove(&member);
-                if set.is_empty() {
-                    self.unhealthy.remove(pool);
-                }
-            }
-        } else {
-            self.unhealthy
-                .entry(pool.to_string())
-                .or_default()
-                .insert(member);
-        }
-    }
-
-    /// The probe verdict alone (admin state not applied).
-    pub fn is_healthy(&self, pool: &str, member: impl Into<Addr>) -> bool {
-        let member = member.into();
-        self.unhealthy
-            .get(pool)
-            .is_none_or(|set| !set.contains(&member))
-    }
-
-    /// When the drain of `member` of `pool` began, if it is drained and that was recorded.
-    pub fn drain_started(&self, pool: &str, member: impl Into<Addr>) -> Option<Nanos> {
-        self.drain_started
-            .get(&(pool.to_string(), member.into()))
-            .copied()
-    }
-
-    /// Records that the drain of `member` of `pool` began at `at` (`None`: not drained).
-    pub fn set_drain_started(&mut self, pool: &str, member: impl Into<Addr>, at: Option<Nanos>) {
-        let key = (pool.to_string(), member.into());
-        match at {
-            Some(t) => {
-                self.drain_started.insert(key, t);
-            }
-            None => {
-                self.drain_started.remove(&key);
-            }
-        }
-    }
-
-    /// Brings the drain start times in line with `config`: a member whose admin state is
-    /// `down` and who has no start yet began its drain at `now`; members that are no longer
-    /// drained (or no longer exist) lose theirs. A member that stays drained keeps its start,
-    /// so a changed `drain_timeout_seconds` counts from when the drain began.
-    pub fn follow_drains(&mut self, config: &Config, now: Nanos) {
-        let drained: HashSet<(String, Addr)> = config
-            .backend_pools
-            .iter()
-            .flat_map(|p| {
-                p.members
-                    .iter()
-                    .filter(|m| m.admin_state == AdminState::Down)
-                    .map(|m| (p.name.clone(), Addr::from(m.address)))
-            })
-            .collect();
-        self.drain_started.retain(|k, _| drained.contains(k));
-        for key in drained {
-            self.drain_started.entry(key).or_insert(now);
-        }
-    }
-
-    /// Whether `member` of `pool` may get new flows: its admin state, else its probe verdict.
-    pub fn eligible(&self, pool: &str, member: &Member) -> bool {
-        match member.admin_state {
-            AdminState::Up => true,
-            AdminState::Down => false,
-            AdminState::None => self.is_healthy(pool, member.address),
-        }
-    }
-}
+use crate::time::{mins, secs};
 
 /// Validates `config` and compiles it. Rules keep the id they had in `previous` (same kind
 /// and name); new rules take the lowest id that `previous` does not use, so a deleted rule's
@@ -336,56 +236,9 @@ pub fn compile_releasing(
         }
     }
 
-    rs.drains = drains(config, &rs, health, scale);
+    rs.drains = crate::drain::compile(config, &rs, health, scale);
     rs.pool_tables = tables.into_vec();
     Ok(rs)
-}
-
-/// The drained members of `config` (admin state `down`), with the rules of `rs` that send to
-/// their pools and their deadlines from the drain start `health` recorded (none recorded: no
-/// deadline).
-fn drains(config: &Config, rs: &RuleSet, health: &MemberHealth, scale: u64) -> Vec<Drain> {
-    let mut out = Vec::new();
-    for pool in &config.backend_pools {
-        let mut rules: Vec<RuleId> = config
-            .load_balancing_rules
-            .iter()
-            .filter(|r| r.backend_pool == pool.name)
-            .filter_map(|r| rs.rule_id(RuleKind::LoadBalancing, &r.name))
-            .chain(
-                config
-                    .inbound_nat_rules
-                    .iter()
-                    .filter(|r| r.backend_pool.as_deref() == Some(pool.name.as_str()))
-                    .filter_map(|r| rs.rule_id(RuleKind::InboundNat, &r.name)),
-            )
-            .collect();
-        rules.sort_unstable();
-        let name: Arc<str> = Arc::from(pool.name.as_str());
-        for m in pool
-            .members
-            .iter()
-            .filter(|m| m.admin_state == AdminState::Down)
-        {
-            let deadline = match (
-                m.drain_timeout_seconds,
-                health.drain_started(&pool.name, m.address),
-            ) {
-                (Some(t), Some(started)) => {
-                    Some(started.saturating_add(secs(u64::from(t)) / scale))
-                }
-                _ => None,
-            };
-            out.push(Drain {
-                pool: Arc::clone(&name),
-                member: Addr::from(m.address),
-                rules: rules.clone().into_boxed_slice(),
-                deadline,
-                action: m.drain_action,
-            });
-        }
-    }
-    out
 }
 
 impl RuleSet {
@@ -583,7 +436,7 @@ impl<'a> SnatCursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LoadBalancingRule, Protocol};
+    use crate::config::{AdminState, LoadBalancingRule, Member, Protocol};
 
     fn config() -> Config {
         let text = r#"

@@ -29,9 +29,11 @@ use serde::{Deserialize, Serialize};
 pub use crate::terms::{Distribution, UnknownFlowPolicy};
 
 mod compile;
+mod health;
 mod validate;
 
-pub use compile::{compile, compile_releasing, MemberHealth};
+pub use compile::{compile, compile_releasing};
+pub use health::MemberHealth;
 pub use validate::{default_outbound_ports, validate, ValidationError, ValidationErrors};
 
 /// Idle timeout of every rule kind unless set.
