@@ -356,3 +356,112 @@ fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
         "the member sees the client: {peer}"
     );
 }
+
+/// A member added live behind another interface may open outbound connections from there:
+/// the engine's anti-spoofing (outbound flows only from interfaces facing the members)
+/// follows the new member in the same generation as the rules that add it. Before, the
+/// member's address on that interface is taken for spoofed, and counted.
+#[test]
+fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed() {
+    if !need_root("an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed")
+    {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    // The internet host will be a member that connects out, to a server on the client
+    // host, through a SNAT address on the client side (the appliance's kernel answers ARP
+    // for it, as an operator would arrange).
+    ip(&[
+        "-n",
+        &lab.internet,
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        "198.19.0.1",
+    ]);
+    let ac = format!("{}ac", lab.prefix);
+    ip(&[
+        "-n",
+        &lab.xlb,
+        "addr",
+        "add",
+        &format!("{VIP2}/32"),
+        "dev",
+        &ac,
+    ]);
+    let server = in_ns(&lab.client, || {
+        std::net::TcpListener::bind((CLIENT, 9000)).expect("bind on the client host")
+    });
+    server.set_nonblocking(true).unwrap();
+    let connect_out = |lab: &Lab| {
+        let to = SocketAddr::new(CLIENT.parse().unwrap(), 9000);
+        in_ns(&lab.internet, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        })
+    };
+
+    // Before: the outbound rule does not know the member; the data plane does not take its
+    // packets as anyone's (the interface does not face a member: they go to the kernel,
+    // which does not forward).
+    assert!(connect_out(&lab).is_err(), "nothing carries it yet");
+
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+    rt.block_on(async {
+        c.create_frontend(pb::CreateFrontendRequest {
+            frontend: Some(frontend("snat2", VIP2)),
+        })
+        .await
+        .unwrap();
+        c.create_backend_pool(pb::CreateBackendPoolRequest {
+            backend_pool: Some(pb::BackendPool {
+                name: "far".into(),
+                members: vec![pb::Member {
+                    address: INTERNET.into(),
+                    ..Default::default()
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+        c.create_outbound_rule(pb::CreateOutboundRuleRequest {
+            rule: Some(pb::OutboundRule {
+                name: "far-out".into(),
+                frontends: vec!["snat2".into()],
+                backend_pool: "far".into(),
+                protocol: pb::Protocol::Tcp as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    });
+    let mut out = connect_out(&lab).expect("the member's outbound connection, translated");
+    let (mut accepted, peer) = {
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match server.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    };
+    assert_eq!(
+        peer.ip().to_string(),
+        VIP2,
+        "the client host sees the SNAT address"
+    );
+    use std::io::{Read, Write};
+    accepted.set_nonblocking(false).unwrap();
+    accepted.write_all(b"hello member\n").unwrap();
+    let mut buf = [0u8; 13];
+    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    out.read_exact(&mut buf)
+        .expect("the answer, translated back");
+    assert_eq!(&buf, b"hello member\n");
+    assert_eq!(lab.stat("drop.spoofed_source"), 0, "{}", lab.log_text());
+}
