@@ -550,8 +550,8 @@ fn udp_conversation(s: UdpSocket, to: SocketAddr) -> Box<dyn FnMut(u64) -> bool 
     })
 }
 
-/// Opens new flows to another rule every 100 ms while `running` (each: connect or ask, and
-/// check the answer): (tried, admitted).
+/// Opens new flows to another rule every 100 ms while `running` (each: connect and one echo,
+/// or one UDP question, answered in full): (tried, admitted).
 fn keep_opening(lab: &Lab, udp: bool, running: Arc<AtomicBool>) -> thread::JoinHandle<(u64, u64)> {
     spawn_in_ns(&lab.client, move || {
         let (mut tried, mut ok) = (0u64, 0u64);
@@ -567,7 +567,7 @@ fn keep_opening(lab: &Lab, udp: bool, running: Arc<AtomicBool>) -> thread::JoinH
             } else {
                 let to = SocketAddr::new(VIP.parse().unwrap(), 81);
                 TcpStream::connect_timeout(&to, Duration::from_secs(3))
-                    .is_ok_and(|mut s| whoami(&mut s).starts_with("backend"))
+                    .is_ok_and(|s| tcp_conversation(s)(0))
             };
             ok += u64::from(admitted);
             thread::sleep(Duration::from_millis(100));
