@@ -373,6 +373,15 @@ fn flood_rate() -> u64 {
         .unwrap_or(FLOOD_RATE)
 }
 
+/// Stops the flood lab's own servers when dropped (also when a test panics).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A UDP service on `port` of every backend that answers only queries (`q:` first) and
 /// ignores anything else, as a DNS server ignores garbage: a flood of junk gets no reply.
 fn start_picky_udp(lab: &Lab, port: u16, stop: &Arc<AtomicBool>) {
@@ -733,7 +742,7 @@ fn judge(lab: &Lab, what: &str, f: &Figures, occupancy: Occupancy) {
 /// The flood lab: one worker with a table of [`CAPACITY`] flows; with `shares_at_100`, the
 /// per-rule and per-class shares at 100 % (the flood alone can fill the table), else the
 /// defaults.
-fn flood_lab(shares_at_100: bool) -> (Lab, Arc<AtomicBool>, Vec<common::BackendServer>) {
+fn flood_lab(shares_at_100: bool) -> (Lab, StopOnDrop, Vec<common::BackendServer>) {
     let capacity = CAPACITY.to_string();
     let mut args = vec!["--workers", "1", "--flow-capacity", &capacity];
     if shares_at_100 {
@@ -753,7 +762,7 @@ fn flood_lab(shares_at_100: bool) -> (Lab, Arc<AtomicBool>, Vec<common::BackendS
     ];
     let stop = Arc::new(AtomicBool::new(false));
     start_picky_udp(&lab, 5454, &stop);
-    (lab, stop, servers)
+    (lab, StopOnDrop(stop), servers)
 }
 
 /// Spoofed SYNs at the reset-on-idle rule fill the table; an established connection on that
@@ -764,7 +773,7 @@ fn a_syn_flood_filling_the_table_leaves_established_and_new_connections_working(
     if !need_root("a_syn_flood_filling_the_table_leaves_established_and_new_connections_working") {
         return;
     }
-    let (lab, stop, _servers) = flood_lab(true);
+    let (lab, _stop, _servers) = flood_lab(true);
     let mut on_flooded = lab.client_connect(80);
     let mut on_other = lab.client_connect(81);
     assert!(whoami(&mut on_flooded).starts_with("backend"));
@@ -776,7 +785,6 @@ fn a_syn_flood_filling_the_table_leaves_established_and_new_connections_working(
         vec![tcp_conversation(on_flooded), tcp_conversation(on_other)],
         false,
     );
-    stop.store(true, Ordering::Relaxed);
     judge(&lab, "SYN flood at rule web", &f, Occupancy::Full);
     assert!(lab.stat("rule.lb.web.flows_evicted") > 0);
     assert_eq!(lab.stat("rule.lb.other.flows_evicted"), 0);
@@ -790,7 +798,7 @@ fn a_udp_flood_filling_the_table_leaves_established_and_new_flows_working() {
     if !need_root("a_udp_flood_filling_the_table_leaves_established_and_new_flows_working") {
         return;
     }
-    let (lab, stop, _servers) = flood_lab(true);
+    let (lab, _stop, _servers) = flood_lab(true);
     let quiet = SocketAddr::new(VIP.parse().unwrap(), 54);
     let udp = in_ns(&lab.client, || UdpSocket::bind("0.0.0.0:0").unwrap());
     let mut conversation = udp_conversation(udp, quiet);
@@ -804,7 +812,6 @@ fn a_udp_flood_filling_the_table_leaves_established_and_new_flows_working() {
         vec![conversation, tcp_conversation(tcp)],
         true,
     );
-    stop.store(true, Ordering::Relaxed);
     judge(&lab, "UDP flood at rule quiet", &f, Occupancy::Full);
     assert!(lab.stat("rule.lb.quiet.flows_evicted") > 0);
     assert_eq!(lab.stat("rule.lb.dns.flows_evicted"), 0);
@@ -818,7 +825,7 @@ fn a_syn_flood_at_one_rule_holds_only_its_share_of_the_table() {
     if !need_root("a_syn_flood_at_one_rule_holds_only_its_share_of_the_table") {
         return;
     }
-    let (lab, stop, _servers) = flood_lab(false);
+    let (lab, _stop, _servers) = flood_lab(false);
     let mut on_flooded = lab.client_connect(80);
     let mut on_other = lab.client_connect(81);
     assert!(whoami(&mut on_flooded).starts_with("backend"));
@@ -830,7 +837,6 @@ fn a_syn_flood_at_one_rule_holds_only_its_share_of_the_table() {
         vec![tcp_conversation(on_flooded), tcp_conversation(on_other)],
         false,
     );
-    stop.store(true, Ordering::Relaxed);
     // The rule's share (25 %), the established connections and the other rule's few.
     let share = CAPACITY / 4;
     judge(
