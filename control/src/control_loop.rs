@@ -146,6 +146,19 @@ impl<'a> ControlLoop<'a> {
                 self.marks_stale = false;
                 if let Err(e) = plane.apply_now(&self.state.snapshot().rules) {
                     tracing::warn!("backend-side interfaces after a route change: {e}");
+                } else {
+                    // The engines follow the maps; sent while the plane is held, so that a
+                    // publish (which sends its own marks with its rules) comes after. A full
+                    // channel: sent again at the next tick.
+                    let ports = plane.ports_of(&plane.applied().backend_side);
+                    for h in &self.workers.handles {
+                        if h.to
+                            .try_send(ToWorker::BackendSide(Arc::clone(&ports)))
+                            .is_err()
+                        {
+                            self.marks_stale = true;
+                        }
+                    }
                 }
             }
         }

@@ -314,8 +314,11 @@ impl EngineHandler {
 
     fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
-            ToWorker::Rules(rules) => {
+            ToWorker::Rules(rules, backend_side) => {
                 let generation = rules.generation();
+                if let Some(ports) = backend_side {
+                    self.set_backend_side(&ports);
+                }
                 self.engine.set_rules(rules);
                 // The publisher waits for this; a full channel means it gave up already.
                 let _ = self.acks.try_send(Ack {
@@ -327,6 +330,14 @@ impl EngineHandler {
                 let _ = q.reply.try_send(self.flows_page(&q, now_ns));
             }
             ToWorker::Probe(inj) => self.inject(now_ns, inj),
+            ToWorker::BackendSide(ports) => self.set_backend_side(&ports),
+        }
+    }
+
+    fn set_backend_side(&mut self, ports: &[(PortId, bool)]) {
+        let net = self.engine.next_hops();
+        for (port, backend_side) in ports {
+            net.set_backend_side(*port, *backend_side);
         }
     }
 
