@@ -64,11 +64,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     supervisor.ready(
         up_ns,
         Duration::from_secs(2),
-        &sd_notify::status_text(
-            &running.state,
-            &running.shared,
-            &running.workers.heartbeats,
-        ),
+        &sd_notify::status_text(&running.state, &running.shared, &running.workers.heartbeats),
     );
     if let Some(hangups) = running.hangups.take() {
         let reloader = reload::Reloader {

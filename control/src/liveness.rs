@@ -202,7 +202,10 @@ mod tests {
             .collect();
         // Last beat 750 ms: fed up to 1.5 s, withheld from 2 s (older than 1 s), fed again
         // at the first tick after the beat at 3 s.
-        assert_eq!(feeds, [0, 500, 1000, 1500, 3000, 3500, 4000, 4500, 5000, 5500]);
+        assert_eq!(
+            feeds,
+            [0, 500, 1000, 1500, 3000, 3500, 4000, 4500, 5000, 5500]
+        );
         assert!(log.contains(&(2000, "stuck")));
         assert!(log.contains(&(2500, "withheld")));
         assert!(log.contains(&(3000, "recovered")));

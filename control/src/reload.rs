@@ -181,8 +181,10 @@ kind = "public"
         };
         assert_eq!(
             lines("x.toml", &none),
-            ["xlbd event reload file=x.toml generation=3 applied=false changes=0 \
-              summary=\"no change\""]
+            [
+                "xlbd event reload file=x.toml generation=3 applied=false changes=0 \
+              summary=\"no change\""
+            ]
         );
     }
 }

@@ -166,8 +166,7 @@ impl Supervisor {
                             "not feeding the watchdog: no loop iteration of {}",
                             list.join(", ")
                         );
-                        self.notifier
-                            .status(&format!("stuck: {}", list.join(", ")));
+                        self.notifier.status(&format!("stuck: {}", list.join(", ")));
                     }
                 }
             }

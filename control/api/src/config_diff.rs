@@ -335,10 +335,7 @@ fn member_changes(pool: &str, old: &[Member], new: &[Member], out: &mut Vec<Chan
         let b = fields_of(n);
         let (op, fields) = match old.iter().find(|o| key(o.address) == key(n.address)) {
             None => (Op::Added, field_changes(&Map::new(), &b, &["address"])),
-            Some(o) => (
-                Op::Changed,
-                field_changes(&fields_of(o), &b, &["address"]),
-            ),
+            Some(o) => (Op::Changed, field_changes(&fields_of(o), &b, &["address"])),
         };
         if op == Op::Added || !fields.is_empty() {
             out.push(Change {
@@ -362,7 +359,11 @@ fn fields_of<T: Serialize>(v: &T) -> Map<String, Value> {
 }
 
 /// The fields whose value differs, by name.
-fn field_changes(a: &Map<String, Value>, b: &Map<String, Value>, skip: &[&str]) -> Vec<FieldChange> {
+fn field_changes(
+    a: &Map<String, Value>,
+    b: &Map<String, Value>,
+    skip: &[&str],
+) -> Vec<FieldChange> {
     let mut keys: Vec<&String> = b.keys().collect();
     keys.extend(a.keys().filter(|k| !b.contains_key(*k)));
     keys.sort();
@@ -381,10 +382,9 @@ fn field_changes(a: &Map<String, Value>, b: &Map<String, Value>, skip: &[&str]) 
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        Value::Array(items) => format!(
-            "[{}]",
-            items.iter().map(text).collect::<Vec<_>>().join(",")
-        ),
+        Value::Array(items) => {
+            format!("[{}]", items.iter().map(text).collect::<Vec<_>>().join(","))
+        }
         Value::Object(m) => format!(
             "{{{}}}",
             m.iter()
@@ -526,7 +526,11 @@ backend_port = 8080
         let mut reordered = c.clone();
         reordered.frontends.reverse();
         reordered.backend_pools[0].members.reverse();
-        assert!(diff(&c, &reordered).is_empty(), "{:?}", diff(&c, &reordered));
+        assert!(
+            diff(&c, &reordered).is_empty(),
+            "{:?}",
+            diff(&c, &reordered)
+        );
     }
 
     #[test]
@@ -604,7 +608,10 @@ backend_port = 8080
         );
         assert_eq!(
             brief(&diff(&new, &old)),
-            ["removed backend_pool api", "removed member api/2001:db8:1::11"]
+            [
+                "removed backend_pool api",
+                "removed member api/2001:db8:1::11"
+            ]
         );
     }
 
@@ -632,7 +639,10 @@ backend_port = 8080
         let restart: Vec<&str> = d.restart_only().map(|c| c.name.as_str()).collect();
         assert_eq!(restart, ["lab_time_scale"]);
         assert!(d.applies_anything());
-        assert_eq!(d.summary(), "0 added, 0 removed, 3 changed, 1 need a restart");
+        assert_eq!(
+            d.summary(),
+            "0 added, 0 removed, 3 changed, 1 need a restart"
+        );
         // What is applied keeps the running scale; the rest is the new file.
         let applied = keep_restart_only(&old, new.clone());
         assert_eq!(applied.settings.lab_time_scale, 60);

@@ -33,8 +33,8 @@ pub mod telemetry;
 pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    Applied, ConfigApplied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
-    Snapshot, StateOptions,
+    Applied, ConfigApplied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError,
+    Publisher, Snapshot, StateOptions,
 };
 pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{

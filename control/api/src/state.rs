@@ -19,8 +19,8 @@ use tokio::sync::broadcast;
 use xlb_engine::config::{BackendPool, Config, Member};
 use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
-pub use crate::object::{Kind, Object};
 use crate::config_diff::{self, ConfigDiff};
+pub use crate::object::{Kind, Object};
 use crate::telemetry::{ControlEvent, EventRecord};
 
 /// Hands a new rule set to the workers. The daemon implements it by sending the `Arc` to every

@@ -87,7 +87,11 @@ async fn apply(c: &mut Client, file: &Path, dry_run: bool, json: bool) -> Res {
             r.generation
         )
     } else if r.applied {
-        format!("applied as generation {} ({})", r.generation, diff.summary())
+        format!(
+            "applied as generation {} ({})",
+            r.generation,
+            diff.summary()
+        )
     } else if diff.is_empty() {
         format!("no change (generation {} runs)", r.generation)
     } else {
@@ -158,8 +162,7 @@ fn read(file: &Path) -> Res<Config> {
     };
     if text.trim_start().starts_with('{') {
         // `config get --json` prints {"generation": N, "config": {...}}; a bare config too.
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| invalid(format!("{name}: {e}")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| invalid(format!("{name}: {e}")))?;
         let inner = match v.get("config") {
             Some(c) if v.get("generation").is_some() => c.clone(),
             _ => v,
