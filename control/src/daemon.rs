@@ -58,24 +58,8 @@ struct Running {
 pub fn run(opts: Options) -> Result<(), Failure> {
     report::init_logging(opts.quiet);
     let mut running = start(&opts)?;
-    let up_ns = xlb_afxdp::sys::monotonic_ns();
-    let notifier = Notifier::from_env();
-    let mut supervisor = Supervisor::new(notifier.clone(), running.workers.heartbeats.clone());
-    supervisor.ready(
-        up_ns,
-        Duration::from_secs(2),
-        &sd_notify::status_text(&running.state, &running.shared, &running.workers.heartbeats),
-    );
-    if let Some(hangups) = running.hangups.take() {
-        let reloader = reload::Reloader {
-            opts: opts.clone(),
-            state: Arc::clone(&running.state),
-            shared: Arc::clone(&running.shared),
-            heartbeats: running.workers.heartbeats.clone(),
-            notifier: notifier.clone(),
-        };
-        reload::spawn(&running.runtime, hangups, reloader);
-    }
+    let mut supervisor = ready(&opts, &mut running);
+    let notifier = supervisor.notifier().clone();
     let parts = Parts {
         state: &running.state,
         shared: &running.shared,
@@ -92,6 +76,27 @@ pub fn run(opts: Options) -> Result<(), Failure> {
     let result = ControlLoop::new(&opts, parts).run();
     notifier.stopping();
     shutdown(running, &opts, result)
+}
+
+/// Tells the service manager that xlbd is ready (once every worker runs its loop), and
+/// reloads at SIGHUP from then on.
+fn ready(opts: &Options, running: &mut Running) -> Supervisor {
+    let up_ns = xlb_afxdp::sys::monotonic_ns();
+    let heartbeats = running.workers.heartbeats.clone();
+    let supervisor = Supervisor::new(Notifier::from_env(), heartbeats.clone());
+    let status = sd_notify::status_text(&running.state, &running.shared, &heartbeats);
+    supervisor.ready(up_ns, Duration::from_secs(2), &status);
+    if let Some(hangups) = running.hangups.take() {
+        let reloader = reload::Reloader {
+            opts: opts.clone(),
+            state: Arc::clone(&running.state),
+            shared: Arc::clone(&running.shared),
+            heartbeats,
+            notifier: supervisor.notifier().clone(),
+        };
+        reload::spawn(&running.runtime, hangups, reloader);
+    }
+    supervisor
 }
 
 fn start(opts: &Options) -> Result<Running, Failure> {

@@ -92,14 +92,14 @@ impl EngineHandler {
         }
     }
 
-    /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
-    /// view it holds now.
     /// Beats `heartbeat` at every publication of the counters.
     pub fn with_heartbeat(mut self, heartbeat: crate::liveness::Heartbeat) -> Self {
         self.heartbeat = Some(heartbeat);
         self
     }
 
+    /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
+    /// view it holds now.
     pub fn with_kernel(mut self, mailbox: Arc<KernelMailbox>) -> Self {
         self.kernel = Some(mailbox);
         self.take_kernel_view();
