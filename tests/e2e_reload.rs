@@ -21,6 +21,11 @@ use std::{
 
 use common::*;
 use xlb_afxdp::sys;
+use xlb_api::{
+    server::{channel, client, BearerToken},
+    Listen,
+};
+use xlb_proto::v1 as pb;
 
 /// The service manager's end: every datagram xlbd sends, with when it arrived.
 struct Manager {
@@ -235,6 +240,57 @@ fn ready_reload_on_sighup_watchdog_and_stopping_through_notify_socket() {
     );
     let mut c82 = lab.client_connect(82);
     assert_eq!(echo(&mut c82, b"kept"), b"kept");
+
+    // What the API's GetConfig answers applies back as no change, and a dry run of the
+    // start-up file shows what the reload would undo, applying nothing.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = channel(&Listen::Unix(lab.api_socket()))
+            .await
+            .expect("connect to xlbd's API");
+        let mut api = client(ch, BearerToken::new(None).unwrap());
+        let got = api
+            .get_config(pb::GetConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.generation, 2);
+        let r = api
+            .apply_config(pb::ApplyConfigRequest {
+                config: Some(got),
+                dry_run: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.changes.is_empty() && !r.applied, "{r:?}");
+        assert_eq!(r.generation, 2);
+        let first = xlb_engine::Config::from_toml_str(CONFIG).unwrap();
+        let r = api
+            .apply_config(pb::ApplyConfigRequest {
+                config: Some(xlb_api::convert::config_to(&first, 0)),
+                dry_run: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<(&str, &str)> = r
+            .changes
+            .iter()
+            .map(|c| (c.section.as_str(), c.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("load_balancing_rule", "web82"),
+                ("load_balancing_rule", "web-silent")
+            ]
+        );
+        assert!(!r.applied && r.generation == 2);
+    });
 
     // SIGTERM: STOPPING=1, a clean exit.
     let from = manager.messages().len();
