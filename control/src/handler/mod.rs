@@ -58,6 +58,8 @@ pub struct EngineHandler {
     /// Where the latest kernel view waits, and what this worker took of it.
     kernel: Option<Arc<KernelMailbox>>,
     kernel_applied: Applied,
+    /// Told at every publication: this worker's loop runs (the watchdog's liveness).
+    heartbeat: Option<crate::liveness::Heartbeat>,
 }
 
 impl EngineHandler {
@@ -86,7 +88,14 @@ impl EngineHandler {
             probe_sources: Vec::new(),
             kernel: None,
             kernel_applied: Applied::default(),
+            heartbeat: None,
         }
+    }
+
+    /// Beats `heartbeat` at every publication of the counters.
+    pub fn with_heartbeat(mut self, heartbeat: crate::liveness::Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
@@ -419,6 +428,9 @@ impl FrameHandler for EngineHandler {
         if now_ns >= self.next_stats {
             self.next_stats = now_ns + self.stats_every_ns;
             self.report();
+            if let Some(h) = &self.heartbeat {
+                h.beat(now_ns);
+            }
         }
     }
 
