@@ -16,10 +16,12 @@
 //! - [`changes`]: the queue that carries out received changes in order, clients or not.
 //! - [`drain`]: drained members' progress summed over the workers, drain events, the NAT
 //!   event export's figures.
+//! - [`config_diff`]: what a whole new configuration changes (reload, `config apply`).
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod changes;
+pub mod config_diff;
 pub mod convert;
 pub mod drain;
 pub mod keepalive;
@@ -36,8 +38,8 @@ pub use drain::{sum_drains, DrainEvent, DrainPhase, DrainStatus, NatLogStatus};
 pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    process_clock, Applied, ControlError, ControlState, Kind, MemberChange, MemberDrain,
-    MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
+    process_clock, Applied, ConfigApplied, ControlError, ControlState, Kind, MemberChange,
+    MemberDrain, MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
 };
 pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{

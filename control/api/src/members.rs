@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use crate::state::Snapshot;
+use xlb_engine::config::BackendPool;
+
+use crate::state::{member_pos, Applied, ControlError, ControlState, Snapshot};
 
 /// What [`crate::ControlState::change_member`] changes; `None`: unchanged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,4 +96,53 @@ pub fn process_clock() -> u64 {
     u64::try_from(base.elapsed().as_nanos())
         .unwrap_or(u64::MAX)
         .saturating_add(1)
+}
+
+impl ControlState {
+    /// Changes a member's weight and/or admin state (`None`: unchanged).
+    pub fn set_member(
+        &self,
+        pool: &str,
+        address: IpAddr,
+        weight: Option<u32>,
+        admin_state: Option<xlb_engine::config::AdminState>,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_member(
+            pool,
+            address,
+            MemberChange {
+                weight,
+                admin_state,
+                ..MemberChange::default()
+            },
+        )
+    }
+
+    /// Changes what `change` sets of a member, in one generation. Setting the admin state to
+    /// `down` starts the member's drain (its deadline counts from now); any other state ends
+    /// it.
+    pub fn change_member(
+        &self,
+        pool: &str,
+        address: IpAddr,
+        change: MemberChange,
+    ) -> Result<Applied<BackendPool>, ControlError> {
+        self.change_pool(pool, |p| {
+            let pos = member_pos(p, address)?;
+            let m = &mut p.members[pos];
+            if let Some(w) = change.weight {
+                m.weight = w;
+            }
+            if let Some(a) = change.admin_state {
+                m.admin_state = a;
+            }
+            if let Some(t) = change.drain_timeout_seconds {
+                m.drain_timeout_seconds = t;
+            }
+            if let Some(a) = change.drain_action {
+                m.drain_action = a;
+            }
+            Ok(())
+        })
+    }
 }

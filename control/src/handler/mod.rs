@@ -62,6 +62,8 @@ pub struct EngineHandler {
     nat_events: Option<Sender<NatEvent>>,
     /// NAT events the exporter's full channel did not take.
     nat_events_lost: u64,
+    /// Told at every publication: this worker's loop runs (the watchdog's liveness).
+    heartbeat: Option<crate::liveness::Heartbeat>,
 }
 
 impl EngineHandler {
@@ -90,6 +92,7 @@ impl EngineHandler {
             probe_sources: Vec::new(),
             kernel: None,
             kernel_applied: Applied::default(),
+            heartbeat: None,
             nat_events: None,
             nat_events_lost: 0,
         }
@@ -112,6 +115,12 @@ impl EngineHandler {
                 }
             });
         }
+    }
+
+    /// Beats `heartbeat` at every publication of the counters.
+    pub fn with_heartbeat(mut self, heartbeat: crate::liveness::Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
@@ -343,8 +352,11 @@ impl EngineHandler {
 
     fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
-            ToWorker::Rules(rules) => {
+            ToWorker::Rules(rules, backend_side) => {
                 let generation = rules.generation();
+                if let Some(ports) = backend_side {
+                    self.set_backend_side(&ports);
+                }
                 self.engine.set_rules(rules);
                 // The publisher waits for this; a full channel means it gave up already.
                 let _ = self.acks.try_send(Ack {
@@ -356,6 +368,14 @@ impl EngineHandler {
                 let _ = q.reply.try_send(self.flows_page(&q, now_ns));
             }
             ToWorker::Probe(inj) => self.inject(now_ns, inj),
+            ToWorker::BackendSide(ports) => self.set_backend_side(&ports),
+        }
+    }
+
+    fn set_backend_side(&mut self, ports: &[(PortId, bool)]) {
+        let net = self.engine.next_hops();
+        for (port, backend_side) in ports {
+            net.set_backend_side(*port, *backend_side);
         }
     }
 
@@ -438,6 +458,9 @@ impl FrameHandler for EngineHandler {
         if now_ns >= self.next_stats {
             self.next_stats = now_ns + self.stats_every_ns;
             self.report();
+            if let Some(h) = &self.heartbeat {
+                h.beat(now_ns);
+            }
         }
     }
 
