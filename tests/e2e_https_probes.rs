@@ -232,6 +232,7 @@ fn https_probes_judge_members_over_tls_and_verify_certificates_on_request() {
         tls_verify: true,
         tls_server_name: Some(name.into()),
         tls_ca_file: Some(ca_file.display().to_string()),
+        http_status: None,
     };
     rt.block_on(c.update_health_probe(pb::UpdateHealthProbeRequest {
         probe: Some(probe("backend.xlb.test", None)),
@@ -274,4 +275,23 @@ fn https_probes_judge_members_over_tls_and_verify_certificates_on_request() {
     );
     let line = event_lines(&lab, "xlbd event probe_state").pop().unwrap();
     assert!(line.contains("no answer within 250ms"), "{line}");
+
+    // A redirect (301): healthy once the probe accepts 200–399, failing again with the
+    // default (200 only).
+    status1.store(301, Ordering::Relaxed);
+    rt.block_on(c.update_health_probe(pb::UpdateHealthProbeRequest {
+        probe: Some(pb::HealthProbe {
+            http_status: Some("200-399".into()),
+            ..probe("backend.xlb.test", None)
+        }),
+    }))
+    .expect("accept 200-399");
+    wait_state(&lab, BACKEND1, "up", INTERVAL * 3 + SLACK);
+    rt.block_on(c.update_health_probe(pb::UpdateHealthProbeRequest {
+        probe: Some(probe("backend.xlb.test", None)),
+    }))
+    .expect("200 only");
+    wait_state(&lab, BACKEND1, "down", INTERVAL * 3 + SLACK);
+    let line = event_lines(&lab, "xlbd event probe_state").pop().unwrap();
+    assert!(line.contains("HTTP status 301"), "{line}");
 }

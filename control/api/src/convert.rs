@@ -399,6 +399,7 @@ pub fn probe_from(p: pb::HealthProbe) -> Result<cfg::HealthProbe, ValidationErro
         tls_verify: p.tls_verify,
         tls_server_name: p.tls_server_name,
         tls_ca_file: p.tls_ca_file,
+        http_status: p.http_status,
     };
     errs.finish(probe)
 }
@@ -562,6 +563,7 @@ pub fn probe_to(p: &cfg::HealthProbe) -> pb::HealthProbe {
         tls_verify: p.tls_verify,
         tls_server_name: p.tls_server_name.clone(),
         tls_ca_file: p.tls_ca_file.clone(),
+        http_status: p.http_status.clone(),
     }
 }
 

@@ -126,6 +126,7 @@ async fn https_probes_round_trip_with_their_tls_settings_and_drain_events_reach_
         tls_verify: true,
         tls_server_name: Some("backend.example".into()),
         tls_ca_file: Some("/etc/xlb/probe-ca.pem".into()),
+        http_status: Some("200-399".into()),
     };
     let got = c
         .create_health_probe(pb::CreateHealthProbeRequest {

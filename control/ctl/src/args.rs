@@ -159,6 +159,10 @@ pub struct ProbeArgs {
     /// system's trust store).
     #[arg(long, value_name = "PATH")]
     pub ca_file: Option<String>,
+    /// HTTP(S): the status codes that count as healthy, CODE or LOW-HIGH within 100–599
+    /// (default 200; "" goes back to it).
+    #[arg(long, value_name = "CODES")]
+    pub http_status: Option<String>,
 }
 
 #[derive(Args, Debug)]

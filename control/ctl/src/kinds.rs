@@ -446,6 +446,7 @@ impl CliKind for HealthProbe {
         "INTERVAL",
         "THRESHOLD",
         "TIMEOUT",
+        "HTTP_STATUS",
         "TLS_VERIFY",
         "SERVER_NAME",
     ];
@@ -475,6 +476,7 @@ impl CliKind for HealthProbe {
             &a.server_name.clone().map(clear_empty),
         );
         set(&mut p.tls_ca_file, &a.ca_file.clone().map(clear_empty));
+        set(&mut p.http_status, &a.http_status.clone().map(clear_empty));
         Ok(p)
     }
     fn rows(&self) -> Vec<Vec<String>> {
@@ -486,6 +488,7 @@ impl CliKind for HealthProbe {
             format!("{}s", self.interval_seconds),
             self.threshold.to_string(),
             self.timeout_seconds.map_or("-".into(), |t| format!("{t}s")),
+            opt(&self.http_status),
             yes(self.tls_verify),
             opt(&self.tls_server_name),
         ]]

@@ -1,5 +1,5 @@
-//! One probe attempt: the TCP handshake, and for HTTP(S) one `GET` whose status must be 200,
-//! all within the attempt's timeout.
+//! One probe attempt: the TCP handshake, and for HTTP(S) one `GET` whose status must be in the
+//! probe's accepted range (200 by default), all within the attempt's timeout.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -34,9 +34,9 @@ pub async fn probe_once(spec: &ProbeSpec, member: IpAddr) -> Result<(), String> 
             (ProbeProtocol::Tcp, _) => Ok(()),
             (ProbeProtocol::Https, Some(tls)) => {
                 let s = super::tls::connect(s, tls, member).await?;
-                http_exchange(s, &spec.path, &host).await
+                http_exchange(s, &spec.path, &host, spec.accept).await
             }
-            _ => http_exchange(s, &spec.path, &host).await,
+            _ => http_exchange(s, &spec.path, &host, spec.accept).await,
         }
     };
     match tokio::time::timeout(spec.timeout, attempt).await {
@@ -45,8 +45,13 @@ pub async fn probe_once(spec: &ProbeSpec, member: IpAddr) -> Result<(), String> 
     }
 }
 
-/// `GET path` on `s`; healthy only on status 200.
-async fn http_exchange<S>(mut s: S, path: &str, host: &str) -> Result<(), String>
+/// `GET path` on `s`; healthy only on a status within `accept`.
+async fn http_exchange<S>(
+    mut s: S,
+    path: &str,
+    host: &str,
+    accept: (u16, u16),
+) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -73,7 +78,7 @@ where
         buf.extend_from_slice(&chunk[..n]);
     }
     match http_status(&buf) {
-        Some(200) => Ok(()),
+        Some(code) if (accept.0..=accept.1).contains(&code) => Ok(()),
         Some(code) => Err(format!("HTTP status {code}")),
         None => Err("no HTTP status line in the answer".into()),
     }

@@ -5,7 +5,7 @@
 //! traffic addressed to the host's own addresses to the kernel), one attempt per
 //! (probe, pool, member) and interval:
 //! - `TCP`: healthy if the handshake completes;
-//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200;
+//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200 (or `http_status`);
 //! - `HTTPS`: the same over TLS ([`tls`]: the certificate is not checked unless `tls_verify`
 //!   is set).
 //!
@@ -81,6 +81,8 @@ pub struct ProbeSpec {
     pub threshold: u32,
     /// HTTPS only.
     pub tls: Option<TlsSpec>,
+    /// HTTP(S): the status codes that count as healthy, inclusive.
+    pub accept: (u16, u16),
 }
 
 /// Every target of `config`: the members of the pools of load-balancing rules that name a
@@ -117,6 +119,8 @@ pub fn targets(config: &Config) -> BTreeMap<TargetKey, ProbeSpec> {
                 server_name: probe.tls_server_name.clone(),
                 ca_file: probe.tls_ca_file.clone(),
             }),
+            // Validation refused a malformed range; 200 only otherwise.
+            accept: probe.accepted_status().unwrap_or((200, 200)),
         };
         for m in &pool.members {
             let key = TargetKey {

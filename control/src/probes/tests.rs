@@ -346,7 +346,7 @@ fn probes_against_local_servers() {
         let port = listener.local_addr().unwrap().port();
         // An HTTP server: 200 on /ok, 503 elsewhere.
         let server = tokio::spawn(async move {
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = vec![0u8; 1024];
                 let n = s.read(&mut buf).await.unwrap_or(0);
@@ -369,6 +369,7 @@ fn probes_against_local_servers() {
             timeout: Duration::from_secs(5),
             threshold: 1,
             tls: None,
+            accept: (200, 200),
         };
         assert_eq!(probe_once(&spec, local).await, Ok(()));
         spec.path = "/other".into();
@@ -376,6 +377,9 @@ fn probes_against_local_servers() {
             probe_once(&spec, local).await,
             Err("HTTP status 503".to_string())
         );
+        // An accepted range that holds it (`http_status = "200-503"`).
+        spec.accept = (200, 503);
+        assert_eq!(probe_once(&spec, local).await, Ok(()));
         spec.protocol = ProbeProtocol::Tcp;
         assert_eq!(probe_once(&spec, local).await, Ok(()));
         server.await.unwrap();
@@ -403,6 +407,7 @@ fn a_silent_server_times_out_within_the_bound() {
             timeout: Duration::from_millis(300),
             threshold: 1,
             tls: None,
+            accept: (200, 200),
         };
         let started = Instant::now();
         let r = probe_once(&spec, "127.0.0.1".parse().unwrap()).await;
@@ -491,6 +496,7 @@ fn https_probes_accept_any_certificate_unless_told_to_verify_it() {
         timeout: Duration::from_secs(5),
         threshold: 1,
         tls: Some(tls),
+        accept: (200, 200),
     };
     let unverified = TlsSpec {
         verify: false,

@@ -124,6 +124,7 @@ fn base() -> Config {
             tls_verify: false,
             tls_server_name: None,
             tls_ca_file: None,
+            http_status: None,
         }],
         load_balancing_rules: vec![lb("web", "vip", Protocol::Tcp, 80)],
         inbound_nat_rules: vec![nat("ssh", 2201)],
@@ -1099,4 +1100,29 @@ fn probe_timeouts_and_https_settings() {
         !p.health_probes[0].tls_verify,
         "verification is off by default"
     );
+}
+
+#[test]
+fn the_accepted_http_status_is_200_unless_a_range_is_given() {
+    let mut c = base();
+    assert_eq!(c.health_probes[0].accepted_status(), Some((200, 200)));
+    for (text, range) in [
+        ("204", (204, 204)),
+        ("200-399", (200, 399)),
+        (" 200 - 299", (200, 299)),
+    ] {
+        c.health_probes[0].http_status = Some(text.into());
+        ok(&c);
+        assert_eq!(c.health_probes[0].accepted_status(), Some(range), "{text}");
+    }
+    for bad in ["", "2xx", "99", "600", "399-200", "200-", "200-300-400"] {
+        c.health_probes[0].http_status = Some(bad.into());
+        let e = only_error(&c, "health_probes[http].http_status");
+        assert!(e.allowed.contains("100–599"), "{bad:?}: {e}");
+    }
+    // Only HTTP(S) probes have a status.
+    c.health_probes[0].http_status = Some("200".into());
+    c.health_probes[0].protocol = ProbeProtocol::Tcp;
+    c.health_probes[0].path = None;
+    only_error(&c, "health_probes[http].http_status");
 }

@@ -463,9 +463,32 @@ pub struct HealthProbe {
     /// Unset: the system's trust store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<String>,
+    /// HTTP(S) only: the status codes that count as healthy, `"CODE"` or `"LOW-HIGH"` within
+    /// 100–599 (e.g. `"200-399"`). Unset: 200 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<String>,
 }
 
 impl HealthProbe {
+    /// The status codes an HTTP(S) answer must have, as an inclusive range: `http_status`,
+    /// else 200 only (`None` when `http_status` is malformed: validation refuses it).
+    pub fn accepted_status(&self) -> Option<(u16, u16)> {
+        let Some(text) = &self.http_status else {
+            return Some((200, 200));
+        };
+        let code = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
+        let (lo, hi) = match text.split_once('-') {
+            Some((lo, hi)) => (code(lo)?, code(hi)?),
+            None => (code(text)?, code(text)?),
+        };
+        (lo <= hi).then_some((lo, hi))
+    }
+
     /// The attempt timeout in whole seconds, before the lab time scale: the configured one,
     /// else the interval capped at 30 s.
     pub fn effective_timeout_seconds(&self) -> u32 {

@@ -467,6 +467,21 @@ impl<'a> Checker<'a> {
                      interval, at most 30)",
                 );
             }
+            if p.http_status.is_some() && p.protocol == ProbeProtocol::Tcp {
+                self.push(
+                    format!("{path}.http_status"),
+                    "(set)",
+                    "(none) for TCP probes",
+                    "a TCP probe has no HTTP status; remove http_status or use protocol = \"HTTP\"",
+                );
+            } else if let (Some(text), None) = (&p.http_status, p.accepted_status()) {
+                self.push(
+                    format!("{path}.http_status"),
+                    quote(text),
+                    "\"CODE\" or \"LOW-HIGH\", 100–599, LOW ≤ HIGH",
+                    "the status codes that count as healthy, e.g. \"200\" or \"200-399\"",
+                );
+            }
             let tls = p.protocol == ProbeProtocol::Https;
             if !tls && (p.tls_verify || p.tls_server_name.is_some() || p.tls_ca_file.is_some()) {
                 let field = if p.tls_verify {
