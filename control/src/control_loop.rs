@@ -14,6 +14,7 @@ use xlb_engine::Addr;
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes},
+    cluster::{Cluster, Inputs},
     messages::{FromWorker, ToWorker},
     options::Options,
     plane::Shared,
@@ -47,6 +48,7 @@ pub struct ControlLoop<'a> {
     workers: &'a Workers,
     signalled: &'a AtomicBool,
     self_probe: Option<&'a mut SelfProbe>,
+    cluster: Option<&'a mut Cluster>,
     started: Instant,
     next_status: Instant,
     next_stats_file: Instant,
@@ -72,6 +74,7 @@ pub struct Parts<'a> {
     /// Set by SIGINT / SIGTERM.
     pub signalled: &'a AtomicBool,
     pub self_probe: Option<&'a mut SelfProbe>,
+    pub cluster: Option<&'a mut Cluster>,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -89,6 +92,7 @@ impl<'a> ControlLoop<'a> {
             workers: p.workers,
             signalled: p.signalled,
             self_probe: p.self_probe,
+            cluster: p.cluster,
             started: now,
             next_status: now + opts.status_interval,
             next_stats_file: now,
@@ -122,6 +126,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_configuration();
             self.take_messages(Instant::now() + TICK);
             self.self_probe_round();
+            self.cluster_tick();
             let now = Instant::now();
             self.follow_kernel(now);
             self.stats_file(now);
@@ -200,6 +205,60 @@ impl<'a> ControlLoop<'a> {
             .datapath
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = p.prober.report();
+    }
+
+    /// The cluster node's tick: drain requests in, fitness, announcement, heartbeats; a change
+    /// of the announcing nodes goes to every worker.
+    fn cluster_tick(&mut self) {
+        let Some(cluster) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let request = self
+            .shared
+            .drain_request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((drain, deadline)) = request {
+            cluster.set_drain(drain, deadline, now);
+        }
+        let snap = self.state.snapshot();
+        let generation = self.state.generation();
+        let workers_behind: Vec<usize> = (self.shared.applied.iter().enumerate())
+            .filter(|(_, g)| g.load(Ordering::Relaxed) != generation)
+            .map(|(w, _)| w)
+            .collect();
+        let flows = self.shared.counters().iter().map(|c| c.flows).sum();
+        let inputs = Inputs {
+            config: &snap.config,
+            workers_behind,
+            rules: snap.rules.rules().count(),
+            self_probe: self
+                .self_probe
+                .as_deref()
+                .map_or(Ok(()), |p| p.prober.passing()),
+            flows,
+        };
+        let tick = cluster.tick(now, &inputs);
+        if tick.membership_changed {
+            let settle = cluster.options().settle;
+            for (w, h) in self.workers.handles.iter().enumerate() {
+                if h.to.try_send(ToWorker::ClusterChanged { settle }).is_err() {
+                    tracing::warn!("worker {w}: cluster change not delivered (channel full)");
+                }
+            }
+        }
+        if !self.opts.quiet {
+            for e in &tick.events {
+                report::line(e);
+            }
+        }
+        *self
+            .shared
+            .cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(cluster.status().clone());
     }
 
     /// The kernel's notifications: neighbour and route changes published to every worker's

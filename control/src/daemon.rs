@@ -13,6 +13,7 @@ use xlb_api::{Bound, ControlState, Listen, StateOptions, Telemetry};
 use xlb_engine::{Config, MemberHealth};
 
 use crate::{
+    cluster::Cluster,
     control_loop::{ControlLoop, LiveAddresses, Parts},
     metrics,
     options::{describe_listen, Failure, Options},
@@ -49,6 +50,7 @@ struct Running {
     workers: Workers,
     services: Services,
     self_probe: Option<SelfProbe>,
+    cluster: Option<Cluster>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM (or `--max-runtime`).
@@ -66,6 +68,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         workers: &running.workers,
         signalled: &running.signalled,
         self_probe: running.self_probe.as_mut(),
+        cluster: running.cluster.as_mut(),
     };
     let result = ControlLoop::new(&opts, parts).run();
     shutdown(running, &opts, result)
@@ -119,6 +122,11 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     ));
     let (services, listening) =
         start_services(&runtime, opts, endpoints, &state, &shared, &workers)?;
+    // Announces nothing until the first tick finds the node fit.
+    let cluster = (opts.cluster.clone())
+        .map(Cluster::start)
+        .transpose()
+        .map_err(Failure::usage)?;
     let running = Running {
         runtime,
         signalled,
@@ -130,6 +138,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         workers,
         services,
         self_probe,
+        cluster,
     };
     report::line(&ready_line(opts, &running, &listening));
     Ok(running)
@@ -255,6 +264,16 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
             p.prober.interval().as_millis()
         ));
     }
+    if let Some(c) = &opts.cluster {
+        line.push_str(&format!(
+            " cluster={} announcer={} peers={}",
+            c.node,
+            c.bird
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |b| b.describe()),
+            c.peers.len()
+        ));
+    }
     let scale = r.config.settings.lab_time_scale.max(1);
     if scale != 1 {
         line.push_str(&format!(" lab_time_scale={scale}"));
@@ -290,8 +309,13 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
         workers,
         services,
         config,
+        cluster,
         ..
     } = r;
+    // A cluster node withdraws first and keeps forwarding while the router moves its flows.
+    if let Some(line) = cluster.and_then(Cluster::stop) {
+        report::line(&line);
+    }
     let _ = services.stop.send(true);
     if let Some(api) = services.api {
         match runtime.block_on(api) {

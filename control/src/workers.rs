@@ -148,6 +148,7 @@ fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
         reset_rate: s.opts.reset_rate,
         hash_seed: random_seed()?,
         steer_seed: s.steer_seed,
+        cluster_pickup: s.opts.cluster.is_some(),
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
