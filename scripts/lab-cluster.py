@@ -216,6 +216,22 @@ def report(a):
     )
 
 
+def compare(a):
+    """Connections listed by several nodes (it moved between them): the backend must agree."""
+    seen = {}
+    for path in a.flows:
+        for f in json.load(open(path))["flows"]:
+            seen.setdefault(f["client"], {})[path] = f["translated_destination"]
+    shared = {c: v for c, v in seen.items() if len(v) > 1}
+    disagree = [c for c, v in shared.items() if len(set(v.values())) > 1]
+    say(
+        f"same backend on every node: connections listed by 2+ nodes={len(shared)} "
+        f"disagree={len(disagree)}"
+    )
+    for c in disagree[:5]:
+        say(f"  {c}: {shared[c]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -239,9 +255,11 @@ def main():
     r.add_argument("--phases", required=True)
     r.add_argument("--interval", type=float, default=0.2)
     r.add_argument("--nodes", type=int, default=4)
+    m = sub.add_parser("compare")
+    m.add_argument("flows", nargs="+")
     a = ap.parse_args()
     a.duration = min(a.duration, 600) if a.cmd == "client" else 0
-    {"server": server, "client": client, "report": report}[a.cmd](a)
+    {"server": server, "client": client, "report": report, "compare": compare}[a.cmd](a)
 
 
 if __name__ == "__main__":

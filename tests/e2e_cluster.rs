@@ -74,6 +74,14 @@ fn cluster_lab_loses_no_connection_on_node_loss_add_and_drain() {
         .map(|l| field(l, "rule.lb.web.flows_picked_up"))
         .sum();
     assert!(picked_up > 0, "no flow was picked up:\n{stdout}");
+    // The same choice on every node, compared through each daemon's API: every connection
+    // listed by several nodes (old flow and picked-up flow) goes to one backend.
+    let same = stdout
+        .lines()
+        .find(|l| l.contains("same backend on every node"))
+        .unwrap_or_else(|| panic!("no comparison:\n{stdout}"));
+    assert!(field(same, "nodes") > 0, "no connection on two nodes: {same}");
+    assert_eq!(field(same, "disagree"), 0, "{stdout}");
     // The frozen node was withdrawn through BFD, and node 4 and the drained node through BGP.
     assert!(stdout.contains("the router dropped node2"), "{stdout}");
     assert!(stdout.contains("node1 withdrawn"), "{stdout}");

@@ -392,3 +392,194 @@ impl Cluster {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[frontends]]
+name = "vip"
+address = "198.18.100.100"
+kind = "public"
+
+[[frontends]]
+name = "vip6"
+address = "2001:db8:100::100"
+kind = "public"
+
+[[frontends]]
+name = "snat"
+address = "198.18.200.1"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.101" }, { address = "198.18.1.102" }]
+
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "TCP"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+
+[[inbound_nat_rules]]
+name = "ssh"
+frontend = "vip6"
+protocol = "TCP"
+frontend_port = 2201
+target = "2001:db8:1::101"
+backend_port = 22
+
+[[outbound_rules]]
+name = "out"
+frontends = ["snat"]
+backend_pool = "web"
+protocol = "ALL"
+"#;
+
+    fn config() -> Config {
+        Config::from_toml_str(CONFIG).unwrap()
+    }
+
+    fn node(name: &str) -> Cluster {
+        Cluster::start(ClusterOptions {
+            node: name.into(),
+            listen: None,
+            peers: vec![],
+            heartbeat: Duration::from_millis(100),
+            dead_after: Duration::from_secs(1),
+            settle: Duration::ZERO,
+            config_grace: Duration::from_secs(10),
+            bird: None,
+        })
+        .unwrap()
+    }
+
+    fn inputs(c: &Config) -> Inputs<'_> {
+        Inputs {
+            config: c,
+            workers_behind: vec![],
+            rules: 2,
+            self_probe: Ok(()),
+            flows: 3,
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_the_configuration_not_its_text_or_generation() {
+        let a = config();
+        let b = Config::from_toml_str(&a.to_toml_string().unwrap()).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let mut c = config();
+        c.backend_pools[0].members.pop();
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+    }
+
+    #[test]
+    fn the_frontends_of_inbound_rules_are_announced_as_host_prefixes() {
+        assert_eq!(
+            frontend_prefixes(&config()),
+            vec!["198.18.100.100/32".to_string(), "2001:db8:100::100/128".into()]
+        );
+    }
+
+    #[test]
+    fn a_fit_node_announces_an_unfit_or_drained_one_withdraws() {
+        let c = config();
+        let mut n = node("n1");
+        let t0 = Instant::now();
+        let tick = n.tick(t0, &inputs(&c));
+        assert!(tick.membership_changed, "this node joined the announcing set");
+        assert_eq!(n.status().announced, frontend_prefixes(&c));
+        assert!(n.status().fit);
+
+        let mut probe_fails = inputs(&c);
+        probe_fails.self_probe = Err("rule web is not answered".into());
+        let tick = n.tick(t0, &probe_fails);
+        assert!(tick.membership_changed);
+        assert!(n.status().announced.is_empty());
+        assert_eq!(n.status().unfit_reason, "self-probe: rule web is not answered");
+        assert!(tick.events.iter().any(|e| e.contains("cluster_unfit")));
+
+        let mut behind = inputs(&c);
+        behind.workers_behind = vec![1];
+        n.tick(t0, &behind);
+        assert!(n.status().unfit_reason.contains("workers [1]"));
+
+        n.tick(t0, &inputs(&c));
+        assert_eq!(n.status().announced.len(), 2);
+        n.set_drain(true, Some(Duration::from_secs(30)), t0);
+        let tick = n.tick(t0, &inputs(&c));
+        assert!(tick.membership_changed);
+        let s = n.status();
+        assert!(s.announced.is_empty() && s.draining && s.fit && !s.drain_done);
+        let mut no_flows = inputs(&c);
+        no_flows.flows = 0;
+        n.tick(t0, &no_flows);
+        assert!(n.status().drain_done, "drained: no flow left");
+        n.set_drain(false, None, t0);
+        n.tick(t0, &inputs(&c));
+        assert_eq!(n.status().announced.len(), 2);
+        assert_eq!(n.status().membership_changes, 5);
+    }
+
+    #[test]
+    fn no_rules_is_unfit() {
+        let c = config();
+        let mut n = node("n1");
+        let mut none = inputs(&c);
+        none.rules = 0;
+        assert!(!n.tick(Instant::now(), &none).membership_changed);
+        assert_eq!(n.status().unfit_reason, "no rules loaded");
+    }
+
+    #[test]
+    fn a_configuration_in_the_minority_withdraws_after_the_grace() {
+        let c = config();
+        let mut other = config();
+        other.backend_pools[0].members.pop();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let mut n = Cluster::start(ClusterOptions {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            peers: vec![a, b],
+            ..node("n1").opts
+        })
+        .unwrap();
+        let t0 = Instant::now();
+        let theirs = fingerprint(&other);
+        let hear = |n: &mut Cluster, at: Instant, fp: &str| {
+            let peers = &mut n.peers.as_mut().unwrap().peers;
+            for (i, p) in peers.iter_mut().enumerate() {
+                p.last = Some((
+                    at,
+                    Beat {
+                        node: format!("peer{i}"),
+                        fingerprint: fp.to_string(),
+                        announcing: true,
+                    },
+                ));
+            }
+        };
+        hear(&mut n, t0, &theirs);
+        n.tick(t0, &inputs(&c));
+        assert!(n.status().fit, "within the grace");
+        assert_eq!(n.status().peers.iter().filter(|p| !p.same_config).count(), 2);
+        let later = t0 + Duration::from_secs(11);
+        hear(&mut n, later, &theirs);
+        n.tick(later, &inputs(&c));
+        assert!(n.status().unfit_reason.contains("held by 1 node(s), another by 2"));
+        assert!(n.status().announced.is_empty());
+        // The peers take this node's configuration: fit again.
+        hear(&mut n, later, &fingerprint(&c));
+        n.tick(later, &inputs(&c));
+        assert!(n.status().fit);
+        // Peers not heard within the dead interval do not count.
+        let much_later = later + Duration::from_secs(30);
+        n.tick(much_later, &inputs(&c));
+        assert!(n.status().peers.iter().all(|p| !p.alive));
+    }
+}

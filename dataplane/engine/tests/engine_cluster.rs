@@ -165,3 +165,38 @@ fn reset_on_idle_is_withheld_for_flows_idle_since_the_membership_changed() {
         assert!(s.sport == 40_104 || s.dport == 40_104, "{s:?}");
     }
 }
+
+#[test]
+fn two_nodes_with_their_own_seeds_and_worker_counts_choose_the_same_backends() {
+    // What differs between the nodes of a cluster: every secret seed, the worker count, the
+    // worker. What must not: the backend each connection gets.
+    let mut a = Lab::with(
+        DEFAULT_CONFIG,
+        EngineConfig {
+            hash_seed: 1,
+            steer_seed: 2,
+            cluster_pickup: true,
+            ..EngineConfig::default()
+        },
+    );
+    let mut b = Lab::with(
+        DEFAULT_CONFIG,
+        EngineConfig {
+            hash_seed: 0xdead_beef,
+            steer_seed: 0x1234_5678,
+            worker: 3,
+            workers: 4,
+            cluster_pickup: true,
+            ..EngineConfig::default()
+        },
+    );
+    let mut by_backend = std::collections::HashMap::new();
+    for sport in 20_000..22_000u16 {
+        let syn = Tcp::client(80, sport).seg(SYN, 1, 0, &[]);
+        let on_a = seen(&a.forward(CLIENT_PORT, syn.clone()).1).dst;
+        let on_b = seen(&b.forward(CLIENT_PORT, syn).1).dst;
+        assert_eq!(on_a, on_b, "source port {sport}");
+        *by_backend.entry(on_a).or_insert(0) += 1;
+    }
+    assert_eq!(by_backend.len(), 2, "both members chosen: {by_backend:?}");
+}
