@@ -174,7 +174,8 @@ def client(a):
 
 
 def report(a):
-    conns = json.load(open(a.result))
+    conns = [c for path in a.result for c in json.load(open(path))]
+    label = "outbound " if a.outbound else ""
     phases = []
     for ln in open(a.phases):
         name, t = ln.split()
@@ -200,9 +201,13 @@ def report(a):
         whys = sorted({c["why"] for c in lost})
         figures[name] = (len(lost), failover_ms)
         say(
-            f"phase {name:<10} lost={len(lost):<4} longest_silence_ms={failover_ms:7.0f}"
+            f"{label}phase {name:<10} lost={len(lost):<4} longest_silence_ms={failover_ms:7.0f}"
             + (f"  ({', '.join(whys)})" if whys else "")
         )
+    if a.outbound:
+        lost = sum(1 for c in conns if c["died"] is not None)
+        say(f"outbound (SNAT, per-node addresses): connections={total} lost={lost}")
+        return
     backends = {}
     for c in conns:
         backends[c["backend"]] = backends.get(c["backend"], 0) + 1
@@ -251,7 +256,8 @@ def main():
     c.add_argument("--stop")
     c.add_argument("--out", required=True)
     r = sub.add_parser("report")
-    r.add_argument("--result", required=True)
+    r.add_argument("--result", required=True, nargs="+")
+    r.add_argument("--outbound", action="store_true")
     r.add_argument("--phases", required=True)
     r.add_argument("--interval", type=float, default=0.2)
     r.add_argument("--nodes", type=int, default=4)

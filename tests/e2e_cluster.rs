@@ -29,7 +29,10 @@ fn cluster_lab_loses_no_connection_on_node_loss_add_and_drain() {
         .args(["-c", "command -v bird && command -v birdc"])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(has_bird, "BIRD 2 is missing: apt-get install bird2 (scripts/test does)");
+    assert!(
+        has_bird,
+        "BIRD 2 is missing: apt-get install bird2 (scripts/test does)"
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lab-cluster");
     // Bounded: the lab's own waits are bounded, and `timeout` ends it whatever happens.
     let out = Command::new("timeout")
@@ -80,7 +83,10 @@ fn cluster_lab_loses_no_connection_on_node_loss_add_and_drain() {
         .lines()
         .find(|l| l.contains("same backend on every node"))
         .unwrap_or_else(|| panic!("no comparison:\n{stdout}"));
-    assert!(field(same, "nodes") > 0, "no connection on two nodes: {same}");
+    assert!(
+        field(same, "nodes") > 0,
+        "no connection on two nodes: {same}"
+    );
     assert_eq!(field(same, "disagree"), 0, "{stdout}");
     // The frozen node was withdrawn through BFD, and node 4 and the drained node through BGP.
     assert!(stdout.contains("the router dropped node2"), "{stdout}");

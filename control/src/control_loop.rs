@@ -182,6 +182,10 @@ impl<'a> ControlLoop<'a> {
     }
 
     fn self_probe_round(&mut self) {
+        // A drained node sends no probes: their flows would keep it from ever being empty.
+        if (self.cluster.as_deref()).is_some_and(|c| c.status().draining) {
+            return;
+        }
         let Some(p) = self.self_probe.as_deref_mut() else {
             return;
         };

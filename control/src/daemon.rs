@@ -76,6 +76,17 @@ pub fn run(opts: Options) -> Result<(), Failure> {
 
 fn start(opts: &Options) -> Result<Running, Failure> {
     let (config, rules) = startup::configure(opts)?;
+    // A cluster node's own SNAT addresses, checked before anything is attached.
+    let snat_only = match &opts.cluster {
+        Some(c) if !c.snat_frontends.is_empty() => Some(
+            crate::cluster::snat_addresses(&config, &c.snat_frontends)
+                .map_err(Failure::usage)?
+                .into_iter()
+                .map(xlb_engine::Addr::from)
+                .collect(),
+        ),
+        _ => None,
+    };
     let (runtime, signalled) = startup::runtime()?;
     let endpoints = startup::bind_endpoints(&runtime, opts)?;
     let mut kernel = startup::read_kernel(opts, &config)?;
@@ -98,6 +109,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         kernel: kernel.watch.mailbox(),
         backend_side: &kernel.backend_side,
         steer_seed,
+        snat_only,
         rules: &rules,
         queues: kernel.queues,
         probe_sources: self_probe

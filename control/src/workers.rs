@@ -80,6 +80,8 @@ pub struct Start<'a> {
     pub backend_side: &'a [bool],
     /// The steering key's seed, one for every worker (they must agree on each flow's owner).
     pub steer_seed: u64,
+    /// A cluster node's own SNAT addresses (`None`: every address of the outbound rules).
+    pub snat_only: Option<Vec<Addr>>,
 }
 
 /// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
@@ -152,6 +154,7 @@ fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
+    engine.set_snat_addresses(s.snat_only.clone());
     let net = engine.next_hops();
     for (p, bs) in s.ports.iter().zip(s.backend_side) {
         net.set_port(p.id, p.mac);

@@ -168,6 +168,14 @@ struct Cli {
     /// FILE, which BIRD's configuration includes, and runs `birdc configure`.
     #[arg(long, value_name = "FILE", requires = "cluster_node")]
     announce_bird: Option<PathBuf>,
+    /// One of this node's own SNAT frontends (repeatable): a frontend of an outbound rule
+    /// whose address only this node uses and announces, so that answers come back to it.
+    #[arg(
+        long = "cluster-snat-frontend",
+        value_name = "NAME",
+        requires = "cluster_node"
+    )]
+    cluster_snat_frontends: Vec<String>,
     /// BIRD's control socket.
     #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
     bird_socket: PathBuf,
@@ -244,6 +252,7 @@ fn cluster(cli: &Cli) -> Result<Option<xlb_control::cluster::ClusterOptions>, St
                 socket: cli.bird_socket.clone(),
                 birdc: cli.birdc.clone(),
             }),
+        snat_frontends: cli.cluster_snat_frontends.clone(),
     }))
 }
 

@@ -44,6 +44,9 @@ pub struct ClusterOptions {
     /// withdraws (a rolling change passes within it).
     pub config_grace: Duration,
     pub bird: Option<BirdTarget>,
+    /// This node's own SNAT frontends (`--cluster-snat-frontend`): outbound flows take ports
+    /// only on their addresses, and the node announces them with its frontends.
+    pub snat_frontends: Vec<String>,
 }
 
 /// The fingerprint of a configuration: FNV-1a (64 bits) of its canonical TOML form. The
@@ -81,6 +84,23 @@ fn host_prefix(a: IpAddr) -> String {
         IpAddr::V4(v) => format!("{v}/32"),
         IpAddr::V6(v) => format!("{v}/128"),
     }
+}
+
+/// The addresses of `names` among `config`'s frontends that outbound rules use; an error
+/// names one that is not.
+pub fn snat_addresses(config: &Config, names: &[String]) -> Result<Vec<IpAddr>, String> {
+    names
+        .iter()
+        .map(|n| {
+            let used = (config.outbound_rules.iter()).any(|r| r.frontends.iter().any(|f| f == n));
+            match config.frontends.iter().find(|f| &f.name == n) {
+                Some(f) if used => Ok(f.address),
+                _ => Err(format!(
+                    "--cluster-snat-frontend {n}: not a frontend of an outbound rule"
+                )),
+            }
+        })
+        .collect()
 }
 
 /// What the control loop knows this tick.
@@ -198,11 +218,27 @@ impl Cluster {
             });
             self.unfit_reason = why;
         }
-        let wanted = if announcing {
+        // A drained node keeps its SNAT addresses until the drain is done: its outbound
+        // flows' answers can reach no other node.
+        let drain_done = self
+            .drain
+            .is_some_and(|d| inputs.flows == 0 || d.deadline.is_some_and(|t| now >= t));
+        let keep_snat = unfit.is_none() && self.drain.is_some() && !drain_done;
+        let mut wanted = if announcing {
             frontend_prefixes(inputs.config)
         } else {
             Vec::new()
         };
+        if announcing || keep_snat {
+            // Names that no longer resolve (a changed configuration) are simply not announced.
+            for n in &self.opts.snat_frontends {
+                if let Ok(a) = snat_addresses(inputs.config, std::slice::from_ref(n)) {
+                    wanted.extend(a.into_iter().map(host_prefix));
+                }
+            }
+            wanted.sort();
+            wanted.dedup();
+        }
         if self.wanted.as_ref() != Some(&wanted) {
             tick.events.push(format!(
                 "xlbd event cluster_announce node={} prefixes={} why=\"{}\"",
@@ -454,6 +490,7 @@ protocol = "ALL"
             settle: Duration::ZERO,
             config_grace: Duration::from_secs(10),
             bird: None,
+            snat_frontends: vec!["snat".into()],
         })
         .unwrap()
     }
@@ -482,7 +519,10 @@ protocol = "ALL"
     fn the_frontends_of_inbound_rules_are_announced_as_host_prefixes() {
         assert_eq!(
             frontend_prefixes(&config()),
-            vec!["198.18.100.100/32".to_string(), "2001:db8:100::100/128".into()]
+            vec![
+                "198.18.100.100/32".to_string(),
+                "2001:db8:100::100/128".into()
+            ]
         );
     }
 
@@ -492,8 +532,22 @@ protocol = "ALL"
         let mut n = node("n1");
         let t0 = Instant::now();
         let tick = n.tick(t0, &inputs(&c));
-        assert!(tick.membership_changed, "this node joined the announcing set");
-        assert_eq!(n.status().announced, frontend_prefixes(&c));
+        assert!(
+            tick.membership_changed,
+            "this node joined the announcing set"
+        );
+        assert_eq!(
+            n.status().announced,
+            [
+                "198.18.100.100/32",
+                "198.18.200.1/32",
+                "2001:db8:100::100/128"
+            ]
+        );
+        assert_eq!(
+            snat_addresses(&c, &["vip".into()]).unwrap_err(),
+            "--cluster-snat-frontend vip: not a frontend of an outbound rule"
+        );
         assert!(n.status().fit);
 
         let mut probe_fails = inputs(&c);
@@ -501,7 +555,10 @@ protocol = "ALL"
         let tick = n.tick(t0, &probe_fails);
         assert!(tick.membership_changed);
         assert!(n.status().announced.is_empty());
-        assert_eq!(n.status().unfit_reason, "self-probe: rule web is not answered");
+        assert_eq!(
+            n.status().unfit_reason,
+            "self-probe: rule web is not answered"
+        );
         assert!(tick.events.iter().any(|e| e.contains("cluster_unfit")));
 
         let mut behind = inputs(&c);
@@ -510,19 +567,25 @@ protocol = "ALL"
         assert!(n.status().unfit_reason.contains("workers [1]"));
 
         n.tick(t0, &inputs(&c));
-        assert_eq!(n.status().announced.len(), 2);
+        assert_eq!(n.status().announced.len(), 3);
         n.set_drain(true, Some(Duration::from_secs(30)), t0);
         let tick = n.tick(t0, &inputs(&c));
         assert!(tick.membership_changed);
         let s = n.status();
-        assert!(s.announced.is_empty() && s.draining && s.fit && !s.drain_done);
+        assert!(s.draining && s.fit && !s.drain_done);
+        assert_eq!(
+            s.announced,
+            ["198.18.200.1/32"],
+            "SNAT kept while flows drain"
+        );
         let mut no_flows = inputs(&c);
         no_flows.flows = 0;
         n.tick(t0, &no_flows);
         assert!(n.status().drain_done, "drained: no flow left");
+        assert!(n.status().announced.is_empty());
         n.set_drain(false, None, t0);
         n.tick(t0, &inputs(&c));
-        assert_eq!(n.status().announced.len(), 2);
+        assert_eq!(n.status().announced.len(), 3);
         assert_eq!(n.status().membership_changes, 5);
     }
 
@@ -567,11 +630,17 @@ protocol = "ALL"
         hear(&mut n, t0, &theirs);
         n.tick(t0, &inputs(&c));
         assert!(n.status().fit, "within the grace");
-        assert_eq!(n.status().peers.iter().filter(|p| !p.same_config).count(), 2);
+        assert_eq!(
+            n.status().peers.iter().filter(|p| !p.same_config).count(),
+            2
+        );
         let later = t0 + Duration::from_secs(11);
         hear(&mut n, later, &theirs);
         n.tick(later, &inputs(&c));
-        assert!(n.status().unfit_reason.contains("held by 1 node(s), another by 2"));
+        assert!(n
+            .status()
+            .unfit_reason
+            .contains("held by 1 node(s), another by 2"));
         assert!(n.status().announced.is_empty());
         // The peers take this node's configuration: fit again.
         hear(&mut n, later, &fingerprint(&c));

@@ -237,6 +237,14 @@ impl Engine {
         self.membership_changed_at = Some(self.membership_changed_at.map_or(at, |t| t.max(at)));
     }
 
+    /// A cluster node's own SNAT addresses: outbound flows take ports only on these (the
+    /// addresses this node announces, so that answers reach it); `None`: every address of
+    /// the rule. See docs/cluster.md, "SNAT across nodes".
+    pub fn set_snat_addresses(&mut self, only: Option<Vec<Addr>>) {
+        self.snat.restrict_to(only);
+        self.snat.prepare(&self.rules);
+    }
+
     /// Flows whose idle expiry is silent because the cluster changed since their last packet.
     fn may_have_moved(&self, f: &Flow) -> bool {
         self.membership_changed_at.is_some_and(|t| f.last_seen <= t)
