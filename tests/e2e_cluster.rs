@@ -70,6 +70,13 @@ fn cluster_lab_loses_no_connection_on_node_loss_add_and_drain() {
         .find(|l| l.contains("phase drain"))
         .unwrap_or_else(|| panic!("no drain phase:\n{stdout}"));
     assert_eq!(field(drain, "lost"), 0, "{stdout}");
+    // Outbound connections through per-node SNAT addresses: none lost either.
+    let outbound = stdout
+        .lines()
+        .find(|l| l.contains("outbound (SNAT"))
+        .unwrap_or_else(|| panic!("no outbound line:\n{stdout}"));
+    assert_eq!(field(outbound, "connections"), 20, "{stdout}");
+    assert_eq!(field(outbound, "lost"), 0, "{stdout}");
     // The router did move flows between nodes, and the nodes that got them picked them up.
     let picked_up: u64 = stdout
         .lines()
