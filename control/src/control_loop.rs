@@ -49,6 +49,8 @@ pub struct ControlLoop<'a> {
     signalled: &'a AtomicBool,
     self_probe: Option<&'a mut SelfProbe>,
     cluster: Option<&'a mut Cluster>,
+    /// Workers still to be told of a cluster membership change (their channel was full).
+    cluster_untold: Vec<usize>,
     started: Instant,
     next_status: Instant,
     next_stats_file: Instant,
@@ -93,6 +95,7 @@ impl<'a> ControlLoop<'a> {
             signalled: p.signalled,
             self_probe: p.self_probe,
             cluster: p.cluster,
+            cluster_untold: Vec::new(),
             started: now,
             next_status: now + opts.status_interval,
             next_stats_file: now,
@@ -246,13 +249,18 @@ impl<'a> ControlLoop<'a> {
         };
         let tick = cluster.tick(now, &inputs);
         if tick.membership_changed {
-            let settle = cluster.options().settle;
-            for (w, h) in self.workers.handles.iter().enumerate() {
-                if h.to.try_send(ToWorker::ClusterChanged { settle }).is_err() {
-                    tracing::warn!("worker {w}: cluster change not delivered (channel full)");
-                }
-            }
+            self.cluster_untold = (0..self.workers.handles.len()).collect();
         }
+        // Never lost: a worker whose channel is full is told at a later tick (the settle time
+        // is counted from when it hears it, so a late one withholds longer, never less).
+        let settle = cluster.options().settle;
+        let handles = &self.workers.handles;
+        self.cluster_untold.retain(|&w| {
+            handles[w]
+                .to
+                .try_send(ToWorker::ClusterChanged { settle })
+                .is_err()
+        });
         if !self.opts.quiet {
             for e in &tick.events {
                 report::line(e);
