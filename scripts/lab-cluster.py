@@ -24,9 +24,11 @@ def say(msg):
 
 def server(a):
     sel = selectors.DefaultSelector()
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # One dual-stack socket: IPv4 and IPv6 clients alike.
+    ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", a.port))
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    ls.bind(("::", a.port))
     ls.listen(1024)
     ls.setblocking(False)
     sel.register(ls, selectors.EVENT_READ, None)
