@@ -20,6 +20,7 @@ use crate::{
     plane::Shared,
     preflight::SelfProbe,
     report,
+    sd_notify::Supervisor,
     startup::Kernel,
     stats,
     workers::Workers,
@@ -51,6 +52,7 @@ pub struct ControlLoop<'a> {
     cluster: Option<&'a mut Cluster>,
     /// Workers still to be told of a cluster membership change (their channel was full).
     cluster_untold: Vec<usize>,
+    supervisor: &'a mut Supervisor,
     started: Instant,
     next_status: Instant,
     next_stats_file: Instant,
@@ -77,6 +79,8 @@ pub struct Parts<'a> {
     pub signalled: &'a AtomicBool,
     pub self_probe: Option<&'a mut SelfProbe>,
     pub cluster: Option<&'a mut Cluster>,
+    /// The service manager's watchdog and status.
+    pub supervisor: &'a mut Supervisor,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -96,6 +100,7 @@ impl<'a> ControlLoop<'a> {
             self_probe: p.self_probe,
             cluster: p.cluster,
             cluster_untold: Vec::new(),
+            supervisor: p.supervisor,
             started: now,
             next_status: now + opts.status_interval,
             next_stats_file: now,
@@ -134,6 +139,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_kernel(now);
             self.stats_file(now);
             self.status_line(now);
+            self.supervisor.tick(self.state, self.shared);
         }
         Ok(())
     }
@@ -154,6 +160,19 @@ impl<'a> ControlLoop<'a> {
                 self.marks_stale = false;
                 if let Err(e) = plane.apply_now(&self.state.snapshot().rules) {
                     tracing::warn!("backend-side interfaces after a route change: {e}");
+                } else {
+                    // The engines follow the maps; sent while the plane is held, so that a
+                    // publish (which sends its own marks with its rules) comes after. A full
+                    // channel: sent again at the next tick.
+                    let ports = plane.ports_of(&plane.applied().backend_side);
+                    for h in &self.workers.handles {
+                        if h.to
+                            .try_send(ToWorker::BackendSide(Arc::clone(&ports)))
+                            .is_err()
+                        {
+                            self.marks_stale = true;
+                        }
+                    }
                 }
             }
         }

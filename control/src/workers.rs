@@ -19,6 +19,7 @@ use crate::{
     handler::EngineHandler,
     kernel::{Port, PortVlan},
     kernel_watch::KernelMailbox,
+    liveness::Heartbeats,
     messages::{Ack, ControlLink, FromWorker, ToWorker},
     options::{Failure, Options},
     plane::{
@@ -54,6 +55,8 @@ pub struct Workers {
     pub sockets: Vec<SocketInfo>,
     /// Set to stop the workers.
     pub stop: Arc<AtomicBool>,
+    /// Each worker's loop beats here (the watchdog's liveness).
+    pub heartbeats: Heartbeats,
 }
 
 impl Workers {
@@ -117,6 +120,7 @@ pub fn spawn_all(s: &Start) -> Result<Workers, Failure> {
         placement: Vec::new(),
         sockets: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        heartbeats: Heartbeats::new(s.opts.workers, sys::monotonic_ns()),
     };
     for (w, steering) in Steering::mesh(s.opts.workers, HANDOFF_INBOX)
         .into_iter()
@@ -201,7 +205,8 @@ fn spawn_one(
     };
     let handler = EngineHandler::new(w, engine(s, w)?, link, PUBLISH_EVERY_NS, Some(steering))
         .with_probe_sources(s.probe_sources.clone())
-        .with_kernel(Arc::clone(&s.kernel));
+        .with_kernel(Arc::clone(&s.kernel))
+        .with_heartbeat(out.heartbeats.of(w));
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

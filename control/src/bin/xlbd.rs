@@ -29,11 +29,12 @@ enum XdpMode {
 /// Run it in the network namespace of its interfaces, as root. It attaches its XDP program
 /// to every --interface, takes the frontends' traffic (and, on backend-side interfaces, every
 /// packet not addressed to the host) and processes it in user space. SIGINT or SIGTERM stop
-/// it cleanly, detaching XDP.
+/// it cleanly, detaching XDP; SIGHUP reads --config again and applies the difference as one
+/// generation. Under systemd (NOTIFY_SOCKET) it speaks Type=notify, with the watchdog.
 #[derive(Debug, Parser)]
 #[command(name = "xlbd", version)]
 struct Cli {
-    /// Configuration file (TOML; see docs/examples/xlb.toml).
+    /// Configuration file (TOML; see docs/examples/xlb.toml), read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
     /// An interface the dataplane drives; repeat it. The order gives the port numbers.
