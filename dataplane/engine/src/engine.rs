@@ -24,6 +24,9 @@ use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
+mod export;
+pub use export::{FlowState, Imported};
+
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
 /// enough for the clients of a restarted appliance to learn quickly that their connections
 /// are gone, too few to make xlb a useful reflector of spoofed segments.
