@@ -10,12 +10,12 @@ use std::{
 use tokio::{runtime::Runtime, sync::watch, task::JoinHandle};
 use xlb_afxdp::XdpProgram;
 use xlb_api::{Bound, ControlState, Listen, StateOptions, Telemetry};
-use xlb_engine::{Config, MemberHealth};
+use xlb_engine::Config;
 
 use crate::{
     cluster::Cluster,
     control_loop::{ControlLoop, LiveAddresses, Parts},
-    metrics,
+    ipfix, metrics,
     options::{describe_listen, Failure, Options},
     plane::{publisher::WorkerPublisher, telemetry::DaemonTelemetry, Shared},
     preflight::{self, SelfProbe},
@@ -52,6 +52,8 @@ struct Running {
     services: Services,
     self_probe: Option<SelfProbe>,
     cluster: Option<Cluster>,
+    /// The NAT event export, when it is on.
+    exporter: Option<ipfix::Exporter>,
     /// SIGHUP, listened to from start-up on; reloads begin once xlbd is ready.
     hangups: Option<reload::Hangups>,
 }
@@ -103,7 +105,7 @@ fn ready(opts: &Options, running: &mut Running) -> Supervisor {
 }
 
 fn start(opts: &Options) -> Result<Running, Failure> {
-    let (config, rules) = startup::configure(opts)?;
+    let (config, rules, health) = startup::configure(opts)?;
     // A cluster node's own SNAT addresses, checked before anything is attached.
     let snat_only = match &opts.cluster {
         Some(c) if !c.snat_frontends.is_empty() => Some(
@@ -126,6 +128,16 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     // One steering key for every worker, and for the self-probe, which picks the worker it
     // injects at.
     let steer_seed = workers::random_seed()?;
+    let nat_log = (opts.ipfix.as_ref())
+        .map(|o| {
+            ipfix::Bound::bind(o.export.clone()).map_err(|e| {
+                Failure::usage(format!(
+                    "--ipfix-collector {}: {e} (is there a route to it?)",
+                    o.export.collector
+                ))
+            })
+        })
+        .transpose()?;
     if let Some(p) = self_probe.as_mut() {
         p.prober
             .set_steer_key(xlb_engine::hashkey::HashKey::from_seed(steer_seed));
@@ -145,21 +157,30 @@ fn start(opts: &Options) -> Result<Running, Failure> {
             .as_ref()
             .map(|p| p.prober.sources())
             .unwrap_or_default(),
+        nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
     })?;
     let shared = Shared::new(
         std::mem::take(&mut workers.cells),
         workers.port_stats.clone(),
         rules.generation(),
     );
+    let exporter = nat_log
+        .map(|b| b.start(Arc::clone(&shared), xlb_afxdp::sys::monotonic_ns))
+        .transpose()
+        .map_err(|e| Failure::runtime(format!("starting the NAT event export: {e}")))?;
     let acks = (workers.acks.take()).ok_or_else(|| Failure::runtime("no ack channel"))?;
     let publisher = WorkerPublisher::new(workers.senders(), acks, Arc::clone(&shared))
         .with_addresses(Arc::clone(&attached.plane));
     let state = Arc::new(ControlState::new(
         config.clone(),
         Arc::clone(&rules),
-        MemberHealth::default(),
+        health,
         Arc::new(publisher),
-        StateOptions::default(),
+        // Drains are stamped, and their deadlines fall, on the workers' clock.
+        StateOptions {
+            clock: xlb_afxdp::sys::monotonic_ns,
+            ..StateOptions::default()
+        },
     ));
     let (services, listening) =
         start_services(&runtime, opts, endpoints, &state, &shared, &workers)?;
@@ -180,6 +201,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         services,
         self_probe,
         cluster,
+        exporter,
         hangups,
     };
     report::line(&ready_line(opts, &running, &listening));
@@ -316,6 +338,9 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
             c.peers.len()
         ));
     }
+    if let Some(o) = &opts.ipfix {
+        line.push_str(&o.describe());
+    }
     let scale = r.config.settings.lab_time_scale.max(1);
     if scale != 1 {
         line.push_str(&format!(" lab_time_scale={scale}"));
@@ -352,6 +377,7 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
         services,
         config,
         cluster,
+        exporter,
         ..
     } = r;
     // A cluster node withdraws first and keeps forwarding while the router moves its flows.
@@ -381,12 +407,17 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
                 if let Err(e) = exit.result {
                     failed.get_or_insert(format!("worker {w}: {e}"));
                 }
+                // NAT events of the last iteration go to the exporter too.
+                exit.handler.pass_nat_events();
                 exit.handler.publish_counters();
             }
             Err(_) => {
                 failed.get_or_insert(format!("worker {w} panicked"));
             }
         }
+    }
+    if let Some(x) = exporter {
+        x.stop();
     }
     final_counters(opts, &state, &shared, config.settings.lab_time_scale.max(1));
     runtime.shutdown_timeout(Duration::from_millis(500));
@@ -405,11 +436,14 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
 fn final_counters(opts: &Options, state: &ControlState, shared: &Shared, scale: u32) {
     let rules = state.snapshot().rules.clone();
     let sum = xlb_api::sum(&shared.counters(), &rules);
+    let ops = shared.operations();
     report::line(&format!(
-        "xlbd final {}",
-        stats::status_line(&sum, &rules, scale)
+        "xlbd final {}{}",
+        stats::status_line(&sum, &rules, scale),
+        ops.status_line()
     ));
     if let Some(path) = &opts.stats_file {
-        let _ = stats::write_atomic(path, &stats::to_kv(&sum, &rules, scale));
+        let kv = stats::to_kv(&sum, &rules, scale) + &ops.to_kv();
+        let _ = stats::write_atomic(path, &kv);
     }
 }

@@ -56,6 +56,8 @@ pub struct Options {
     /// Run as a node of a cluster (`--cluster-node`): cluster pickup, announcement tied to
     /// fitness, heartbeats (docs/cluster.md).
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// NAT event logging over IPFIX (`crate::ipfix`); `None`: off.
+    pub ipfix: Option<crate::ipfix::IpfixOptions>,
 }
 
 impl Options {

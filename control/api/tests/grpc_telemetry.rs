@@ -339,6 +339,7 @@ async fn status_comes_from_the_telemetry_and_the_snapshot() {
             }],
             ..Default::default()
         }),
+        ..RuntimeStatus::default()
     });
     let st = c
         .get_status(pb::GetStatusRequest {})

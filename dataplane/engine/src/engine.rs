@@ -11,15 +11,17 @@ use std::sync::Arc;
 use crate::addr::Addr;
 use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
 use crate::counters::{Counters, DropReason, RuleCounters};
+use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::hashkey::HashKey;
 use crate::late::LateTable;
+use crate::natlog::{NatEvent, NatEventKind, NatLog, NatLogMode};
 use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
 use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
-use crate::time::{mins, Nanos};
+use crate::time::{mins, Nanos, NANOS_PER_MILLI};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
@@ -55,6 +57,12 @@ pub struct EngineConfig {
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
     pub event_capacity: usize,
+    /// How often drained members' flows are counted while a drain is open (`crate::drain`).
+    pub drain_census_interval: Nanos,
+    /// NAT events logged for the daemon's IPFIX export (`crate::natlog`), and the bound of
+    /// their queue between two worker iterations.
+    pub nat_log: NatLogMode,
+    pub nat_log_capacity: usize,
     /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
     pub admission: AdmissionLimits,
     /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
@@ -81,6 +89,9 @@ impl Default for EngineConfig {
             steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
+            drain_census_interval: 250 * NANOS_PER_MILLI,
+            nat_log: NatLogMode::Off,
+            nat_log_capacity: 4096,
             admission: AdmissionLimits::default(),
             reset_rate: DEFAULT_RESET_RATE,
             cluster_pickup: false,
@@ -147,6 +158,9 @@ pub struct Engine {
     resets: TokenBucket,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
+    /// Drained members' flows: counted, and ended at their deadline.
+    census: Census,
+    natlog: NatLog,
     /// Next flow slot whose forward hop to re-resolve after the routes changed, and the
     /// [`NextHops::route_epoch`] that re-resolution serves.
     rehome: Option<u32>,
@@ -166,6 +180,8 @@ impl Engine {
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
         counters.live_flows.resize(rules.rule_id_bound(), 0);
+        let mut census = Census::default();
+        census.set_drains(rules.drains());
         let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
         snat.prepare(&rules);
         let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
@@ -182,6 +198,8 @@ impl Engine {
             exhausted: Vec::new(),
             resets: TokenBucket::new(cfg.reset_rate, cfg.reset_rate),
             sweep: None,
+            census,
+            natlog: NatLog::new(cfg.nat_log, cfg.nat_log_capacity),
             rehome: None,
             rehome_epoch: 0,
             membership_changed_at: None,
@@ -226,6 +244,7 @@ impl Engine {
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
+        self.census.set_drains(rules.drains());
         self.snat.prepare(&rules);
         self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
@@ -287,6 +306,22 @@ impl Engine {
         }
     }
 
+    /// What this worker knows of every drain of its rule set, in the rule set's order.
+    pub fn drain_progress(&self) -> &[DrainProgress] {
+        &self.census.progress
+    }
+
+    /// Hands over the NAT events logged since the last call, oldest first.
+    pub fn drain_nat_events(&mut self, mut f: impl FnMut(NatEvent)) {
+        self.natlog.drain(&mut f);
+    }
+
+    /// NAT events dropped because the queue was full between two calls of
+    /// [`drain_nat_events`](Self::drain_nat_events).
+    pub fn nat_events_lost(&self) -> u64 {
+        self.natlog.lost
+    }
+
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
         self.flows_in(0..self.flows.capacity())
@@ -318,7 +353,11 @@ impl Engine {
         {
             return Some(0);
         }
-        self.wheel.next_deadline()
+        let wheel = self.wheel.next_deadline();
+        match self.census.next_due(self.rules.drains()) {
+            Some(c) => Some(wheel.map_or(c, |w| w.min(c))),
+            None => wheel,
+        }
     }
 
     /// The worker that owns the flow `frame` belongs to (in both directions), or `None` when
@@ -425,7 +464,7 @@ impl Engine {
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
                     // A new connection reusing the tuple of one that is over (or of a
                     // handshake that this SYN is not part of).
-                    self.remove_flow(id);
+                    self.remove_flow(now, id);
                     return self.miss(now, ingress, buf, len, &pkt, &tuple, hash);
                 }
                 match self.track(now, id, dir, &seg) {
@@ -481,7 +520,7 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let rule = self.flows.get(id).rule;
-        self.remove_flow(id);
+        self.remove_flow(now, id);
         let verdict = self.miss(now, ingress, buf, len, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
             rule_counters(&mut self.counters, rule).flows_moved += 1;
@@ -542,7 +581,56 @@ impl Engine {
             }
             _ => {}
         }
-        done
+        done + self.census_step(now, emit)
+    }
+
+    /// One step of the drain census (`crate::drain`): at most [`CENSUS_SLOTS_PER_CALL`] flow
+    /// slots; returns 1 when it did work, so that the worker comes back for the rest.
+    fn census_step(&mut self, now: Nanos, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        let rules = Arc::clone(&self.rules);
+        let drains = rules.drains();
+        self.census.maybe_start(now, drains);
+        let Some(cursor) = self.census.cursor else {
+            return 0;
+        };
+        let capacity = self.flows.capacity();
+        let end = cursor.saturating_add(CENSUS_SLOTS_PER_CALL).min(capacity);
+        for id in cursor..end {
+            if !self.flows.is_live(id) {
+                continue;
+            }
+            let f = *self.flows.get(id);
+            if f.nat == Nat::Snat {
+                continue;
+            }
+            let Some(i) = drains.iter().position(|d| d.covers(f.rule, f.xlat)) else {
+                continue;
+            };
+            let tcp_open = f.proto == proto::TCP && !f.tcp.state.is_closed();
+            if tcp_open && self.census.ends_flows(drains, i) {
+                let progress = &mut self.census.progress[i];
+                if f.tcp.can_reset() {
+                    progress.flows_reset += 1;
+                    self.send_idle_rsts(&f, emit);
+                } else {
+                    progress.flows_ended += 1;
+                }
+                for dir in [ORIG, REPLY] {
+                    let h = self.flows.hash(&f.key(dir));
+                    self.late.record(h, now, f.rule);
+                }
+                self.remove_flow(now, id);
+                continue;
+            }
+            self.census.counting[i] += 1;
+        }
+        if end >= capacity {
+            self.census
+                .finish_round(drains, self.cfg.drain_census_interval);
+        } else {
+            self.census.cursor = Some(end);
+        }
+        1
     }
 
     /// Points flow `id`'s forward hop where the routes lead now. A flow whose new neighbour
@@ -600,7 +688,7 @@ impl Engine {
                 self.late.record(h1, now, f.rule);
             }
         }
-        self.remove_flow(id);
+        self.remove_flow(now, id);
     }
 
     /// The two RSTs of "TCP reset on idle": to the client as if from the frontend (a reply
@@ -657,15 +745,16 @@ impl Engine {
     }
 
     /// Evicts unconfirmed flow `id` to admit a new one.
-    fn evict(&mut self, id: FlowId, reason: EvictReason) {
+    fn evict(&mut self, now: Nanos, id: FlowId, reason: EvictReason) {
         let rule = self.flows.get(id).rule;
         self.counters.evictions[reason.index()] += 1;
         rule_counters(&mut self.counters, rule).flows_evicted += 1;
-        self.remove_flow(id);
+        self.remove_flow(now, id);
     }
 
-    fn remove_flow(&mut self, id: FlowId) {
+    fn remove_flow(&mut self, now: Nanos, id: FlowId) {
         let f = *self.flows.get(id);
+        self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
@@ -918,7 +1007,7 @@ impl Engine {
         if matches!(verdict, Verdict::Drop(_)) {
             // A flow never outlives a first packet that did not leave (the hop limit, the only
             // reason `emit` refuses, is checked before any flow is created).
-            self.remove_flow(id);
+            self.remove_flow(flow.last_seen, id);
             return verdict;
         }
         let c = rule_counters(&mut self.counters, rule);
@@ -946,7 +1035,7 @@ impl Engine {
         let full = self.flows.len() >= self.flows.capacity() as usize;
         match self.unconfirmed.decide(rule, class, full) {
             Admission::Admit => {}
-            Admission::Evict(victim, reason) => self.evict(victim, reason),
+            Admission::Evict(victim, reason) => self.evict(flow.last_seen, victim, reason),
             Admission::Refuse => return Err(DropReason::FlowTableFull),
         }
         let forward = self.net.resolve(toward).map_err(hop_error)?;
@@ -972,6 +1061,8 @@ impl Engine {
         self.net.acquire(back);
         self.unconfirmed.admit(id, rule, class);
         self.late.forget(hash);
+        self.natlog
+            .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
