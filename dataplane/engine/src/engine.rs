@@ -169,6 +169,8 @@ pub struct Engine {
     /// a flow with no packet since may have moved to another node, so its idle expiry is
     /// silent (an RST with numbers this node saw last could end a connection that lives on).
     membership_changed_at: Option<Nanos>,
+    /// Flows a cluster peer synced here that have seen no packet here yet (`export`).
+    standby: export::Standby,
     scratch: [u8; MAX_RST_FRAME],
 }
 
@@ -203,6 +205,7 @@ impl Engine {
             rehome: None,
             rehome_epoch: 0,
             membership_changed_at: None,
+            standby: export::Standby::default(),
             scratch: [0; MAX_RST_FRAME],
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
@@ -658,7 +661,7 @@ impl Engine {
         let f = *self.flows.get(id);
         let closed = f.proto == proto::TCP && f.tcp.state.is_closed();
         if !closed {
-            let moved = self.may_have_moved(&f);
+            let moved = self.may_have_moved(&f) || self.is_standby(id, &f);
             let params = self.rules.rule(f.rule);
             let counters = rule_counters(&mut self.counters, f.rule);
             counters.flows_expired_idle += 1;

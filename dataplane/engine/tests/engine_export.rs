@@ -127,3 +127,136 @@ fn a_flow_whose_rule_is_unknown_here_is_refused() {
     assert_eq!(b.engine.import_flow(b.now, &state), Err(DropReason::NoRule));
     assert_eq!(b.engine.flow_count(), 0);
 }
+
+/// A node A's established flow, after `a` saw the handshake and one segment each way.
+fn established_on_a(a: &mut Lab, client: &Tcp) -> (Seen, Tcp) {
+    let (_, out) = a.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
+    let syn = seen(&out);
+    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+    a.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]));
+    a.forward(CLIENT_PORT, client.seg(ACK | PSH, 1001, 70_001, b"hello"));
+    a.forward(BACKEND_PORT, backend.seg(ACK | PSH, 70_001, 1006, b"hi!"));
+    (syn, backend)
+}
+
+#[test]
+fn a_standby_flow_that_sees_no_packet_here_expires_without_resets() {
+    let mut a = Lab::new();
+    let client = Tcp::client(80, 40_310);
+    established_on_a(&mut a, &client);
+    let id = a.engine.flows().next().unwrap().id;
+    let state = a.engine.export_flow(a.now, id).unwrap();
+
+    let mut b = Lab::new();
+    let Imported::Created(sid) = b.engine.import_standby(b.now, &state).unwrap() else {
+        panic!("a new standby flow");
+    };
+    assert!(b.engine.is_standby_flow(sid));
+    assert_eq!(b.engine.standby_marks(), 1);
+    b.run_until(b.now + mins(4) + tick());
+    assert_eq!(b.engine.flow_count(), 0, "expired at its idle timeout");
+    assert!(b.emitted.is_empty(), "no reset on idle from a standby copy");
+    let http = a.engine.flows().next().unwrap().rule;
+    assert_eq!(b.engine.counters().rule(http).flows_reset_withheld, 1);
+    assert_eq!(b.engine.counters().rule(http).flows_reset_on_idle, 0);
+}
+
+#[test]
+fn a_refreshed_standby_flow_moved_here_continues_with_exact_resets() {
+    let mut a = Lab::new();
+    let client = Tcp::client(80, 40_311);
+    let (syn, backend) = established_on_a(&mut a, &client);
+    let id = a.engine.flows().next().unwrap().id;
+    let first = a.engine.export_flow(a.now, id).unwrap();
+
+    let mut b = Lab::with(
+        DEFAULT_CONFIG,
+        EngineConfig {
+            hash_seed: 7,
+            ..EngineConfig::default()
+        },
+    );
+    let Imported::Created(sid) = b.engine.import_standby(b.now, &first).unwrap() else {
+        panic!("a new standby flow");
+    };
+
+    // The connection goes on through A; A's newer state replaces B's copy.
+    a.advance(secs_f(2.0));
+    b.advance(secs_f(2.0));
+    a.forward(CLIENT_PORT, client.seg(ACK | PSH, 1006, 70_004, b"more"));
+    a.forward(BACKEND_PORT, backend.seg(ACK | PSH, 70_004, 1010, b"ok"));
+    let second = a.engine.export_flow(a.now, id).unwrap();
+    assert_eq!(
+        b.engine.import_standby(b.now, &second).unwrap(),
+        Imported::Refreshed(sid)
+    );
+    // An older state arriving late (its idle time counts its time on the way) changes nothing.
+    let mut stale = first.clone();
+    stale.idle += secs_f(2.0);
+    assert_eq!(
+        b.engine.import_standby(b.now, &stale).unwrap(),
+        Imported::AlreadyHere(sid)
+    );
+    assert!(b.engine.is_standby_flow(sid));
+
+    // A is lost; the router moves the connection to B: the same backend, no pickup, live.
+    b.advance(secs_f(1.0));
+    let (_, out) = b.forward(CLIENT_PORT, client.seg(ACK | PSH, 1010, 70_006, b"again"));
+    assert_eq!(seen(&out).dst, syn.dst, "the backend A chose");
+    assert!(!b.engine.is_standby_flow(sid), "live once a packet arrived");
+    let http = b.engine.flows().next().unwrap().rule;
+    assert_eq!(b.engine.counters().rule(http).flows_picked_up, 0);
+    // Synced states no longer change a flow that is live here.
+    assert_eq!(
+        b.engine.import_standby(b.now, &second).unwrap(),
+        Imported::AlreadyHere(sid)
+    );
+
+    // Idle: reset on idle with the exact numbers of the latest segments.
+    b.run_until(b.now + mins(4) + tick());
+    assert_eq!(b.engine.flow_count(), 0);
+    assert_eq!(b.emitted.len(), 2, "reset on idle, both ends");
+    let (to_client, to_backend) = (seen(&b.emitted[0].1), seen(&b.emitted[1].1));
+    assert_eq!(
+        (to_client.dst, to_client.seq),
+        (IpAddr::from(CLIENT), 70_006)
+    );
+    assert_eq!((to_backend.dst, to_backend.seq), (syn.dst, 1015));
+}
+
+#[test]
+fn a_standby_snat_flow_keeps_its_port_when_answers_reach_the_peer() {
+    let mut a = Lab::new();
+    let member = Tcp {
+        src_mac: B1_MAC,
+        dst_mac: XLB_MAC[1],
+        src: B1.into(),
+        dst: REMOTE.into(),
+        sport: 50_200,
+        dport: 443,
+    };
+    let (_, out) = a.forward(BACKEND_PORT, member.seg(SYN, 1, 0, &[]));
+    let port = seen(&out).sport;
+    let id = a.engine.flows().next().unwrap().id;
+    let state = a.engine.export_flow(a.now, id).unwrap();
+    assert_eq!(state.steering_endpoint(), (REMOTE.into(), 443));
+
+    let mut b = Lab::new();
+    let Imported::Created(sid) = b.engine.import_standby(b.now, &state).unwrap() else {
+        panic!("a new standby flow");
+    };
+    b.advance(secs_f(0.5));
+    let remote = Tcp {
+        src_mac: NET_MAC,
+        dst_mac: XLB_MAC[2],
+        src: REMOTE.into(),
+        dst: SNAT_IP.into(),
+        sport: 443,
+        dport: port,
+    };
+    let (p, back) = b.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
+    assert_eq!(p, BACKEND_PORT);
+    let s = seen(&back);
+    assert_eq!((s.dst, s.dport), (IpAddr::from(B1), 50_200));
+    assert!(!b.engine.is_standby_flow(sid));
+}

@@ -7,12 +7,24 @@
 //! (both next sequence numbers, windows, state) and how long the flow has been idle. Next hops
 //! are not exported: the importing engine resolves them from its own kernel's routes and
 //! neighbours, as a node's MACs and ports are its own.
+//!
+//! A flow can be imported *live* ([`Engine::import_flow`]: this engine owns it from now on) or
+//! as a *standby* copy ([`Engine::import_standby`]: a cluster peer owns it and keeps sending
+//! its state). The rule of a standby flow: it forwards like any flow (a packet that reaches
+//! this node finds its backend, SNAT port and exact sequence numbers), a newer synced state
+//! replaces its tracking and idle time, and its idle expiry is **silent** (no reset on idle,
+//! counted `flows_reset_withheld`): the peer that owns it sends the RSTs, or the connection
+//! lives on there. The first packet of the flow that reaches this node makes it live here —
+//! the router moved it — and from then on what this node sees wins: synced states no longer
+//! change it, and its reset on idle is exact and sent.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{hop_error, live_flows, Engine};
 use crate::addr::Addr;
 use crate::flow::{Flow, FlowId, InsertError, Nat};
+use crate::hashkey::HashKey;
 use crate::ruleset::RuleKind;
 use crate::tcp::{TcpTrack, ORIG};
 use crate::time::Nanos;
@@ -45,6 +57,39 @@ pub enum Imported {
     Created(FlowId),
     /// The flow exists here already: what this engine saw itself is kept.
     AlreadyHere(FlowId),
+    /// A standby flow that had seen no packet here took the newer synced state.
+    Refreshed(FlowId),
+}
+
+impl FlowState {
+    /// The endpoint that steering hashes for this flow (the side that is not the frontend:
+    /// the client of an inbound flow, the remote host of an outbound one), as
+    /// [`crate::engine::owner`] hashes it for the flow's frames.
+    pub fn steering_endpoint(&self) -> (Addr, u16) {
+        match self.nat {
+            Nat::Snat => (self.orig_dst, self.orig_dport),
+            Nat::Dnat | Nat::None => (self.orig_src, self.orig_sport),
+        }
+    }
+
+    /// The worker among `workers` whose engine holds this flow under steering key `key`: the
+    /// one the data path steers the flow's frames to.
+    pub fn owner(&self, key: &HashKey, workers: u16) -> u16 {
+        if workers <= 1 {
+            return 0;
+        }
+        let (addr, port) = self.steering_endpoint();
+        super::steer(key, addr, port, workers)
+    }
+}
+
+/// The standby flows of one engine: flow slot → (the `last_seen` the latest synced state set,
+/// the hash of the flow's original key). A flow is standby while both still match: a packet
+/// here moves `last_seen`, and a slot reused by another flow changes the key. Bounded by the
+/// flow table's slots; entries of flows that ended are dropped when the slot is looked at.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Standby {
+    marks: HashMap<FlowId, (Nanos, u64)>,
 }
 
 impl Engine {
@@ -78,6 +123,36 @@ impl Engine {
     /// reason when its rule does not exist here (`NoRule`), the table is full, or a next hop
     /// is not known yet (the caller may retry once the kernel resolved it).
     pub fn import_flow(&mut self, now: Nanos, s: &FlowState) -> Result<Imported, DropReason> {
+        self.import(now, s, false)
+    }
+
+    /// Adds or refreshes the standby copy of a flow a cluster peer owns (see the module's
+    /// rule): created as [`import_flow`](Self::import_flow) creates it but marked standby; a
+    /// standby flow already here takes `s`'s tracking and idle time when they are not older
+    /// than its own (`Refreshed`); a flow live here is kept (`AlreadyHere`).
+    pub fn import_standby(&mut self, now: Nanos, s: &FlowState) -> Result<Imported, DropReason> {
+        self.import(now, s, true)
+    }
+
+    /// Whether flow `id` is a standby copy that has seen no packet here.
+    pub fn is_standby_flow(&self, id: FlowId) -> bool {
+        self.flows.is_live(id) && self.is_standby(id, self.flows.get(id))
+    }
+
+    /// Standby flows of this engine (an upper bound: marks of flows that ended since are
+    /// counted until their slot is looked at again).
+    pub fn standby_marks(&self) -> usize {
+        self.standby.marks.len()
+    }
+
+    pub(super) fn is_standby(&self, id: FlowId, f: &Flow) -> bool {
+        match self.standby.marks.get(&id) {
+            None => false,
+            Some(&(seen, key)) => seen == f.last_seen && key == self.flows.hash(&f.key(ORIG)),
+        }
+    }
+
+    fn import(&mut self, now: Nanos, s: &FlowState, standby: bool) -> Result<Imported, DropReason> {
         let rule = self
             .rules
             .rule_id(s.rule_kind, &s.rule_name)
@@ -103,7 +178,7 @@ impl Engine {
         let key = flow.key(ORIG);
         let hash = self.flows.hash(&key);
         if let Some((id, _)) = self.flows.lookup(&key, hash) {
-            return Ok(Imported::AlreadyHere(id));
+            return Ok(self.refresh(id, &flow, standby));
         }
         if self.flows.len() >= self.flows.capacity() as usize {
             return Err(DropReason::FlowTableFull);
@@ -128,9 +203,33 @@ impl Engine {
         }
         self.late.forget(hash);
         live_flows(&mut self.counters, rule);
+        if standby {
+            self.standby.marks.insert(id, (flow.last_seen, hash));
+        } else {
+            self.standby.marks.remove(&id);
+        }
         let deadline = self.deadline(self.flows.get(id));
         // Confirmed where it ran: never evicted as a half-open flow here.
         self.wheel.insert(id, deadline);
         Ok(Imported::Created(id))
+    }
+
+    /// A synced state of flow `id`, which exists here: a standby copy takes it when it is not
+    /// older than what the copy holds; a flow live here keeps what this node saw.
+    fn refresh(&mut self, id: FlowId, synced: &Flow, standby: bool) -> Imported {
+        if !standby || !self.is_standby(id, self.flows.get(id)) {
+            return Imported::AlreadyHere(id);
+        }
+        let f = self.flows.get_mut(id);
+        if synced.last_seen < f.last_seen {
+            return Imported::AlreadyHere(id);
+        }
+        f.last_seen = synced.last_seen;
+        f.tcp = synced.tcp;
+        let key = self.flows.hash(&synced.key(ORIG));
+        self.standby.marks.insert(id, (synced.last_seen, key));
+        let deadline = self.deadline(self.flows.get(id));
+        self.wheel.insert(id, deadline);
+        Imported::Refreshed(id)
     }
 }
