@@ -27,7 +27,7 @@ use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
-pub use export::{FlowState, Imported};
+pub use export::{FlowState, Imported, SyncReason};
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
 /// enough for the clients of a restarted appliance to learn quickly that their connections
@@ -171,6 +171,7 @@ pub struct Engine {
     membership_changed_at: Option<Nanos>,
     /// Flows a cluster peer synced here that have seen no packet here yet (`export`).
     standby: export::Standby,
+    sync: export::SyncLog,
     scratch: [u8; MAX_RST_FRAME],
 }
 
@@ -206,6 +207,7 @@ impl Engine {
             rehome_epoch: 0,
             membership_changed_at: None,
             standby: export::Standby::default(),
+            sync: export::SyncLog::default(),
             scratch: [0; MAX_RST_FRAME],
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
@@ -803,6 +805,9 @@ impl Engine {
         let Outcome::Tracked(change) = outcome else {
             return outcome;
         };
+        if change != Change::None {
+            self.sync_note(id);
+        }
         if matches!(change, Change::Closed | Change::Reset) {
             rule_counters(&mut self.counters, rule).flows_closed += 1;
             // The linger is shorter than the idle timeout the wheel holds: re-file now.
@@ -1067,6 +1072,7 @@ impl Engine {
         self.natlog
             .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
+        self.sync_note(id);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Ok(id)

@@ -30,6 +30,6 @@ pub use config::{
     compile, compile_releasing, Config, MemberHealth, ValidationError, ValidationErrors,
 };
 pub use counters::{Counters, DropReason, RuleCounters};
-pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, Verdict};
+pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, SyncReason, Verdict};
 pub use net::{Mac, NextHop, PortId, Route};
 pub use ruleset::{RuleId, RuleSet};

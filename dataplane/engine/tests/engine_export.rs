@@ -260,3 +260,63 @@ fn a_standby_snat_flow_keeps_its_port_when_answers_reach_the_peer() {
     assert_eq!((s.dst, s.dport), (IpAddr::from(B1), 50_200));
     assert!(!b.engine.is_standby_flow(sid));
 }
+
+#[test]
+fn sync_export_hands_created_and_changed_flows_then_refreshes_active_ones() {
+    use xlb_engine::SyncReason;
+    let mut a = Lab::new();
+    a.engine.enable_sync(2);
+    let client = Tcp::client(80, 40_320);
+    let (_, out) = a.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
+    let syn = seen(&out);
+    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+    a.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]));
+    a.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]));
+    // Created, then established: two notes; a third flow's creation finds the ring full.
+    a.forward(CLIENT_PORT, Tcp::client(80, 40_321).seg(SYN, 5, 0, &[]));
+    assert_eq!(a.engine.sync_lost(), 1);
+    let mut got = Vec::new();
+    let n = a.engine.sync_export(a.now, 10, 0, |r, s| got.push((r, s)));
+    assert_eq!(n, 2);
+    assert!(got
+        .iter()
+        .all(|(r, s)| *r == SyncReason::Noted && s.orig_sport == 40_320));
+    assert_eq!(got[1].1.tcp.state, xlb_engine::tcp::TcpState::Established);
+    // The refresh pass: both flows had packets, each is handed once per pass, within the
+    // budget.
+    got.clear();
+    let slots = a.engine.flow_capacity();
+    let n = a
+        .engine
+        .sync_export(a.now, 1, slots, |r, s| got.push((r, s)));
+    assert_eq!(n, 1);
+    let n = a
+        .engine
+        .sync_export(a.now, 10, slots, |r, s| got.push((r, s)));
+    assert_eq!(n, 1);
+    assert!(got.iter().all(|(r, _)| *r == SyncReason::Refresh));
+    // A pass hands the flows with a packet after the previous pass began: the next pass
+    // still hands both, the one after it nothing (they have been quiet since).
+    a.advance(secs_f(1.0));
+    got.clear();
+    a.engine
+        .sync_export(a.now, 10, slots, |r, s| got.push((r, s)));
+    assert_eq!(got.len(), 2);
+    got.clear();
+    a.engine
+        .sync_export(a.now, 10, slots, |r, s| got.push((r, s)));
+    assert!(got.is_empty(), "{got:?}");
+
+    // A standby flow is its owner's to send.
+    let state = a
+        .engine
+        .export_flow(a.now, a.engine.flows().next().unwrap().id)
+        .unwrap();
+    let mut b = Lab::new();
+    b.engine.enable_sync(8);
+    b.engine.import_standby(b.now, &state).unwrap();
+    let mut sent = 0;
+    b.engine
+        .sync_export(b.now, 10, b.engine.flow_capacity(), |_, _| sent += 1);
+    assert_eq!(sent, 0);
+}

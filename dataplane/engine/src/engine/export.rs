@@ -18,7 +18,7 @@
 //! the router moved it — and from then on what this node sees wins: synced states no longer
 //! change it, and its reset on idle is exact and sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::{hop_error, live_flows, Engine};
@@ -92,7 +92,111 @@ pub(super) struct Standby {
     marks: HashMap<FlowId, (Nanos, u64)>,
 }
 
+/// Why a flow's state is handed to a sync ([`Engine::sync_export`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// The flow was created, or its TCP state changed (established, closed, reset).
+    Noted,
+    /// The periodic refresh of a flow that saw packets since the previous pass.
+    Refresh,
+}
+
+/// Flows to hand to a flow-state sync: the ids noted at creation and at TCP state changes
+/// (a ring preallocated when the sync is enabled, so the data path never allocates; an id
+/// that finds it full is lost, counted), and the refresh pass's cursor.
+#[derive(Clone, Debug, Default)]
+pub(super) struct SyncLog {
+    on: bool,
+    noted: VecDeque<FlowId>,
+    capacity: usize,
+    lost: u64,
+    cursor: u32,
+    /// When the current refresh pass began, and the one before it: a flow with a packet
+    /// after the previous pass's start is refreshed (every slot was looked at after that).
+    pass_started: Nanos,
+    previous_pass_started: Nanos,
+}
+
 impl Engine {
+    /// Notes flow changes for [`sync_export`](Self::sync_export) from now on, in a ring of
+    /// `ring` ids.
+    pub fn enable_sync(&mut self, ring: usize) {
+        let log = &mut self.sync;
+        log.on = true;
+        log.capacity = ring.max(1);
+        log.noted = VecDeque::with_capacity(log.capacity);
+    }
+
+    /// Flow changes the full ring did not take (their flows are still sent by the refresh
+    /// pass if they see packets).
+    pub fn sync_lost(&self) -> u64 {
+        self.sync.lost
+    }
+
+    /// Notes flow `id` for the sync (creation, TCP state change); no-op while it is off.
+    #[inline]
+    pub(super) fn sync_note(&mut self, id: FlowId) {
+        let log = &mut self.sync;
+        if !log.on {
+            return;
+        }
+        if log.noted.len() < log.capacity {
+            log.noted.push_back(id);
+        } else {
+            log.lost += 1;
+        }
+    }
+
+    /// Hands the sync at most `budget` flow states: first the noted flows, then the refresh
+    /// pass, which looks at up to `scan` more slots and exports those with a packet since the
+    /// previous pass began. Standby flows (a peer's) are never exported: only their owner's
+    /// states travel. Returns how many were handed.
+    pub fn sync_export(
+        &mut self,
+        now: Nanos,
+        budget: usize,
+        scan: u32,
+        mut f: impl FnMut(SyncReason, FlowState),
+    ) -> usize {
+        let mut handed = 0;
+        while handed < budget {
+            let Some(id) = self.sync.noted.pop_front() else {
+                break;
+            };
+            if self.flows.is_live(id) && !self.is_standby(id, self.flows.get(id)) {
+                if let Some(s) = self.export_flow(now, id) {
+                    f(SyncReason::Noted, s);
+                    handed += 1;
+                }
+            }
+        }
+        let capacity = self.flows.capacity();
+        let mut looked = 0;
+        while handed < budget && looked < scan && capacity > 0 {
+            let id = self.sync.cursor;
+            looked += 1;
+            let fresh = self.flows.is_live(id) && {
+                let fl = self.flows.get(id);
+                fl.last_seen > self.sync.previous_pass_started && !self.is_standby(id, fl)
+            };
+            if fresh {
+                if let Some(s) = self.export_flow(now, id) {
+                    f(SyncReason::Refresh, s);
+                    handed += 1;
+                }
+            }
+            if id + 1 >= capacity {
+                // A pass ends: the next one starts at the next call.
+                self.sync.cursor = 0;
+                self.sync.previous_pass_started = self.sync.pass_started;
+                self.sync.pass_started = now;
+                break;
+            }
+            self.sync.cursor = id + 1;
+        }
+        handed
+    }
+
     /// The state of flow `id` at `now`; `None` when the slot holds no flow, or its rule is
     /// gone (an orphan drains where it is).
     pub fn export_flow(&self, now: Nanos, id: FlowId) -> Option<FlowState> {
