@@ -13,7 +13,7 @@ use xlb_api::{Bound, ControlState, Listen, StateOptions, Telemetry};
 use xlb_engine::Config;
 
 use crate::{
-    cluster::Cluster,
+    cluster::{sync::FlowSync, Cluster},
     control_loop::{ControlLoop, LiveAddresses, Parts},
     ipfix, metrics,
     options::{describe_listen, Failure, Options},
@@ -142,6 +142,29 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         p.prober
             .set_steer_key(xlb_engine::hashkey::HashKey::from_seed(steer_seed));
     }
+    // The flow-state sync binds its port before the workers start (they take its ends).
+    let (sync, sync_ends) = match opts
+        .cluster
+        .as_ref()
+        .and_then(|c| Some((c, c.sync.as_ref()?)))
+    {
+        Some((c, so)) => {
+            let listen = c
+                .listen
+                .map(|l| l.ip())
+                .ok_or_else(|| Failure::usage("--cluster-sync-port needs --cluster-listen"))?;
+            let (sync, ends) = FlowSync::start(
+                so,
+                listen,
+                &c.peers,
+                xlb_engine::hashkey::HashKey::from_seed(steer_seed),
+                opts.workers,
+            )
+            .map_err(|e| Failure::usage(format!("--cluster-sync-port {}: {e}", so.port)))?;
+            (Some(sync), ends.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
     let mut workers = workers::spawn_all(&workers::Start {
         opts,
         xdp: &attached.xdp,
@@ -158,6 +181,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
             .map(|p| p.prober.sources())
             .unwrap_or_default(),
         nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
+        sync: std::sync::Mutex::new(sync_ends),
     })?;
     let shared = Shared::new(
         std::mem::take(&mut workers.cells),
@@ -188,7 +212,8 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let cluster = (opts.cluster.clone())
         .map(Cluster::start)
         .transpose()
-        .map_err(Failure::usage)?;
+        .map_err(Failure::usage)?
+        .map(|c| c.with_sync(sync));
     let running = Running {
         runtime,
         signalled,

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, io, path::Path};
 
-use xlb_api::{CounterSum, DrainStatus, NatLogStatus};
+use xlb_api::{ClusterSync, CounterSum, DrainStatus, NatLogStatus};
 use xlb_engine::{counters::EvictReason, DropReason, RuleCounters, RuleSet};
 
 /// The rules of `sum` that `rules` names, as `<kind key>.<name>` (`lb.web`), in rule-id order.
@@ -110,6 +110,8 @@ pub struct Operations {
     pub drains: Vec<DrainStatus>,
     /// The NAT event export, when it runs.
     pub nat_log: Option<NatLogStatus>,
+    /// The cluster's flow-state sync, when it runs.
+    pub cluster_sync: Option<ClusterSync>,
 }
 
 impl Operations {
@@ -121,6 +123,17 @@ impl Operations {
                 s,
                 " ipfix[sent={} messages={} lost={}]",
                 n.records_sent, n.messages_sent, n.records_lost
+            );
+        }
+        if let Some(c) = &self.cluster_sync {
+            let _ = write!(
+                s,
+                " sync[sent={} received={} imported={} dropped={} lag_max_ms={:.1}]",
+                c.records_sent,
+                c.records_received,
+                c.records_imported,
+                c.records_dropped,
+                c.lag_max.as_secs_f64() * 1e3
             );
         }
         for d in &self.drains {
@@ -155,6 +168,21 @@ impl Operations {
             kv("nat_log.records_sent", n.records_sent);
             kv("nat_log.messages_sent", n.messages_sent);
             kv("nat_log.records_lost", n.records_lost);
+        }
+        if let Some(c) = &self.cluster_sync {
+            kv("cluster_sync.records_sent", c.records_sent);
+            kv("cluster_sync.records_received", c.records_received);
+            kv("cluster_sync.records_imported", c.records_imported);
+            kv("cluster_sync.records_refreshed", c.records_refreshed);
+            kv("cluster_sync.records_kept", c.records_kept);
+            kv("cluster_sync.records_refused", c.records_refused);
+            kv("cluster_sync.records_dropped", c.records_dropped);
+            kv("cluster_sync.datagrams_malformed", c.datagrams_malformed);
+            kv("cluster_sync.datagrams_lost", c.datagrams_lost);
+            kv("cluster_sync.lag_count", c.lag_count);
+            kv("cluster_sync.lag_mean_us", c.lag_mean.as_micros() as u64);
+            kv("cluster_sync.lag_max_us", c.lag_max.as_micros() as u64);
+            kv("cluster_sync.snat_taken_over", c.taken_over.len() as u64);
         }
         s
     }
@@ -263,6 +291,7 @@ backend_port = 8080
                 flows_ended: 0,
                 deadline_done: true,
             }],
+            cluster_sync: None,
             nat_log: Some(NatLogStatus {
                 collector: "198.18.0.5:4739".into(),
                 records_sent: 10,

@@ -90,6 +90,8 @@ pub struct Start<'a> {
     pub snat_only: Option<Vec<Addr>>,
     /// Where the engines' NAT events go (`crate::ipfix`); `None`: the export is off.
     pub nat_events: Option<Sender<NatEvent>>,
+    /// Each worker's end of the cluster's flow-state sync (taken by its worker), when on.
+    pub sync: std::sync::Mutex<Vec<Option<crate::cluster::sync::WorkerSync>>>,
 }
 
 /// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
@@ -213,7 +215,14 @@ fn spawn_one(
         .with_probe_sources(s.probe_sources.clone())
         .with_kernel(Arc::clone(&s.kernel))
         .with_heartbeat(out.heartbeats.of(w))
-        .with_nat_events(s.nat_events.clone());
+        .with_nat_events(s.nat_events.clone())
+        .with_sync(
+            (s.sync
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner))
+            .get_mut(w)
+            .and_then(Option::take),
+        );
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

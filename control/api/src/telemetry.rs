@@ -333,6 +333,35 @@ pub struct ClusterStatus {
     pub config_fingerprint: String,
     pub peers: Vec<ClusterPeer>,
     pub membership_changes: u64,
+    /// The flow-state sync with the peers, when it is on.
+    pub sync: Option<ClusterSync>,
+}
+
+/// The cluster's flow-state sync since start (docs/cluster.md, "Flow-state sync").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterSync {
+    pub records_sent: u64,
+    pub records_received: u64,
+    /// Imported as new standby flows.
+    pub records_imported: u64,
+    /// Standby flows refreshed by a newer state.
+    pub records_refreshed: u64,
+    /// For flows live here, or older than the copy here: nothing changed.
+    pub records_kept: u64,
+    /// Refused by the engine (no such rule here, table full, next hop not known yet).
+    pub records_refused: u64,
+    /// Lost on this node: a full queue on the way out or in, or the rate cap's backlog.
+    pub records_dropped: u64,
+    /// Datagrams refused: undecodable, unauthenticated, or from no configured peer.
+    pub datagrams_malformed: u64,
+    /// Datagrams missing in the peers' sequences.
+    pub datagrams_lost: u64,
+    /// Lag of created or changed flows, from the packet on the peer to the import here.
+    pub lag_count: u64,
+    pub lag_mean: std::time::Duration,
+    pub lag_max: std::time::Duration,
+    /// Host prefixes of lost peers' SNAT addresses this node announces in their stead.
+    pub taken_over: Vec<String>,
 }
 
 /// A peer as this node last heard it.

@@ -66,6 +66,15 @@ fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
         "drain_remaining_seconds": c.drain_remaining_seconds, "drain_done": c.drain_done,
         "announced": c.announced, "announcer": c.announcer, "announce_error": c.announce_error,
         "config_fingerprint": c.config_fingerprint, "membership_changes": c.membership_changes,
+        "sync": c.sync.as_ref().map(|s| json!({
+            "records_sent": s.records_sent, "records_received": s.records_received,
+            "records_imported": s.records_imported, "records_refreshed": s.records_refreshed,
+            "records_kept": s.records_kept, "records_refused": s.records_refused,
+            "records_dropped": s.records_dropped, "datagrams_malformed": s.datagrams_malformed,
+            "datagrams_lost": s.datagrams_lost, "lag_count": s.lag_count,
+            "lag_mean_seconds": s.lag_mean_seconds, "lag_max_seconds": s.lag_max_seconds,
+            "taken_over": s.taken_over,
+        })),
         "peers": c.peers.iter().map(|p| json!({
             "address": p.address, "node": p.node, "alive": p.alive, "announcing": p.announcing,
             "config_fingerprint": p.config_fingerprint, "same_config": p.same_config,
@@ -106,6 +115,28 @@ fn cluster_lines(c: &pb::ClusterStatus) {
     );
     if !c.announce_error.is_empty() {
         println!("ANNOUNCE ERROR: {}", c.announce_error);
+    }
+    if let Some(s) = &c.sync {
+        println!(
+            "SYNC sent {}  received {}  imported {}  refreshed {}  kept {}  refused {}  dropped {}  malformed {}  lost datagrams {}  lag mean {:.2} ms max {:.2} ms ({} measured){}",
+            s.records_sent,
+            s.records_received,
+            s.records_imported,
+            s.records_refreshed,
+            s.records_kept,
+            s.records_refused,
+            s.records_dropped,
+            s.datagrams_malformed,
+            s.datagrams_lost,
+            s.lag_mean_seconds * 1e3,
+            s.lag_max_seconds * 1e3,
+            s.lag_count,
+            if s.taken_over.is_empty() {
+                String::new()
+            } else {
+                format!("  SNAT taken over: {}", s.taken_over.join(" "))
+            }
+        );
     }
     let rows: Vec<Vec<String>> = (c.peers.iter())
         .map(|p| {

@@ -181,6 +181,34 @@ struct Cli {
         requires = "cluster_node"
     )]
     cluster_snat_frontends: Vec<String>,
+    /// Sync flow states with the peers over UDP on this port (on the --cluster-listen
+    /// address and on every peer's address): a lost node's flows continue on the others with
+    /// their backend, SNAT port and exact reset on idle (docs/cluster.md, "Flow-state sync").
+    #[arg(long, value_name = "PORT", requires = "cluster_listen")]
+    cluster_sync_port: Option<u16>,
+    /// The sync's cap on what it sends, bytes per second (all peers together), 10 000 to
+    /// 10 000 000 000.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 50_000_000,
+        requires = "cluster_sync_port"
+    )]
+    cluster_sync_rate: u64,
+    /// How long one refresh pass over a worker's flows takes (each flow with packets since
+    /// the previous pass is sent again), 0.05–60 s.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 1.0,
+        requires = "cluster_sync_port"
+    )]
+    cluster_sync_refresh: f64,
+    /// A file holding the key every node shares (at least 16 bytes): sync datagrams carry
+    /// an HMAC-SHA256 under it and only those that verify are taken. Without it, datagrams
+    /// are taken from the configured peers' addresses only.
+    #[arg(long, value_name = "FILE", requires = "cluster_sync_port")]
+    cluster_sync_key: Option<PathBuf>,
     /// BIRD's control socket.
     #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
     bird_socket: PathBuf,
@@ -303,6 +331,54 @@ fn cluster(cli: &Cli) -> Result<Option<xlb_control::cluster::ClusterOptions>, St
                 birdc: cli.birdc.clone(),
             }),
         snat_frontends: cli.cluster_snat_frontends.clone(),
+        sync: cluster_sync(cli)?,
+    }))
+}
+
+/// `--cluster-sync-*`, checked.
+fn cluster_sync(cli: &Cli) -> Result<Option<xlb_control::cluster::sync::SyncOptions>, String> {
+    use xlb_control::cluster::{sync::SyncOptions, sync_wire::SyncKey};
+    let Some(port) = cli.cluster_sync_port else {
+        return Ok(None);
+    };
+    if port == 0 || cli.cluster_listen.is_some_and(|l| l.port() == port) {
+        return Err(format!(
+            "--cluster-sync-port {port}: a port of its own (not 0, not the heartbeats')"
+        ));
+    }
+    if !(10_000..=10_000_000_000).contains(&cli.cluster_sync_rate) {
+        return Err(format!(
+            "--cluster-sync-rate {}: 10000 to 10000000000 bytes a second",
+            cli.cluster_sync_rate
+        ));
+    }
+    let key = match &cli.cluster_sync_key {
+        Some(path) => {
+            let secret = std::fs::read(path)
+                .map_err(|e| format!("--cluster-sync-key {}: {e}", path.display()))?;
+            if secret.len() < 16 {
+                return Err(format!(
+                    "--cluster-sync-key {}: at least 16 bytes",
+                    path.display()
+                ));
+            }
+            Some(SyncKey::new(&secret))
+        }
+        None => None,
+    };
+    Ok(Some(SyncOptions {
+        port,
+        rate: cli.cluster_sync_rate,
+        refresh: xlb_control::limits::seconds(
+            "--cluster-sync-refresh",
+            cli.cluster_sync_refresh,
+            xlb_control::limits::Range {
+                min: 0.05,
+                max: 60.0,
+                unit: "seconds",
+            },
+        )?,
+        key,
     }))
 }
 

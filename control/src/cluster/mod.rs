@@ -11,6 +11,8 @@
 
 pub mod announce;
 pub mod peers;
+pub mod sync;
+pub mod sync_wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,6 +49,8 @@ pub struct ClusterOptions {
     /// This node's own SNAT frontends (`--cluster-snat-frontend`): outbound flows take ports
     /// only on their addresses, and the node announces them with its frontends.
     pub snat_frontends: Vec<String>,
+    /// The flow-state sync with the peers (`--cluster-sync-port`), when on.
+    pub sync: Option<sync::SyncOptions>,
 }
 
 /// The fingerprint of a configuration: FNV-1a (64 bits) of its canonical TOML form. The
@@ -144,6 +148,10 @@ pub struct Cluster {
     unfit_reason: String,
     mismatched: BTreeSet<String>,
     status: ClusterStatus,
+    /// The flow-state sync, when on.
+    sync: Option<sync::FlowSync>,
+    /// Host prefixes of lost peers' SNAT addresses announced here.
+    taken_over: Vec<String>,
 }
 
 impl Cluster {
@@ -174,7 +182,42 @@ impl Cluster {
             unfit_reason: String::new(),
             mismatched: BTreeSet::new(),
             status: ClusterStatus::default(),
+            sync: None,
+            taken_over: Vec::new(),
         })
+    }
+
+    /// Runs with the flow-state sync (its threads are stopped with the cluster).
+    pub fn with_sync(mut self, sync: Option<sync::FlowSync>) -> Cluster {
+        self.sync = sync;
+        self
+    }
+
+    /// The SNAT addresses of lost peers that this node takes over: those learned from a
+    /// peer's synced outbound flows, once the peer is not heard for the dead interval, by
+    /// the first node by name among the live announcing ones (every survivor received the
+    /// same records, and knows the same live set from the heartbeats). Their answers then
+    /// reach this node's standby copies of the peer's outbound flows.
+    fn snat_taken_over(&self, now: Instant, announcing: bool) -> Vec<String> {
+        let (Some(sync), Some(p), true) = (&self.sync, &self.peers, announcing) else {
+            return Vec::new();
+        };
+        let first_live = (p.peers.iter())
+            .filter(|peer| peer.alive(now, self.opts.dead_after))
+            .filter_map(|peer| peer.last.as_ref())
+            .filter(|(_, b)| b.announcing)
+            .all(|(_, b)| self.opts.node < b.node);
+        if !first_live {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = (p.peers.iter())
+            .filter(|peer| !peer.alive(now, self.opts.dead_after))
+            .flat_map(|peer| sync.snat_of(peer.addr.ip()))
+            .map(host_prefix)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn options(&self) -> &ClusterOptions {
@@ -236,9 +279,23 @@ impl Cluster {
                     wanted.extend(a.into_iter().map(host_prefix));
                 }
             }
-            wanted.sort();
-            wanted.dedup();
         }
+        let taken_over = self.snat_taken_over(now, announcing);
+        if taken_over != self.taken_over {
+            tick.events.push(format!(
+                "xlbd event cluster_snat_takeover node={} prefixes={}",
+                self.opts.node,
+                if taken_over.is_empty() {
+                    "-".to_string()
+                } else {
+                    taken_over.join(",")
+                }
+            ));
+            self.taken_over = taken_over;
+        }
+        wanted.extend(self.taken_over.iter().cloned());
+        wanted.sort();
+        wanted.dedup();
         if self.wanted.as_ref() != Some(&wanted) {
             tick.events.push(format!(
                 "xlbd event cluster_announce node={} prefixes={} why=\"{}\"",
@@ -409,12 +466,33 @@ impl Cluster {
             config_fingerprint: fp,
             peers,
             membership_changes: self.membership_changes,
+            sync: self.sync.as_ref().map(|s| {
+                let n = s.stats.snapshot();
+                xlb_api::ClusterSync {
+                    records_sent: n.records_sent,
+                    records_received: n.records_received,
+                    records_imported: n.records_imported,
+                    records_refreshed: n.records_refreshed,
+                    records_kept: n.records_kept,
+                    records_refused: n.records_refused,
+                    records_dropped: n.records_dropped_send + n.records_dropped_receive,
+                    datagrams_malformed: n.datagrams_malformed + n.datagrams_strangers,
+                    datagrams_lost: n.datagrams_lost,
+                    lag_count: n.lag_count,
+                    lag_mean: Duration::from_nanos(n.lag_sum_ns / n.lag_count.max(1)),
+                    lag_max: Duration::from_nanos(n.lag_max_ns),
+                    taken_over: self.taken_over.clone(),
+                }
+            }),
         }
     }
 
     /// Withdraws everything (waiting at most 2 s for the routing daemon), then keeps
     /// forwarding for the settle time so that packets the router still sends here are served.
     pub fn stop(mut self) -> Option<String> {
+        if let Some(s) = self.sync.take() {
+            s.stop();
+        }
         let announcer = self.announcer.take()?;
         let ok = announcer.withdraw_and_stop(Duration::from_secs(2));
         std::thread::sleep(self.opts.settle.min(Duration::from_secs(5)));
@@ -491,6 +569,7 @@ protocol = "ALL"
             config_grace: Duration::from_secs(10),
             bird: None,
             snat_frontends: vec!["snat".into()],
+            sync: None,
         })
         .unwrap()
     }

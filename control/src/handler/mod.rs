@@ -64,6 +64,8 @@ pub struct EngineHandler {
     nat_events_lost: u64,
     /// Told at every publication: this worker's loop runs (the watchdog's liveness).
     heartbeat: Option<crate::liveness::Heartbeat>,
+    /// This worker's end of the cluster's flow-state sync, when it is on.
+    sync: Option<crate::cluster::sync::WorkerSync>,
 }
 
 impl EngineHandler {
@@ -93,6 +95,7 @@ impl EngineHandler {
             kernel: None,
             kernel_applied: Applied::default(),
             heartbeat: None,
+            sync: None,
             nat_events: None,
             nat_events_lost: 0,
         }
@@ -115,6 +118,13 @@ impl EngineHandler {
                 }
             });
         }
+    }
+
+    /// Exports flow states to the cluster's sync and imports the peers' (`crate::cluster::sync`)
+    /// at every loop iteration.
+    pub fn with_sync(mut self, sync: Option<crate::cluster::sync::WorkerSync>) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// Beats `heartbeat` at every publication of the counters.
@@ -431,7 +441,12 @@ impl FrameHandler for EngineHandler {
         if !self.outbox.is_empty() {
             return Some(0);
         }
-        self.engine.next_deadline()
+        let engine = self.engine.next_deadline();
+        match &self.sync {
+            // Records from the peers wait for this worker's next pass.
+            Some(s) => Some(engine.map_or(s.next_pass_ns(), |d| d.min(s.next_pass_ns()))),
+            None => engine,
+        }
     }
 
     fn expire(&mut self, now_ns: u64, budget: usize, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
@@ -454,6 +469,9 @@ impl FrameHandler for EngineHandler {
         }
         self.take_handoffs(now_ns);
         self.pass_nat_events();
+        if let Some(sync) = self.sync.as_mut() {
+            sync.pass(&mut self.engine, now_ns);
+        }
         let misses = &mut self.misses;
         self.engine.next_hops().take_misses(|a| misses.push(a));
         if !self.misses.is_empty() {

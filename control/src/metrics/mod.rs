@@ -212,6 +212,90 @@ fn cluster(o: &mut Families, src: &Sources) {
             f64::from(u8::from(p.same_config)),
         );
     }
+    if let Some(s) = &c.sync {
+        cluster_sync(o, &c.node, s);
+    }
+}
+
+/// The flow-state sync's counters and lag (only when the sync is on).
+fn cluster_sync(o: &mut Families, node: &str, s: &xlb_api::ClusterSync) {
+    let node = [("node", node)];
+    for (name, help, v) in [
+        (
+            "xlb_cluster_sync_records_sent_total",
+            "Flow records sent to the peers (each peer counted).",
+            s.records_sent,
+        ),
+        (
+            "xlb_cluster_sync_records_received_total",
+            "Flow records received from the peers.",
+            s.records_received,
+        ),
+        (
+            "xlb_cluster_sync_records_imported_total",
+            "Flow records imported as new standby flows.",
+            s.records_imported,
+        ),
+        (
+            "xlb_cluster_sync_records_refreshed_total",
+            "Standby flows refreshed by a newer synced state.",
+            s.records_refreshed,
+        ),
+        (
+            "xlb_cluster_sync_records_kept_total",
+            "Flow records for flows live here, or older than the copy: nothing changed.",
+            s.records_kept,
+        ),
+        (
+            "xlb_cluster_sync_records_refused_total",
+            "Flow records the engine refused (no such rule, table full, next hop unknown).",
+            s.records_refused,
+        ),
+        (
+            "xlb_cluster_sync_records_dropped_total",
+            "Flow records lost on this node: full queues on the way out or in.",
+            s.records_dropped,
+        ),
+        (
+            "xlb_cluster_sync_datagrams_malformed_total",
+            "Sync datagrams refused: undecodable, unauthenticated or not from a peer.",
+            s.datagrams_malformed,
+        ),
+        (
+            "xlb_cluster_sync_datagrams_lost_total",
+            "Sync datagrams missing in the peers' sequence numbers.",
+            s.datagrams_lost,
+        ),
+    ] {
+        o.family(name, COUNTER, help);
+        o.sample(&node, v as f64);
+    }
+    o.family(
+        "xlb_cluster_sync_lag_measured_total",
+        COUNTER,
+        "Created or changed flows whose sync lag was measured.",
+    );
+    o.sample(&node, s.lag_count as f64);
+    o.family(
+        "xlb_cluster_sync_lag_mean_seconds",
+        GAUGE,
+        "Mean lag of created or changed flows, from the packet on the peer to the import here.",
+    );
+    o.sample(&node, s.lag_mean.as_secs_f64());
+    o.family(
+        "xlb_cluster_sync_lag_max_seconds",
+        GAUGE,
+        "The largest lag measured since start.",
+    );
+    o.sample(&node, s.lag_max.as_secs_f64());
+    o.family(
+        "xlb_cluster_snat_taken_over",
+        GAUGE,
+        "1 per prefix of a lost peer's SNAT address this node announces in its stead.",
+    );
+    for p in &s.taken_over {
+        o.sample(&[node[0], ("prefix", p.as_str())], 1.0);
+    }
 }
 
 fn daemon(o: &mut Families, src: &Sources) {

@@ -138,6 +138,10 @@ impl Shared {
         crate::stats::Operations {
             drains: self.drains(),
             nat_log: self.nat_log_status(),
+            cluster_sync: (self.cluster.lock())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .and_then(|c| c.sync.clone()),
         }
     }
 

@@ -202,6 +202,21 @@ pub(crate) fn cluster_status(c: &crate::ClusterStatus) -> pb::ClusterStatus {
             })
             .collect(),
         membership_changes: c.membership_changes,
+        sync: c.sync.as_ref().map(|s| pb::ClusterSync {
+            records_sent: s.records_sent,
+            records_received: s.records_received,
+            records_imported: s.records_imported,
+            records_refreshed: s.records_refreshed,
+            records_kept: s.records_kept,
+            records_refused: s.records_refused,
+            records_dropped: s.records_dropped,
+            datagrams_malformed: s.datagrams_malformed,
+            datagrams_lost: s.datagrams_lost,
+            lag_count: s.lag_count,
+            lag_mean_seconds: s.lag_mean.as_secs_f64(),
+            lag_max_seconds: s.lag_max.as_secs_f64(),
+            taken_over: s.taken_over.clone(),
+        }),
     }
 }
 
