@@ -286,6 +286,15 @@ impl TcpTrack {
         })
     }
 
+    /// The tracking of a copy of a flow that another node owns (its synced state): the
+    /// endpoints may have exchanged more since it was taken, so, as for a picked-up flow, a
+    /// segment's acknowledgement may run ahead of what the copy saw by one window.
+    pub fn behind(self) -> TcpTrack {
+        let mut t = self;
+        t.bits |= PICKED_UP;
+        t
+    }
+
     /// The sequence number the sender of direction `dir` will use next.
     pub fn next_seq(&self, dir: Dir) -> u32 {
         let seqs = self.next_seq;

@@ -320,3 +320,51 @@ fn sync_export_hands_created_and_changed_flows_then_refreshes_active_ones() {
         .sync_export(b.now, 10, b.engine.flow_capacity(), |_, _| sent += 1);
     assert_eq!(sent, 0);
 }
+
+#[test]
+fn a_stale_copy_lets_acknowledgements_run_ahead_and_a_later_state_makes_a_live_flow_standby() {
+    let mut a = Lab::new();
+    let client = Tcp::client(80, 40_330);
+    let (syn, backend) = established_on_a(&mut a, &client);
+    let id = a.engine.flows().next().unwrap().id;
+    let stale = a.engine.export_flow(a.now, id).unwrap();
+    // A goes on; B's copy misses it (the sync's lag).
+    a.advance(secs_f(0.2));
+    a.forward(CLIENT_PORT, client.seg(ACK | PSH, 1006, 70_004, b"more"));
+    a.forward(BACKEND_PORT, backend.seg(ACK | PSH, 70_004, 1010, b"ok"));
+
+    let mut b = Lab::new();
+    let Imported::Created(sid) = b.engine.import_standby(b.now, &stale).unwrap() else {
+        panic!("a new standby flow");
+    };
+    // Moved to B: the client acknowledges the backend's "ok", which the copy never saw.
+    b.advance(secs_f(0.5));
+    let (_, out) = b.forward(CLIENT_PORT, client.seg(ACK | PSH, 1010, 70_006, b"again"));
+    assert_eq!(seen(&out).dst, syn.dst);
+    let (_, back) = b.forward(BACKEND_PORT, backend.seg(ACK | PSH, 70_006, 1015, b"!"));
+    assert_eq!(seen(&back).dst, IpAddr::from(CLIENT));
+    assert!(!b.engine.is_standby_flow(sid));
+    assert_eq!(b.engine.counters().drop_count(DropReason::OutOfWindow), 0);
+
+    // B's later state makes A's flow (live there, stale now) a standby copy.
+    a.advance(secs_f(1.0));
+    b.advance(secs_f(0.5));
+    let from_b = b.engine.export_flow(b.now, sid).unwrap();
+    assert_eq!(
+        a.engine.import_standby(a.now, &from_b).unwrap(),
+        Imported::Refreshed(id)
+    );
+    assert!(a.engine.is_standby_flow(id));
+    // The router moves it back to A: A's later state makes B's flow standby again, silent.
+    a.advance(secs_f(0.1));
+    a.forward(CLIENT_PORT, client.seg(ACK | PSH, 1015, 70_007, b"back"));
+    let later = a.engine.export_flow(a.now, id).unwrap();
+    assert_eq!(
+        b.engine.import_standby(b.now, &later).unwrap(),
+        Imported::Refreshed(sid)
+    );
+    assert!(b.engine.is_standby_flow(sid));
+    b.run_until(b.now + mins(4) + tick());
+    assert_eq!(b.engine.flow_count(), 0);
+    assert!(b.emitted.is_empty(), "no RST from the node the flow left");
+}

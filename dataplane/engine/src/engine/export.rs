@@ -10,13 +10,17 @@
 //!
 //! A flow can be imported *live* ([`Engine::import_flow`]: this engine owns it from now on) or
 //! as a *standby* copy ([`Engine::import_standby`]: a cluster peer owns it and keeps sending
-//! its state). The rule of a standby flow: it forwards like any flow (a packet that reaches
-//! this node finds its backend, SNAT port and exact sequence numbers), a newer synced state
-//! replaces its tracking and idle time, and its idle expiry is **silent** (no reset on idle,
-//! counted `flows_reset_withheld`): the peer that owns it sends the RSTs, or the connection
-//! lives on there. The first packet of the flow that reaches this node makes it live here —
-//! the router moved it — and from then on what this node sees wins: synced states no longer
-//! change it, and its reset on idle is exact and sent.
+//! its state). The rule, for every flow a peer sends: **the latest state wins**. A synced
+//! state whose last packet is later than this engine's last packet of the flow replaces the
+//! flow's tracking and idle time and makes it standby (the peer owns it now: created here, or
+//! a flow that moved away from this node); an older one changes nothing. A standby flow
+//! forwards like any flow (a packet that reaches this node finds its backend, SNAT port and
+//! sequence numbers), and its idle expiry is **silent** (no reset on idle, counted
+//! `flows_reset_withheld`): the owner sends the RSTs, or the connection lives on there. The
+//! first packet of the flow that reaches this node makes it live here — the router moved it.
+//! Because a copy is as old as the sync's lag and refresh, its tracking lets a segment's
+//! acknowledgement run ahead of it by a window (as for a picked-up flow); its reset on idle is
+//! exact as of what the copy held plus everything seen here since.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -232,8 +236,8 @@ impl Engine {
 
     /// Adds or refreshes the standby copy of a flow a cluster peer owns (see the module's
     /// rule): created as [`import_flow`](Self::import_flow) creates it but marked standby; a
-    /// standby flow already here takes `s`'s tracking and idle time when they are not older
-    /// than its own (`Refreshed`); a flow live here is kept (`AlreadyHere`).
+    /// flow already here takes `s`'s tracking and idle time when they are later than its own
+    /// and becomes standby (`Refreshed`), or is kept as it is (`AlreadyHere`).
     pub fn import_standby(&mut self, now: Nanos, s: &FlowState) -> Result<Imported, DropReason> {
         self.import(now, s, true)
     }
@@ -272,7 +276,9 @@ impl Engine {
             nat: s.nat,
             rule,
             next_hop: [0; 2],
-            tcp: if s.proto == proto::TCP {
+            tcp: if s.proto == proto::TCP && standby {
+                s.tcp.behind()
+            } else if s.proto == proto::TCP {
                 s.tcp
             } else {
                 TcpTrack::NONE
@@ -318,16 +324,21 @@ impl Engine {
         Ok(Imported::Created(id))
     }
 
-    /// A synced state of flow `id`, which exists here: a standby copy takes it when it is not
-    /// older than what the copy holds; a flow live here keeps what this node saw.
+    /// A synced state of flow `id`, which exists here: taken when it is later than this
+    /// node's last packet of the flow (as recent, for a standby copy); the flow is standby
+    /// from then on.
     fn refresh(&mut self, id: FlowId, synced: &Flow, standby: bool) -> Imported {
-        if !standby || !self.is_standby(id, self.flows.get(id)) {
+        let here = self.flows.get(id);
+        // A standby copy takes a state as recent as its own; a flow live here only a later one.
+        let newer = if self.is_standby(id, here) {
+            synced.last_seen >= here.last_seen
+        } else {
+            synced.last_seen > here.last_seen
+        };
+        if !standby || !newer {
             return Imported::AlreadyHere(id);
         }
         let f = self.flows.get_mut(id);
-        if synced.last_seen < f.last_seen {
-            return Imported::AlreadyHere(id);
-        }
         f.last_seen = synced.last_seen;
         f.tcp = synced.tcp;
         let key = self.flows.hash(&synced.key(ORIG));
