@@ -515,7 +515,7 @@ impl Receiver_ {
         // A sequence number not above the last one: the peer restarted (its count starts
         // again), or a datagram came late.
         let last = self.last_seq.insert(from, batch.seq).unwrap_or(0);
-        if batch.seq > last + 1 && last > 0 {
+        if batch.seq > last.saturating_add(1) && last > 0 {
             SyncStats::add(&s.datagrams_lost, batch.seq - last - 1);
         }
         SyncStats::add(&s.records_received, batch.records.len() as u64);
@@ -681,6 +681,67 @@ backend_port = 8080
         assert_eq!((n.datagrams_malformed, n.datagrams_strangers), (1, 1));
         sa.stop();
         sb.stop();
+    }
+
+    #[test]
+    fn the_receiver_counts_gaps_learns_snat_addresses_and_steers_to_the_owner() {
+        let peer = IpAddr::from([198, 18, 1, 2]);
+        let (tx, rx) = channel::bounded(2);
+        let (tx2, rx2) = channel::bounded(2);
+        let mut r = Receiver_ {
+            socket: UdpSocket::bind("127.0.0.1:0").unwrap(),
+            peers: vec![peer],
+            key: None,
+            inboxes: vec![tx, tx2],
+            steer_key: HashKey::from_seed(9),
+            stats: Arc::default(),
+            stop: Arc::default(),
+            learned_snat: Arc::default(),
+            last_seq: BTreeMap::new(),
+        };
+        let mut e = Encoder::new(None);
+        let snat = Addr::from(Ipv4Addr::new(198, 18, 200, 2));
+        let state = xlb_engine::FlowState {
+            rule_kind: xlb_engine::ruleset::RuleKind::Outbound,
+            rule_name: Arc::from("out"),
+            proto: 6,
+            nat: Nat::Snat,
+            orig_src: Addr::from(Ipv4Addr::new(198, 18, 1, 103)),
+            orig_dst: Addr::from(Ipv4Addr::new(198, 18, 0, 10)),
+            orig_sport: 40_000,
+            orig_dport: 9000,
+            xlat: snat,
+            xlat_port: 1234,
+            tcp: xlb_engine::tcp::TcpTrack::NONE,
+            idle: 0,
+        };
+        let record = Record {
+            reason: SyncReason::Noted,
+            last_seen_ns: 1,
+            state: state.clone(),
+        };
+        let mut datagram = |seq| {
+            assert!(e.push(&record));
+            e.finish(seq, 0)
+        };
+        for seq in [1, 2, 5, u64::MAX, 3] {
+            r.datagram(peer, &datagram(seq));
+        }
+        r.datagram(IpAddr::from([198, 18, 1, 9]), &datagram(1));
+        let n = r.stats.snapshot();
+        assert_eq!(n.datagrams_received, 5);
+        assert_eq!(n.datagrams_lost, 2 + (u64::MAX - 5 - 1));
+        assert_eq!(n.datagrams_strangers, 1);
+        // Two inboxes of 2: the owner's takes two, the rest is dropped and counted.
+        let owner = usize::from(state.owner(&HashKey::from_seed(9), 2));
+        let (mine, other) = if owner == 0 { (&rx, &rx2) } else { (&rx2, &rx) };
+        assert_eq!((mine.len(), other.len()), (2, 0));
+        assert_eq!(n.records_dropped_receive, 3);
+        assert_eq!(
+            r.learned_snat.lock().unwrap().get(&peer).unwrap().len(),
+            1,
+            "the peer's SNAT address"
+        );
     }
 
     #[test]

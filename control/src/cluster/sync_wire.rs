@@ -396,6 +396,24 @@ mod tests {
     }
 
     #[test]
+    fn tcp_tracking_travels_whole() {
+        let mut raw = [0u8; TRACK_RECORD_BYTES];
+        raw[0] = 2; // established
+        raw[1] = 3;
+        raw[2..4].copy_from_slice(&[7, 9]);
+        for (i, v) in [0xdead_beef_u32, 1, 0x8000_0000, 65_535].iter().enumerate() {
+            raw[4 + 4 * i..8 + 4 * i].copy_from_slice(&v.to_ne_bytes());
+        }
+        let mut r = record("web", 1, Nat::Dnat);
+        r.state.tcp = TcpTrack::from_record(&raw).unwrap();
+        let mut e = Encoder::new(None);
+        assert!(e.push(&r));
+        let got = decode(&e.finish(1, 2), None).unwrap();
+        assert_eq!(got.records[0].state.tcp, r.state.tcp);
+        assert_eq!(got.records[0].state.tcp.to_record(), raw);
+    }
+
+    #[test]
     fn with_a_key_only_authenticated_datagrams_pass() {
         let key = SyncKey::new(b"a shared secret");
         let (d, pushed) = full_datagram(Some(key.clone()));
