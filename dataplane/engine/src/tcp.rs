@@ -86,6 +86,9 @@ pub const MIN_ACK_SLACK: u32 = 66_000;
 /// data, TCP Fast Open, is retransmitted without it).
 const SYN_SLACK: u32 = 0xffff;
 
+/// Bytes of [`TcpTrack::to_record`].
+pub const TRACK_RECORD_BYTES: usize = 20;
+
 /// Per-flow TCP tracking: 20 bytes, packed to 2-byte alignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, packed(2))]
@@ -244,6 +247,43 @@ impl TcpTrack {
             next_seq: [seg.end(), 0],
             max_win: [window_of(seg, PICKUP_WSCALE), 0],
         }
+    }
+
+    /// The tracking as the 20 bytes of a flow-store record (`crate::store`): state, bits,
+    /// both window scales, then both next sequence numbers and both largest windows, native
+    /// byte order.
+    pub fn to_record(&self) -> [u8; TRACK_RECORD_BYTES] {
+        let (seqs, wins, scales) = (self.next_seq, self.max_win, self.wscale);
+        let mut b = [0u8; TRACK_RECORD_BYTES];
+        b[0] = self.state as u8;
+        b[1] = self.bits;
+        b[2..4].copy_from_slice(&scales);
+        for d in 0..2 {
+            b[4 + 4 * d..8 + 4 * d].copy_from_slice(&seqs[d].to_ne_bytes());
+            b[12 + 4 * d..16 + 4 * d].copy_from_slice(&wins[d].to_ne_bytes());
+        }
+        b
+    }
+
+    /// The tracking a record holds, or `None` when its state byte names no state.
+    pub fn from_record(b: &[u8; TRACK_RECORD_BYTES]) -> Option<TcpTrack> {
+        let state = match b[0] {
+            0 => TcpState::SynSent,
+            1 => TcpState::SynReceived,
+            2 => TcpState::Established,
+            3 => TcpState::Closing,
+            4 => TcpState::Closed,
+            5 => TcpState::Reset,
+            _ => return None,
+        };
+        let word = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        Some(TcpTrack {
+            state,
+            bits: b[1],
+            wscale: [b[2], b[3]],
+            next_seq: [word(4), word(8)],
+            max_win: [word(12), word(16)],
+        })
     }
 
     /// The sequence number the sender of direction `dir` will use next.
