@@ -19,6 +19,7 @@ pub mod limits;
 pub mod messages;
 pub mod metrics;
 pub mod options;
+pub mod persist;
 pub mod plane;
 pub mod preflight;
 pub mod probes;

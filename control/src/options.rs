@@ -53,6 +53,11 @@ pub struct Options {
     pub self_probe_interval: Duration,
     /// `--vlan IFACE:ID[,ID...]`: VLANs whose tagged frames are accepted on an interface.
     pub vlans: Vec<(String, Vec<u16>)>,
+    /// `--state-dir`: a directory on a bpffs where the flows and the XDP attachment outlive
+    /// xlbd (`crate::persist`); `None`: nothing outlives it.
+    pub state_dir: Option<PathBuf>,
+    /// `--takeover PID`: stop that running xlbd and take over from it (a planned upgrade).
+    pub takeover: Option<u32>,
 }
 
 impl Options {

@@ -107,6 +107,16 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of the store of an engine made with `cfg`.
+    pub fn of(cfg: &crate::EngineConfig) -> Geometry {
+        Geometry {
+            capacity: cfg.flow_capacity.max(1),
+            late_slots: cfg.late_slots.max(1).next_power_of_two() as u32,
+            worker: cfg.worker,
+            workers: cfg.workers,
+        }
+    }
+
     /// Bytes a store of this geometry needs.
     pub fn bytes(&self) -> usize {
         RECORDS_AT + RECORD * self.capacity as usize + LATE_ENTRY * self.late_slots as usize
