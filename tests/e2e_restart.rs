@@ -191,18 +191,26 @@ enum Restart {
     Takeover,
 }
 
+impl Restart {
+    fn name(&self) -> &'static str {
+        match self {
+            Restart::Kill => "SIGKILL + restart",
+            Restart::Term => "SIGTERM + 300 ms + restart",
+            Restart::Takeover => "takeover",
+        }
+    }
+}
+
 fn restart_keeps_every_flow(how: Restart) {
     let (lab, _servers, state) = {
         // The state's bpffs outlives the lab (declared first, dropped last).
         let prefix_probe = format!("xr{}", std::process::id() % 100_000);
-        let state = StateFs::new(&format!(
-            "{prefix_probe}-{}",
-            match how {
-                Restart::Kill => "kill",
-                Restart::Term => "term",
-                Restart::Takeover => "takeover",
-            }
-        ));
+        let tag = match how {
+            Restart::Kill => "kill",
+            Restart::Term => "term",
+            Restart::Takeover => "takeover",
+        };
+        let state = StateFs::new(&format!("{prefix_probe}-{tag}"));
         let dir = state.dir();
         let (lab, servers) = Lab::start_prepared(CONFIG, &["--state-dir", &dir], |lab| {
             lab.start_internet_echo(INTERNET_ECHO)
@@ -231,6 +239,7 @@ fn restart_keeps_every_flow(how: Restart) {
     thread::sleep(Duration::from_millis(800));
 
     let old_pid = lab.xlbd_pid().expect("xlbd runs");
+    let down = Instant::now();
     let args = ["--state-dir", dir.as_str()];
     match how {
         Restart::Kill => {
@@ -281,6 +290,7 @@ fn restart_keeps_every_flow(how: Restart) {
             );
         }
     }
+    let down = down.elapsed();
     let log = lab.log_text();
     let restored = format!(
         "restored flows={} snat_ports={CONNS_PER_RULE}",
@@ -309,7 +319,10 @@ fn restart_keeps_every_flow(how: Restart) {
         longest = longest.max(r.longest_gap);
     }
     println!(
-        "longest gap a paced stream saw across the restart: {} ms",
+        "{}: xlbd replaced in {} ms (from the signal to the new ready line); longest gap a \
+         paced stream saw: {} ms",
+        how.name(),
+        down.as_millis(),
         longest.as_millis()
     );
     // The other ends: every backend and the internet server saw an RST.
