@@ -45,6 +45,8 @@ fn on_bpffs(path: &Path) -> bool {
             }
             // SAFETY: statfs succeeded, so it filled `st`.
             let st = unsafe { st.assume_init() };
+            // `f_type`'s type differs between architectures (i64 here, u32 or i32 elsewhere).
+            #[allow(clippy::unnecessary_cast)]
             return st.f_type as i64 == BPF_FS_MAGIC;
         }
         p = dir.parent();
