@@ -243,6 +243,20 @@ fn restart_keeps_every_flow(how: Restart) {
     let args = ["--state-dir", dir.as_str()];
     match how {
         Restart::Kill => {
+            // A second xlbd on the same state directory is refused while this one runs.
+            let config = lab.api_socket().with_file_name("xlb.toml");
+            let mut second = Command::new("ip");
+            second
+                .args(["netns", "exec", &lab.xlb, xlbd_bin(), "--config"])
+                .arg(&config)
+                .args(["--api", "none", "--state-dir", &dir]);
+            for i in &lab.interfaces {
+                second.args(["--interface", i]);
+            }
+            let out = second.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("in use by another xlbd"), "{err}");
             xlb_afxdp::sys::signal_process(old_pid, 9).unwrap();
             // Reaps it (the SIGTERM that comes first finds it dead).
             lab.stop_xlbd();

@@ -61,6 +61,10 @@ fn geometry(opts: &Options, w: usize) -> Geometry {
 /// Opens (or creates) the flow store of every worker in `dir`, mounting bpffs if needed.
 pub fn open_stores(opts: &Options, dir: &Path) -> Result<Stores, Failure> {
     pinned::prepare_state_dir(dir).map_err(|e| Failure::runtime(format!("--state-dir: {e}")))?;
+    let lock =
+        pinned::lock_state_dir(dir).map_err(|e| Failure::runtime(format!("--state-dir: {e}")))?;
+    // Held until the process exits, whatever way it does.
+    std::mem::forget(lock);
     let mut workers = Vec::new();
     let mut steer_seed = None;
     for w in 0..opts.workers {

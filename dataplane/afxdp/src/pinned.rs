@@ -13,7 +13,7 @@
 use std::{
     ffi::CString,
     os::{
-        fd::{AsFd, AsRawFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
@@ -84,6 +84,29 @@ pub fn prepare_state_dir(dir: &Path) -> Result<()> {
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::with(format!("creating {}", dir.display()), e))
+}
+
+/// Takes the state directory `dir` for this process (an exclusive `flock` on it, held as
+/// long as the returned fd, so until the process exits): two xlbd writing one set of flow
+/// stores would corrupt each other's flows. Fails at once if another process holds it.
+pub fn lock_state_dir(dir: &Path) -> Result<OwnedFd> {
+    let f = std::fs::File::open(dir)
+        .map_err(|e| Error::with(format!("opening {}", dir.display()), e))?;
+    // SAFETY: `f` is an open file descriptor for the call's duration.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::msg(format!(
+                "{} is in use by another xlbd (stop it first, or start this one with \
+                 --takeover PID)",
+                dir.display()
+            ))
+        } else {
+            Error::with(format!("locking {}", dir.display()), e)
+        });
+    }
+    Ok(OwnedFd::from(f))
 }
 
 /// Removes everything xlbd pinned in `dir`: XDP links (the program is detached from their

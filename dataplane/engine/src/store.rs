@@ -365,11 +365,13 @@ impl FlowStore {
         self.mem.take()
     }
 
-    /// Writes the identities of `rules`' ids.
+    /// Writes the identities of `rules`' ids (and none for the ids beyond them).
     pub(crate) fn put_rules(&mut self, rules: &RuleSet) {
         let Some(mem) = self.mem.as_mut() else { return };
         let b = mem.bytes_mut();
-        for id in 0..rules.rule_id_bound().min(RULE_IDS) {
+        let bound = rules.rule_id_bound().min(RULE_IDS);
+        b[RULES_AT + 8 * bound..RECORDS_AT].fill(0);
+        for id in 0..bound {
             let at = RULES_AT + 8 * id;
             let ident = rule_identity(rules, id as RuleId);
             b[at..at + 8].copy_from_slice(&ident.to_ne_bytes());
