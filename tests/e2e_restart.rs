@@ -192,6 +192,15 @@ enum Restart {
 }
 
 impl Restart {
+    /// The crash runs two workers: their flows must come back to the worker the steering
+    /// sends them to.
+    fn workers(&self) -> &'static str {
+        match self {
+            Restart::Kill => "2",
+            _ => "1",
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Restart::Kill => "SIGKILL + restart",
@@ -212,9 +221,12 @@ fn restart_keeps_every_flow(how: Restart) {
         };
         let state = StateFs::new(&format!("{prefix_probe}-{tag}"));
         let dir = state.dir();
-        let (lab, servers) = Lab::start_prepared(CONFIG, &["--state-dir", &dir], |lab| {
-            lab.start_internet_echo(INTERNET_ECHO)
-        });
+        let workers = how.workers();
+        let (lab, servers) = Lab::start_prepared(
+            CONFIG,
+            &["--state-dir", &dir, "--workers", workers],
+            |lab| lab.start_internet_echo(INTERNET_ECHO),
+        );
         (lab, servers, state)
     };
     let mut lab = lab;
@@ -240,7 +252,7 @@ fn restart_keeps_every_flow(how: Restart) {
 
     let old_pid = lab.xlbd_pid().expect("xlbd runs");
     let down = Instant::now();
-    let args = ["--state-dir", dir.as_str()];
+    let args = ["--state-dir", dir.as_str(), "--workers", how.workers()];
     match how {
         Restart::Kill => {
             // A second xlbd on the same state directory is refused while this one runs.
@@ -249,7 +261,7 @@ fn restart_keeps_every_flow(how: Restart) {
             second
                 .args(["netns", "exec", &lab.xlb, xlbd_bin(), "--config"])
                 .arg(&config)
-                .args(["--api", "none", "--state-dir", &dir]);
+                .args(["--api", "none", "--workers", "2", "--state-dir", &dir]);
             for i in &lab.interfaces {
                 second.args(["--interface", i]);
             }
@@ -290,7 +302,9 @@ fn restart_keeps_every_flow(how: Restart) {
         }
         Restart::Takeover => {
             let pid = old_pid.to_string();
-            lab.start_xlbd(CONFIG, &["--state-dir", dir.as_str(), "--takeover", &pid]);
+            let mut with_takeover = args.to_vec();
+            with_takeover.extend(["--takeover", pid.as_str()]);
+            lab.start_xlbd(CONFIG, &with_takeover);
             assert!(
                 lab.log_text()
                     .contains(&format!("xlbd takeover: xlbd {pid} stopped")),
@@ -305,12 +319,24 @@ fn restart_keeps_every_flow(how: Restart) {
         }
     }
     let down = down.elapsed();
+    // Every flow and SNAT port restored, over the workers.
     let log = lab.log_text();
-    let restored = format!(
-        "restored flows={} snat_ports={CONNS_PER_RULE}",
-        2 * CONNS_PER_RULE
+    let (mut flows, mut ports) = (0, 0);
+    for line in log.lines().filter(|l| l.contains(" restored flows=")) {
+        let field = |key: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{key} in {line}"))
+        };
+        flows += field("flows=");
+        ports += field("snat_ports=");
+    }
+    assert_eq!(
+        (flows, ports),
+        (2 * CONNS_PER_RULE as u64, CONNS_PER_RULE as u64),
+        "{log}"
     );
-    assert!(log.contains(&restored), "want {restored:?} in:\n{log}");
     mark.store(true, Ordering::Relaxed);
     thread::sleep(Duration::from_millis(1500));
 
