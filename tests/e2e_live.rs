@@ -356,3 +356,255 @@ fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
         "the member sees the client: {peer}"
     );
 }
+
+/// A member added live behind another interface may open outbound connections from there:
+/// the engine's anti-spoofing (outbound flows only from interfaces facing the members)
+/// follows the new member in the same generation as the rules that add it. Before, the
+/// member's address on that interface is taken for spoofed, and counted.
+#[test]
+fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed() {
+    if !need_root("an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed")
+    {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    // The internet host will be a member that connects out, to a server on the client
+    // host, through a SNAT address on the client side (the appliance's kernel answers ARP
+    // for it, as an operator would arrange).
+    ip(&[
+        "-n",
+        &lab.internet,
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        "198.19.0.1",
+    ]);
+    let ac = format!("{}ac", lab.prefix);
+    ip(&[
+        "-n",
+        &lab.xlb,
+        "addr",
+        "add",
+        &format!("{VIP2}/32"),
+        "dev",
+        &ac,
+    ]);
+    let server = in_ns(&lab.client, || {
+        std::net::TcpListener::bind((CLIENT, 9000)).expect("bind on the client host")
+    });
+    server.set_nonblocking(true).unwrap();
+    let connect_out = |lab: &Lab| {
+        let to = SocketAddr::new(CLIENT.parse().unwrap(), 9000);
+        in_ns(&lab.internet, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        })
+    };
+
+    // Before: the outbound rule does not know the member; the data plane does not take its
+    // packets as anyone's (the interface does not face a member: they go to the kernel,
+    // which does not forward).
+    assert!(connect_out(&lab).is_err(), "nothing carries it yet");
+
+    let rt = runtime();
+    let mut c = rt.block_on(connect(&lab));
+    rt.block_on(async {
+        c.create_frontend(pb::CreateFrontendRequest {
+            frontend: Some(frontend("snat2", VIP2)),
+        })
+        .await
+        .unwrap();
+        c.create_backend_pool(pb::CreateBackendPoolRequest {
+            backend_pool: Some(pb::BackendPool {
+                name: "far".into(),
+                members: vec![pb::Member {
+                    address: INTERNET.into(),
+                    ..Default::default()
+                }],
+            }),
+        })
+        .await
+        .unwrap();
+        c.create_outbound_rule(pb::CreateOutboundRuleRequest {
+            rule: Some(pb::OutboundRule {
+                name: "far-out".into(),
+                frontends: vec!["snat2".into()],
+                backend_pool: "far".into(),
+                protocol: pb::Protocol::Tcp as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    });
+    let mut out = connect_out(&lab).expect("the member's outbound connection, translated");
+    let (mut accepted, peer) = {
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match server.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    };
+    assert_eq!(
+        peer.ip().to_string(),
+        VIP2,
+        "the client host sees the SNAT address"
+    );
+    use std::io::{Read, Write};
+    accepted.set_nonblocking(false).unwrap();
+    accepted.write_all(b"hello member\n").unwrap();
+    let mut buf = [0u8; 13];
+    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    out.read_exact(&mut buf)
+        .expect("the answer, translated back");
+    assert_eq!(&buf, b"hello member\n");
+    assert_eq!(lab.stat("drop.spoofed_source"), 0, "{}", lab.log_text());
+}
+
+/// The same when a route change, not a rule change, puts a member behind another interface:
+/// the control loop sends the new marks to the workers' engines, right after the XDP
+/// program's. The member's address is first routed nowhere; a route through the internet
+/// host makes it reachable there, and from then on it connects out through SNAT.
+#[test]
+fn an_outbound_member_behind_a_new_route_is_not_taken_for_spoofed() {
+    if !need_root("an_outbound_member_behind_a_new_route_is_not_taken_for_spoofed") {
+        return;
+    }
+    const MEMBER: &str = "198.18.9.9";
+    let config = format!(
+        r#"{CONFIG}
+[[frontends]]
+name = "snat2"
+address = "{VIP2}"
+kind = "public"
+
+[[backend_pools]]
+name = "far"
+members = [{{ address = "{MEMBER}" }}]
+
+[[outbound_rules]]
+name = "far-out"
+frontends = ["snat2"]
+backend_pool = "far"
+protocol = "TCP"
+"#
+    );
+    let lab = Lab::start(&config);
+    // The member is a second address of the internet host, which sends to the client's
+    // network through the appliance.
+    let i = format!("{}i", lab.prefix);
+    ip(&[
+        "-n",
+        &lab.internet,
+        "addr",
+        "add",
+        &format!("{MEMBER}/32"),
+        "dev",
+        &i,
+    ]);
+    ip(&[
+        "-n",
+        &lab.internet,
+        "route",
+        "add",
+        "198.18.0.0/24",
+        "via",
+        "198.19.0.1",
+    ]);
+    let ac = format!("{}ac", lab.prefix);
+    ip(&[
+        "-n",
+        &lab.xlb,
+        "addr",
+        "add",
+        &format!("{VIP2}/32"),
+        "dev",
+        &ac,
+    ]);
+    let server = in_ns(&lab.client, || {
+        std::net::TcpListener::bind((CLIENT, 9000)).expect("bind on the client host")
+    });
+    server.set_nonblocking(true).unwrap();
+    let connect_out = |lab: &Lab| {
+        let to = SocketAddr::new(CLIENT.parse().unwrap(), 9000);
+        in_ns(&lab.internet, move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(MEMBER.parse().unwrap(), 0).into())?;
+            s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+            Ok::<TcpStream, std::io::Error>(s.into())
+        })
+    };
+    assert!(
+        !lab.log_text()
+            .contains(&format!("{}ai=native+backend_side", lab.prefix)),
+        "no member is routed through the internet side at start:\n{}",
+        lab.log_text()
+    );
+    assert!(connect_out(&lab).is_err(), "nothing carries it yet");
+
+    // The appliance learns a route to the member through the internet host.
+    let ai = format!("{}ai", lab.prefix);
+    ip(&[
+        "-n", &lab.xlb, "route", "add", MEMBER, "via", INTERNET, "dev", &ai,
+    ]);
+    let routed = std::time::Instant::now();
+    let end = routed + Duration::from_secs(5);
+    let mut out = loop {
+        match connect_out(&lab) {
+            Ok(s) => {
+                eprintln!(
+                    "connected {:?} after the route change; spoofed_source={}",
+                    routed.elapsed(),
+                    lab.stat("drop.spoofed_source")
+                );
+                break s;
+            }
+            Err(e) if std::time::Instant::now() < end => {
+                let stats = lab.stats();
+                let mut nonzero: Vec<_> = stats
+                    .iter()
+                    .filter(|(k, v)| **v > 0 && (k.starts_with("drop.") || k.contains("far-out")))
+                    .collect();
+                nonzero.sort();
+                eprintln!("not yet after {:?}: {e}; {nonzero:?}", routed.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!(
+                "the member's outbound connection after the route change: {e}; stats: \
+                 spoofed_source={}; log:\n{}",
+                lab.stat("drop.spoofed_source"),
+                lab.log_text()
+            ),
+        }
+    };
+    let (mut accepted, peer) = {
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match server.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    };
+    assert_eq!(
+        peer.ip().to_string(),
+        VIP2,
+        "the client host sees the SNAT address"
+    );
+    use std::io::{Read, Write};
+    accepted.set_nonblocking(false).unwrap();
+    accepted.write_all(b"hello member\n").unwrap();
+    let mut buf = [0u8; 13];
+    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    out.read_exact(&mut buf)
+        .expect("the answer, translated back");
+    assert_eq!(&buf, b"hello member\n");
+}

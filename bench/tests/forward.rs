@@ -2,6 +2,8 @@
 //! real network namespaces and real Linux TCP/UDP sockets. They need root (CI is root)
 //! and skip with a message otherwise.
 
+// The three-namespace lab shared with the AF_XDP crate's own tests.
+#[path = "../../dataplane/afxdp/tests/common/mod.rs"]
 mod common;
 
 use std::{

@@ -2,6 +2,8 @@
 //! program writes into each frame, and counts across a real veth pair between two
 //! namespaces. Needs root (BPF, namespaces); skips with a message otherwise.
 
+// The three-namespace lab shared with the AF_XDP crate's own tests.
+#[path = "../../dataplane/afxdp/tests/common/mod.rs"]
 mod common;
 
 use std::{

@@ -4,6 +4,8 @@
 //! `xlb-gen`'s UDP, SYNs and TCP data to a second sink that checks the answers. Needs root
 //! (BPF, namespaces); skips with a message otherwise.
 
+// The three-namespace lab shared with the AF_XDP crate's own tests.
+#[path = "../../dataplane/afxdp/tests/common/mod.rs"]
 mod common;
 
 use std::{net::IpAddr, process::Command, time::Duration};

@@ -14,6 +14,10 @@
 //! 2. the workers switch to the new rule set and acknowledge;
 //! 3. after: new addresses are taken, and interfaces that no longer face a member are unmarked.
 //!
+//! The workers' engines hold the same backend-side marks (outbound flows are taken only from
+//! those ports: anti-spoofing); they receive them with the rule set of step 2, and after a
+//! route change with no rule set, right after the maps (the control loop sends them).
+//!
 //! A failure at any step undoes what this change did, so that the maps again say what the
 //! committed generation says. A released address goes back to the kernel as it was before xlb
 //! took it: the host's own addresses become "local" again (the kernel answers them), others
@@ -31,6 +35,7 @@ use std::{
 use xlb_engine::{Addr, RuleSet};
 
 use crate::kernel::{self, Port};
+use crate::messages::BackendSide;
 
 /// One change to the XDP program's maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +123,14 @@ pub struct Pending {
     after: Vec<Op>,
 }
 
+impl Pending {
+    /// The backend-side marks of the change, per port index: what the workers' engines take
+    /// in the same switch as the rules (see [`AddressPlane::ports_of`]).
+    pub fn backend_side(&self) -> &[bool] {
+        &self.next.backend_side
+    }
+}
+
 impl AddressPlane {
     /// `applied`: what the maps say now (the start-up plan, applied by the caller or with
     /// [`AddressPlane::apply_now`]).
@@ -166,6 +179,17 @@ impl AddressPlane {
     /// What the maps say now.
     pub fn applied(&self) -> &Plan {
         &self.applied
+    }
+
+    /// Backend-side marks (per port index, as in a [`Plan`]) as the engines take them: per
+    /// port id. The engines' anti-spoofing follows the same marks as the XDP program, set in
+    /// the same generation.
+    pub fn ports_of(&self, backend_side: &[bool]) -> BackendSide {
+        self.ports
+            .iter()
+            .zip(backend_side)
+            .map(|(p, bs)| (p.id, *bs))
+            .collect()
     }
 
     /// Applies the whole change to `rules` at once (start-up, and route changes, where no

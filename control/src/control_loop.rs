@@ -19,6 +19,7 @@ use crate::{
     plane::Shared,
     preflight::SelfProbe,
     report,
+    sd_notify::Supervisor,
     startup::Kernel,
     stats,
     workers::Workers,
@@ -47,6 +48,7 @@ pub struct ControlLoop<'a> {
     workers: &'a Workers,
     signalled: &'a AtomicBool,
     self_probe: Option<&'a mut SelfProbe>,
+    supervisor: &'a mut Supervisor,
     started: Instant,
     next_status: Instant,
     next_stats_file: Instant,
@@ -72,6 +74,8 @@ pub struct Parts<'a> {
     /// Set by SIGINT / SIGTERM.
     pub signalled: &'a AtomicBool,
     pub self_probe: Option<&'a mut SelfProbe>,
+    /// The service manager's watchdog and status.
+    pub supervisor: &'a mut Supervisor,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -89,6 +93,7 @@ impl<'a> ControlLoop<'a> {
             workers: p.workers,
             signalled: p.signalled,
             self_probe: p.self_probe,
+            supervisor: p.supervisor,
             started: now,
             next_status: now + opts.status_interval,
             next_stats_file: now,
@@ -126,6 +131,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_kernel(now);
             self.stats_file(now);
             self.status_line(now);
+            self.supervisor.tick(self.state, self.shared);
         }
         Ok(())
     }
@@ -146,6 +152,19 @@ impl<'a> ControlLoop<'a> {
                 self.marks_stale = false;
                 if let Err(e) = plane.apply_now(&self.state.snapshot().rules) {
                     tracing::warn!("backend-side interfaces after a route change: {e}");
+                } else {
+                    // The engines follow the maps; sent while the plane is held, so that a
+                    // publish (which sends its own marks with its rules) comes after. A full
+                    // channel: sent again at the next tick.
+                    let ports = plane.ports_of(&plane.applied().backend_side);
+                    for h in &self.workers.handles {
+                        if h.to
+                            .try_send(ToWorker::BackendSide(Arc::clone(&ports)))
+                            .is_err()
+                        {
+                            self.marks_stale = true;
+                        }
+                    }
                 }
             }
         }

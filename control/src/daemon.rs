@@ -20,7 +20,8 @@ use crate::{
     plane::{publisher::WorkerPublisher, telemetry::DaemonTelemetry, Shared},
     preflight::{self, SelfProbe},
     probes::Probes,
-    report,
+    reload, report,
+    sd_notify::{self, Notifier, Supervisor},
     startup::{self, Attached, Endpoints, Kernel},
     stats,
     workers::{self, Workers},
@@ -50,12 +51,16 @@ struct Running {
     workers: Workers,
     services: Services,
     self_probe: Option<SelfProbe>,
+    /// SIGHUP, listened to from start-up on; reloads begin once xlbd is ready.
+    hangups: Option<reload::Hangups>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM (or `--max-runtime`).
 pub fn run(opts: Options) -> Result<(), Failure> {
     report::init_logging(opts.quiet);
     let mut running = start(&opts)?;
+    let mut supervisor = ready(&opts, &mut running);
+    let notifier = supervisor.notifier().clone();
     let parts = Parts {
         state: &running.state,
         shared: &running.shared,
@@ -67,9 +72,32 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         workers: &running.workers,
         signalled: &running.signalled,
         self_probe: running.self_probe.as_mut(),
+        supervisor: &mut supervisor,
     };
     let result = ControlLoop::new(&opts, parts).run();
+    notifier.stopping();
     shutdown(running, &opts, result)
+}
+
+/// Tells the service manager that xlbd is ready (once every worker runs its loop), and
+/// reloads at SIGHUP from then on.
+fn ready(opts: &Options, running: &mut Running) -> Supervisor {
+    let up_ns = xlb_afxdp::sys::monotonic_ns();
+    let heartbeats = running.workers.heartbeats.clone();
+    let supervisor = Supervisor::new(Notifier::from_env(), heartbeats.clone());
+    let status = sd_notify::status_text(&running.state, &running.shared, &heartbeats);
+    supervisor.ready(up_ns, Duration::from_secs(2), &status);
+    if let Some(hangups) = running.hangups.take() {
+        let reloader = reload::Reloader {
+            opts: opts.clone(),
+            state: Arc::clone(&running.state),
+            shared: Arc::clone(&running.shared),
+            heartbeats,
+            notifier: supervisor.notifier().clone(),
+        };
+        reload::spawn(&running.runtime, hangups, reloader);
+    }
+    supervisor
 }
 
 fn start(opts: &Options) -> Result<Running, Failure> {
@@ -88,6 +116,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         None => None,
     };
     let (runtime, signalled) = startup::runtime()?;
+    let hangups = Some(reload::listen(&runtime)?);
     let endpoints = startup::bind_endpoints(&runtime, opts)?;
     let mut kernel = startup::read_kernel(opts, &config)?;
     let mut self_probe =
@@ -151,6 +180,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         workers,
         services,
         self_probe,
+        hangups,
     };
     report::line(&ready_line(opts, &running, &listening));
     Ok(running)

@@ -6,7 +6,8 @@
 //! shutdown order); the worker side: [`handler`] (the engine adapter), [`messages`],
 //! [`steering`]; what the control side reads and serves: [`plane`] (counter cells, the
 //! publisher, the API's telemetry), [`metrics`], [`stats`], [`report`]; and [`kernel`],
-//! [`addresses`], [`probes`], [`selfprobe`], [`limits`].
+//! [`addresses`], [`probes`], [`selfprobe`], [`limits`]; for the service manager: [`reload`]
+//! (SIGHUP), [`sd_notify`] and [`liveness`] (readiness, status, the watchdog).
 #![forbid(unsafe_code)]
 
 pub mod addresses;
@@ -16,6 +17,7 @@ pub mod handler;
 pub mod kernel;
 pub mod kernel_watch;
 pub mod limits;
+pub mod liveness;
 pub mod messages;
 pub mod metrics;
 pub mod options;
@@ -23,7 +25,9 @@ pub mod persist;
 pub mod plane;
 pub mod preflight;
 pub mod probes;
+pub mod reload;
 pub mod report;
+pub mod sd_notify;
 pub mod selfprobe;
 pub mod startup;
 pub mod stats;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
 use xlb_api::FlowFilter;
-use xlb_engine::{flow::FlowId, Addr, Event, FlowInfo, RuleSet};
+use xlb_engine::{flow::FlowId, Addr, Event, FlowInfo, PortId, RuleSet};
 
 use crate::plane::cell::CellWriter;
 
@@ -14,13 +14,22 @@ use crate::plane::cell::CellWriter;
 /// `EngineHandler::with_kernel`.)
 #[derive(Debug, Clone)]
 pub enum ToWorker {
-    /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`].
-    Rules(Arc<RuleSet>),
+    /// A new rule set, swapped at the next batch boundary and acknowledged with an [`Ack`];
+    /// with the ports that face its members (when the daemon follows them), set in the same
+    /// swap, so that the anti-spoofing checks and the rules never disagree.
+    Rules(Arc<RuleSet>, Option<BackendSide>),
+    /// The ports that face the members changed with no new rule set (the kernel's routes
+    /// moved): set at the next batch boundary.
+    BackendSide(BackendSide),
     /// A page of this worker's flows, for the flow listing of the API.
     Flows(FlowQuery),
     /// A data-path self-probe to run through the engine (`crate::selfprobe`).
     Probe(crate::selfprobe::Injection),
 }
+
+/// Per port, by id: whether it faces the pool members. The engine takes outbound (SNAT) flows
+/// only from such ports (`NextHops::set_backend_side`).
+pub type BackendSide = Arc<[(PortId, bool)]>;
 
 /// "Worker `worker` now runs generation `generation`": sent right after the swap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

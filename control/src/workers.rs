@@ -19,6 +19,7 @@ use crate::{
     handler::EngineHandler,
     kernel::{Port, PortVlan},
     kernel_watch::KernelMailbox,
+    liveness::Heartbeats,
     messages::{Ack, ControlLink, FromWorker, ToWorker},
     options::{Failure, Options},
     persist::{self, Stores, WorkerStore},
@@ -55,6 +56,8 @@ pub struct Workers {
     pub sockets: Vec<SocketInfo>,
     /// Set to stop the workers.
     pub stop: Arc<AtomicBool>,
+    /// Each worker's loop beats here (the watchdog's liveness).
+    pub heartbeats: Heartbeats,
 }
 
 impl Workers {
@@ -119,6 +122,7 @@ pub fn spawn_all(s: &Start, stores: Option<Stores>) -> Result<Workers, Failure> 
         placement: Vec::new(),
         sockets: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        heartbeats: Heartbeats::new(s.opts.workers, sys::monotonic_ns()),
     };
     for (w, steering) in Steering::mesh(s.opts.workers, HANDOFF_INBOX)
         .into_iter()
@@ -220,7 +224,8 @@ fn spawn_one(
         Some(steering),
     )
     .with_probe_sources(s.probe_sources.clone())
-    .with_kernel(Arc::clone(&s.kernel));
+    .with_kernel(Arc::clone(&s.kernel))
+    .with_heartbeat(out.heartbeats.of(w));
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

@@ -186,6 +186,8 @@ pub struct Lab {
     pub interfaces: Vec<String>,
     dir: PathBuf,
     xlbd: Option<Child>,
+    /// Environment variables xlbd starts with (besides the test's own).
+    xlbd_env: Vec<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     /// (backend name, peer, ending) of every connection the echo servers served.
@@ -340,7 +342,7 @@ impl Lab {
 
     /// Starts xlbd (with `extra` arguments) and waits for its ready line.
     pub fn start_xlbd(&mut self, config: &str, extra: &[&str]) {
-        let cfg = self.dir.join("xlb.toml");
+        let cfg = self.config_path();
         std::fs::write(&cfg, config).expect("writing the config");
         let stats = self.stats_path();
         let mut cmd = Command::new("ip");
@@ -359,6 +361,7 @@ impl Lab {
             cmd.args(["--interface", i]);
         }
         cmd.args(extra);
+        cmd.envs(self.xlbd_env.iter().map(|(k, v)| (k, v)));
         // `ip netns exec` execs xlbd: the child's PID is xlbd's.
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -391,6 +394,11 @@ impl Lab {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The configuration file xlbd was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("xlb.toml")
     }
 
     /// The gRPC API's Unix socket.
@@ -687,6 +695,20 @@ impl Lab {
         xlbd_args: &[&str],
         prepare: impl FnOnce(&Lab) -> T,
     ) -> (Lab, T) {
+        Lab::start_prepared_env(config, xlbd_args, &[], prepare)
+    }
+
+    /// [`Lab::start_with`], xlbd started (and restarted) with the variables `env`.
+    pub fn start_with_env(config: &str, xlbd_args: &[&str], env: &[(&str, &str)]) -> Lab {
+        Lab::start_prepared_env(config, xlbd_args, env, |_| ()).0
+    }
+
+    fn start_prepared_env<T>(
+        config: &str,
+        xlbd_args: &[&str],
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Lab) -> T,
+    ) -> (Lab, T) {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         // "xe" + pid + counter: unique per process and test; short enough for interface names.
         let prefix = format!("xe{}{}", std::process::id() % 100_000, n);
@@ -708,6 +730,10 @@ impl Lab {
             prefix,
             dir,
             xlbd: None,
+            xlbd_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
             endings,

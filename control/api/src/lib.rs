@@ -14,10 +14,12 @@
 //!   `xlbctl` are generic over it.
 //! - [`authority`]: the Unix listener's repair of the `:authority` C-core clients send.
 //! - [`changes`]: the queue that carries out received changes in order, clients or not.
+//! - [`config_diff`]: what a whole new configuration changes (reload, `config apply`).
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod changes;
+pub mod config_diff;
 pub mod convert;
 pub mod keepalive;
 pub mod object;
@@ -31,8 +33,8 @@ pub mod telemetry;
 pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    Applied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError, Publisher,
-    Snapshot, StateOptions,
+    Applied, ConfigApplied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError,
+    Publisher, Snapshot, StateOptions,
 };
 pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{

@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 use xlb_engine::config::{BackendPool, Config, Member};
 use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
+use crate::config_diff::{self, ConfigDiff};
 pub use crate::object::{Kind, Object};
 use crate::telemetry::{ControlEvent, EventRecord};
 
@@ -97,6 +98,17 @@ pub struct Applied<T> {
     pub value: T,
     /// The generation now running.
     pub generation: u64,
+}
+
+/// What [`ControlState::apply_config`] found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigApplied {
+    /// Every change from the running configuration to the one given.
+    pub diff: ConfigDiff,
+    /// The generation now running (the new one when `applied`).
+    pub generation: u64,
+    /// Whether a new generation was published (false: dry run, or nothing to apply).
+    pub applied: bool,
 }
 
 /// The committed state: what reads see.
@@ -435,6 +447,45 @@ impl ControlState {
         self.change(|c| {
             *c = config.clone();
             Ok(())
+        })
+    }
+
+    /// Applies a whole configuration as one generation, all or nothing (a reload of the
+    /// start-up file, `xlbctl config apply`). Restart-only settings keep their running value
+    /// (the difference reports them); an empty difference applies nothing and keeps the
+    /// generation; `dry_run` validates and compiles but applies nothing.
+    pub fn apply_config(
+        &self,
+        config: Config,
+        dry_run: bool,
+    ) -> Result<ConfigApplied, ControlError> {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.snapshot();
+        let diff = config_diff::diff(&current.config, &config);
+        let candidate = config_diff::keep_restart_only(&current.config, config);
+        candidate.validate()?;
+        if dry_run || !diff.applies_anything() {
+            // Compiled too, so that a dry run finds what only compiling finds.
+            let drained = self.publisher.drained(&current.rules);
+            compile_releasing(
+                &candidate,
+                Some(&current.rules),
+                &w.health,
+                w.last_generation + 1,
+                &drained,
+            )?;
+            return Ok(ConfigApplied {
+                diff,
+                generation: current.generation,
+                applied: false,
+            });
+        }
+        let health = w.health.clone();
+        let generation = self.publish_locked(&mut w, &current, candidate, &health)?;
+        Ok(ConfigApplied {
+            diff,
+            generation,
+            applied: true,
         })
     }
 

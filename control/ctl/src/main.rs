@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod args;
+mod config;
 mod connect;
 mod kinds;
 mod output;
@@ -16,9 +17,7 @@ mod reads;
 mod status;
 
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use tonic::{Code, Status};
-use xlb_api::convert;
 use xlb_api::keepalive;
 use xlb_api::server::{self, Client};
 use xlb_api::status::validation_failure;
@@ -32,7 +31,6 @@ use args::{
     ProbeArgs,
 };
 use kinds::{crud, show, Crud};
-use output::print_json;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -135,8 +133,12 @@ enum Command {
     /// Health probes.
     #[command(subcommand)]
     Probe(Crud<ProbeArgs>),
-    /// The whole configuration (as the TOML file would hold it).
-    Config,
+    /// The whole configuration: get it (as the TOML file would hold it), or apply a file
+    /// as one generation (`apply`, `diff`). Without a subcommand: get.
+    Config {
+        #[command(subcommand)]
+        cmd: Option<config::ConfigCmd>,
+    },
     /// Counters per rule, drops by reason, SNAT ports per member.
     Counters {
         /// Only this rule.
@@ -287,20 +289,7 @@ async fn run(cli: Cli) -> Res {
         Command::NatRule(cmd) => crud::<InboundNatRule>(&mut c, cmd, json).await,
         Command::OutboundRule(cmd) => crud::<OutboundRule>(&mut c, cmd, json).await,
         Command::Probe(cmd) => crud::<HealthProbe>(&mut c, cmd, json).await,
-        Command::Config => {
-            let cfg = c.get_config(pb::GetConfigRequest {}).await?.into_inner();
-            let generation = cfg.generation;
-            let model = convert::config_from(cfg)?;
-            if json {
-                print_json(&json!({"generation": generation, "config": model}));
-            } else {
-                let text = model
-                    .to_toml_string()
-                    .map_err(|e| Failure::Other(e.to_string()))?;
-                println!("# generation {generation}\n{text}");
-            }
-            Ok(())
-        }
+        Command::Config { cmd } => config::config(&mut c, cmd, json).await,
         Command::Counters { rule, per_worker } => {
             reads::counters(&mut c, rule, per_worker, json).await
         }

@@ -30,11 +30,13 @@ enum XdpMode {
 /// to every --interface, takes the frontends' traffic (and, on backend-side interfaces, every
 /// packet not addressed to the host) and processes it in user space. SIGINT or SIGTERM stop
 /// it cleanly, detaching XDP; with --state-dir they keep the flows and the XDP attachment for
-/// the next xlbd (`xlbd --cleanup --state-dir DIR` removes them).
+/// the next xlbd (`xlbd --cleanup --state-dir DIR` removes them). SIGHUP reads --config again
+/// and applies the difference as one generation. Under systemd (NOTIFY_SOCKET) it speaks
+/// Type=notify, with the watchdog.
 #[derive(Debug, Parser)]
 #[command(name = "xlbd", version)]
 struct Cli {
-    /// Configuration file (TOML; see docs/examples/xlb.toml).
+    /// Configuration file (TOML; see docs/examples/xlb.toml), read again on SIGHUP.
     #[arg(long, value_name = "FILE", required_unless_present = "cleanup")]
     config: Option<PathBuf>,
     /// An interface the dataplane drives; repeat it. The order gives the port numbers.

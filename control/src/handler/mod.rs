@@ -58,6 +58,8 @@ pub struct EngineHandler {
     /// Where the latest kernel view waits, and what this worker took of it.
     kernel: Option<Arc<KernelMailbox>>,
     kernel_applied: Applied,
+    /// Told at every publication: this worker's loop runs (the watchdog's liveness).
+    heartbeat: Option<crate::liveness::Heartbeat>,
 }
 
 impl EngineHandler {
@@ -86,7 +88,14 @@ impl EngineHandler {
             probe_sources: Vec::new(),
             kernel: None,
             kernel_applied: Applied::default(),
+            heartbeat: None,
         }
+    }
+
+    /// Beats `heartbeat` at every publication of the counters.
+    pub fn with_heartbeat(mut self, heartbeat: crate::liveness::Heartbeat) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// Follows the kernel's neighbours and routes published in `mailbox`, starting with the
@@ -320,8 +329,11 @@ impl EngineHandler {
 
     fn apply(&mut self, msg: ToWorker, now_ns: u64) {
         match msg {
-            ToWorker::Rules(rules) => {
+            ToWorker::Rules(rules, backend_side) => {
                 let generation = rules.generation();
+                if let Some(ports) = backend_side {
+                    self.set_backend_side(&ports);
+                }
                 self.engine.set_rules(rules);
                 // The publisher waits for this; a full channel means it gave up already.
                 let _ = self.acks.try_send(Ack {
@@ -333,6 +345,14 @@ impl EngineHandler {
                 let _ = q.reply.try_send(self.flows_page(&q, now_ns));
             }
             ToWorker::Probe(inj) => self.inject(now_ns, inj),
+            ToWorker::BackendSide(ports) => self.set_backend_side(&ports),
+        }
+    }
+
+    fn set_backend_side(&mut self, ports: &[(PortId, bool)]) {
+        let net = self.engine.next_hops();
+        for (port, backend_side) in ports {
+            net.set_backend_side(*port, *backend_side);
         }
     }
 
@@ -414,6 +434,9 @@ impl FrameHandler for EngineHandler {
         if now_ns >= self.next_stats {
             self.next_stats = now_ns + self.stats_every_ns;
             self.report();
+            if let Some(h) = &self.heartbeat {
+                h.beat(now_ns);
+            }
         }
     }
 

@@ -244,3 +244,53 @@ fn a_self_probe_goes_to_a_member_and_its_answer_is_taken_off_and_closed() {
     let _ = h.handle(30, 1, &mut reply);
     assert!(from.try_recv().is_err(), "no probe answer for other frames");
 }
+
+/// The backend-side ports travel with a rule switch, or alone after a route change: a
+/// member's outbound connection is taken only from a port marked so, in the same swap.
+#[test]
+fn backend_side_ports_follow_the_control_thread_with_the_rules_or_alone() {
+    use xlb_engine::DropReason;
+    let (mut h, _from) = probe_handler();
+    let spoofed = |h: &EngineHandler| h.engine().counters().drop_count(DropReason::SpoofedSource);
+    let member = Ipv4Addr::new(198, 18, 1, 11);
+    let remote = Ipv4Addr::new(198, 18, 0, 10);
+    h.engine
+        .next_hops()
+        .set_neighbor(remote.into(), 0, [2, 0, 0, 0, 0xc1, 0])
+        .unwrap();
+    let mut syn = frame(member, 40_001, remote, 443, false);
+    // Nothing marked yet: a member's address is taken for spoofed, wherever it arrives.
+    assert!(!matches!(
+        h.handle(10, 1, &mut syn),
+        AfxdpVerdict::Tx { .. }
+    ));
+    assert_eq!(spoofed(&h), 1);
+
+    // A rule switch marks port 1 (say a member was added behind it): from there, the
+    // member's SYN opens an outbound flow.
+    let rules = Arc::clone(h.engine().rules());
+    h.apply(
+        ToWorker::Rules(rules, Some(Arc::from([(0, false), (1, true)]))),
+        20,
+    );
+    let mut syn = frame(member, 40_002, remote, 443, false);
+    let v = h.handle(30, 1, &mut syn);
+    assert!(matches!(v, AfxdpVerdict::Tx { port: 0, .. }), "{v:?}");
+    assert_eq!(spoofed(&h), 1);
+    // From port 0 it is still spoofed.
+    let mut syn = frame(member, 40_003, remote, 443, false);
+    assert!(!matches!(
+        h.handle(40, 0, &mut syn),
+        AfxdpVerdict::Tx { .. }
+    ));
+    assert_eq!(spoofed(&h), 2);
+
+    // A route change with no rule switch unmarks it.
+    h.apply(ToWorker::BackendSide(Arc::from([(1, false)])), 50);
+    let mut syn = frame(member, 40_004, remote, 443, false);
+    assert!(!matches!(
+        h.handle(60, 1, &mut syn),
+        AfxdpVerdict::Tx { .. }
+    ));
+    assert_eq!(spoofed(&h), 3);
+}

@@ -14,7 +14,7 @@ use xlb_engine::{RuleId, RuleSet};
 
 use super::Shared;
 use crate::addresses::AddressPlane;
-use crate::messages::{Ack, ToWorker};
+use crate::messages::{Ack, BackendSide, ToWorker};
 
 /// Sends rule sets to the workers and waits for their acks. [`xlb_api::ControlState`] calls
 /// it one change at a time, from a blocking thread.
@@ -50,13 +50,15 @@ impl WorkerPublisher {
 impl Publisher for WorkerPublisher {
     fn publish(&self, rules: Arc<RuleSet>, deadline: Duration) -> Result<(), PublishError> {
         let Some(addresses) = &self.addresses else {
-            return self.publish_to_workers(rules, deadline);
+            return self.publish_to_workers(rules, None, deadline);
         };
         let mut addresses = addresses.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = addresses.begin(&rules).map_err(|e| {
             PublishError::Unavailable(format!("updating the XDP program's addresses: {e}"))
         })?;
-        if let Err(e) = self.publish_to_workers(Arc::clone(&rules), deadline) {
+        // The engines' backend-side ports switch with the rules, in the same generation.
+        let backend_side = addresses.ports_of(pending.backend_side());
+        if let Err(e) = self.publish_to_workers(Arc::clone(&rules), Some(backend_side), deadline) {
             addresses.abort(pending);
             return Err(e);
         }
@@ -87,6 +89,7 @@ impl WorkerPublisher {
     fn publish_to_workers(
         &self,
         rules: Arc<RuleSet>,
+        backend_side: Option<BackendSide>,
         deadline: Duration,
     ) -> Result<(), PublishError> {
         let generation = rules.generation();
@@ -95,7 +98,8 @@ impl WorkerPublisher {
         let acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
         let mut missing: Vec<u16> = Vec::new();
         for (w, tx) in self.to.iter().enumerate() {
-            match tx.send_deadline(ToWorker::Rules(Arc::clone(&rules)), until) {
+            let msg = ToWorker::Rules(Arc::clone(&rules), backend_side.clone());
+            match tx.send_deadline(msg, until) {
                 Ok(()) => {}
                 Err(SendTimeoutError::Timeout(_)) => missing.push(w as u16),
                 Err(SendTimeoutError::Disconnected(_)) => {

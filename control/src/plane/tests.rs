@@ -29,7 +29,7 @@ fn fake_worker(
     thread::spawn(move || {
         while let Ok(msg) = rx.recv() {
             match msg {
-                ToWorker::Rules(r) if !mute => {
+                ToWorker::Rules(r, _) if !mute => {
                     let _ = acks.send(Ack {
                         worker: id,
                         generation: r.generation(),
@@ -346,4 +346,106 @@ protocol = "TCP"
     };
     let sum = sum_snat(&[snap(0, usage(512, 3)), snap(1, usage(512, 4))]);
     assert_eq!(sum, vec![usage(1024, 7)]);
+}
+
+/// With an address plane, each rule set reaches the workers with the backend-side ports of
+/// its own members, in the same message: a member added behind another port marks it for
+/// the engines' anti-spoofing in the same generation as the rules that name it.
+#[test]
+fn publish_sends_each_generation_with_its_backend_side_ports() {
+    use crate::addresses::{AddrMaps, AddressPlane, Op};
+    use crate::kernel::Port;
+
+    struct NoMaps;
+    impl AddrMaps for NoMaps {
+        fn apply(&mut self, _: &Op) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let ports: Vec<Port> = ["front", "back", "far"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Port {
+            id: i as u16,
+            name: (*name).into(),
+            ifindex: 10 + i as u32,
+            mac: [2, 0, 0, 0, 0, i as u8],
+        })
+        .collect();
+    let routes = vec![
+        xlb_engine::Route::v4("198.18.0.0".parse().unwrap(), 24, 0, None),
+        xlb_engine::Route::v4("198.18.1.0".parse().unwrap(), 24, 1, None),
+        xlb_engine::Route::v4("198.19.0.0".parse().unwrap(), 24, 2, None),
+    ];
+    let plane = AddressPlane::new(
+        Box::new(NoMaps),
+        ports,
+        None,
+        Arc::new(std::sync::Mutex::new(routes)),
+    );
+    let shared = Shared::new(vec![cell(0).1], Vec::new(), 1);
+    let (ack_tx, ack_rx) = channel::bounded(4);
+    let (tx, rx) = channel::bounded(4);
+    let (seen_tx, seen_rx) = channel::unbounded();
+    let worker = thread::spawn(move || {
+        while let Ok(msg) = rx.recv() {
+            if let ToWorker::Rules(r, backend_side) = msg {
+                let _ = seen_tx.send(backend_side.map(|b| b.to_vec()));
+                let _ = ack_tx.send(Ack {
+                    worker: 0,
+                    generation: r.generation(),
+                });
+            }
+        }
+    });
+    let p = WorkerPublisher::new(vec![tx], ack_rx, shared)
+        .with_addresses(Arc::new(std::sync::Mutex::new(plane)));
+    let config = |members: &str| {
+        let c = Config::from_toml_str(&format!(
+            r#"
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+
+[[backend_pools]]
+name = "web"
+members = [{members}]
+
+[[load_balancing_rules]]
+name = "web"
+frontend = "vip"
+protocol = "TCP"
+frontend_port = 80
+backend_pool = "web"
+backend_port = 8080
+"#
+        ))
+        .unwrap();
+        c
+    };
+    let one = config(r#"{ address = "198.18.1.11" }"#);
+    let r1 = Arc::new(compile(&one, None, &MemberHealth::default(), 2).unwrap());
+    p.publish(Arc::clone(&r1), Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap(),
+        Some(vec![(0, false), (1, true), (2, false)])
+    );
+    // A member added behind the third port: marked with the rules that add it.
+    let two = config(r#"{ address = "198.18.1.11" }, { address = "198.19.0.50" }"#);
+    let r2 = Arc::new(compile(&two, Some(&r1), &MemberHealth::default(), 3).unwrap());
+    p.publish(Arc::clone(&r2), Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap(),
+        Some(vec![(0, false), (1, true), (2, true)])
+    );
+    // And unmarked with the rules that remove it.
+    let r3 = compile(&one, Some(&r2), &MemberHealth::default(), 4).unwrap();
+    p.publish(Arc::new(r3), Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        seen_rx.recv().unwrap(),
+        Some(vec![(0, false), (1, true), (2, false)])
+    );
+    drop(p);
+    worker.join().unwrap();
 }

@@ -166,6 +166,27 @@ impl XlbService {
     }
 }
 
+impl XlbService {
+    /// A whole configuration, through the change queue like every other change.
+    async fn apply_config(
+        &self,
+        r: pb::ApplyConfigRequest,
+    ) -> Result<pb::ApplyConfigResponse, Status> {
+        let config = convert::config_from(convert::require(r.config, "config").or_invalid()?)
+            .or_invalid()?;
+        let state = Arc::clone(&self.state);
+        let dry_run = r.dry_run;
+        let a = (self.changes)
+            .run(move || Ok(state.apply_config(config, dry_run)?))
+            .await?;
+        Ok(pb::ApplyConfigResponse {
+            changes: crate::config_diff::to_proto(&a.diff),
+            generation: a.generation,
+            applied: a.applied,
+        })
+    }
+}
+
 /// The model of a request's object (required; every bad field named).
 fn model<T: Resource>(p: Option<T::Proto>) -> Result<T, Status> {
     T::from_proto(convert::require(p, T::FIELD).or_invalid()?).or_invalid()
@@ -267,6 +288,12 @@ every_kind! {
         ) -> Result<Response<pb::Config>, Status> {
             let s = self.state.snapshot();
             Ok(Response::new(convert::config_to(&s.config, s.generation)))
+        }
+        async fn apply_config(
+            &self,
+            r: Request<pb::ApplyConfigRequest>,
+        ) -> Result<Response<pb::ApplyConfigResponse>, Status> {
+            self.apply_config(r.into_inner()).await.map(Response::new)
         }
         async fn get_counters(
             &self,
