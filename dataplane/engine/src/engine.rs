@@ -199,8 +199,8 @@ impl Engine {
     /// ports are told ([`NextHops::set_port`]) and before the first frame.
     ///
     /// A store written by another layout version, for another geometry (flow capacity, late
-    /// slots, worker, workers) or with another steering seed cannot be trusted: it is wiped
-    /// and the report says why. A configuration hash that differs from `config_hash` is not
+    /// slots, worker, workers), with another steering seed or for other ports (their MACs in
+    /// port order) cannot be trusted: it is wiped and the report says why. A configuration hash that differs from `config_hash` is not
     /// a reason: flows are matched to the rules by kind and name, and those whose rule is
     /// gone are dropped (counted). The late-packet memory is restored when the engine's
     /// flow hash seed is the store's ([`crate::store::stored_seeds`]). A flow whose idle time ran out while no engine ran
@@ -221,6 +221,7 @@ impl Engine {
             geometry,
             config_hash,
             (self.cfg.steer_seed, self.cfg.hash_seed),
+            crate::store::ports_identity(self.net.port_macs()),
         )?;
         if report.outcome == StoreOutcome::Restored {
             self.restore(mem.bytes(), &mut report);

@@ -203,6 +203,11 @@ impl NextHops {
         self.port_macs.len()
     }
 
+    /// The MAC of every port told so far, by port id.
+    pub fn port_macs(&self) -> &[Mac] {
+        &self.port_macs
+    }
+
     /// Declares port `port` with its MAC address (ports are numbered densely from 0).
     pub fn set_port(&mut self, port: PortId, mac: Mac) {
         let i = port as usize;

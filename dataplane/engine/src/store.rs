@@ -76,6 +76,7 @@ const H_STEER: usize = 40;
 const H_ATTACHES: usize = 48;
 const H_CLOSED_AT: usize = 56;
 const H_FLOW_SEED: usize = 64;
+const H_PORTS: usize = 72;
 
 // Record fields.
 const R_SEQ: usize = 0;
@@ -218,6 +219,21 @@ fn u128_at(b: &[u8], at: usize) -> u128 {
     u128::from_ne_bytes(w)
 }
 
+/// The identity of an engine's ports: their MAC addresses in port order, hashed (FNV-1a).
+/// Flows store their next hops by port id, so a store is only valid for the same ports.
+pub fn ports_identity(macs: &[[u8; 6]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in macs
+        .iter()
+        .flatten()
+        .chain(&(macs.len() as u64).to_ne_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// The identity of a rule across configurations: its kind and name, hashed (FNV-1a), never 0.
 pub fn rule_identity(rules: &RuleSet, id: RuleId) -> u64 {
     let Some(p) = rules.rule(id) else { return 0 };
@@ -294,6 +310,7 @@ impl FlowStore {
         g: Geometry,
         config_hash: u64,
         (steer_seed, flow_seed): (u64, u64),
+        ports: u64,
     ) -> Result<(Box<dyn StoreMemory>, StoreReport), String> {
         let b = mem.bytes_mut();
         if b.len() < g.bytes() {
@@ -307,12 +324,20 @@ impl FlowStore {
         let problem = if empty {
             None
         } else {
-            header_problem(b, g).or_else(|| {
-                (u64_at(b, H_STEER) != steer_seed).then(|| {
-                    "written with another steering seed: its flows belong to other workers"
-                        .to_string()
+            header_problem(b, g)
+                .or_else(|| {
+                    (u64_at(b, H_STEER) != steer_seed).then(|| {
+                        "written with another steering seed: its flows belong to other workers"
+                            .to_string()
+                    })
                 })
-            })
+                .or_else(|| {
+                    (u64_at(b, H_PORTS) != ports).then(|| {
+                        "written for other interfaces (names the ports by their order and MAC \
+                         addresses): its flows' next hops would be wrong"
+                            .to_string()
+                    })
+                })
         };
         let outcome = match (empty, problem) {
             (true, _) => StoreOutcome::Fresh,
@@ -322,7 +347,7 @@ impl FlowStore {
         let mut report = StoreReport::new(outcome);
         if report.outcome != StoreOutcome::Restored {
             b[..g.bytes()].fill(0);
-            write_header(b, g, config_hash, steer_seed, flow_seed);
+            write_header(b, g, config_hash, steer_seed, flow_seed, ports);
         } else {
             report.late_keyed = u64_at(b, H_FLOW_SEED) == flow_seed;
             report.unclean = u32_at(b, H_OPEN) != 0;
@@ -465,7 +490,14 @@ impl FlowStore {
     }
 }
 
-fn write_header(b: &mut [u8], g: Geometry, config_hash: u64, steer_seed: u64, flow_seed: u64) {
+fn write_header(
+    b: &mut [u8],
+    g: Geometry,
+    config_hash: u64,
+    steer_seed: u64,
+    flow_seed: u64,
+    ports: u64,
+) {
     b[H_VERSION..H_VERSION + 4].copy_from_slice(&LAYOUT_VERSION.to_ne_bytes());
     b[H_RECORD..H_RECORD + 4].copy_from_slice(&(RECORD as u32).to_ne_bytes());
     b[H_CAPACITY..H_CAPACITY + 4].copy_from_slice(&g.capacity.to_ne_bytes());
@@ -475,6 +507,7 @@ fn write_header(b: &mut [u8], g: Geometry, config_hash: u64, steer_seed: u64, fl
     b[H_CONFIG..H_CONFIG + 8].copy_from_slice(&config_hash.to_ne_bytes());
     b[H_STEER..H_STEER + 8].copy_from_slice(&steer_seed.to_ne_bytes());
     b[H_FLOW_SEED..H_FLOW_SEED + 8].copy_from_slice(&flow_seed.to_ne_bytes());
+    b[H_PORTS..H_PORTS + 8].copy_from_slice(&ports.to_ne_bytes());
     compiler_fence(Ordering::SeqCst);
     // The magic last: a header cut short by a crash reads as no header.
     b[..8].copy_from_slice(&MAGIC);

@@ -272,6 +272,24 @@ fn another_layout_or_geometry_is_discarded_with_the_reason() {
     assert_eq!((report.outcome, report.flows), (StoreOutcome::Restored, 0));
 }
 
+/// Flows name their next hops by port: a store written for other ports (another interface
+/// order, another MAC) is wiped.
+#[test]
+fn other_ports_discard_the_store() {
+    let mut lab = lab_with_store();
+    establish(&mut lab, 80, 40_011);
+    let mem = lab.engine.abandon_store().unwrap();
+    let mut lab2 = Lab::new();
+    lab2.engine
+        .next_hops()
+        .set_port(BACKEND_PORT, [2, 0, 0, 0, 0x99, 0x99]);
+    let report = lab2.engine.attach_store(mem, HASH).unwrap();
+    match &report.outcome {
+        StoreOutcome::Discarded(why) => assert!(why.contains("other interfaces"), "{why}"),
+        o => panic!("{o:?}"),
+    }
+}
+
 /// Too little memory is refused before anything is written.
 #[test]
 fn too_small_a_store_is_refused() {
