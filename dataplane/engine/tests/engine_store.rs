@@ -374,3 +374,113 @@ fn late_packet_memory_survives() {
     let silent = rules.rule_id(xlb_engine::ruleset::RuleKind::LoadBalancing, "http-silent");
     assert_eq!(lab2.engine.counters().rule(silent.unwrap()).late_packets, 1);
 }
+
+/// Many flows of every kind and state — TCP load balancing (handshake, established, half
+/// closed, closed), IPv6, UDP, outbound TCP and UDP, unconfirmed ones — restore to exactly
+/// the same listing (slot, tuple, translation, TCP state, `last_seen`, deadline) and the same
+/// SNAT port usage, and from then on expire exactly as they would have (the same RSTs).
+#[test]
+fn every_kind_of_flow_restores_to_the_same_listing() {
+    let mut lab = lab_with_store();
+    for i in 0..40u16 {
+        let mut conn = establish(&mut lab, 80, 41_000 + i);
+        match i % 4 {
+            0 => {}
+            1 => conn.client_sends(&mut lab, b"some data"),
+            2 => {
+                let fin = conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]);
+                lab.forward(CLIENT_PORT, fin);
+            }
+            _ => {
+                let fin = conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]);
+                lab.forward(CLIENT_PORT, fin);
+                let fin = conn.backend.seg(FIN | ACK, conn.s_seq, conn.c_seq + 1, &[]);
+                lab.forward(BACKEND_PORT, fin);
+            }
+        }
+        lab.advance(mins(0) + 1_000_000);
+    }
+    // Half-open (SYN only) flows: unconfirmed.
+    for i in 0..10u16 {
+        lab.forward(CLIENT_PORT, Tcp::client(80, 42_000 + i).seg(SYN, 5, 0, &[]));
+    }
+    // IPv6.
+    let c6 = Tcp {
+        src: CLIENT6.into(),
+        dst: VIP6.into(),
+        ..Tcp::client(80, 43_000)
+    };
+    let _ = lab.send(CLIENT_PORT, c6.seg(SYN, 9, 0, &[]));
+    // UDP through the load-balancing rule and outbound, TCP outbound.
+    for i in 0..10u16 {
+        lab.forward(
+            CLIENT_PORT,
+            udp(
+                CLIENT_MAC,
+                XLB_MAC[0],
+                CLIENT.into(),
+                44_000 + i,
+                VIP.into(),
+                53,
+                b"q",
+            ),
+        );
+        if i >= 4 {
+            // The member's block holds 8 ports per protocol.
+            continue;
+        }
+        lab.forward(
+            BACKEND_PORT,
+            udp(
+                B1_MAC,
+                XLB_MAC[1],
+                B1.into(),
+                45_000 + i,
+                REMOTE.into(),
+                53,
+                b"q",
+            ),
+        );
+        let member = Tcp {
+            src_mac: B1_MAC,
+            dst_mac: XLB_MAC[1],
+            src: B1.into(),
+            dst: REMOTE.into(),
+            sport: 46_000 + i,
+            dport: 443,
+        };
+        lab.forward(BACKEND_PORT, member.seg(SYN, 1, 0, &[]));
+    }
+    let before: Vec<_> = lab.engine.flows().collect();
+    assert!(before.len() > 60, "{}", before.len());
+    let rules = lab.engine.rules().clone();
+    let (_, blocks) = rules.match_outbound(6, B1.into()).unwrap();
+    let blocks = blocks.to_vec();
+    let snat = (
+        lab.engine.snat_usage(&blocks, 6),
+        lab.engine.snat_usage(&blocks, 17),
+    );
+    let mem = lab.engine.abandon_store().unwrap();
+
+    let (mut lab2, report) = restart(&lab, mem, DEFAULT_CONFIG);
+    assert_eq!(report.flows as usize, before.len());
+    let after: Vec<_> = lab2.engine.flows().collect();
+    assert_eq!(after, before);
+    assert_eq!(
+        (
+            lab2.engine.snat_usage(&blocks, 6),
+            lab2.engine.snat_usage(&blocks, 17)
+        ),
+        snat
+    );
+    assert_eq!(
+        lab2.engine.counters().live_flows,
+        lab.engine.counters().live_flows
+    );
+    // Both engines expire the same flows at the same times from here on.
+    let t = lab.now + mins(10);
+    lab.run_until(t);
+    lab2.run_until(t);
+    assert_eq!(lab2.engine.flow_count(), lab.engine.flow_count());
+    assert_eq!(lab2.emitted, lab.emitted, "the same RSTs");
+}
