@@ -337,6 +337,17 @@ fn restart_keeps_every_flow(how: Restart) {
         (2 * CONNS_PER_RULE as u64, CONNS_PER_RULE as u64),
         "{log}"
     );
+    // The counters say it too (stats file and Prometheus).
+    assert_eq!(
+        lab.wait_stat("flows_restored", flows, Duration::from_secs(2)),
+        flows
+    );
+    assert_eq!(lab.stat("flows_restore_dropped"), 0);
+    assert!(
+        lab.metrics()
+            .contains("xlb_worker_flows_restored_total{worker=\"0\"}"),
+        "the Prometheus family"
+    );
     mark.store(true, Ordering::Relaxed);
     thread::sleep(Duration::from_millis(1500));
 

@@ -244,6 +244,9 @@ impl Engine {
             }
         }
         self.store.put_late_all(&self.late);
+        self.counters.flows_restored += u64::from(report.flows);
+        self.counters.flows_restore_dropped +=
+            u64::from(report.torn + report.invalid + report.rule_gone);
         Ok(report)
     }
 
