@@ -175,7 +175,7 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
     if let Some(store) = store {
         // After the ports: restored flows take their next hops on them.
         let report = engine
-            .attach_store(store.mem, s.config_hash)
+            .attach_store(sys::monotonic_ns(), store.mem, s.config_hash)
             .map_err(|e| Failure::runtime(format!("worker {w}: flow store: {e}")))?;
         crate::report::line(&persist::report_line(w, &report, sys::monotonic_ns()));
     }

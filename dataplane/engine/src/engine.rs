@@ -204,10 +204,13 @@ impl Engine {
     /// a reason: flows are matched to the rules by kind and name, and those whose rule is
     /// gone are dropped (counted). The late-packet memory is restored when the engine's
     /// flow hash seed is the store's ([`crate::store::stored_seeds`]). A flow whose idle time ran out while no engine ran
-    /// expires at the first [`expire`](Self::expire), with its RSTs if its rule says so.
+    /// expires at the first [`expire`](Self::expire), with its RSTs if its rule says so; one
+    /// whose `last_seen` is after `now` (the caller's clock, which must be the one the store
+    /// was written on: xlbd's is `CLOCK_MONOTONIC`) is dropped as invalid.
     /// `Err`: the memory is too small (nothing was written).
     pub fn attach_store(
         &mut self,
+        now: Nanos,
         mem: Box<dyn StoreMemory>,
         config_hash: u64,
     ) -> Result<StoreReport, String> {
@@ -224,7 +227,7 @@ impl Engine {
             crate::store::ports_identity(self.net.port_macs()),
         )?;
         if report.outcome == StoreOutcome::Restored {
-            self.restore(mem.bytes(), &mut report);
+            self.restore(now, mem.bytes(), &mut report);
         }
         store.start(mem, config_hash, self.cfg.hash_seed);
         self.store = store;
@@ -263,7 +266,7 @@ impl Engine {
         self.store.abandon()
     }
 
-    fn restore(&mut self, bytes: &[u8], report: &mut StoreReport) {
+    fn restore(&mut self, now: Nanos, bytes: &[u8], report: &mut StoreReport) {
         let contents = Contents::new(bytes, &self.rules);
         for id in 0..contents.capacity().min(self.flows.capacity()) {
             match contents.slot(id) {
@@ -271,6 +274,8 @@ impl Engine {
                 Slot::Torn => report.torn += 1,
                 Slot::Invalid => report.invalid += 1,
                 Slot::RuleGone => report.rule_gone += 1,
+                // A time stamp from the future: not written on this boot's clock line.
+                Slot::Live(rec) if rec.flow.last_seen > now => report.invalid += 1,
                 Slot::Live(rec) => {
                     if self.restore_flow(id, rec) {
                         report.flows += 1;

@@ -23,7 +23,10 @@ fn store_bytes(lab: &Lab) -> Vec<u8> {
 fn lab_with_store() -> Lab {
     let mut lab = Lab::new();
     let mem = store_bytes(&lab);
-    let report = lab.engine.attach_store(Box::new(mem), HASH).unwrap();
+    let report = lab
+        .engine
+        .attach_store(lab.now, Box::new(mem), HASH)
+        .unwrap();
     assert_eq!(report.outcome, StoreOutcome::Fresh);
     lab
 }
@@ -41,7 +44,7 @@ fn restart(old: &Lab, mem: Box<dyn StoreMemory>, toml: &str) -> (Lab, xlb_engine
     };
     let mut lab = Lab::with(toml, cfg);
     lab.now = old.now;
-    let report = lab.engine.attach_store(mem, HASH).unwrap();
+    let report = lab.engine.attach_store(lab.now, mem, HASH).unwrap();
     (lab, report)
 }
 
@@ -259,7 +262,7 @@ fn another_layout_or_geometry_is_discarded_with_the_reason() {
         ..EngineConfig::default()
     };
     let mut lab2 = Lab::with(DEFAULT_CONFIG, cfg);
-    let report = lab2.engine.attach_store(mem, HASH).unwrap();
+    let report = lab2.engine.attach_store(lab2.now, mem, HASH).unwrap();
     match &report.outcome {
         StoreOutcome::Discarded(why) => assert!(why.contains("worker 0 of 1"), "{why}"),
         o => panic!("{o:?}"),
@@ -268,7 +271,7 @@ fn another_layout_or_geometry_is_discarded_with_the_reason() {
     // Wiped: a third engine finds a fresh store of the second's geometry, with no flow.
     let mem = lab2.engine.abandon_store().unwrap();
     let mut lab3 = Lab::with(DEFAULT_CONFIG, cfg);
-    let report = lab3.engine.attach_store(mem, HASH).unwrap();
+    let report = lab3.engine.attach_store(lab3.now, mem, HASH).unwrap();
     assert_eq!((report.outcome, report.flows), (StoreOutcome::Restored, 0));
 }
 
@@ -283,7 +286,7 @@ fn other_ports_discard_the_store() {
     lab2.engine
         .next_hops()
         .set_port(BACKEND_PORT, [2, 0, 0, 0, 0x99, 0x99]);
-    let report = lab2.engine.attach_store(mem, HASH).unwrap();
+    let report = lab2.engine.attach_store(lab2.now, mem, HASH).unwrap();
     match &report.outcome {
         StoreOutcome::Discarded(why) => assert!(why.contains("other interfaces"), "{why}"),
         o => panic!("{o:?}"),
@@ -295,7 +298,10 @@ fn other_ports_discard_the_store() {
 fn too_small_a_store_is_refused() {
     let mut lab = Lab::new();
     let small = vec![7u8; 1024];
-    assert!(lab.engine.attach_store(Box::new(small), HASH).is_err());
+    assert!(lab
+        .engine
+        .attach_store(lab.now, Box::new(small), HASH)
+        .is_err());
 }
 
 /// Another configuration: flows follow their rule by kind and name even when the ids are
@@ -321,7 +327,7 @@ fn a_changed_configuration_maps_flows_by_rule_name() {
     );
     let mut lab2 = Lab::with(&toml, EngineConfig::default());
     lab2.now = lab.now;
-    let report = lab2.engine.attach_store(mem, HASH ^ 1).unwrap();
+    let report = lab2.engine.attach_store(lab2.now, mem, HASH ^ 1).unwrap();
     assert!(report.config_changed);
     assert_eq!((report.flows, report.rule_gone), (1, 1));
     let flow = lab2.engine.flows().next().unwrap();
@@ -483,4 +489,68 @@ fn every_kind_of_flow_restores_to_the_same_listing() {
     lab2.run_until(t);
     assert_eq!(lab2.engine.flow_count(), lab.engine.flow_count());
     assert_eq!(lab2.emitted, lab.emitted, "the same RSTs");
+}
+
+/// Bad input never panics: stores whose records hold random bytes (anywhere in the record,
+/// or only in the fields a packet changes, with a valid state) are attached, then the old
+/// connections' segments and an expiry sweep run through the engine. Whatever is restored
+/// must only be forwarded, dropped or expired.
+#[test]
+fn random_record_bytes_never_panic() {
+    let mut lab = lab_with_store();
+    let mut conns = Vec::new();
+    for i in 0..8u16 {
+        let mut conn = establish(&mut lab, 80 + (i % 2), 47_000 + i);
+        conn.client_sends(&mut lab, b"data");
+        conns.push(conn);
+    }
+    let ids: Vec<u32> = lab.engine.flows().map(|f| f.id).collect();
+    let pristine = lab.engine.abandon_store().unwrap();
+    let pristine = pristine.bytes().to_vec();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for round in 0..100 {
+        let mut mem = pristine.clone();
+        for &id in &ids {
+            let at = record_offset(id);
+            if round % 2 == 0 {
+                // Anything, commit marker included.
+                for b in &mut mem[at..at + 128] {
+                    if next() % 4 == 0 {
+                        *b = next() as u8;
+                    }
+                }
+            } else {
+                // Only the TCP tracking and last_seen, with a valid state.
+                for b in &mut mem[at + 64..at + 96] {
+                    *b = next() as u8;
+                }
+                mem[at + 64] = (next() % 6) as u8;
+            }
+        }
+        let (mut lab2, _) = restart(&lab, Box::new(mem), DEFAULT_CONFIG);
+        for conn in &conns {
+            for seg in [
+                conn.client.seg(ACK | PSH, conn.c_seq, conn.s_seq, b"more"),
+                conn.backend.seg(ACK | PSH, conn.s_seq, conn.c_seq, b"back"),
+                conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]),
+                conn.client.seg(RST, conn.c_seq, 0, &[]),
+            ] {
+                let port = if seg[6..12] == CLIENT_MAC {
+                    CLIENT_PORT
+                } else {
+                    BACKEND_PORT
+                };
+                let _ = lab2.send(port, seg);
+            }
+        }
+        let t = lab2.now + mins(30);
+        lab2.run_until(t);
+        assert_eq!(lab2.engine.flow_count(), 0, "round {round}");
+    }
 }
