@@ -165,6 +165,15 @@ pub fn cleanup(dir: &Path) -> Result<(), Failure> {
 /// `--takeover PID`: asks the running xlbd to stop (SIGTERM: it closes its flow stores and
 /// leaves XDP attached, holding frames) and waits until it is gone. Returns when it asked.
 pub fn take_over(pid: u32) -> Result<Instant, Failure> {
+    // Never signal a process that is not an xlbd (a mistyped PID).
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|e| Failure::usage(format!("--takeover {pid}: no such process ({e})")))?;
+    if !comm.trim().starts_with("xlbd") {
+        return Err(Failure::usage(format!(
+            "--takeover {pid}: process {pid} is {:?}, not an xlbd",
+            comm.trim()
+        )));
+    }
     let asked = Instant::now();
     xlb_afxdp::sys::signal_process(pid, xlb_afxdp::sys::SIGTERM)
         .map_err(|e| Failure::runtime(format!("--takeover {pid}: {e}")))?;
