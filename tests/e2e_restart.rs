@@ -284,6 +284,14 @@ fn restart_keeps_every_flow(how: Restart) {
             );
         }
         Restart::Term => {
+            // --cleanup does not pull the state from under a running xlbd.
+            let out = Command::new(xlbd_bin())
+                .args(["--cleanup", "--state-dir", &dir])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("in use by another xlbd"), "{err}");
             let st = lab.stop_xlbd().expect("xlbd exit status");
             assert!(st.success(), "{st:?}\n{}", lab.log_text());
             assert_eq!(

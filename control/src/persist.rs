@@ -147,6 +147,12 @@ pub fn report_line(w: usize, r: &StoreReport, now: u64) -> String {
 
 /// `xlbd --cleanup --state-dir DIR`: unpins everything (XDP detached, flows freed).
 pub fn cleanup(dir: &Path) -> Result<(), Failure> {
+    // Not under a running xlbd's feet: its lock says it runs.
+    let _lock = match pinned::lock_state_dir(dir) {
+        Ok(lock) => Some(lock),
+        Err(_) if !dir.exists() => None,
+        Err(e) => return Err(Failure::runtime(format!("--cleanup: {e}"))),
+    };
     let removed =
         pinned::remove_state(dir).map_err(|e| Failure::runtime(format!("--cleanup: {e}")))?;
     report::line(&format!(
