@@ -264,6 +264,7 @@ fn set_admin(rt: &tokio::runtime::Runtime, c: &mut Client, member: &str, state: 
         address: member.into(),
         weight: None,
         admin_state: Some(state as i32),
+        ..Default::default()
     }))
     .unwrap_or_else(|e| panic!("set {member} admin {state:?}: {e}"));
 }

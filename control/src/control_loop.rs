@@ -14,6 +14,7 @@ use xlb_engine::Addr;
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes},
+    drain::{self, DrainWatcher},
     messages::{FromWorker, ToWorker},
     options::Options,
     plane::Shared,
@@ -61,6 +62,7 @@ pub struct ControlLoop<'a> {
     /// published).
     marks_stale: bool,
     members_probed_at: u64,
+    drains: DrainWatcher,
 }
 
 /// What the loop works with.
@@ -102,6 +104,7 @@ impl<'a> ControlLoop<'a> {
             routes_version,
             marks_stale: false,
             members_probed_at: 0,
+            drains: DrainWatcher::default(),
         }
     }
 
@@ -127,6 +130,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_configuration();
             self.take_messages(Instant::now() + TICK);
             self.self_probe_round();
+            self.follow_drains();
             let now = Instant::now();
             self.follow_kernel(now);
             self.stats_file(now);
@@ -192,6 +196,25 @@ impl<'a> ControlLoop<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// Drains' progress as `xlbd event drain …` lines and `WatchEvents` events.
+    fn follow_drains(&mut self) {
+        let events = self.drains.tick(
+            Instant::now(),
+            &self.state.snapshot(),
+            &self.shared.drains(),
+            self.state.now(),
+        );
+        for e in events {
+            if !self.opts.quiet {
+                report::line(&format!("xlbd event {}", drain::describe(&e)));
+            }
+            let _ = self.shared.events.send(xlb_api::EventRecord {
+                at: std::time::SystemTime::now(),
+                event: xlb_api::ControlEvent::Drain(e),
+            });
         }
     }
 
@@ -284,7 +307,8 @@ impl<'a> ControlLoop<'a> {
         };
         let rules = self.state.snapshot().rules.clone();
         let sum = xlb_api::sum(&self.shared.counters(), &rules);
-        if let Err(e) = stats::write_atomic(path, &stats::to_kv(&sum, &rules, self.scale)) {
+        let kv = stats::to_kv(&sum, &rules, self.scale) + &self.shared.operations().to_kv();
+        if let Err(e) = stats::write_atomic(path, &kv) {
             tracing::warn!("writing {}: {e}", path.display());
         }
     }
@@ -304,8 +328,9 @@ impl<'a> ControlLoop<'a> {
             .map(|(s, p)| format!("{}:rx={}/tx={}", p.name, s.rx_packets, s.tx_packets))
             .collect();
         report::line(&format!(
-            "xlbd status {} ports[{}]",
+            "xlbd status {}{} ports[{}]",
             stats::status_line(&sum, &rules, self.scale),
+            self.shared.operations().status_line(),
             ports.join(" ")
         ));
     }

@@ -10,11 +10,11 @@ use std::{
 use tokio::{runtime::Runtime, sync::watch, task::JoinHandle};
 use xlb_afxdp::XdpProgram;
 use xlb_api::{Bound, ControlState, Listen, StateOptions, Telemetry};
-use xlb_engine::{Config, MemberHealth};
+use xlb_engine::Config;
 
 use crate::{
     control_loop::{ControlLoop, LiveAddresses, Parts},
-    metrics,
+    ipfix, metrics,
     options::{describe_listen, Failure, Options},
     persist,
     plane::{publisher::WorkerPublisher, telemetry::DaemonTelemetry, Shared},
@@ -51,6 +51,8 @@ struct Running {
     workers: Workers,
     services: Services,
     self_probe: Option<SelfProbe>,
+    /// The NAT event export, when it is on.
+    exporter: Option<ipfix::Exporter>,
     /// SIGHUP, listened to from start-up on; reloads begin once xlbd is ready.
     hangups: Option<reload::Hangups>,
 }
@@ -101,7 +103,7 @@ fn ready(opts: &Options, running: &mut Running) -> Supervisor {
 }
 
 fn start(opts: &Options) -> Result<Running, Failure> {
-    let (config, rules) = startup::configure(opts)?;
+    let (config, rules, health) = startup::configure(opts)?;
     if let Some(pid) = opts.takeover {
         // The configuration is valid: now the running xlbd may go.
         let asked = persist::take_over(pid)?;
@@ -129,6 +131,16 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         Some(seed) => seed,
         None => workers::random_seed()?,
     };
+    let nat_log = (opts.ipfix.as_ref())
+        .map(|o| {
+            ipfix::Bound::bind(o.export.clone()).map_err(|e| {
+                Failure::usage(format!(
+                    "--ipfix-collector {}: {e} (is there a route to it?)",
+                    o.export.collector
+                ))
+            })
+        })
+        .transpose()?;
     if let Some(p) = self_probe.as_mut() {
         p.prober
             .set_steer_key(xlb_engine::hashkey::HashKey::from_seed(steer_seed));
@@ -149,6 +161,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
                 .map(|p| p.prober.sources())
                 .unwrap_or_default(),
             config_hash: persist::config_hash(&config),
+            nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
         },
         stores,
     )?;
@@ -157,15 +170,23 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         workers.port_stats.clone(),
         rules.generation(),
     );
+    let exporter = nat_log
+        .map(|b| b.start(Arc::clone(&shared), xlb_afxdp::sys::monotonic_ns))
+        .transpose()
+        .map_err(|e| Failure::runtime(format!("starting the NAT event export: {e}")))?;
     let acks = (workers.acks.take()).ok_or_else(|| Failure::runtime("no ack channel"))?;
     let publisher = WorkerPublisher::new(workers.senders(), acks, Arc::clone(&shared))
         .with_addresses(Arc::clone(&attached.plane));
     let state = Arc::new(ControlState::new(
         config.clone(),
         Arc::clone(&rules),
-        MemberHealth::default(),
+        health,
         Arc::new(publisher),
-        StateOptions::default(),
+        // Drains are stamped, and their deadlines fall, on the workers' clock.
+        StateOptions {
+            clock: xlb_afxdp::sys::monotonic_ns,
+            ..StateOptions::default()
+        },
     ));
     let (services, listening) =
         start_services(&runtime, opts, endpoints, &state, &shared, &workers)?;
@@ -180,6 +201,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         workers,
         services,
         self_probe,
+        exporter,
         hangups,
     };
     report::line(&ready_line(opts, &running, &listening));
@@ -306,6 +328,9 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
             p.prober.interval().as_millis()
         ));
     }
+    if let Some(o) = &opts.ipfix {
+        line.push_str(&o.describe());
+    }
     let scale = r.config.settings.lab_time_scale.max(1);
     if scale != 1 {
         line.push_str(&format!(" lab_time_scale={scale}"));
@@ -341,6 +366,7 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
         workers,
         services,
         config,
+        exporter,
         ..
     } = r;
     let _ = services.stop.send(true);
@@ -366,6 +392,8 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
                 if let Err(e) = exit.result {
                     failed.get_or_insert(format!("worker {w}: {e}"));
                 }
+                // NAT events of the last iteration go to the exporter too.
+                exit.handler.pass_nat_events();
                 exit.handler.publish_counters();
                 exit.handler.close_store();
             }
@@ -373,6 +401,9 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
                 failed.get_or_insert(format!("worker {w} panicked"));
             }
         }
+    }
+    if let Some(x) = exporter {
+        x.stop();
     }
     final_counters(opts, &state, &shared, config.settings.lab_time_scale.max(1));
     runtime.shutdown_timeout(Duration::from_millis(500));
@@ -399,11 +430,14 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
 fn final_counters(opts: &Options, state: &ControlState, shared: &Shared, scale: u32) {
     let rules = state.snapshot().rules.clone();
     let sum = xlb_api::sum(&shared.counters(), &rules);
+    let ops = shared.operations();
     report::line(&format!(
-        "xlbd final {}",
-        stats::status_line(&sum, &rules, scale)
+        "xlbd final {}{}",
+        stats::status_line(&sum, &rules, scale),
+        ops.status_line()
     ));
     if let Some(path) = &opts.stats_file {
-        let _ = stats::write_atomic(path, &stats::to_kv(&sum, &rules, scale));
+        let kv = stats::to_kv(&sum, &rules, scale) + &ops.to_kv();
+        let _ = stats::write_atomic(path, &kv);
     }
 }

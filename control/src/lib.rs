@@ -13,7 +13,9 @@
 pub mod addresses;
 pub mod control_loop;
 pub mod daemon;
+pub mod drain;
 pub mod handler;
+pub mod ipfix;
 pub mod kernel;
 pub mod kernel_watch;
 pub mod limits;

@@ -50,6 +50,13 @@ pub const QUEUES: Range = Range {
     unit: "queues",
 };
 
+/// `--ipfix-max-rate`: records per second.
+pub const IPFIX_RATE: Range = Range {
+    min: 1.0,
+    max: 10_000_000.0,
+    unit: "records per second",
+};
+
 fn out_of_range(flag: &str, value: impl std::fmt::Display, r: Range) -> String {
     format!(
         "{flag} {value}: out of range (allowed: {}–{} {})",

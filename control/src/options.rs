@@ -53,6 +53,8 @@ pub struct Options {
     pub self_probe_interval: Duration,
     /// `--vlan IFACE:ID[,ID...]`: VLANs whose tagged frames are accepted on an interface.
     pub vlans: Vec<(String, Vec<u16>)>,
+    /// NAT event logging over IPFIX (`crate::ipfix`); `None`: off.
+    pub ipfix: Option<crate::ipfix::IpfixOptions>,
     /// `--state-dir`: a directory on a bpffs where the flows and the XDP attachment outlive
     /// xlbd (`crate::persist`); `None`: nothing outlives it.
     pub state_dir: Option<PathBuf>,

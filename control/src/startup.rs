@@ -25,17 +25,20 @@ use crate::{
     preflight,
 };
 
-/// Phase 1: the configuration, validated and compiled as generation 1.
-pub fn configure(opts: &Options) -> Result<(Config, Arc<RuleSet>), Failure> {
+/// Phase 1: the configuration, validated and compiled as generation 1. Members the file
+/// drains begin their drain now (their deadlines count from here, on the workers' clock).
+pub fn configure(opts: &Options) -> Result<(Config, Arc<RuleSet>, MemberHealth), Failure> {
     let config = load_config(opts)?;
-    let rules = xlb_engine::compile(&config, None, &MemberHealth::default(), 1)
+    let mut health = MemberHealth::default();
+    health.follow_drains(&config, xlb_afxdp::sys::monotonic_ns());
+    let rules = xlb_engine::compile(&config, None, &health, 1)
         .map_err(|errs| Failure::usage(format!("{}: {errs}", opts.config.display())))?;
     opts.admission
         .validate()
         .map_err(|e| Failure::usage(format!("flow admission: {e}")))?;
     preflight::command(opts)?;
     preflight::privileges()?;
-    Ok((config, Arc::new(rules)))
+    Ok((config, Arc::new(rules), health))
 }
 
 /// Phase 2: the one tokio runtime (API, metrics, probes, signals) and the stop flag that

@@ -1,9 +1,10 @@
 //! The two ways xlbd shows the sum of its workers' counters (`xlb_api::sum`): a one-line
-//! status on stdout and a `key=value` file (one per line) that scripts and tests read.
+//! status on stdout and a `key=value` file (one per line) that scripts and tests read; both
+//! also show the drains' progress and the NAT event export ([`Operations`]).
 
 use std::{fmt::Write as _, io, path::Path};
 
-use xlb_api::CounterSum;
+use xlb_api::{CounterSum, DrainStatus, NatLogStatus};
 use xlb_engine::{counters::EvictReason, DropReason, RuleCounters, RuleSet};
 
 /// The rules of `sum` that `rules` names, as `<kind key>.<name>` (`lb.web`), in rule-id order.
@@ -104,6 +105,63 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     s
 }
 
+/// What the status line and the stats file show beside the workers' counters.
+#[derive(Debug, Default, Clone)]
+pub struct Operations {
+    /// Every drained member's progress, summed over the workers.
+    pub drains: Vec<DrainStatus>,
+    /// The NAT event export, when it runs.
+    pub nat_log: Option<NatLogStatus>,
+}
+
+impl Operations {
+    /// ` ipfix[…]` when the export runs, and each open drain, for the status line.
+    pub fn status_line(&self) -> String {
+        let mut s = String::new();
+        if let Some(n) = &self.nat_log {
+            let _ = write!(
+                s,
+                " ipfix[sent={} messages={} lost={}]",
+                n.records_sent, n.messages_sent, n.records_lost
+            );
+        }
+        for d in &self.drains {
+            let left = d
+                .flows_left
+                .map_or_else(|| "counting".to_string(), |n| n.to_string());
+            let _ = write!(
+                s,
+                " drain.{}.{}[flows_left={left} reset={}]",
+                d.pool, d.member, d.flows_reset
+            );
+        }
+        s
+    }
+
+    /// `key=value` lines for the stats file.
+    pub fn to_kv(&self) -> String {
+        let mut s = String::new();
+        let mut kv = |k: &str, v: u64| {
+            let _ = writeln!(s, "{k}={v}");
+        };
+        for d in &self.drains {
+            let key = format!("drain.{}.{}", d.pool, d.member);
+            if let Some(n) = d.flows_left {
+                kv(&format!("{key}.flows_left"), n);
+            }
+            kv(&format!("{key}.flows_reset"), d.flows_reset);
+            kv(&format!("{key}.flows_ended"), d.flows_ended);
+            kv(&format!("{key}.deadline_done"), u64::from(d.deadline_done));
+        }
+        if let Some(n) = &self.nat_log {
+            kv("nat_log.records_sent", n.records_sent);
+            kv("nat_log.messages_sent", n.messages_sent);
+            kv("nat_log.records_lost", n.records_lost);
+        }
+        s
+    }
+}
+
 /// Replaces `path` atomically (write a sibling, rename), so a reader never sees half a file.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
@@ -194,5 +252,45 @@ backend_port = 8080
         assert!(status.contains("evicted[rule_share=10]"), "{status}");
         assert!(status.contains("lb.web[created=7"), "{status}");
         assert!(!status_line(&sum, &rules, 1).contains("lab_time_scale"));
+    }
+
+    #[test]
+    fn drains_and_the_nat_log_show_beside_the_counters() {
+        let ops = Operations {
+            drains: vec![DrainStatus {
+                pool: "web".into(),
+                member: "198.18.1.11".parse().unwrap(),
+                flows_left: Some(3),
+                flows_reset: 2,
+                flows_ended: 0,
+                deadline_done: true,
+            }],
+            nat_log: Some(NatLogStatus {
+                collector: "198.18.0.5:4739".into(),
+                records_sent: 10,
+                messages_sent: 2,
+                records_lost: 1,
+            }),
+        };
+        let kv = ops.to_kv();
+        for line in [
+            "drain.web.198.18.1.11.flows_left=3",
+            "drain.web.198.18.1.11.flows_reset=2",
+            "drain.web.198.18.1.11.deadline_done=1",
+            "nat_log.records_sent=10",
+            "nat_log.records_lost=1",
+        ] {
+            assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
+        }
+        let status = ops.status_line();
+        assert!(
+            status.contains(" ipfix[sent=10 messages=2 lost=1]"),
+            "{status}"
+        );
+        assert!(
+            status.contains(" drain.web.198.18.1.11[flows_left=3 reset=2]"),
+            "{status}"
+        );
+        assert_eq!(Operations::default().status_line(), "");
     }
 }

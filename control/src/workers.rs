@@ -13,7 +13,10 @@ use xlb_afxdp::{
     spawn, sys, worker::SocketInfo, PollMode, Worker, WorkerConfig, WorkerExit, WorkerStats,
     XdpProgram,
 };
-use xlb_engine::{Addr, Engine, EngineConfig, RuleSet};
+use xlb_engine::{
+    natlog::{NatEvent, NatLogMode},
+    Addr, Engine, EngineConfig, RuleSet,
+};
 
 use crate::{
     handler::EngineHandler,
@@ -86,6 +89,8 @@ pub struct Start<'a> {
     pub steer_seed: u64,
     /// The configuration's hash, recorded in the flow stores.
     pub config_hash: u64,
+    /// Where the engines' NAT events go (`crate::ipfix`); `None`: the export is off.
+    pub nat_events: Option<Sender<NatEvent>>,
 }
 
 /// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
@@ -161,6 +166,7 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
         reset_rate: s.opts.reset_rate,
         hash_seed,
         steer_seed: s.steer_seed,
+        nat_log: (s.opts.ipfix.as_ref()).map_or(NatLogMode::Off, |o| o.mode()),
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
@@ -225,7 +231,8 @@ fn spawn_one(
     )
     .with_probe_sources(s.probe_sources.clone())
     .with_kernel(Arc::clone(&s.kernel))
-    .with_heartbeat(out.heartbeats.of(w));
+    .with_heartbeat(out.heartbeats.of(w))
+    .with_nat_events(s.nat_events.clone());
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

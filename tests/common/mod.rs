@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod ops;
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, ErrorKind, Read, Write},

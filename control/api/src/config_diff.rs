@@ -574,6 +574,8 @@ backend_port = 8080
                 address: "198.18.1.13".parse().unwrap(),
                 weight: 1,
                 admin_state: xlb_engine::config::AdminState::Down,
+                drain_timeout_seconds: None,
+                drain_action: Default::default(),
             });
         });
         assert_eq!(
@@ -596,6 +598,8 @@ backend_port = 8080
                     address: "2001:db8:1::11".parse().unwrap(),
                     weight: 1,
                     admin_state: Default::default(),
+                    drain_timeout_seconds: None,
+                    drain_action: Default::default(),
                 }],
             })
         });

@@ -10,8 +10,8 @@
 use std::net::IpAddr;
 
 use xlb_engine::config::{
-    self as cfg, AdminState, Distribution, FrontendKind, MinutesRange, PortRange, ProbeProtocol,
-    Protocol, Settings, UnknownFlowPolicy, DEFAULT_IDLE_TIMEOUT_MINUTES,
+    self as cfg, AdminState, Distribution, DrainAction, FrontendKind, MinutesRange, PortRange,
+    ProbeProtocol, Protocol, Settings, UnknownFlowPolicy, DEFAULT_IDLE_TIMEOUT_MINUTES,
     DEFAULT_PROBE_INTERVAL_SECONDS, DEFAULT_PROBE_THRESHOLD,
 };
 use xlb_engine::{ValidationError, ValidationErrors};
@@ -143,6 +143,24 @@ pub(crate) fn admin_from(errs: &mut Errors, path: String, v: i32) -> AdminState 
     }
 }
 
+pub(crate) fn drain_action_from(errs: &mut Errors, path: String, v: i32) -> DrainAction {
+    match pb::DrainAction::try_from(v) {
+        Ok(pb::DrainAction::Reset) => DrainAction::Reset,
+        Ok(pb::DrainAction::Idle) => DrainAction::Idle,
+        Err(_) => {
+            unknown_enum(errs, path, v, "DRAIN_ACTION_RESET or DRAIN_ACTION_IDLE");
+            DrainAction::Reset
+        }
+    }
+}
+
+pub(crate) fn drain_action_to(a: DrainAction) -> pb::DrainAction {
+    match a {
+        DrainAction::Reset => pb::DrainAction::Reset,
+        DrainAction::Idle => pb::DrainAction::Idle,
+    }
+}
+
 pub(crate) fn admin_to(a: AdminState) -> pb::AdminState {
     match a {
         AdminState::None => pb::AdminState::None,
@@ -202,10 +220,11 @@ fn unknown_flow_to(u: UnknownFlowPolicy) -> pb::UnknownFlowPolicy {
 }
 
 fn probe_protocol_from(errs: &mut Errors, path: String, v: i32) -> ProbeProtocol {
-    const ALLOWED: &str = "PROBE_PROTOCOL_TCP or PROBE_PROTOCOL_HTTP";
+    const ALLOWED: &str = "PROBE_PROTOCOL_TCP, PROBE_PROTOCOL_HTTP or PROBE_PROTOCOL_HTTPS";
     match pb::ProbeProtocol::try_from(v) {
         Ok(pb::ProbeProtocol::Tcp) => ProbeProtocol::Tcp,
         Ok(pb::ProbeProtocol::Http) => ProbeProtocol::Http,
+        Ok(pb::ProbeProtocol::Https) => ProbeProtocol::Https,
         Ok(pb::ProbeProtocol::Unspecified) => {
             errs.push(
                 path,
@@ -269,6 +288,8 @@ pub(crate) fn member_from(
         address: parse_ip(errs, format!("{base}.address"), &m.address),
         weight: m.weight.unwrap_or(1),
         admin_state: admin_from(errs, format!("{base}.admin_state"), m.admin_state),
+        drain_timeout_seconds: m.drain_timeout_seconds,
+        drain_action: drain_action_from(errs, format!("{base}.drain_action"), m.drain_action),
     }
 }
 
@@ -374,6 +395,11 @@ pub fn probe_from(p: pb::HealthProbe) -> Result<cfg::HealthProbe, ValidationErro
         path: p.path,
         interval_seconds: p.interval_seconds.unwrap_or(DEFAULT_PROBE_INTERVAL_SECONDS),
         threshold: p.threshold.unwrap_or(DEFAULT_PROBE_THRESHOLD),
+        timeout_seconds: p.timeout_seconds,
+        tls_verify: p.tls_verify,
+        tls_server_name: p.tls_server_name,
+        tls_ca_file: p.tls_ca_file,
+        http_status: p.http_status,
     };
     errs.finish(probe)
 }
@@ -458,6 +484,8 @@ pub fn member_to(m: &cfg::Member) -> pb::Member {
         address: m.address.to_string(),
         weight: Some(m.weight),
         admin_state: admin_to(m.admin_state) as i32,
+        drain_timeout_seconds: m.drain_timeout_seconds,
+        drain_action: drain_action_to(m.drain_action) as i32,
     }
 }
 
@@ -524,11 +552,18 @@ pub fn probe_to(p: &cfg::HealthProbe) -> pb::HealthProbe {
         protocol: match p.protocol {
             ProbeProtocol::Tcp => pb::ProbeProtocol::Tcp,
             ProbeProtocol::Http => pb::ProbeProtocol::Http,
+            ProbeProtocol::Https => pb::ProbeProtocol::Https,
         } as i32,
         port: p.port,
         path: p.path.clone(),
         interval_seconds: Some(p.interval_seconds),
         threshold: Some(p.threshold),
+        // As configured: the default follows the interval, so an unset timeout stays unset.
+        timeout_seconds: p.timeout_seconds,
+        tls_verify: p.tls_verify,
+        tls_server_name: p.tls_server_name.clone(),
+        tls_ca_file: p.tls_ca_file.clone(),
+        http_status: p.http_status.clone(),
     }
 }
 

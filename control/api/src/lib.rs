@@ -14,6 +14,8 @@
 //!   `xlbctl` are generic over it.
 //! - [`authority`]: the Unix listener's repair of the `:authority` C-core clients send.
 //! - [`changes`]: the queue that carries out received changes in order, clients or not.
+//! - [`drain`]: drained members' progress summed over the workers, drain events, the NAT
+//!   event export's figures.
 //! - [`config_diff`]: what a whole new configuration changes (reload, `config apply`).
 #![forbid(unsafe_code)]
 
@@ -21,7 +23,9 @@ pub mod authority;
 pub mod changes;
 pub mod config_diff;
 pub mod convert;
+pub mod drain;
 pub mod keepalive;
+pub mod members;
 pub mod object;
 pub mod resource;
 pub mod server;
@@ -30,11 +34,12 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 
+pub use drain::{sum_drains, DrainEvent, DrainPhase, DrainStatus, NatLogStatus};
 pub use resource::{Remote, Resource};
 pub use server::{bind, serve, Bound, Listen, ServeError, ServeOptions, DEFAULT_SOCKET};
 pub use state::{
-    Applied, ConfigApplied, ControlError, ControlState, Kind, MemberStatus, Object, PublishError,
-    Publisher, Snapshot, StateOptions,
+    process_clock, Applied, ConfigApplied, ControlError, ControlState, Kind, MemberChange,
+    MemberDrain, MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
 };
 pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{

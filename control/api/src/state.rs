@@ -20,6 +20,7 @@ use xlb_engine::config::{BackendPool, Config, Member};
 use xlb_engine::{compile, compile_releasing, MemberHealth, RuleSet, ValidationErrors};
 
 use crate::config_diff::{self, ConfigDiff};
+pub use crate::members::{process_clock, MemberChange, MemberDrain, MemberStatus};
 pub use crate::object::{Kind, Object};
 use crate::telemetry::{ControlEvent, EventRecord};
 
@@ -121,49 +122,6 @@ pub struct Snapshot {
     pub health: MemberHealth,
 }
 
-/// One pool member as the operator sees it: admin state, probe verdict, and whether it gets
-/// new flows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemberStatus {
-    pub pool: String,
-    pub address: IpAddr,
-    pub weight: u32,
-    pub admin_state: xlb_engine::config::AdminState,
-    /// Whether a load-balancing rule with a health probe sends to the pool (else probes never
-    /// judge the member).
-    pub probed: bool,
-    /// The probes' verdict (true when not probed).
-    pub probe_healthy: bool,
-    /// Gets new flows: admin state, else the probes.
-    pub eligible: bool,
-}
-
-impl Snapshot {
-    /// Every member of every pool, in configuration order.
-    pub fn members(&self) -> Vec<MemberStatus> {
-        let mut out = Vec::new();
-        for pool in &self.config.backend_pools {
-            let probed = self
-                .config
-                .load_balancing_rules
-                .iter()
-                .any(|r| r.backend_pool == pool.name && r.health_probe.is_some());
-            for m in &pool.members {
-                out.push(MemberStatus {
-                    pool: pool.name.clone(),
-                    address: m.address,
-                    weight: m.weight,
-                    admin_state: m.admin_state,
-                    probed,
-                    probe_healthy: self.health.is_healthy(&pool.name, m.address),
-                    eligible: self.health.eligible(&pool.name, m),
-                });
-            }
-        }
-        out
-    }
-}
-
 /// Options of [`ControlState`].
 #[derive(Clone, Debug)]
 pub struct StateOptions {
@@ -171,6 +129,10 @@ pub struct StateOptions {
     pub publish_deadline: Duration,
     /// Capacity of the event channel of configuration events (generation applied, …).
     pub event_capacity: usize,
+    /// "Now" on the workers' time line, in nanoseconds: drains are stamped with it, and
+    /// their deadlines fall on it. The daemon gives its workers' clock (CLOCK_MONOTONIC);
+    /// the default counts from the first call in this process.
+    pub clock: fn() -> u64,
 }
 
 impl Default for StateOptions {
@@ -178,6 +140,7 @@ impl Default for StateOptions {
         StateOptions {
             publish_deadline: Duration::from_secs(2),
             event_capacity: 1024,
+            clock: process_clock,
         }
     }
 }
@@ -218,6 +181,8 @@ impl ControlState {
         publisher: Arc<dyn Publisher>,
         options: StateOptions,
     ) -> Result<ControlState, ControlError> {
+        let mut health = health;
+        health.follow_drains(&config, (options.clock)());
         let rules = Arc::new(compile(&config, None, &health, 1)?);
         publisher
             .publish(Arc::clone(&rules), options.publish_deadline)
@@ -266,6 +231,11 @@ impl ControlState {
 
     pub fn generation(&self) -> u64 {
         self.snapshot().generation
+    }
+
+    /// Now, on the workers' time line (see [`StateOptions::clock`]).
+    pub fn now(&self) -> u64 {
+        (self.options.clock)()
     }
 
     /// Configuration events (generation applied). The gRPC `WatchEvents` merges these with
@@ -393,28 +363,7 @@ impl ControlState {
         })
     }
 
-    /// Changes a member's weight and/or admin state (`None`: unchanged).
-    pub fn set_member(
-        &self,
-        pool: &str,
-        address: IpAddr,
-        weight: Option<u32>,
-        admin_state: Option<xlb_engine::config::AdminState>,
-    ) -> Result<Applied<BackendPool>, ControlError> {
-        self.change_pool(pool, |p| {
-            let pos = member_pos(p, address)?;
-            let m = &mut p.members[pos];
-            if let Some(w) = weight {
-                m.weight = w;
-            }
-            if let Some(a) = admin_state {
-                m.admin_state = a;
-            }
-            Ok(())
-        })
-    }
-
-    fn change_pool(
+    pub(crate) fn change_pool(
         &self,
         pool: &str,
         f: impl Fn(&mut BackendPool) -> Result<(), ControlError>,
@@ -481,7 +430,7 @@ impl ControlState {
             });
         }
         let health = w.health.clone();
-        let generation = self.publish_locked(&mut w, &current, candidate, &health)?;
+        let generation = self.publish_locked(&mut w, &current, candidate, health)?;
         Ok(ConfigApplied {
             diff,
             generation,
@@ -496,9 +445,7 @@ impl ControlState {
         let mut health = w.health.clone();
         f(&mut health);
         let current = self.snapshot();
-        let generation = self.publish_locked(&mut w, &current, current.config.clone(), &health)?;
-        w.health = health;
-        Ok(generation)
+        self.publish_locked(&mut w, &current, current.config.clone(), health)
     }
 
     /// The one path of every configuration change.
@@ -512,10 +459,11 @@ impl ControlState {
         f(&mut candidate)?;
         candidate.validate()?;
         let health = w.health.clone();
-        self.publish_locked(&mut w, &current, candidate, &health)
+        self.publish_locked(&mut w, &current, candidate, health)
     }
 
-    /// Compiles `candidate` as the next generation, publishes it and commits. On a publish
+    /// Compiles `candidate` as the next generation, publishes it and commits (the health it
+    /// was compiled with too: drains that `candidate` starts are stamped now). On a publish
     /// failure, the committed configuration is compiled again under a newer generation and
     /// published after it, so that a worker that did take the failed generation (late, or
     /// before another one timed out) returns to the committed configuration: the channels to
@@ -525,14 +473,15 @@ impl ControlState {
         w: &mut Writer,
         current: &Snapshot,
         candidate: Config,
-        health: &MemberHealth,
+        mut health: MemberHealth,
     ) -> Result<u64, ControlError> {
         let generation = w.last_generation + 1;
         let drained = self.publisher.drained(&current.rules);
+        health.follow_drains(&candidate, (self.options.clock)());
         let rules = Arc::new(compile_releasing(
             &candidate,
             Some(&current.rules),
-            health,
+            &health,
             generation,
             &drained,
         )?);
@@ -555,6 +504,7 @@ impl ControlState {
             generation,
             health: health.clone(),
         });
+        w.health = health;
         let _ = self.events.send(EventRecord {
             at: SystemTime::now(),
             event: ControlEvent::GenerationApplied { generation },
@@ -625,7 +575,7 @@ fn not_found(kind: Kind, name: &str) -> ControlError {
     }
 }
 
-fn member_pos(p: &BackendPool, address: IpAddr) -> Result<usize, ControlError> {
+pub(crate) fn member_pos(p: &BackendPool, address: IpAddr) -> Result<usize, ControlError> {
     let want = xlb_engine::Addr::from(address);
     p.members
         .iter()

@@ -41,6 +41,8 @@ pub enum ControlEvent {
     },
     /// Every worker runs this generation (sent by [`crate::ControlState`]).
     GenerationApplied { generation: u64 },
+    /// A drained member's progress (sent by the daemon's drain watcher).
+    Drain(crate::drain::DrainEvent),
 }
 
 /// One worker's counters.
@@ -315,6 +317,10 @@ pub struct RuntimeStatus {
     pub uptime: Duration,
     /// The data-path self-probe's figures, per probed rule (empty when it is off).
     pub datapath: Vec<DatapathAvailability>,
+    /// Every drained member's progress.
+    pub drains: Vec<crate::drain::DrainStatus>,
+    /// The NAT event export, when it is on.
+    pub nat_log: Option<crate::drain::NatLogStatus>,
 }
 
 /// Data-path availability of one (frontend, rule) from the daemon's self-probe.

@@ -36,6 +36,7 @@ async fn pool_and_member_crud_round_trip() {
             address: "198.18.3.1".into(),
             weight: None,
             admin_state: 0,
+            ..Default::default()
         }],
     };
     let r = c
@@ -54,6 +55,7 @@ async fn pool_and_member_crud_round_trip() {
                 address: "198.18.3.2".into(),
                 weight: Some(5),
                 admin_state: pb::AdminState::Down as i32,
+                ..Default::default()
             }),
         })
         .await
@@ -66,6 +68,7 @@ async fn pool_and_member_crud_round_trip() {
             address: "198.18.3.2".into(),
             weight: Some(7),
             admin_state: Some(pb::AdminState::Up as i32),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -217,6 +220,7 @@ async fn rule_and_probe_crud_round_trips() {
         path: Some("/healthz".into()),
         interval_seconds: Some(5),
         threshold: Some(2),
+        ..Default::default()
     };
     let sent = pb::HealthProbe {
         interval_seconds: None,

@@ -325,6 +325,7 @@ async fn status_comes_from_the_telemetry_and_the_snapshot() {
             answered_total: 90,
             failed_total: 10,
         }],
+        ..RuntimeStatus::default()
     });
     let st = c
         .get_status(pb::GetStatusRequest {})

@@ -19,8 +19,9 @@ pub struct FrontendArgs {
 pub struct PoolArgs {
     /// Pool name (unique among pools).
     pub name: String,
-    /// A member: ADDRESS[,weight=N][,admin=none|up|down]; repeat for more. On update, the
-    /// given members replace the pool's members.
+    /// A member: ADDRESS[,weight=N][,admin=none|up|down][,drain_timeout=SECS]
+    /// [,drain_action=reset|idle]; repeat for more. On update, the given members replace the
+    /// pool's members.
     #[arg(long = "member", value_name = "MEMBER")]
     pub members: Vec<String>,
 }
@@ -128,7 +129,7 @@ pub struct FlowArgs {
 pub struct ProbeArgs {
     /// Probe name (unique among probes).
     pub name: String,
-    /// tcp or http (required).
+    /// tcp, http or https (required).
     #[arg(long, value_enum)]
     pub protocol: Option<ProbeProtoArg>,
     /// 1–65535 (required).
@@ -143,6 +144,25 @@ pub struct ProbeArgs {
     /// Consecutive failures before a member is drained, 1–100 (default 2).
     #[arg(long)]
     pub threshold: Option<u32>,
+    /// Seconds one attempt may take, 1–interval (default: the interval, at most 30; 0 goes
+    /// back to the default).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u32>,
+    /// HTTPS: check the member's certificate (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub tls_verify: Option<bool>,
+    /// HTTPS: the name sent in SNI and checked against the certificate ("" removes it: the
+    /// member's address).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// HTTPS with --tls-verify: a PEM file of trusted CAs on xlbd's host ("" removes it: the
+    /// system's trust store).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<String>,
+    /// HTTP(S): the status codes that count as healthy, CODE or LOW-HIGH within 100–599
+    /// (default 200; "" goes back to it).
+    #[arg(long, value_name = "CODES")]
+    pub http_status: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -186,12 +206,18 @@ pub enum ProtoArg {
 pub enum ProbeProtoArg {
     Tcp,
     Http,
+    Https,
 }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AdminArg {
     None,
     Up,
     Down,
+}
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DrainArg {
+    Reset,
+    Idle,
 }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DistArg {
@@ -221,6 +247,14 @@ impl AdminArg {
             AdminArg::None => pb::AdminState::None,
             AdminArg::Up => pb::AdminState::Up,
             AdminArg::Down => pb::AdminState::Down,
+        }) as i32
+    }
+}
+impl DrainArg {
+    pub fn pb(self) -> i32 {
+        (match self {
+            DrainArg::Reset => pb::DrainAction::Reset,
+            DrainArg::Idle => pb::DrainAction::Idle,
         }) as i32
     }
 }

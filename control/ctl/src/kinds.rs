@@ -12,8 +12,8 @@ use xlb_engine::config::{
 use xlb_proto::v1 as pb;
 
 use crate::args::{
-    AdminArg, DistArg, FlowArgs, FrontendArgs, KindArg, LbRuleArgs, NatRuleArgs, OutboundRuleArgs,
-    PoolArgs, ProbeArgs, ProbeProtoArg,
+    AdminArg, DistArg, DrainArg, FlowArgs, FrontendArgs, KindArg, LbRuleArgs, NatRuleArgs,
+    OutboundRuleArgs, PoolArgs, ProbeArgs, ProbeProtoArg,
 };
 use crate::output::{changed, clear_empty, name_of, opt, print_json, table, yes};
 use crate::{invalid, Res};
@@ -143,7 +143,14 @@ impl CliKind for Frontend {
 
 impl CliKind for BackendPool {
     type Args = PoolArgs;
-    const HEADERS: &'static [&'static str] = &["POOL", "MEMBER", "WEIGHT", "ADMIN"];
+    const HEADERS: &'static [&'static str] = &[
+        "POOL",
+        "MEMBER",
+        "WEIGHT",
+        "ADMIN",
+        "DRAIN_TIMEOUT",
+        "DRAIN_ACTION",
+    ];
     fn name_given(a: &PoolArgs) -> &str {
         &a.name
     }
@@ -159,7 +166,14 @@ impl CliKind for BackendPool {
     }
     fn rows(&self) -> Vec<Vec<String>> {
         if self.members.is_empty() {
-            return vec![vec![self.name.clone(), "-".into(), "-".into(), "-".into()]];
+            return vec![vec![
+                self.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]];
         }
         self.members
             .iter()
@@ -169,13 +183,16 @@ impl CliKind for BackendPool {
                     m.address.to_string(),
                     m.weight.to_string(),
                     name_of(&m.admin_state),
+                    m.drain_timeout_seconds
+                        .map_or("-".into(), |t| format!("{t}s")),
+                    name_of(&m.drain_action),
                 ]
             })
             .collect()
     }
 }
 
-/// `ADDRESS[,weight=N][,admin=none|up|down]`.
+/// `ADDRESS[,weight=N][,admin=none|up|down][,drain_timeout=SECS][,drain_action=reset|idle]`.
 fn parse_member(text: &str) -> Res<pb::Member> {
     let mut parts = text.split(',');
     let address = parts.next().unwrap_or_default().trim().to_string();
@@ -205,10 +222,31 @@ fn parse_member(text: &str) -> Res<pb::Member> {
                 }
                 .pb()
             }
+            Some(("drain_timeout", t)) => {
+                m.drain_timeout_seconds = Some(t.parse().map_err(|_| {
+                    invalid(format!(
+                        "--member = {text:?}: drain_timeout must be whole seconds \
+                         (allowed: 0–3600)"
+                    ))
+                })?)
+            }
+            Some(("drain_action", a)) => {
+                m.drain_action = match a {
+                    "reset" => DrainArg::Reset,
+                    "idle" => DrainArg::Idle,
+                    _ => {
+                        return Err(invalid(format!(
+                            "--member = {text:?}: unknown drain action (allowed: reset, idle)"
+                        )))
+                    }
+                }
+                .pb()
+            }
             _ => {
                 return Err(invalid(format!(
-                    "--member = {text:?}: expected ADDRESS[,weight=N][,admin=none|up|down] \
-                     (allowed: weight, admin)"
+                    "--member = {text:?}: expected ADDRESS[,weight=N][,admin=none|up|down]\
+                     [,drain_timeout=SECS][,drain_action=reset|idle] \
+                     (allowed: weight, admin, drain_timeout, drain_action)"
                 )))
             }
         }
@@ -400,8 +438,18 @@ impl CliKind for OutboundRule {
 
 impl CliKind for HealthProbe {
     type Args = ProbeArgs;
-    const HEADERS: &'static [&'static str] =
-        &["NAME", "PROTO", "PORT", "PATH", "INTERVAL", "THRESHOLD"];
+    const HEADERS: &'static [&'static str] = &[
+        "NAME",
+        "PROTO",
+        "PORT",
+        "PATH",
+        "INTERVAL",
+        "THRESHOLD",
+        "TIMEOUT",
+        "HTTP_STATUS",
+        "TLS_VERIFY",
+        "SERVER_NAME",
+    ];
     fn name_given(a: &ProbeArgs) -> &str {
         &a.name
     }
@@ -411,12 +459,24 @@ impl CliKind for HealthProbe {
             p.protocol = (match v {
                 ProbeProtoArg::Tcp => pb::ProbeProtocol::Tcp,
                 ProbeProtoArg::Http => pb::ProbeProtocol::Http,
+                ProbeProtoArg::Https => pb::ProbeProtocol::Https,
             }) as i32;
         }
         set(&mut p.port, &a.port);
         set(&mut p.path, &a.path.clone().map(clear_empty));
         set(&mut p.interval_seconds, &a.interval.map(Some));
         set(&mut p.threshold, &a.threshold.map(Some));
+        set(
+            &mut p.timeout_seconds,
+            &a.timeout.map(|v| (v != 0).then_some(v)),
+        );
+        set(&mut p.tls_verify, &a.tls_verify);
+        set(
+            &mut p.tls_server_name,
+            &a.server_name.clone().map(clear_empty),
+        );
+        set(&mut p.tls_ca_file, &a.ca_file.clone().map(clear_empty));
+        set(&mut p.http_status, &a.http_status.clone().map(clear_empty));
         Ok(p)
     }
     fn rows(&self) -> Vec<Vec<String>> {
@@ -427,6 +487,10 @@ impl CliKind for HealthProbe {
             opt(&self.path),
             format!("{}s", self.interval_seconds),
             self.threshold.to_string(),
+            self.timeout_seconds.map_or("-".into(), |t| format!("{t}s")),
+            opt(&self.http_status),
+            yes(self.tls_verify),
+            opt(&self.tls_server_name),
         ]]
     }
 }

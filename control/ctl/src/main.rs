@@ -27,8 +27,8 @@ use xlb_engine::config::{
 use xlb_proto::v1 as pb;
 
 use args::{
-    AdminArg, FlowsArgs, FrontendArgs, LbRuleArgs, NatRuleArgs, OutboundRuleArgs, PoolArgs,
-    ProbeArgs,
+    AdminArg, DrainArg, FlowsArgs, FrontendArgs, LbRuleArgs, NatRuleArgs, OutboundRuleArgs,
+    PoolArgs, ProbeArgs,
 };
 use kinds::{crud, show, Crud};
 
@@ -182,10 +182,16 @@ enum MemberCmd {
         /// none (default): probes decide; up: always eligible; down: no new flows.
         #[arg(long, value_enum)]
         admin_state: Option<AdminArg>,
+        /// Drain deadline, 0–3600 s after the admin state becomes down (default: none).
+        #[arg(long, value_name = "SECS")]
+        drain_timeout: Option<u32>,
+        /// What the deadline does to the remaining flows: reset (default) or idle.
+        #[arg(long, value_enum)]
+        drain_action: Option<DrainArg>,
     },
     /// Remove a member from a pool.
     Remove { pool: String, address: String },
-    /// Change a member's weight and/or admin state.
+    /// Change a member's weight, admin state and/or drain deadline.
     Set {
         pool: String,
         address: String,
@@ -195,6 +201,14 @@ enum MemberCmd {
         /// none: probes decide; up: always eligible; down: no new flows (drain).
         #[arg(long, value_enum)]
         admin_state: Option<AdminArg>,
+        /// Drain deadline in seconds after the drain began, 0–3600, or "none" (drained until
+        /// undrained). Counts from when the admin state became down.
+        #[arg(long, value_name = "SECS|none")]
+        drain_timeout: Option<String>,
+        /// What the deadline does to the remaining flows: reset (RSTs to both ends of every
+        /// established TCP flow) or idle (nothing; they run until they close or idle out).
+        #[arg(long, value_enum)]
+        drain_action: Option<DrainArg>,
     },
 }
 
@@ -309,11 +323,15 @@ async fn member(c: &mut Client, cmd: MemberCmd, json: bool) -> Res {
             address,
             weight,
             admin_state,
+            drain_timeout,
+            drain_action,
         } => {
             let m = pb::Member {
                 address,
                 weight,
                 admin_state: admin_state.map_or(0, AdminArg::pb),
+                drain_timeout_seconds: drain_timeout,
+                drain_action: drain_action.map_or(0, DrainArg::pb),
             };
             c.add_pool_member(pb::AddPoolMemberRequest {
                 backend_pool: pool,
@@ -333,15 +351,28 @@ async fn member(c: &mut Client, cmd: MemberCmd, json: bool) -> Res {
             address,
             weight,
             admin_state,
+            drain_timeout,
+            drain_action,
         } => {
-            if weight.is_none() && admin_state.is_none() {
-                return Err(invalid("member set: give --weight and/or --admin-state"));
+            if weight.is_none()
+                && admin_state.is_none()
+                && drain_timeout.is_none()
+                && drain_action.is_none()
+            {
+                return Err(invalid(
+                    "member set: give --weight, --admin-state, --drain-timeout and/or \
+                     --drain-action",
+                ));
             }
+            let (drain_timeout_seconds, clear_drain_timeout) = drain_timeout_arg(drain_timeout)?;
             c.set_pool_member(pb::SetPoolMemberRequest {
                 backend_pool: pool,
                 address,
                 weight,
                 admin_state: admin_state.map(AdminArg::pb),
+                drain_timeout_seconds,
+                drain_action: drain_action.map(DrainArg::pb),
+                clear_drain_timeout,
             })
             .await?
         }
@@ -353,4 +384,18 @@ async fn member(c: &mut Client, cmd: MemberCmd, json: bool) -> Res {
         json,
         Some("updated"),
     )
+}
+
+/// `--drain-timeout SECS|none`: the deadline to set, or whether to clear it.
+fn drain_timeout_arg(v: Option<String>) -> Res<(Option<u32>, bool)> {
+    match v.as_deref() {
+        None => Ok((None, false)),
+        Some("none") => Ok((None, true)),
+        Some(t) => t.parse().map(|t| (Some(t), false)).map_err(|_| {
+            invalid(format!(
+                "drain_timeout_seconds = {t:?}: seconds after the drain began, or none \
+                 (allowed: 0–3600, none)"
+            ))
+        }),
+    }
 }

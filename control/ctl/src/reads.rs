@@ -296,6 +296,13 @@ fn event_json(e: &pb::Event) -> Value {
             ("generation_applied", json!({"generation": g.generation}))
         }
         Some(K::EventsLost(l)) => ("events_lost", json!({"count": l.count})),
+        Some(K::Drain(d)) => (
+            "drain",
+            json!({"backend_pool": d.backend_pool, "member": d.member, "phase": d.phase,
+                   "flows_left": d.flows_left, "flows_reset": d.flows_reset,
+                   "deadline_in_ms": d.deadline_in_ms,
+                   "action": crate::status::drain_name(d.action)}),
+        ),
         None => ("unknown", json!({})),
     };
     json!({"unix_time_ms": e.unix_time_ms, "kind": kind, "event": body})

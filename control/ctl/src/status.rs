@@ -28,6 +28,12 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
     if !s.degraded.is_empty() {
         println!("DEGRADED: {}", s.degraded);
     }
+    if let Some(n) = &s.nat_log {
+        println!(
+            "NAT event log (IPFIX) to {}: {} records sent in {} messages, {} lost",
+            n.collector, n.records_sent, n.messages_sent, n.records_lost
+        );
+    }
     workers_table(&s);
     datapath_table(&s);
     members_table(&s);
@@ -43,6 +49,10 @@ fn status_json(s: &pb::GetStatusResponse) {
             "core": (w.core >= 0).then_some(w.core), "generation": w.generation,
             "flows": w.flows, "flow_capacity": w.flow_capacity,
         })).collect::<Vec<_>>(),
+        "nat_log": s.nat_log.as_ref().map(|n| json!({
+            "collector": n.collector, "records_sent": n.records_sent,
+            "messages_sent": n.messages_sent, "records_lost": n.records_lost,
+        })),
         "datapath": s.datapath.iter().map(|d| json!({
             "frontend": d.frontend, "rule": d.rule, "availability": d.availability,
             "window": d.window, "answered": d.answered, "failed": d.failed,
@@ -51,6 +61,11 @@ fn status_json(s: &pb::GetStatusResponse) {
             "backend_pool": m.backend_pool, "address": m.address, "weight": m.weight,
             "admin_state": admin_name(m.admin_state), "probed": m.probed,
             "probe_healthy": m.probe_healthy, "eligible": m.eligible,
+            "draining": m.draining, "drain_flows_left": m.drain_flows_left,
+            "drain_flows_reset": m.drain_flows_reset,
+            "drain_deadline_in_ms": m.drain_deadline_in_ms,
+            "drain_timeout_seconds": m.drain_timeout_seconds,
+            "drain_action": drain_name(m.drain_action),
         })).collect::<Vec<_>>(),
     }));
 }
@@ -136,13 +151,53 @@ fn members_table(s: &pb::GetStatusResponse) {
                         (true, false) => "failing".into(),
                     },
                     if m.eligible { "yes" } else { "no" }.to_string(),
+                    drain_cell(m),
                 ]
             })
             .collect();
         table(
-            &["POOL", "MEMBER", "WEIGHT", "ADMIN", "PROBE", "NEW FLOWS"],
+            &[
+                "POOL",
+                "MEMBER",
+                "WEIGHT",
+                "ADMIN",
+                "PROBE",
+                "NEW FLOWS",
+                "DRAIN",
+            ],
             &rows,
         );
+    }
+}
+
+pub fn drain_name(v: i32) -> &'static str {
+    match pb::DrainAction::try_from(v) {
+        Ok(pb::DrainAction::Idle) => "idle",
+        _ => "reset",
+    }
+}
+
+/// A member's drain in a few words: `-` when not drained, else its flows left, and its
+/// deadline (time left, or what it did).
+fn drain_cell(m: &pb::MemberHealth) -> String {
+    if !m.draining {
+        return "-".into();
+    }
+    let left = m
+        .drain_flows_left
+        .map_or("counting".to_string(), |n| format!("{n} flows left"));
+    match m.drain_deadline_in_ms {
+        None => left,
+        Some(ms) if ms > 0 => format!(
+            "{left}, {} in {:.1}s",
+            drain_name(m.drain_action),
+            ms as f64 / 1000.0
+        ),
+        Some(_) => format!(
+            "{left}, deadline passed ({}; {} reset)",
+            drain_name(m.drain_action),
+            m.drain_flows_reset
+        ),
     }
 }
 

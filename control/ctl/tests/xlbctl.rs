@@ -280,8 +280,18 @@ async fn status_shows_workers_data_path_and_member_health() {
             answered_total: 50,
             failed_total: 3,
         }],
+        drains: vec![xlb_api::DrainStatus {
+            pool: "web".into(),
+            member: "198.18.2.1".parse().unwrap(),
+            flows_left: Some(3),
+            flows_reset: 0,
+            flows_ended: 0,
+            deadline_done: false,
+        }],
+        nat_log: None,
     });
-    // Drain one member through the CLI; the status then shows it admin down, no new flows.
+    // Drain one member through the CLI, with a deadline; the status then shows it admin down,
+    // no new flows, its flows left and its deadline.
     let out = xlbctl(
         &h.socket,
         &[
@@ -291,6 +301,10 @@ async fn status_shows_workers_data_path_and_member_health() {
             "198.18.2.1",
             "--admin-state",
             "down",
+            "--drain-timeout",
+            "30",
+            "--drain-action",
+            "idle",
         ],
     )
     .await;
@@ -314,6 +328,13 @@ async fn status_shows_workers_data_path_and_member_health() {
     assert_eq!(row("95.0%"), ["vip", "web", "95.0%", "20", "50", "3"]);
     let drained = row("198.18.2.1");
     assert_eq!((drained[3], drained[5]), ("down", "no"), "{s}");
+    let drain = drained[6..].join(" ");
+    assert!(
+        drain.starts_with("3 flows left, idle in 2")
+            || drain.starts_with("3 flows left, idle in 3"),
+        "{s}"
+    );
+
     let other = row("198.18.2.2");
     assert_eq!((other[2], other[3], other[5]), ("2", "none", "yes"), "{s}");
 
@@ -327,6 +348,11 @@ async fn status_shows_workers_data_path_and_member_health() {
         .unwrap();
     assert_eq!(m["admin_state"], "down");
     assert_eq!(m["eligible"], false);
+    assert_eq!(m["draining"], true);
+    assert_eq!(m["drain_flows_left"], 3);
+    assert_eq!(m["drain_timeout_seconds"], 30);
+    assert_eq!(m["drain_action"], "idle");
+    assert!(m["drain_deadline_in_ms"].as_i64().unwrap() > 20_000, "{m}");
     assert_eq!(v["datapath"][0]["availability"], 0.95);
     assert_eq!(v["workers"][0]["core"], 1);
 }

@@ -3,10 +3,14 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use xlb_afxdp::ModeRequest;
 use xlb_api::server::ServerTls;
-use xlb_control::{daemon, options::Options};
+use xlb_control::{
+    daemon,
+    ipfix::{ExportOptions, IpfixOptions},
+    options::Options,
+};
 use xlb_engine::{admission::AdmissionLimits, engine::DEFAULT_RESET_RATE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +160,51 @@ struct Cli {
     /// the host as it was before xlbd. Stop xlbd first.
     #[arg(long, requires = "state_dir")]
     cleanup: bool,
+    #[command(flatten)]
+    ipfix: IpfixArgs,
+}
+
+/// NAT event logging over IPFIX.
+#[derive(Args, Debug)]
+struct IpfixArgs {
+    /// Export NAT events (SNAT port allocations and releases) as IPFIX records over UDP to
+    /// this collector (e.g. 198.18.0.5:4739). Off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    ipfix_collector: Option<std::net::SocketAddr>,
+    /// With --ipfix-collector: also export load-balancing and inbound NAT flows created and
+    /// removed.
+    #[arg(long)]
+    ipfix_lb_flows: bool,
+    /// With --ipfix-collector: most records sent per second, 1–10000000 (a backlog waits in a
+    /// bounded queue; what it cannot hold is counted lost).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    ipfix_max_rate: u32,
+    /// With --ipfix-collector: the IPFIX observation domain id.
+    #[arg(long, value_name = "ID", default_value_t = 1)]
+    ipfix_domain: u32,
+}
+
+/// `--ipfix-*`, checked.
+fn ipfix(a: &IpfixArgs) -> Result<Option<IpfixOptions>, String> {
+    xlb_control::limits::count(
+        "--ipfix-max-rate",
+        a.ipfix_max_rate,
+        xlb_control::limits::IPFIX_RATE,
+    )?;
+    let Some(collector) = a.ipfix_collector else {
+        if a.ipfix_lb_flows {
+            return Err("--ipfix-lb-flows: needs --ipfix-collector".into());
+        }
+        return Ok(None);
+    };
+    Ok(Some(IpfixOptions {
+        export: ExportOptions {
+            collector,
+            max_rate: a.ipfix_max_rate,
+            domain: a.ipfix_domain,
+        },
+        lb_flows: a.ipfix_lb_flows,
+    }))
 }
 
 fn parse_vlan(v: &str) -> Result<(String, Vec<u16>), String> {
@@ -283,6 +332,7 @@ fn options(cli: Cli) -> Result<Options, String> {
         metrics: cli.metrics,
         self_probe_sources: cli.self_probe_source,
         self_probe_interval: checked.self_probe_interval,
+        ipfix: ipfix(&cli.ipfix)?,
         vlans: cli.vlans,
         state_dir: cli.state_dir,
         takeover: cli.takeover,

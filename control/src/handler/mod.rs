@@ -13,7 +13,7 @@ use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
 use xlb_api::SnatUsage;
-use xlb_engine::{flow::Flow, wire, Addr, Engine, Verdict};
+use xlb_engine::{flow::Flow, natlog::NatEvent, wire, Addr, Engine, Verdict};
 
 use crate::{
     kernel_watch::{self, Applied, KernelMailbox},
@@ -58,6 +58,10 @@ pub struct EngineHandler {
     /// Where the latest kernel view waits, and what this worker took of it.
     kernel: Option<Arc<KernelMailbox>>,
     kernel_applied: Applied,
+    /// The NAT event exporter's input (`crate::ipfix`), when the export is on.
+    nat_events: Option<Sender<NatEvent>>,
+    /// NAT events the exporter's full channel did not take.
+    nat_events_lost: u64,
     /// Told at every publication: this worker's loop runs (the watchdog's liveness).
     heartbeat: Option<crate::liveness::Heartbeat>,
 }
@@ -89,6 +93,27 @@ impl EngineHandler {
             kernel: None,
             kernel_applied: Applied::default(),
             heartbeat: None,
+            nat_events: None,
+            nat_events_lost: 0,
+        }
+    }
+
+    /// Hands the engine's NAT events to the exporter at every loop iteration.
+    pub fn with_nat_events(mut self, tx: Option<Sender<NatEvent>>) -> Self {
+        self.nat_events = tx;
+        self
+    }
+
+    /// Moves the engine's NAT events into the exporter's channel; a full channel loses them
+    /// (counted). Also called once more after the worker stopped.
+    pub fn pass_nat_events(&mut self) {
+        if let Some(tx) = &self.nat_events {
+            let lost = &mut self.nat_events_lost;
+            self.engine.drain_nat_events(|e| {
+                if tx.try_send(e).is_err() {
+                    *lost += 1;
+                }
+            });
         }
     }
 
@@ -227,6 +252,7 @@ impl EngineHandler {
             loop_latency,
             handed_off,
             handoff_dropped,
+            nat_events_lost,
             ..
         } = self;
         counters.publish(|s| {
@@ -255,6 +281,9 @@ impl EngineHandler {
             s.loop_latency.reset();
             // Same bounds: adding never resizes.
             let _ = s.loop_latency.add(&*loop_latency);
+            s.drains.clear();
+            s.drains.extend_from_slice(engine.drain_progress());
+            s.nat_events_lost = engine.nat_events_lost() + *nat_events_lost;
         });
     }
 
@@ -425,6 +454,7 @@ impl FrameHandler for EngineHandler {
             }
         }
         self.take_handoffs(now_ns);
+        self.pass_nat_events();
         let misses = &mut self.misses;
         self.engine.next_hops().take_misses(|a| misses.push(a));
         if !self.misses.is_empty() {

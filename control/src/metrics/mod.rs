@@ -3,7 +3,7 @@
 //!
 //! A scrape is answered from what the control side already holds — the workers' counter
 //! cells summed by [`xlb_api::sum`], their port counters, the committed rule set — so it
-//! never asks a worker anything.
+//! never asks a worker anything. Drains and the NAT event export are in `drains`.
 
 use std::{
     net::SocketAddr,
@@ -123,6 +123,8 @@ pub fn render(src: &Sources) -> String {
     ports(&mut o, src);
     snat(&mut o, src);
     members(&mut o, src);
+    drains::drains(&mut o, src);
+    drains::nat_log(&mut o, src);
     datapath(&mut o, src);
     propagation(&mut o, src);
     // Families without a sample (no self-probe, no SNAT rule) are left out.
@@ -491,5 +493,6 @@ async fn metrics(State(src): State<Arc<Sources>>) -> impl IntoResponse {
     )
 }
 
+mod drains;
 #[cfg(test)]
 mod tests;

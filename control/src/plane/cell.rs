@@ -7,6 +7,7 @@
 use hdrhistogram::Histogram;
 use triple_buffer::{triple_buffer, Input, Output};
 use xlb_api::{SnatUsage, WorkerCounters};
+use xlb_engine::drain::DrainProgress;
 
 /// Busy loop iterations, in nanoseconds: 1 ns to 10 s at 2 significant digits (about 20 KiB,
 /// allocated once; recording never allocates).
@@ -25,6 +26,11 @@ pub struct WorkerSnapshot {
     /// Duration of the worker's loop iterations that did work (received frames or ran
     /// timers), since start: how long a frame can wait inside the worker.
     pub loop_latency: Histogram<u64>,
+    /// What this worker knows of every drain of its rule set (`xlb_engine::drain`).
+    pub drains: Vec<DrainProgress>,
+    /// NAT events (IPFIX export) this worker lost: its engine's queue or the channel to the
+    /// exporter was full.
+    pub nat_events_lost: u64,
 }
 
 impl WorkerSnapshot {
@@ -37,6 +43,8 @@ impl WorkerSnapshot {
             },
             snat: Vec::new(),
             loop_latency: loop_histogram(),
+            drains: Vec::new(),
+            nat_events_lost: 0,
         }
     }
 
@@ -49,6 +57,8 @@ impl WorkerSnapshot {
     pub fn copy_from(&mut self, source: &WorkerSnapshot) {
         self.counters.clone_from(&source.counters);
         self.snat.clone_from(&source.snat);
+        self.drains.clone_from(&source.drains);
+        self.nat_events_lost = source.nat_events_lost;
         self.loop_latency.reset();
         // Same bounds: adding never resizes.
         let _ = self.loop_latency.add(&source.loop_latency);

@@ -23,7 +23,8 @@ use std::{
 use hdrhistogram::Histogram;
 use tokio::sync::broadcast;
 use xlb_afxdp::{PortStats, WorkerStats};
-use xlb_api::{ControlEvent, EventRecord, SnatUsage, WorkerCounters};
+use xlb_api::{ControlEvent, DrainStatus, EventRecord, NatLogStatus, SnatUsage, WorkerCounters};
+use xlb_engine::drain::DrainProgress;
 
 use cell::{CellReader, WorkerSnapshot};
 
@@ -44,6 +45,9 @@ pub struct Shared {
     pub started: Instant,
     /// Data-path availability per probed rule (empty without the self-probe).
     pub datapath: Mutex<Vec<crate::selfprobe::Availability>>,
+    /// The NAT event export's figures (`None` when it is off), kept by its thread
+    /// (`crate::ipfix`).
+    pub nat_log: Mutex<Option<NatLogStatus>>,
 }
 
 impl Shared {
@@ -65,6 +69,7 @@ impl Shared {
             ),
             started: Instant::now(),
             datapath: Mutex::new(Vec::new()),
+            nat_log: Mutex::new(None),
         })
     }
 
@@ -87,6 +92,46 @@ impl Shared {
     /// The latest counters of every worker that has published: what [`xlb_api::sum`] adds up.
     pub fn counters(&self) -> Vec<WorkerCounters> {
         self.snapshots().into_iter().map(|s| s.counters).collect()
+    }
+
+    /// Every drain's progress, summed over the workers' latest snapshots (a worker that has
+    /// not published yet counts as not having counted).
+    pub fn drains(&self) -> Vec<DrainStatus> {
+        let mut cells = self.cells.lock().unwrap_or_else(PoisonError::into_inner);
+        let lists: Vec<&[DrainProgress]> = cells
+            .iter_mut()
+            .map(|c| {
+                let s = c.read();
+                if s.published() {
+                    &s.drains[..]
+                } else {
+                    &[][..]
+                }
+            })
+            .collect();
+        xlb_api::sum_drains(&lists)
+    }
+
+    /// The NAT event export's figures, when it runs: the exporter's, plus what the workers
+    /// lost before their events reached it.
+    pub fn nat_log_status(&self) -> Option<NatLogStatus> {
+        let mut s = self
+            .nat_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        s.records_lost += (self.snapshots().iter())
+            .map(|w| w.nat_events_lost)
+            .sum::<u64>();
+        Some(s)
+    }
+
+    /// What the status line and the stats file show beside the counters.
+    pub fn operations(&self) -> crate::stats::Operations {
+        crate::stats::Operations {
+            drains: self.drains(),
+            nat_log: self.nat_log_status(),
+        }
     }
 
     /// Every worker's port counters, per port in `--interface` order.

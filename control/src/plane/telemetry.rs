@@ -192,6 +192,8 @@ impl Telemetry for DaemonTelemetry {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            drains: self.shared.drains(),
+            nat_log: self.shared.nat_log_status(),
         })
     }
 }

@@ -5,10 +5,14 @@
 //! traffic addressed to the host's own addresses to the kernel), one attempt per
 //! (probe, pool, member) and interval:
 //! - `TCP`: healthy if the handshake completes;
-//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200.
+//! - `HTTP`: `GET <path>` (default `/`), healthy only on status 200 (or `http_status`);
+//! - `HTTPS`: the same over TLS ([`tls`]: the certificate is not checked unless `tls_verify`
+//!   is set).
 //!
-//! Timing: the interval (default 5 s) is divided by the lab time scale like every timer. An
-//! attempt times out after one interval, but never sooner than [`MIN_TIMEOUT`] of real time
+//! One attempt is [`probe_once`] (`attempt`). Timing: the interval (default 5 s) is divided by
+//! the lab time scale like every timer. An attempt times out after `timeout_seconds` (default:
+//! the interval, at most 30 s; lab-scaled too), but never sooner than [`MIN_TIMEOUT`] of real
+//! time
 //! (a lab-scaled 5 s interval is 83 ms: a loaded host must not fail probes by itself); the
 //! next attempt starts one interval after the previous one started, or when it ends if it took
 //! longer. The first attempts of a new target are spread over its first interval.
@@ -32,20 +36,19 @@
 //! probe_state` line and sends a `ProbeStateChanged` event to the API's watchers. A failed
 //! publish is retried every half second until it succeeds.
 
+mod attempt;
 mod run;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xlb_engine::config::{Config, ProbeProtocol};
 
+pub use attempt::{http_status, probe_once};
 pub use run::{Probes, Verdicts};
+use tls::TlsSpec;
 
 /// Shortest real time an attempt may take before it counts as failed.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(250);
@@ -57,8 +60,6 @@ pub const MAX_RISE: u32 = 8;
 pub(crate) const RECONCILE_EVERY: Duration = Duration::from_millis(100);
 /// How long the health thread waits before retrying a failed publish.
 pub(crate) const RETRY_EVERY: Duration = Duration::from_millis(500);
-/// Most bytes of an HTTP answer read to find its status line.
-const MAX_STATUS_LINE: usize = 1024;
 
 /// What one (probe, pool, member) is probed for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,11 +74,15 @@ pub struct TargetKey {
 pub struct ProbeSpec {
     pub protocol: ProbeProtocol,
     pub port: u16,
-    /// HTTP only.
+    /// HTTP(S) only.
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
     pub threshold: u32,
+    /// HTTPS only.
+    pub tls: Option<TlsSpec>,
+    /// HTTP(S): the status codes that count as healthy, inclusive.
+    pub accept: (u16, u16),
 }
 
 /// Every target of `config`: the members of the pools of load-balancing rules that name a
@@ -100,13 +105,22 @@ pub fn targets(config: &Config) -> BTreeMap<TargetKey, ProbeSpec> {
             continue;
         };
         let interval = Duration::from_secs(u64::from(probe.interval_seconds.max(1))) / scale;
+        let timeout =
+            Duration::from_secs(u64::from(probe.effective_timeout_seconds().max(1))) / scale;
         let spec = ProbeSpec {
             protocol: probe.protocol,
             port: probe.port as u16,
             path: probe.path.clone().unwrap_or_else(|| "/".into()),
             interval,
-            timeout: interval.max(MIN_TIMEOUT),
+            timeout: timeout.max(MIN_TIMEOUT),
             threshold: probe.threshold.max(1),
+            tls: (probe.protocol == ProbeProtocol::Https).then(|| TlsSpec {
+                verify: probe.tls_verify,
+                server_name: probe.tls_server_name.clone(),
+                ca_file: probe.tls_ca_file.clone(),
+            }),
+            // Validation refused a malformed range; 200 only otherwise.
+            accept: probe.accepted_status().unwrap_or((200, 200)),
         };
         for m in &pool.members {
             let key = TargetKey {
@@ -206,66 +220,4 @@ impl Tracker {
             Some(true)
         }
     }
-}
-
-/// One attempt: `Ok` if healthy, else why not.
-pub async fn probe_once(spec: &ProbeSpec, member: IpAddr) -> Result<(), String> {
-    let addr = SocketAddr::new(member, spec.port);
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        if spec.protocol == ProbeProtocol::Tcp {
-            return Ok(());
-        }
-        let host = match member {
-            IpAddr::V4(a) => format!("{a}:{}", spec.port),
-            IpAddr::V6(a) => format!("[{a}]:{}", spec.port),
-        };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlbd-health-probe\r\n\
-             Accept: */*\r\nConnection: close\r\n\r\n",
-            spec.path
-        );
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("sending the request: {e}"))?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_STATUS_LINE {
-            let n = s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        match http_status(&buf) {
-            Some(200) => Ok(()),
-            Some(code) => Err(format!("HTTP status {code}")),
-            None => Err("no HTTP status line in the answer".into()),
-        }
-    };
-    match tokio::time::timeout(spec.timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
-    }
-}
-
-/// The status code of an HTTP/1.x status line at the start of `buf`.
-pub fn http_status(buf: &[u8]) -> Option<u16> {
-    let end = buf.windows(2).position(|w| w == b"\r\n")?;
-    let line = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut parts = line.split(' ');
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    let code = parts.next()?;
-    if code.len() != 3 {
-        return None;
-    }
-    code.parse().ok()
 }

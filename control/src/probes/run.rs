@@ -100,6 +100,8 @@ async fn probe_loop(state: &ControlState, stop: &AtomicBool, tx: Sender<Msg>) {
             let snap = state.snapshot();
             if seen_generation != Some(snap.generation) {
                 seen_generation = Some(snap.generation);
+                // A changed configuration may name a CA file whose contents changed too.
+                super::tls::forget_configs();
                 reconcile(&mut targets, super::targets(&snap.config), now, &tx);
             }
         }

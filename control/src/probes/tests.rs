@@ -346,7 +346,7 @@ fn probes_against_local_servers() {
         let port = listener.local_addr().unwrap().port();
         // An HTTP server: 200 on /ok, 503 elsewhere.
         let server = tokio::spawn(async move {
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = vec![0u8; 1024];
                 let n = s.read(&mut buf).await.unwrap_or(0);
@@ -368,6 +368,8 @@ fn probes_against_local_servers() {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             threshold: 1,
+            tls: None,
+            accept: (200, 200),
         };
         assert_eq!(probe_once(&spec, local).await, Ok(()));
         spec.path = "/other".into();
@@ -375,6 +377,9 @@ fn probes_against_local_servers() {
             probe_once(&spec, local).await,
             Err("HTTP status 503".to_string())
         );
+        // An accepted range that holds it (`http_status = "200-503"`).
+        spec.accept = (200, 503);
+        assert_eq!(probe_once(&spec, local).await, Ok(()));
         spec.protocol = ProbeProtocol::Tcp;
         assert_eq!(probe_once(&spec, local).await, Ok(()));
         server.await.unwrap();
@@ -401,6 +406,8 @@ fn a_silent_server_times_out_within_the_bound() {
             interval: Duration::from_millis(300),
             timeout: Duration::from_millis(300),
             threshold: 1,
+            tls: None,
+            accept: (200, 200),
         };
         let started = Instant::now();
         let r = probe_once(&spec, "127.0.0.1".parse().unwrap()).await;
@@ -410,4 +417,140 @@ fn a_silent_server_times_out_within_the_bound() {
         assert!(took < Duration::from_secs(3), "{took:?}");
         drop(listener);
     });
+}
+
+/// A TLS server on loopback with a certificate for `backend.xlb.test` issued by a CA of
+/// its own: answers every request with 200, `accept` times.
+fn tls_server(
+    accept: usize,
+) -> (
+    u16,
+    std::path::PathBuf,
+    tempfile::TempDir,
+    std::thread::JoinHandle<()>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["backend.xlb.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let join = std::thread::spawn(move || {
+        for _ in 0..accept {
+            let Ok((tcp, _)) = listener.accept() else {
+                return;
+            };
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 1024];
+            // A refused handshake ends here with an error: the next client is served.
+            if std::io::Read::read(&mut tls, &mut buf).unwrap_or(0) > 0 {
+                let _ = std::io::Write::write_all(
+                    &mut tls,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                );
+                tls.conn.send_close_notify();
+                let _ = std::io::Write::flush(&mut tls);
+            }
+        }
+    });
+    (port, ca_file, dir, join)
+}
+
+#[test]
+fn https_probes_accept_any_certificate_unless_told_to_verify_it() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (port, ca_file, _dir, server) = tls_server(5);
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    let spec = |tls: TlsSpec| ProbeSpec {
+        protocol: ProbeProtocol::Https,
+        port,
+        path: "/healthz".into(),
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(5),
+        threshold: 1,
+        tls: Some(tls),
+        accept: (200, 200),
+    };
+    let unverified = TlsSpec {
+        verify: false,
+        server_name: None,
+        ca_file: None,
+    };
+    let verified = |name: &str| TlsSpec {
+        verify: true,
+        server_name: Some(name.into()),
+        ca_file: Some(ca_file.display().to_string()),
+    };
+    rt.block_on(async {
+        // Off by default: a certificate for another name, from an unknown CA, is fine.
+        assert_eq!(probe_once(&spec(unverified), local).await, Ok(()));
+        assert_eq!(
+            probe_once(&spec(verified("backend.xlb.test")), local).await,
+            Ok(())
+        );
+        let wrong = probe_once(&spec(verified("other.xlb.test")), local)
+            .await
+            .unwrap_err();
+        assert!(
+            wrong.starts_with("TLS handshake:") && wrong.contains("certificate"),
+            "{wrong}"
+        );
+        // The system's store does not know this CA.
+        let system = probe_once(
+            &spec(TlsSpec {
+                ca_file: None,
+                ..verified("backend.xlb.test")
+            }),
+            local,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            system.starts_with("TLS handshake:") || system.contains("store"),
+            "{system}"
+        );
+        let missing = probe_once(
+            &spec(TlsSpec {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                ..verified("backend.xlb.test")
+            }),
+            local,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            missing.starts_with("tls_ca_file /nonexistent/ca.pem"),
+            "{missing}"
+        );
+    });
+    // The missing CA file fails before connecting: the server took 4 connections.
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    server.join().unwrap();
 }

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use crate::addr::Addr;
 use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
 use crate::counters::{Counters, DropReason, RuleCounters};
+use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
 use crate::hashkey::HashKey;
 use crate::late::LateTable;
+use crate::natlog::{NatEvent, NatEventKind, NatLog, NatLogMode};
 use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
 use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
@@ -22,7 +24,7 @@ use crate::store::{
     Contents, FlowStore, Geometry, Record, Slot, StoreMemory, StoreOutcome, StoreReport,
 };
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
-use crate::time::{mins, Nanos};
+use crate::time::{mins, Nanos, NANOS_PER_MILLI};
 use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
@@ -55,6 +57,12 @@ pub struct EngineConfig {
     pub orphan_idle_timeout: Nanos,
     /// Bound of the event queue drained by the worker.
     pub event_capacity: usize,
+    /// How often drained members' flows are counted while a drain is open (`crate::drain`).
+    pub drain_census_interval: Nanos,
+    /// NAT events logged for the daemon's IPFIX export (`crate::natlog`), and the bound of
+    /// their queue between two worker iterations.
+    pub nat_log: NatLogMode,
+    pub nat_log_capacity: usize,
     /// Shares of the flow table that unconfirmed flows may hold (see [`crate::admission`]).
     pub admission: AdmissionLimits,
     /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
@@ -75,6 +83,9 @@ impl Default for EngineConfig {
             steer_seed: 0x57EE_5EED,
             orphan_idle_timeout: mins(4),
             event_capacity: 1024,
+            drain_census_interval: 250 * NANOS_PER_MILLI,
+            nat_log: NatLogMode::Off,
+            nat_log_capacity: 4096,
             admission: AdmissionLimits::default(),
             reset_rate: DEFAULT_RESET_RATE,
         }
@@ -140,6 +151,9 @@ pub struct Engine {
     resets: TokenBucket,
     /// Next flow slot to re-file after a rule change shortened a timeout.
     sweep: Option<u32>,
+    /// Drained members' flows: counted, and ended at their deadline.
+    census: Census,
+    natlog: NatLog,
     /// Next flow slot whose forward hop to re-resolve after the routes changed, and the
     /// [`NextHops::route_epoch`] that re-resolution serves.
     rehome: Option<u32>,
@@ -157,6 +171,8 @@ impl Engine {
             .rules
             .resize(rules.rule_id_bound(), RuleCounters::default());
         counters.live_flows.resize(rules.rule_id_bound(), 0);
+        let mut census = Census::default();
+        census.set_drains(rules.drains());
         let mut snat = SnatPorts::new(cfg.worker, cfg.workers);
         snat.prepare(&rules);
         let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
@@ -173,6 +189,8 @@ impl Engine {
             exhausted: Vec::new(),
             resets: TokenBucket::new(cfg.reset_rate, cfg.reset_rate),
             sweep: None,
+            census,
+            natlog: NatLog::new(cfg.nat_log, cfg.nat_log_capacity),
             rehome: None,
             rehome_epoch: 0,
             scratch: [0; MAX_RST_FRAME],
@@ -381,6 +399,7 @@ impl Engine {
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
+        self.census.set_drains(rules.drains());
         self.snat.prepare(&rules);
         self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
@@ -420,6 +439,22 @@ impl Engine {
         }
     }
 
+    /// What this worker knows of every drain of its rule set, in the rule set's order.
+    pub fn drain_progress(&self) -> &[DrainProgress] {
+        &self.census.progress
+    }
+
+    /// Hands over the NAT events logged since the last call, oldest first.
+    pub fn drain_nat_events(&mut self, mut f: impl FnMut(NatEvent)) {
+        self.natlog.drain(&mut f);
+    }
+
+    /// NAT events dropped because the queue was full between two calls of
+    /// [`drain_nat_events`](Self::drain_nat_events).
+    pub fn nat_events_lost(&self) -> u64 {
+        self.natlog.lost
+    }
+
     /// Snapshot of the live flows.
     pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
         self.flows_in(0..self.flows.capacity())
@@ -451,7 +486,11 @@ impl Engine {
         {
             return Some(0);
         }
-        self.wheel.next_deadline()
+        let wheel = self.wheel.next_deadline();
+        match self.census.next_due(self.rules.drains()) {
+            Some(c) => Some(wheel.map_or(c, |w| w.min(c))),
+            None => wheel,
+        }
     }
 
     /// The worker that owns the flow `frame` belongs to (in both directions), or `None` when
@@ -558,7 +597,7 @@ impl Engine {
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
                     // A new connection reusing the tuple of one that is over (or of a
                     // handshake that this SYN is not part of).
-                    self.remove_flow(id);
+                    self.remove_flow(now, id);
                     return self.miss(now, ingress, buf, len, &pkt, &tuple, hash);
                 }
                 match self.track(now, id, dir, &seg) {
@@ -615,7 +654,7 @@ impl Engine {
         hash: u64,
     ) -> Verdict {
         let rule = self.flows.get(id).rule;
-        self.remove_flow(id);
+        self.remove_flow(now, id);
         let verdict = self.miss(now, ingress, buf, len, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
             rule_counters(&mut self.counters, rule).flows_moved += 1;
@@ -676,7 +715,56 @@ impl Engine {
             }
             _ => {}
         }
-        done
+        done + self.census_step(now, emit)
+    }
+
+    /// One step of the drain census (`crate::drain`): at most [`CENSUS_SLOTS_PER_CALL`] flow
+    /// slots; returns 1 when it did work, so that the worker comes back for the rest.
+    fn census_step(&mut self, now: Nanos, emit: &mut dyn FnMut(PortId, &[u8])) -> usize {
+        let rules = Arc::clone(&self.rules);
+        let drains = rules.drains();
+        self.census.maybe_start(now, drains);
+        let Some(cursor) = self.census.cursor else {
+            return 0;
+        };
+        let capacity = self.flows.capacity();
+        let end = cursor.saturating_add(CENSUS_SLOTS_PER_CALL).min(capacity);
+        for id in cursor..end {
+            if !self.flows.is_live(id) {
+                continue;
+            }
+            let f = *self.flows.get(id);
+            if f.nat == Nat::Snat {
+                continue;
+            }
+            let Some(i) = drains.iter().position(|d| d.covers(f.rule, f.xlat)) else {
+                continue;
+            };
+            let tcp_open = f.proto == proto::TCP && !f.tcp.state.is_closed();
+            if tcp_open && self.census.ends_flows(drains, i) {
+                let progress = &mut self.census.progress[i];
+                if f.tcp.can_reset() {
+                    progress.flows_reset += 1;
+                    self.send_idle_rsts(&f, emit);
+                } else {
+                    progress.flows_ended += 1;
+                }
+                for dir in [ORIG, REPLY] {
+                    let h = self.flows.hash(&f.key(dir));
+                    self.late.record(h, now, f.rule);
+                }
+                self.remove_flow(now, id);
+                continue;
+            }
+            self.census.counting[i] += 1;
+        }
+        if end >= capacity {
+            self.census
+                .finish_round(drains, self.cfg.drain_census_interval);
+        } else {
+            self.census.cursor = Some(end);
+        }
+        1
     }
 
     /// Points flow `id`'s forward hop where the routes lead now. A flow whose new neighbour
@@ -732,7 +820,7 @@ impl Engine {
                 self.store.put_late(&self.late, self.late.slot_of(h1));
             }
         }
-        self.remove_flow(id);
+        self.remove_flow(now, id);
     }
 
     /// The two RSTs of "TCP reset on idle": to the client as if from the frontend (a reply
@@ -790,15 +878,16 @@ impl Engine {
     }
 
     /// Evicts unconfirmed flow `id` to admit a new one.
-    fn evict(&mut self, id: FlowId, reason: EvictReason) {
+    fn evict(&mut self, now: Nanos, id: FlowId, reason: EvictReason) {
         let rule = self.flows.get(id).rule;
         self.counters.evictions[reason.index()] += 1;
         rule_counters(&mut self.counters, rule).flows_evicted += 1;
-        self.remove_flow(id);
+        self.remove_flow(now, id);
     }
 
-    fn remove_flow(&mut self, id: FlowId) {
+    fn remove_flow(&mut self, now: Nanos, id: FlowId) {
         let f = *self.flows.get(id);
+        self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
         }
@@ -1049,7 +1138,7 @@ impl Engine {
         if matches!(verdict, Verdict::Drop(_)) {
             // A flow never outlives a first packet that did not leave (the hop limit, the only
             // reason `emit` refuses, is checked before any flow is created).
-            self.remove_flow(id);
+            self.remove_flow(flow.last_seen, id);
             return verdict;
         }
         let c = rule_counters(&mut self.counters, rule);
@@ -1077,7 +1166,7 @@ impl Engine {
         let full = self.flows.len() >= self.flows.capacity() as usize;
         match self.unconfirmed.decide(rule, class, full) {
             Admission::Admit => {}
-            Admission::Evict(victim, reason) => self.evict(victim, reason),
+            Admission::Evict(victim, reason) => self.evict(flow.last_seen, victim, reason),
             Admission::Refuse => return Err(DropReason::FlowTableFull),
         }
         let forward = self.net.resolve(toward).map_err(hop_error)?;
@@ -1105,6 +1194,8 @@ impl Engine {
         if self.late.forget(hash) {
             self.store.put_late(&self.late, self.late.slot_of(hash));
         }
+        self.natlog
+            .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);

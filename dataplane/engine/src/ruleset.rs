@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::addr::Addr;
+use crate::drain::Drain;
 use crate::select::{flow_hash, reduce, FastBuild, PoolTable};
 pub use crate::terms::{Distribution, FlowTuple, UnknownFlowPolicy, PROTO_TCP, PROTO_UDP};
 use crate::time::{secs, Nanos};
@@ -152,6 +153,8 @@ pub struct RuleSet {
     pub(crate) members: Vec<Addr>,
     /// Kept so that the next compile can reuse tables whose inputs did not change.
     pub(crate) pool_tables: Vec<Arc<PoolTable>>,
+    /// Members drained by the operator (admin state `down`), in configuration order.
+    pub(crate) drains: Vec<Drain>,
 }
 
 #[derive(Debug)]
@@ -247,7 +250,13 @@ impl RuleSet {
             frontends: HashSet::default(),
             members: Vec::new(),
             pool_tables: Vec::new(),
+            drains: Vec::new(),
         }
+    }
+    /// Members drained by the operator (admin state `down`) and their deadlines, in
+    /// configuration order (see [`crate::drain`]).
+    pub fn drains(&self) -> &[Drain] {
+        &self.drains
     }
     /// Configuration generation this set was compiled from.
     pub fn generation(&self) -> u64 {

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use xlb_engine::config::{
-    default_outbound_ports, validate, AdminState, BackendPool, Config, ConfigError, Frontend,
-    FrontendKind, HealthProbe, InboundNatRule, LoadBalancingRule, Member, MinutesRange,
+    default_outbound_ports, validate, AdminState, BackendPool, Config, ConfigError, DrainAction,
+    Frontend, FrontendKind, HealthProbe, InboundNatRule, LoadBalancingRule, Member, MinutesRange,
     OutboundRule, PortRange, ProbeProtocol, Protocol,
 };
 use xlb_engine::ValidationError;
@@ -120,6 +120,11 @@ fn base() -> Config {
             path: Some("/healthz".into()),
             interval_seconds: 5,
             threshold: 2,
+            timeout_seconds: None,
+            tls_verify: false,
+            tls_server_name: None,
+            tls_ca_file: None,
+            http_status: None,
         }],
         load_balancing_rules: vec![lb("web", "vip", Protocol::Tcp, 80)],
         inbound_nat_rules: vec![nat("ssh", 2201)],
@@ -1008,4 +1013,116 @@ fn admin_state_parses() {
     assert_eq!(c.backend_pools[0].members[0].admin_state, AdminState::Down);
     assert_eq!(c.backend_pools[0].members[1].admin_state, AdminState::Up);
     assert_eq!(c.backend_pools[0].members[1].weight, 5);
+}
+
+#[test]
+fn drain_deadlines_parse_and_are_bounded() {
+    let c = Config::from_toml_str(
+        "[[backend_pools]]\nname = \"p\"\nmembers = [{ address = \"198.18.2.1\", admin_state = \"down\", drain_timeout_seconds = 300, drain_action = \"idle\" }, { address = \"198.18.2.2\" }]\n",
+    )
+    .unwrap();
+    let m = &c.backend_pools[0].members;
+    assert_eq!(m[0].drain_timeout_seconds, Some(300));
+    assert_eq!(m[0].drain_action, DrainAction::Idle);
+    assert_eq!(
+        (m[1].drain_timeout_seconds, m[1].drain_action),
+        (None, DrainAction::Reset)
+    );
+    // Written back only when set.
+    let text = c.to_toml_string().unwrap();
+    assert!(text.contains("drain_action = \"idle\""), "{text}");
+    assert_eq!(text.matches("drain_").count(), 2, "{text}");
+
+    let mut c = base();
+    c.backend_pools[0].members[0].drain_timeout_seconds = Some(0);
+    ok(&c);
+    c.backend_pools[0].members[0].drain_timeout_seconds = Some(3_601);
+    let e = only_error(
+        &c,
+        "backend_pools[web].members[198.18.2.1].drain_timeout_seconds",
+    );
+    says(&e, "3601", "0–3600");
+}
+
+#[test]
+fn probe_timeouts_and_https_settings() {
+    let mut c = base();
+    assert_eq!(
+        c.health_probes[0].effective_timeout_seconds(),
+        5,
+        "the interval"
+    );
+    c.health_probes[0].interval_seconds = 60;
+    assert_eq!(
+        c.health_probes[0].effective_timeout_seconds(),
+        30,
+        "at most 30 s"
+    );
+    c.health_probes[0].timeout_seconds = Some(45);
+    ok(&c);
+    assert_eq!(c.health_probes[0].effective_timeout_seconds(), 45);
+    c.health_probes[0].timeout_seconds = Some(61);
+    says(
+        &only_error(&c, "health_probes[http].timeout_seconds"),
+        "61",
+        "1–60",
+    );
+    c.health_probes[0].timeout_seconds = Some(0);
+    only_error(&c, "health_probes[http].timeout_seconds");
+    c.health_probes[0].timeout_seconds = None;
+
+    // TLS settings belong to HTTPS probes.
+    c.health_probes[0].tls_verify = true;
+    only_error(&c, "health_probes[http].tls_verify");
+    c.health_probes[0].protocol = ProbeProtocol::Https;
+    ok(&c);
+    c.health_probes[0].tls_server_name = Some("backend.example".into());
+    c.health_probes[0].tls_ca_file = Some("/etc/xlb/ca.pem".into());
+    ok(&c);
+    c.health_probes[0].tls_server_name = Some("bad name".into());
+    only_error(&c, "health_probes[http].tls_server_name");
+    c.health_probes[0].tls_server_name = None;
+    c.health_probes[0].tls_ca_file = Some("relative.pem".into());
+    only_error(&c, "health_probes[http].tls_ca_file");
+    c.health_probes[0].tls_ca_file = Some("/etc/xlb/ca.pem".into());
+    c.health_probes[0].tls_verify = false;
+    only_error(&c, "health_probes[http].tls_ca_file");
+    c.health_probes[0].tls_ca_file = None;
+    // An HTTPS probe needs a path, as an HTTP one does.
+    c.health_probes[0].path = None;
+    only_error(&c, "health_probes[http].path");
+    let p = Config::from_toml_str(
+        "[[health_probes]]\nname = \"p\"\nprotocol = \"HTTPS\"\nport = 443\npath = \"/\"\ntimeout_seconds = 2\n",
+    )
+    .unwrap();
+    assert_eq!(p.health_probes[0].protocol, ProbeProtocol::Https);
+    assert!(
+        !p.health_probes[0].tls_verify,
+        "verification is off by default"
+    );
+}
+
+#[test]
+fn the_accepted_http_status_is_200_unless_a_range_is_given() {
+    let mut c = base();
+    assert_eq!(c.health_probes[0].accepted_status(), Some((200, 200)));
+    for (text, range) in [
+        ("204", (204, 204)),
+        ("200-399", (200, 399)),
+        (" 200 - 299", (200, 299)),
+    ] {
+        c.health_probes[0].http_status = Some(text.into());
+        ok(&c);
+        assert_eq!(c.health_probes[0].accepted_status(), Some(range), "{text}");
+    }
+    for bad in ["", "2xx", "99", "600", "399-200", "200-", "200-300-400"] {
+        c.health_probes[0].http_status = Some(bad.into());
+        let e = only_error(&c, "health_probes[http].http_status");
+        assert!(e.allowed.contains("100–599"), "{bad:?}: {e}");
+    }
+    // Only HTTP(S) probes have a status.
+    c.health_probes[0].http_status = Some("200".into());
+    c.health_probes[0].protocol = ProbeProtocol::Tcp;
+    c.health_probes[0].path = None;
+    only_error(&c, "health_probes[http].http_status");
 }

@@ -8,9 +8,10 @@
 //! pool.
 //!
 //! The create / update / delete / get / list methods of every object kind are one generic
-//! method each, over [`Resource`]; the reads are in [`reads`].
+//! method each, over [`Resource`]; the reads are in [`reads`], the status in [`status`].
 
 mod reads;
+mod status;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,10 +28,11 @@ use xlb_proto::v1::xlb_server::Xlb;
 use crate::changes::ChangeQueue;
 use crate::convert::{self, Errors};
 use crate::resource::{every_kind, Resource};
-use crate::state::{Applied, ControlError, ControlState};
+use crate::state::{Applied, ControlError, ControlState, MemberChange};
 use crate::telemetry::Telemetry;
 
 pub use reads::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+pub use status::ms_between;
 
 /// The service. Cheap to clone.
 #[derive(Clone)]
@@ -159,9 +161,29 @@ impl XlbService {
         let admin = r
             .admin_state
             .map(|a| convert::admin_from(&mut errs, "admin_state".into(), a));
+        let drain_action = r
+            .drain_action
+            .map(|a| convert::drain_action_from(&mut errs, "drain_action".into(), a));
+        if r.clear_drain_timeout && r.drain_timeout_seconds.is_some() {
+            errs.push(
+                "drain_timeout_seconds".into(),
+                format!("{:?}", r.drain_timeout_seconds),
+                "(none) with clear_drain_timeout",
+                "either set a drain deadline or clear it",
+            );
+        }
         errs.finish(()).or_invalid()?;
-        let weight = r.weight;
-        self.change(move |s| s.set_member(&r.backend_pool, addr, weight, admin))
+        let change = MemberChange {
+            weight: r.weight,
+            admin_state: admin,
+            drain_timeout_seconds: if r.clear_drain_timeout {
+                Some(None)
+            } else {
+                r.drain_timeout_seconds.map(Some)
+            },
+            drain_action,
+        };
+        self.change(move |s| s.change_member(&r.backend_pool, addr, change))
             .await
     }
 }

@@ -17,12 +17,9 @@ use xlb_engine::{Addr, DropReason, FlowInfo, RuleCounters, RuleId, RuleSet};
 use xlb_proto::v1 as pb;
 
 use super::{blocking, parse_addr, XlbService};
-use crate::convert;
-use crate::state::Snapshot;
 use crate::status::bad_field;
 use crate::telemetry::{
-    counts_for, sum, ControlEvent, EventRecord, FlowCursor, FlowFilter, RuntimeStatus, StateFilter,
-    WorkerCounters,
+    counts_for, sum, ControlEvent, EventRecord, FlowCursor, FlowFilter, StateFilter, WorkerCounters,
 };
 
 /// Default and largest `ListFlows` page.
@@ -148,69 +145,6 @@ impl XlbService {
                 })
             });
         Ok(Box::pin(stream))
-    }
-
-    pub(super) async fn status(&self) -> Result<pb::GetStatusResponse, Status> {
-        let snap = self.state.snapshot();
-        let telemetry = Arc::clone(&self.telemetry);
-        let rt = blocking(move || Ok(telemetry.status()?)).await?;
-        let degraded = self.state.degraded().unwrap_or_else(|| behind(&snap, &rt));
-        Ok(pb::GetStatusResponse {
-            generation: snap.generation,
-            workers: rt.workers.iter().map(worker_status).collect(),
-            poll_mode: rt.poll_mode.clone(),
-            lab_time_scale: snap.config.settings.lab_time_scale,
-            uptime_seconds: rt.uptime.as_secs(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            degraded,
-            members: snap.members().into_iter().map(member_health).collect(),
-            datapath: rt
-                .datapath
-                .iter()
-                .map(|d| pb::DatapathAvailability {
-                    frontend: d.frontend.clone(),
-                    rule: d.rule.clone(),
-                    availability: d.ratio(),
-                    window: d.window,
-                    answered: d.answered_total,
-                    failed: d.failed_total,
-                })
-                .collect(),
-        })
-    }
-}
-
-/// Workers that do not run the committed generation, said in one line (empty when none).
-fn behind(snap: &Snapshot, rt: &RuntimeStatus) -> String {
-    rt.workers
-        .iter()
-        .filter(|w| w.generation != snap.generation)
-        .map(|w| format!("worker {} runs generation {}", w.worker, w.generation))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn worker_status(w: &crate::WorkerStatus) -> pb::WorkerStatus {
-    pb::WorkerStatus {
-        worker: u32::from(w.worker),
-        interface: w.interface.clone(),
-        queue: w.queue,
-        core: w.core.map_or(-1, |c| c as i32),
-        generation: w.generation,
-        flows: w.flows,
-        flow_capacity: w.flow_capacity,
-    }
-}
-
-fn member_health(m: crate::MemberStatus) -> pb::MemberHealth {
-    pb::MemberHealth {
-        backend_pool: m.pool,
-        address: m.address.to_string(),
-        weight: m.weight,
-        admin_state: convert::admin_to(m.admin_state) as i32,
-        probed: m.probed,
-        probe_healthy: m.probe_healthy,
-        eligible: m.eligible,
     }
 }
 
@@ -383,6 +317,7 @@ fn event_to(rules: &RuleSet, r: &EventRecord) -> pb::Event {
                 generation: *generation,
             })
         }
+        ControlEvent::Drain(d) => K::Drain(super::status::drain_event(d)),
     };
     pb::Event {
         unix_time_ms: unix_ms(r.at),

@@ -7,10 +7,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::health::MemberHealth;
 use super::validate::allocation_of;
 use super::{
-    validate, AdminState, BackendPool, Config, Frontend, FrontendKind, Member, ValidationErrors,
-    SNAT_FIRST_PORT, SNAT_PORTS_PER_IP,
+    validate, BackendPool, Config, Frontend, FrontendKind, ValidationErrors, SNAT_FIRST_PORT,
+    SNAT_PORTS_PER_IP,
 };
 use crate::addr::Addr;
 use crate::ruleset::{
@@ -19,60 +20,6 @@ use crate::ruleset::{
 };
 use crate::select::{PoolTable, TableInput};
 use crate::time::{mins, secs};
-
-/// Probe results: which (pool, member address) pairs currently fail their probes. The
-/// default says every member is healthy. Admin state is applied on top by [`compile`]: `up`
-/// makes a member eligible whatever this says, `down` makes it ineligible.
-///
-/// Health is per pool because probes are: when several rules with different probes share a
-/// pool, the daemon decides how their results combine (e.g. healthy only if all pass) and
-/// records the outcome here.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MemberHealth {
-    unhealthy: HashMap<String, HashSet<Addr>>,
-}
-
-impl MemberHealth {
-    /// Every member healthy.
-    pub fn all_healthy() -> MemberHealth {
-        MemberHealth::default()
-    }
-
-    /// Records a probe verdict.
-    pub fn set_healthy(&mut self, pool: &str, member: impl Into<Addr>, healthy: bool) {
-        let member = member.into();
-        if healthy {
-            if let Some(set) = self.unhealthy.get_mut(pool) {
-                set.remove(&member);
-                if set.is_empty() {
-                    self.unhealthy.remove(pool);
-                }
-            }
-        } else {
-            self.unhealthy
-                .entry(pool.to_string())
-                .or_default()
-                .insert(member);
-        }
-    }
-
-    /// The probe verdict alone (admin state not applied).
-    pub fn is_healthy(&self, pool: &str, member: impl Into<Addr>) -> bool {
-        let member = member.into();
-        self.unhealthy
-            .get(pool)
-            .is_none_or(|set| !set.contains(&member))
-    }
-
-    /// Whether `member` of `pool` may get new flows: its admin state, else its probe verdict.
-    pub fn eligible(&self, pool: &str, member: &Member) -> bool {
-        match member.admin_state {
-            AdminState::Up => true,
-            AdminState::Down => false,
-            AdminState::None => self.is_healthy(pool, member.address),
-        }
-    }
-}
 
 /// Validates `config` and compiles it. Rules keep the id they had in `previous` (same kind
 /// and name); new rules take the lowest id that `previous` does not use, so a deleted rule's
@@ -289,6 +236,7 @@ pub fn compile_releasing(
         }
     }
 
+    rs.drains = crate::drain::compile(config, &rs, health, scale);
     rs.pool_tables = tables.into_vec();
     Ok(rs)
 }
@@ -488,7 +436,7 @@ impl<'a> SnatCursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LoadBalancingRule, Protocol};
+    use crate::config::{AdminState, LoadBalancingRule, Member, Protocol};
 
     fn config() -> Config {
         let text = r#"

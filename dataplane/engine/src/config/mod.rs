@@ -29,9 +29,11 @@ use serde::{Deserialize, Serialize};
 pub use crate::terms::{Distribution, UnknownFlowPolicy};
 
 mod compile;
+mod health;
 mod validate;
 
-pub use compile::{compile, compile_releasing, MemberHealth};
+pub use compile::{compile, compile_releasing};
+pub use health::MemberHealth;
 pub use validate::{default_outbound_ports, validate, ValidationError, ValidationErrors};
 
 /// Idle timeout of every rule kind unless set.
@@ -58,6 +60,10 @@ pub const DEFAULT_PROBE_INTERVAL_SECONDS: u32 = 5;
 pub const MAX_PROBE_INTERVAL_SECONDS: u32 = 3_600;
 pub const DEFAULT_PROBE_THRESHOLD: u32 = 2;
 pub const MAX_PROBE_THRESHOLD: u32 = 100;
+/// Longest probe timeout when none is set (the interval's, when shorter).
+pub const DEFAULT_PROBE_TIMEOUT_SECONDS: u32 = 30;
+/// Longest drain deadline (an hour, as the cloud balancers allow).
+pub const MAX_DRAIN_TIMEOUT_SECONDS: u32 = 3_600;
 /// Usable SNAT ports per frontend IP: 1024–65023.
 pub const SNAT_PORTS_PER_IP: u32 = 64_000;
 pub const SNAT_FIRST_PORT: u32 = 1_024;
@@ -199,6 +205,29 @@ pub enum AdminState {
     None,
 }
 
+/// What happens at a drain's deadline to the flows a drained member still has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainAction {
+    /// Established TCP flows get an RST on both ends (the exact sequence numbers, as on reset
+    /// on idle); other TCP flows of the member end silently. UDP flows move at their next
+    /// datagram, as they do all along the drain.
+    #[default]
+    Reset,
+    /// Nothing is done: the flows keep running until they close or idle out. The deadline
+    /// only ends the drain in the operator's view (events, status).
+    Idle,
+}
+
+impl DrainAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DrainAction::Reset => "reset",
+            DrainAction::Idle => "idle",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
@@ -207,15 +236,29 @@ pub struct Member {
     pub weight: u32,
     #[serde(default)]
     pub admin_state: AdminState,
+    /// Drain deadline: seconds after the member's admin state became `down` at which its
+    /// remaining flows meet `drain_action` (0–3600, lab-scaled). Unset: drained until the
+    /// operator undrains it. May be set ahead of the drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_seconds: Option<u32>,
+    /// What the deadline does to the remaining flows (default `reset`).
+    #[serde(default, skip_serializing_if = "is_default_drain_action")]
+    pub drain_action: DrainAction,
+}
+
+fn is_default_drain_action(a: &DrainAction) -> bool {
+    *a == DrainAction::default()
 }
 
 impl Member {
-    /// A member with weight 1 and no admin override.
+    /// A member with weight 1, no admin override and no drain deadline.
     pub fn new(address: IpAddr) -> Member {
         Member {
             address,
             weight: 1,
             admin_state: AdminState::None,
+            drain_timeout_seconds: None,
+            drain_action: DrainAction::Reset,
         }
     }
 }
@@ -370,6 +413,24 @@ pub enum ProbeProtocol {
     /// Healthy only on status 200.
     #[serde(rename = "HTTP", alias = "http")]
     Http,
+    /// HTTP over TLS: healthy only on status 200. The certificate is checked only when
+    /// `tls_verify` is set.
+    #[serde(rename = "HTTPS", alias = "https")]
+    Https,
+}
+
+impl ProbeProtocol {
+    /// Whether the probe sends an HTTP request (and so needs a path).
+    pub const fn is_http(self) -> bool {
+        matches!(self, ProbeProtocol::Http | ProbeProtocol::Https)
+    }
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ProbeProtocol::Tcp => "TCP",
+            ProbeProtocol::Http => "HTTP",
+            ProbeProtocol::Https => "HTTPS",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +447,54 @@ pub struct HealthProbe {
     /// Consecutive failures that make a member unhealthy.
     #[serde(default = "default_probe_threshold")]
     pub threshold: u32,
+    /// How long one attempt may take, 1–3600 s and at most the interval. Unset: the
+    /// interval, at most 30 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    /// HTTPS only: check the member's certificate chain and name (default false: any
+    /// certificate is accepted, as the cloud balancers' probes do).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_verify: bool,
+    /// HTTPS only: the name sent in SNI and checked against the certificate. Unset: the
+    /// member's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+    /// HTTPS with `tls_verify` only: a PEM file of the certificate authorities to trust.
+    /// Unset: the system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<String>,
+    /// HTTP(S) only: the status codes that count as healthy, `"CODE"` or `"LOW-HIGH"` within
+    /// 100–599 (e.g. `"200-399"`). Unset: 200 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<String>,
+}
+
+impl HealthProbe {
+    /// The status codes an HTTP(S) answer must have, as an inclusive range: `http_status`,
+    /// else 200 only (`None` when `http_status` is malformed: validation refuses it).
+    pub fn accepted_status(&self) -> Option<(u16, u16)> {
+        let Some(text) = &self.http_status else {
+            return Some((200, 200));
+        };
+        let code = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
+        let (lo, hi) = match text.split_once('-') {
+            Some((lo, hi)) => (code(lo)?, code(hi)?),
+            None => (code(text)?, code(text)?),
+        };
+        (lo <= hi).then_some((lo, hi))
+    }
+
+    /// The attempt timeout in whole seconds, before the lab time scale: the configured one,
+    /// else the interval capped at 30 s.
+    pub fn effective_timeout_seconds(&self) -> u32 {
+        self.timeout_seconds
+            .unwrap_or_else(|| self.interval_seconds.min(DEFAULT_PROBE_TIMEOUT_SECONDS))
+    }
 }
 
 fn default_weight() -> u32 {

@@ -9,9 +9,10 @@ use std::net::IpAddr;
 
 use super::{
     BackendPool, Config, Frontend, FrontendKind, MinutesRange, ProbeProtocol, Protocol,
-    DEFAULT_IDLE_TIMEOUT_MINUTES, INBOUND_IDLE_BOUNDS, MAX_IDLE_TIMEOUT_MINUTES,
-    MAX_LAB_TIME_SCALE, MAX_POOL_MEMBERS, MAX_PROBE_INTERVAL_SECONDS, MAX_PROBE_THRESHOLD,
-    MAX_RULES, MAX_UDP_IDLE_TIMEOUT_SECONDS, MAX_WEIGHT, OUTBOUND_IDLE_BOUNDS, SNAT_PORTS_PER_IP,
+    DEFAULT_IDLE_TIMEOUT_MINUTES, INBOUND_IDLE_BOUNDS, MAX_DRAIN_TIMEOUT_SECONDS,
+    MAX_IDLE_TIMEOUT_MINUTES, MAX_LAB_TIME_SCALE, MAX_POOL_MEMBERS, MAX_PROBE_INTERVAL_SECONDS,
+    MAX_PROBE_THRESHOLD, MAX_RULES, MAX_UDP_IDLE_TIMEOUT_SECONDS, MAX_WEIGHT, OUTBOUND_IDLE_BOUNDS,
+    SNAT_PORTS_PER_IP,
 };
 use crate::addr::Addr;
 use crate::terms::PROTO_TCP;
@@ -395,6 +396,15 @@ impl<'a> Checker<'a> {
                     MAX_WEIGHT,
                     "a member gets new flows in proportion to its weight",
                 );
+                if let Some(t) = m.drain_timeout_seconds {
+                    self.range(
+                        format!("{path}.drain_timeout_seconds"),
+                        t,
+                        0,
+                        MAX_DRAIN_TIMEOUT_SECONDS,
+                        "seconds a drained member's flows may run before drain_action applies",
+                    );
+                }
             }
             self.pools.entry(&pool.name).or_insert(pool);
         }
@@ -412,13 +422,13 @@ impl<'a> Checker<'a> {
             let path = format!("health_probes[{id}]");
             self.port(format!("{path}.port"), p.port);
             match (p.protocol, &p.path) {
-                (ProbeProtocol::Http, None) => self.push(
+                (ProbeProtocol::Http | ProbeProtocol::Https, None) => self.push(
                     format!("{path}.path"),
                     "(none)",
                     "a path starting with '/'",
                     "an HTTP probe needs the path to request, e.g. \"/healthz\"",
                 ),
-                (ProbeProtocol::Http, Some(u)) if !u.starts_with('/') => self.push(
+                (ProbeProtocol::Http | ProbeProtocol::Https, Some(u)) if !u.starts_with('/') => self.push(
                     format!("{path}.path"),
                     quote(u),
                     "a path starting with '/'",
@@ -446,6 +456,81 @@ impl<'a> Checker<'a> {
                 MAX_PROBE_THRESHOLD,
                 "consecutive failed probes before a member gets no new flows (default 2)",
             );
+            if let Some(t) = p.timeout_seconds {
+                let hi = p.interval_seconds.clamp(1, MAX_PROBE_INTERVAL_SECONDS);
+                self.range(
+                    format!("{path}.timeout_seconds"),
+                    t,
+                    1,
+                    hi,
+                    "seconds one attempt may take, at most the interval (default: the \
+                     interval, at most 30)",
+                );
+            }
+            if p.http_status.is_some() && p.protocol == ProbeProtocol::Tcp {
+                self.push(
+                    format!("{path}.http_status"),
+                    "(set)",
+                    "(none) for TCP probes",
+                    "a TCP probe has no HTTP status; remove http_status or use protocol = \"HTTP\"",
+                );
+            } else if let (Some(text), None) = (&p.http_status, p.accepted_status()) {
+                self.push(
+                    format!("{path}.http_status"),
+                    quote(text),
+                    "\"CODE\" or \"LOW-HIGH\", 100–599, LOW ≤ HIGH",
+                    "the status codes that count as healthy, e.g. \"200\" or \"200-399\"",
+                );
+            }
+            let tls = p.protocol == ProbeProtocol::Https;
+            if !tls && (p.tls_verify || p.tls_server_name.is_some() || p.tls_ca_file.is_some()) {
+                let field = if p.tls_verify {
+                    "tls_verify"
+                } else if p.tls_server_name.is_some() {
+                    "tls_server_name"
+                } else {
+                    "tls_ca_file"
+                };
+                self.push(
+                    format!("{path}.{field}"),
+                    "(set)",
+                    "(none) unless protocol = \"HTTPS\"",
+                    "TLS settings only apply to HTTPS probes; remove it or use protocol = \"HTTPS\"",
+                );
+            }
+            if let Some(name) = &p.tls_server_name {
+                let ok = !name.is_empty()
+                    && name.len() <= 253
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+                if !ok {
+                    self.push(
+                        format!("{path}.tls_server_name"),
+                        quote(name),
+                        "a DNS name or an IP address, at most 253 characters",
+                        "the name the member's certificate carries, e.g. \"www.example.com\"",
+                    );
+                }
+            }
+            if p.tls_ca_file.is_some() && !p.tls_verify {
+                self.push(
+                    format!("{path}.tls_ca_file"),
+                    "(set)",
+                    "(none) unless tls_verify = true",
+                    "a CA file is only read to verify certificates; set tls_verify = true or remove it",
+                );
+            }
+            if let Some(f) = &p.tls_ca_file {
+                if f.is_empty() || !f.starts_with('/') {
+                    self.push(
+                        format!("{path}.tls_ca_file"),
+                        quote(f),
+                        "an absolute path",
+                        "the path of a PEM file of CA certificates, e.g. \"/etc/xlb/probe-ca.pem\"",
+                    );
+                }
+            }
             self.probes.insert(&p.name);
         }
         self.unique_names(
