@@ -14,6 +14,7 @@ use xlb_engine::Addr;
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes},
+    cluster::{Cluster, Inputs},
     drain::{self, DrainWatcher},
     messages::{FromWorker, ToWorker},
     options::Options,
@@ -49,6 +50,9 @@ pub struct ControlLoop<'a> {
     workers: &'a Workers,
     signalled: &'a AtomicBool,
     self_probe: Option<&'a mut SelfProbe>,
+    cluster: Option<&'a mut Cluster>,
+    /// Workers still to be told of a cluster membership change (their channel was full).
+    cluster_untold: Vec<usize>,
     supervisor: &'a mut Supervisor,
     started: Instant,
     next_status: Instant,
@@ -76,6 +80,7 @@ pub struct Parts<'a> {
     /// Set by SIGINT / SIGTERM.
     pub signalled: &'a AtomicBool,
     pub self_probe: Option<&'a mut SelfProbe>,
+    pub cluster: Option<&'a mut Cluster>,
     /// The service manager's watchdog and status.
     pub supervisor: &'a mut Supervisor,
 }
@@ -95,6 +100,8 @@ impl<'a> ControlLoop<'a> {
             workers: p.workers,
             signalled: p.signalled,
             self_probe: p.self_probe,
+            cluster: p.cluster,
+            cluster_untold: Vec::new(),
             supervisor: p.supervisor,
             started: now,
             next_status: now + opts.status_interval,
@@ -130,6 +137,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_configuration();
             self.take_messages(Instant::now() + TICK);
             self.self_probe_round();
+            self.cluster_tick();
             self.follow_drains();
             let now = Instant::now();
             self.follow_kernel(now);
@@ -219,6 +227,10 @@ impl<'a> ControlLoop<'a> {
     }
 
     fn self_probe_round(&mut self) {
+        // A drained node sends no probes: their flows would keep it from ever being empty.
+        if (self.cluster.as_deref()).is_some_and(|c| c.status().draining) {
+            return;
+        }
         let Some(p) = self.self_probe.as_deref_mut() else {
             return;
         };
@@ -242,6 +254,65 @@ impl<'a> ControlLoop<'a> {
             .datapath
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = p.prober.report();
+    }
+
+    /// The cluster node's tick: drain requests in, fitness, announcement, heartbeats; a change
+    /// of the announcing nodes goes to every worker.
+    fn cluster_tick(&mut self) {
+        let Some(cluster) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let request = self
+            .shared
+            .drain_request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((drain, deadline)) = request {
+            cluster.set_drain(drain, deadline, now);
+        }
+        let snap = self.state.snapshot();
+        let generation = self.state.generation();
+        let workers_behind: Vec<usize> = (self.shared.applied.iter().enumerate())
+            .filter(|(_, g)| g.load(Ordering::Relaxed) != generation)
+            .map(|(w, _)| w)
+            .collect();
+        let flows = self.shared.counters().iter().map(|c| c.flows).sum();
+        let inputs = Inputs {
+            config: &snap.config,
+            workers_behind,
+            rules: snap.rules.rules().count(),
+            self_probe: self
+                .self_probe
+                .as_deref()
+                .map_or(Ok(()), |p| p.prober.passing()),
+            flows,
+        };
+        let tick = cluster.tick(now, &inputs);
+        if tick.membership_changed {
+            self.cluster_untold = (0..self.workers.handles.len()).collect();
+        }
+        // Never lost: a worker whose channel is full is told at a later tick (the settle time
+        // is counted from when it hears it, so a late one withholds longer, never less).
+        let settle = cluster.options().settle;
+        let handles = &self.workers.handles;
+        self.cluster_untold.retain(|&w| {
+            handles[w]
+                .to
+                .try_send(ToWorker::ClusterChanged { settle })
+                .is_err()
+        });
+        if !self.opts.quiet {
+            for e in &tick.events {
+                report::line(e);
+            }
+        }
+        *self
+            .shared
+            .cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(cluster.status().clone());
     }
 
     /// The kernel's notifications: neighbour and route changes published to every worker's

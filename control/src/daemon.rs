@@ -13,6 +13,7 @@ use xlb_api::{Bound, ControlState, Listen, StateOptions, Telemetry};
 use xlb_engine::Config;
 
 use crate::{
+    cluster::Cluster,
     control_loop::{ControlLoop, LiveAddresses, Parts},
     ipfix, metrics,
     options::{describe_listen, Failure, Options},
@@ -51,6 +52,7 @@ struct Running {
     workers: Workers,
     services: Services,
     self_probe: Option<SelfProbe>,
+    cluster: Option<Cluster>,
     /// The NAT event export, when it is on.
     exporter: Option<ipfix::Exporter>,
     /// SIGHUP, listened to from start-up on; reloads begin once xlbd is ready.
@@ -74,6 +76,7 @@ pub fn run(opts: Options) -> Result<(), Failure> {
         workers: &running.workers,
         signalled: &running.signalled,
         self_probe: running.self_probe.as_mut(),
+        cluster: running.cluster.as_mut(),
         supervisor: &mut supervisor,
     };
     let result = ControlLoop::new(&opts, parts).run();
@@ -104,6 +107,17 @@ fn ready(opts: &Options, running: &mut Running) -> Supervisor {
 
 fn start(opts: &Options) -> Result<Running, Failure> {
     let (config, rules, health) = startup::configure(opts)?;
+    // A cluster node's own SNAT addresses, checked before anything is attached.
+    let snat_only = match &opts.cluster {
+        Some(c) if !c.snat_frontends.is_empty() => Some(
+            crate::cluster::snat_addresses(&config, &c.snat_frontends)
+                .map_err(Failure::usage)?
+                .into_iter()
+                .map(xlb_engine::Addr::from)
+                .collect(),
+        ),
+        _ => None,
+    };
     if let Some(pid) = opts.takeover {
         // The configuration is valid: now the running xlbd may go.
         let asked = persist::take_over(pid)?;
@@ -154,6 +168,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
             kernel: kernel.watch.mailbox(),
             backend_side: &kernel.backend_side,
             steer_seed,
+            snat_only,
             rules: &rules,
             queues: kernel.queues,
             probe_sources: self_probe
@@ -190,6 +205,11 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     ));
     let (services, listening) =
         start_services(&runtime, opts, endpoints, &state, &shared, &workers)?;
+    // Announces nothing until the first tick finds the node fit.
+    let cluster = (opts.cluster.clone())
+        .map(Cluster::start)
+        .transpose()
+        .map_err(Failure::usage)?;
     let running = Running {
         runtime,
         signalled,
@@ -201,6 +221,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         workers,
         services,
         self_probe,
+        cluster,
         exporter,
         hangups,
     };
@@ -328,6 +349,16 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
             p.prober.interval().as_millis()
         ));
     }
+    if let Some(c) = &opts.cluster {
+        line.push_str(&format!(
+            " cluster={} announcer={} peers={}",
+            c.node,
+            c.bird
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |b| b.describe()),
+            c.peers.len()
+        ));
+    }
     if let Some(o) = &opts.ipfix {
         line.push_str(&o.describe());
     }
@@ -366,9 +397,14 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
         workers,
         services,
         config,
+        cluster,
         exporter,
         ..
     } = r;
+    // A cluster node withdraws first and keeps forwarding while the router moves its flows.
+    if let Some(line) = cluster.and_then(Cluster::stop) {
+        report::line(&line);
+    }
     let _ = services.stop.send(true);
     if let Some(api) = services.api {
         match runtime.block_on(api) {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addresses;
+pub mod cluster;
 pub mod control_loop;
 pub mod daemon;
 pub mod drain;

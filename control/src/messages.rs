@@ -25,6 +25,9 @@ pub enum ToWorker {
     Flows(FlowQuery),
     /// A data-path self-probe to run through the engine (`crate::selfprobe`).
     Probe(crate::selfprobe::Injection),
+    /// The cluster's announcing nodes changed: flows with no packet until `settle` from now
+    /// may have moved to another node (`Engine::cluster_changed`).
+    ClusterChanged { settle: std::time::Duration },
 }
 
 /// Per port, by id: whether it faces the pool members. The engine takes outbound (SNAT) flows

@@ -53,6 +53,9 @@ pub struct Options {
     pub self_probe_interval: Duration,
     /// `--vlan IFACE:ID[,ID...]`: VLANs whose tagged frames are accepted on an interface.
     pub vlans: Vec<(String, Vec<u16>)>,
+    /// Run as a node of a cluster (`--cluster-node`): cluster pickup, announcement tied to
+    /// fitness, heartbeats (docs/cluster.md).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
     /// NAT event logging over IPFIX (`crate::ipfix`); `None`: off.
     pub ipfix: Option<crate::ipfix::IpfixOptions>,
     /// `--state-dir`: a directory on a bpffs where the flows and the XDP attachment outlive

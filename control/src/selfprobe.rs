@@ -271,6 +271,23 @@ impl SelfProber {
         }
     }
 
+    /// Whether the data path works now, as a cluster node's fitness reads it: every probed
+    /// rule has had a result, and its two latest probes did not both fail (one lost frame
+    /// does not withdraw a node). `Err` says which rule fails.
+    pub fn passing(&self) -> Result<(), String> {
+        for (t, w) in &self.windows {
+            let mut latest = w.recent.iter().rev();
+            match (latest.next(), latest.next()) {
+                (None, _) => return Err(format!("no result yet for rule {}", t.rule)),
+                (Some(false), None | Some(false)) => {
+                    return Err(format!("rule {} is not answered", t.rule))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Availability per target, in target order.
     pub fn report(&self) -> Vec<Availability> {
         self.windows
@@ -463,6 +480,30 @@ mod tests {
         // A late answer does not count twice.
         p.answered(source, PORTS.start() + 1, true);
         assert_eq!(p.report(), r);
+    }
+
+    #[test]
+    fn passing_needs_a_result_and_not_two_failures_in_a_row() {
+        let (c, rs) = setup();
+        let src: IpAddr = "198.18.0.250".parse().unwrap();
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(1);
+        let mut p = SelfProber::new(&[src], interval, t0);
+        let source = Addr::from(src);
+        let sent = p.round(t0, &c, &rs, 1, 0, [0; 6]);
+        assert!(p.passing().is_err(), "no result yet");
+        for (_, inj) in &sent {
+            let pkt = wire::parse(&inj.frame).unwrap();
+            p.answered(source, pkt.src_port, true);
+        }
+        assert_eq!(p.passing(), Ok(()));
+        // One lost probe is tolerated, two in a row are not.
+        p.round(t0 + interval, &c, &rs, 1, 0, [0; 6]);
+        p.expire(t0 + interval * 3);
+        assert_eq!(p.passing(), Ok(()));
+        p.round(t0 + interval * 3, &c, &rs, 1, 0, [0; 6]);
+        p.expire(t0 + interval * 5);
+        assert!(p.passing().unwrap_err().contains("not answered"));
     }
 
     #[test]

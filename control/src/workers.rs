@@ -89,6 +89,8 @@ pub struct Start<'a> {
     pub steer_seed: u64,
     /// The configuration's hash, recorded in the flow stores.
     pub config_hash: u64,
+    /// A cluster node's own SNAT addresses (`None`: every address of the outbound rules).
+    pub snat_only: Option<Vec<Addr>>,
     /// Where the engines' NAT events go (`crate::ipfix`); `None`: the export is off.
     pub nat_events: Option<Sender<NatEvent>>,
 }
@@ -166,10 +168,12 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
         reset_rate: s.opts.reset_rate,
         hash_seed,
         steer_seed: s.steer_seed,
+        cluster_pickup: s.opts.cluster.is_some(),
         nat_log: (s.opts.ipfix.as_ref()).map_or(NatLogMode::Off, |o| o.mode()),
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(ecfg, Arc::clone(s.rules), sys::monotonic_ns());
+    engine.set_snat_addresses(s.snat_only.clone());
     let net = engine.next_hops();
     for (p, bs) in s.ports.iter().zip(s.backend_side) {
         net.set_port(p.id, p.mac);

@@ -43,7 +43,7 @@ pub use state::{
 };
 pub use telemetry::{counts_for, sum, CounterSum};
 pub use telemetry::{
-    ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord, FakeTelemetry, FlowCursor,
-    FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage, StateFilter, Telemetry,
-    TelemetryError, WorkerCounters, WorkerStatus,
+    ClusterPeer, ClusterStatus, ControlEvent, CountersSnapshot, DatapathAvailability, EventRecord,
+    FakeTelemetry, FlowCursor, FlowEntry, FlowFilter, FlowPage, RuntimeStatus, SnatUsage,
+    StateFilter, Telemetry, TelemetryError, WorkerCounters, WorkerStatus,
 };

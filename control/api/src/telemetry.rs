@@ -321,6 +321,37 @@ pub struct RuntimeStatus {
     pub drains: Vec<crate::drain::DrainStatus>,
     /// The NAT event export, when it is on.
     pub nat_log: Option<crate::drain::NatLogStatus>,
+    /// This node's cluster state, when xlbd runs as a cluster node.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// One cluster node's view: fitness, drain, what it announces, its peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub fit: bool,
+    pub unfit_reason: String,
+    pub draining: bool,
+    pub drain_remaining: Duration,
+    pub drain_done: bool,
+    pub announced: Vec<String>,
+    pub announcer: String,
+    pub announce_error: String,
+    pub config_fingerprint: String,
+    pub peers: Vec<ClusterPeer>,
+    pub membership_changes: u64,
+}
+
+/// A peer as this node last heard it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterPeer {
+    pub address: String,
+    pub node: String,
+    pub alive: bool,
+    pub announcing: bool,
+    pub config_fingerprint: String,
+    pub same_config: bool,
+    pub last_heard: Option<Duration>,
 }
 
 /// Data-path availability of one (frontend, rule) from the daemon's self-probe.
@@ -366,6 +397,11 @@ pub trait Telemetry: Send + Sync + 'static {
     /// Engine and probe events from now on.
     fn subscribe(&self) -> broadcast::Receiver<EventRecord>;
     fn status(&self) -> Result<RuntimeStatus, TelemetryError>;
+    /// Drains this cluster node (withdraws its frontends; existing flows go on until they end
+    /// or `deadline`) or ends the drain. `None`: not a cluster node.
+    fn set_drain(&self, _drain: bool, _deadline: Option<Duration>) -> Option<ClusterStatus> {
+        None
+    }
 }
 
 /// In-memory [`Telemetry`] for tests and for running the API without workers: whatever was

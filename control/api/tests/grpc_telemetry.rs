@@ -325,6 +325,20 @@ async fn status_comes_from_the_telemetry_and_the_snapshot() {
             answered_total: 90,
             failed_total: 10,
         }],
+        cluster: Some(xlb_api::ClusterStatus {
+            node: "node1".into(),
+            fit: true,
+            announced: vec!["198.18.100.100/32".into()],
+            peers: vec![xlb_api::ClusterPeer {
+                address: "198.18.1.2:7946".into(),
+                node: "node2".into(),
+                alive: true,
+                same_config: true,
+                last_heard: Some(std::time::Duration::from_millis(50)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
         ..RuntimeStatus::default()
     });
     let st = c
@@ -358,6 +372,27 @@ async fn status_comes_from_the_telemetry_and_the_snapshot() {
     // Every member with its health: no verdict recorded, all eligible.
     assert!(!st.members.is_empty());
     assert!(st.members.iter().all(|m| m.eligible && m.probe_healthy));
+    let cl = st.cluster.expect("cluster status");
+    assert_eq!((cl.node.as_str(), cl.fit), ("node1", true));
+    assert_eq!(cl.announced, ["198.18.100.100/32"]);
+    assert_eq!(cl.peers[0].last_heard_seconds, 0.05);
+    // Not a cluster node (the fake telemetry has no drain): a clear refusal.
+    let err = c
+        .set_drain(pb::SetDrainRequest {
+            drain: true,
+            deadline_seconds: 0.0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = c
+        .set_drain(pb::SetDrainRequest {
+            drain: true,
+            deadline_seconds: -1.0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     h.stop().await;
 }
 

@@ -158,6 +158,15 @@ enum Command {
     },
     /// Daemon status: generation, workers, poll mode, lab time scale, uptime, version.
     Status,
+    /// Cluster node: withdraw this node's frontends from the router (`on`; existing flows go
+    /// on until they end or the deadline) or announce them again when fit (`off`).
+    Drain {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Seconds existing flows may keep the drained node busy (0: no deadline).
+        #[arg(long, default_value_t = 0.0)]
+        deadline: f64,
+    },
     /// Check whether this host's TCP keepalive settings keep idle connections alive through
     /// a rule's idle timeout, and print the fix if not.
     KeepaliveCheck {
@@ -310,6 +319,9 @@ async fn run(cli: Cli) -> Res {
         Command::Flows(args) => reads::flows(&mut c, args, json).await,
         Command::Events { count } => reads::events(&mut c, count, json).await,
         Command::Status => status::status(&mut c, json).await,
+        Command::Drain { state, deadline } => {
+            status::drain(&mut c, state == "on", deadline, json).await
+        }
         Command::KeepaliveCheck { rule, sysctl_dir } => {
             status::keepalive_check(&mut c, &rule, &sysctl_dir, json).await
         }

@@ -37,7 +37,100 @@ pub async fn status(c: &mut Client, json: bool) -> Res {
     workers_table(&s);
     datapath_table(&s);
     members_table(&s);
+    if let Some(c) = &s.cluster {
+        cluster_lines(c);
+    }
     Ok(())
+}
+
+/// `xlbctl drain on|off`.
+pub async fn drain(c: &mut Client, drain: bool, deadline: f64, json: bool) -> Res {
+    let st = c
+        .set_drain(pb::SetDrainRequest {
+            drain,
+            deadline_seconds: deadline,
+        })
+        .await?
+        .into_inner();
+    if json {
+        print_json(&cluster_json(&st));
+    } else {
+        cluster_lines(&st);
+    }
+    Ok(())
+}
+
+fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
+    json!({
+        "node": c.node, "fit": c.fit, "unfit_reason": c.unfit_reason, "draining": c.draining,
+        "drain_remaining_seconds": c.drain_remaining_seconds, "drain_done": c.drain_done,
+        "announced": c.announced, "announcer": c.announcer, "announce_error": c.announce_error,
+        "config_fingerprint": c.config_fingerprint, "membership_changes": c.membership_changes,
+        "peers": c.peers.iter().map(|p| json!({
+            "address": p.address, "node": p.node, "alive": p.alive, "announcing": p.announcing,
+            "config_fingerprint": p.config_fingerprint, "same_config": p.same_config,
+            "last_heard_seconds": (p.last_heard_seconds >= 0.0).then_some(p.last_heard_seconds),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn cluster_lines(c: &pb::ClusterStatus) {
+    let state = if c.draining {
+        if c.drain_done {
+            "drained (done)".to_string()
+        } else if c.drain_remaining_seconds > 0.0 {
+            format!(
+                "draining ({:.0} s to the deadline)",
+                c.drain_remaining_seconds
+            )
+        } else {
+            "draining".to_string()
+        }
+    } else if c.fit {
+        "fit".to_string()
+    } else {
+        format!("UNFIT: {}", c.unfit_reason)
+    };
+    println!(
+        "CLUSTER node {}  {}  config {}  membership changes {}",
+        c.node, state, c.config_fingerprint, c.membership_changes
+    );
+    println!(
+        "ANNOUNCED via {}: {}",
+        c.announcer,
+        if c.announced.is_empty() {
+            "nothing (withdrawn)".to_string()
+        } else {
+            c.announced.join(" ")
+        }
+    );
+    if !c.announce_error.is_empty() {
+        println!("ANNOUNCE ERROR: {}", c.announce_error);
+    }
+    let rows: Vec<Vec<String>> = (c.peers.iter())
+        .map(|p| {
+            vec![
+                p.address.clone(),
+                if p.node.is_empty() {
+                    "-".into()
+                } else {
+                    p.node.clone()
+                },
+                if p.alive { "alive" } else { "down" }.into(),
+                if p.alive && p.announcing { "yes" } else { "no" }.into(),
+                if p.config_fingerprint.is_empty() {
+                    "-".into()
+                } else if p.same_config {
+                    "same".into()
+                } else {
+                    format!("DIFFERS ({})", p.config_fingerprint)
+                },
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(&["PEER", "NODE", "STATE", "ANNOUNCING", "CONFIG"], &rows);
+    }
 }
 
 fn status_json(s: &pb::GetStatusResponse) {
@@ -67,6 +160,7 @@ fn status_json(s: &pb::GetStatusResponse) {
             "drain_timeout_seconds": m.drain_timeout_seconds,
             "drain_action": drain_name(m.drain_action),
         })).collect::<Vec<_>>(),
+        "cluster": s.cluster.as_ref().map(cluster_json),
     }));
 }
 

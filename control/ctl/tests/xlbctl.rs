@@ -280,6 +280,22 @@ async fn status_shows_workers_data_path_and_member_health() {
             answered_total: 50,
             failed_total: 3,
         }],
+        cluster: Some(xlb_api::ClusterStatus {
+            node: "node1".into(),
+            fit: false,
+            unfit_reason: "self-probe: rule web is not answered".into(),
+            announcer: "bird:/run/xlb/vips.conf".into(),
+            config_fingerprint: "00112233deadbeef".into(),
+            peers: vec![xlb_api::ClusterPeer {
+                address: "198.18.1.2:7946".into(),
+                node: "node2".into(),
+                alive: true,
+                announcing: true,
+                config_fingerprint: "ffff".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
         drains: vec![xlb_api::DrainStatus {
             pool: "web".into(),
             member: "198.18.2.1".parse().unwrap(),
@@ -338,8 +354,35 @@ async fn status_shows_workers_data_path_and_member_health() {
     let other = row("198.18.2.2");
     assert_eq!((other[2], other[3], other[5]), ("2", "none", "yes"), "{s}");
 
+    assert!(
+        s.contains("CLUSTER node node1  UNFIT: self-probe: rule web is not answered"),
+        "{s}"
+    );
+    assert!(s.contains("nothing (withdrawn)"), "{s}");
+    assert_eq!(
+        row("198.18.1.2:7946"),
+        [
+            "198.18.1.2:7946",
+            "node2",
+            "alive",
+            "yes",
+            "DIFFERS",
+            "(ffff)"
+        ]
+    );
+    // Not a cluster node behind this API: drain is refused with the reason.
+    let out = xlbctl(&h.socket, &["drain", "on"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a cluster node"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = xlbctl(&h.socket, &["--json", "status"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cluster"]["node"], "node1");
+    assert_eq!(v["cluster"]["peers"][0]["same_config"], false);
     let m = v["members"]
         .as_array()
         .unwrap()

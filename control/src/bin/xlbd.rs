@@ -160,6 +160,55 @@ struct Cli {
     /// the host as it was before xlbd. Stop xlbd first.
     #[arg(long, requires = "state_dir")]
     cleanup: bool,
+    /// Run as node NAME of a cluster behind the router's ECMP (docs/cluster.md): mid-flow
+    /// TCP segments of inbound rules are picked up under the `drop` policy, the frontends are
+    /// announced only while the node is fit, and reset on idle is withheld for flows that may
+    /// have moved.
+    #[arg(long, value_name = "NAME")]
+    cluster_node: Option<String>,
+    /// Where this node receives its peers' heartbeats (UDP), e.g. 198.18.8.1:7946.
+    #[arg(long, value_name = "ADDR:PORT", requires = "cluster_node")]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// A peer's heartbeat address (repeatable).
+    #[arg(
+        long = "cluster-peer",
+        value_name = "ADDR:PORT",
+        requires = "cluster_listen"
+    )]
+    cluster_peers: Vec<std::net::SocketAddr>,
+    /// Seconds between heartbeats, 0.01–10.
+    #[arg(long, value_name = "SECS", default_value_t = 0.1)]
+    cluster_heartbeat: f64,
+    /// A peer not heard for this long is down, 0.05–60 s.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    cluster_dead_after: f64,
+    /// How long the router may take to act on a change of the announcing nodes, 0–60 s:
+    /// flows silent until then expire without reset-on-idle RSTs; a stopping node forwards
+    /// this long (at most 5 s) after it withdrew.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    cluster_settle: f64,
+    /// How long this node's configuration may differ from the majority of its live peers'
+    /// before it withdraws, 0–3600 s.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    cluster_config_grace: f64,
+    /// Announce through BIRD 2: xlbd writes its static protocols xlb_vips4 / xlb_vips6 to
+    /// FILE, which BIRD's configuration includes, and runs `birdc configure`.
+    #[arg(long, value_name = "FILE", requires = "cluster_node")]
+    announce_bird: Option<PathBuf>,
+    /// One of this node's own SNAT frontends (repeatable): a frontend of an outbound rule
+    /// whose address only this node uses and announces, so that answers come back to it.
+    #[arg(
+        long = "cluster-snat-frontend",
+        value_name = "NAME",
+        requires = "cluster_node"
+    )]
+    cluster_snat_frontends: Vec<String>,
+    /// BIRD's control socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
+    bird_socket: PathBuf,
+    /// The birdc program.
+    #[arg(long, value_name = "PATH", default_value = "birdc")]
+    birdc: PathBuf,
     #[command(flatten)]
     ipfix: IpfixArgs,
 }
@@ -209,6 +258,74 @@ fn ipfix(a: &IpfixArgs) -> Result<Option<IpfixOptions>, String> {
 
 fn parse_vlan(v: &str) -> Result<(String, Vec<u16>), String> {
     xlb_control::kernel::parse_vlan_option(v)
+}
+
+/// `--cluster-*` and `--announce-bird`, checked.
+fn cluster(cli: &Cli) -> Result<Option<xlb_control::cluster::ClusterOptions>, String> {
+    use xlb_control::limits::seconds;
+    let Some(node) = &cli.cluster_node else {
+        return Ok(None);
+    };
+    if node.is_empty()
+        || node.len() > 64
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "--cluster-node {node:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok(Some(xlb_control::cluster::ClusterOptions {
+        node: node.clone(),
+        listen: cli.cluster_listen,
+        peers: cli.cluster_peers.clone(),
+        heartbeat: seconds(
+            "--cluster-heartbeat",
+            cli.cluster_heartbeat,
+            xlb_control::limits::Range {
+                min: 0.01,
+                max: 10.0,
+                unit: "seconds",
+            },
+        )?,
+        dead_after: seconds(
+            "--cluster-dead-after",
+            cli.cluster_dead_after,
+            xlb_control::limits::Range {
+                min: 0.05,
+                max: 60.0,
+                unit: "seconds",
+            },
+        )?,
+        settle: seconds(
+            "--cluster-settle",
+            cli.cluster_settle,
+            xlb_control::limits::Range {
+                min: 0.0,
+                max: 60.0,
+                unit: "seconds",
+            },
+        )?,
+        config_grace: seconds(
+            "--cluster-config-grace",
+            cli.cluster_config_grace,
+            xlb_control::limits::Range {
+                min: 0.0,
+                max: 3600.0,
+                unit: "seconds",
+            },
+        )?,
+        bird: cli
+            .announce_bird
+            .clone()
+            .map(|include| xlb_control::cluster::announce::BirdTarget {
+                include,
+                socket: cli.bird_socket.clone(),
+                birdc: cli.birdc.clone(),
+            }),
+        snat_frontends: cli.cluster_snat_frontends.clone(),
+    }))
 }
 
 /// The numeric options, range-checked (xlb_control::limits).
@@ -291,6 +408,7 @@ fn api_token(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
 /// The command line, checked, as the daemon's options.
 fn options(cli: Cli) -> Result<Options, String> {
     let checked = check(&cli)?;
+    let cluster = cluster(&cli)?;
     let api = daemon::parse_api(&cli.api)?;
     let api_token = api_token(cli.api_token_file.as_deref())?;
     let api_tls = match (&cli.api_tls_cert, &cli.api_tls_key) {
@@ -336,5 +454,6 @@ fn options(cli: Cli) -> Result<Options, String> {
         vlans: cli.vlans,
         state_dir: cli.state_dir,
         takeover: cli.takeover,
+        cluster,
     })
 }

@@ -374,6 +374,11 @@ impl EngineHandler {
                 let _ = q.reply.try_send(self.flows_page(&q, now_ns));
             }
             ToWorker::Probe(inj) => self.inject(now_ns, inj),
+            ToWorker::ClusterChanged { settle } => {
+                let settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
+                self.engine
+                    .cluster_changed(now_ns.saturating_add(settle_ns));
+            }
             ToWorker::BackendSide(ports) => self.set_backend_side(&ports),
         }
     }

@@ -126,12 +126,92 @@ pub fn render(src: &Sources) -> String {
     drains::drains(&mut o, src);
     drains::nat_log(&mut o, src);
     datapath(&mut o, src);
+    cluster(&mut o, src);
     propagation(&mut o, src);
     // Families without a sample (no self-probe, no SNAT rule) are left out.
     o.0.retain(|f| !f.get_metric().is_empty());
     TextEncoder::new()
         .encode_to_string(&o.0)
         .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+}
+
+/// A cluster node's fitness, drain, announcements and peers (only as a cluster node).
+fn cluster(o: &mut Families, src: &Sources) {
+    let Some(c) = src
+        .shared
+        .cluster
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    else {
+        return;
+    };
+    let node = [("node", c.node.as_str())];
+    o.family(
+        "xlb_cluster_fit",
+        GAUGE,
+        "1: workers run the committed rules, the self-probe passes, the configuration agrees.",
+    );
+    o.sample(&node, f64::from(u8::from(c.fit)));
+    o.family(
+        "xlb_cluster_draining",
+        GAUGE,
+        "1: the node is drained (withdrawn).",
+    );
+    o.sample(&node, f64::from(u8::from(c.draining)));
+    o.family(
+        "xlb_cluster_announced",
+        GAUGE,
+        "1 per prefix the routing daemon was last told to announce.",
+    );
+    for p in &c.announced {
+        o.sample(&[("node", c.node.as_str()), ("prefix", p.as_str())], 1.0);
+    }
+    o.family(
+        "xlb_cluster_announce_error",
+        GAUGE,
+        "1: the last attempt to tell the routing daemon failed.",
+    );
+    o.sample(&node, f64::from(u8::from(!c.announce_error.is_empty())));
+    o.family(
+        "xlb_cluster_membership_changes_total",
+        COUNTER,
+        "Changes of the set of announcing nodes seen by this node.",
+    );
+    o.sample(&node, c.membership_changes as f64);
+    o.family(
+        "xlb_cluster_peer_alive",
+        GAUGE,
+        "1: the peer's heartbeats arrive.",
+    );
+    for p in &c.peers {
+        o.sample(
+            &[("peer", p.address.as_str()), ("peer_node", p.node.as_str())],
+            f64::from(u8::from(p.alive)),
+        );
+    }
+    o.family(
+        "xlb_cluster_peer_announcing",
+        GAUGE,
+        "1: the peer says it announces its frontends.",
+    );
+    for p in &c.peers {
+        o.sample(
+            &[("peer", p.address.as_str()), ("peer_node", p.node.as_str())],
+            f64::from(u8::from(p.alive && p.announcing)),
+        );
+    }
+    o.family(
+        "xlb_cluster_peer_same_config",
+        GAUGE,
+        "1: the peer's configuration fingerprint equals this node's.",
+    );
+    for p in &c.peers {
+        o.sample(
+            &[("peer", p.address.as_str()), ("peer_node", p.node.as_str())],
+            f64::from(u8::from(p.same_config)),
+        );
+    }
 }
 
 fn daemon(o: &mut Families, src: &Sources) {

@@ -45,6 +45,11 @@ pub struct Shared {
     pub started: Instant,
     /// Data-path availability per probed rule (empty without the self-probe).
     pub datapath: Mutex<Vec<crate::selfprobe::Availability>>,
+    /// This node's cluster state (`None` unless xlbd runs as a cluster node), written by the
+    /// control loop every tick.
+    pub cluster: Mutex<Option<xlb_api::ClusterStatus>>,
+    /// A drain asked for through the API (drain?, deadline), taken by the control loop.
+    pub drain_request: Mutex<Option<(bool, Option<std::time::Duration>)>>,
     /// The NAT event export's figures (`None` when it is off), kept by its thread
     /// (`crate::ipfix`).
     pub nat_log: Mutex<Option<NatLogStatus>>,
@@ -69,6 +74,8 @@ impl Shared {
             ),
             started: Instant::now(),
             datapath: Mutex::new(Vec::new()),
+            cluster: Mutex::new(None),
+            drain_request: Mutex::new(None),
             nat_log: Mutex::new(None),
         })
     }

@@ -192,8 +192,49 @@ impl Telemetry for DaemonTelemetry {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            cluster: self
+                .shared
+                .cluster
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
             drains: self.shared.drains(),
             nat_log: self.shared.nat_log_status(),
         })
+    }
+
+    fn set_drain(
+        &self,
+        drain: bool,
+        deadline: Option<std::time::Duration>,
+    ) -> Option<xlb_api::ClusterStatus> {
+        let cluster = || {
+            self.shared
+                .cluster
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        };
+        cluster()?;
+        *self
+            .shared
+            .drain_request
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((drain, deadline));
+        // The control loop takes it within a tick (20 ms); answer with the state it made.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while std::time::Instant::now() < until {
+            let pending = self
+                .shared
+                .drain_request
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some();
+            if !pending && cluster().is_some_and(|c| c.draining == drain) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        cluster()
     }
 }

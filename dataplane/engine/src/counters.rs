@@ -126,6 +126,9 @@ pub struct RuleCounters {
     pub flows_reset_on_idle: u64,
     pub flows_closed: u64,
     pub flows_picked_up: u64,
+    /// Idle expiries of flows due a reset on idle that went silent instead: the cluster's
+    /// membership changed since their last packet, so the connection may live on elsewhere.
+    pub flows_reset_withheld: u64,
     /// UDP flows moved off a member that went down.
     pub flows_moved: u64,
     pub packets: [u64; 2],
@@ -232,13 +235,14 @@ impl Default for Counters {
 impl RuleCounters {
     /// Every counter with its stable name (the stats file's and Prometheus' suffixes), in a
     /// fixed order: the one list that every exporter walks.
-    pub fn fields(&self) -> [(&'static str, u64); 22] {
+    pub fn fields(&self) -> [(&'static str, u64); 23] {
         [
             ("flows_created", self.flows_created),
             ("flows_expired_idle", self.flows_expired_idle),
             ("flows_reset_on_idle", self.flows_reset_on_idle),
             ("flows_closed", self.flows_closed),
             ("flows_picked_up", self.flows_picked_up),
+            ("flows_reset_withheld", self.flows_reset_withheld),
             ("flows_moved", self.flows_moved),
             ("packets_orig", self.packets[0]),
             ("packets_reply", self.packets[1]),
@@ -266,6 +270,7 @@ impl RuleCounters {
         self.flows_reset_on_idle += other.flows_reset_on_idle;
         self.flows_closed += other.flows_closed;
         self.flows_picked_up += other.flows_picked_up;
+        self.flows_reset_withheld += other.flows_reset_withheld;
         self.flows_moved += other.flows_moved;
         for i in 0..2 {
             self.packets[i] += other.packets[i];

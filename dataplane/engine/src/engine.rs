@@ -29,6 +29,9 @@ use crate::timer::TimerWheel;
 use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
+mod export;
+pub use export::{FlowState, Imported};
+
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
 /// enough for the clients of a restarted appliance to learn quickly that their connections
 /// are gone, too few to make xlb a useful reflector of spoofed segments.
@@ -68,6 +71,12 @@ pub struct EngineConfig {
     /// RSTs per second (and at once) this worker sends under the `reset` unknown-flow policy;
     /// beyond it such segments are dropped (`reset_rate_limited`).
     pub reset_rate: u32,
+    /// Cluster pickup: this engine is one of several nodes behind the router's ECMP, which
+    /// moves flows between nodes when one is lost or added. Under the `drop` unknown-flow
+    /// policy, a mid-flow TCP segment of an inbound rule then re-creates its flow like
+    /// `pickup` does (the backend choice is the same on every node), instead of black-holing
+    /// a connection that lives on (docs/cluster.md).
+    pub cluster_pickup: bool,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +97,7 @@ impl Default for EngineConfig {
             nat_log_capacity: 4096,
             admission: AdmissionLimits::default(),
             reset_rate: DEFAULT_RESET_RATE,
+            cluster_pickup: false,
         }
     }
 }
@@ -158,6 +168,10 @@ pub struct Engine {
     /// [`NextHops::route_epoch`] that re-resolution serves.
     rehome: Option<u32>,
     rehome_epoch: u64,
+    /// When the cluster's membership last changed (as told by [`Engine::cluster_changed`]):
+    /// a flow with no packet since may have moved to another node, so its idle expiry is
+    /// silent (an RST with numbers this node saw last could end a connection that lives on).
+    membership_changed_at: Option<Nanos>,
     scratch: [u8; MAX_RST_FRAME],
     /// Where the flows are written so that they outlive the process (detached: nowhere).
     store: FlowStore,
@@ -193,6 +207,7 @@ impl Engine {
             natlog: NatLog::new(cfg.nat_log, cfg.nat_log_capacity),
             rehome: None,
             rehome_epoch: 0,
+            membership_changed_at: None,
             scratch: [0; MAX_RST_FRAME],
             store: FlowStore::default(),
             steer_key: HashKey::from_seed(cfg.steer_seed),
@@ -403,6 +418,28 @@ impl Engine {
         self.snat.prepare(&rules);
         self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
+    }
+
+    /// The cluster's membership changed at `at` (a node was lost, added, drained, or this one
+    /// withdrew): the router may have moved any flow. Flows with no packet since `at` expire
+    /// silently, whatever their rule says about reset on idle; a flow that still sends here
+    /// proves it stayed and keeps its exact RSTs. The caller passes the earliest moment the
+    /// change can have taken effect (its detection delay subtracted).
+    pub fn cluster_changed(&mut self, at: Nanos) {
+        self.membership_changed_at = Some(self.membership_changed_at.map_or(at, |t| t.max(at)));
+    }
+
+    /// A cluster node's own SNAT addresses: outbound flows take ports only on these (the
+    /// addresses this node announces, so that answers reach it); `None`: every address of
+    /// the rule. See docs/cluster.md, "SNAT across nodes".
+    pub fn set_snat_addresses(&mut self, only: Option<Vec<Addr>>) {
+        self.snat.restrict_to(only);
+        self.snat.prepare(&self.rules);
+    }
+
+    /// Flows whose idle expiry is silent because the cluster changed since their last packet.
+    fn may_have_moved(&self, f: &Flow) -> bool {
+        self.membership_changed_at.is_some_and(|t| f.last_seen <= t)
     }
 
     pub fn next_hops(&mut self) -> &mut NextHops {
@@ -793,12 +830,17 @@ impl Engine {
         let f = *self.flows.get(id);
         let closed = f.proto == proto::TCP && f.tcp.state.is_closed();
         if !closed {
+            let moved = self.may_have_moved(&f);
             let params = self.rules.rule(f.rule);
             let counters = rule_counters(&mut self.counters, f.rule);
             counters.flows_expired_idle += 1;
             if f.proto == proto::TCP {
                 let reset = params.is_some_and(|p| p.tcp_reset) && f.tcp.can_reset();
-                if reset {
+                let moved = reset && moved;
+                if moved {
+                    counters.flows_reset_withheld += 1;
+                }
+                if reset && !moved {
                     counters.flows_reset_on_idle += 1;
                     self.send_idle_rsts(&f, emit);
                     self.push_event(Event::ResetOnIdle {
@@ -1027,6 +1069,10 @@ impl Engine {
             };
             if is_tcp && !is_syn {
                 self.count_late(hash, now);
+                let unknown_flow = match unknown_flow {
+                    UnknownFlowPolicy::Drop if self.cfg.cluster_pickup => UnknownFlowPolicy::Pickup,
+                    policy => policy,
+                };
                 match unknown_flow {
                     UnknownFlowPolicy::Drop => return self.drop_for(rule, DropReason::NoFlow),
                     UnknownFlowPolicy::Reset => {

@@ -31,7 +31,7 @@ pub use config::{
     compile, compile_releasing, Config, MemberHealth, ValidationError, ValidationErrors,
 };
 pub use counters::{Counters, DropReason, RuleCounters};
-pub use engine::{Engine, EngineConfig, Event, FlowInfo, Verdict};
+pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, Verdict};
 pub use net::{Mac, NextHop, PortId, Route};
 pub use ruleset::{RuleId, RuleSet};
 pub use store::{StoreMemory, StoreOutcome, StoreReport};

@@ -32,6 +32,12 @@ pub struct SnatPorts {
     worker: u16,
     workers: u16,
     spaces: HashMap<(Addr, u8), Space, FastBuild>,
+    /// A cluster node's own SNAT addresses (the ones it announces, so that the answers come
+    /// back to it): every block's ports are taken on the node's address of the block's
+    /// family instead of the block's own (the nodes' addresses differ, so no two nodes ever
+    /// hand out one address and port; members whose blocks share a port range share that
+    /// range's ports on the node's address, one flow per port as always).
+    only: Option<Vec<Addr>>,
 }
 
 /// This worker's share of one (frontend address, protocol) port space.
@@ -143,6 +149,27 @@ impl SnatPorts {
             worker: worker % workers,
             workers,
             spaces: HashMap::default(),
+            only: None,
+        }
+    }
+
+    /// Takes every block's ports on the address of `addrs` of the block's family (`None`:
+    /// on the block's own address). Ports already in use stay so until their flows release
+    /// them. Call [`prepare`](Self::prepare) after it.
+    pub fn restrict_to(&mut self, addrs: Option<Vec<Addr>>) {
+        self.only = addrs;
+    }
+
+    /// The address block `b`'s ports are taken on here; `None`: none (a cluster node without
+    /// an address of that family).
+    #[inline]
+    fn addr_of(&self, b: &PortBlock) -> Option<Addr> {
+        match &self.only {
+            None => Some(b.addr),
+            Some(only) => only
+                .iter()
+                .copied()
+                .find(|a| a.to_ip().is_ipv4() == b.addr.to_ip().is_ipv4()),
         }
     }
 
@@ -158,9 +185,11 @@ impl SnatPorts {
         let slots = self.slots_per_space();
         for (_, proto, _, blocks) in rules.outbound_allocations() {
             for b in blocks {
-                self.spaces
-                    .entry((b.addr, proto))
-                    .or_insert_with(|| Space::new(slots));
+                if let Some(addr) = self.addr_of(b) {
+                    self.spaces
+                        .entry((addr, proto))
+                        .or_insert_with(|| Space::new(slots));
+                }
             }
         }
     }
@@ -197,10 +226,13 @@ impl SnatPorts {
             if range.is_empty() {
                 continue;
             }
-            let space = self.space_mut(b.addr, proto);
+            let Some(addr) = self.addr_of(b) else {
+                continue;
+            };
+            let space = self.space_mut(addr, proto);
             if let Some(slot) = space.find_free(&range) {
                 space.set(slot);
-                return Some((b.addr, self.port(slot)));
+                return Some((addr, self.port(slot)));
             }
         }
         None
@@ -231,8 +263,8 @@ impl SnatPorts {
         blocks
             .iter()
             .map(|b| {
-                self.spaces
-                    .get(&(b.addr, proto))
+                (self.addr_of(b))
+                    .and_then(|a| self.spaces.get(&(a, proto)))
                     .map_or(0, |s| s.count(&self.slots(b)))
             })
             .sum()
@@ -252,6 +284,9 @@ impl SnatPorts {
     /// The slots of block `b`: the ports `first_port ≤ p < first_port + count` with
     /// `p % workers == worker`, as `p / workers`.
     fn slots(&self, b: &PortBlock) -> Range<u32> {
+        if self.addr_of(b).is_none() {
+            return 0..0;
+        }
         let (w, n) = (u32::from(self.worker), u32::from(self.workers));
         let first = u32::from(b.first_port);
         let end = first + u32::from(b.count);
@@ -299,6 +334,44 @@ mod tests {
             first_port: first,
             count,
         }
+    }
+
+    #[test]
+    fn a_cluster_node_allocates_only_on_its_own_addresses() {
+        let mut s = SnatPorts::new(0, 1);
+        let b = [
+            block(1024, 8),
+            PortBlock {
+                addr: addr(2),
+                ..block(1024, 8)
+            },
+        ];
+        // This node's address is neither block's: both blocks' ports are taken on it, each
+        // port once.
+        let own = addr(9);
+        s.restrict_to(Some(vec![own]));
+        let mut got: Vec<u16> = (0..8)
+            .map(|i| {
+                let (a, p) = s.allocate(&b, 6, i * 5).unwrap();
+                assert_eq!(a, own);
+                p
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, (1024..1032).collect::<Vec<_>>());
+        assert_eq!(
+            s.allocate(&b, 6, 1),
+            None,
+            "none left in the range on this node"
+        );
+        // No address of the family: nothing.
+        s.restrict_to(Some(vec!["2001:db8::9"
+            .parse::<std::net::IpAddr>()
+            .unwrap()
+            .into()]));
+        assert_eq!(s.allocate(&b, 17, 1), None);
+        s.restrict_to(None);
+        assert_eq!(s.allocate(&b, 6, 1).unwrap().0, addr(1));
     }
 
     #[test]

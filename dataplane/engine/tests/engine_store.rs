@@ -554,3 +554,27 @@ fn random_record_bytes_never_panic() {
         assert_eq!(lab2.engine.flow_count(), 0, "round {round}");
     }
 }
+
+/// A flow imported from another node (cluster flow sync) is written to the store like any
+/// other, and survives a restart of the importing node.
+#[test]
+fn an_imported_flow_is_stored_too() {
+    let mut a = Lab::new();
+    let conn = establish(&mut a, 80, 40_400);
+    let id = a.engine.flows().next().unwrap().id;
+    let state = a.engine.export_flow(a.now, id).expect("a live flow");
+    let mut b = lab_with_store();
+    b.now = a.now;
+    assert!(matches!(
+        b.engine.import_flow(b.now, &state),
+        Ok(xlb_engine::Imported::Created(_))
+    ));
+    let mem = b.engine.abandon_store().unwrap();
+    let (mut c, report) = restart(&b, mem, DEFAULT_CONFIG);
+    assert_eq!(report.flows, 1);
+    let (port, _) = c.forward(
+        CLIENT_PORT,
+        conn.client.seg(ACK | PSH, conn.c_seq, conn.s_seq, b"x"),
+    );
+    assert_eq!(port, BACKEND_PORT);
+}

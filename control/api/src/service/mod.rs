@@ -344,5 +344,11 @@ every_kind! {
         ) -> Result<Response<pb::GetStatusResponse>, Status> {
             self.status().await.map(Response::new)
         }
+        async fn set_drain(
+            &self,
+            r: Request<pb::SetDrainRequest>,
+        ) -> Result<Response<pb::ClusterStatus>, Status> {
+            self.set_drain(r.into_inner()).await.map(Response::new)
+        }
     }
 }

@@ -146,6 +146,63 @@ impl XlbService {
             });
         Ok(Box::pin(stream))
     }
+
+    pub(super) async fn set_drain(
+        &self,
+        r: pb::SetDrainRequest,
+    ) -> Result<pb::ClusterStatus, Status> {
+        let deadline = if r.deadline_seconds.is_finite() && r.deadline_seconds > 0.0 {
+            if r.deadline_seconds > 365.0 * 86_400.0 {
+                return Err(Status::invalid_argument(
+                    "deadline_seconds: out of range (allowed: 0 to one year)",
+                ));
+            }
+            Some(std::time::Duration::from_secs_f64(r.deadline_seconds))
+        } else if r.deadline_seconds.is_nan() || r.deadline_seconds < 0.0 {
+            return Err(Status::invalid_argument(
+                "deadline_seconds: out of range (allowed: 0 to one year)",
+            ));
+        } else {
+            None
+        };
+        let telemetry = Arc::clone(&self.telemetry);
+        let st = blocking(move || Ok(telemetry.set_drain(r.drain, deadline))).await?;
+        st.as_ref().map(cluster_status).ok_or_else(|| {
+            Status::failed_precondition(
+                "not a cluster node: xlbd runs without --cluster-node (docs/cluster.md)",
+            )
+        })
+    }
+}
+
+/// A cluster node's status as the API says it.
+pub(crate) fn cluster_status(c: &crate::ClusterStatus) -> pb::ClusterStatus {
+    pb::ClusterStatus {
+        node: c.node.clone(),
+        fit: c.fit,
+        unfit_reason: c.unfit_reason.clone(),
+        draining: c.draining,
+        drain_remaining_seconds: c.drain_remaining.as_secs_f64(),
+        drain_done: c.drain_done,
+        announced: c.announced.clone(),
+        announcer: c.announcer.clone(),
+        announce_error: c.announce_error.clone(),
+        config_fingerprint: c.config_fingerprint.clone(),
+        peers: c
+            .peers
+            .iter()
+            .map(|p| pb::ClusterPeer {
+                address: p.address.clone(),
+                node: p.node.clone(),
+                alive: p.alive,
+                announcing: p.announcing,
+                config_fingerprint: p.config_fingerprint.clone(),
+                same_config: p.same_config,
+                last_heard_seconds: p.last_heard.map_or(-1.0, |d| d.as_secs_f64()),
+            })
+            .collect(),
+        membership_changes: c.membership_changes,
+    }
 }
 
 /// One worker's counters as `GetCounters` shows them: its non-zero rules that `wanted`.

@@ -43,6 +43,7 @@ impl XlbService {
                     failed: d.failed_total,
                 })
                 .collect(),
+            cluster: rt.cluster.as_ref().map(super::reads::cluster_status),
         })
     }
 }
