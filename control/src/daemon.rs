@@ -17,6 +17,7 @@ use crate::{
     control_loop::{ControlLoop, LiveAddresses, Parts},
     ipfix, metrics,
     options::{describe_listen, Failure, Options},
+    persist,
     plane::{publisher::WorkerPublisher, telemetry::DaemonTelemetry, Shared},
     preflight::{self, SelfProbe},
     probes::Probes,
@@ -117,6 +118,19 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         ),
         _ => None,
     };
+    if let Some(pid) = opts.takeover {
+        // The configuration is valid: now the running xlbd may go.
+        let asked = persist::take_over(pid)?;
+        report::line(&format!(
+            "xlbd takeover: xlbd {pid} stopped in {}ms",
+            asked.elapsed().as_millis()
+        ));
+    }
+    // The state directory before XDP, which pins its links there.
+    let stores = match &opts.state_dir {
+        Some(dir) => Some(persist::open_stores(opts, dir)?),
+        None => None,
+    };
     let (runtime, signalled) = startup::runtime()?;
     let hangups = Some(reload::listen(&runtime)?);
     let endpoints = startup::bind_endpoints(&runtime, opts)?;
@@ -126,8 +140,11 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let attached = startup::attach_xdp(opts, &kernel, &rules)?;
     startup::settle_neighbours(&mut kernel)?;
     // One steering key for every worker, and for the self-probe, which picks the worker it
-    // injects at.
-    let steer_seed = workers::random_seed()?;
+    // injects at; the one the stored flows were placed with, if any.
+    let steer_seed = match stores.as_ref().and_then(|s| s.steer_seed) {
+        Some(seed) => seed,
+        None => workers::random_seed()?,
+    };
     let nat_log = (opts.ipfix.as_ref())
         .map(|o| {
             ipfix::Bound::bind(o.export.clone()).map_err(|e| {
@@ -165,24 +182,28 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         }
         None => (None, Vec::new()),
     };
-    let mut workers = workers::spawn_all(&workers::Start {
-        opts,
-        xdp: &attached.xdp,
-        ports: &kernel.ports,
-        port_vlans: &kernel.port_vlans,
-        kernel: kernel.watch.mailbox(),
-        backend_side: &kernel.backend_side,
-        steer_seed,
-        snat_only,
-        rules: &rules,
-        queues: kernel.queues,
-        probe_sources: self_probe
-            .as_ref()
-            .map(|p| p.prober.sources())
-            .unwrap_or_default(),
-        nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
-        sync: std::sync::Mutex::new(sync_ends),
-    })?;
+    let mut workers = workers::spawn_all(
+        &workers::Start {
+            opts,
+            xdp: &attached.xdp,
+            ports: &kernel.ports,
+            port_vlans: &kernel.port_vlans,
+            kernel: kernel.watch.mailbox(),
+            backend_side: &kernel.backend_side,
+            steer_seed,
+            snat_only,
+            rules: &rules,
+            queues: kernel.queues,
+            probe_sources: self_probe
+                .as_ref()
+                .map(|p| p.prober.sources())
+                .unwrap_or_default(),
+            config_hash: persist::config_hash(&config),
+            nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
+            sync: std::sync::Mutex::new(sync_ends),
+        },
+        stores,
+    )?;
     let shared = Shared::new(
         std::mem::take(&mut workers.cells),
         workers.port_stats.clone(),
@@ -435,6 +456,7 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
                 // NAT events of the last iteration go to the exporter too.
                 exit.handler.pass_nat_events();
                 exit.handler.publish_counters();
+                exit.handler.close_store();
             }
             Err(_) => {
                 failed.get_or_insert(format!("worker {w} panicked"));
@@ -447,10 +469,18 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
     final_counters(opts, &state, &shared, config.settings.lab_time_scale.max(1));
     runtime.shutdown_timeout(Duration::from_millis(500));
     drop::<XdpProgram>(attached.xdp);
-    report::line(&format!(
-        "xlbd stopped: XDP detached from {}",
-        opts.interfaces.join(",")
-    ));
+    match &opts.state_dir {
+        Some(dir) => report::line(&format!(
+            "xlbd stopped: flows and XDP kept in {} for the next xlbd (frames for the \
+             dataplane are held meanwhile; xlbd --cleanup --state-dir {} removes them)",
+            dir.display(),
+            dir.display()
+        )),
+        None => report::line(&format!(
+            "xlbd stopped: XDP detached from {}",
+            opts.interfaces.join(",")
+        )),
+    }
     match failed {
         Some(e) => Err(Failure::runtime(e)),
         None => Ok(()),

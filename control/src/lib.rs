@@ -24,6 +24,7 @@ pub mod liveness;
 pub mod messages;
 pub mod metrics;
 pub mod options;
+pub mod persist;
 pub mod plane;
 pub mod preflight;
 pub mod probes;

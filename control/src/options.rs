@@ -58,6 +58,11 @@ pub struct Options {
     pub cluster: Option<crate::cluster::ClusterOptions>,
     /// NAT event logging over IPFIX (`crate::ipfix`); `None`: off.
     pub ipfix: Option<crate::ipfix::IpfixOptions>,
+    /// `--state-dir`: a directory on a bpffs where the flows and the XDP attachment outlive
+    /// xlbd (`crate::persist`); `None`: nothing outlives it.
+    pub state_dir: Option<PathBuf>,
+    /// `--takeover PID`: stop that running xlbd and take over from it (a planned upgrade).
+    pub takeover: Option<u32>,
 }
 
 impl Options {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::runtime::Runtime;
-use xlb_afxdp::{netlink::Netlink, XdpProgram};
+use xlb_afxdp::{netlink::Netlink, AddrKind, XdpProgram};
 use xlb_api::{Bound, ServeOptions};
 use xlb_engine::{Addr, Config, MemberHealth, RuleSet};
 
@@ -179,9 +179,24 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
     })?;
     xdp.add_local_addrs_from_kernel()
         .map_err(|e| Failure::runtime(e.to_string()))?;
+    // The frontends are owned before the program runs anywhere: a program that takes over a
+    // pinned attachment carrying live flows must never pass their frames to the host.
+    for a in rules.frontend_addrs() {
+        xdp.add_addr(a.to_ip(), AddrKind::Owned)
+            .map_err(|e| Failure::runtime(format!("marking the frontends as owned: {e}")))?;
+    }
     let mut modes = Vec::new();
+    // With a state directory the attachment outlives xlbd (a pinned link) and frames wait
+    // for a worker rather than reach the host untranslated (crate::persist).
+    xdp.set_hold_without_socket(opts.state_dir.is_some());
     for (p, bs) in k.ports.iter().zip(&k.backend_side) {
-        let mode = xdp.attach(p.ifindex, opts.xdp_mode, *bs).map_err(|e| {
+        let attached = match &opts.state_dir {
+            Some(dir) => xdp
+                .attach_pinned(p.ifindex, opts.xdp_mode, *bs, dir)
+                .map(|(mode, _)| mode),
+            None => xdp.attach(p.ifindex, opts.xdp_mode, *bs),
+        };
+        let mode = attached.map_err(|e| {
             Failure::runtime(format!(
                 "attaching XDP to {}: {e}; is another XDP program attached (ip -d link show \
                  dev {} shows it; if it is another xlbd, stop that one)? On veth, native XDP \

@@ -84,6 +84,8 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     kv("tx_packets", sum.tx_packets);
     kv("rsts_sent", sum.rsts_sent);
     kv("events_dropped", sum.events_dropped);
+    kv("flows_restored", sum.flows_restored);
+    kv("flows_restore_dropped", sum.flows_restore_dropped);
     kv("handed_off", sum.handed_off);
     kv("handoff_dropped", sum.handoff_dropped);
     kv("next_hops", sum.next_hops.entries);

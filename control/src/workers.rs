@@ -25,6 +25,7 @@ use crate::{
     liveness::Heartbeats,
     messages::{Ack, ControlLink, FromWorker, ToWorker},
     options::{Failure, Options},
+    persist::{self, Stores, WorkerStore},
     plane::{
         cell::{cell, CellReader},
         telemetry::WorkerPlacement,
@@ -86,6 +87,8 @@ pub struct Start<'a> {
     pub backend_side: &'a [bool],
     /// The steering key's seed, one for every worker (they must agree on each flow's owner).
     pub steer_seed: u64,
+    /// The configuration's hash, recorded in the flow stores.
+    pub config_hash: u64,
     /// A cluster node's own SNAT addresses (`None`: every address of the outbound rules).
     pub snat_only: Option<Vec<Addr>>,
     /// Where the engines' NAT events go (`crate::ipfix`); `None`: the export is off.
@@ -110,8 +113,9 @@ struct Links {
     acks: Sender<Ack>,
 }
 
-/// Opens and spawns `--workers` workers.
-pub fn spawn_all(s: &Start) -> Result<Workers, Failure> {
+/// Opens and spawns `--workers` workers; each attaches its flow store, if given.
+pub fn spawn_all(s: &Start, stores: Option<Stores>) -> Result<Workers, Failure> {
+    let mut stores = stores.map(|s| s.workers.into_iter());
     let (from_tx, from) = channel::bounded(1024);
     let (ack_tx, acks) = channel::bounded(256);
     let links = Links {
@@ -133,7 +137,8 @@ pub fn spawn_all(s: &Start) -> Result<Workers, Failure> {
         .into_iter()
         .enumerate()
     {
-        spawn_one(s, w, steering, &links, &mut out)?;
+        let store = stores.as_mut().and_then(Iterator::next);
+        spawn_one(s, w, steering, &links, &mut out, store)?;
     }
     Ok(out)
 }
@@ -152,14 +157,18 @@ fn poll_mode(opts: &Options) -> PollMode {
 
 /// The engine of worker `w`, told the ports, which of them are backend side, and their VLANs
 /// (the kernel's view comes with the mailbox).
-fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
+fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Failure> {
+    let hash_seed = match store.as_ref().and_then(|st| st.flow_seed) {
+        Some(seed) => seed,
+        None => random_seed()?,
+    };
     let ecfg = EngineConfig {
         worker: w as u16,
         workers: s.opts.workers as u16,
         flow_capacity: s.opts.flow_capacity,
         admission: s.opts.admission,
         reset_rate: s.opts.reset_rate,
-        hash_seed: random_seed()?,
+        hash_seed,
         steer_seed: s.steer_seed,
         cluster_pickup: s.opts.cluster.is_some(),
         nat_log: (s.opts.ipfix.as_ref()).map_or(NatLogMode::Off, |o| o.mode()),
@@ -175,6 +184,13 @@ fn engine(s: &Start, w: usize) -> Result<Engine, Failure> {
     for pv in s.port_vlans {
         net.allow_vlan(pv.port, pv.vlan);
     }
+    if let Some(store) = store {
+        // After the ports: restored flows take their next hops on them.
+        let report = engine
+            .attach_store(sys::monotonic_ns(), store.mem, s.config_hash)
+            .map_err(|e| Failure::runtime(format!("worker {w}: flow store: {e}")))?;
+        crate::report::line(&persist::report_line(w, &report, sys::monotonic_ns()));
+    }
     Ok(engine)
 }
 
@@ -184,6 +200,7 @@ fn spawn_one(
     steering: Steering,
     links: &Links,
     out: &mut Workers,
+    store: Option<WorkerStore>,
 ) -> Result<(), Failure> {
     let opts = s.opts;
     let cfg = WorkerConfig {
@@ -211,18 +228,24 @@ fn spawn_one(
         acks: links.acks.clone(),
         counters: writer,
     };
-    let handler = EngineHandler::new(w, engine(s, w)?, link, PUBLISH_EVERY_NS, Some(steering))
-        .with_probe_sources(s.probe_sources.clone())
-        .with_kernel(Arc::clone(&s.kernel))
-        .with_heartbeat(out.heartbeats.of(w))
-        .with_nat_events(s.nat_events.clone())
-        .with_sync(
-            (s.sync
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner))
-            .get_mut(w)
-            .and_then(Option::take),
-        );
+    let handler = EngineHandler::new(
+        w,
+        engine(s, w, store)?,
+        link,
+        PUBLISH_EVERY_NS,
+        Some(steering),
+    )
+    .with_probe_sources(s.probe_sources.clone())
+    .with_kernel(Arc::clone(&s.kernel))
+    .with_heartbeat(out.heartbeats.of(w))
+    .with_nat_events(s.nat_events.clone())
+    .with_sync(
+        (s.sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        .get_mut(w)
+        .and_then(Option::take),
+    );
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

@@ -104,6 +104,9 @@ pub struct CounterSum {
     pub tx_packets: u64,
     pub rsts_sent: u64,
     pub events_dropped: u64,
+    /// Flows restored from the flow stores at start, and records not restored.
+    pub flows_restored: u64,
+    pub flows_restore_dropped: u64,
     /// By [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Unconfirmed flows evicted for new ones, by [`EvictReason::index`].
@@ -149,6 +152,8 @@ pub fn sum<'a>(
         tx_packets: 0,
         rsts_sent: 0,
         events_dropped: 0,
+        flows_restored: 0,
+        flows_restore_dropped: 0,
         drops: [0; DropReason::COUNT],
         evictions: [0; EvictReason::COUNT],
         flows: 0,
@@ -168,6 +173,8 @@ pub fn sum<'a>(
         s.tx_packets += c.tx_packets;
         s.rsts_sent += c.rsts_sent;
         s.events_dropped += c.events_dropped;
+        s.flows_restored += c.flows_restored;
+        s.flows_restore_dropped += c.flows_restore_dropped;
         for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
             *total += d;
         }

@@ -33,16 +33,23 @@ enum XdpMode {
 /// Run it in the network namespace of its interfaces, as root. It attaches its XDP program
 /// to every --interface, takes the frontends' traffic (and, on backend-side interfaces, every
 /// packet not addressed to the host) and processes it in user space. SIGINT or SIGTERM stop
-/// it cleanly, detaching XDP; SIGHUP reads --config again and applies the difference as one
-/// generation. Under systemd (NOTIFY_SOCKET) it speaks Type=notify, with the watchdog.
+/// it cleanly, detaching XDP; with --state-dir they keep the flows and the XDP attachment for
+/// the next xlbd (`xlbd --cleanup --state-dir DIR` removes them). SIGHUP reads --config again
+/// and applies the difference as one generation. Under systemd (NOTIFY_SOCKET) it speaks
+/// Type=notify, with the watchdog.
 #[derive(Debug, Parser)]
 #[command(name = "xlbd", version)]
 struct Cli {
     /// Configuration file (TOML; see docs/examples/xlb.toml), read again on SIGHUP.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "cleanup")]
+    config: Option<PathBuf>,
     /// An interface the dataplane drives; repeat it. The order gives the port numbers.
-    #[arg(long = "interface", short = 'i', value_name = "NAME", required = true)]
+    #[arg(
+        long = "interface",
+        short = 'i',
+        value_name = "NAME",
+        required_unless_present = "cleanup"
+    )]
     interfaces: Vec<String>,
     /// Interfaces facing the pool members (repeatable). Default: those the kernel's routes
     /// to the members go through.
@@ -138,6 +145,21 @@ struct Cli {
     /// it on (none on the interface itself).
     #[arg(long = "vlan", value_name = "IFACE:ID[,ID...]", value_parser = parse_vlan)]
     vlans: Vec<(String, Vec<u16>)>,
+    /// Keep the flows and the XDP attachment in DIR (on a bpffs, e.g. /sys/fs/bpf/xlb;
+    /// mounted if needed) so that they outlive xlbd: a restart, an upgrade or a crash loses
+    /// no flow, and frames for the dataplane are held (dropped, so TCP retransmits) while no
+    /// xlbd runs. One directory per xlbd.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A planned upgrade: start, stop the xlbd running with PID (SIGTERM), wait for it to
+    /// exit and take over its interfaces, XDP attachment and flows (needs --state-dir, the
+    /// same as the running one's).
+    #[arg(long, value_name = "PID", requires = "state_dir")]
+    takeover: Option<u32>,
+    /// Remove everything --state-dir holds (XDP is detached, the flows are freed) and exit:
+    /// the host as it was before xlbd. Stop xlbd first.
+    #[arg(long, requires = "state_dir")]
+    cleanup: bool,
     /// Run as node NAME of a cluster behind the router's ECMP (docs/cluster.md): mid-flow
     /// TCP segments of inbound rules are picked up under the `drop` policy, the frontends are
     /// announced only while the node is fit, and reset on idle is withheld for flows that may
@@ -417,7 +439,18 @@ fn check(cli: &Cli) -> Result<Checked, String> {
 }
 
 fn main() -> ExitCode {
-    let opts = match options(Cli::parse()) {
+    let cli = Cli::parse();
+    if cli.cleanup {
+        let dir = cli.state_dir.unwrap_or_default();
+        return match xlb_control::persist::cleanup(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("xlbd: {}", f.message);
+                ExitCode::from(f.code)
+            }
+        };
+    }
+    let opts = match options(cli) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("xlbd: {e}");
@@ -462,7 +495,7 @@ fn options(cli: Cli) -> Result<Options, String> {
         _ => None,
     };
     Ok(Options {
-        config: cli.config,
+        config: cli.config.unwrap_or_default(),
         interfaces: cli.interfaces,
         backend_side: (!cli.backend_side.is_empty()).then_some(cli.backend_side),
         workers: cli.workers,
@@ -495,6 +528,8 @@ fn options(cli: Cli) -> Result<Options, String> {
         self_probe_interval: checked.self_probe_interval,
         ipfix: ipfix(&cli.ipfix)?,
         vlans: cli.vlans,
+        state_dir: cli.state_dir,
+        takeover: cli.takeover,
         cluster,
     })
 }

@@ -246,6 +246,12 @@ impl EngineHandler {
         &self.engine
     }
 
+    /// Marks the engine's flow store closed by a planned stop (after the worker's last
+    /// frame): the next xlbd restores it as complete.
+    pub fn close_store(&mut self) {
+        drop(self.engine.close_store(sys::monotonic_ns()));
+    }
+
     /// Publishes the counters into the worker's cell: copies into the cell's storage, so
     /// nothing is allocated once it has grown to the counters' size.
     pub fn publish_counters(&mut self) {

@@ -358,6 +358,18 @@ fn workers(o: &mut Families, src: &Sources) {
         "RST frames sent by reset on idle (two per flow; unknown-flow resets are counted per rule).",
         &of(&|c| c.counters.rsts_sent),
     );
+    o.per_worker(
+        "xlb_worker_flows_restored_total",
+        COUNTER,
+        "Flows restored from the worker's flow store when xlbd started (--state-dir).",
+        &of(&|c| c.counters.flows_restored),
+    );
+    o.per_worker(
+        "xlb_worker_flows_restore_dropped_total",
+        COUNTER,
+        "Flow store records not restored at start: torn by a crash, unreadable, or of a rule that is gone.",
+        &of(&|c| c.counters.flows_restore_dropped),
+    );
     o.family(
         "xlb_worker_drops_total",
         COUNTER,

@@ -5,6 +5,7 @@
 //! - [`worker`]: AF_XDP sockets and UMEM through xsk-rs, and the loop that drives a
 //!   [`FrameHandler`] (xlbd's engine; the benchmark tools of `xlb-bench` drive it too).
 //! - [`netlink`]: links, addresses, neighbours and routes of the current namespace.
+//! - [`pinned`]: state that outlives xlbd in bpffs (flow stores, XDP links).
 //! - [`sys`]: the few libc calls other crates need, wrapped safe.
 //! - [`csum`]: Internet checksums, completing partial TCP/UDP checksums.
 //!
@@ -38,6 +39,7 @@ pub mod csum;
 mod error;
 pub mod handler;
 pub mod netlink;
+pub mod pinned;
 pub mod sys;
 pub mod umem;
 pub mod worker;

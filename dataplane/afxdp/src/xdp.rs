@@ -32,6 +32,8 @@ pub const MAX_IFACES: u32 = 64;
 /// Queues per interface in the XSKMAP (keep in sync with the C).
 pub const MAX_QUEUES: u32 = 64;
 const IFACE_BACKEND_SIDE: u32 = 0x1;
+/// With no socket in the queue's XSKMAP slot, drop rather than pass (keep in sync with the C).
+const IFACE_HOLD: u32 = 0x2;
 
 /// Where the XDP program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,7 @@ pub struct XdpCounters {
 /// attached to when the handle was made are known to it.
 #[derive(Debug)]
 pub struct XdpAddrTable {
+    hold: bool,
     ifaces: MapHandle,
     addrs: MapHandle,
     slots: HashMap<u32, u32>,
@@ -113,12 +116,19 @@ impl XdpAddrTable {
             .slots
             .get(&ifindex)
             .ok_or_else(|| Error::msg(format!("not attached to ifindex {ifindex}")))?;
-        write_iface(&self.ifaces, ifindex, slot, backend_side)
+        write_iface(&self.ifaces, ifindex, slot, backend_side, self.hold)
     }
 }
 
-fn write_iface(ifaces: &MapHandle, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
-    let flags = if backend_side { IFACE_BACKEND_SIDE } else { 0 };
+fn write_iface(
+    ifaces: &MapHandle,
+    ifindex: u32,
+    slot: u32,
+    backend_side: bool,
+    hold: bool,
+) -> Result<()> {
+    let flags =
+        if backend_side { IFACE_BACKEND_SIDE } else { 0 } | if hold { IFACE_HOLD } else { 0 };
     let mut value = [0u8; 8];
     value[..4].copy_from_slice(&slot.to_ne_bytes());
     value[4..].copy_from_slice(&flags.to_ne_bytes());
@@ -158,6 +168,8 @@ pub struct XdpProgram {
     addrs: MapHandle,
     counters: MapHandle,
     attached: HashMap<u32, Attachment>,
+    /// Frames for the dataplane are dropped, not passed, while their queue has no socket.
+    hold: bool,
 }
 
 // XDP flag bits (include/uapi/linux/if_link.h).
@@ -193,6 +205,60 @@ pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result
 /// An owned duplicate of a loaded program's fd. The loaders keep plain fds and let the
 /// skeleton (and its libbpf object) go: the program and maps live as long as any fd refers
 /// to them, which spares a self-referential struct around the skeleton's borrowed storage.
+/// The pin of `ifindex`'s XDP link in `dir`: the mode is in the name (a link does not say).
+fn link_pin(dir: &std::path::Path, ifindex: u32, mode: AttachMode) -> std::path::PathBuf {
+    let m = match mode {
+        AttachMode::Native => "native",
+        AttachMode::Generic => "generic",
+    };
+    dir.join(format!("xdp-{ifindex}-{m}"))
+}
+
+fn path_cstring(path: &std::path::Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::msg(format!("{} contains a NUL byte", path.display())))
+}
+
+fn pin_fd(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
+    let c = path_cstring(path)?;
+    // SAFETY: `fd` is a valid BPF object fd and `c` a NUL-terminated path.
+    let rc = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
+    if rc < 0 {
+        return Err(Error::with(
+            format!("pinning {}", path.display()),
+            std::io::Error::from_raw_os_error(-rc),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the XDP link pinned at `path` and makes it run `prog`.
+fn update_pinned_link(path: &std::path::Path, prog: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let c = path_cstring(path)?;
+    // SAFETY: `c` is a NUL-terminated path.
+    let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
+    if fd < 0 {
+        return Err(Error::with(
+            format!("opening {}", path.display()),
+            std::io::Error::from_raw_os_error(-fd),
+        ));
+    }
+    // SAFETY: `fd` was just returned by bpf_obj_get and is owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: both fds are valid for the call; no options (replace whatever runs).
+    let rc = unsafe {
+        libbpf_sys::bpf_link_update(link.as_raw_fd(), prog.as_raw_fd(), std::ptr::null())
+    };
+    if rc < 0 {
+        return Err(Error::with(
+            format!("replacing the program of {}", path.display()),
+            std::io::Error::from_raw_os_error(-rc),
+        ));
+    }
+    Ok(link)
+}
+
 pub fn owned_prog_fd(prog: &impl AsFd) -> Result<OwnedFd> {
     prog.as_fd()
         .try_clone_to_owned()
@@ -248,6 +314,7 @@ impl XdpProgram {
             addrs: handle(&loaded.maps.xlb_addrs, "xlb_addrs")?,
             counters: handle(&loaded.maps.xlb_counters, "xlb_counters")?,
             attached: HashMap::new(),
+            hold: false,
         };
         // The C and these constants must agree on the XSKMAP key layout.
         if me.xsks.max_entries() != MAX_IFACES * MAX_QUEUES || me.ifaces.max_entries() != MAX_IFACES
@@ -297,7 +364,83 @@ impl XdpProgram {
     }
 
     fn write_iface(&self, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
-        write_iface(&self.ifaces, ifindex, slot, backend_side)
+        write_iface(&self.ifaces, ifindex, slot, backend_side, self.hold)
+    }
+
+    /// What the program does with a frame for the dataplane whose queue has no socket
+    /// (while xlbd starts, restarts or is down): `false` passes it to the kernel (the
+    /// default), `true` drops it, so that TCP retransmits it later and the host never sees
+    /// untranslated traffic (a host that owns the VIP would answer it with an RST). Applies
+    /// to interfaces attached afterwards.
+    pub fn set_hold_without_socket(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
+    /// [`attach`](Self::attach) through a BPF link pinned in `dir`, which keeps the program
+    /// attached after this process exits, for whatever reason. A link an earlier xlbd pinned
+    /// for `ifindex` is taken over: this program replaces that one in the same attachment
+    /// (atomically, `BPF_LINK_UPDATE`), in the mode it had. Returns the mode and whether an
+    /// attachment was taken over. [`crate::pinned::remove_state`] detaches.
+    pub fn attach_pinned(
+        &mut self,
+        ifindex: u32,
+        mode: ModeRequest,
+        backend_side: bool,
+        dir: &std::path::Path,
+    ) -> Result<(AttachMode, bool)> {
+        if self.attached.contains_key(&ifindex) {
+            return Err(Error::msg(format!("already attached to ifindex {ifindex}")));
+        }
+        let slot = self.free_slot()?;
+        self.write_iface(ifindex, slot, backend_side)?;
+        for m in [AttachMode::Native, AttachMode::Generic] {
+            let path = link_pin(dir, ifindex, m);
+            if !path.exists() {
+                continue;
+            }
+            match update_pinned_link(&path, self.prog.as_fd()) {
+                Ok(link) => {
+                    self.attached.insert(
+                        ifindex,
+                        Attachment {
+                            slot,
+                            mode: m,
+                            _link: link,
+                        },
+                    );
+                    return Ok((m, true));
+                }
+                // A link whose interface is gone (or another program type): not ours to
+                // keep.
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let (link, m) = match xdp_attach(self.prog.as_fd(), ifindex, mode) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.ifaces.delete(&ifindex.to_ne_bytes());
+                return Err(e);
+            }
+        };
+        let path = link_pin(dir, ifindex, m);
+        pin_fd(link.as_fd(), &path)?;
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                slot,
+                mode: m,
+                _link: link,
+            },
+        );
+        Ok((m, false))
+    }
+
+    fn free_slot(&self) -> Result<u32> {
+        (0..MAX_IFACES)
+            .find(|s| self.attached.values().all(|a| a.slot != *s))
+            .ok_or_else(|| Error::msg(format!("more than {MAX_IFACES} interfaces")))
     }
 
     /// A handle on the address and interface maps for another thread (see [`XdpAddrTable`]);
@@ -307,6 +450,7 @@ impl XdpProgram {
             MapHandle::try_from(m).map_err(|e| Error::with(format!("duplicating {what}"), e))
         };
         Ok(XdpAddrTable {
+            hold: self.hold,
             ifaces: dup(&self.ifaces, "xlb_ifaces")?,
             addrs: dup(&self.addrs, "xlb_addrs")?,
             slots: self

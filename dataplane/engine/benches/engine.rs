@@ -127,9 +127,14 @@ fn udp_frame(src: [u8; 4], sport: u16) -> Vec<u8> {
 }
 
 /// An engine holding `n` established TCP flows, and for each the frame a client sends and the
-/// frame its backend answers with.
-fn established(n: u32) -> (Engine, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+/// frame its backend answers with. `stored`: the engine writes its flows into a flow store
+/// (heap memory here; xlbd's is a mapped BPF array, the same loads and stores).
+fn established(n: u32, stored: bool) -> (Engine, Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut e = engine(n.next_power_of_two().max(1024));
+    if stored {
+        let mem = vec![0u8; e.store_geometry().bytes()];
+        e.attach_store(T0, Box::new(mem), 0).unwrap();
+    }
     let (mut fwd, mut rev) = (Vec::new(), Vec::new());
     for i in 0..n {
         let (src, sport) = (client_ip(i), 1024 + (i % 60_000) as u16);
@@ -175,9 +180,18 @@ fn bench_established(c: &mut Criterion) {
     let mut g = c.benchmark_group("established");
     g.throughput(Throughput::Elements(1));
     for n in [1_000u32, 100_000] {
-        let (mut e, fwd, rev) = established(n);
+        let (mut e, fwd, rev) = established(n, false);
         let mut buf = [0u8; 64];
         let mut i = 0usize;
+        // The same with every flow written into a flow store (what --state-dir costs).
+        let (mut stored, _, _) = established(n, true);
+        g.bench_function(format!("client_to_backend_stored/{n}_flows"), |b| {
+            b.iter(|| {
+                i = (i + 1) % fwd.len();
+                buf.copy_from_slice(&fwd[i]);
+                black_box(stored.process(T0, 0, &mut buf))
+            })
+        });
         g.bench_function(format!("client_to_backend/{n}_flows"), |b| {
             b.iter(|| {
                 i = (i + 1) % fwd.len();

@@ -172,6 +172,11 @@ pub struct Counters {
     pub events_dropped: u64,
     /// Unconfirmed flows evicted to admit new ones, by [`EvictReason::index`].
     pub evictions: [u64; EvictReason::COUNT],
+    /// Flows restored from the flow store when the engine attached it (a restart).
+    pub flows_restored: u64,
+    /// Records of the flow store not restored: torn by a crash, unreadable, or of a rule that
+    /// is gone (a wiped store counts none: its reason is reported instead).
+    pub flows_restore_dropped: u64,
 }
 
 impl Clone for Counters {
@@ -194,6 +199,8 @@ impl Clone for Counters {
             live_flows,
             events_dropped,
             evictions,
+            flows_restored,
+            flows_restore_dropped,
         } = source;
         self.rx_packets = *rx_packets;
         self.tx_packets = *tx_packets;
@@ -203,6 +210,8 @@ impl Clone for Counters {
         self.live_flows.clone_from(live_flows);
         self.events_dropped = *events_dropped;
         self.evictions = *evictions;
+        self.flows_restored = *flows_restored;
+        self.flows_restore_dropped = *flows_restore_dropped;
     }
 }
 
@@ -217,6 +226,8 @@ impl Default for Counters {
             live_flows: Vec::new(),
             events_dropped: 0,
             evictions: [0; EvictReason::COUNT],
+            flows_restored: 0,
+            flows_restore_dropped: 0,
         }
     }
 }

@@ -20,6 +20,9 @@ use crate::net::{NextHopError, NextHopId, NextHopStats, NextHops, PortId};
 use crate::ratelimit::TokenBucket;
 use crate::ruleset::{FlowTuple, RuleId, RuleSet, UnknownFlowPolicy};
 use crate::snat::SnatPorts;
+use crate::store::{
+    Contents, FlowStore, Geometry, Record, Slot, StoreMemory, StoreOutcome, StoreReport,
+};
 use crate::tcp::{self, Change, Dir, Outcome, Segment, TcpState, TcpTrack, ORIG, REPLY};
 use crate::time::{mins, Nanos, NANOS_PER_MILLI};
 use crate::timer::TimerWheel;
@@ -173,6 +176,8 @@ pub struct Engine {
     standby: export::Standby,
     sync: export::SyncLog,
     scratch: [u8; MAX_RST_FRAME],
+    /// Where the flows are written so that they outlive the process (detached: nowhere).
+    store: FlowStore,
 }
 
 impl Engine {
@@ -209,10 +214,169 @@ impl Engine {
             standby: export::Standby::default(),
             sync: export::SyncLog::default(),
             scratch: [0; MAX_RST_FRAME],
+            store: FlowStore::default(),
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
         }
+    }
+
+    /// The geometry a flow store of this engine has (see [`crate::store`]).
+    pub fn store_geometry(&self) -> Geometry {
+        Geometry {
+            capacity: self.flows.capacity(),
+            late_slots: self.late.slots() as u32,
+            worker: self.cfg.worker,
+            workers: self.cfg.workers,
+        }
+    }
+
+    /// Takes `mem` as this engine's flow store: restores the flows it holds (rebuilding the
+    /// index, the timer wheel, the admission lists, the SNAT ports and the next hops from
+    /// the records) and from then on writes every flow into it. Call it once, after the
+    /// ports are told ([`NextHops::set_port`]) and before the first frame.
+    ///
+    /// A store written by another layout version, for another geometry (flow capacity, late
+    /// slots, worker, workers), with another steering seed or for other ports (their MACs in
+    /// port order) cannot be trusted: it is wiped and the report says why. A configuration hash that differs from `config_hash` is not
+    /// a reason: flows are matched to the rules by kind and name, and those whose rule is
+    /// gone are dropped (counted). The late-packet memory is restored when the engine's
+    /// flow hash seed is the store's ([`crate::store::stored_seeds`]). A flow whose idle time ran out while no engine ran
+    /// expires at the first [`expire`](Self::expire), with its RSTs if its rule says so; one
+    /// whose `last_seen` is after `now` (the caller's clock, which must be the one the store
+    /// was written on: xlbd's is `CLOCK_MONOTONIC`) is dropped as invalid.
+    /// `Err`: the memory is too small (nothing was written).
+    pub fn attach_store(
+        &mut self,
+        now: Nanos,
+        mem: Box<dyn StoreMemory>,
+        config_hash: u64,
+    ) -> Result<StoreReport, String> {
+        if !self.flows.is_empty() || self.store.is_attached() {
+            return Err("a store is attached before the engine holds flows, once".into());
+        }
+        let geometry = self.store_geometry();
+        let mut store = FlowStore::default();
+        let (mem, mut report) = store.open(
+            mem,
+            geometry,
+            config_hash,
+            (self.cfg.steer_seed, self.cfg.hash_seed),
+            crate::store::ports_identity(self.net.port_macs()),
+        )?;
+        if report.outcome == StoreOutcome::Restored {
+            self.restore(now, mem.bytes(), &mut report);
+        }
+        store.start(mem, config_hash, self.cfg.hash_seed);
+        self.store = store;
+        // Rewrite what was restored (rule ids may have been renumbered) and clear the rest.
+        self.store.put_rules(&self.rules);
+        for id in 0..self.flows.capacity() {
+            if self.flows.is_live(id) {
+                let f = *self.flows.get(id);
+                let confirmed = !self.unconfirmed.is_unconfirmed(id);
+                let hops = [
+                    self.net.get(f.next_hop[ORIG]),
+                    self.net.get(f.next_hop[REPLY]),
+                ];
+                self.store.put(id, &f, confirmed, hops);
+            } else {
+                self.store.clear(id);
+            }
+        }
+        self.store.put_late_all(&self.late);
+        self.counters.flows_restored += u64::from(report.flows);
+        self.counters.flows_restore_dropped +=
+            u64::from(report.torn + report.invalid + report.rule_gone);
+        Ok(report)
+    }
+
+    /// Marks the flow store closed at `now` by its owner (a planned stop: the next owner
+    /// knows the records are complete) and stops writing it; hands the memory back. Call it
+    /// after the last frame.
+    pub fn close_store(&mut self, now: Nanos) -> Option<Box<dyn StoreMemory>> {
+        self.store.close(now)
+    }
+
+    /// Stops writing the flow store without closing it and hands it back: what a process
+    /// that is killed leaves behind (for tests and simulations of a crash).
+    pub fn abandon_store(&mut self) -> Option<Box<dyn StoreMemory>> {
+        self.store.abandon()
+    }
+
+    fn restore(&mut self, now: Nanos, bytes: &[u8], report: &mut StoreReport) {
+        let contents = Contents::new(bytes, &self.rules);
+        for id in 0..contents.capacity().min(self.flows.capacity()) {
+            match contents.slot(id) {
+                Slot::Free => {}
+                Slot::Torn => report.torn += 1,
+                Slot::Invalid => report.invalid += 1,
+                Slot::RuleGone => report.rule_gone += 1,
+                // A time stamp from the future: not written on this boot's clock line.
+                Slot::Live(rec) if rec.flow.last_seen > now => report.invalid += 1,
+                Slot::Live(rec) => {
+                    if self.restore_flow(id, rec) {
+                        report.flows += 1;
+                        if rec.flow.nat == Nat::Snat {
+                            report.snat_ports += 1;
+                        }
+                    } else {
+                        report.invalid += 1;
+                    }
+                }
+            }
+        }
+        self.flows.finish_restore();
+        if !report.late_keyed {
+            return;
+        }
+        for (slot, hash, expired_at, rule) in contents.late() {
+            self.late.restore(slot, hash, expired_at, rule);
+            report.late += 1;
+        }
+    }
+
+    /// Puts one stored flow back in slot `id`; false when it cannot be (a port that is not
+    /// there, a full next-hop table, a tuple another record holds).
+    fn restore_flow(&mut self, id: FlowId, rec: Record) -> bool {
+        let mut hops: [NextHopId; 2] = [0; 2];
+        for (dir, (port, vlan, mac)) in rec.hops.into_iter().enumerate() {
+            let learned = if usize::from(port) < self.net.port_count() {
+                self.net.learn(port, mac, vlan).ok()
+            } else {
+                None
+            };
+            let Some(hop) = learned else {
+                if dir == REPLY {
+                    self.net.release_if_unused(hops[ORIG]);
+                }
+                return false;
+            };
+            hops[dir] = hop;
+        }
+        let mut flow = rec.flow;
+        flow.next_hop = hops;
+        if self.flows.restore_at(id, flow).is_err() {
+            for hop in hops {
+                self.net.release_if_unused(hop);
+            }
+            return false;
+        }
+        // The forward hop is restored as the MAC it had; the first route view re-resolves
+        // it (`rehome`), so it follows the kernel's neighbour from then on.
+        for hop in hops {
+            self.net.acquire(hop);
+        }
+        if flow.nat == Nat::Snat {
+            self.snat.reserve(flow.xlat, flow.proto, flow.xlat_port);
+        }
+        if !rec.confirmed {
+            self.unconfirmed.admit(id, flow.rule, class_of(flow.proto));
+        }
+        live_flows(&mut self.counters, flow.rule);
+        let deadline = self.deadline(&flow);
+        self.wheel.insert(id, deadline);
+        true
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -239,13 +403,19 @@ impl Engine {
                 .resize(rules.rule_id_bound(), RuleCounters::default());
             self.counters.live_flows.resize(rules.rule_id_bound(), 0);
         }
+        let mut late_forgotten = false;
         for i in 0..self.counters.rules.len() {
             let id = i as RuleId;
             if self.rules.since(id) != rules.since(id) {
                 self.counters.rules[i] = RuleCounters::default();
                 self.late.forget_rule(id);
+                late_forgotten = true;
             }
         }
+        if late_forgotten {
+            self.store.put_late_all(&self.late);
+        }
+        self.store.put_rules(&rules);
         if timeouts_shrank(&self.rules, &rules) {
             self.sweep = Some(0);
         }
@@ -498,6 +668,7 @@ impl Engine {
                 // A UDP reply: the flow is confirmed.
                 let rule = self.flows.get(id).rule;
                 self.unconfirmed.forget(id, rule, admission::UDP);
+                self.store.put_confirmed(id);
             }
             self.flows.get_mut(id).last_seen = now;
             return self.emit(id, dir, buf, len, &pkt);
@@ -652,6 +823,7 @@ impl Engine {
                 self.net.acquire(new);
                 self.net.release(old);
                 self.flows.get_mut(id).next_hop[ORIG] = new;
+                self.store.put_hop(id, ORIG, self.net.get(new));
             }
             Ok(_) => {}
             Err(NextHopError::NoNeighbor) => self.net.rehome_incomplete(),
@@ -691,6 +863,8 @@ impl Engine {
                 );
                 self.late.record(h0, now, f.rule);
                 self.late.record(h1, now, f.rule);
+                self.store.put_late(&self.late, self.late.slot_of(h0));
+                self.store.put_late(&self.late, self.late.slot_of(h1));
             }
         }
         self.remove_flow(now, id);
@@ -746,6 +920,7 @@ impl Engine {
         if f.tcp.seen(REPLY) && !f.tcp.state.is_closed() && ack == f.tcp.next_seq(REPLY) {
             let rule = f.rule;
             self.unconfirmed.forget(id, rule, admission::TCP);
+            self.store.put_confirmed(id);
         }
     }
 
@@ -769,6 +944,7 @@ impl Engine {
         self.unconfirmed.forget(id, f.rule, class_of(f.proto));
         self.wheel.remove(id);
         self.flows.remove(id);
+        self.store.clear(id);
         if let Some(n) = self.counters.live_flows.get_mut(usize::from(f.rule)) {
             *n = n.saturating_sub(1);
         }
@@ -827,6 +1003,7 @@ impl Engine {
             return self.drop(DropReason::HopLimit);
         }
         let f = self.flows.get(id);
+        self.store.put_live(id, f);
         let rw = match (f.nat, dir) {
             (Nat::Dnat, ORIG) => Rewrite {
                 dst: Some(f.xlat),
@@ -1068,13 +1245,17 @@ impl Engine {
         self.net.acquire(forward);
         self.net.acquire(back);
         self.unconfirmed.admit(id, rule, class);
-        self.late.forget(hash);
+        if self.late.forget(hash) {
+            self.store.put_late(&self.late, self.late.slot_of(hash));
+        }
         self.natlog
             .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
         self.sync_note(id);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
+        let hops = [self.net.get(forward), self.net.get(back)];
+        self.store.put(id, self.flows.get(id), false, hops);
         Ok(id)
     }
 

@@ -264,6 +264,33 @@ impl FlowTable {
         Ok(id)
     }
 
+    /// Puts `flow` back in slot `id` under both of its keys (a flow store's record being
+    /// restored into an empty table). Call [`finish_restore`](Self::finish_restore) after
+    /// the last one.
+    pub fn restore_at(&mut self, id: FlowId, flow: Flow) -> Result<(), InsertError> {
+        if id >= self.capacity() || self.is_live(id) {
+            return Err(InsertError::Conflict);
+        }
+        let (k0, k1) = (flow.key(ORIG), flow.key(REPLY));
+        let (h0, h1) = (self.hash(&k0), self.hash(&k1));
+        if self.lookup(&k0, h0).is_some() || self.lookup(&k1, h1).is_some() || k0 == k1 {
+            return Err(InsertError::Conflict);
+        }
+        self.flows[id as usize] = flow;
+        self.set_live(id, true);
+        self.index_insert(h0, id << 1);
+        self.index_insert(h1, (id << 1) | 1);
+        Ok(())
+    }
+
+    /// Rebuilds the free list from the live slots after [`restore_at`](Self::restore_at).
+    pub fn finish_restore(&mut self) {
+        self.free = (0..self.capacity())
+            .rev()
+            .filter(|&id| !self.is_live(id))
+            .collect();
+    }
+
     /// Removes flow `id` (both keys). No-op if it is not live.
     pub fn remove(&mut self, id: FlowId) {
         if !self.is_live(id) {

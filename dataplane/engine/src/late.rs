@@ -57,11 +57,42 @@ impl LateTable {
         }
     }
 
-    /// Forgets `hash` (a new flow took the key).
-    pub fn forget(&mut self, hash: u64) {
+    /// Forgets `hash` (a new flow took the key); whether an entry was forgotten.
+    pub fn forget(&mut self, hash: u64) -> bool {
         let e = &mut self.entries[hash as usize & self.mask];
-        if e.hash == hash {
+        let hit = e.used && e.hash == hash;
+        if hit {
             e.used = false;
+        }
+        hit
+    }
+
+    /// Slots of the table (a power of two).
+    pub fn slots(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The slot that remembers `hash`.
+    pub fn slot_of(&self, hash: u64) -> usize {
+        hash as usize & self.mask
+    }
+
+    /// Slot `slot` as (key hash, expiry time, rule, in use), for the flow store.
+    pub fn entry(&self, slot: usize) -> (u64, Nanos, RuleId, bool) {
+        let e = self.entries[slot & self.mask];
+        (e.hash, e.expired_at, e.rule, e.used)
+    }
+
+    /// Restores slot `slot` from the flow store. An entry whose hash does not belong in
+    /// the slot is ignored.
+    pub fn restore(&mut self, slot: usize, hash: u64, expired_at: Nanos, rule: RuleId) {
+        if slot < self.entries.len() && self.slot_of(hash) == slot {
+            self.entries[slot] = Entry {
+                hash,
+                expired_at,
+                rule,
+                used: true,
+            };
         }
     }
 }

@@ -198,6 +198,16 @@ impl NextHops {
         }
     }
 
+    /// Ports told so far ([`set_port`](Self::set_port)).
+    pub fn port_count(&self) -> usize {
+        self.port_macs.len()
+    }
+
+    /// The MAC of every port told so far, by port id.
+    pub fn port_macs(&self) -> &[Mac] {
+        &self.port_macs
+    }
+
     /// Declares port `port` with its MAC address (ports are numbered densely from 0).
     pub fn set_port(&mut self, port: PortId, mac: Mac) {
         let i = port as usize;

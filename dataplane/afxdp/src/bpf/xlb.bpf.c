@@ -24,6 +24,8 @@
 #define XLB_MAX_IFACES 64
 #define XLB_MAX_QUEUES 64
 #define XLB_IFACE_BACKEND_SIDE 0x1
+/* no socket in the queue's slot: drop (TCP retransmits) rather than pass to the kernel */
+#define XLB_IFACE_HOLD 0x2
 #define XLB_ADDR_OWNED 1
 #define XLB_ADDR_LOCAL 2
 
@@ -103,9 +105,12 @@ static __always_inline int redirect(struct xdp_md *ctx, const struct xlb_iface *
 		count(XLB_CNT_NO_XSK);
 		return XDP_PASS;
 	}
-	/* The low bits of flags are the action when the slot is empty: the kernel keeps the
-	 * packet rather than losing it while a worker starts or restarts. */
-	ret = bpf_redirect_map(&xlb_xsks, iface->slot * XLB_MAX_QUEUES + q, XDP_PASS);
+	/* The low bits of flags are the action when the slot is empty (no worker socket: xlbd
+	 * starting, restarting or down). By default the kernel gets the packet; with
+	 * XLB_IFACE_HOLD it is dropped, so that the sender retransmits it once a worker is
+	 * back and the host never sees untranslated traffic for the dataplane. */
+	ret = bpf_redirect_map(&xlb_xsks, iface->slot * XLB_MAX_QUEUES + q,
+			       (iface->flags & XLB_IFACE_HOLD) ? XDP_DROP : XDP_PASS);
 	count(ret == XDP_REDIRECT ? XLB_CNT_REDIRECTED : XLB_CNT_NO_XSK);
 	return ret;
 }

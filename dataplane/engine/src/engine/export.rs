@@ -311,7 +311,9 @@ impl Engine {
         if flow.nat == Nat::Snat {
             self.snat.reserve(flow.xlat, flow.proto, flow.xlat_port);
         }
-        self.late.forget(hash);
+        if self.late.forget(hash) {
+            self.store.put_late(&self.late, self.late.slot_of(hash));
+        }
         live_flows(&mut self.counters, rule);
         if standby {
             self.standby.marks.insert(id, (flow.last_seen, hash));
@@ -321,6 +323,9 @@ impl Engine {
         let deadline = self.deadline(self.flows.get(id));
         // Confirmed where it ran: never evicted as a half-open flow here.
         self.wheel.insert(id, deadline);
+        // Into the flow store like any other flow: it outlives this process too.
+        let hops = [self.net.get(forward), self.net.get(back)];
+        self.store.put(id, self.flows.get(id), true, hops);
         Ok(Imported::Created(id))
     }
 
@@ -343,6 +348,7 @@ impl Engine {
         f.tcp = synced.tcp;
         let key = self.flows.hash(&synced.key(ORIG));
         self.standby.marks.insert(id, (synced.last_seen, key));
+        self.store.put_live(id, self.flows.get(id));
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Imported::Refreshed(id)
