@@ -280,6 +280,9 @@ impl Engine {
                     self.net.get(f.next_hop[REPLY]),
                 ];
                 self.store.put(id, &f, confirmed, hops);
+                if let Some(seen) = self.standby_seen(id) {
+                    self.store.put_standby(id, seen);
+                }
             } else {
                 self.store.clear(id);
             }
@@ -372,6 +375,10 @@ impl Engine {
         }
         if !rec.confirmed {
             self.unconfirmed.admit(id, flow.rule, class_of(flow.proto));
+        }
+        if rec.standby_seen != 0 {
+            // Still a cluster peer's flow unless a packet came here since its last sync.
+            self.restore_standby(id, rec.standby_seen);
         }
         live_flows(&mut self.counters, flow.rule);
         let deadline = self.deadline(&flow);

@@ -95,6 +95,10 @@ const R_LAST_SEEN: usize = 88;
 /// Per direction (original, reply): port u16, VLAN u16 (0: none, else id + 1), MAC.
 const R_HOPS: usize = 96;
 const HOP_BYTES: usize = 10;
+/// A cluster standby copy: the `last_seen` its latest synced state set (0: not a standby copy).
+/// It is standby while its `last_seen` is still that one. Older stores have zeros here.
+const R_STANDBY_SEEN: usize = 120;
+const _: () = assert!(R_HOPS + 2 * HOP_BYTES <= R_STANDBY_SEEN && R_STANDBY_SEEN + 8 <= RECORD);
 
 const FLAG_CONFIRMED: u8 = 1;
 
@@ -187,6 +191,8 @@ pub struct Record {
     pub confirmed: bool,
     /// (port, VLAN, destination MAC) per direction.
     pub hops: [(u16, Option<u16>, [u8; 6]); 2],
+    /// A cluster standby copy: the `last_seen` its synced state set; 0 when not one.
+    pub standby_seen: u64,
 }
 
 /// The engine's handle on its store; detached (writes nothing) until one is attached. A
@@ -427,6 +433,7 @@ impl FlowStore {
         for (dir, hop) in hops.into_iter().enumerate() {
             write_hop(r, dir, hop);
         }
+        r[R_STANDBY_SEEN..R_STANDBY_SEEN + 8].fill(0);
         compiler_fence(Ordering::SeqCst);
         let done = seq.wrapping_add(1).max(2);
         r[R_SEQ..R_SEQ + 4].copy_from_slice(&done.to_ne_bytes());
@@ -439,6 +446,14 @@ impl FlowStore {
         if let Some(r) = record_mut(mem.bytes_mut(), id) {
             r[R_TCP..R_TCP + TRACK_RECORD_BYTES].copy_from_slice(&f.tcp.to_record());
             r[R_LAST_SEEN..R_LAST_SEEN + 8].copy_from_slice(&f.last_seen.to_ne_bytes());
+        }
+    }
+
+    /// Flow `id` is a cluster standby copy while its `last_seen` is `seen` (0: it is not one).
+    pub(crate) fn put_standby(&mut self, id: u32, seen: u64) {
+        let Some(mem) = self.mem.as_mut() else { return };
+        if let Some(r) = record_mut(mem.bytes_mut(), id) {
+            r[R_STANDBY_SEEN..R_STANDBY_SEEN + 8].copy_from_slice(&seen.to_ne_bytes());
         }
     }
 
@@ -633,6 +648,7 @@ impl<'a> Contents<'a> {
             },
             confirmed: r[R_FLAGS] & FLAG_CONFIRMED != 0,
             hops: [hop(0), hop(1)],
+            standby_seen: u64_at(r, R_STANDBY_SEEN),
         })
     }
 

@@ -578,3 +578,56 @@ fn an_imported_flow_is_stored_too() {
     );
     assert_eq!(port, BACKEND_PORT);
 }
+
+/// A cluster peer's flow held here as a standby copy stays one across a restart: it expires
+/// without reset-on-idle RSTs (the peer's connection may live on), while a copy that took a
+/// packet here before the restart is this node's own and is reset on idle as usual.
+#[test]
+fn a_standby_copy_stays_standby_across_a_restart() {
+    let mut a = Lab::new();
+    let quiet = establish(&mut a, 80, 40_410);
+    let moved = establish(&mut a, 80, 40_411);
+    let states: Vec<_> = a
+        .engine
+        .flows()
+        .map(|f| a.engine.export_flow(a.now, f.id).expect("a live flow"))
+        .collect();
+    let mut b = lab_with_store();
+    b.now = a.now;
+    for state in &states {
+        assert!(matches!(
+            b.engine.import_standby(b.now, state),
+            Ok(xlb_engine::Imported::Created(_))
+        ));
+    }
+    // ECMP moves one connection here: its next packet makes the copy live on this node.
+    b.now += 1_000_000;
+    let (port, _) = b.forward(
+        CLIENT_PORT,
+        moved.client.seg(ACK | PSH, moved.c_seq, moved.s_seq, b"m"),
+    );
+    assert_eq!(port, BACKEND_PORT);
+
+    let mem = b.engine.abandon_store().unwrap();
+    let (mut c, report) = restart(&b, mem, DEFAULT_CONFIG);
+    assert_eq!(report.flows, 2);
+    let standby: Vec<bool> = c
+        .engine
+        .flows()
+        .map(|f| c.engine.is_standby_flow(f.id))
+        .collect();
+    assert_eq!(standby.iter().filter(|s| **s).count(), 1, "{standby:?}");
+    let quiet_port = quiet.client.sport;
+    assert!(c
+        .engine
+        .flows()
+        .any(|f| f.orig.src_port == quiet_port && c.engine.is_standby_flow(f.id)));
+
+    c.run_until(c.now + mins(4) + 2 * tick());
+    assert_eq!(c.engine.flow_count(), 0);
+    assert_eq!(
+        c.emitted.len(),
+        2,
+        "only the flow that moved here is reset on idle, to both ends"
+    );
+}

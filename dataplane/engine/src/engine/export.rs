@@ -253,6 +253,18 @@ impl Engine {
         self.standby.marks.len()
     }
 
+    /// The `last_seen` that makes flow `id` a standby copy, for the flow store.
+    pub(super) fn standby_seen(&self, id: FlowId) -> Option<u64> {
+        self.standby.marks.get(&id).map(|&(seen, _)| seen)
+    }
+
+    /// Marks restored flow `id` standby while its `last_seen` is `seen` (the flow store kept
+    /// the mark, so a restart does not turn a peer's flows into this node's own).
+    pub(super) fn restore_standby(&mut self, id: FlowId, seen: u64) {
+        let key = self.flows.hash(&self.flows.get(id).key(ORIG));
+        self.standby.marks.insert(id, (seen, key));
+    }
+
     pub(super) fn is_standby(&self, id: FlowId, f: &Flow) -> bool {
         match self.standby.marks.get(&id) {
             None => false,
@@ -326,6 +338,9 @@ impl Engine {
         // Into the flow store like any other flow: it outlives this process too.
         let hops = [self.net.get(forward), self.net.get(back)];
         self.store.put(id, self.flows.get(id), true, hops);
+        if standby {
+            self.store.put_standby(id, flow.last_seen);
+        }
         Ok(Imported::Created(id))
     }
 
@@ -349,6 +364,7 @@ impl Engine {
         let key = self.flows.hash(&synced.key(ORIG));
         self.standby.marks.insert(id, (synced.last_seen, key));
         self.store.put_live(id, self.flows.get(id));
+        self.store.put_standby(id, synced.last_seen);
         let deadline = self.deadline(self.flows.get(id));
         self.wheel.insert(id, deadline);
         Imported::Refreshed(id)
