@@ -12,6 +12,10 @@ use xlb_engine::config::Config;
 use xlb_engine::time::{secs, Nanos};
 use xlb_engine::{Engine, EngineConfig, PortId, Route, RuleSet, Verdict};
 
+pub mod conn;
+#[allow(unused_imports)]
+pub use conn::{backend_mac, establish, Conn};
+
 pub const CLIENT_PORT: PortId = 0;
 pub const BACKEND_PORT: PortId = 1;
 pub const INTERNET_PORT: PortId = 2;
