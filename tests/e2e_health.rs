@@ -38,19 +38,8 @@ const THRESHOLD: u32 = 3;
 
 /// `web` (TCP) and `dns` (UDP) on pool `web`, both probed by `svc`: TCP on the port the `web`
 /// rule sends to (8081, served by per-test servers that a test can stop).
-const CONFIG_TCP_PROBE: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_TCP_PROBE: &str = lab_config!(
+    r#"
 [[health_probes]]
 name = "svc"
 protocol = "TCP"
@@ -77,22 +66,12 @@ frontend_port = 53
 backend_pool = "web"
 backend_port = 5353
 health_probe = "svc"
-"#;
+"#
+);
 
 /// `web` on the lab's echo servers (8080), probed over HTTP on a separate port.
-const CONFIG_HTTP_PROBE: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_HTTP_PROBE: &str = lab_config!(
+    r#"
 [[health_probes]]
 name = "healthz"
 protocol = "HTTP"
@@ -109,7 +88,8 @@ frontend_port = 80
 backend_pool = "web"
 backend_port = 8080
 health_probe = "healthz"
-"#;
+"#
+);
 
 /// The state (`up`/`down`) the last `probe_state` line of xlbd's log gives `member`; `up`
 /// when there is none (members start healthy).

@@ -308,19 +308,8 @@ fn spoofed_segments_outside_the_window_leave_a_live_connection_as_it_was() {
 
 /// The flood lab's configuration: the flooded rules and the others, on separate backend ports
 /// so that the backends' own listeners are not what a flood measures.
-const FLOOD_CONFIG: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const FLOOD_CONFIG: &str = lab_config!(
+    r#"
 [[load_balancing_rules]]
 name = "web"
 frontend = "vip"
@@ -357,7 +346,8 @@ frontend_port = 54
 backend_pool = "web"
 backend_port = 5454
 idle_timeout_minutes = 30
-"#;
+"#
+);
 
 /// Flows per worker in the flood tests: the table fills in well under a second.
 const CAPACITY: u64 = 4096;

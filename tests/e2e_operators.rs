@@ -265,19 +265,8 @@ fn a_drain_with_the_idle_action_leaves_connections_running_past_the_deadline() {
 /// Floating-IP rules: `float` VIP:8080 → the members' own 8080 (the lab's echo servers, which
 /// listen on every address, the VIP on their loopback included), reset on idle after 4 lab
 /// minutes; `where` VIP:8090 → a server that tells the address it was reached at.
-const CONFIG_FLOATING: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_FLOATING: &str = lab_config!(
+    r#"
 [[load_balancing_rules]]
 name = "float"
 frontend = "vip"
@@ -298,7 +287,8 @@ backend_pool = "web"
 backend_port = 8090
 floating_ip = true
 idle_timeout_minutes = 30
-"#;
+"#
+);
 
 /// 4 minutes at lab time scale 60.
 const IDLE: Duration = Duration::from_secs(4);

@@ -15,6 +15,55 @@
 
 pub mod ops;
 
+/// A lab configuration as one `&'static str`: time scale 60, frontend `vip` (the VIP), with
+/// `snat,` first also frontend `snat` (the SNAT address), pool `web` of the two backends, then
+/// `$rest`, the rules a test needs.
+macro_rules! lab_config {
+    (@head) => {
+        r#"
+[settings]
+lab_time_scale = 60
+
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+"#
+    };
+    (@snat) => {
+        r#"
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+"#
+    };
+    (@pool) => {
+        r#"
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
+"#
+    };
+    (snat, $rest:literal) => {
+        concat!(
+            $crate::common::lab_config!(@head),
+            $crate::common::lab_config!(@snat),
+            $crate::common::lab_config!(@pool),
+            $rest
+        )
+    };
+    ($rest:literal) => {
+        concat!(
+            $crate::common::lab_config!(@head),
+            $crate::common::lab_config!(@pool),
+            $rest
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use lab_config;
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, ErrorKind, Read, Write},
@@ -68,24 +117,9 @@ tcp_reset = true
 "#;
 
 /// The lab's default configuration: time scale 60 (4 minutes last 4 s).
-pub const CONFIG: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[frontends]]
-name = "snat"
-address = "198.19.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+pub const CONFIG: &str = lab_config!(
+    snat,
+    r#"
 [[load_balancing_rules]]
 name = "web"
 frontend = "vip"
@@ -119,7 +153,8 @@ name = "web-out"
 frontends = ["snat"]
 backend_pool = "web"
 protocol = "ALL"
-"#;
+"#
+);
 
 /// Returns false (and says why) when the test cannot run here.
 pub fn need_root(test: &str) -> bool {
