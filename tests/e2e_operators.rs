@@ -14,7 +14,7 @@ mod common;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -27,27 +27,6 @@ use common::ops::*;
 use common::*;
 use socket2::{SockRef, TcpKeepalive};
 use xlb_proto::v1 as pb;
-
-/// Opens connections to VIP:`port` until one lands on each backend (bounded).
-fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
-    let (mut b1, mut b2) = (None, None);
-    for _ in 0..40 {
-        let mut s = lab.client_connect(port);
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        match whoami(&mut s).as_str() {
-            "backend1" if b1.is_none() => b1 = Some(s),
-            "backend2" if b2.is_none() => b2 = Some(s),
-            _ => {}
-        }
-        if b1.is_some() && b2.is_some() {
-            break;
-        }
-    }
-    (
-        b1.expect("a connection on backend1 in 40 tries"),
-        b2.expect("a connection on backend2 in 40 tries"),
-    )
-}
 
 /// The backend whose echo server next saw a connection from the client end with ECONNRESET,
 /// skipping connections that ended otherwise (closed by the test); `None` after 3 s.

@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod ops;
+pub mod stall;
 
 /// A lab configuration as one `&'static str`: time scale 60, frontend `vip` (the VIP), with
 /// `snat,` first also frontend `snat` (the SNAT address), pool `web` of the two backends, then
@@ -603,6 +604,27 @@ pub fn whoami(s: &mut TcpStream) -> String {
         line.push(b[0] as char);
     }
     line
+}
+
+/// Opens connections to VIP:`port` until one lands on each backend (bounded).
+pub fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
+    let (mut b1, mut b2) = (None, None);
+    for _ in 0..40 {
+        let mut s = lab.client_connect(port);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match whoami(&mut s).as_str() {
+            "backend1" if b1.is_none() => b1 = Some(s),
+            "backend2" if b2.is_none() => b2 = Some(s),
+            _ => {}
+        }
+        if b1.is_some() && b2.is_some() {
+            break;
+        }
+    }
+    (
+        b1.expect("a connection on backend1 in 40 tries"),
+        b2.expect("a connection on backend2 in 40 tries"),
+    )
 }
 
 /// Accept loop polling `stop` (bounded by the lab's life); one thread per connection.
