@@ -595,6 +595,45 @@ pub fn recv_from_retrying(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usi
     }
 }
 
+/// Waits for `s`, idle since `idle_from`, to be reset on idle: the client reads ECONNRESET
+/// `idle` after its last packet, 50 ms early at most and `slack` late at most. Returns how long
+/// it waited.
+pub fn client_reset_on_idle(
+    lab: &Lab,
+    s: &mut TcpStream,
+    idle_from: Instant,
+    idle: Duration,
+    slack: Duration,
+) -> Duration {
+    let mut buf = [0u8; 16];
+    let r = read_within(s, &mut buf, idle + slack + Duration::from_secs(5));
+    let waited = idle_from.elapsed();
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "client: expected ECONNRESET, got {r:?} after {waited:?}; log:\n{}",
+        lab.log_text()
+    );
+    assert!(
+        waited >= idle - Duration::from_millis(50) && waited <= idle + slack,
+        "reset {waited:?} after the last packet; the idle timeout is {idle:?}"
+    );
+    waited
+}
+
+/// The next backend connection to end (within 3 s) ended with ECONNRESET: its backend's name
+/// and the peer it saw.
+pub fn backend_reset(lab: &Lab) -> (String, SocketAddr) {
+    let (name, peer, ending) = lab
+        .endings
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the backend's connection ended");
+    assert!(
+        matches!(ending, Ending::Reset { .. }),
+        "{name}: expected ECONNRESET, got {ending:?}"
+    );
+    (name, peer)
+}
+
 /// Asks the backend behind `s` its name.
 pub fn whoami(s: &mut TcpStream) -> String {
     s.write_all(b"whoami\n").expect("send");
