@@ -626,14 +626,7 @@ fn outbound_rule_snats_and_translates_replies_back() {
             .any(|b| port >= b.first_port && port < b.first_port + b.count),
         "port {port} in the member's block"
     );
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: port,
-    };
+    let remote = Tcp::remote_to_snat(port);
     let (p, back) = lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
     assert_eq!(p, BACKEND_PORT);
     let b = seen(&back);
@@ -1042,14 +1035,7 @@ fn syn_with_fin_opens_no_flow() {
     assert_eq!(v, Verdict::Drop(DropReason::BadTcpFlags));
     assert_eq!(lab.engine.flow_count(), 0);
 
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (v, _) = lab.send(BACKEND_PORT, member.seg(SYN | FIN, 7, 0, &[]));
     assert_eq!(v, Verdict::Drop(DropReason::BadTcpFlags));
     assert_eq!(lab.engine.flow_count(), 0);

@@ -276,14 +276,7 @@ fn snat_allocations_and_releases_are_logged_with_every_address_and_port() {
             ..EngineConfig::default()
         },
     );
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (port, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 5, 0, &[]));
     assert_eq!(port, INTERNET_PORT);
     let syn = seen(&out);

@@ -121,24 +121,10 @@ fn a_flow_that_idled_out_during_the_gap_is_reset_at_once() {
 #[test]
 fn snat_flows_keep_their_ports() {
     let mut lab = lab_with_store();
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (_, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 1, 0, &[]));
     let port = seen(&out).sport;
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: port,
-    };
+    let remote = Tcp::remote_to_snat(port);
     lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
     lab.forward(BACKEND_PORT, member.seg(ACK, 2, 78, &[]));
     let mem = lab.engine.abandon_store().unwrap();

@@ -385,24 +385,10 @@ fn sequence_numbers_wrap_and_idle_rsts_carry_the_wrapped_values() {
 #[test]
 fn outbound_snat_flow_keeps_its_port_against_spoofed_rsts() {
     let mut lab = Lab::new();
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_500,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_500);
     let (_, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 100, 0, &[]));
     let snat_port = seen(&out).sport;
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: snat_port,
-    };
+    let remote = Tcp::remote_to_snat(snat_port);
     lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 9000, 101, &[]));
     lab.forward(BACKEND_PORT, member.seg(ACK, 101, 9001, &[]));
     // An attacker on the internet side guesses the SNAT port but not the sequence number.

@@ -296,6 +296,31 @@ impl Tcp {
         }
     }
 
+    /// Member B1's side of an outbound connection from its port `sport` to REMOTE:443.
+    pub fn member_to_remote(sport: u16) -> Tcp {
+        Tcp {
+            src_mac: B1_MAC,
+            dst_mac: XLB_MAC[1],
+            src: B1.into(),
+            dst: REMOTE.into(),
+            sport,
+            dport: 443,
+        }
+    }
+
+    /// The remote host's side of an outbound connection: from REMOTE:443 to the SNAT
+    /// address's port `port`.
+    pub fn remote_to_snat(port: u16) -> Tcp {
+        Tcp {
+            src_mac: NET_MAC,
+            dst_mac: XLB_MAC[2],
+            src: REMOTE.into(),
+            dst: SNAT_IP.into(),
+            sport: 443,
+            dport: port,
+        }
+    }
+
     /// The backend's side of a flow that reached it as `seen` (a parsed output frame).
     pub fn reply_to(seen: &Seen, mac: [u8; 6], ingress_mac: [u8; 6]) -> Tcp {
         Tcp {
