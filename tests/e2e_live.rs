@@ -71,6 +71,21 @@ fn rule(
     }
 }
 
+/// Creates pool `far`, of the internet host alone, through the API.
+async fn create_far_pool(c: &mut Client) {
+    c.create_backend_pool(pb::CreateBackendPoolRequest {
+        backend_pool: Some(pb::BackendPool {
+            name: "far".into(),
+            members: vec![pb::Member {
+                address: INTERNET.into(),
+                ..Default::default()
+            }],
+        }),
+    })
+    .await
+    .unwrap();
+}
+
 /// The connection kept open on the configured VIP throughout: still echoing, never reset.
 fn still_alive(s: &mut TcpStream, step: &str) {
     let got = echo(s, step.as_bytes());
@@ -311,17 +326,7 @@ fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
         lab.log_text()
     );
     rt.block_on(async {
-        c.create_backend_pool(pb::CreateBackendPoolRequest {
-            backend_pool: Some(pb::BackendPool {
-                name: "far".into(),
-                members: vec![pb::Member {
-                    address: INTERNET.into(),
-                    ..Default::default()
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+        create_far_pool(&mut c).await;
         c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
             rule: Some(rule("far", "vip", pb::Protocol::Tcp, 8080, "far", 80)),
         })
@@ -437,17 +442,7 @@ fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoof
         })
         .await
         .unwrap();
-        c.create_backend_pool(pb::CreateBackendPoolRequest {
-            backend_pool: Some(pb::BackendPool {
-                name: "far".into(),
-                members: vec![pb::Member {
-                    address: INTERNET.into(),
-                    ..Default::default()
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+        create_far_pool(&mut c).await;
         c.create_outbound_rule(pb::CreateOutboundRuleRequest {
             rule: Some(pb::OutboundRule {
                 name: "far-out".into(),
