@@ -11,28 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::ops::{connect, runtime};
 use common::*;
 use xlb_api::{
-    server::{channel, client, BearerToken, Client},
+    server::{channel, Client},
     Listen,
 };
 use xlb_proto::v1 as pb;
 
 const SLACK: Duration = Duration::from_millis(1500);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(lab: &Lab) -> Client {
-    let ch = channel(&Listen::Unix(lab.api_socket()))
-        .await
-        .expect("connect to xlbd's API socket");
-    client(ch, BearerToken::new(None).unwrap())
-}
 
 async fn rule(c: &mut Client, name: &str) -> pb::LoadBalancingRule {
     c.get_load_balancing_rule(pb::GetRequest { name: name.into() })

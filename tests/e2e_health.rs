@@ -23,11 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::ops::{connect, runtime};
 use common::*;
-use xlb_api::{
-    server::{channel, client, BearerToken, Client},
-    Listen,
-};
+use xlb_api::server::Client;
 use xlb_proto::v1 as pb;
 
 /// The slack allowed after a deadline on a loaded machine (as in the other end-to-end tests).
@@ -38,19 +36,8 @@ const THRESHOLD: u32 = 3;
 
 /// `web` (TCP) and `dns` (UDP) on pool `web`, both probed by `svc`: TCP on the port the `web`
 /// rule sends to (8081, served by per-test servers that a test can stop).
-const CONFIG_TCP_PROBE: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_TCP_PROBE: &str = lab_config!(
+    r#"
 [[health_probes]]
 name = "svc"
 protocol = "TCP"
@@ -77,22 +64,12 @@ frontend_port = 53
 backend_pool = "web"
 backend_port = 5353
 health_probe = "svc"
-"#;
+"#
+);
 
 /// `web` on the lab's echo servers (8080), probed over HTTP on a separate port.
-const CONFIG_HTTP_PROBE: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_HTTP_PROBE: &str = lab_config!(
+    r#"
 [[health_probes]]
 name = "healthz"
 protocol = "HTTP"
@@ -109,7 +86,8 @@ frontend_port = 80
 backend_pool = "web"
 backend_port = 8080
 health_probe = "healthz"
-"#;
+"#
+);
 
 /// The state (`up`/`down`) the last `probe_state` line of xlbd's log gives `member`; `up`
 /// when there is none (members start healthy).
@@ -151,27 +129,6 @@ fn new_connection_lands_on(lab: &Lab, port: u16) -> String {
     let mut s = lab.client_connect(port);
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     whoami(&mut s)
-}
-
-/// Opens connections to VIP:`port` until one lands on each backend (bounded).
-fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
-    let (mut b1, mut b2) = (None, None);
-    for _ in 0..40 {
-        let mut s = lab.client_connect(port);
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        match whoami(&mut s).as_str() {
-            "backend1" if b1.is_none() => b1 = Some(s),
-            "backend2" if b2.is_none() => b2 = Some(s),
-            _ => {}
-        }
-        if b1.is_some() && b2.is_some() {
-            break;
-        }
-    }
-    (
-        b1.expect("a connection on backend1 in 40 tries"),
-        b2.expect("a connection on backend2 in 40 tries"),
-    )
 }
 
 /// UDP client sockets of the `dns` rule, each its own flow, with the backend that answered.
@@ -242,20 +199,6 @@ fn wait_metrics(lab: &Lab, want: &[&str]) {
         );
         thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(lab: &Lab) -> Client {
-    let ch = channel(&Listen::Unix(lab.api_socket()))
-        .await
-        .expect("connect to xlbd's API socket");
-    client(ch, BearerToken::new(None).unwrap())
 }
 
 fn set_admin(rt: &tokio::runtime::Runtime, c: &mut Client, member: &str, state: pb::AdminState) {

@@ -22,7 +22,7 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Write},
+    io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
@@ -272,27 +272,9 @@ fn spoofed_segments_outside_the_window_leave_a_live_connection_as_it_was() {
 
     // Left idle, reset on idle as if nothing had happened.
     let idle_from = Instant::now();
-    let mut buf = [0u8; 16];
-    let r = read_within(&mut s, &mut buf, IDLE + SLACK + Duration::from_secs(5));
-    let waited = idle_from.elapsed();
-    assert!(
-        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "client: expected ECONNRESET, got {r:?} after {waited:?}; log:\n{}",
-        lab.log_text()
-    );
-    assert!(
-        waited >= IDLE - Duration::from_millis(50) && waited <= IDLE + SLACK,
-        "reset {waited:?} after the last packet; the idle timeout is {IDLE:?}"
-    );
-    let (name, peer, ending) = lab
-        .endings
-        .recv_timeout(Duration::from_secs(3))
-        .expect("the backend's connection ended");
+    let waited = client_reset_on_idle(&lab, &mut s, idle_from, IDLE, SLACK);
+    let (_, peer) = backend_reset(&lab);
     assert_eq!(peer, client);
-    assert!(
-        matches!(ending, Ending::Reset { .. }),
-        "{name}: expected ECONNRESET, got {ending:?}"
-    );
     assert_eq!(lab.wait_stat("rsts_sent", 2, Duration::from_secs(2)), 2);
     assert_eq!(lab.stat("rule.lb.web.flows_reset_on_idle"), 1);
     eprintln!(
@@ -308,19 +290,8 @@ fn spoofed_segments_outside_the_window_leave_a_live_connection_as_it_was() {
 
 /// The flood lab's configuration: the flooded rules and the others, on separate backend ports
 /// so that the backends' own listeners are not what a flood measures.
-const FLOOD_CONFIG: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const FLOOD_CONFIG: &str = lab_config!(
+    r#"
 [[load_balancing_rules]]
 name = "web"
 frontend = "vip"
@@ -357,7 +328,8 @@ frontend_port = 54
 backend_pool = "web"
 backend_port = 5454
 idle_timeout_minutes = 30
-"#;
+"#
+);
 
 /// Flows per worker in the flood tests: the table fills in well under a second.
 const CAPACITY: u64 = 4096;
@@ -627,6 +599,22 @@ struct Figures {
     kept: Vec<(u64, u64)>,
 }
 
+/// A SYN flood at rule `web` (port 80) while an established connection on it and one on rule
+/// `other` (port 81) keep exchanging.
+fn syn_flood_beside_two_connections(lab: &Lab) -> Figures {
+    let mut on_flooded = lab.client_connect(80);
+    let mut on_other = lab.client_connect(81);
+    assert!(whoami(&mut on_flooded).starts_with("backend"));
+    assert!(whoami(&mut on_other).starts_with("backend"));
+    under_flood(
+        lab,
+        Mode::Syn,
+        80,
+        vec![tcp_conversation(on_flooded), tcp_conversation(on_other)],
+        false,
+    )
+}
+
 /// Runs a flood of `mode` at `dport` while the conversations exchange and new flows to the
 /// other rule (TCP 81, or UDP 53 when `udp_new`) are opened; returns the figures.
 fn under_flood(
@@ -774,17 +762,7 @@ fn a_syn_flood_filling_the_table_leaves_established_and_new_connections_working(
         return;
     }
     let (lab, _stop, _servers) = flood_lab(true);
-    let mut on_flooded = lab.client_connect(80);
-    let mut on_other = lab.client_connect(81);
-    assert!(whoami(&mut on_flooded).starts_with("backend"));
-    assert!(whoami(&mut on_other).starts_with("backend"));
-    let f = under_flood(
-        &lab,
-        Mode::Syn,
-        80,
-        vec![tcp_conversation(on_flooded), tcp_conversation(on_other)],
-        false,
-    );
+    let f = syn_flood_beside_two_connections(&lab);
     judge(&lab, "SYN flood at rule web", &f, Occupancy::Full);
     assert!(lab.stat("rule.lb.web.flows_evicted") > 0);
     assert_eq!(lab.stat("rule.lb.other.flows_evicted"), 0);
@@ -826,17 +804,7 @@ fn a_syn_flood_at_one_rule_holds_only_its_share_of_the_table() {
         return;
     }
     let (lab, _stop, _servers) = flood_lab(false);
-    let mut on_flooded = lab.client_connect(80);
-    let mut on_other = lab.client_connect(81);
-    assert!(whoami(&mut on_flooded).starts_with("backend"));
-    assert!(whoami(&mut on_other).starts_with("backend"));
-    let f = under_flood(
-        &lab,
-        Mode::Syn,
-        80,
-        vec![tcp_conversation(on_flooded), tcp_conversation(on_other)],
-        false,
-    );
+    let f = syn_flood_beside_two_connections(&lab);
     // The rule's share (25 %), the established connections and the other rule's few.
     let share = CAPACITY / 4;
     judge(

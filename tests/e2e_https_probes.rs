@@ -27,19 +27,8 @@ use xlb_proto::v1 as pb;
 
 /// `web` on the lab's echo servers (8080), probed over HTTPS on 8443 (TLS servers started
 /// by the test), certificate not verified.
-const CONFIG_HTTPS: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_HTTPS: &str = lab_config!(
+    r#"
 [[health_probes]]
 name = "tls"
 protocol = "HTTPS"
@@ -56,7 +45,8 @@ frontend_port = 80
 backend_pool = "web"
 backend_port = 8080
 health_probe = "tls"
-"#;
+"#
+);
 
 /// A 5 s probe interval at lab time scale 60.
 const INTERVAL: Duration = Duration::from_millis(83);

@@ -12,30 +12,14 @@ use std::{
     time::Duration,
 };
 
+use common::ops::{connect, runtime};
 use common::*;
-use xlb_api::{
-    server::{channel, client, BearerToken, Client},
-    Listen,
-};
+use xlb_api::server::Client;
 use xlb_proto::v1 as pb;
 
 const VIP2: &str = "198.18.0.101";
 const VIP3: &str = "198.18.0.102";
 const VIP6B: &str = "2001:db8::101";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(lab: &Lab) -> Client {
-    let ch = channel(&Listen::Unix(lab.api_socket()))
-        .await
-        .expect("connect to xlbd's API socket");
-    client(ch, BearerToken::new(None).unwrap())
-}
 
 fn tcp_to(lab: &Lab, addr: &str, port: u16) -> std::io::Result<TcpStream> {
     let to = SocketAddr::new(addr.parse().unwrap(), port);
@@ -85,6 +69,21 @@ fn rule(
         backend_port: to,
         ..Default::default()
     }
+}
+
+/// Creates pool `far`, of the internet host alone, through the API.
+async fn create_far_pool(c: &mut Client) {
+    c.create_backend_pool(pb::CreateBackendPoolRequest {
+        backend_pool: Some(pb::BackendPool {
+            name: "far".into(),
+            members: vec![pb::Member {
+                address: INTERNET.into(),
+                ..Default::default()
+            }],
+        }),
+    })
+    .await
+    .unwrap();
 }
 
 /// The connection kept open on the configured VIP throughout: still echoing, never reset.
@@ -327,17 +326,7 @@ fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
         lab.log_text()
     );
     rt.block_on(async {
-        c.create_backend_pool(pb::CreateBackendPoolRequest {
-            backend_pool: Some(pb::BackendPool {
-                name: "far".into(),
-                members: vec![pb::Member {
-                    address: INTERNET.into(),
-                    ..Default::default()
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+        create_far_pool(&mut c).await;
         c.create_load_balancing_rule(pb::CreateLoadBalancingRuleRequest {
             rule: Some(rule("far", "vip", pb::Protocol::Tcp, 8080, "far", 80)),
         })
@@ -357,20 +346,11 @@ fn a_member_added_live_behind_another_interface_gets_its_answers_taken() {
     );
 }
 
-/// A member added live behind another interface may open outbound connections from there:
-/// the engine's anti-spoofing (outbound flows only from interfaces facing the members)
-/// follows the new member in the same generation as the rules that add it. Before, the
-/// member's address on that interface is taken for spoofed, and counted.
-#[test]
-fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed() {
-    if !need_root("an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed")
-    {
-        return;
-    }
-    let lab = Lab::start(CONFIG);
-    // The internet host will be a member that connects out, to a server on the client
-    // host, through a SNAT address on the client side (the appliance's kernel answers ARP
-    // for it, as an operator would arrange).
+/// The internet host routes to the clients' network through the appliance, and the
+/// appliance holds the SNAT address VIP2 on its client-side interface (its kernel answers ARP
+/// for it, as an operator would arrange). Returns a nonblocking server on the client host's
+/// port 9000, for members that connect out.
+fn route_members_out_through_snat2(lab: &Lab) -> std::net::TcpListener {
     ip(&[
         "-n",
         &lab.internet,
@@ -394,6 +374,54 @@ fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoof
         std::net::TcpListener::bind((CLIENT, 9000)).expect("bind on the client host")
     });
     server.set_nonblocking(true).unwrap();
+    server
+}
+
+/// The server accepts the member's outbound connection `out` (within 3 s), sees it come from
+/// the SNAT address VIP2, and answers; the answer reaches the member, translated back.
+fn answer_through_snat2(server: &std::net::TcpListener, out: &mut TcpStream) {
+    use std::io::{Read, Write};
+    let (mut accepted, peer) = {
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            match server.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    };
+    assert_eq!(
+        peer.ip().to_string(),
+        VIP2,
+        "the client host sees the SNAT address"
+    );
+    accepted.set_nonblocking(false).unwrap();
+    accepted.write_all(b"hello member\n").unwrap();
+    let mut buf = [0u8; 13];
+    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    out.read_exact(&mut buf)
+        .expect("the answer, translated back");
+    assert_eq!(&buf, b"hello member\n");
+}
+
+/// A member added live behind another interface may open outbound connections from there:
+/// the engine's anti-spoofing (outbound flows only from interfaces facing the members)
+/// follows the new member in the same generation as the rules that add it. Before, the
+/// member's address on that interface is taken for spoofed, and counted.
+#[test]
+fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed() {
+    if !need_root("an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoofed")
+    {
+        return;
+    }
+    let lab = Lab::start(CONFIG);
+    // The internet host will be a member that connects out, to a server on the client
+    // host, through a SNAT address on the client side (the appliance's kernel answers ARP
+    // for it, as an operator would arrange).
+    let server = route_members_out_through_snat2(&lab);
     let connect_out = |lab: &Lab| {
         let to = SocketAddr::new(CLIENT.parse().unwrap(), 9000);
         in_ns(&lab.internet, move || {
@@ -414,17 +442,7 @@ fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoof
         })
         .await
         .unwrap();
-        c.create_backend_pool(pb::CreateBackendPoolRequest {
-            backend_pool: Some(pb::BackendPool {
-                name: "far".into(),
-                members: vec![pb::Member {
-                    address: INTERNET.into(),
-                    ..Default::default()
-                }],
-            }),
-        })
-        .await
-        .unwrap();
+        create_far_pool(&mut c).await;
         c.create_outbound_rule(pb::CreateOutboundRuleRequest {
             rule: Some(pb::OutboundRule {
                 name: "far-out".into(),
@@ -438,31 +456,7 @@ fn an_outbound_member_added_live_behind_another_interface_is_not_taken_for_spoof
         .unwrap();
     });
     let mut out = connect_out(&lab).expect("the member's outbound connection, translated");
-    let (mut accepted, peer) = {
-        let end = std::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            match server.accept() {
-                Ok(a) => break a,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-    };
-    assert_eq!(
-        peer.ip().to_string(),
-        VIP2,
-        "the client host sees the SNAT address"
-    );
-    use std::io::{Read, Write};
-    accepted.set_nonblocking(false).unwrap();
-    accepted.write_all(b"hello member\n").unwrap();
-    let mut buf = [0u8; 13];
-    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    out.read_exact(&mut buf)
-        .expect("the answer, translated back");
-    assert_eq!(&buf, b"hello member\n");
+    answer_through_snat2(&server, &mut out);
     assert_eq!(lab.stat("drop.spoofed_source"), 0, "{}", lab.log_text());
 }
 
@@ -507,29 +501,7 @@ protocol = "TCP"
         "dev",
         &i,
     ]);
-    ip(&[
-        "-n",
-        &lab.internet,
-        "route",
-        "add",
-        "198.18.0.0/24",
-        "via",
-        "198.19.0.1",
-    ]);
-    let ac = format!("{}ac", lab.prefix);
-    ip(&[
-        "-n",
-        &lab.xlb,
-        "addr",
-        "add",
-        &format!("{VIP2}/32"),
-        "dev",
-        &ac,
-    ]);
-    let server = in_ns(&lab.client, || {
-        std::net::TcpListener::bind((CLIENT, 9000)).expect("bind on the client host")
-    });
-    server.set_nonblocking(true).unwrap();
+    let server = route_members_out_through_snat2(&lab);
     let connect_out = |lab: &Lab| {
         let to = SocketAddr::new(CLIENT.parse().unwrap(), 9000);
         in_ns(&lab.internet, move || {
@@ -582,29 +554,5 @@ protocol = "TCP"
             ),
         }
     };
-    let (mut accepted, peer) = {
-        let end = std::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            match server.accept() {
-                Ok(a) => break a,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && std::time::Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-    };
-    assert_eq!(
-        peer.ip().to_string(),
-        VIP2,
-        "the client host sees the SNAT address"
-    );
-    use std::io::{Read, Write};
-    accepted.set_nonblocking(false).unwrap();
-    accepted.write_all(b"hello member\n").unwrap();
-    let mut buf = [0u8; 13];
-    out.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    out.read_exact(&mut buf)
-        .expect("the answer, translated back");
-    assert_eq!(&buf, b"hello member\n");
+    answer_through_snat2(&server, &mut out);
 }

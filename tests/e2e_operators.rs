@@ -14,7 +14,7 @@ mod common;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -27,27 +27,6 @@ use common::ops::*;
 use common::*;
 use socket2::{SockRef, TcpKeepalive};
 use xlb_proto::v1 as pb;
-
-/// Opens connections to VIP:`port` until one lands on each backend (bounded).
-fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
-    let (mut b1, mut b2) = (None, None);
-    for _ in 0..40 {
-        let mut s = lab.client_connect(port);
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        match whoami(&mut s).as_str() {
-            "backend1" if b1.is_none() => b1 = Some(s),
-            "backend2" if b2.is_none() => b2 = Some(s),
-            _ => {}
-        }
-        if b1.is_some() && b2.is_some() {
-            break;
-        }
-    }
-    (
-        b1.expect("a connection on backend1 in 40 tries"),
-        b2.expect("a connection on backend2 in 40 tries"),
-    )
-}
 
 /// The backend whose echo server next saw a connection from the client end with ECONNRESET,
 /// skipping connections that ended otherwise (closed by the test); `None` after 3 s.
@@ -265,19 +244,8 @@ fn a_drain_with_the_idle_action_leaves_connections_running_past_the_deadline() {
 /// Floating-IP rules: `float` VIP:8080 → the members' own 8080 (the lab's echo servers, which
 /// listen on every address, the VIP on their loopback included), reset on idle after 4 lab
 /// minutes; `where` VIP:8090 → a server that tells the address it was reached at.
-const CONFIG_FLOATING: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_FLOATING: &str = lab_config!(
+    r#"
 [[load_balancing_rules]]
 name = "float"
 frontend = "vip"
@@ -298,7 +266,8 @@ backend_pool = "web"
 backend_port = 8090
 floating_ip = true
 idle_timeout_minutes = 30
-"#;
+"#
+);
 
 /// 4 minutes at lab time scale 60.
 const IDLE: Duration = Duration::from_secs(4);
@@ -405,18 +374,7 @@ fn floating_ip_members_get_the_vip_as_destination_and_idle_timeout_reset_and_kee
     assert_eq!(echo(&mut kept, b"kept\n"), b"kept\n");
     assert_eq!(echo(&mut silent, b"silent\n"), b"silent\n");
     let idle_from = Instant::now();
-    let mut buf = [0u8; 16];
-    let r = read_within(&mut silent, &mut buf, IDLE + SLACK + Duration::from_secs(3));
-    let waited = idle_from.elapsed();
-    assert!(
-        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "client: expected ECONNRESET, got {r:?} after {waited:?}; log:\n{}",
-        lab.log_text()
-    );
-    assert!(
-        waited >= IDLE - Duration::from_millis(50) && waited <= IDLE + SLACK,
-        "reset {waited:?} after the last packet; the idle timeout is {IDLE:?}"
-    );
+    client_reset_on_idle(&lab, &mut silent, idle_from, IDLE, SLACK);
     reset_ending(&lab).expect("the member's connection was reset");
     assert_eq!(
         lab.wait_stat(

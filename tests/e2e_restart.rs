@@ -27,24 +27,9 @@ use common::*;
 
 /// The lab's rules with a 10-minute idle timeout (10 s at lab time scale 60: longer than any
 /// restart), reset on idle on the load-balancing and the outbound rule.
-const CONFIG: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[frontends]]
-name = "snat"
-address = "198.19.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG: &str = lab_config!(
+    snat,
+    r#"
 [[load_balancing_rules]]
 name = "web"
 frontend = "vip"
@@ -62,7 +47,8 @@ backend_pool = "web"
 protocol = "ALL"
 idle_timeout_minutes = 10
 tcp_reset = true
-"#;
+"#
+);
 
 const INTERNET_ECHO: u16 = 7070;
 const CONNS_PER_RULE: usize = 3;

@@ -33,19 +33,8 @@ const IDLE: Duration = Duration::from_secs(4);
 /// Three load-balancing rules on one VIP, one per distribution mode. `sticky` and `per-proto`
 /// are `ALL` rules: TCP and UDP from a client go through the same rule to backend port 8080
 /// (the test adds UDP echo servers on 8080 next to the lab's TCP ones).
-const CONFIG_DISTRIBUTION: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_DISTRIBUTION: &str = lab_config!(
+    r#"
 # No distribution given: the default, five_tuple.
 [[load_balancing_rules]]
 name = "spread"
@@ -72,24 +61,14 @@ frontend_port = 83
 backend_pool = "web"
 backend_port = 8080
 distribution = "source_ip_protocol"
-"#;
+"#
+);
 
 /// Port forwarding: one port to the pool's *second* member (so that "the first member" is
 /// not a lucky default), a UDP one to the first, and a range across the pool with two spare
 /// ports (reserved for the pool to grow: they select no member).
-const CONFIG_NAT: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_NAT: &str = lab_config!(
+    r#"
 [[inbound_nat_rules]]
 name = "ssh-backend2"
 frontend = "vip"
@@ -114,22 +93,12 @@ protocol = "TCP"
 frontend_port_range = { start = 50001, end = 50004 }
 backend_pool = "web"
 backend_port = 8080
-"#;
+"#
+);
 
 /// The two unknown-flow policies not covered elsewhere, on silent (no tcp_reset) rules.
-const CONFIG_UNKNOWN_FLOW: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+const CONFIG_UNKNOWN_FLOW: &str = lab_config!(
+    r#"
 [[load_balancing_rules]]
 name = "reset-unknown"
 frontend = "vip"
@@ -149,7 +118,8 @@ backend_pool = "web"
 backend_port = 8080
 idle_timeout_minutes = 4
 unknown_flow = "pickup"
-"#;
+"#
+);
 
 /// Runs `f` in namespace `ns`; if it panics, fails with xlbd's log as well.
 fn run_in<T: Send + 'static>(lab: &Lab, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -178,6 +178,13 @@ mod tests {
         }]
     }
 
+    /// Sets the admin state of the pool's first member (the one with a drain timeout).
+    fn set_admin(state: &ControlState, admin: AdminState) {
+        state
+            .set_member("web", "198.18.1.11".parse().unwrap(), None, Some(admin))
+            .unwrap();
+    }
+
     #[test]
     fn a_drain_is_reported_started_in_progress_at_its_deadline_and_completed() {
         let state = ControlState::start(
@@ -193,14 +200,7 @@ mod tests {
         let mut w = DrainWatcher::default();
         let t0 = Instant::now();
         assert!(w.tick(t0, &state.snapshot(), &[], 0).is_empty());
-        state
-            .set_member(
-                "web",
-                "198.18.1.11".parse().unwrap(),
-                None,
-                Some(AdminState::Down),
-            )
-            .unwrap();
+        set_admin(&state, AdminState::Down);
         let snap = state.snapshot();
         let phases = |ev: Vec<DrainEvent>| ev.iter().map(|e| e.phase).collect::<Vec<_>>();
         let ev = w.tick(t0, &snap, &status(None, 0, false), fixed_clock());
@@ -230,23 +230,9 @@ mod tests {
             .tick(t1 + PROGRESS_EVERY * 2, &snap, &status(Some(0), 3, true), 0)
             .is_empty());
         // Undrained and drained again: a new drain.
-        state
-            .set_member(
-                "web",
-                "198.18.1.11".parse().unwrap(),
-                None,
-                Some(AdminState::None),
-            )
-            .unwrap();
+        set_admin(&state, AdminState::None);
         assert!(w.tick(t1, &state.snapshot(), &[], 0).is_empty());
-        state
-            .set_member(
-                "web",
-                "198.18.1.11".parse().unwrap(),
-                None,
-                Some(AdminState::Down),
-            )
-            .unwrap();
+        set_admin(&state, AdminState::Down);
         assert_eq!(
             phases(w.tick(t1, &state.snapshot(), &status(None, 0, false), 0)),
             [DrainPhase::Started]

@@ -14,6 +14,56 @@
 #![allow(dead_code)]
 
 pub mod ops;
+pub mod stall;
+
+/// A lab configuration as one `&'static str`: time scale 60, frontend `vip` (the VIP), with
+/// `snat,` first also frontend `snat` (the SNAT address), pool `web` of the two backends, then
+/// `$rest`, the rules a test needs.
+macro_rules! lab_config {
+    (@head) => {
+        r#"
+[settings]
+lab_time_scale = 60
+
+[[frontends]]
+name = "vip"
+address = "198.18.0.100"
+kind = "public"
+"#
+    };
+    (@snat) => {
+        r#"
+[[frontends]]
+name = "snat"
+address = "198.19.0.100"
+kind = "public"
+"#
+    };
+    (@pool) => {
+        r#"
+[[backend_pools]]
+name = "web"
+members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
+"#
+    };
+    (snat, $rest:literal) => {
+        concat!(
+            $crate::common::lab_config!(@head),
+            $crate::common::lab_config!(@snat),
+            $crate::common::lab_config!(@pool),
+            $rest
+        )
+    };
+    ($rest:literal) => {
+        concat!(
+            $crate::common::lab_config!(@head),
+            $crate::common::lab_config!(@pool),
+            $rest
+        )
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use lab_config;
 
 use std::{
     collections::HashMap,
@@ -68,24 +118,9 @@ tcp_reset = true
 "#;
 
 /// The lab's default configuration: time scale 60 (4 minutes last 4 s).
-pub const CONFIG: &str = r#"
-[settings]
-lab_time_scale = 60
-
-[[frontends]]
-name = "vip"
-address = "198.18.0.100"
-kind = "public"
-
-[[frontends]]
-name = "snat"
-address = "198.19.0.100"
-kind = "public"
-
-[[backend_pools]]
-name = "web"
-members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]
-
+pub const CONFIG: &str = lab_config!(
+    snat,
+    r#"
 [[load_balancing_rules]]
 name = "web"
 frontend = "vip"
@@ -119,7 +154,8 @@ name = "web-out"
 frontends = ["snat"]
 backend_pool = "web"
 protocol = "ALL"
-"#;
+"#
+);
 
 /// Returns false (and says why) when the test cannot run here.
 pub fn need_root(test: &str) -> bool {
@@ -559,6 +595,45 @@ pub fn recv_from_retrying(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usi
     }
 }
 
+/// Waits for `s`, idle since `idle_from`, to be reset on idle: the client reads ECONNRESET
+/// `idle` after its last packet, 50 ms early at most and `slack` late at most. Returns how long
+/// it waited.
+pub fn client_reset_on_idle(
+    lab: &Lab,
+    s: &mut TcpStream,
+    idle_from: Instant,
+    idle: Duration,
+    slack: Duration,
+) -> Duration {
+    let mut buf = [0u8; 16];
+    let r = read_within(s, &mut buf, idle + slack + Duration::from_secs(5));
+    let waited = idle_from.elapsed();
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "client: expected ECONNRESET, got {r:?} after {waited:?}; log:\n{}",
+        lab.log_text()
+    );
+    assert!(
+        waited >= idle - Duration::from_millis(50) && waited <= idle + slack,
+        "reset {waited:?} after the last packet; the idle timeout is {idle:?}"
+    );
+    waited
+}
+
+/// The next backend connection to end (within 3 s) ended with ECONNRESET: its backend's name
+/// and the peer it saw.
+pub fn backend_reset(lab: &Lab) -> (String, SocketAddr) {
+    let (name, peer, ending) = lab
+        .endings
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the backend's connection ended");
+    assert!(
+        matches!(ending, Ending::Reset { .. }),
+        "{name}: expected ECONNRESET, got {ending:?}"
+    );
+    (name, peer)
+}
+
 /// Asks the backend behind `s` its name.
 pub fn whoami(s: &mut TcpStream) -> String {
     s.write_all(b"whoami\n").expect("send");
@@ -568,6 +643,27 @@ pub fn whoami(s: &mut TcpStream) -> String {
         line.push(b[0] as char);
     }
     line
+}
+
+/// Opens connections to VIP:`port` until one lands on each backend (bounded).
+pub fn one_connection_per_backend(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
+    let (mut b1, mut b2) = (None, None);
+    for _ in 0..40 {
+        let mut s = lab.client_connect(port);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match whoami(&mut s).as_str() {
+            "backend1" if b1.is_none() => b1 = Some(s),
+            "backend2" if b2.is_none() => b2 = Some(s),
+            _ => {}
+        }
+        if b1.is_some() && b2.is_some() {
+            break;
+        }
+    }
+    (
+        b1.expect("a connection on backend1 in 40 tries"),
+        b2.expect("a connection on backend2 in 40 tries"),
+    )
 }
 
 /// Accept loop polling `stop` (bounded by the lab's life); one thread per connection.

@@ -7,6 +7,7 @@ mod common;
 use common::{status_of, violation, Harness, BASE};
 use tonic::Code;
 use xlb_api::convert;
+use xlb_api::server::Client;
 use xlb_engine::config::Config;
 use xlb_proto::v1 as pb;
 
@@ -19,6 +20,17 @@ fn request(c: &Config, dry_run: bool) -> pb::ApplyConfigRequest {
         config: Some(convert::config_to(c, 0)),
         dry_run,
     }
+}
+
+/// Applies `config` (or only shows its difference, with `dry_run`); the call succeeds.
+async fn apply_ok(c: &mut Client, config: pb::Config, dry_run: bool) -> pb::ApplyConfigResponse {
+    c.apply_config(pb::ApplyConfigRequest {
+        config: Some(config),
+        dry_run,
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 /// `op section name` of every change.
@@ -42,14 +54,7 @@ async fn get_config_applies_back_as_no_change() {
         .unwrap()
         .into_inner();
     let generation = got.generation;
-    let r = c
-        .apply_config(pb::ApplyConfigRequest {
-            config: Some(got),
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, got, false).await;
     assert!(r.changes.is_empty(), "{:?}", r.changes);
     assert!(!r.applied);
     assert_eq!(r.generation, generation);
@@ -72,11 +77,7 @@ async fn a_whole_file_is_one_generation_with_its_difference() {
     new.frontends.retain(|f| f.name != "ilb");
     new.settings.udp_idle_timeout_seconds = 60;
 
-    let r = c
-        .apply_config(request(&new, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, convert::config_to(&new, 0), false).await;
     assert_eq!(
         brief(&r),
         [
@@ -108,14 +109,7 @@ async fn a_whole_file_is_one_generation_with_its_difference() {
         .await
         .unwrap()
         .into_inner();
-    let r = c
-        .apply_config(pb::ApplyConfigRequest {
-            config: Some(got),
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, got, false).await;
     assert!(r.changes.is_empty() && !r.applied && r.generation == 2);
     h.stop().await;
 }
@@ -166,11 +160,7 @@ async fn a_dry_run_shows_the_difference_and_applies_nothing() {
     let mut c = h.client().await;
     let mut new = base();
     new.health_probes[0].interval_seconds = 2;
-    let r = c
-        .apply_config(request(&new, true))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, convert::config_to(&new, 0), true).await;
     assert_eq!(brief(&r), ["CHANGE_OP_CHANGED health_probe tcp80"]);
     assert!(!r.applied);
     assert_eq!(r.generation, 1);
@@ -188,11 +178,7 @@ async fn restart_only_settings_are_reported_and_keep_their_running_value() {
     let mut c = h.client().await;
     let mut new = base();
     new.settings.lab_time_scale = 60;
-    let r = c
-        .apply_config(request(&new, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, convert::config_to(&new, 0), false).await;
     assert_eq!(r.changes.len(), 1);
     assert!(r.changes[0].needs_restart);
     assert_eq!(r.changes[0].name, "lab_time_scale");
@@ -201,11 +187,7 @@ async fn restart_only_settings_are_reported_and_keep_their_running_value() {
     assert_eq!(h.publisher.generations(), [1]);
     // With another change, that one applies and the scale stays.
     new.backend_pools[0].members[0].weight = 3;
-    let r = c
-        .apply_config(request(&new, false))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = apply_ok(&mut c, convert::config_to(&new, 0), false).await;
     assert!(r.applied);
     assert_eq!(r.changes.len(), 2);
     let snap = h.state.snapshot();

@@ -77,14 +77,7 @@ fn an_imported_tcp_flow_continues_with_its_backend_and_exact_resets() {
 #[test]
 fn an_imported_snat_flow_keeps_its_address_and_port() {
     let mut a = Lab::new();
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_100,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_100);
     let (_, out) = a.forward(BACKEND_PORT, member.seg(SYN, 1, 0, &[]));
     let port = seen(&out).sport;
     let id = a.engine.flows().next().unwrap().id;
@@ -93,14 +86,7 @@ fn an_imported_snat_flow_keeps_its_address_and_port() {
     let mut b = Lab::new();
     b.engine.import_flow(b.now, &state).unwrap();
     // The remote host's answer to the SNAT address and port reaches the member through B.
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: port,
-    };
+    let remote = Tcp::remote_to_snat(port);
     let (p, back) = b.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
     assert_eq!(p, BACKEND_PORT);
     let s = seen(&back);

@@ -10,60 +10,6 @@ use xlb_engine::tcp::TcpState;
 use xlb_engine::time::mins;
 use xlb_engine::{DropReason, EngineConfig, Event, Verdict};
 
-/// A connection through the engine: both endpoints' builders and next sequence numbers.
-struct Conn {
-    client: Tcp,
-    backend: Tcp,
-    /// Next sequence number each side will send.
-    c_seq: u32,
-    s_seq: u32,
-    backend_ip: IpAddr,
-}
-
-impl Conn {
-    fn client_sends(&mut self, lab: &mut Lab, data: &[u8]) -> Seen {
-        let (port, out) = lab.forward(
-            CLIENT_PORT,
-            self.client.seg(ACK | PSH, self.c_seq, self.s_seq, data),
-        );
-        assert_eq!(port, BACKEND_PORT);
-        self.c_seq = self.c_seq.wrapping_add(data.len() as u32);
-        seen(&out)
-    }
-    fn backend_sends(&mut self, lab: &mut Lab, data: &[u8]) -> Seen {
-        let (port, out) = lab.forward(
-            BACKEND_PORT,
-            self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, data),
-        );
-        assert_eq!(port, CLIENT_PORT);
-        self.s_seq = self.s_seq.wrapping_add(data.len() as u32);
-        seen(&out)
-    }
-}
-
-/// Three-way handshake from the client to VIP:`dport`.
-fn establish(lab: &mut Lab, dport: u16, sport: u16) -> Conn {
-    let client = Tcp::client(dport, sport);
-    let (port, syn_out) = lab.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
-    assert_eq!(port, BACKEND_PORT);
-    let syn = seen(&syn_out);
-    let backend_mac = syn.dst_mac;
-    let backend = Tcp::reply_to(&syn, backend_mac, common::XLB_MAC[1]);
-    let (port, synack_out) = lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]));
-    assert_eq!(port, CLIENT_PORT);
-    let synack = seen(&synack_out);
-    assert_eq!((synack.src, synack.sport), (IpAddr::from(VIP), dport));
-    let (port, _) = lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]));
-    assert_eq!(port, BACKEND_PORT);
-    Conn {
-        client,
-        backend,
-        c_seq: 1001,
-        s_seq: 70_001,
-        backend_ip: syn.dst,
-    }
-}
-
 #[test]
 fn lb_rule_translates_both_directions_with_valid_checksums() {
     let mut lab = Lab::new();
@@ -112,6 +58,7 @@ fn lb_rule_translates_both_directions_with_valid_checksums() {
         c_seq: 1001,
         s_seq: 9001,
         backend_ip: syn.dst,
+        backend_mac: syn.dst_mac,
     };
     lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 9001, &[]));
     let data = conn.client_sends(&mut lab, b"GET / HTTP/1.0\r\n\r\n");
@@ -149,25 +96,8 @@ fn reset_on_idle_sends_exact_rsts_to_both_ends() {
     assert_eq!(lab.engine.flow_count(), 0);
     assert_eq!(lab.emitted.len(), 2, "one RST to each end");
 
-    let to_client = expected_rst(
-        (XLB_MAC[0], CLIENT_MAC),
-        (VIP.into(), 80),
-        (CLIENT.into(), 40_001),
-        conn.s_seq,
-        conn.c_seq,
-    );
-    let backend_mac = if conn.backend_ip == IpAddr::from(B1) {
-        B1_MAC
-    } else {
-        B2_MAC
-    };
-    let to_backend = expected_rst(
-        (XLB_MAC[1], backend_mac),
-        (CLIENT.into(), 40_001),
-        (conn.backend_ip, 8080),
-        conn.c_seq,
-        conn.s_seq,
-    );
+    assert_eq!(conn.backend_mac, backend_mac(conn.backend_ip));
+    let [to_client, to_backend] = conn.expected_rsts((VIP.into(), 80), (conn.backend_ip, 8080));
     let (p0, f0) = &lab.emitted[0];
     let (p1, f1) = &lab.emitted[1];
     assert_eq!(
@@ -250,18 +180,8 @@ fn keepalive_before_timeout_keeps_flow_and_never_moves_seq_back() {
     lab.run_until(probe_time + mins(4) + lab_tick());
     assert_eq!(lab.engine.flow_count(), 0);
     // The RST to the backend carries the client's real next sequence number, not the probe's.
-    let backend_mac = if conn.backend_ip == IpAddr::from(B1) {
-        B1_MAC
-    } else {
-        B2_MAC
-    };
-    let to_backend = expected_rst(
-        (XLB_MAC[1], backend_mac),
-        (CLIENT.into(), 40_003),
-        (conn.backend_ip, 8080),
-        conn.c_seq,
-        conn.s_seq,
-    );
+    assert_eq!(conn.backend_mac, backend_mac(conn.backend_ip));
+    let [_, to_backend] = conn.expected_rsts((VIP.into(), 80), (conn.backend_ip, 8080));
     assert_eq!(lab.emitted[1].1, to_backend);
 }
 
@@ -706,14 +626,7 @@ fn outbound_rule_snats_and_translates_replies_back() {
             .any(|b| port >= b.first_port && port < b.first_port + b.count),
         "port {port} in the member's block"
     );
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: port,
-    };
+    let remote = Tcp::remote_to_snat(port);
     let (p, back) = lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
     assert_eq!(p, BACKEND_PORT);
     let b = seen(&back);
@@ -1122,14 +1035,7 @@ fn syn_with_fin_opens_no_flow() {
     assert_eq!(v, Verdict::Drop(DropReason::BadTcpFlags));
     assert_eq!(lab.engine.flow_count(), 0);
 
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (v, _) = lab.send(BACKEND_PORT, member.seg(SYN | FIN, 7, 0, &[]));
     assert_eq!(v, Verdict::Drop(DropReason::BadTcpFlags));
     assert_eq!(lab.engine.flow_count(), 0);

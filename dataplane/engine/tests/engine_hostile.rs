@@ -137,47 +137,11 @@ fn client_at(host: u8, dport: u16, sport: u16) -> Tcp {
     }
 }
 
-/// A TCP connection through the lab: both ends and their next sequence numbers.
-struct Conn {
-    client: Tcp,
-    backend: Tcp,
-    c_seq: u32,
-    s_seq: u32,
-}
-
 impl Conn {
-    /// Three-way handshake from `client`.
-    fn open(lab: &mut Lab, client: Tcp) -> Conn {
-        let (port, syn) = lab.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
-        assert_eq!(port, BACKEND_PORT);
-        let syn = seen(&syn);
-        let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
-        assert_eq!(
-            lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]))
-                .0,
-            CLIENT_PORT
-        );
-        assert_eq!(
-            lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]))
-                .0,
-            BACKEND_PORT
-        );
-        Conn {
-            client,
-            backend,
-            c_seq: 1001,
-            s_seq: 70_001,
-        }
-    }
-
     /// One exchange each way; panics unless both are forwarded.
     fn exchange(&mut self, lab: &mut Lab) {
-        let seg = self.client.seg(ACK | PSH, self.c_seq, self.s_seq, b"ping");
-        assert_eq!(lab.forward(CLIENT_PORT, seg).0, BACKEND_PORT);
-        self.c_seq += 4;
-        let seg = self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, b"pong");
-        assert_eq!(lab.forward(BACKEND_PORT, seg).0, CLIENT_PORT);
-        self.s_seq += 4;
+        self.client_sends(lab, b"ping");
+        self.backend_sends(lab, b"pong");
     }
 }
 

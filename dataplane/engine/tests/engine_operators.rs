@@ -78,80 +78,6 @@ protocol = "ALL"
 allocated_outbound_ports = 8
 "#;
 
-/// One TCP connection through the engine, both endpoints' builders and next sequence numbers.
-struct Conn {
-    client: Tcp,
-    backend: Tcp,
-    c_seq: u32,
-    s_seq: u32,
-    backend_ip: IpAddr,
-    backend_mac: [u8; 6],
-}
-
-impl Conn {
-    /// The client sends `data`; returns what the backend receives.
-    fn client_sends(&mut self, lab: &mut Lab, data: &[u8]) -> Seen {
-        let (port, out) = lab.forward(
-            CLIENT_PORT,
-            self.client.seg(ACK | PSH, self.c_seq, self.s_seq, data),
-        );
-        assert_eq!(port, BACKEND_PORT);
-        self.c_seq = self.c_seq.wrapping_add(data.len() as u32);
-        seen(&out)
-    }
-    /// The backend sends `data`; returns what the client receives.
-    fn backend_sends(&mut self, lab: &mut Lab, data: &[u8]) -> Seen {
-        let (port, out) = lab.forward(
-            BACKEND_PORT,
-            self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, data),
-        );
-        assert_eq!(port, CLIENT_PORT);
-        self.s_seq = self.s_seq.wrapping_add(data.len() as u32);
-        seen(&out)
-    }
-    /// The RSTs reset on idle must send: to the client as if from `from` (the frontend), to
-    /// the backend as if from the client, each with the sequence number its receiver expects.
-    fn expected_rsts(&self, from: (IpAddr, u16), to_backend: (IpAddr, u16)) -> [Vec<u8>; 2] {
-        [
-            expected_rst(
-                (XLB_MAC[0], CLIENT_MAC),
-                from,
-                (self.client.src, self.client.sport),
-                self.s_seq,
-                self.c_seq,
-            ),
-            expected_rst(
-                (XLB_MAC[1], self.backend_mac),
-                (self.client.src, self.client.sport),
-                to_backend,
-                self.c_seq,
-                self.s_seq,
-            ),
-        ]
-    }
-}
-
-/// Three-way handshake from the client's port `sport` to VIP:`dport`.
-fn establish(lab: &mut Lab, dport: u16, sport: u16) -> Conn {
-    let client = Tcp::client(dport, sport);
-    let (port, syn_out) = lab.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
-    assert_eq!(port, BACKEND_PORT);
-    let syn = seen(&syn_out);
-    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
-    let (port, _) = lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]));
-    assert_eq!(port, CLIENT_PORT);
-    let (port, _) = lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]));
-    assert_eq!(port, BACKEND_PORT);
-    Conn {
-        client,
-        backend,
-        c_seq: 1001,
-        s_seq: 70_001,
-        backend_ip: syn.dst,
-        backend_mac: syn.dst_mac,
-    }
-}
-
 /// One connection to VIP:`dport` on each backend: (on B1, on B2). Source ports are chosen by
 /// asking the rule set where they would go, so that no other flow is made.
 fn one_per_backend(lab: &mut Lab, dport: u16) -> (Conn, Conn) {
@@ -350,14 +276,7 @@ fn snat_allocations_and_releases_are_logged_with_every_address_and_port() {
             ..EngineConfig::default()
         },
     );
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (port, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 5, 0, &[]));
     assert_eq!(port, INTERNET_PORT);
     let syn = seen(&out);

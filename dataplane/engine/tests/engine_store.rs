@@ -48,49 +48,6 @@ fn restart(old: &Lab, mem: Box<dyn StoreMemory>, toml: &str) -> (Lab, xlb_engine
     (lab, report)
 }
 
-struct Conn {
-    client: Tcp,
-    backend: Tcp,
-    c_seq: u32,
-    s_seq: u32,
-    backend_ip: IpAddr,
-}
-
-impl Conn {
-    fn client_sends(&mut self, lab: &mut Lab, data: &[u8]) {
-        let (port, _) = lab.forward(
-            CLIENT_PORT,
-            self.client.seg(ACK | PSH, self.c_seq, self.s_seq, data),
-        );
-        assert_eq!(port, BACKEND_PORT);
-        self.c_seq = self.c_seq.wrapping_add(data.len() as u32);
-    }
-    fn backend_sends(&mut self, lab: &mut Lab, data: &[u8]) {
-        let (port, _) = lab.forward(
-            BACKEND_PORT,
-            self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, data),
-        );
-        assert_eq!(port, CLIENT_PORT);
-        self.s_seq = self.s_seq.wrapping_add(data.len() as u32);
-    }
-}
-
-fn establish(lab: &mut Lab, dport: u16, sport: u16) -> Conn {
-    let client = Tcp::client(dport, sport);
-    let (_, syn_out) = lab.forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[]));
-    let syn = seen(&syn_out);
-    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
-    lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1001, &[]));
-    lab.forward(CLIENT_PORT, client.seg(ACK, 1001, 70_001, &[]));
-    Conn {
-        client,
-        backend,
-        c_seq: 1001,
-        s_seq: 70_001,
-        backend_ip: syn.dst,
-    }
-}
-
 fn tick() -> u64 {
     1 << EngineConfig::default().tick_shift
 }
@@ -131,25 +88,8 @@ fn a_flow_survives_a_crash_and_is_reset_on_idle_with_exact_rsts() {
     lab2.run_until(last + mins(4) + tick());
     assert_eq!(lab2.engine.flow_count(), 0);
     assert_eq!(lab2.emitted.len(), 2);
-    let to_client = expected_rst(
-        (XLB_MAC[0], CLIENT_MAC),
-        (VIP.into(), 80),
-        (CLIENT.into(), 40_001),
-        conn.s_seq,
-        conn.c_seq,
-    );
-    let backend_mac = if conn.backend_ip == IpAddr::from(B1) {
-        B1_MAC
-    } else {
-        B2_MAC
-    };
-    let to_backend = expected_rst(
-        (XLB_MAC[1], backend_mac),
-        (CLIENT.into(), 40_001),
-        (conn.backend_ip, 8080),
-        conn.c_seq,
-        conn.s_seq,
-    );
+    assert_eq!(conn.backend_mac, backend_mac(conn.backend_ip));
+    let [to_client, to_backend] = conn.expected_rsts((VIP.into(), 80), (conn.backend_ip, 8080));
     assert_eq!(lab2.emitted[0], (CLIENT_PORT, to_client));
     assert_eq!(lab2.emitted[1], (BACKEND_PORT, to_backend));
     let mut events = vec![];
@@ -181,24 +121,10 @@ fn a_flow_that_idled_out_during_the_gap_is_reset_at_once() {
 #[test]
 fn snat_flows_keep_their_ports() {
     let mut lab = lab_with_store();
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_000,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_000);
     let (_, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 1, 0, &[]));
     let port = seen(&out).sport;
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: port,
-    };
+    let remote = Tcp::remote_to_snat(port);
     lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 77, 2, &[]));
     lab.forward(BACKEND_PORT, member.seg(ACK, 2, 78, &[]));
     let mem = lab.engine.abandon_store().unwrap();
@@ -392,7 +318,9 @@ fn every_kind_of_flow_restores_to_the_same_listing() {
         let mut conn = establish(&mut lab, 80, 41_000 + i);
         match i % 4 {
             0 => {}
-            1 => conn.client_sends(&mut lab, b"some data"),
+            1 => {
+                conn.client_sends(&mut lab, b"some data");
+            }
             2 => {
                 let fin = conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]);
                 lab.forward(CLIENT_PORT, fin);

@@ -4,90 +4,14 @@
 
 mod common;
 
-use std::net::IpAddr;
-
 use common::flags::*;
 use common::*;
 use xlb_engine::tcp::TcpState;
 use xlb_engine::time::{mins, Nanos};
-use xlb_engine::{DropReason, EngineConfig, FlowInfo, PortId, Verdict};
+use xlb_engine::{DropReason, EngineConfig, FlowInfo, Verdict};
 
-/// A connection through the engine: both endpoints' builders and next sequence numbers.
-struct Conn {
-    client: Tcp,
-    backend: Tcp,
-    /// Next sequence number each side will send.
-    c_seq: u32,
-    s_seq: u32,
-    backend_ip: IpAddr,
-    backend_mac: [u8; 6],
-}
-
-impl Conn {
-    fn client_sends(&mut self, lab: &mut Lab, data: &[u8]) {
-        let seg = self.client.seg(ACK | PSH, self.c_seq, self.s_seq, data);
-        let (port, _) = lab.forward(CLIENT_PORT, seg);
-        assert_eq!(port, BACKEND_PORT);
-        self.c_seq = self.c_seq.wrapping_add(data.len() as u32);
-    }
-
-    fn backend_sends(&mut self, lab: &mut Lab, data: &[u8]) {
-        let seg = self.backend.seg(ACK | PSH, self.s_seq, self.c_seq, data);
-        let (port, _) = lab.forward(BACKEND_PORT, seg);
-        assert_eq!(port, CLIENT_PORT);
-        self.s_seq = self.s_seq.wrapping_add(data.len() as u32);
-    }
-
-    /// The two RSTs reset on idle must send now, built independently of the engine.
-    fn expected_idle_rsts(&self, dport: u16) -> [(PortId, Vec<u8>); 2] {
-        [
-            (
-                CLIENT_PORT,
-                expected_rst(
-                    (XLB_MAC[0], CLIENT_MAC),
-                    (VIP.into(), dport),
-                    (CLIENT.into(), self.client.sport),
-                    self.s_seq,
-                    self.c_seq,
-                ),
-            ),
-            (
-                BACKEND_PORT,
-                expected_rst(
-                    (XLB_MAC[1], self.backend_mac),
-                    (CLIENT.into(), self.client.sport),
-                    (self.backend_ip, 8080),
-                    self.c_seq,
-                    self.s_seq,
-                ),
-            ),
-        ]
-    }
-}
-
-/// Three-way handshake from the client to VIP:`dport` with initial sequence numbers `c_isn`
-/// and `s_isn`.
 fn establish_with(lab: &mut Lab, dport: u16, sport: u16, c_isn: u32, s_isn: u32) -> Conn {
-    let client = Tcp::client(dport, sport);
-    let (_, syn_out) = lab.forward(CLIENT_PORT, client.seg(SYN, c_isn, 0, &[]));
-    let syn = seen(&syn_out);
-    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
-    let c_next = c_isn.wrapping_add(1);
-    let s_next = s_isn.wrapping_add(1);
-    lab.forward(BACKEND_PORT, backend.seg(SYN | ACK, s_isn, c_next, &[]));
-    lab.forward(CLIENT_PORT, client.seg(ACK, c_next, s_next, &[]));
-    Conn {
-        client,
-        backend,
-        c_seq: c_next,
-        s_seq: s_next,
-        backend_ip: syn.dst,
-        backend_mac: syn.dst_mac,
-    }
-}
-
-fn establish(lab: &mut Lab, dport: u16, sport: u16) -> Conn {
-    establish_with(lab, dport, sport, 1000, 70_000)
+    Conn::open_with(lab, Tcp::client(dport, sport), c_isn, s_isn)
 }
 
 fn rule_id(lab: &Lab, name: &str) -> u16 {
@@ -461,24 +385,10 @@ fn sequence_numbers_wrap_and_idle_rsts_carry_the_wrapped_values() {
 #[test]
 fn outbound_snat_flow_keeps_its_port_against_spoofed_rsts() {
     let mut lab = Lab::new();
-    let member = Tcp {
-        src_mac: B1_MAC,
-        dst_mac: XLB_MAC[1],
-        src: B1.into(),
-        dst: REMOTE.into(),
-        sport: 50_500,
-        dport: 443,
-    };
+    let member = Tcp::member_to_remote(50_500);
     let (_, out) = lab.forward(BACKEND_PORT, member.seg(SYN, 100, 0, &[]));
     let snat_port = seen(&out).sport;
-    let remote = Tcp {
-        src_mac: NET_MAC,
-        dst_mac: XLB_MAC[2],
-        src: REMOTE.into(),
-        dst: SNAT_IP.into(),
-        sport: 443,
-        dport: snat_port,
-    };
+    let remote = Tcp::remote_to_snat(snat_port);
     lab.forward(INTERNET_PORT, remote.seg(SYN | ACK, 9000, 101, &[]));
     lab.forward(BACKEND_PORT, member.seg(ACK, 101, 9001, &[]));
     // An attacker on the internet side guesses the SNAT port but not the sequence number.

@@ -12,6 +12,10 @@ use xlb_engine::config::Config;
 use xlb_engine::time::{secs, Nanos};
 use xlb_engine::{Engine, EngineConfig, PortId, Route, RuleSet, Verdict};
 
+pub mod conn;
+#[allow(unused_imports)]
+pub use conn::{backend_mac, establish, Conn};
+
 pub const CLIENT_PORT: PortId = 0;
 pub const BACKEND_PORT: PortId = 1;
 pub const INTERNET_PORT: PortId = 2;
@@ -289,6 +293,31 @@ impl Tcp {
             dst: VIP.into(),
             sport,
             dport,
+        }
+    }
+
+    /// Member B1's side of an outbound connection from its port `sport` to REMOTE:443.
+    pub fn member_to_remote(sport: u16) -> Tcp {
+        Tcp {
+            src_mac: B1_MAC,
+            dst_mac: XLB_MAC[1],
+            src: B1.into(),
+            dst: REMOTE.into(),
+            sport,
+            dport: 443,
+        }
+    }
+
+    /// The remote host's side of an outbound connection: from REMOTE:443 to the SNAT
+    /// address's port `port`.
+    pub fn remote_to_snat(port: u16) -> Tcp {
+        Tcp {
+            src_mac: NET_MAC,
+            dst_mac: XLB_MAC[2],
+            src: REMOTE.into(),
+            dst: SNAT_IP.into(),
+            sport: 443,
+            dport: port,
         }
     }
 
