@@ -66,6 +66,7 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
     counters.rules[usize::from(web)].flows_created = 5;
     counters.rules[usize::from(web)].flows_evicted = 4;
     counters.rules[usize::from(web)].wrong_side = 1;
+    counters.rules[usize::from(web)].flows_reset_withheld = 3;
     counters.drops[xlb_engine::DropReason::NoRule.index()] = 3;
     counters.evictions[xlb_engine::counters::EvictReason::RuleShare.index()] = 4;
     let generation = h.state.generation();
@@ -115,6 +116,7 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
     let web_c = r.rules.iter().find(|x| x.rule == "web").unwrap();
     assert_eq!(web_c.flows_created, 10);
     assert_eq!((web_c.flows_evicted, web_c.drops_wrong_side), (8, 2));
+    assert_eq!(web_c.flows_reset_withheld, 6, "summed over both workers");
     let evicted = |list: &[pb::DropCount], reason: &str| {
         list.iter().find(|d| d.reason == reason).map(|d| d.count)
     };

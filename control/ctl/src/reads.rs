@@ -43,6 +43,7 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "drops_out_of_window": r.drops_out_of_window,
         "flows_evicted": r.flows_evicted, "drops_reset_rate_limited": r.drops_reset_rate_limited,
         "drops_spoofed_source": r.drops_spoofed_source, "drops_wrong_side": r.drops_wrong_side,
+        "flows_reset_withheld": r.flows_reset_withheld,
     })
 }
 

@@ -309,6 +309,7 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_reset_rate_limited: c.reset_rate_limited,
         drops_spoofed_source: c.spoofed_source,
         drops_wrong_side: c.wrong_side,
+        flows_reset_withheld: c.flows_reset_withheld,
     }
 }
 
