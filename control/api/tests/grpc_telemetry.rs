@@ -216,30 +216,33 @@ async fn flows_are_filtered_and_paged() {
     );
     assert_eq!(r.flows[0].idle_ms, 1000);
     assert_eq!(r.flows[0].rule, "web");
-    let s = status_of(
-        c.list_flows(pb::ListFlowsRequest {
-            page_token: "garbage".into(),
-            ..Default::default()
-        })
-        .await,
-    );
-    violation(&s, "page_token");
-    let s = status_of(
-        c.list_flows(pb::ListFlowsRequest {
-            state: "sleepy".into(),
-            ..Default::default()
-        })
-        .await,
-    );
-    violation(&s, "state");
-    let s = status_of(
-        c.list_flows(pb::ListFlowsRequest {
-            client_address: "nope".into(),
-            ..Default::default()
-        })
-        .await,
-    );
-    violation(&s, "client_address");
+    // Each bad filter is refused, naming its field.
+    let bad = [
+        (
+            pb::ListFlowsRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListFlowsRequest {
+                state: "sleepy".into(),
+                ..Default::default()
+            },
+            "state",
+        ),
+        (
+            pb::ListFlowsRequest {
+                client_address: "nope".into(),
+                ..Default::default()
+            },
+            "client_address",
+        ),
+    ];
+    for (request, field) in bad {
+        violation(&status_of(c.list_flows(request).await), field);
+    }
 
     h.stop().await;
 }
