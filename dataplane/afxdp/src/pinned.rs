@@ -121,6 +121,11 @@ pub fn remove_state(dir: &Path) -> Result<Vec<String>> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("xdp-") {
+            // Detached now, so that XDP is gone when this returns; a pin that will not detach
+            // (not a link) is still removed below and the kernel frees it on its own time.
+            let _ = crate::xdp::detach_pinned_link(&entry.path());
+        }
         if name.starts_with("xdp-") || name.starts_with("flows-") {
             std::fs::remove_file(entry.path())
                 .map_err(|e| Error::with(format!("unpinning {}", entry.path().display()), e))?;

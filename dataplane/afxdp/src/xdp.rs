@@ -202,9 +202,6 @@ pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An owned duplicate of a loaded program's fd. The loaders keep plain fds and let the
-/// skeleton (and its libbpf object) go: the program and maps live as long as any fd refers
-/// to them, which spares a self-referential struct around the skeleton's borrowed storage.
 /// The pin of `ifindex`'s XDP link in `dir`: the mode is in the name (a link does not say).
 fn link_pin(dir: &std::path::Path, ifindex: u32, mode: AttachMode) -> std::path::PathBuf {
     let m = match mode {
@@ -233,8 +230,8 @@ fn pin_fd(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens the XDP link pinned at `path` and makes it run `prog`.
-fn update_pinned_link(path: &std::path::Path, prog: BorrowedFd<'_>) -> Result<OwnedFd> {
+/// Opens the BPF object pinned at `path` (a link or a map).
+fn open_pinned(path: &std::path::Path) -> Result<OwnedFd> {
     let c = path_cstring(path)?;
     // SAFETY: `c` is a NUL-terminated path.
     let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
@@ -245,7 +242,29 @@ fn update_pinned_link(path: &std::path::Path, prog: BorrowedFd<'_>) -> Result<Ow
         ));
     }
     // SAFETY: `fd` was just returned by bpf_obj_get and is owned by nobody else.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Detaches the XDP link pinned at `path` from its interface now (`BPF_LINK_DETACH`). Removing
+/// the pin alone is not enough to know when XDP is gone: the kernel frees a link whose last
+/// reference was a pin from a work queue, some time after the unlink returned.
+pub fn detach_pinned_link(path: &std::path::Path) -> Result<()> {
+    let link = open_pinned(path)?;
+    // SAFETY: `link` is a valid link fd for the call.
+    let rc = unsafe { libbpf_sys::bpf_link_detach(link.as_raw_fd()) };
+    // ENOLINK: already detached (its interface went away).
+    if rc < 0 && -rc != libc::ENOLINK {
+        return Err(Error::with(
+            format!("detaching {}", path.display()),
+            std::io::Error::from_raw_os_error(-rc),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the XDP link pinned at `path` and makes it run `prog`.
+fn update_pinned_link(path: &std::path::Path, prog: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let link = open_pinned(path)?;
     // SAFETY: both fds are valid for the call; no options (replace whatever runs).
     let rc = unsafe {
         libbpf_sys::bpf_link_update(link.as_raw_fd(), prog.as_raw_fd(), std::ptr::null())
@@ -259,6 +278,9 @@ fn update_pinned_link(path: &std::path::Path, prog: BorrowedFd<'_>) -> Result<Ow
     Ok(link)
 }
 
+/// An owned duplicate of a loaded program's fd. The loaders keep plain fds and let the
+/// skeleton (and its libbpf object) go: the program and maps live as long as any fd refers
+/// to them, which spares a self-referential struct around the skeleton's borrowed storage.
 pub fn owned_prog_fd(prog: &impl AsFd) -> Result<OwnedFd> {
     prog.as_fd()
         .try_clone_to_owned()
