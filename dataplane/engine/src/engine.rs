@@ -813,6 +813,7 @@ impl Engine {
             if !self.flows.is_live(id) {
                 continue;
             }
+            self.fast_pull(now, id);
             let f = *self.flows.get(id);
             if f.nat == Nat::Snat {
                 continue;

@@ -652,5 +652,52 @@ fn flows_on_ports_xdp_cannot_serve_and_ipv6_flows_stay_slow() {
         .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 1));
     assert_eq!(t.pair(), None);
     assert_eq!(t.counters().fast_published, 0);
-    let _ = secs(1);
+}
+
+/// The store never hears of the packets XDP forwards: with the fast path attached before the
+/// store, a restored flow counts as seen at the restore, so a connection XDP kept busy is not
+/// reset at its stale deadline; it is published again at its next packets and expires after
+/// real idleness with RSTs exact from what the worker saw since.
+#[test]
+fn a_restored_flow_counts_as_seen_at_the_restore_and_starts_unpublished() {
+    let mut t = FastLab::new(16);
+    let mem = vec![0u8; t.lab.engine.store_geometry().bytes()];
+    t.lab
+        .engine
+        .attach_store(t.lab.now, Box::new(mem), 1)
+        .unwrap();
+    let mut conn = establish(&mut t.lab, 80, 40_060);
+    assert!(t.pair().is_some());
+    // Ten minutes of traffic only XDP sees, then a crash.
+    for minute in 1..=10 {
+        t.run_with_grace(T0 + mins(minute));
+        let f = FastLab::client_data(&mut conn, 100);
+        assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    }
+    let mem = t.lab.engine.abandon_store().unwrap();
+    let now = t.lab.now + secs(2);
+
+    let mut n = FastLab::new(16);
+    n.lab.now = now;
+    let report = n.lab.engine.attach_store(now, mem, 1).unwrap();
+    assert_eq!(report.flows, 1);
+    let info = n.only_flow();
+    assert_eq!(
+        info.last_seen, now,
+        "seen at the restore, not 10 minutes ago"
+    );
+    assert_eq!(n.pair(), None, "restored flows start unpublished");
+    n.lab.advance(MS);
+    assert_eq!(n.lab.engine.flow_count(), 1);
+    assert!(n.lab.emitted.is_empty());
+    // Both directions reach the worker once: published again, exact from then on.
+    n.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    n.lab
+        .forward(BACKEND_PORT, FastLab::backend_data(&mut conn, 10));
+    assert!(n.pair().is_some());
+    let last = n.lab.now;
+    n.run_with_grace(last + mins(4) + 10 * MS);
+    assert_eq!(n.lab.engine.flow_count(), 0);
+    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }
