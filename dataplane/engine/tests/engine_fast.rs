@@ -701,3 +701,77 @@ fn a_restored_flow_counts_as_seen_at_the_restore_and_starts_unpublished() {
     assert_eq!(n.lab.engine.flow_count(), 0);
     assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }
+
+/// With the memory of the previous process taken over (`FastTable::resume`), a restored flow
+/// takes what XDP recorded while no worker ran: its idle time and both next sequence numbers,
+/// so that even a direction silent since the crash is reset exactly.
+#[test]
+fn a_resumed_table_gives_restored_flows_what_xdp_recorded() {
+    let mut t = FastLab::new(16);
+    let mem = vec![0u8; t.lab.engine.store_geometry().bytes()];
+    t.lab
+        .engine
+        .attach_store(t.lab.now, Box::new(mem), 1)
+        .unwrap();
+    let mut conn = establish(&mut t.lab, 80, 40_070);
+    for minute in 1..=3 {
+        t.run_with_grace(T0 + mins(minute));
+        let f = FastLab::client_data(&mut conn, 100);
+        assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+        let f = FastLab::backend_data(&mut conn, 700);
+        assert!(t.xdp.forward(t.lab.now, BACKEND_PORT, &f).is_some());
+    }
+    let last_fast = t.lab.now;
+    let store = t.lab.engine.abandon_store().unwrap();
+    // No worker runs for a minute; XDP still forwards the client's data.
+    let now = last_fast + mins(1);
+    let f = FastLab::client_data(&mut conn, 50);
+    assert!(t.xdp.forward(now - secs(30), CLIENT_PORT, &f).is_some());
+    let last_fast = now - secs(30);
+
+    // A table of another layout is refused.
+    let grace = Arc::new(GraceClock::default());
+    assert!(FastTable::resume(t.xdp.mem, FastLayout::new(8, 1), 0, Arc::clone(&grace)).is_err());
+
+    let mut lab = Lab::new();
+    lab.now = now;
+    let mut table = FastTable::resume(t.xdp.mem, t.xdp.layout, 0, Arc::clone(&grace)).unwrap();
+    for port in [CLIENT_PORT, BACKEND_PORT, INTERNET_PORT] {
+        table.set_port_ok(port, true);
+    }
+    lab.engine.attach_fast(table);
+    let mut n = FastLab {
+        lab,
+        xdp: FakeXdp {
+            mem: t.xdp.mem,
+            layout: t.xdp.layout,
+        },
+        grace,
+    };
+    // XDP punts the flow from the moment the new process took the table over.
+    let probe = conn.client.seg(ACK, conn.c_seq, conn.s_seq, &[]);
+    assert!(n.xdp.forward(now, CLIENT_PORT, &probe).is_none());
+    n.lab.engine.attach_store(now, store, 1).unwrap();
+    let info = n.only_flow();
+    assert!(
+        info.last_seen >= last_fast && info.last_seen < last_fast + (1 << 16),
+        "XDP's last packet, not the restore: {info:?}"
+    );
+    assert_eq!(n.pair(), None);
+    let state = n.lab.engine.export_flow(now, info.id).unwrap();
+    assert_eq!(
+        (state.tcp.next_seq(0), state.tcp.next_seq(1)),
+        (conn.c_seq, conn.s_seq)
+    );
+    // A grace later the old pair is freed: its keys are gone.
+    n.run_with_grace(now + 10 * MS);
+    assert_eq!(n.xdp.find(CLIENT, VIP, 40_070, 80, 6), None);
+    // Only the client speaks after the restart; the flow is published again.
+    n.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    assert!(n.pair().is_some());
+    let last = n.lab.now;
+    n.run_with_grace(last + mins(4) + 10 * MS);
+    assert_eq!(n.lab.engine.flow_count(), 0);
+    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+}
