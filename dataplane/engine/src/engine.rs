@@ -551,6 +551,7 @@ impl Engine {
         if self.sweep.is_some()
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
+            || self.fast_waits_for_left()
         {
             return Some(0);
         }

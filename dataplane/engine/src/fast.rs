@@ -745,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn hash_is_the_specified_fold() {
+    fn hash_is_the_documented_fold() {
         // Independent evaluation of the formula with small numbers.
         let keys = [1u64, 3, 0, 1];
         // a = 2 | 0 << 32 = 2; b = 5 | 6 << 32

@@ -29,10 +29,10 @@ const KEYS: [u64; 4] = [
 const LEAD: Nanos = 128 * NANOS_PER_MILLI;
 const MS: Nanos = NANOS_PER_MILLI;
 
-/// What XDP does to the published table for a frame it forwards (spec'd in the contract of
-/// the fast path): find the line, check it is fast and the frame came in on the right port,
-/// check a TCP segment's window, then advance `next_seq`, grow `max_win` and stamp
-/// `last_seen`. `None`: the frame would be punted to the worker.
+/// What the XDP program does to the published table for a frame it forwards: find the
+/// line, check it is fast and the frame came in on the right port, check a TCP segment's
+/// window (the engine's rule for an established flow), then advance `next_seq`, grow
+/// `max_win` and stamp `last_seen`. `None`: the frame would be punted to the worker.
 struct FakeXdp {
     mem: &'static [AtomicU32],
     layout: FastLayout,

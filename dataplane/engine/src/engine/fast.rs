@@ -20,6 +20,12 @@
 //! invocation can still be updating the lines: the flow's state is read a last time; if a
 //! packet moved its deadline it is fast again, else it expires exactly as a flow that never
 //! was fast (its RSTs carry the sequence numbers XDP advanced).
+//!
+//! A flow withdrawn while it lives on (no longer eligible) is read back at the withdrawal,
+//! without a grace: a segment XDP was forwarding at that very moment may advance the old line
+//! after it, and that advance is not seen. The flow's next segment of that direction (now
+//! through the worker) is in the window and brings `next_seq` up to date; only a direction
+//! that falls silent right then is reset on idle with the number before that segment.
 
 use super::Engine;
 use crate::fast::{
@@ -430,6 +436,12 @@ impl Engine {
             merge(&fs.table, pair, f, now);
             fs.resumed.push((id, pair));
         }
+    }
+
+    /// Pairs a previous process left wait for their grace ([`expire`](Self::expire) frees
+    /// them; no flow is published before).
+    pub(super) fn fast_waits_for_left(&self) -> bool {
+        self.fast.as_deref().is_some_and(|fs| fs.table.has_left())
     }
 
     /// Once per [`expire`](Self::expire): the pairs a previous process left are read back a
