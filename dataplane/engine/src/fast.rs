@@ -452,7 +452,7 @@ impl FastTable {
         }
         let mut t = FastTable::new(mem, layout, worker, grace);
         t.next_fresh = layout.pairs_per_worker;
-        t.left_at = t.grace.epoch();
+        let mut unused = Vec::with_capacity(layout.pairs_per_worker as usize);
         for pair in t.first_pair..t.first_pair + layout.pairs_per_worker {
             if t.state(2 * pair) != 0 || t.state(2 * pair + 1) != 0 {
                 t.set_state(2 * pair, 0);
@@ -460,9 +460,13 @@ impl FastTable {
                 t.left.push(pair);
             } else {
                 // Never used, or withdrawn by the previous process maybe just before it went.
-                t.freed.push_back((pair - t.first_pair, t.left_at));
+                unused.push(pair - t.first_pair);
             }
         }
+        // Read after every line was cleared: a grace from here covers them all.
+        t.left_at = t.grace.epoch();
+        let at = t.left_at;
+        t.freed.extend(unused.into_iter().map(|pair| (pair, at)));
         t.resumed = true;
         t.grace.want();
         Ok(t)
@@ -482,8 +486,16 @@ impl FastTable {
             .iter()
             .zip(reply)
             .all(|(&i, v)| w(line + 1, i) == v);
-        (line % 2 == 0 && mine.contains(&pair) && reply_ok && self.left.contains(&pair))
-            .then_some(pair)
+        (line % 2 == 0
+            && mine.contains(&pair)
+            && reply_ok
+            && self.left.binary_search(&pair).is_ok())
+        .then_some(pair)
+    }
+
+    /// Whether `pair` is one a previous process left, not freed yet.
+    pub fn is_left(&self, pair: u32) -> bool {
+        self.left.binary_search(&pair).is_ok()
     }
 
     /// Whether this table took over a previous process's memory ([`FastTable::resume`]).
@@ -497,9 +509,10 @@ impl FastTable {
     }
 
     /// Once a grace has passed since the pairs left by a previous process were withdrawn
-    /// from XDP: hands them to `read` (the engine's last read-back), then removes their keys
-    /// and frees them. False while the grace has not passed (a grace is asked for).
-    pub fn retire_left(&mut self, mut read: impl FnMut(&FastTable, u32)) -> bool {
+    /// from XDP: calls `read` (the engine's last read-back of them, [`FastTable::is_left`]
+    /// still true), then removes their keys and frees them. False while the grace has not
+    /// passed (a grace is asked for).
+    pub fn retire_left(&mut self, read: impl FnOnce(&FastTable)) -> bool {
         if self.left.is_empty() {
             return true;
         }
@@ -507,10 +520,8 @@ impl FastTable {
             self.grace.want();
             return false;
         }
+        read(self);
         let left = std::mem::take(&mut self.left);
-        for &pair in &left {
-            read(self, pair);
-        }
         let epoch = self.grace.epoch();
         for pair in left {
             self.index_remove(2 * pair);

@@ -454,12 +454,11 @@ impl Engine {
         };
         if fs.table.has_left() {
             let (table, resumed, flows) = (&mut fs.table, &fs.resumed, &mut self.flows);
-            let done = table.retire_left(|table, pair| {
-                for &(id, p) in resumed {
+            let done = table.retire_left(|table| {
+                for &(id, pair) in resumed {
                     // The slot may hold another flow by now (the restored one ended).
-                    let line = crate::fast::line_words(table.memory(), table.layout(), 2 * p);
-                    if p == pair
-                        && flows.is_live(id)
+                    let line = crate::fast::line_words(table.memory(), table.layout(), 2 * pair);
+                    if flows.is_live(id)
                         && key_words(flows.get(id), ORIG)[..]
                             == line[line::MATCH_SADDR..=line::MATCH_PORTS]
                     {
