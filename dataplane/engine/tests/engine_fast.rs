@@ -450,6 +450,12 @@ fn a_packet_between_clearing_fast_and_the_grace_end_revives_the_flow() {
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_none());
     let (port, _) = t.lab.forward(CLIENT_PORT, f);
     assert_eq!(port, BACKEND_PORT);
+    let pair = t.pair().expect("still published");
+    assert_ne!(
+        t.xdp.words(2 * pair)[line::STATE] & STATE_FAST,
+        0,
+        "fast again at once"
+    );
     let seen_at = t.lab.now;
     t.run_with_grace(deadline + 5 * MS);
     assert_eq!(
@@ -774,4 +780,30 @@ fn a_resumed_table_gives_restored_flows_what_xdp_recorded() {
     n.run_with_grace(last + mins(4) + 10 * MS);
     assert_eq!(n.lab.engine.flow_count(), 0);
     assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+}
+
+/// An XDP invocation that read `FAST` just before the worker cleared it still commits its
+/// segment afterwards: the grace makes the worker wait for it, and the flow lives on with the
+/// sequence number it advanced.
+#[test]
+fn a_segment_xdp_committed_while_fast_was_being_cleared_revives_the_flow() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_080);
+    let deadline = due_at_lead(&mut t, &conn);
+    let pair = t.pair().unwrap();
+    // The late commit: what the XDP program writes after its checks passed.
+    let end = conn.c_seq.wrapping_add(20);
+    conn.c_seq = end;
+    fast::advance_serial(t.xdp.cell(2 * pair, line::NEXT_SEQ), end);
+    fast::advance_serial(
+        t.xdp.cell(2 * pair, line::LAST_SEEN),
+        fast::to_stamp(t.lab.now),
+    );
+    let committed_at = t.lab.now;
+    t.run_with_grace(deadline + 5 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    assert_ne!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    t.run_with_grace(committed_at + mins(4) + 10 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+    assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }

@@ -269,6 +269,10 @@ impl Engine {
                 );
                 if !self.fast_eligible(id) {
                     self.fast_withdraw(id);
+                } else if fs.fences[id as usize] != 0 {
+                    // Its expiry was under way: this packet moved the deadline, so XDP may
+                    // forward it again (setting `FAST` needs no grace).
+                    self.fast_revive(id, pair);
                 }
             }
             None => {
@@ -301,6 +305,17 @@ impl Engine {
             }
             Err(_) => self.counters.fast_publish_failed += 1,
         }
+    }
+
+    /// Sets `FAST` again on flow `id` (`pair`) whose expiry was under way and files it anew.
+    fn fast_revive(&mut self, id: FlowId, pair: u32) {
+        let Some(fs) = self.fast.as_deref_mut() else {
+            return;
+        };
+        fs.table.set_fast(pair, true);
+        fs.fences[id as usize] = 0;
+        let at = self.fast_filing(id, self.deadline(self.flows.get(id)));
+        self.wheel.insert(id, at);
     }
 
     /// Withdraws flow `id` from the fast path (what XDP recorded read into it first).
@@ -368,10 +383,7 @@ impl Engine {
         }
         if deadline > now {
             // A packet the worker processed since moved the deadline: fast again.
-            fs.table.set_fast(pair, true);
-            fs.fences[id as usize] = 0;
-            let at = self.fast_filing(id, deadline);
-            self.wheel.insert(id, at);
+            self.fast_revive(id, pair);
             return true;
         }
         false
