@@ -807,3 +807,132 @@ fn a_segment_xdp_committed_while_fast_was_being_cleared_revives_the_flow() {
     assert_eq!(t.lab.engine.flow_count(), 0);
     assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }
+
+mod sessions {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    use xlb_engine::fast::SLOT_EMPTY;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Open(u8),
+        ClientData(u8, u16),
+        BackendData(u8, u16),
+        Fin(u8),
+        Rst(u8),
+        Wait(u32, bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..4).prop_map(Op::Open),
+            (0u8..4, 1u16..3000).prop_map(|(c, n)| Op::ClientData(c, n)),
+            (0u8..4, 1u16..3000).prop_map(|(c, n)| Op::BackendData(c, n)),
+            (0u8..4).prop_map(Op::Fin),
+            (0u8..4).prop_map(Op::Rst),
+            (0u32..300_000, any::<bool>()).prop_map(|(ms, g)| Op::Wait(ms, g)),
+        ]
+    }
+
+    /// XDP first; what it punts goes to the worker.
+    fn deliver(t: &mut FastLab, port: PortId, frame: Vec<u8>) {
+        if t.xdp.forward(t.lab.now, port, &frame).is_none() {
+            t.lab.send(port, frame);
+        }
+    }
+
+    /// Every published flow is found by both its keys, in its own pair, and no two flows
+    /// share a pair.
+    fn check(t: &FastLab) {
+        let mut pairs = std::collections::HashSet::new();
+        let mut published = 0;
+        for info in t.lab.engine.flows() {
+            let Some(pair) = t.lab.engine.fast_pair(info.id) else {
+                continue;
+            };
+            published += 1;
+            assert!(pairs.insert(pair), "pair {pair} twice");
+            let (o, tr) = (info.orig, info.translated);
+            let ip = |a: Addr| v4(a.to_ip());
+            assert_eq!(
+                t.xdp.find(ip(o.src), ip(o.dst), o.src_port, o.dst_port, 6),
+                Some(2 * pair)
+            );
+            assert_eq!(
+                t.xdp
+                    .find(ip(tr.dst), ip(tr.src), tr.dst_port, tr.src_port, 6),
+                Some(2 * pair + 1)
+            );
+        }
+        assert_eq!(published, t.lab.engine.fast_published());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_session_keeps_the_table_consistent_and_ends_empty(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut t = FastLab::new(3);
+            let mut conns: HashMap<u8, Conn> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Open(c) => {
+                        let sport = 41_000 + u16::from(c);
+                        if !t.lab.engine.flows().any(|f| f.orig.src_port == sport) {
+                            conns.insert(c, establish(&mut t.lab, 80, sport));
+                        }
+                    }
+                    Op::ClientData(c, n) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = FastLab::client_data(conn, n as usize);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::BackendData(c, n) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = FastLab::backend_data(conn, n as usize);
+                            deliver(&mut t, BACKEND_PORT, f);
+                        }
+                    }
+                    Op::Fin(c) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]);
+                            conn.c_seq = conn.c_seq.wrapping_add(1);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::Rst(c) => {
+                        if let Some(conn) = conns.remove(&c) {
+                            let f = conn.client.seg(RST, conn.c_seq, 0, &[]);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::Wait(ms, grace) => {
+                        let until = t.lab.now + u64::from(ms) * MS;
+                        if grace {
+                            t.run_with_grace(until);
+                        } else {
+                            t.lab.run_until(until);
+                        }
+                    }
+                }
+                check(&t);
+            }
+            t.run_with_grace(t.lab.now + mins(40));
+            prop_assert_eq!(t.lab.engine.flow_count(), 0);
+            prop_assert_eq!(t.lab.engine.fast_published(), 0);
+            let c = t.counters();
+            prop_assert_eq!(c.fast_published, c.fast_unpublished);
+            let layout = t.xdp.layout;
+            for s in 0..layout.index_slots {
+                let v = t.xdp.mem[layout.slot_word(s)].load(Ordering::Relaxed);
+                prop_assert!(v == SLOT_EMPTY || v == SLOT_TOMBSTONE, "slot {} holds {}", s, v);
+            }
+            for l in 0..layout.lines {
+                prop_assert_eq!(t.xdp.words(l)[line::STATE], 0);
+            }
+        }
+    }
+}
