@@ -668,6 +668,16 @@ fn punts_leave_the_frame_to_the_dataplane() {
         let mut frag = frame.clone();
         frag[14 + 6] = 0x20; // more fragments
         fx.punted("fragment", &frag, fx.front, |s| s.not_eligible += 1);
+        for (what, tot_len) in [("IPv4 length below its header", 10u16), ("truncated", 200)] {
+            let mut bad = frame.clone();
+            bad[16..18].copy_from_slice(&tot_len.to_be_bytes());
+            fx.punted(what, &bad, fx.front, |s| s.not_eligible += 1);
+        }
+        let mut short_udp = frame.clone();
+        short_udp[L4 + 4..L4 + 6].copy_from_slice(&7u16.to_be_bytes());
+        fx.punted("UDP length below its header", &short_udp, fx.front, |s| {
+            s.not_eligible += 1
+        });
 
         // An empty devmap slot for the egress.
         fx.xdp.clear_tx_port(BACK).unwrap();
@@ -873,4 +883,33 @@ fn udp_crosses_the_lab_on_the_fast_path_alone() {
     assert_eq!(stats.forwarded, 2 * ROUNDS as u64, "{stats:?}");
     let packets: Vec<(u8, u64)> = counts.iter().map(|c| (c.dir, c.packets)).collect();
     assert_eq!(packets, vec![(0, ROUNDS as u64), (1, ROUNDS as u64)]);
+}
+
+/// `XdpProgram::load` (no fast-path table, a bare zeroed header) punts everything, even on an
+/// interface marked fast with an egress in the devmap.
+#[test]
+fn a_program_without_a_table_punts_everything() {
+    if !need_root("without_a_table") {
+        return;
+    }
+    let lab = Lab::new();
+    let (f0, f1) = (lab.f0.clone(), lab.f1.clone());
+    in_netns(&lab.fwd, move || {
+        let mut nl = Netlink::open().unwrap();
+        let front = nl.link_by_name(&f0).unwrap().ifindex;
+        let back = nl.link_by_name(&f1).unwrap().ifindex;
+        let mut xdp = XdpProgram::load().unwrap();
+        xdp.add_addr(VIP.into(), AddrKind::Owned).unwrap();
+        xdp.attach(front, ModeRequest::Native, false).unwrap();
+        assert!(xdp.set_fast_port(front, FRONT, true).unwrap());
+        xdp.set_tx_port(BACK, back).unwrap();
+        assert_eq!(xdp.fast_table().unwrap().len(), 16, "the header alone");
+        let frame = udp((CLIENT, 40000), (VIP, VPORT), 64, b"x");
+        let (action, out) = xdp.test_run_frame(&frame, front, 0).unwrap();
+        assert_eq!((action, out), (XDP_PASS, frame));
+        assert_eq!(xdp.fast_stats().unwrap(), FastStats::default());
+        assert_eq!(xdp.counters().unwrap().no_xsk, 1);
+    })
+    .join()
+    .unwrap();
 }
