@@ -138,6 +138,7 @@ fn write_iface(
     backend_side: bool,
     hold: bool,
 ) -> Result<()> {
+    let _serial = IFACE_WRITES.lock().unwrap_or_else(|e| e.into_inner());
     let (port, fast) = match read_iface(ifaces, ifindex)? {
         Some(v) => (v.port, v.flags & IFACE_FAST),
         None => (0, 0),
@@ -147,6 +148,10 @@ fn write_iface(
         | fast;
     put_iface(ifaces, ifindex, IfaceValue { slot, flags, port })
 }
+
+/// Serialises the read-modify-writes of `xlb_ifaces` entries: the address table's thread
+/// (backend side) and the fast path's (port, fast flag) change different fields of one value.
+pub(crate) static IFACE_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// One `xlb_ifaces` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
