@@ -43,7 +43,8 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~136 bytes each).
+    /// Flows this worker can hold (memory is allocated up front: ~144 bytes each, see
+    /// [`Engine::table_bytes`]).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
     pub next_hop_capacity: usize,
@@ -473,6 +474,12 @@ impl Engine {
 
     pub fn flow_capacity(&self) -> u32 {
         self.flows.capacity()
+    }
+
+    /// Bytes held for the flow capacity: flow records and index, timer links, admission
+    /// links (a flow store, when attached, is the caller's memory and not counted).
+    pub fn table_bytes(&self) -> usize {
+        self.flows.memory_bytes() + self.wheel.memory_bytes() + self.unconfirmed.memory_bytes()
     }
 
     /// SNAT ports of `member`'s blocks in use on this worker for `proto`, and this worker's
