@@ -30,6 +30,7 @@ use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
+mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
@@ -566,8 +567,10 @@ impl Engine {
     /// Memory that `process` will read for `frame`'s flow, for the caller to prefetch a few
     /// frames ahead (the engine itself has no prefetch: it stays free of `unsafe`). Stage 0:
     /// the flow index slot; stage 1: the flow entry the index names (read from the index, so
-    /// run stage 0 on the frame some time before). `None` when there is nothing to fetch
-    /// (not TCP/UDP, unparsable, no entry). Worth it only once the table outgrows the caches.
+    /// run stage 0 on the frame some time before), or, when the index shows the frame has no
+    /// flow and an inbound rule would create one, the index slot of that flow's reply key
+    /// (`prefetch.rs`). `None` when there is nothing to fetch (not TCP/UDP, unparsable, no
+    /// entry). Worth it only once the table outgrows the caches.
     #[inline]
     pub fn prefetch_addr(&self, frame: &[u8], stage: u8) -> Option<*const u8> {
         let pkt = wire::parse(frame).ok()?;
@@ -585,7 +588,8 @@ impl Engine {
         if stage == 0 {
             Some(self.flows.index_addr(hash))
         } else {
-            self.flows.flow_addr(hash)
+            (self.flows.flow_addr(hash))
+                .or_else(|| self.new_flow_reply_index_addr(&pkt, &tuple, hash))
         }
     }
 
