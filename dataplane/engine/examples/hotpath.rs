@@ -2,13 +2,18 @@
 //! (`valgrind --tool=callgrind`):
 //! `cargo build --release -p xlb-engine --example hotpath && valgrind --tool=callgrind target/release/examples/hotpath 200000`
 //! (established), `... hotpath syn 200000` (a new TCP flow per packet, distinct clients),
-//! `... hotpath expire 200000` (those flows, then expiring them all).
+//! `... hotpath expire 200000` (those flows, then expiring them all). A third argument sets the
+//! flow capacity (default 65 536) and lifts the admission budgets to 100 % (every SYN a new
+//! flow into a table with room, as the `new_flow/tcp_syn` bench), e.g.
+//! `hotpath syn 1000000 1048576`; the new flows are created in `create_flows`, which
+//! `--toggle-collect=hotpath::create_flows` isolates.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use etherparse::PacketBuilder;
+use xlb_engine::admission::AdmissionLimits;
 use xlb_engine::config::{Config, MemberHealth};
 use xlb_engine::{compile, Engine, EngineConfig, Route, Verdict};
 
@@ -53,7 +58,19 @@ fn main() {
         .unwrap_or(10_000_000);
     let cfg = Config::from_toml_str(CONFIG).unwrap();
     let rules = Arc::new(compile(&cfg, None, &MemberHealth::default(), 1).unwrap());
-    let mut e = Engine::new(EngineConfig::default(), rules, 0);
+    let cfg = match args.get(2).and_then(|a| a.parse().ok()) {
+        Some(capacity) => EngineConfig {
+            flow_capacity: capacity,
+            admission: AdmissionLimits {
+                half_open_percent: 100,
+                unreplied_udp_percent: 100,
+                rule_percent: 100,
+            },
+            ..EngineConfig::default()
+        },
+        None => EngineConfig::default(),
+    };
+    let mut e = Engine::new(cfg, rules, 0);
     let net = e.next_hops();
     net.set_port(0, [2, 0, 0, 0, 0xa0, 0]);
     net.set_port(1, [2, 0, 0, 0, 0xa0, 1]);
@@ -125,16 +142,21 @@ fn new_flows(e: &mut Engine, n: usize) {
             v
         })
         .collect();
-    let mut buf = [0u8; 64];
     let start = std::time::Instant::now();
-    for f in &frames {
-        buf.copy_from_slice(f);
-        black_box(e.process(2, 0, &mut buf));
-    }
+    create_flows(e, &frames);
     let el = start.elapsed();
     eprintln!(
         "{n} new flows, {:.1} ns/flow, {} in the table",
         el.as_nanos() as f64 / n as f64,
         e.flow_count()
     );
+}
+
+#[inline(never)]
+fn create_flows(e: &mut Engine, frames: &[Vec<u8>]) {
+    let mut buf = [0u8; 64];
+    for f in frames {
+        buf.copy_from_slice(f);
+        black_box(e.process(2, 0, &mut buf));
+    }
 }

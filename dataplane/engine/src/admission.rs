@@ -186,6 +186,13 @@ impl Unconfirmed {
         }
     }
 
+    /// Bytes of links and flags (16 and 1/8 per flow) and list heads.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.links.as_slice())
+            + std::mem::size_of_val(self.flags.as_slice())
+            + std::mem::size_of_val(self.rules.as_slice())
+    }
+
     /// Sizes the per-rule lists for rule ids below `bound` (on rule-set changes, so that the
     /// packet path never grows them).
     pub fn reserve_rules(&mut self, bound: usize) {

@@ -31,6 +31,7 @@ use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
 mod fast;
+mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
@@ -44,7 +45,8 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~136 bytes each).
+    /// Flows this worker can hold (memory is allocated up front: ~144 bytes each, see
+    /// [`Engine::table_bytes`]).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
     pub next_hop_capacity: usize,
@@ -491,6 +493,12 @@ impl Engine {
         self.flows.capacity()
     }
 
+    /// Bytes held for the flow capacity: flow records and index, timer links, admission
+    /// links (a flow store, when attached, is the caller's memory and not counted).
+    pub fn table_bytes(&self) -> usize {
+        self.flows.memory_bytes() + self.wheel.memory_bytes() + self.unconfirmed.memory_bytes()
+    }
+
     /// SNAT ports of `member`'s blocks in use on this worker for `proto`, and this worker's
     /// share of them.
     pub fn snat_usage(&self, blocks: &[crate::ruleset::PortBlock], proto: u8) -> (u32, u32) {
@@ -579,8 +587,10 @@ impl Engine {
     /// Memory that `process` will read for `frame`'s flow, for the caller to prefetch a few
     /// frames ahead (the engine itself has no prefetch: it stays free of `unsafe`). Stage 0:
     /// the flow index slot; stage 1: the flow entry the index names (read from the index, so
-    /// run stage 0 on the frame some time before). `None` when there is nothing to fetch
-    /// (not TCP/UDP, unparsable, no entry). Worth it only once the table outgrows the caches.
+    /// run stage 0 on the frame some time before), or, when the index shows the frame has no
+    /// flow and an inbound rule would create one, the index slot of that flow's reply key
+    /// (`prefetch.rs`). `None` when there is nothing to fetch (not TCP/UDP, unparsable, no
+    /// entry). Worth it only once the table outgrows the caches.
     #[inline]
     pub fn prefetch_addr(&self, frame: &[u8], stage: u8) -> Option<*const u8> {
         let pkt = wire::parse(frame).ok()?;
@@ -598,7 +608,8 @@ impl Engine {
         if stage == 0 {
             Some(self.flows.index_addr(hash))
         } else {
-            self.flows.flow_addr(hash)
+            (self.flows.flow_addr(hash))
+                .or_else(|| self.new_flow_reply_index_addr(&pkt, &tuple, hash))
         }
     }
 

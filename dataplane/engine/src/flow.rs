@@ -3,13 +3,17 @@
 //! lookup from either side.
 //!
 //! Memory is fixed at start: `capacity` flows (96 bytes each) plus an index of
-//! `next_pow2(4 × capacity)` 8-byte slots (load ≤ 0.5, 32 bytes per flow), plus 8 bytes of
-//! timer links kept by the timer wheel and 16 bytes of admission links
-//! (`crate::admission`): about 136 bytes per flow for both directions.
+//! `INDEX_SLOTS_PER_FLOW × capacity` 8-byte slots (two keys per flow, load ≤ 2/3 when the table
+//! is full: 24 bytes per flow), plus 8 bytes of timer links kept by the timer wheel and 16
+//! bytes of admission links (`crate::admission`): about 144 bytes per flow for both
+//! directions ([`crate::Engine::table_bytes`] counts them). Free flow slots cost nothing: they
+//! are chained through the free records themselves.
 //!
-//! Index slots pack `(tag: u32, ref: u32)` where `tag` is the high half of the key's hash (its
-//! low bits pick the home slot) and `ref = flow << 1 | dir`. Linear probing; deletion shifts
-//! later entries back (no tombstones, so probe lengths never degrade).
+//! Index slots pack `(tag: u32, ref: u32)` where `tag` is the high half of the key's hash and
+//! `ref = flow << 1 | dir`. The home slot is `(tag × slots) >> 32` (a multiply, not a mask:
+//! the index has exactly the slots it needs instead of the next power of two, which would
+//! double it for a capacity just above one). Linear probing; deletion shifts later entries
+//! back (no tombstones, so probe lengths never degrade).
 
 use crate::addr::Addr;
 use crate::hashkey::HashKey;
@@ -103,6 +107,17 @@ impl Flow {
 }
 
 const EMPTY: u64 = u64::MAX;
+/// End of the free-slot chain.
+const NIL: FlowId = FlowId::MAX;
+
+/// Index slots per flow: 3 for the flow's two keys is a load of 2/3 with every flow slot in
+/// use (measured by `probe_lengths_at_full_load`: about 2 slots read per hit and 5 per miss,
+/// most of them in the cache line of the first).
+pub const INDEX_SLOTS_PER_FLOW: usize = 3;
+
+/// Slots the look-ahead reads from a key's home (a cache line's worth): at the index's load
+/// about 97 % of the keys are found within them (`probe_lengths_at_full_load`).
+const LOOKAHEAD_SLOTS: usize = 8;
 
 /// Why a flow could not be inserted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,9 +135,13 @@ pub struct FlowTable {
     /// Bit `id % 64` of word `id / 64`: slot `id` holds a live flow. Listing walks it a word
     /// at a time, so a page costs its flows plus one word per 64 slots it spans.
     live: Vec<u64>,
-    free: Vec<FlowId>,
+    /// The most recently freed slot (reused first: its record is likely still cached); each
+    /// free slot's `last_seen` holds the next one, `NIL` ending the chain.
+    free_head: FlowId,
+    /// Slots from here on have never held a flow (taken in order once the chain is empty).
+    fresh: FlowId,
+    live_count: u32,
     index: Vec<u64>,
-    mask: usize,
     key: HashKey,
 }
 
@@ -131,13 +150,22 @@ impl FlowTable {
     /// secret: see [`crate::hashkey`]).
     pub fn new(capacity: u32, seed: u64) -> FlowTable {
         let capacity = capacity.max(1);
-        let slots = (capacity as usize * 4).next_power_of_two();
+        FlowTable::with_index_slots(capacity, seed, capacity as usize * INDEX_SLOTS_PER_FLOW)
+    }
+
+    /// A table with an index of `slots` slots (at least one more than two per flow, so that
+    /// every probe ends at an empty slot), for measuring other loads.
+    pub fn with_index_slots(capacity: u32, seed: u64, slots: usize) -> FlowTable {
+        let capacity = capacity.max(1);
+        let slots = slots.max(2 * capacity as usize + 1);
+        assert!(slots <= u32::MAX as usize, "index of {slots} slots");
         FlowTable {
             flows: vec![EMPTY_FLOW; capacity as usize],
             live: vec![0; (capacity as usize).div_ceil(64)],
-            free: (0..capacity).rev().collect(),
+            free_head: NIL,
+            fresh: 0,
+            live_count: 0,
             index: vec![EMPTY; slots],
-            mask: slots - 1,
             key: HashKey::from_seed(seed),
         }
     }
@@ -147,7 +175,68 @@ impl FlowTable {
     }
 
     pub fn len(&self) -> usize {
-        self.flows.len() - self.free.len()
+        self.live_count as usize
+    }
+
+    /// Bytes this table holds for its capacity: records, index and live bitmap.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.flows.as_slice())
+            + std::mem::size_of_val(self.index.as_slice())
+            + std::mem::size_of_val(self.live.as_slice())
+    }
+
+    /// Index slots (for measuring).
+    pub fn index_slots(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The slot where a probe for `tag` starts: `tag` scaled to the index size.
+    #[inline]
+    fn home(&self, tag: u32) -> usize {
+        ((u64::from(tag) * self.index.len() as u64) >> 32) as usize
+    }
+
+    #[inline]
+    fn next_slot(&self, i: usize) -> usize {
+        if i + 1 == self.index.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// Slots from `from` forward to `to`, wrapping at the end of the index.
+    #[inline]
+    fn distance(&self, from: usize, to: usize) -> usize {
+        if to >= from {
+            to - from
+        } else {
+            to + self.index.len() - from
+        }
+    }
+
+    /// Takes a free slot: the most recently freed one, else a never-used one.
+    fn take_slot(&mut self) -> Option<FlowId> {
+        if self.free_head != NIL {
+            let id = self.free_head;
+            self.free_head = self.flows[id as usize].last_seen as FlowId;
+            return Some(id);
+        }
+        if self.fresh < self.capacity() {
+            self.fresh += 1;
+            return Some(self.fresh - 1);
+        }
+        None
+    }
+
+    fn has_free_slot(&self) -> bool {
+        self.free_head != NIL || self.fresh < self.capacity()
+    }
+
+    /// Chains slot `id` (not live) in front of the free slots.
+    fn give_slot(&mut self, id: FlowId) {
+        self.flows[id as usize].last_seen = u64::from(self.free_head);
+        self.free_head = id;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -162,7 +251,7 @@ impl FlowTable {
     #[inline]
     pub fn lookup(&self, t: &FlowTuple, hash: u64) -> Option<(FlowId, Dir)> {
         let tag = (hash >> 32) as u32;
-        let mut i = tag as usize & self.mask;
+        let mut i = self.home(tag);
         loop {
             let e = self.index[i];
             if e == EMPTY {
@@ -175,7 +264,7 @@ impl FlowTable {
                     return Some((id, dir));
                 }
             }
-            i = (i + 1) & self.mask;
+            i = self.next_slot(i);
         }
     }
 
@@ -184,7 +273,7 @@ impl FlowTable {
     /// address, never dereferenced here).
     #[inline]
     pub fn index_addr(&self, hash: u64) -> *const u8 {
-        let i = (hash >> 32) as usize & self.mask;
+        let i = self.home((hash >> 32) as u32);
         std::ptr::from_ref(&self.index[i]).cast()
     }
 
@@ -193,20 +282,35 @@ impl FlowTable {
     /// index slot should be in cache already (`index_addr` one step before).
     #[inline]
     pub fn flow_addr(&self, hash: u64) -> Option<*const u8> {
+        match self.first_with_tag(hash) {
+            Probe::Found(id) => Some(std::ptr::from_ref(&self.flows[id as usize]).cast()),
+            Probe::Absent | Probe::Unsure => None,
+        }
+    }
+
+    /// Whether a lookup of `hash` is sure to miss, reading only the index: an empty slot
+    /// comes before any entry with the hash's tag within a few slots.
+    #[inline]
+    pub fn surely_absent(&self, hash: u64) -> bool {
+        matches!(self.first_with_tag(hash), Probe::Absent)
+    }
+
+    /// The first entry with `hash`'s tag within `LOOKAHEAD_SLOTS` slots of its home.
+    #[inline]
+    fn first_with_tag(&self, hash: u64) -> Probe {
         let tag = (hash >> 32) as u32;
-        let mut i = tag as usize & self.mask;
-        for _ in 0..4 {
+        let mut i = self.home(tag);
+        for _ in 0..LOOKAHEAD_SLOTS {
             let e = self.index[i];
             if e == EMPTY {
-                return None;
+                return Probe::Absent;
             }
             if (e >> 32) as u32 == tag {
-                let id = (e as u32) >> 1;
-                return Some(std::ptr::from_ref(&self.flows[id as usize]).cast());
+                return Probe::Found((e as u32) >> 1);
             }
-            i = (i + 1) & self.mask;
+            i = self.next_slot(i);
         }
-        None
+        Probe::Unsure
     }
 
     pub fn contains_key(&self, t: &FlowTuple) -> bool {
@@ -220,7 +324,7 @@ impl FlowTable {
         if self.lookup(&k0, h0).is_some() || self.lookup(&k1, h1).is_some() || k0 == k1 {
             return Err(InsertError::Conflict);
         }
-        let id = self.free.pop().ok_or(InsertError::Full)?;
+        let id = self.take_slot().ok_or(InsertError::Full)?;
         self.flows[id as usize] = flow;
         self.set_live(id, true);
         self.index_insert(h0, id << 1);
@@ -236,12 +340,12 @@ impl FlowTable {
         if flow.key(ORIG) == k1 {
             return Err(InsertError::Conflict);
         }
-        if self.free.is_empty() {
+        if !self.has_free_slot() {
             return Err(InsertError::Full);
         }
         let h1 = self.hash(&k1);
         let tag1 = (h1 >> 32) as u32;
-        let mut i = tag1 as usize & self.mask;
+        let mut i = self.home(tag1);
         loop {
             let e = self.index[i];
             if e == EMPTY {
@@ -253,9 +357,9 @@ impl FlowTable {
                     return Err(InsertError::Conflict);
                 }
             }
-            i = (i + 1) & self.mask;
+            i = self.next_slot(i);
         }
-        let id = self.free.pop().ok_or(InsertError::Full)?;
+        let id = self.take_slot().ok_or(InsertError::Full)?;
         self.flows[id as usize] = flow;
         self.set_live(id, true);
         // The reply entry first: the slot found above is still empty.
@@ -283,12 +387,23 @@ impl FlowTable {
         Ok(())
     }
 
-    /// Rebuilds the free list from the live slots after [`restore_at`](Self::restore_at).
+    /// Rebuilds the free slots from the live ones after [`restore_at`](Self::restore_at):
+    /// the slots above the highest live one are never-used again, the others are chained so
+    /// that the lowest is taken first.
     pub fn finish_restore(&mut self) {
-        self.free = (0..self.capacity())
+        self.live_count = self.live.iter().map(|w| w.count_ones()).sum();
+        self.fresh = (0..self.live.len())
             .rev()
-            .filter(|&id| !self.is_live(id))
-            .collect();
+            .find(|&w| self.live[w] != 0)
+            .map_or(0, |w| {
+                (w * 64) as FlowId + 64 - self.live[w].leading_zeros()
+            });
+        self.free_head = NIL;
+        for id in (0..self.fresh).rev() {
+            if !self.is_live(id) {
+                self.give_slot(id);
+            }
+        }
     }
 
     /// Removes flow `id` (both keys). No-op if it is not live.
@@ -301,7 +416,7 @@ impl FlowTable {
         self.index_remove(h0, id << 1);
         self.index_remove(h1, (id << 1) | 1);
         self.set_live(id, false);
-        self.free.push(id);
+        self.give_slot(id);
     }
 
     pub fn is_live(&self, id: FlowId) -> bool {
@@ -314,8 +429,10 @@ impl FlowTable {
         let (w, bit) = (id as usize / 64, 1u64 << (id % 64));
         if live {
             self.live[w] |= bit;
+            self.live_count += 1;
         } else {
             self.live[w] &= !bit;
+            self.live_count -= 1;
         }
     }
 
@@ -369,9 +486,9 @@ impl FlowTable {
 
     fn index_insert(&mut self, hash: u64, r: u32) {
         let tag = (hash >> 32) as u32;
-        let mut i = tag as usize & self.mask;
+        let mut i = self.home(tag);
         while self.index[i] != EMPTY {
-            i = (i + 1) & self.mask;
+            i = self.next_slot(i);
         }
         self.index[i] = ((tag as u64) << 32) | r as u64;
     }
@@ -379,34 +496,42 @@ impl FlowTable {
     fn index_remove(&mut self, hash: u64, r: u32) {
         let tag = (hash >> 32) as u32;
         let want = ((tag as u64) << 32) | r as u64;
-        let mut i = tag as usize & self.mask;
+        let mut i = self.home(tag);
         while self.index[i] != want {
             if self.index[i] == EMPTY {
                 debug_assert!(false, "flow key missing from index");
                 return;
             }
-            i = (i + 1) & self.mask;
+            i = self.next_slot(i);
         }
         // Backward-shift deletion: pull later entries of the cluster into the hole when their
         // home slot is not between the hole and their position.
         let mut hole = i;
-        let mut j = (i + 1) & self.mask;
+        let mut j = self.next_slot(i);
         loop {
             let e = self.index[j];
             if e == EMPTY {
                 break;
             }
-            let home = (e >> 32) as usize & self.mask;
-            let dist_home_j = j.wrapping_sub(home) & self.mask;
-            let dist_hole_j = j.wrapping_sub(hole) & self.mask;
-            if dist_home_j >= dist_hole_j {
+            let home = self.home((e >> 32) as u32);
+            if self.distance(home, j) >= self.distance(hole, j) {
                 self.index[hole] = e;
                 hole = j;
             }
-            j = (j + 1) & self.mask;
+            j = self.next_slot(j);
         }
         self.index[hole] = EMPTY;
     }
+}
+
+/// What the first slots of a probe say about a key.
+enum Probe {
+    /// An entry with the key's tag: probably the key's flow.
+    Found(FlowId),
+    /// An empty slot first: the key is not in the table.
+    Absent,
+    /// Neither within the first slots.
+    Unsure,
 }
 
 const EMPTY_FLOW: Flow = Flow {
@@ -558,6 +683,56 @@ mod tests {
         }
     }
 
+    /// Restored flows keep their slots; the free ones are taken lowest first afterwards, a
+    /// freed slot is reused first, and the table fills to exactly its capacity.
+    #[test]
+    fn free_slots_after_restore_and_removal() {
+        let mut t = FlowTable::new(200, 3);
+        for (id, client) in [(5u32, 1u8), (64, 2), (130, 3)] {
+            t.restore_at(id, flow(client, 1, Nat::Dnat)).unwrap();
+        }
+        assert_eq!(
+            t.restore_at(64, flow(9, 9, Nat::Dnat)),
+            Err(InsertError::Conflict)
+        );
+        t.finish_restore();
+        assert_eq!(t.len(), 3);
+        let mut got = Vec::new();
+        for i in 0..197u16 {
+            got.push(t.insert(flow(4, 100 + i, Nat::Dnat)).unwrap());
+        }
+        let want: Vec<FlowId> = (0..200).filter(|id| ![5, 64, 130].contains(id)).collect();
+        assert_eq!(got, want);
+        assert_eq!(t.insert(flow(5, 1, Nat::Dnat)), Err(InsertError::Full));
+        t.remove(64);
+        t.remove(7);
+        assert_eq!(t.len(), 198);
+        assert_eq!(t.insert(flow(5, 1, Nat::Dnat)), Ok(7));
+        assert_eq!(t.insert(flow(5, 2, Nat::Dnat)), Ok(64));
+        assert_eq!(t.insert(flow(5, 3, Nat::Dnat)), Err(InsertError::Full));
+        for (id, f) in t.iter() {
+            assert_eq!(
+                t.lookup(&f.key(ORIG), t.hash(&f.key(ORIG))),
+                Some((id, ORIG))
+            );
+        }
+        assert_eq!(t.iter().count(), 200);
+    }
+
+    /// The index has `INDEX_SLOTS_PER_FLOW` slots per flow whatever the capacity (no rounding
+    /// up to a power of two), and at least one more than two per flow.
+    #[test]
+    fn index_is_sized_to_the_capacity() {
+        for cap in [1u32, 3, 1000, 1_250_000] {
+            let t = FlowTable::new(cap, 1);
+            assert_eq!(t.index_slots(), cap as usize * INDEX_SLOTS_PER_FLOW);
+        }
+        assert_eq!(FlowTable::with_index_slots(10, 1, 4).index_slots(), 21);
+        let t = FlowTable::new(1_250_000, 1);
+        let per_flow = t.memory_bytes() as f64 / 1_250_000.0;
+        assert!(per_flow < 121.0, "{per_flow}");
+    }
+
     #[test]
     fn insert_new_matches_insert() {
         let mut t = FlowTable::new(8, 3);
@@ -595,8 +770,8 @@ mod tests {
             };
             let h = t.hash(&k);
             assert!(index.contains(&t.index_addr(h).cast::<u64>()));
-            // The first entry with the hash's tag within four slots: this flow, unless
-            // its key sits further down a probe chain.
+            // The first entry with the hash's tag within `LOOKAHEAD_SLOTS` slots: this
+            // flow, unless its key sits further down a probe chain.
             let own: *const u8 = std::ptr::from_ref(&t.flows[id as usize]).cast();
             if t.flow_addr(h) == Some(own) {
                 hits += 1;
@@ -683,6 +858,80 @@ mod tests {
         assert_eq!(mid, want);
         assert_eq!(t.iter_range(cap..cap + 100).count(), 0);
         assert_eq!(t.iter().count(), t.len());
+    }
+
+    impl FlowTable {
+        /// Slots a lookup of `t` reads (the home slot counted).
+        fn probe_length(&self, t: &FlowTuple) -> usize {
+            let (h, mut n) = (self.hash(t), 1);
+            let tag = (h >> 32) as u32;
+            let mut i = self.home(tag);
+            loop {
+                let e = self.index[i];
+                if e == EMPTY {
+                    return n;
+                }
+                if (e >> 32) as u32 == tag {
+                    let r = e as u32;
+                    if self.flows[(r >> 1) as usize].matches((r & 1) as Dir, t) {
+                        return n;
+                    }
+                }
+                i = self.next_slot(i);
+                n += 1;
+            }
+        }
+    }
+
+    /// Mean and worst slots read per hit and per miss with every flow slot in use, at
+    /// `INDEX_SLOTS_PER_FLOW` and two other sizes (printed: `--nocapture`), on clients that
+    /// differ only in their port and clients that differ in their address.
+    #[test]
+    fn probe_lengths_at_full_load() {
+        let cap = 1u32 << 15;
+        for slots_per_flow in [INDEX_SLOTS_PER_FLOW, 4, 8] {
+            for spread_addresses in [false, true] {
+                let mut t = FlowTable::with_index_slots(cap, 11, cap as usize * slots_per_flow);
+                let mut keys = Vec::new();
+                for i in 0..cap {
+                    let mut f = flow((i % 200) as u8, 1024 + (i / 200) as u16, Nat::Dnat);
+                    if !spread_addresses {
+                        f = flow(1, 1024 + i as u16, Nat::Dnat);
+                    }
+                    t.insert(f).unwrap();
+                    keys.push(f.key(ORIG));
+                    keys.push(f.key(REPLY));
+                }
+                assert_eq!(t.len(), cap as usize);
+                let hits: Vec<usize> = keys.iter().map(|k| t.probe_length(k)).collect();
+                let misses: Vec<usize> = (0..cap)
+                    .map(|i| {
+                        let mut k = keys[i as usize * 2];
+                        k.proto = 17;
+                        t.probe_length(&k)
+                    })
+                    .collect();
+                let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len() as f64;
+                let (hit, miss) = (mean(&hits), mean(&misses));
+                let within =
+                    hits.iter().filter(|&&n| n <= LOOKAHEAD_SLOTS).count() * 100 / hits.len();
+                println!(
+                    "{slots_per_flow} slots/flow (load {:.2}), {}: hit {hit:.2} (worst {}, {within} % within {LOOKAHEAD_SLOTS}), miss {miss:.2} (worst {})",
+                    2.0 / slots_per_flow as f64,
+                    if spread_addresses { "200 clients" } else { "one client" },
+                    hits.iter().max().unwrap(),
+                    misses.iter().max().unwrap(),
+                );
+                // Linear probing's expected lengths at load a: (1 + 1/(1-a))/2 per hit,
+                // (1 + 1/(1-a)^2)/2 per miss; a bad spread of home slots would exceed them.
+                let a = 2.0 / slots_per_flow as f64;
+                assert!(hit < 1.3 * (1.0 + 1.0 / (1.0 - a)) / 2.0, "hit {hit}");
+                assert!(
+                    miss < 1.3 * (1.0 + 1.0 / ((1.0 - a) * (1.0 - a))) / 2.0,
+                    "miss {miss}"
+                );
+            }
+        }
     }
 
     #[test]

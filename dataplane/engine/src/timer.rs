@@ -67,6 +67,11 @@ impl TimerWheel {
         }
     }
 
+    /// Bytes of links and slot heads (8 per id).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.links.as_slice()) + std::mem::size_of_val(self.heads.as_slice())
+    }
+
     pub fn tick(&self) -> Nanos {
         1 << self.tick_shift
     }
