@@ -387,6 +387,11 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
     if let Some(o) = &opts.ipfix {
         line.push_str(&o.describe());
     }
+    line.push_str(if opts.fast_path {
+        " fast_path=on"
+    } else {
+        " fast_path=off"
+    });
     let scale = r.config.settings.lab_time_scale.max(1);
     if scale != 1 {
         line.push_str(&format!(" lab_time_scale={scale}"));
