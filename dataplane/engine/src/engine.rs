@@ -30,6 +30,7 @@ use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
+mod fast;
 pub use export::{FlowState, Imported, SyncReason};
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
@@ -77,6 +78,10 @@ pub struct EngineConfig {
     /// `pickup` does (the backend choice is the same on every node), instead of black-holing
     /// a connection that lives on (docs/cluster.md).
     pub cluster_pickup: bool,
+    /// How long before its idle deadline a flow forwarded by XDP is withdrawn from it, so
+    /// that the grace proving no XDP invocation still updates it ends before the deadline
+    /// (real time: graces are not scaled by the lab's time scale).
+    pub fast_expiry_lead: Nanos,
 }
 
 impl Default for EngineConfig {
@@ -98,6 +103,7 @@ impl Default for EngineConfig {
             admission: AdmissionLimits::default(),
             reset_rate: DEFAULT_RESET_RATE,
             cluster_pickup: false,
+            fast_expiry_lead: 128 * NANOS_PER_MILLI,
         }
     }
 }
@@ -178,6 +184,8 @@ pub struct Engine {
     scratch: [u8; MAX_RST_FRAME],
     /// Where the flows are written so that they outlive the process (detached: nowhere).
     store: FlowStore,
+    /// The XDP fast path's published table (`None`: off).
+    fast: Option<Box<fast::FastState>>,
 }
 
 impl Engine {
@@ -215,6 +223,7 @@ impl Engine {
             sync: export::SyncLog::default(),
             scratch: [0; MAX_RST_FRAME],
             store: FlowStore::default(),
+            fast: None,
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
