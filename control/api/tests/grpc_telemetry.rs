@@ -91,6 +91,7 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
             },
         ],
         snat: vec![],
+        fast: None,
     };
     // A worker whose figures were taken before the rule existed (under a generation older
     // than the rule) does not count for it: its id may have belonged to a deleted rule.

@@ -125,6 +125,7 @@ impl Telemetry for DaemonTelemetry {
         Ok(CountersSnapshot {
             workers: snaps.iter().map(|s| s.counters.clone()).collect(),
             snat: sum_snat(&snaps),
+            fast: None,
         })
     }
 
