@@ -19,7 +19,8 @@ use xlb_proto::v1 as pb;
 use super::{blocking, parse_addr, XlbService};
 use crate::status::bad_field;
 use crate::telemetry::{
-    counts_for, sum, ControlEvent, FAST_PUNT_REASONS, EventRecord, FlowCursor, FlowFilter, StateFilter, WorkerCounters,
+    counts_for, sum, ControlEvent, EventRecord, FlowCursor, FlowFilter, StateFilter,
+    WorkerCounters, FAST_PUNT_REASONS,
 };
 
 /// Default and largest `ListFlows` page.
@@ -61,7 +62,8 @@ impl XlbService {
             .filter(|(id, _)| wanted(*id))
             .map(|(id, rc)| {
                 let mut pb = rule_counters(&snap.rules, *id, rc);
-                if let Some(f) = (c.fast.as_ref()).and_then(|f| f.rules.iter().find(|f| f.rule == *id))
+                if let Some(f) =
+                    (c.fast.as_ref()).and_then(|f| f.rules.iter().find(|f| f.rule == *id))
                 {
                     pb.fast_packets_original = f.packets[0];
                     pb.fast_packets_reply = f.packets[1];
