@@ -326,7 +326,11 @@ impl Engine {
                 Slot::RuleGone => report.rule_gone += 1,
                 // A time stamp from the future: not written on this boot's clock line.
                 Slot::Live(rec) if rec.flow.last_seen > now => report.invalid += 1,
-                Slot::Live(rec) => {
+                Slot::Live(mut rec) => {
+                    if self.fast.is_some() && rec.standby_seen == 0 {
+                        // XDP may have forwarded it since the record was written.
+                        rec.flow.last_seen = rec.flow.last_seen.max(now);
+                    }
                     if self.restore_flow(id, rec) {
                         report.flows += 1;
                         if rec.flow.nat == Nat::Snat {
@@ -439,6 +443,8 @@ impl Engine {
         self.snat.prepare(&rules);
         self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
+        // A member down (a UDP flow must move), a rule id past what XDP counts, ...
+        self.fast_recheck_all(false);
     }
 
     /// The cluster's membership changed at `at` (a node was lost, added, drained, or this one
@@ -523,16 +529,19 @@ impl Engine {
     /// for life, so a walk by slot sees every flow that lives through it exactly once; the
     /// cost is the flows returned plus one bitmap word per 64 slots of the range.
     pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
-        self.flows.iter_range(slots).map(|(id, f)| FlowInfo {
-            id,
-            rule: f.rule,
-            proto: f.proto,
-            nat: f.nat,
-            orig: f.key(ORIG),
-            translated: f.translated(ORIG),
-            tcp_state: (f.proto == proto::TCP).then_some(f.tcp.state),
-            last_seen: f.last_seen,
-            deadline: self.deadline(f),
+        self.flows.iter_range(slots).map(|(id, f)| {
+            let f = &self.fast_view(id, f);
+            FlowInfo {
+                id,
+                rule: f.rule,
+                proto: f.proto,
+                nat: f.nat,
+                orig: f.key(ORIG),
+                translated: f.translated(ORIG),
+                tcp_state: (f.proto == proto::TCP).then_some(f.tcp.state),
+                last_seen: f.last_seen,
+                deadline: self.deadline(f),
+            }
         })
     }
 
@@ -650,6 +659,9 @@ impl Engine {
                 let rule = self.flows.get(id).rule;
                 return self.drop_for(rule, reason);
             }
+            if self.fast.is_some() {
+                self.fast_pull(now, id);
+            }
             if pkt.proto == proto::TCP {
                 let seg = Segment::of(&pkt);
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
@@ -687,6 +699,9 @@ impl Engine {
                 self.store.put_confirmed(id);
             }
             self.flows.get_mut(id).last_seen = now;
+            if self.fast.is_some() {
+                self.fast_after_packet(now, id, dir);
+            }
             return self.emit(id, dir, buf, len, &pkt);
         }
         self.miss(now, ingress, buf, len, &pkt, &tuple, hash)
@@ -728,12 +743,19 @@ impl Engine {
         budget: usize,
         emit: &mut dyn FnMut(PortId, &[u8]),
     ) -> usize {
+        self.fast_housekeeping();
         let mut done = 0;
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {
                 break;
             };
             done += 1;
+            if self.fast_pair(id).is_some() {
+                if !self.fast_expiry_step(now, id) {
+                    self.expire_flow(now, id, emit);
+                }
+                continue;
+            }
             let deadline = self.deadline(self.flows.get(id));
             if deadline > now {
                 // Lazy re-check: a packet or a longer timeout moved the deadline.
@@ -748,7 +770,7 @@ impl Engine {
             for id in cursor..end as u32 {
                 if self.flows.is_live(id) {
                     let d = self.deadline(self.flows.get(id));
-                    self.wheel.insert(id, d);
+                    self.wheel.insert(id, self.fast_filing(id, d));
                 }
                 done += 1;
             }
@@ -836,6 +858,7 @@ impl Engine {
         let old = f.next_hop[ORIG];
         match self.net.resolve(toward) {
             Ok(new) if new != old => {
+                self.fast_withdraw(id);
                 self.net.acquire(new);
                 self.net.release(old);
                 self.flows.get_mut(id).next_hop[ORIG] = new;
@@ -949,6 +972,7 @@ impl Engine {
     }
 
     fn remove_flow(&mut self, now: Nanos, id: FlowId) {
+        self.fast_withdraw(id);
         let f = *self.flows.get(id);
         self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
