@@ -6,13 +6,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, PoisonError},
+    sync::{atomic::AtomicU32, Arc, Mutex, PoisonError},
 };
 
+use xlb_afxdp::{GraceService, XdpFastControl, XdpProgram};
 use xlb_api::{FastPathCounters, FastRuleCounters, FAST_PUNT_REASONS};
-use xlb_engine::{fast::FAST_RULES, FastLayout, RuleId, RuleSet};
+use xlb_engine::{fast::FAST_RULES, FastLayout, FastTable, GraceClock, RuleId, RuleSet};
 
-use crate::options::Failure;
+use crate::{kernel::Port, options::Failure};
 
 /// Flows (pairs of lines) the published table may hold in all: 2^26 flows take 8 GiB of
 /// lines and 1 GiB of index. More flows than that stay with the workers.
@@ -42,6 +43,154 @@ pub fn random_keys() -> Result<[u64; 4], Failure> {
     keys[1] |= 1;
     keys[3] |= 1;
     Ok(keys)
+}
+
+/// The fast path of a running xlbd: the table every worker publishes into, which ports XDP
+/// forwards on, the grace clock the engines share with the grace thread, and the program's
+/// counters.
+pub struct FastPath {
+    pub mem: &'static [AtomicU32],
+    pub layout: FastLayout,
+    pub grace: Arc<GraceClock>,
+    /// Per port, in `--interface` order: XDP forwards frames arriving and leaving there
+    /// (attached natively, in the transmit map).
+    pub port_ok: Vec<bool>,
+    pub counters: Arc<FastCounters>,
+    /// The grace thread, once started (after the workers).
+    service: Option<GraceService>,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath")
+            .field("layout", &self.layout)
+            .field("port_ok", &self.port_ok)
+            .field("enabled", &xlb_engine::fast::is_enabled(self.mem))
+            .finish_non_exhaustive()
+    }
+}
+
+impl FastPath {
+    /// Sets the fast path up on a program loaded with room for `layout` and attached to
+    /// `ports`: the table's header (new keys), every port's id and FAST flag (only where
+    /// attached natively), the transmit map (from this thread: xlbd runs in its interfaces'
+    /// namespace, where the devmap resolves the ifindexes), and the switch.
+    pub fn set_up(
+        xdp: &mut XdpProgram,
+        layout: FastLayout,
+        ports: &[Port],
+    ) -> Result<FastPath, Failure> {
+        let failed = |what: &str, e: xlb_afxdp::Error| {
+            Failure::runtime(format!("setting up the XDP fast path: {what}: {e}"))
+        };
+        let mem = xdp.fast_table().map_err(|e| failed("mapping its table", e))?;
+        xlb_engine::fast::init_header(mem, &layout, random_keys()?);
+        let mut port_ok = Vec::with_capacity(ports.len());
+        for p in ports {
+            let on = (xdp.set_fast_port(p.ifindex, u32::from(p.id), true))
+                .map_err(|e| failed(&p.name, e))?;
+            if on {
+                (xdp.set_tx_port(u32::from(p.id), p.ifindex)).map_err(|e| failed(&p.name, e))?;
+            }
+            port_ok.push(on);
+        }
+        let counters = counters(xdp, true)?;
+        xlb_engine::fast::set_enabled(mem, true);
+        Ok(FastPath {
+            mem,
+            layout,
+            grace: Arc::new(GraceClock::default()),
+            port_ok,
+            counters,
+            service: None,
+        })
+    }
+
+    /// Worker `w`'s part of the table, told which ports XDP forwards on.
+    pub fn table(&self, w: usize, ports: &[Port]) -> FastTable {
+        let mut t = FastTable::new(self.mem, self.layout, w as u16, Arc::clone(&self.grace));
+        for (p, ok) in ports.iter().zip(&self.port_ok) {
+            t.set_port_ok(p.id, *ok);
+        }
+        t
+    }
+
+    /// Starts the grace thread on the engines' clock.
+    pub fn start_grace(&mut self) -> Result<(), Failure> {
+        let service = GraceService::spawn(
+            Arc::clone(&self.grace),
+            |g: &GraceClock| &g.epoch,
+            |g: &GraceClock| &g.wanted,
+        )
+        .map_err(|e| {
+            Failure::runtime(format!(
+                "the XDP fast path: {e}; run with --fast-path off on this kernel"
+            ))
+        })?;
+        self.service = Some(service);
+        Ok(())
+    }
+
+    /// Turns XDP's forwarding off (every frame goes to the dataplane again): at shutdown,
+    /// so that an attachment kept for the next xlbd (`--state-dir`) forwards nothing that no
+    /// worker follows.
+    pub fn switch_off(&self) {
+        xlb_engine::fast::set_enabled(self.mem, false);
+    }
+
+    /// Stops and joins the grace thread (after the workers: they no longer wait for one).
+    pub fn stop_grace(&mut self) {
+        if let Some(mut s) = self.service.take() {
+            s.stop();
+        }
+    }
+}
+
+/// The program's fast-path counters (also with the fast path off: they then show that XDP
+/// forwarded nothing).
+pub fn counters(xdp: &XdpProgram, enabled: bool) -> Result<Arc<FastCounters>, Failure> {
+    let control = xdp.fast_control().map_err(|e| {
+        Failure::runtime(format!("reading the XDP fast path's counters: {e}"))
+    })?;
+    Ok(Arc::new(FastCounters::new(enabled, read_from(control))))
+}
+
+/// Reads the program's counters through `control` (a handle of its own, behind a lock: the
+/// API, the metrics and the control loop read from their threads).
+fn read_from(control: XdpFastControl) -> ReadFast {
+    let control = Mutex::new(control);
+    Box::new(move |ids: &[RuleId]| {
+        let c = control.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = c.stats().map_err(|e| e.to_string())?;
+        let counts = c.rule_counts().map_err(|e| e.to_string())?;
+        let mut rules: Vec<FastRuleCounters> = ids
+            .iter()
+            .map(|id| FastRuleCounters {
+                rule: *id,
+                ..FastRuleCounters::default()
+            })
+            .collect();
+        for n in counts {
+            if let Some(r) = rules.iter_mut().find(|r| r.rule == n.rule) {
+                let d = usize::from(n.dir.min(1));
+                r.packets[d] += n.packets;
+                r.bytes[d] += n.bytes;
+            }
+        }
+        Ok(RawFastCounters {
+            stats: [
+                s.forwarded,
+                s.miss,
+                s.not_fast,
+                s.window,
+                s.checksum_too_long,
+                s.no_tx,
+                s.not_eligible,
+                s.wrong_port,
+            ],
+            rules,
+        })
+    })
 }
 
 /// The XDP program's fast-path counters as read from its maps (summed over CPUs).

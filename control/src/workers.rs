@@ -19,6 +19,7 @@ use xlb_engine::{
 };
 
 use crate::{
+    fast_path::FastPath,
     handler::EngineHandler,
     kernel::{Port, PortVlan},
     kernel_watch::KernelMailbox,
@@ -95,6 +96,8 @@ pub struct Start<'a> {
     pub nat_events: Option<Sender<NatEvent>>,
     /// Each worker's end of the cluster's flow-state sync (taken by its worker), when on.
     pub sync: std::sync::Mutex<Vec<Option<crate::cluster::sync::WorkerSync>>>,
+    /// The XDP fast path: each engine publishes its eligible flows to its part of the table.
+    pub fast: Option<&'a FastPath>,
 }
 
 /// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
@@ -190,6 +193,10 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
             .attach_store(sys::monotonic_ns(), store.mem, s.config_hash)
             .map_err(|e| Failure::runtime(format!("worker {w}: flow store: {e}")))?;
         crate::report::line(&persist::report_line(w, &report, sys::monotonic_ns()));
+    }
+    if let Some(fast) = s.fast {
+        // After the store: restored flows are published at their next packet.
+        engine.attach_fast(fast.table(w, s.ports));
     }
     Ok(engine)
 }
