@@ -213,11 +213,11 @@ pub fn to_stamp(t: Nanos) -> u32 {
 }
 
 /// The time a `last_seen` stamp stands for (the end of its 65 µs unit: never earlier than the
-/// packet), read against `now` in serial order: a stamp within 2^31 units (39 hours) of now.
-pub fn from_stamp(stamp: u32, now: Nanos) -> Nanos {
-    let here = to_stamp(now);
+/// packet), read in serial order around `near` (any time within 2^31 units, 39 hours, of it).
+pub fn from_stamp(stamp: u32, near: Nanos) -> Nanos {
+    let here = to_stamp(near);
     let delta = i64::from(stamp.wrapping_sub(here) as i32);
-    let units = ((now >> 16) + 1) as i64 + delta;
+    let units = ((near >> 16) + 1) as i64 + delta;
     (units.max(0) as u64) << 16
 }
 
@@ -292,9 +292,10 @@ pub fn line_words(mem: &[AtomicU32], layout: &FastLayout, line: u32) -> [u32; 16
 /// removed) that happened before the engine read `epoch == e` is behind every XDP invocation
 /// once `epoch >= e + 2`: a whole round started after it and finished.
 ///
-/// The engine only ever sets `wanted`, each time it checks and finds itself still waiting;
-/// the thread takes it (`swap(false)`) at the start of a round, so it runs only while
-/// someone keeps asking.
+/// The engine only ever sets `wanted` (each time it starts waiting for a grace, and again
+/// each time it checks and still waits); the grace thread serves a request with two rounds
+/// ([`GraceClock::serve`]), enough for whatever asked just before, and then sleeps until
+/// someone asks again.
 #[derive(Debug, Default)]
 pub struct GraceClock {
     pub epoch: AtomicU64,
@@ -324,6 +325,20 @@ impl GraceClock {
     /// For the grace thread: a round has finished.
     pub fn advance(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// For the grace thread: when a grace was asked for, runs two rounds of `barrier` (which
+    /// returns once every CPU has left what it was running: `membarrier(GLOBAL)`), advancing
+    /// the epoch after each. Returns whether it did.
+    pub fn serve(&self, mut barrier: impl FnMut()) -> bool {
+        if !self.take_wanted() {
+            return false;
+        }
+        for _ in 0..2 {
+            barrier();
+            self.advance();
+        }
+        true
     }
 }
 
