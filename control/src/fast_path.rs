@@ -83,7 +83,9 @@ impl FastPath {
         let failed = |what: &str, e: xlb_afxdp::Error| {
             Failure::runtime(format!("setting up the XDP fast path: {what}: {e}"))
         };
-        let mem = xdp.fast_table().map_err(|e| failed("mapping its table", e))?;
+        let mem = xdp
+            .fast_table()
+            .map_err(|e| failed("mapping its table", e))?;
         xlb_engine::fast::init_header(mem, &layout, random_keys()?);
         let mut port_ok = Vec::with_capacity(ports.len());
         for p in ports {
@@ -149,9 +151,9 @@ impl FastPath {
 /// The program's fast-path counters (also with the fast path off: they then show that XDP
 /// forwarded nothing).
 pub fn counters(xdp: &XdpProgram, enabled: bool) -> Result<Arc<FastCounters>, Failure> {
-    let control = xdp.fast_control().map_err(|e| {
-        Failure::runtime(format!("reading the XDP fast path's counters: {e}"))
-    })?;
+    let control = xdp
+        .fast_control()
+        .map_err(|e| Failure::runtime(format!("reading the XDP fast path's counters: {e}")))?;
     Ok(Arc::new(FastCounters::new(enabled, read_from(control))))
 }
 

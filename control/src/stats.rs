@@ -128,7 +128,7 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
                 continue;
             };
             let name = format!("{}.{}", p.kind.key(), p.name);
-            kv(&format!("rule.{name}.fast_packets_original"), r.packets[0]);
+            kv(&format!("rule.{name}.fast_packets_orig"), r.packets[0]);
             kv(&format!("rule.{name}.fast_packets_reply"), r.packets[1]);
         }
     }
@@ -328,10 +328,10 @@ backend_port = 8080
         }));
         let kv = to_kv(&sum, &rules, 60);
         for line in [
-            "rule.lb.web.packets_original=45",
+            "rule.lb.web.packets_orig=45",
             "rule.lb.web.packets_reply=56",
             "rule.lb.web.bytes_reply=5000",
-            "rule.lb.web.fast_packets_original=40",
+            "rule.lb.web.fast_packets_orig=40",
             "rule.lb.web.fast_packets_reply=50",
             "fast.enabled=1",
             "fast.forwarded=90",

@@ -384,7 +384,7 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
         o.family(name, COUNTER, help);
         o.sample(&[], v as f64);
     }
-    for (d, dir) in ["original", "reply"].iter().enumerate() {
+    for (d, dir) in ["orig", "reply"].iter().enumerate() {
         o.family(
             &format!("xlb_rule_fast_packets_{dir}_total"),
             COUNTER,
