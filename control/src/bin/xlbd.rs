@@ -76,7 +76,7 @@ struct Cli {
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
     /// Flows per worker, 16–16777216 (memory is allocated at start: about 136 bytes each with
-    /// the index).
+    /// the index, and about 150 more in the XDP fast path's table).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
     /// Percent of a worker's flow table that TCP flows without a confirmed handshake may hold;
