@@ -327,9 +327,10 @@ impl Engine {
                 // A time stamp from the future: not written on this boot's clock line.
                 Slot::Live(rec) if rec.flow.last_seen > now => report.invalid += 1,
                 Slot::Live(mut rec) => {
-                    if self.fast.is_some() && rec.standby_seen == 0 {
+                    if self.fast.is_some() {
                         // XDP may have forwarded it since the record was written.
-                        rec.flow.last_seen = rec.flow.last_seen.max(now);
+                        let standby = rec.standby_seen != 0;
+                        self.fast_restoring(now, id, &mut rec.flow, standby);
                     }
                     if self.restore_flow(id, rec) {
                         report.flows += 1;
@@ -550,6 +551,7 @@ impl Engine {
         if self.sweep.is_some()
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
+            || self.fast_waits_for_left()
         {
             return Some(0);
         }
@@ -813,6 +815,7 @@ impl Engine {
             if !self.flows.is_live(id) {
                 continue;
             }
+            self.fast_pull(now, id);
             let f = *self.flows.get(id);
             if f.nat == Nat::Snat {
                 continue;

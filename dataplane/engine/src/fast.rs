@@ -357,6 +357,12 @@ pub struct FastTable {
     /// Withdrawn pairs with the epoch they were withdrawn at, oldest first.
     freed: VecDeque<(u32, u64)>,
     port_ok: Vec<bool>,
+    /// Pairs a previous process left published ([`FastTable::resume`]): `FAST` cleared at
+    /// `epoch`, still indexed until the engine has read them back.
+    left: Vec<u32>,
+    left_at: u64,
+    /// Made by [`FastTable::resume`].
+    resumed: bool,
 }
 
 impl fmt::Debug for FastTable {
@@ -402,7 +408,127 @@ impl FastTable {
             next_fresh: 0,
             freed: VecDeque::with_capacity(pairs),
             port_ok: Vec::new(),
+            left: Vec::new(),
+            left_at: 0,
+            resumed: false,
         }
+    }
+
+    /// Worker `worker`'s part of a memory a previous process of the same layout used (the
+    /// map outlived it): the flows it left published are withdrawn from XDP at once (`FAST`
+    /// cleared; XDP punts them to the worker from now on) and stay readable, so that the
+    /// engine takes what XDP recorded for them into the flows it restores
+    /// ([`crate::Engine::attach_store`], exact once a grace has passed); then their pairs are
+    /// freed. `Err` when the header is not one of this layout (use [`init_header`] and
+    /// [`FastTable::new`] on a cleared memory then).
+    pub fn resume(
+        mem: &'static [AtomicU32],
+        layout: FastLayout,
+        worker: u16,
+        grace: Arc<GraceClock>,
+    ) -> Result<FastTable, String> {
+        if mem.len() < layout.words() {
+            return Err("fast table memory too small".into());
+        }
+        let h = |w: usize| mem[w].load(Ordering::Acquire);
+        let found = [
+            h(header::MAGIC),
+            h(header::INDEX_SLOTS),
+            h(header::INDEX_BASE),
+            h(header::LINES_BASE),
+            h(header::LINES),
+        ];
+        let want = [
+            FAST_MAGIC,
+            layout.index_slots,
+            layout.index_base,
+            layout.lines_base,
+            layout.lines,
+        ];
+        if found != want {
+            return Err(format!(
+                "fast table header {found:x?} is not this layout's {want:x?}"
+            ));
+        }
+        let mut t = FastTable::new(mem, layout, worker, grace);
+        t.next_fresh = layout.pairs_per_worker;
+        let mut unused = Vec::with_capacity(layout.pairs_per_worker as usize);
+        for pair in t.first_pair..t.first_pair + layout.pairs_per_worker {
+            if t.state(2 * pair) != 0 || t.state(2 * pair + 1) != 0 {
+                t.set_state(2 * pair, 0);
+                t.set_state(2 * pair + 1, 0);
+                t.left.push(pair);
+            } else {
+                // Never used, or withdrawn by the previous process maybe just before it went.
+                unused.push(pair - t.first_pair);
+            }
+        }
+        // Read after every line was cleared: a grace from here covers them all.
+        t.left_at = t.grace.epoch();
+        let at = t.left_at;
+        t.freed.extend(unused.into_iter().map(|pair| (pair, at)));
+        t.resumed = true;
+        t.grace.want();
+        Ok(t)
+    }
+
+    /// The pair a previous process left for the flow whose original direction arrives as
+    /// (`saddr_w`, `daddr_w`, `ports_w`, `proto`) and whose reply arrives as `reply`.
+    pub fn left_pair(&self, orig: [u32; 3], reply: [u32; 3], proto: u8) -> Option<u32> {
+        if self.left.is_empty() {
+            return None;
+        }
+        let line = lookup(self.mem, &self.layout, orig[0], orig[1], orig[2], proto)?;
+        let pair = line / 2;
+        let mine = self.first_pair..self.first_pair + self.layout.pairs_per_worker;
+        let w = |l: u32, i: usize| self.word(l, i).load(Ordering::Relaxed);
+        let reply_ok = [line::MATCH_SADDR, line::MATCH_DADDR, line::MATCH_PORTS]
+            .iter()
+            .zip(reply)
+            .all(|(&i, v)| w(line + 1, i) == v);
+        (line % 2 == 0
+            && mine.contains(&pair)
+            && reply_ok
+            && self.left.binary_search(&pair).is_ok())
+        .then_some(pair)
+    }
+
+    /// Whether `pair` is one a previous process left, not freed yet.
+    pub fn is_left(&self, pair: u32) -> bool {
+        self.left.binary_search(&pair).is_ok()
+    }
+
+    /// Whether this table took over a previous process's memory ([`FastTable::resume`]).
+    pub fn is_resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Whether pairs a previous process left wait to be read back and freed.
+    pub fn has_left(&self) -> bool {
+        !self.left.is_empty()
+    }
+
+    /// Once a grace has passed since the pairs left by a previous process were withdrawn
+    /// from XDP: calls `read` (the engine's last read-back of them, [`FastTable::is_left`]
+    /// still true), then removes their keys and frees them. False while the grace has not
+    /// passed (a grace is asked for).
+    pub fn retire_left(&mut self, read: impl FnOnce(&FastTable)) -> bool {
+        if self.left.is_empty() {
+            return true;
+        }
+        if !self.grace.passed(self.left_at) {
+            self.grace.want();
+            return false;
+        }
+        read(self);
+        let left = std::mem::take(&mut self.left);
+        let epoch = self.grace.epoch();
+        for pair in left {
+            self.index_remove(2 * pair);
+            self.index_remove(2 * pair + 1);
+            self.freed.push_back((pair - self.first_pair, epoch));
+        }
+        true
     }
 
     pub fn layout(&self) -> &FastLayout {
@@ -630,7 +756,7 @@ mod tests {
     }
 
     #[test]
-    fn hash_is_the_specified_fold() {
+    fn hash_is_the_documented_fold() {
         // Independent evaluation of the formula with small numbers.
         let keys = [1u64, 3, 0, 1];
         // a = 2 | 0 << 32 = 2; b = 5 | 6 << 32

@@ -29,10 +29,10 @@ const KEYS: [u64; 4] = [
 const LEAD: Nanos = 128 * NANOS_PER_MILLI;
 const MS: Nanos = NANOS_PER_MILLI;
 
-/// What XDP does to the published table for a frame it forwards (spec'd in the contract of
-/// the fast path): find the line, check it is fast and the frame came in on the right port,
-/// check a TCP segment's window, then advance `next_seq`, grow `max_win` and stamp
-/// `last_seen`. `None`: the frame would be punted to the worker.
+/// What the XDP program does to the published table for a frame it forwards: find the
+/// line, check it is fast and the frame came in on the right port, check a TCP segment's
+/// window (the engine's rule for an established flow), then advance `next_seq`, grow
+/// `max_win` and stamp `last_seen`. `None`: the frame would be punted to the worker.
 struct FakeXdp {
     mem: &'static [AtomicU32],
     layout: FastLayout,
@@ -450,6 +450,12 @@ fn a_packet_between_clearing_fast_and_the_grace_end_revives_the_flow() {
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_none());
     let (port, _) = t.lab.forward(CLIENT_PORT, f);
     assert_eq!(port, BACKEND_PORT);
+    let pair = t.pair().expect("still published");
+    assert_ne!(
+        t.xdp.words(2 * pair)[line::STATE] & STATE_FAST,
+        0,
+        "fast again at once"
+    );
     let seen_at = t.lab.now;
     t.run_with_grace(deadline + 5 * MS);
     assert_eq!(
@@ -652,5 +658,281 @@ fn flows_on_ports_xdp_cannot_serve_and_ipv6_flows_stay_slow() {
         .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 1));
     assert_eq!(t.pair(), None);
     assert_eq!(t.counters().fast_published, 0);
-    let _ = secs(1);
+}
+
+/// The store never hears of the packets XDP forwards: with the fast path attached before the
+/// store, a restored flow counts as seen at the restore, so a connection XDP kept busy is not
+/// reset at its stale deadline; it is published again at its next packets and expires after
+/// real idleness with RSTs exact from what the worker saw since.
+#[test]
+fn a_restored_flow_counts_as_seen_at_the_restore_and_starts_unpublished() {
+    let mut t = FastLab::new(16);
+    let mem = vec![0u8; t.lab.engine.store_geometry().bytes()];
+    t.lab
+        .engine
+        .attach_store(t.lab.now, Box::new(mem), 1)
+        .unwrap();
+    let mut conn = establish(&mut t.lab, 80, 40_060);
+    assert!(t.pair().is_some());
+    // Ten minutes of traffic only XDP sees, then a crash.
+    for minute in 1..=10 {
+        t.run_with_grace(T0 + mins(minute));
+        let f = FastLab::client_data(&mut conn, 100);
+        assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    }
+    let mem = t.lab.engine.abandon_store().unwrap();
+    let now = t.lab.now + secs(2);
+
+    let mut n = FastLab::new(16);
+    n.lab.now = now;
+    let report = n.lab.engine.attach_store(now, mem, 1).unwrap();
+    assert_eq!(report.flows, 1);
+    let info = n.only_flow();
+    assert_eq!(
+        info.last_seen, now,
+        "seen at the restore, not 10 minutes ago"
+    );
+    assert_eq!(n.pair(), None, "restored flows start unpublished");
+    n.lab.advance(MS);
+    assert_eq!(n.lab.engine.flow_count(), 1);
+    assert!(n.lab.emitted.is_empty());
+    // Both directions reach the worker once: published again, exact from then on.
+    n.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    n.lab
+        .forward(BACKEND_PORT, FastLab::backend_data(&mut conn, 10));
+    assert!(n.pair().is_some());
+    let last = n.lab.now;
+    n.run_with_grace(last + mins(4) + 10 * MS);
+    assert_eq!(n.lab.engine.flow_count(), 0);
+    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+}
+
+/// With the memory of the previous process taken over (`FastTable::resume`), a restored flow
+/// takes what XDP recorded while no worker ran: its idle time and both next sequence numbers,
+/// so that even a direction silent since the crash is reset exactly.
+#[test]
+fn a_resumed_table_gives_restored_flows_what_xdp_recorded() {
+    let mut t = FastLab::new(16);
+    let mem = vec![0u8; t.lab.engine.store_geometry().bytes()];
+    t.lab
+        .engine
+        .attach_store(t.lab.now, Box::new(mem), 1)
+        .unwrap();
+    let mut conn = establish(&mut t.lab, 80, 40_070);
+    for minute in 1..=3 {
+        t.run_with_grace(T0 + mins(minute));
+        let f = FastLab::client_data(&mut conn, 100);
+        assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+        let f = FastLab::backend_data(&mut conn, 700);
+        assert!(t.xdp.forward(t.lab.now, BACKEND_PORT, &f).is_some());
+    }
+    let last_fast = t.lab.now;
+    let store = t.lab.engine.abandon_store().unwrap();
+    // No worker runs for a minute; XDP still forwards the client's data.
+    let now = last_fast + mins(1);
+    let f = FastLab::client_data(&mut conn, 50);
+    assert!(t.xdp.forward(now - secs(30), CLIENT_PORT, &f).is_some());
+    let last_fast = now - secs(30);
+
+    // A table of another layout is refused.
+    let grace = Arc::new(GraceClock::default());
+    assert!(FastTable::resume(t.xdp.mem, FastLayout::new(8, 1), 0, Arc::clone(&grace)).is_err());
+
+    let mut lab = Lab::new();
+    lab.now = now;
+    let mut table = FastTable::resume(t.xdp.mem, t.xdp.layout, 0, Arc::clone(&grace)).unwrap();
+    for port in [CLIENT_PORT, BACKEND_PORT, INTERNET_PORT] {
+        table.set_port_ok(port, true);
+    }
+    lab.engine.attach_fast(table);
+    let mut n = FastLab {
+        lab,
+        xdp: FakeXdp {
+            mem: t.xdp.mem,
+            layout: t.xdp.layout,
+        },
+        grace,
+    };
+    // XDP punts the flow from the moment the new process took the table over.
+    let probe = conn.client.seg(ACK, conn.c_seq, conn.s_seq, &[]);
+    assert!(n.xdp.forward(now, CLIENT_PORT, &probe).is_none());
+    n.lab.engine.attach_store(now, store, 1).unwrap();
+    let info = n.only_flow();
+    assert!(
+        info.last_seen >= last_fast && info.last_seen < last_fast + (1 << 16),
+        "XDP's last packet, not the restore: {info:?}"
+    );
+    assert_eq!(n.pair(), None);
+    let state = n.lab.engine.export_flow(now, info.id).unwrap();
+    assert_eq!(
+        (state.tcp.next_seq(0), state.tcp.next_seq(1)),
+        (conn.c_seq, conn.s_seq)
+    );
+    // A grace later the old pair is freed: its keys are gone.
+    n.run_with_grace(now + 10 * MS);
+    assert_eq!(n.xdp.find(CLIENT, VIP, 40_070, 80, 6), None);
+    // Only the client speaks after the restart; the flow is published again.
+    n.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    assert!(n.pair().is_some());
+    let last = n.lab.now;
+    n.run_with_grace(last + mins(4) + 10 * MS);
+    assert_eq!(n.lab.engine.flow_count(), 0);
+    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+}
+
+/// An XDP invocation that read `FAST` just before the worker cleared it still commits its
+/// segment afterwards: the grace makes the worker wait for it, and the flow lives on with the
+/// sequence number it advanced.
+#[test]
+fn a_segment_xdp_committed_while_fast_was_being_cleared_revives_the_flow() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_080);
+    let deadline = due_at_lead(&mut t, &conn);
+    let pair = t.pair().unwrap();
+    // The late commit: what the XDP program writes after its checks passed.
+    let end = conn.c_seq.wrapping_add(20);
+    conn.c_seq = end;
+    fast::advance_serial(t.xdp.cell(2 * pair, line::NEXT_SEQ), end);
+    fast::advance_serial(
+        t.xdp.cell(2 * pair, line::LAST_SEEN),
+        fast::to_stamp(t.lab.now),
+    );
+    let committed_at = t.lab.now;
+    t.run_with_grace(deadline + 5 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    assert_ne!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    t.run_with_grace(committed_at + mins(4) + 10 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+    assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+}
+
+mod sessions {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    use xlb_engine::fast::SLOT_EMPTY;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Open(u8),
+        ClientData(u8, u16),
+        BackendData(u8, u16),
+        Fin(u8),
+        Rst(u8),
+        Wait(u32, bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..4).prop_map(Op::Open),
+            (0u8..4, 1u16..3000).prop_map(|(c, n)| Op::ClientData(c, n)),
+            (0u8..4, 1u16..3000).prop_map(|(c, n)| Op::BackendData(c, n)),
+            (0u8..4).prop_map(Op::Fin),
+            (0u8..4).prop_map(Op::Rst),
+            (0u32..300_000, any::<bool>()).prop_map(|(ms, g)| Op::Wait(ms, g)),
+        ]
+    }
+
+    /// XDP first; what it punts goes to the worker.
+    fn deliver(t: &mut FastLab, port: PortId, frame: Vec<u8>) {
+        if t.xdp.forward(t.lab.now, port, &frame).is_none() {
+            t.lab.send(port, frame);
+        }
+    }
+
+    /// Every published flow is found by both its keys, in its own pair, and no two flows
+    /// share a pair.
+    fn check(t: &FastLab) {
+        let mut pairs = std::collections::HashSet::new();
+        let mut published = 0;
+        for info in t.lab.engine.flows() {
+            let Some(pair) = t.lab.engine.fast_pair(info.id) else {
+                continue;
+            };
+            published += 1;
+            assert!(pairs.insert(pair), "pair {pair} twice");
+            let (o, tr) = (info.orig, info.translated);
+            let ip = |a: Addr| v4(a.to_ip());
+            assert_eq!(
+                t.xdp.find(ip(o.src), ip(o.dst), o.src_port, o.dst_port, 6),
+                Some(2 * pair)
+            );
+            assert_eq!(
+                t.xdp
+                    .find(ip(tr.dst), ip(tr.src), tr.dst_port, tr.src_port, 6),
+                Some(2 * pair + 1)
+            );
+        }
+        assert_eq!(published, t.lab.engine.fast_published());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_session_keeps_the_table_consistent_and_ends_empty(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut t = FastLab::new(3);
+            let mut conns: HashMap<u8, Conn> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Open(c) => {
+                        let sport = 41_000 + u16::from(c);
+                        if !t.lab.engine.flows().any(|f| f.orig.src_port == sport) {
+                            conns.insert(c, establish(&mut t.lab, 80, sport));
+                        }
+                    }
+                    Op::ClientData(c, n) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = FastLab::client_data(conn, n as usize);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::BackendData(c, n) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = FastLab::backend_data(conn, n as usize);
+                            deliver(&mut t, BACKEND_PORT, f);
+                        }
+                    }
+                    Op::Fin(c) => {
+                        if let Some(conn) = conns.get_mut(&c) {
+                            let f = conn.client.seg(FIN | ACK, conn.c_seq, conn.s_seq, &[]);
+                            conn.c_seq = conn.c_seq.wrapping_add(1);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::Rst(c) => {
+                        if let Some(conn) = conns.remove(&c) {
+                            let f = conn.client.seg(RST, conn.c_seq, 0, &[]);
+                            deliver(&mut t, CLIENT_PORT, f);
+                        }
+                    }
+                    Op::Wait(ms, grace) => {
+                        let until = t.lab.now + u64::from(ms) * MS;
+                        if grace {
+                            t.run_with_grace(until);
+                        } else {
+                            t.lab.run_until(until);
+                        }
+                    }
+                }
+                check(&t);
+            }
+            t.run_with_grace(t.lab.now + mins(40));
+            prop_assert_eq!(t.lab.engine.flow_count(), 0);
+            prop_assert_eq!(t.lab.engine.fast_published(), 0);
+            let c = t.counters();
+            prop_assert_eq!(c.fast_published, c.fast_unpublished);
+            let layout = t.xdp.layout;
+            for s in 0..layout.index_slots {
+                let v = t.xdp.mem[layout.slot_word(s)].load(Ordering::Relaxed);
+                prop_assert!(v == SLOT_EMPTY || v == SLOT_TOMBSTONE, "slot {} holds {}", s, v);
+            }
+            for l in 0..layout.lines {
+                prop_assert_eq!(t.xdp.words(l)[line::STATE], 0);
+            }
+        }
+    }
 }

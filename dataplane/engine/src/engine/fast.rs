@@ -20,6 +20,12 @@
 //! invocation can still be updating the lines: the flow's state is read a last time; if a
 //! packet moved its deadline it is fast again, else it expires exactly as a flow that never
 //! was fast (its RSTs carry the sequence numbers XDP advanced).
+//!
+//! A flow withdrawn while it lives on (no longer eligible) is read back at the withdrawal,
+//! without a grace: a segment XDP was forwarding at that very moment may advance the old line
+//! after it, and that advance is not seen. The flow's next segment of that direction (now
+//! through the worker) is in the window and brings `next_seq` up to date; only a direction
+//! that falls silent right then is reset on idle with the number before that segment.
 
 use super::Engine;
 use crate::fast::{
@@ -48,6 +54,9 @@ pub(super) struct FastState {
     published: usize,
     /// [`crate::net::NextHops::hop_changes`] as last checked.
     hop_changes: u64,
+    /// Restored flows and the pair a previous process left them in ([`FastTable::resume`]),
+    /// read back once more when that table frees those pairs.
+    resumed: Vec<(FlowId, u32)>,
 }
 
 impl FastState {
@@ -73,6 +82,17 @@ fn merge(table: &FastTable, pair: u32, f: &mut Flow, near: Nanos) {
     }
 }
 
+/// The match words of direction `dir` of (IPv4) flow `f`: its source and destination address
+/// and its ports, as XDP reads them from a frame.
+fn key_words(f: &Flow, dir: Dir) -> [u32; 3] {
+    let k = f.key(dir);
+    [
+        wire_word(k.src.v4_bytes()),
+        wire_word(k.dst.v4_bytes()),
+        ports_word(k.src_port, k.dst_port),
+    ]
+}
+
 /// The line of direction `dir` of flow `f`, whose hops are `hops`, `FAST` set.
 fn line_of(f: &Flow, dir: Dir, hops: &[NextHop; 2]) -> [u32; 16] {
     let mut w = [0u32; 16];
@@ -91,10 +111,8 @@ fn line_of(f: &Flow, dir: Dir, hops: &[NextHop; 2]) -> [u32; 16] {
     w[line::INGRESS_PORT] = u32::from(hops[1 - dir].port);
     w[line::TX_PORT] = u32::from(hops[dir].port);
     w[line::PROTO_RULE] = u32::from(f.proto) | (u32::from(f.rule) << 16);
-    let (k, t) = (f.key(dir), f.translated(dir));
-    w[line::MATCH_SADDR] = wire_word(k.src.v4_bytes());
-    w[line::MATCH_DADDR] = wire_word(k.dst.v4_bytes());
-    w[line::MATCH_PORTS] = ports_word(k.src_port, k.dst_port);
+    w[line::MATCH_SADDR..=line::MATCH_PORTS].copy_from_slice(&key_words(f, dir));
+    let t = f.translated(dir);
     w[line::NEW_SADDR] = wire_word(t.src.v4_bytes());
     w[line::NEW_DADDR] = wire_word(t.dst.v4_bytes());
     w[line::NEW_PORTS] = ports_word(t.src_port, t.dst_port);
@@ -114,11 +132,19 @@ impl Engine {
     /// unpublished.
     ///
     /// Attached before [`attach_store`](Self::attach_store), it also changes how flows are
-    /// restored: a restored flow counts as seen at the restore (`last_seen` = the later of the
-    /// stored one and `now`). XDP may have forwarded it while no worker ran, or since its
-    /// record was last written (the store never hears of the packets XDP forwards), so its
-    /// stored time proves nothing about its idleness; a flow really idle lives one timeout
-    /// longer, and a flow still in use is not reset by mistake.
+    /// restored, because the store never hears of the packets XDP forwards (XDP may have
+    /// forwarded a flow since its record was last written, and while no worker ran):
+    /// - a table made by [`FastTable::resume`] over the memory the previous process used
+    ///   holds what XDP recorded: each restored flow it still had published takes its
+    ///   `next_seq`, `max_win` and `last_seen` from there, at the restore and once more a
+    ///   grace later (when the old pairs are freed; no flow is published before), which is
+    ///   exact;
+    /// - with a fresh table, a restored flow counts as seen at the restore (`last_seen` = the
+    ///   later of the stored one and `now`): its stored time proves nothing about its
+    ///   idleness. A flow really idle lives one timeout longer, a flow still in use is not
+    ///   reset by mistake; its RSTs are exact once each direction has sent a segment the
+    ///   worker saw (a direction XDP forwarded data of while no worker ran, and that is
+    ///   silent after the restart, is reset with the stored sequence number).
     pub fn attach_fast(&mut self, table: FastTable) {
         let n = self.flows.capacity() as usize;
         self.fast = Some(Box::new(FastState {
@@ -127,6 +153,7 @@ impl Engine {
             fences: vec![0; n],
             published: 0,
             hop_changes: self.net.hop_changes(),
+            resumed: Vec::new(),
         }));
     }
 
@@ -168,6 +195,10 @@ impl Engine {
         let Some(fs) = self.fast.as_deref() else {
             return false;
         };
+        if fs.table.has_left() {
+            // Its keys may still lead to a pair the previous process left.
+            return false;
+        }
         let f = self.flows.get(id);
         let state_ok = match f.proto {
             proto::TCP => f.tcp.can_reset(),
@@ -238,6 +269,10 @@ impl Engine {
                 );
                 if !self.fast_eligible(id) {
                     self.fast_withdraw(id);
+                } else if fs.fences[id as usize] != 0 {
+                    // Its expiry was under way: this packet moved the deadline, so XDP may
+                    // forward it again (setting `FAST` needs no grace).
+                    self.fast_revive(id, pair);
                 }
             }
             None => {
@@ -270,6 +305,17 @@ impl Engine {
             }
             Err(_) => self.counters.fast_publish_failed += 1,
         }
+    }
+
+    /// Sets `FAST` again on flow `id` (`pair`) whose expiry was under way and files it anew.
+    fn fast_revive(&mut self, id: FlowId, pair: u32) {
+        let Some(fs) = self.fast.as_deref_mut() else {
+            return;
+        };
+        fs.table.set_fast(pair, true);
+        fs.fences[id as usize] = 0;
+        let at = self.fast_filing(id, self.deadline(self.flows.get(id)));
+        self.wheel.insert(id, at);
     }
 
     /// Withdraws flow `id` from the fast path (what XDP recorded read into it first).
@@ -337,10 +383,7 @@ impl Engine {
         }
         if deadline > now {
             // A packet the worker processed since moved the deadline: fast again.
-            fs.table.set_fast(pair, true);
-            fs.fences[id as usize] = 0;
-            let at = self.fast_filing(id, deadline);
-            self.wheel.insert(id, at);
+            self.fast_revive(id, pair);
             return true;
         }
         false
@@ -385,13 +428,62 @@ impl Engine {
         }
     }
 
-    /// Once per [`expire`](Self::expire): neighbours changed in place since the last look are
-    /// checked against the lines that copied them.
+    /// A flow being restored (`f`, to go in slot `id`) at `now`: takes what XDP recorded for
+    /// it (see [`attach_fast`](Self::attach_fast)).
+    pub(super) fn fast_restoring(&mut self, now: Nanos, id: FlowId, f: &mut Flow, standby: bool) {
+        let Some(fs) = self.fast.as_deref_mut() else {
+            return;
+        };
+        if !fs.table.is_resumed() {
+            if !standby {
+                f.last_seen = f.last_seen.max(now);
+            }
+            return;
+        }
+        if !(f.orig_src.is_v4() && f.orig_dst.is_v4() && f.xlat.is_v4()) {
+            return;
+        }
+        let (orig, reply) = (key_words(f, ORIG), key_words(f, REPLY));
+        if let Some(pair) = fs.table.left_pair(orig, reply, f.proto) {
+            merge(&fs.table, pair, f, now);
+            fs.resumed.push((id, pair));
+        }
+    }
+
+    /// Pairs a previous process left wait for their grace ([`expire`](Self::expire) frees
+    /// them; no flow is published before).
+    pub(super) fn fast_waits_for_left(&self) -> bool {
+        self.fast.as_deref().is_some_and(|fs| fs.table.has_left())
+    }
+
+    /// Once per [`expire`](Self::expire): the pairs a previous process left are read back a
+    /// last time and freed once a grace has passed; neighbours changed in place since the
+    /// last look are checked against the lines that copied them.
     pub(super) fn fast_housekeeping(&mut self) {
         let changes = self.net.hop_changes();
         let Some(fs) = self.fast.as_deref_mut() else {
             return;
         };
+        if fs.table.has_left() {
+            let (table, resumed, flows) = (&mut fs.table, &fs.resumed, &mut self.flows);
+            let done = table.retire_left(|table| {
+                for &(id, pair) in resumed {
+                    // The slot may hold another flow by now (the restored one ended).
+                    let line = crate::fast::line_words(table.memory(), table.layout(), 2 * pair);
+                    if flows.is_live(id)
+                        && key_words(flows.get(id), ORIG)[..]
+                            == line[line::MATCH_SADDR..=line::MATCH_PORTS]
+                    {
+                        let f = flows.get_mut(id);
+                        let near = f.last_seen;
+                        merge(table, pair, f, near);
+                    }
+                }
+            });
+            if done {
+                fs.resumed = Vec::new();
+            }
+        }
         if fs.hop_changes != changes {
             fs.hop_changes = changes;
             self.fast_recheck_all(true);
