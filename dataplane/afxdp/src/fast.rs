@@ -151,6 +151,9 @@ pub(crate) fn set_fast_port(
     port: u32,
     fast: bool,
 ) -> Result<bool> {
+    let _serial = crate::xdp::IFACE_WRITES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut v = crate::xdp::read_iface(ifaces, ifindex)?
         .ok_or_else(|| Error::msg(format!("no xlb_ifaces entry for ifindex {ifindex}")))?;
     let on = fast && mode == AttachMode::Native;

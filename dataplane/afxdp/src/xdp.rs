@@ -138,6 +138,7 @@ fn write_iface(
     backend_side: bool,
     hold: bool,
 ) -> Result<()> {
+    let _serial = IFACE_WRITES.lock().unwrap_or_else(|e| e.into_inner());
     let (port, fast) = match read_iface(ifaces, ifindex)? {
         Some(v) => (v.port, v.flags & IFACE_FAST),
         None => (0, 0),
@@ -147,6 +148,10 @@ fn write_iface(
         | fast;
     put_iface(ifaces, ifindex, IfaceValue { slot, flags, port })
 }
+
+/// Serialises the read-modify-writes of `xlb_ifaces` entries: the address table's thread
+/// (backend side) and the fast path's (port, fast flag) change different fields of one value.
+pub(crate) static IFACE_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// One `xlb_ifaces` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -664,6 +669,30 @@ impl XdpProgram {
     /// (`XDP_PASS` = 2, `XDP_REDIRECT` = 4). Nothing is sent anywhere; the counters do
     /// move. This is how the program's decisions are tested against fixtures.
     pub fn test_run(&self, frame: &[u8], ifindex: u32, queue: u32) -> Result<u32> {
+        self.run_once(frame, ifindex, queue, None)
+    }
+
+    /// [`test_run`](Self::test_run), also returning the frame as the program left it (the
+    /// fast path rewrites the frames it forwards).
+    pub fn test_run_frame(&self, frame: &[u8], ifindex: u32, queue: u32) -> Result<(u32, Vec<u8>)> {
+        // Room for what a program could grow the frame by (it cannot beyond a page).
+        let mut out = vec![0u8; frame.len() + 4096];
+        let (action, len) = {
+            let mut len = 0u32;
+            let action = self.run_once(frame, ifindex, queue, Some((&mut out, &mut len)))?;
+            (action, len as usize)
+        };
+        out.truncate(len);
+        Ok((action, out))
+    }
+
+    fn run_once(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        queue: u32,
+        out: Option<(&mut Vec<u8>, &mut u32)>,
+    ) -> Result<u32> {
         let ctx = libbpf_sys::xdp_md {
             data: 0,
             data_end: u32::try_from(frame.len()).map_err(|_| Error::msg("frame too long"))?,
@@ -681,15 +710,23 @@ impl XdpProgram {
             repeat: 1,
             ..Default::default()
         };
+        let mut out = out;
+        if let Some((buf, _)) = out.as_mut() {
+            opts.data_out = buf.as_mut_ptr().cast();
+            opts.data_size_out = u32::try_from(buf.len()).map_err(|_| Error::msg("too long"))?;
+        }
         // SAFETY: `opts` is properly sized; its input pointers reference `frame` and `ctx`,
-        // which outlive the call; no output buffers are given, so the kernel writes only
-        // into `opts` itself.
+        // which outlive the call; the only output buffer, when given, is `buf` with its true
+        // length in `data_size_out`, and the kernel writes at most that much into it.
         let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(self.prog.as_raw_fd(), &mut opts) };
         if rc < 0 {
             return Err(Error::with(
                 "BPF_PROG_TEST_RUN",
                 std::io::Error::from_raw_os_error(-rc),
             ));
+        }
+        if let Some((_, len)) = out {
+            *len = opts.data_size_out;
         }
         Ok(opts.retval)
     }

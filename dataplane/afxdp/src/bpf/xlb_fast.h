@@ -350,7 +350,7 @@ static __noinline int fast_path(struct xdp_md *ctx, __u32 port)
 	    ip->ttl <= 1)
 		return fast_punt(XLB_FAST_NOT_ELIGIBLE);
 	tot_len = bpf_ntohs(ip->tot_len);
-	if ((void *)ip + tot_len > data_end)
+	if (tot_len < sizeof(*ip) || (void *)ip + tot_len > data_end)
 		return fast_punt(XLB_FAST_NOT_ELIGIBLE);
 	proto = ip->protocol;
 	l4 = (__u8 *)(ip + 1);
