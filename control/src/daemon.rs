@@ -461,8 +461,10 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
         let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), m).await });
     }
     let mut attached = attached;
-    // XDP forwards nothing from here on that no worker would follow.
-    if let Some(f) = &attached.fast {
+    // Without a state directory XDP forwards nothing from here on that no worker would
+    // follow (and is detached below). With one, XDP goes on forwarding the published flows
+    // while no xlbd runs, into the table the next xlbd takes over with the flows.
+    if let (Some(f), None) = (&attached.fast, &opts.state_dir) {
         f.switch_off();
     }
     workers.stop.store(true, Ordering::Relaxed);

@@ -6,7 +6,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{atomic::AtomicU32, Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, PoisonError,
+    },
 };
 
 use xlb_afxdp::{GraceService, XdpFastControl, XdpProgram};
@@ -56,6 +59,8 @@ pub struct FastPath {
     /// (attached natively, in the transmit map).
     pub port_ok: Vec<bool>,
     pub counters: Arc<FastCounters>,
+    /// The table is the one a previous xlbd left (`--state-dir`), with what XDP recorded.
+    pub resumed: bool,
     /// The grace thread, once started (after the workers).
     service: Option<GraceService>,
 }
@@ -72,13 +77,15 @@ impl std::fmt::Debug for FastPath {
 
 impl FastPath {
     /// Sets the fast path up on a program loaded with room for `layout` and attached to
-    /// `ports`: the table's header (new keys), every port's id and FAST flag (only where
-    /// attached natively), the transmit map (from this thread: xlbd runs in its interfaces'
-    /// namespace, where the devmap resolves the ifindexes), and the switch.
+    /// `ports`: the table's header (new keys; kept when the table is `found`, one a previous
+    /// xlbd of the same layout left), every port's id and FAST flag (only where attached
+    /// natively), the transmit map (from this thread: xlbd runs in its interfaces' namespace,
+    /// where the devmap resolves the ifindexes), and the switch.
     pub fn set_up(
         xdp: &mut XdpProgram,
         layout: FastLayout,
         ports: &[Port],
+        found: bool,
     ) -> Result<FastPath, Failure> {
         let failed = |what: &str, e: xlb_afxdp::Error| {
             Failure::runtime(format!("setting up the XDP fast path: {what}: {e}"))
@@ -86,7 +93,10 @@ impl FastPath {
         let mem = xdp
             .fast_table()
             .map_err(|e| failed("mapping its table", e))?;
-        xlb_engine::fast::init_header(mem, &layout, random_keys()?);
+        let resumed = found && same_layout(mem, &layout);
+        if !resumed {
+            fresh_table(mem, &layout, random_keys()?);
+        }
         let mut port_ok = Vec::with_capacity(ports.len());
         for p in ports {
             let on = (xdp.set_fast_port(p.ifindex, u32::from(p.id), true))
@@ -104,17 +114,27 @@ impl FastPath {
             grace: Arc::new(GraceClock::default()),
             port_ok,
             counters,
+            resumed,
             service: None,
         })
     }
 
-    /// Worker `w`'s part of the table, told which ports XDP forwards on.
-    pub fn table(&self, w: usize, ports: &[Port]) -> FastTable {
-        let mut t = FastTable::new(self.mem, self.layout, w as u16, Arc::clone(&self.grace));
+    /// Worker `w`'s part of the table, told which ports XDP forwards on; of a resumed table,
+    /// with the flows the previous xlbd's worker `w` left in it (withdrawn from XDP, read
+    /// back into the flows restored from the worker's store).
+    pub fn table(&self, w: usize, ports: &[Port]) -> Result<FastTable, Failure> {
+        let grace = Arc::clone(&self.grace);
+        let mut t = if self.resumed {
+            FastTable::resume(self.mem, self.layout, w as u16, grace).map_err(|e| {
+                Failure::runtime(format!("worker {w}: the fast path's table: {e}"))
+            })?
+        } else {
+            FastTable::new(self.mem, self.layout, w as u16, grace)
+        };
         for (p, ok) in ports.iter().zip(&self.port_ok) {
             t.set_port_ok(p.id, *ok);
         }
-        t
+        Ok(t)
     }
 
     /// Starts the grace thread on the engines' clock.
@@ -146,6 +166,35 @@ impl FastPath {
             s.stop();
         }
     }
+}
+
+/// Header words the engine leaves spare, where the daemon notes how the pairs are split
+/// between workers (a resumed table must be split the same way).
+const HEADER_PAIRS_PER_WORKER: usize = 6;
+const HEADER_WORKERS: usize = 7;
+
+/// Whether `mem` holds a table of exactly `layout` (header, split between workers).
+fn same_layout(mem: &[AtomicU32], layout: &FastLayout) -> bool {
+    let h = |w: usize| mem[w].load(Ordering::Acquire);
+    h(0) == xlb_engine::fast::FAST_MAGIC
+        && h(2) == layout.index_slots
+        && h(3) == layout.index_base
+        && h(4) == layout.lines_base
+        && h(5) == layout.lines
+        && h(HEADER_PAIRS_PER_WORKER) == layout.pairs_per_worker
+        && h(HEADER_WORKERS) == u32::from(layout.workers)
+}
+
+/// Clears `mem` (switched off first: an XDP program still running on it through a kept
+/// attachment punts everything meanwhile) and writes a new header.
+fn fresh_table(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
+    xlb_engine::fast::set_enabled(mem, false);
+    for w in &mem[16..] {
+        w.store(0, Ordering::Relaxed);
+    }
+    xlb_engine::fast::init_header(mem, layout, keys);
+    mem[HEADER_PAIRS_PER_WORKER].store(layout.pairs_per_worker, Ordering::Relaxed);
+    mem[HEADER_WORKERS].store(u32::from(layout.workers), Ordering::Release);
 }
 
 /// The program's fast-path counters (also with the fast path off: they then show that XDP

@@ -180,11 +180,14 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
     let fast_layout = (opts.fast_path)
         .then(|| fast_path::layout(opts.flow_capacity, opts.workers))
         .transpose()?;
+    // With a state directory the table is pinned there: it outlives xlbd with the flows,
+    // and a table a previous xlbd left holds what XDP recorded of them since.
+    let pin = opts.state_dir.as_deref().map(xlb_afxdp::pinned::fast_table_path);
     let loaded = match &fast_layout {
-        Some(layout) => XdpProgram::load_with(layout.elements()),
-        None => XdpProgram::load(),
+        Some(layout) => XdpProgram::load_with_pinned(layout.elements(), pin.as_deref()),
+        None => XdpProgram::load().map(|x| (x, false)),
     };
-    let mut xdp = loaded.map_err(|e| {
+    let (mut xdp, found) = loaded.map_err(|e| {
         Failure::runtime(format!(
             "loading the XDP program: {e}; xlbd needs root (CAP_BPF) and a kernel with XDP \
              and BTF"
@@ -221,7 +224,7 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         modes.push(format!("{mode:?}").to_lowercase());
     }
     let fast = fast_layout
-        .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports))
+        .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found))
         .transpose()?;
     let fast_counters = match &fast {
         Some(f) => Arc::clone(&f.counters),

@@ -187,16 +187,18 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
     for pv in s.port_vlans {
         net.allow_vlan(pv.port, pv.vlan);
     }
+    if let Some(fast) = s.fast {
+        // Before the store: XDP may have forwarded the stored flows since their records were
+        // written (the store never hears of it), so the engine restores them as seen now;
+        // they are published again at their next packet.
+        engine.attach_fast(fast.table(w, s.ports)?);
+    }
     if let Some(store) = store {
         // After the ports: restored flows take their next hops on them.
         let report = engine
             .attach_store(sys::monotonic_ns(), store.mem, s.config_hash)
             .map_err(|e| Failure::runtime(format!("worker {w}: flow store: {e}")))?;
         crate::report::line(&persist::report_line(w, &report, sys::monotonic_ns()));
-    }
-    if let Some(fast) = s.fast {
-        // After the store: restored flows are published at their next packet.
-        engine.attach_fast(fast.table(w, s.ports));
     }
     Ok(engine)
 }
