@@ -125,9 +125,8 @@ impl FastPath {
     pub fn table(&self, w: usize, ports: &[Port]) -> Result<FastTable, Failure> {
         let grace = Arc::clone(&self.grace);
         let mut t = if self.resumed {
-            FastTable::resume(self.mem, self.layout, w as u16, grace).map_err(|e| {
-                Failure::runtime(format!("worker {w}: the fast path's table: {e}"))
-            })?
+            FastTable::resume(self.mem, self.layout, w as u16, grace)
+                .map_err(|e| Failure::runtime(format!("worker {w}: the fast path's table: {e}")))?
         } else {
             FastTable::new(self.mem, self.layout, w as u16, grace)
         };
@@ -360,6 +359,22 @@ mod tests {
         let e = layout(1 << 24, 64).unwrap_err();
         assert_eq!(e.code, crate::options::EXIT_USAGE);
         assert!(e.message.contains("--fast-path off"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_table_is_taken_over_only_when_split_the_same_way() {
+        let layout = layout(100, 2).unwrap();
+        let mem: Vec<AtomicU32> = (0..layout.words()).map(|_| AtomicU32::new(7)).collect();
+        assert!(!same_layout(&mem, &layout), "garbage is no table");
+        fresh_table(&mem, &layout, [1, 3, 5, 7]);
+        assert!(mem[16..].iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        assert!(!xlb_engine::fast::is_enabled(&mem));
+        assert_eq!(xlb_engine::fast::header_keys(&mem), [1, 3, 5, 7]);
+        assert!(same_layout(&mem, &layout));
+        // The same number of lines split another way (200 flows on one worker) is not it.
+        let other = FastLayout::new(200, 1);
+        assert_eq!(other.lines, layout.lines);
+        assert!(!same_layout(&mem, &other));
     }
 
     #[test]

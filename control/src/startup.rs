@@ -182,7 +182,10 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         .transpose()?;
     // With a state directory the table is pinned there: it outlives xlbd with the flows,
     // and a table a previous xlbd left holds what XDP recorded of them since.
-    let pin = opts.state_dir.as_deref().map(xlb_afxdp::pinned::fast_table_path);
+    let pin = opts
+        .state_dir
+        .as_deref()
+        .map(xlb_afxdp::pinned::fast_table_path);
     let loaded = match &fast_layout {
         Some(layout) => XdpProgram::load_with_pinned(layout.elements(), pin.as_deref()),
         None => XdpProgram::load().map(|x| (x, false)),
