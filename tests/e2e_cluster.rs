@@ -40,6 +40,7 @@ fn cluster_lab_loses_no_connection_on_node_loss_add_and_drain() {
         .args(["-s", "TERM", "-k", "10", "240"])
         .arg(&script)
         .args(["--no-build", "--connections", "40", "--phase-seconds", "3"])
+        .args(["--fast-path", if fast_path_on() { "on" } else { "off" }])
         .env("XLBD", xlbd)
         .env("XLBCTL", &xlbctl)
         .output()

@@ -377,7 +377,7 @@ impl<'a> ControlLoop<'a> {
             return;
         };
         let rules = self.state.snapshot().rules.clone();
-        let sum = xlb_api::sum(&self.shared.counters(), &rules);
+        let sum = self.shared.sum(&rules);
         let kv = stats::to_kv(&sum, &rules, self.scale) + &self.shared.operations().to_kv();
         if let Err(e) = stats::write_atomic(path, &kv) {
             tracing::warn!("writing {}: {e}", path.display());
@@ -393,7 +393,7 @@ impl<'a> ControlLoop<'a> {
             return;
         }
         let rules = self.state.snapshot().rules.clone();
-        let sum = xlb_api::sum(&self.shared.counters(), &rules);
+        let sum = self.shared.sum(&rules);
         let ports: Vec<String> = (self.shared.ports().into_iter().flatten())
             .zip(self.kernel.ports.iter().cycle())
             .map(|(s, p)| format!("{}:rx={}/tx={}", p.name, s.rx_packets, s.tx_packets))

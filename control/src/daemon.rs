@@ -201,14 +201,20 @@ fn start(opts: &Options) -> Result<Running, Failure> {
             config_hash: persist::config_hash(&config),
             nat_events: nat_log.as_ref().map(ipfix::Bound::sender),
             sync: std::sync::Mutex::new(sync_ends),
+            fast: attached.fast.as_ref(),
         },
         stores,
     )?;
+    let mut attached = attached;
+    if let Some(fast) = attached.fast.as_mut() {
+        fast.start_grace()?;
+    }
     let shared = Shared::new(
         std::mem::take(&mut workers.cells),
         workers.port_stats.clone(),
         rules.generation(),
     );
+    shared.set_fast(Arc::clone(&attached.fast_counters));
     let exporter = nat_log
         .map(|b| b.start(Arc::clone(&shared), xlb_afxdp::sys::monotonic_ns))
         .transpose()
@@ -275,12 +281,15 @@ fn start_services(
         opts.quiet,
     )
     .map_err(|e| Failure::runtime(format!("starting the health probes: {e}")))?;
-    let telemetry = Arc::new(DaemonTelemetry::new(
-        workers.senders(),
-        Arc::clone(shared),
-        workers.placement.clone(),
-        opts.poll_name(),
-    ));
+    let telemetry = Arc::new(
+        DaemonTelemetry::new(
+            workers.senders(),
+            Arc::clone(shared),
+            workers.placement.clone(),
+            opts.poll_name(),
+        )
+        .with_rules(Arc::clone(state)),
+    );
     let api = endpoints.api.map(|bound| {
         if let Some(l) = &opts.api {
             listening.push_str(&format!(" api={}", describe_listen(l)));
@@ -387,6 +396,11 @@ fn ready_line(opts: &Options, r: &Running, listening: &str) -> String {
     if let Some(o) = &opts.ipfix {
         line.push_str(&o.describe());
     }
+    line.push_str(if opts.fast_path {
+        " fast_path=on"
+    } else {
+        " fast_path=off"
+    });
     let scale = r.config.settings.lab_time_scale.max(1);
     if scale != 1 {
         line.push_str(&format!(" lab_time_scale={scale}"));
@@ -446,6 +460,13 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
     if let Some(m) = services.metrics {
         let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(2), m).await });
     }
+    let mut attached = attached;
+    // Without a state directory XDP forwards nothing from here on that no worker would
+    // follow (and is detached below). With one, XDP goes on forwarding the published flows
+    // while no xlbd runs, into the table the next xlbd takes over with the flows.
+    if let (Some(f), None) = (&attached.fast, &opts.state_dir) {
+        f.switch_off();
+    }
     workers.stop.store(true, Ordering::Relaxed);
     for (w, h) in workers.handles.into_iter().enumerate() {
         match h.join.join() {
@@ -465,6 +486,9 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
     }
     if let Some(x) = exporter {
         x.stop();
+    }
+    if let Some(f) = attached.fast.as_mut() {
+        f.stop_grace();
     }
     final_counters(opts, &state, &shared, config.settings.lab_time_scale.max(1));
     runtime.shutdown_timeout(Duration::from_millis(500));
@@ -490,7 +514,7 @@ fn shutdown(r: Running, opts: &Options, result: Result<(), String>) -> Result<()
 /// `xlbd final …` and the last stats file, from the workers' last counters.
 fn final_counters(opts: &Options, state: &ControlState, shared: &Shared, scale: u32) {
     let rules = state.snapshot().rules.clone();
-    let sum = xlb_api::sum(&shared.counters(), &rules);
+    let sum = shared.sum(&rules);
     let ops = shared.operations();
     report::line(&format!(
         "xlbd final {}{}",

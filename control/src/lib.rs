@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod control_loop;
 pub mod daemon;
 pub mod drain;
+pub mod fast_path;
 pub mod handler;
 pub mod ipfix;
 pub mod kernel;

@@ -31,6 +31,9 @@ pub struct Options {
     /// RSTs per second per worker for the `reset` unknown-flow policy.
     pub reset_rate: u32,
     pub xdp_mode: ModeRequest,
+    /// `--fast-path`: whether the XDP program may forward established flows itself (on
+    /// natively attached interfaces); off: every packet goes through a worker.
+    pub fast_path: bool,
     pub quiet: bool,
     pub status_interval: Duration,
     pub stats_file: Option<PathBuf>,

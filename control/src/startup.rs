@@ -18,6 +18,7 @@ use xlb_engine::{Addr, Config, MemberHealth, RuleSet};
 
 use crate::{
     addresses::{AddressPlane, SharedRoutes, XdpMaps},
+    fast_path::{self, FastCounters, FastPath},
     kernel::{self, Port, PortVlan, Resolver},
     kernel_watch::KernelWatch,
     metrics,
@@ -164,6 +165,10 @@ pub struct Attached {
     pub routes: SharedRoutes,
     /// `name=mode[+backend_side]` per interface, for the ready line.
     pub described: Vec<String>,
+    /// The XDP fast path (`--fast-path on`).
+    pub fast: Option<FastPath>,
+    /// The program's fast-path counters (also with `--fast-path off`).
+    pub fast_counters: Arc<FastCounters>,
 }
 
 /// Phase 5: load the XDP program, mark the host's addresses local, attach to every
@@ -171,7 +176,21 @@ pub struct Attached {
 /// configured on an interface, so that the kernel answers ARP for it, must still be the
 /// dataplane's).
 pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attached, Failure> {
-    let mut xdp = XdpProgram::load().map_err(|e| {
+    // The fast path's table is sized before the program is loaded (a map's size is fixed).
+    let fast_layout = (opts.fast_path)
+        .then(|| fast_path::layout(opts.flow_capacity, opts.workers))
+        .transpose()?;
+    // With a state directory the table is pinned there: it outlives xlbd with the flows,
+    // and a table a previous xlbd left holds what XDP recorded of them since.
+    let pin = opts
+        .state_dir
+        .as_deref()
+        .map(xlb_afxdp::pinned::fast_table_path);
+    let loaded = match &fast_layout {
+        Some(layout) => XdpProgram::load_with_pinned(layout.elements(), pin.as_deref()),
+        None => XdpProgram::load().map(|x| (x, false)),
+    };
+    let (mut xdp, found) = loaded.map_err(|e| {
         Failure::runtime(format!(
             "loading the XDP program: {e}; xlbd needs root (CAP_BPF) and a kernel with XDP \
              and BTF"
@@ -207,6 +226,13 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         })?;
         modes.push(format!("{mode:?}").to_lowercase());
     }
+    let fast = fast_layout
+        .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found))
+        .transpose()?;
+    let fast_counters = match &fast {
+        Some(f) => Arc::clone(&f.counters),
+        None => fast_path::counters(&xdp, false)?,
+    };
     let routes: SharedRoutes = Arc::new(Mutex::new(k.watch.routes().to_vec()));
     let maps = XdpMaps {
         table: xdp
@@ -224,11 +250,14 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         .iter()
         .zip(&modes)
         .zip(&plane.applied().backend_side)
-        .map(|((p, mode), bs)| {
+        .enumerate()
+        .map(|(i, ((p, mode), bs))| {
+            let fast = fast.as_ref().is_some_and(|f| f.port_ok[i]);
             format!(
-                "{}={mode}{}",
+                "{}={mode}{}{}",
                 p.name,
-                if *bs { "+backend_side" } else { "" }
+                if *bs { "+backend_side" } else { "" },
+                if fast { "+fast" } else { "" }
             )
         })
         .collect();
@@ -237,6 +266,8 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         plane: Arc::new(Mutex::new(plane)),
         routes,
         described,
+        fast,
+        fast_counters,
     })
 }
 

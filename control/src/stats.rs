@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, io, path::Path};
 
-use xlb_api::{ClusterSync, CounterSum, DrainStatus, NatLogStatus};
+use xlb_api::{ClusterSync, CounterSum, DrainStatus, NatLogStatus, FAST_PUNT_REASONS};
 use xlb_engine::{counters::EvictReason, DropReason, RuleCounters, RuleSet};
 
 /// The rules of `sum` that `rules` names, as `<kind key>.<name>` (`lb.web`), in rule-id order.
@@ -41,6 +41,15 @@ pub fn status_line(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> St
         .collect();
     if !drops.is_empty() {
         let _ = write!(s, " drops[{}]", drops.join(" "));
+    }
+    if let Some(f) = &sum.fast {
+        if f.enabled {
+            let _ = write!(
+                s,
+                " fast[forwarded={} published={} unpublished={}]",
+                f.forwarded, sum.fast_published, sum.fast_unpublished
+            );
+        }
     }
     let evicted: Vec<String> = EvictReason::ALL
         .iter()
@@ -97,9 +106,30 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     for r in EvictReason::ALL {
         kv(&format!("evicted.{}", r.as_str()), sum.eviction_count(r));
     }
+    kv("fast.published", sum.fast_published);
+    kv("fast.unpublished", sum.fast_unpublished);
+    kv("fast.grace_waits", sum.fast_grace_waits);
+    kv("fast.publish_failed", sum.fast_publish_failed);
+    if let Some(f) = &sum.fast {
+        kv("fast.enabled", u64::from(f.enabled));
+        kv("fast.forwarded", f.forwarded);
+        for (reason, n) in FAST_PUNT_REASONS.iter().zip(f.punts) {
+            kv(&format!("fast.punt.{reason}"), n);
+        }
+    }
     for (name, r) in named(sum, rules) {
         for (field, v) in r.fields() {
             kv(&format!("rule.{name}.{field}"), v);
+        }
+    }
+    if let Some(f) = &sum.fast {
+        for r in &f.rules {
+            let Some(p) = rules.rule(r.rule).filter(|_| !rules.is_retired(r.rule)) else {
+                continue;
+            };
+            let name = format!("{}.{}", p.kind.key(), p.name);
+            kv(&format!("rule.{name}.fast_packets_orig"), r.packets[0]);
+            kv(&format!("rule.{name}.fast_packets_reply"), r.packets[1]);
         }
     }
     s
@@ -280,6 +310,43 @@ backend_port = 8080
         assert!(status.contains("evicted[rule_share=10]"), "{status}");
         assert!(status.contains("lb.web[created=7"), "{status}");
         assert!(!status_line(&sum, &rules, 1).contains("lab_time_scale"));
+
+        // What XDP forwarded counts in the rule's packets, and the fast path shows beside.
+        let mut with_fast = worker(1, 3);
+        with_fast.counters.rules[usize::from(id)].packets = [5, 6];
+        with_fast.counters.fast_published = 2;
+        let mut sum = xlb_api::sum(&[with_fast], &rules);
+        sum.add_fast(Some(&xlb_api::FastPathCounters {
+            enabled: true,
+            forwarded: 90,
+            punts: [1, 2, 3, 4, 5, 6, 7],
+            rules: vec![xlb_api::FastRuleCounters {
+                rule: id,
+                packets: [40, 50],
+                bytes: [4000, 5000],
+            }],
+        }));
+        let kv = to_kv(&sum, &rules, 60);
+        for line in [
+            "rule.lb.web.packets_orig=45",
+            "rule.lb.web.packets_reply=56",
+            "rule.lb.web.bytes_reply=5000",
+            "rule.lb.web.fast_packets_orig=40",
+            "rule.lb.web.fast_packets_reply=50",
+            "fast.enabled=1",
+            "fast.forwarded=90",
+            "fast.punt.miss=1",
+            "fast.punt.wrong_port=7",
+            "fast.published=2",
+            "fast.grace_waits=0",
+        ] {
+            assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
+        }
+        let status = status_line(&sum, &rules, 60);
+        assert!(
+            status.contains("fast[forwarded=90 published=2 unpublished=0]"),
+            "{status}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use xlb_engine::{
 };
 
 use crate::{
+    fast_path::FastPath,
     handler::EngineHandler,
     kernel::{Port, PortVlan},
     kernel_watch::KernelMailbox,
@@ -95,6 +96,8 @@ pub struct Start<'a> {
     pub nat_events: Option<Sender<NatEvent>>,
     /// Each worker's end of the cluster's flow-state sync (taken by its worker), when on.
     pub sync: std::sync::Mutex<Vec<Option<crate::cluster::sync::WorkerSync>>>,
+    /// The XDP fast path: each engine publishes its eligible flows to its part of the table.
+    pub fast: Option<&'a FastPath>,
 }
 
 /// 64 random bits from the kernel, for the secret seeds of the engine's hashes.
@@ -183,6 +186,12 @@ fn engine(s: &Start, w: usize, store: Option<WorkerStore>) -> Result<Engine, Fai
     }
     for pv in s.port_vlans {
         net.allow_vlan(pv.port, pv.vlan);
+    }
+    if let Some(fast) = s.fast {
+        // Before the store: XDP may have forwarded the stored flows since their records were
+        // written (the store never hears of it), so the engine restores them as seen now;
+        // they are published again at their next packet.
+        engine.attach_fast(fast.table(w, s.ports)?);
     }
     if let Some(store) = store {
         // After the ports: restored flows take their next hops on them.

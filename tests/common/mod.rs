@@ -157,6 +157,26 @@ protocol = "ALL"
 "#
 );
 
+/// Whether this run's xlbd has the XDP fast path (its default): `XLB_TEST_FAST_PATH=off` runs
+/// the suites with `--fast-path off`, every packet through a worker.
+pub fn fast_path_on() -> bool {
+    std::env::var("XLB_TEST_FAST_PATH").map_or(true, |v| v != "off")
+}
+
+/// Turns GRO on for `dev` in namespace `ns`: a veth whose peer the appliance's XDP program
+/// redirects frames into drops them unless it has GRO on (or an XDP program of its own).
+pub fn gro_on(ns: &str, dev: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"])
+        .output()
+        .expect("running ethtool(8); is it installed (scripts/test installs it)?");
+    assert!(
+        out.status.success(),
+        "ethtool -K {dev} gro on in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Returns false (and says why) when the test cannot run here.
 pub fn need_root(test: &str) -> bool {
     if sys::is_root() {
@@ -342,6 +362,13 @@ impl Lab {
                 "2001:db8:1::1",
             ]);
         }
+        // The test hosts' ends of the appliance's links receive what the XDP fast path
+        // redirects out of the appliance's interfaces.
+        if fast_path_on() {
+            for (ns, dev) in [(c, "c"), (i, "i"), (s, "sa")] {
+                gro_on(ns, &format!("{p}{dev}"));
+            }
+        }
         // The appliance's kernel never forwards: whatever crosses went through xlbd.
         let ok = Command::new("ip")
             .args(["netns", "exec", x, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
@@ -397,6 +424,9 @@ impl Lab {
             .args(["--metrics", METRICS]);
         for i in &self.interfaces {
             cmd.args(["--interface", i]);
+        }
+        if !fast_path_on() && !extra.contains(&"--fast-path") {
+            cmd.args(["--fast-path", "off"]);
         }
         cmd.args(extra);
         cmd.envs(self.xlbd_env.iter().map(|(k, v)| (k, v)));

@@ -41,7 +41,9 @@ pub use state::{
     process_clock, Applied, ConfigApplied, ControlError, ControlState, Kind, MemberChange,
     MemberDrain, MemberStatus, Object, PublishError, Publisher, Snapshot, StateOptions,
 };
-pub use telemetry::{counts_for, sum, CounterSum};
+pub use telemetry::{
+    counts_for, sum, CounterSum, FastPathCounters, FastRuleCounters, FAST_PUNT_REASONS,
+};
 pub use telemetry::{
     ClusterPeer, ClusterStatus, ClusterSync, ControlEvent, CountersSnapshot, DatapathAvailability,
     EventRecord, FakeTelemetry, FlowCursor, FlowEntry, FlowFilter, FlowPage, RuntimeStatus,

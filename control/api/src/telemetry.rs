@@ -117,8 +117,58 @@ pub struct CounterSum {
     pub handoff_dropped: u64,
     /// Next-hop entries in use, reclaimed and refused (table full).
     pub next_hops: NextHopStats,
-    /// Every live rule, in rule-id order, zeros included.
+    /// Every live rule, in rule-id order, zeros included. With the XDP fast path, the
+    /// packets and bytes it forwarded are in these too ([`CounterSum::add_fast`]).
     pub rules: Vec<(RuleId, RuleCounters)>,
+    /// The engines' side of the fast path: flows published, withdrawn, expiries put off by a
+    /// grace, publications that found no room.
+    pub fast_published: u64,
+    pub fast_unpublished: u64,
+    pub fast_grace_waits: u64,
+    pub fast_publish_failed: u64,
+    /// The XDP program's side of the fast path (`None`: xlbd runs without it).
+    pub fast: Option<FastPathCounters>,
+}
+
+/// Why the XDP program passed an eligible-looking frame to the workers instead of forwarding
+/// it, in the order of [`FastPathCounters::punts`].
+pub const FAST_PUNT_REASONS: [&str; 7] = [
+    // No published flow has the frame's addresses, ports and protocol.
+    "miss",
+    // The flow's line is not (or no longer) forwarded by XDP.
+    "not_fast",
+    // A TCP segment outside the flow's window.
+    "window",
+    // A partial checksum over a message too long for the program to complete.
+    "checksum_too_long",
+    // The egress interface is not in the program's transmit map.
+    "no_tx",
+    // Not a frame XDP forwards: IPv6, VLAN, IP options, a fragment, TTL 1, SYN/FIN/RST, not
+    // TCP or UDP.
+    "not_eligible",
+    // The frame arrived on another interface than its flow's.
+    "wrong_port",
+];
+
+/// One rule's frames forwarded by XDP, per direction (original, reply).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastRuleCounters {
+    pub rule: RuleId,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// The XDP fast path's own counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastPathCounters {
+    /// Whether XDP may forward (`--fast-path on`).
+    pub enabled: bool,
+    /// Frames forwarded by XDP.
+    pub forwarded: u64,
+    /// Frames passed to the workers, by reason ([`FAST_PUNT_REASONS`]).
+    pub punts: [u64; FAST_PUNT_REASONS.len()],
+    /// Per rule id (of the rules in force when they were read), ascending.
+    pub rules: Vec<FastRuleCounters>,
 }
 
 impl CounterSum {
@@ -128,6 +178,23 @@ impl CounterSum {
 
     pub fn eviction_count(&self, r: EvictReason) -> u64 {
         self.evictions[r.index()]
+    }
+
+    /// Adds what the XDP program forwarded into the rules' packets and bytes, and keeps its
+    /// counters beside them.
+    pub fn add_fast(&mut self, fast: Option<&FastPathCounters>) {
+        let Some(fast) = fast else {
+            return;
+        };
+        for (id, total) in self.rules.iter_mut() {
+            if let Some(f) = fast.rules.iter().find(|f| f.rule == *id) {
+                for d in 0..2 {
+                    total.packets[d] += f.packets[d];
+                    total.bytes[d] += f.bytes[d];
+                }
+            }
+        }
+        self.fast = Some(fast.clone());
     }
 }
 
@@ -165,6 +232,11 @@ pub fn sum<'a>(
             .rules()
             .map(|(id, _)| (id, RuleCounters::default()))
             .collect(),
+        fast_published: 0,
+        fast_unpublished: 0,
+        fast_grace_waits: 0,
+        fast_publish_failed: 0,
+        fast: None,
     };
     for w in workers {
         let c = &w.counters;
@@ -175,6 +247,10 @@ pub fn sum<'a>(
         s.events_dropped += c.events_dropped;
         s.flows_restored += c.flows_restored;
         s.flows_restore_dropped += c.flows_restore_dropped;
+        s.fast_published += c.fast_published;
+        s.fast_unpublished += c.fast_unpublished;
+        s.fast_grace_waits += c.fast_grace_waits;
+        s.fast_publish_failed += c.fast_publish_failed;
         for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
             *total += d;
         }
@@ -212,6 +288,8 @@ pub struct SnatUsage {
 pub struct CountersSnapshot {
     pub workers: Vec<WorkerCounters>,
     pub snat: Vec<SnatUsage>,
+    /// The XDP fast path's counters (`None`: xlbd runs without it).
+    pub fast: Option<FastPathCounters>,
 }
 
 /// A TCP state, or "a UDP flow".

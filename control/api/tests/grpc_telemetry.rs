@@ -91,6 +91,7 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
             },
         ],
         snat: vec![],
+        fast: None,
     };
     // A worker whose figures were taken before the rule existed (under a generation older
     // than the rule) does not count for it: its id may have belonged to a deleted rule.
@@ -146,6 +147,55 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
         .await,
     );
     assert_eq!(s.code(), Code::NotFound);
+    assert!(r.fast_path.is_none(), "no fast path, none shown");
+
+    // With the XDP fast path: what it forwarded counts in the rule's packets and bytes, and
+    // shows on its own.
+    counters.rules[usize::from(web)].packets = [2, 3];
+    h.telemetry.set_counters(CountersSnapshot {
+        workers: vec![WorkerCounters {
+            worker: 0,
+            counters: Counters {
+                fast_published: 4,
+                fast_grace_waits: 1,
+                ..counters.clone()
+            },
+            generation,
+            ..Default::default()
+        }],
+        snat: vec![],
+        fast: Some(xlb_api::FastPathCounters {
+            enabled: true,
+            forwarded: 77,
+            punts: [1, 0, 2, 0, 0, 5, 0],
+            rules: vec![xlb_api::FastRuleCounters {
+                rule: web,
+                packets: [30, 40],
+                bytes: [3000, 4000],
+            }],
+        }),
+    });
+    let r = c
+        .get_counters(pb::GetCountersRequest {
+            rule: "web".into(),
+            per_worker: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let web_c = &r.rules[0];
+    assert_eq!((web_c.packets_original, web_c.packets_reply), (32, 43));
+    assert_eq!((web_c.bytes_original, web_c.bytes_reply), (3000, 4000));
+    assert_eq!(
+        (web_c.fast_packets_original, web_c.fast_packets_reply),
+        (30, 40)
+    );
+    let f = r.fast_path.expect("the fast path's counters");
+    assert!(f.enabled);
+    assert_eq!((f.forwarded, f.published, f.grace_waits), (77, 4, 1));
+    assert_eq!(f.punts.len(), 7, "every reason");
+    assert_eq!(evicted(&f.punts, "miss"), Some(1));
+    assert_eq!(evicted(&f.punts, "not_eligible"), Some(5));
 
     h.stop().await;
 }

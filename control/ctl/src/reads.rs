@@ -44,6 +44,19 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
         "flows_evicted": r.flows_evicted, "drops_reset_rate_limited": r.drops_reset_rate_limited,
         "drops_spoofed_source": r.drops_spoofed_source, "drops_wrong_side": r.drops_wrong_side,
         "flows_reset_withheld": r.flows_reset_withheld,
+        "fast_packets_original": r.fast_packets_original,
+        "fast_packets_reply": r.fast_packets_reply,
+    })
+}
+
+/// The XDP fast path's counters (`null` when xlbd does not report them).
+fn fast_json(f: Option<&pb::FastPathCounters>) -> Value {
+    f.map_or(Value::Null, |f| {
+        json!({
+            "enabled": f.enabled, "forwarded": f.forwarded, "punts": drops_json(&f.punts),
+            "published": f.published, "unpublished": f.unpublished,
+            "grace_waits": f.grace_waits, "publish_failed": f.publish_failed,
+        })
     })
 }
 
@@ -127,6 +140,7 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
             "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
             "drops": drops_json(&r.drops),
             "evictions": drops_json(&r.evictions),
+            "fast_path": fast_json(r.fast_path.as_ref()),
             "total": worker_json(&total),
             "workers": r.workers.iter().map(worker_json).collect::<Vec<_>>(),
             "snat": r.snat.iter().map(|s| json!({
@@ -146,6 +160,13 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
         total.flows,
         total.flow_capacity
     );
+    if let Some(f) = r.fast_path.as_ref().filter(|f| f.enabled) {
+        println!(
+            "fast path: forwarded {}  published {}  unpublished {}  grace_waits {}  \
+             publish_failed {}",
+            f.forwarded, f.published, f.unpublished, f.grace_waits, f.publish_failed
+        );
+    }
     println!();
     table(&RULE_HEADERS, &rule_rows(&r.rules, None));
     reason_table("DROP_REASON", &r.drops);

@@ -22,6 +22,12 @@ enum Poll {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum XdpMode {
     Auto,
     Native,
@@ -70,7 +76,7 @@ struct Cli {
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
     /// Flows per worker, 16–16777216 (memory is allocated at start: about 136 bytes each with
-    /// the index).
+    /// the index, and about 150 more in the XDP fast path's table).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
     /// Percent of a worker's flow table that TCP flows without a confirmed handshake may hold;
@@ -94,6 +100,16 @@ struct Cli {
     reset_rate: u32,
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     xdp_mode: XdpMode,
+    /// The XDP fast path: established IPv4 flows (TCP once the handshake is confirmed, UDP
+    /// once answered), untagged, are forwarded by the XDP program itself (NAT rewrite,
+    /// checksums, TTL, MACs, redirect out of the egress interface); everything else, and
+    /// every doubt, goes to the workers, which stay the authority (expiry, reset on idle,
+    /// FIN/RST, health). Only on interfaces attached natively (--xdp-mode generic: off).
+    /// off: every packet goes through a worker. Caveat on veth: a frame redirected into a
+    /// veth is dropped unless the veth's peer (the other end, often in another namespace)
+    /// has GRO on (`ethtool -K PEER gro on`) or an XDP program of its own.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
+    fast_path: OnOff,
     /// No status lines and no event lines (the ready line and final counters remain).
     #[arg(long, short)]
     quiet: bool,
@@ -514,6 +530,7 @@ fn options(cli: Cli) -> Result<Options, String> {
             XdpMode::Native => ModeRequest::Native,
             XdpMode::Generic => ModeRequest::Generic,
         },
+        fast_path: cli.fast_path == OnOff::On,
         quiet: cli.quiet,
         status_interval: checked.status_interval,
         stats_file: cli.stats_file,

@@ -314,7 +314,7 @@ fn daemon(o: &mut Families, src: &Sources) {
 /// Per live rule, summed over workers (deleted rules leave the exposition).
 fn rules(o: &mut Families, src: &Sources) {
     let snap = src.state.snapshot();
-    let sum = xlb_api::sum(&src.shared.counters(), &snap.rules);
+    let sum = src.shared.sum(&snap.rules);
     let names = RuleCounters::default().fields().map(|(n, _)| n);
     for (i, field) in names.iter().enumerate() {
         o.family(
@@ -328,6 +328,77 @@ fn rules(o: &mut Families, src: &Sources) {
             };
             let labels = [("kind", p.kind.as_str()), ("rule", &*p.name)];
             o.sample(&labels, c.fields()[i].1 as f64);
+        }
+    }
+    fast_path(o, &sum, &snap.rules);
+}
+
+/// The XDP fast path: what the program forwarded and passed on, per rule and in all, and
+/// what the engines published.
+fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::RuleSet) {
+    let Some(f) = &sum.fast else {
+        return;
+    };
+    o.family(
+        "xlb_fast_path_enabled",
+        GAUGE,
+        "1 when the XDP program forwards established flows itself (--fast-path on).",
+    );
+    o.sample(&[], f64::from(u8::from(f.enabled)));
+    o.family(
+        "xlb_fast_path_forwarded_total",
+        COUNTER,
+        "Frames the XDP program forwarded itself.",
+    );
+    o.sample(&[], f.forwarded as f64);
+    o.family(
+        "xlb_fast_path_punts_total",
+        COUNTER,
+        "Frames the XDP program passed to the workers instead, by reason.",
+    );
+    for (reason, n) in xlb_api::FAST_PUNT_REASONS.iter().zip(f.punts) {
+        o.sample(&[("reason", reason)], n as f64);
+    }
+    for (name, help, v) in [
+        (
+            "xlb_fast_path_flows_published_total",
+            "Flows the workers published to the fast path (each time one is).",
+            sum.fast_published,
+        ),
+        (
+            "xlb_fast_path_flows_unpublished_total",
+            "Published flows withdrawn (no longer eligible, closed, expired).",
+            sum.fast_unpublished,
+        ),
+        (
+            "xlb_fast_path_grace_waits_total",
+            "Idle expiries put off a tick until XDP could no longer touch the flow.",
+            sum.fast_grace_waits,
+        ),
+        (
+            "xlb_fast_path_publish_failed_total",
+            "Eligible flows not published: no free line or index slot.",
+            sum.fast_publish_failed,
+        ),
+    ] {
+        o.family(name, COUNTER, help);
+        o.sample(&[], v as f64);
+    }
+    for (d, dir) in ["orig", "reply"].iter().enumerate() {
+        o.family(
+            &format!("xlb_rule_fast_packets_{dir}_total"),
+            COUNTER,
+            &format!(
+                "Per rule: packets_{dir} the XDP program forwarded itself (counted in \
+                 xlb_rule_packets_{dir}_total too)."
+            ),
+        );
+        for r in &f.rules {
+            let Some(p) = rules.rule(r.rule).filter(|_| !rules.is_retired(r.rule)) else {
+                continue;
+            };
+            let labels = [("kind", p.kind.as_str()), ("rule", &*p.name)];
+            o.sample(&labels, r.packets[d] as f64);
         }
     }
 }

@@ -16,14 +16,20 @@ pub mod telemetry;
 mod tests;
 
 use std::{
-    sync::{atomic::AtomicU64, Arc, Mutex, PoisonError},
+    sync::{atomic::AtomicU64, Arc, Mutex, OnceLock, PoisonError},
     time::{Instant, SystemTime},
 };
 
 use hdrhistogram::Histogram;
 use tokio::sync::broadcast;
 use xlb_afxdp::{PortStats, WorkerStats};
-use xlb_api::{ControlEvent, DrainStatus, EventRecord, NatLogStatus, SnatUsage, WorkerCounters};
+use xlb_api::{
+    ControlEvent, CounterSum, DrainStatus, EventRecord, FastPathCounters, NatLogStatus, SnatUsage,
+    WorkerCounters,
+};
+use xlb_engine::RuleSet;
+
+use crate::fast_path::FastCounters;
 use xlb_engine::drain::DrainProgress;
 
 use cell::{CellReader, WorkerSnapshot};
@@ -53,6 +59,8 @@ pub struct Shared {
     /// The NAT event export's figures (`None` when it is off), kept by its thread
     /// (`crate::ipfix`).
     pub nat_log: Mutex<Option<NatLogStatus>>,
+    /// The XDP program's fast-path counters, once set.
+    fast: OnceLock<Arc<FastCounters>>,
 }
 
 impl Shared {
@@ -77,7 +85,26 @@ impl Shared {
             cluster: Mutex::new(None),
             drain_request: Mutex::new(None),
             nat_log: Mutex::new(None),
+            fast: OnceLock::new(),
         })
+    }
+
+    /// Where the XDP program's fast-path counters are read (set once, at start).
+    pub fn set_fast(&self, fast: Arc<FastCounters>) {
+        let _ = self.fast.set(fast);
+    }
+
+    /// The XDP program's fast-path counters for `rules`, when they can be read.
+    pub fn fast_counters(&self, rules: &RuleSet) -> Option<FastPathCounters> {
+        self.fast.get()?.read(rules)
+    }
+
+    /// Every worker's counters added up, with what XDP forwarded for each rule: the sum
+    /// that the status line, the stats file and Prometheus render.
+    pub fn sum(&self, rules: &RuleSet) -> CounterSum {
+        let mut sum = xlb_api::sum(&self.counters(), rules);
+        sum.add_fast(self.fast_counters(rules).as_ref());
+        sum
     }
 
     pub fn workers(&self) -> usize {

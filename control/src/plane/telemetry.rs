@@ -38,6 +38,8 @@ pub struct DaemonTelemetry {
     shared: Arc<Shared>,
     placement: Vec<WorkerPlacement>,
     poll_mode: String,
+    /// The committed rules, for the XDP program's per-rule counters (`None`: not shown).
+    state: Option<Arc<xlb_api::ControlState>>,
 }
 
 impl DaemonTelemetry {
@@ -52,7 +54,14 @@ impl DaemonTelemetry {
             shared,
             placement,
             poll_mode: poll_mode.to_string(),
+            state: None,
         }
+    }
+
+    /// Shows the XDP fast path's counters with the workers', per rule of `state`'s rules.
+    pub fn with_rules(mut self, state: Arc<xlb_api::ControlState>) -> Self {
+        self.state = Some(state);
+        self
     }
 
     fn ask_flows(
@@ -125,6 +134,8 @@ impl Telemetry for DaemonTelemetry {
         Ok(CountersSnapshot {
             workers: snaps.iter().map(|s| s.counters.clone()).collect(),
             snat: sum_snat(&snaps),
+            fast: (self.state.as_ref())
+                .and_then(|s| self.shared.fast_counters(&s.snapshot().rules)),
         })
     }
 

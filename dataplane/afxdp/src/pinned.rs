@@ -110,7 +110,8 @@ pub fn lock_state_dir(dir: &Path) -> Result<OwnedFd> {
 }
 
 /// Removes everything xlbd pinned in `dir`: XDP links (the program is detached from their
-/// interfaces unless a running xlbd still holds them), flow stores, and the directory.
+/// interfaces unless a running xlbd still holds them), flow stores, the fast path's table,
+/// and the directory.
 /// Returns the names removed.
 pub fn remove_state(dir: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
@@ -126,7 +127,7 @@ pub fn remove_state(dir: &Path) -> Result<Vec<String>> {
             // (not a link) is still removed below and the kernel frees it on its own time.
             let _ = crate::xdp::detach_pinned_link(&entry.path());
         }
-        if name.starts_with("xdp-") || name.starts_with("flows-") {
+        if name.starts_with("xdp-") || name.starts_with("flows-") || name == FAST_TABLE_PIN {
             std::fs::remove_file(entry.path())
                 .map_err(|e| Error::with(format!("unpinning {}", entry.path().display()), e))?;
             removed.push(name);
@@ -134,6 +135,15 @@ pub fn remove_state(dir: &Path) -> Result<Vec<String>> {
     }
     let _ = std::fs::remove_dir(dir);
     Ok(removed)
+}
+
+/// The name of the XDP fast path's table in a state directory.
+pub const FAST_TABLE_PIN: &str = "fast-table";
+
+/// The pin of the XDP fast path's table in `dir`: it outlives xlbd with the flows, and holds
+/// what XDP recorded of them while no xlbd ran.
+pub fn fast_table_path(dir: &Path) -> PathBuf {
+    dir.join(FAST_TABLE_PIN)
 }
 
 /// The pin of worker `worker`'s flow store in `dir`.

@@ -385,17 +385,65 @@ impl XdpProgram {
     /// [`load`](Self::load) with a fast-path table `xlb_fast` of `fast_elements` 64-byte
     /// elements (at least 1, the header), for [`fast_table`](Self::fast_table).
     pub fn load_with(fast_elements: u32) -> Result<Self> {
+        Self::load_with_pinned(fast_elements, None).map(|(me, _)| me)
+    }
+
+    /// [`load_with`](Self::load_with), the table pinned at `pin` (a bpffs path) so that it
+    /// outlives the process: a table of the same size pinned there by a previous process is
+    /// taken over with what XDP recorded in it (returns `true`); one of another size is
+    /// replaced by a new, zeroed one (`false`).
+    pub fn load_with_pinned(
+        fast_elements: u32,
+        pin: Option<&std::path::Path>,
+    ) -> Result<(Self, bool)> {
+        let fast_elements = fast_elements.max(1);
+        let previous = match pin {
+            Some(path) if path.exists() => {
+                let map = MapHandle::from_pinned_path(path)
+                    .map_err(|e| Error::with(format!("opening {}", path.display()), e))?;
+                let info = map
+                    .info()
+                    .map_err(|e| Error::with(format!("reading {}", path.display()), e))?
+                    .info;
+                let same = info.type_ == libbpf_sys::BPF_MAP_TYPE_ARRAY
+                    && info.map_flags & libbpf_sys::BPF_F_MMAPABLE != 0
+                    && info.value_size as usize == fast::FAST_ELEMENT_BYTES
+                    && info.max_entries == fast_elements;
+                if same {
+                    Some(map)
+                } else {
+                    std::fs::remove_file(path)
+                        .map_err(|e| Error::with(format!("unpinning {}", path.display()), e))?;
+                    None
+                }
+            }
+            _ => None,
+        };
         let mut storage = MaybeUninit::uninit();
         let mut open = skel::XlbSkelBuilder::default()
             .open(&mut storage)
             .map_err(|e| Error::with("opening the XDP object", e))?;
         open.maps
             .xlb_fast
-            .set_max_entries(fast_elements.max(1))
+            .set_max_entries(fast_elements)
             .map_err(|e| Error::with(format!("sizing xlb_fast to {fast_elements} elements"), e))?;
-        let loaded = open
+        if let Some(map) = &previous {
+            open.maps
+                .xlb_fast
+                .reuse_fd(map.as_fd())
+                .map_err(|e| Error::with("taking over the pinned xlb_fast", e))?;
+        }
+        let mut loaded = open
             .load()
             .map_err(|e| Error::with("loading the XDP program into the kernel", e))?;
+        if let (Some(path), None) = (pin, &previous) {
+            loaded
+                .maps
+                .xlb_fast
+                .pin(path)
+                .map_err(|e| Error::with(format!("pinning {}", path.display()), e))?;
+        }
+        let resumed = previous.is_some();
         // Our own fds (`owned_prog_fd`, `map_handle`); the skeleton goes.
         let prog = owned_prog_fd(&loaded.progs.xlb_xdp)?;
         let handle = map_handle;
@@ -420,7 +468,7 @@ impl XdpProgram {
                 "xlb.bpf.c and xdp.rs disagree on XLB_MAX_IFACES/XLB_MAX_QUEUES",
             ));
         }
-        Ok(me)
+        Ok((me, resumed))
     }
 
     /// Attaches to interface `ifindex` (in the calling thread's namespace).

@@ -2,7 +2,8 @@
 //! handles (and is replaced when its size changes); a pinned XDP link keeps the program
 //! attached after every handle on it is gone, a new program takes it over in place, and
 //! with the hold flag a frame for the dataplane whose queue has no socket is dropped, not
-//! passed; `remove_state` detaches. Needs root; skips otherwise.
+//! passed; the fast path's table is taken over by the next program of its size (replaced
+//! when the size changes); `remove_state` detaches and removes. Needs root; skips otherwise.
 
 mod common;
 
@@ -146,4 +147,48 @@ fn a_pinned_attachment_outlives_its_program_handle_and_holds_frames() {
     .join()
     .expect("the test's thread in the namespace");
     assert!(!lab.has_xdp(&lab.fwd, &lab.f0), "detached by remove_state");
+}
+
+#[test]
+fn a_pinned_fast_table_is_taken_over_by_the_next_program_of_its_size() {
+    if !need_root("a_pinned_fast_table_is_taken_over_by_the_next_program_of_its_size") {
+        return;
+    }
+    use std::sync::atomic::Ordering;
+    let fs = Bpffs::new("fast");
+    let dir = fs.0.join("state");
+    pinned::prepare_state_dir(&dir).unwrap();
+    let pin = pinned::fast_table_path(&dir);
+    let (mut first, found) = XdpProgram::load_with_pinned(40, Some(&pin)).unwrap();
+    assert!(!found, "nothing pinned yet");
+    assert!(pin.exists(), "pinned");
+    let t = first.fast_table().unwrap();
+    assert_eq!(t.len(), 40 * 16);
+    t[17].store(0xabcd, Ordering::Relaxed);
+    t[40 * 16 - 1].store(9, Ordering::Relaxed);
+    drop(first);
+
+    // The next program of the same size shares the table, with what was written in it.
+    let (mut second, found) = XdpProgram::load_with_pinned(40, Some(&pin)).unwrap();
+    assert!(found);
+    let t = second.fast_table().unwrap();
+    assert_eq!(t[17].load(Ordering::Relaxed), 0xabcd);
+    assert_eq!(t[40 * 16 - 1].load(Ordering::Relaxed), 9);
+    drop(second);
+
+    // Another size: a new, zeroed table replaces it.
+    let (mut third, found) = XdpProgram::load_with_pinned(80, Some(&pin)).unwrap();
+    assert!(!found);
+    let t = third.fast_table().unwrap();
+    assert_eq!(t.len(), 80 * 16);
+    assert!(t.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+    drop(third);
+
+    // --cleanup removes it with the rest.
+    let removed = pinned::remove_state(&dir).unwrap();
+    assert!(
+        removed.contains(&pinned::FAST_TABLE_PIN.to_string()),
+        "{removed:?}"
+    );
+    assert!(!pin.exists());
 }

@@ -19,7 +19,8 @@ use xlb_proto::v1 as pb;
 use super::{blocking, parse_addr, XlbService};
 use crate::status::bad_field;
 use crate::telemetry::{
-    counts_for, sum, ControlEvent, EventRecord, FlowCursor, FlowFilter, StateFilter, WorkerCounters,
+    counts_for, sum, ControlEvent, EventRecord, FlowCursor, FlowFilter, StateFilter,
+    WorkerCounters, FAST_PUNT_REASONS,
 };
 
 /// Default and largest `ListFlows` page.
@@ -43,7 +44,8 @@ impl XlbService {
         let telemetry = Arc::clone(&self.telemetry);
         let c = blocking(move || Ok(telemetry.counters()?)).await?;
         let wanted = |id: RuleId| only.as_ref().is_none_or(|o| o.contains(&id));
-        let total = sum(&c.workers, &snap.rules);
+        let mut total = sum(&c.workers, &snap.rules);
+        total.add_fast(c.fast.as_ref());
         let workers = if r.per_worker {
             c.workers
                 .iter()
@@ -58,7 +60,16 @@ impl XlbService {
             .rules
             .iter()
             .filter(|(id, _)| wanted(*id))
-            .map(|(id, rc)| rule_counters(&snap.rules, *id, rc))
+            .map(|(id, rc)| {
+                let mut pb = rule_counters(&snap.rules, *id, rc);
+                if let Some(f) =
+                    (c.fast.as_ref()).and_then(|f| f.rules.iter().find(|f| f.rule == *id))
+                {
+                    pb.fast_packets_original = f.packets[0];
+                    pb.fast_packets_reply = f.packets[1];
+                }
+                pb
+            })
             .collect();
         let snat = c
             .snat
@@ -91,6 +102,20 @@ impl XlbService {
             workers,
             snat,
             evictions: evictions(&total.evictions, false),
+            fast_path: total.fast.as_ref().map(|f| pb::FastPathCounters {
+                enabled: f.enabled,
+                forwarded: f.forwarded,
+                punts: (FAST_PUNT_REASONS.iter().zip(f.punts))
+                    .map(|(r, count)| pb::DropCount {
+                        reason: (*r).to_string(),
+                        count,
+                    })
+                    .collect(),
+                published: total.fast_published,
+                unpublished: total.fast_unpublished,
+                grace_waits: total.fast_grace_waits,
+                publish_failed: total.fast_publish_failed,
+            }),
         })
     }
 
@@ -310,6 +335,9 @@ fn rule_counters(rules: &RuleSet, id: RuleId, c: &RuleCounters) -> pb::RuleCount
         drops_spoofed_source: c.spoofed_source,
         drops_wrong_side: c.wrong_side,
         flows_reset_withheld: c.flows_reset_withheld,
+        // Filled in from the XDP program's counters where they are known.
+        fast_packets_original: 0,
+        fast_packets_reply: 0,
     }
 }
 
