@@ -12,6 +12,13 @@
 //! (exact sequence numbers, both ends), other TCP flows are removed silently. UDP flows are
 //! left to move at their next datagram, as they do all along the drain.
 //!
+//! A flow published to the XDP fast path is not reset by the round itself: XDP may advance
+//! its sequence numbers up to the moment its `FAST` bit is cleared, and a little after. The
+//! round clears the bit and hands the flow to the timer wheel, which resets it once two grace
+//! rounds have passed (a tick or so later), from its lines read a last time; its packets
+//! meanwhile reach the worker and do not publish it again. The deadline counts as done on the
+//! worker when the round has finished and every flow it handed over is ended.
+//!
 //! Once every open drain found no flow and has no deadline still to come, rounds stop until
 //! the next rule set: a drained member gets no new flows, so its count cannot grow.
 //!
@@ -80,6 +87,12 @@ pub(crate) struct Census {
     pub(crate) progress: Vec<DrainProgress>,
     /// No round is needed until the rule set changes.
     pub(crate) settled: bool,
+    /// Flows a round ended through the fast path's grace (see the module notes) that are not
+    /// ended yet.
+    pub(crate) ending: u32,
+    /// When the round that finished while flows were still `ending` started: the deadlines
+    /// it applied are done once they are.
+    pub(crate) held: Option<Nanos>,
 }
 
 impl Census {
@@ -113,7 +126,10 @@ impl Census {
         self.counting = vec![0; drains.len()];
         self.cursor = None;
         self.next_round = 0;
-        self.settled = drains.is_empty();
+        // Flows still `ending` are ended (or their end called off) against the new drains;
+        // the round that starts now decides what is done.
+        self.held = None;
+        self.settled = drains.is_empty() && self.ending == 0;
     }
 
     /// The earliest time at which the census has work.
@@ -124,11 +140,14 @@ impl Census {
         if self.cursor.is_some() {
             return Some(0);
         }
+        let held = self.held;
         let deadline = drains
             .iter()
             .zip(&self.progress)
             .filter(|(_, p)| !p.deadline_done)
             .filter_map(|(d, _)| d.deadline)
+            // A deadline waiting for its flows' ends needs no new round.
+            .filter(|&t| held.is_none_or(|h| t > h))
             .min();
         Some(deadline.map_or(self.next_round, |d| d.min(self.next_round)))
     }
@@ -156,9 +175,34 @@ impl Census {
     pub(crate) fn finish_round(&mut self, drains: &[Drain], interval: Nanos) {
         self.cursor = None;
         self.next_round = self.round_started.saturating_add(interval.max(1));
-        for ((p, d), &n) in self.progress.iter_mut().zip(drains).zip(&self.counting) {
+        for (p, &n) in self.progress.iter_mut().zip(&self.counting) {
             p.flows_left = Some(n);
-            if d.deadline.is_some_and(|t| t <= self.round_started) {
+        }
+        if self.ending > 0 {
+            self.held = Some(self.round_started);
+            self.settled = false;
+            return;
+        }
+        self.held = None;
+        self.deadlines_done(drains, self.round_started);
+    }
+
+    /// A flow counted in `ending` is ended (or its end called off): once none is left, the
+    /// deadlines of the round that handed them over are done.
+    pub(crate) fn ended_one(&mut self, drains: &[Drain]) {
+        self.ending = self.ending.saturating_sub(1);
+        if self.ending == 0 {
+            if let Some(started) = self.held.take() {
+                self.deadlines_done(drains, started);
+            }
+        }
+    }
+
+    /// Marks done the deadlines that passed by `started` (a finished round's start) and
+    /// settles when nothing is left to do.
+    fn deadlines_done(&mut self, drains: &[Drain], started: Nanos) {
+        for (p, d) in self.progress.iter_mut().zip(drains) {
+            if d.deadline.is_some_and(|t| t <= started) {
                 p.deadline_done = true;
             }
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::addr::Addr;
 use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirmed};
+use crate::config::DrainAction;
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
 use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
@@ -764,8 +765,10 @@ impl Engine {
             };
             done += 1;
             if self.fast_pair(id).is_some() {
-                if !self.fast_expiry_step(now, id) {
-                    self.expire_flow(now, id, emit);
+                match self.fast_expiry_step(now, id) {
+                    fast::FastExpiry::Filed => {}
+                    fast::FastExpiry::Expire => self.expire_flow(now, id, emit),
+                    fast::FastExpiry::DrainEnd => self.drain_end_flow(now, id, emit),
                 }
                 continue;
             }
@@ -826,6 +829,10 @@ impl Engine {
             if !self.flows.is_live(id) {
                 continue;
             }
+            if self.fast_is_ending(id) {
+                // Ended already, once the fast path's grace has passed.
+                continue;
+            }
             self.fast_pull(now, id);
             let f = *self.flows.get(id);
             if f.nat == Nat::Snat {
@@ -836,18 +843,12 @@ impl Engine {
             };
             let tcp_open = f.proto == proto::TCP && !f.tcp.state.is_closed();
             if tcp_open && self.census.ends_flows(drains, i) {
-                let progress = &mut self.census.progress[i];
-                if f.tcp.can_reset() {
-                    progress.flows_reset += 1;
-                    self.send_idle_rsts(&f, emit);
+                if f.tcp.can_reset() && self.fast_begin_drain_end(now, id) {
+                    // XDP may still advance its sequence numbers: its RSTs wait for a grace.
+                    self.census.ending += 1;
                 } else {
-                    progress.flows_ended += 1;
+                    self.drain_end(now, id, i, emit);
                 }
-                for dir in [ORIG, REPLY] {
-                    let h = self.flows.hash(&f.key(dir));
-                    self.late.record(h, now, f.rule);
-                }
-                self.remove_flow(now, id);
                 continue;
             }
             self.census.counting[i] += 1;
@@ -859,6 +860,51 @@ impl Engine {
             self.census.cursor = Some(end);
         }
         1
+    }
+
+    /// Ends flow `id` (open TCP, of drain `i`) at its drain's deadline: the two RSTs of reset
+    /// on idle when it is established (from its state as it stands: the caller read what XDP
+    /// recorded, after a grace when the flow was published), silently otherwise.
+    fn drain_end(&mut self, now: Nanos, id: FlowId, i: usize, emit: &mut dyn FnMut(PortId, &[u8])) {
+        let f = *self.flows.get(id);
+        let Some(progress) = self.census.progress.get_mut(i) else {
+            return;
+        };
+        if f.tcp.can_reset() {
+            progress.flows_reset += 1;
+            self.send_idle_rsts(&f, emit);
+        } else {
+            progress.flows_ended += 1;
+        }
+        for dir in [ORIG, REPLY] {
+            let h = self.flows.hash(&f.key(dir));
+            self.late.record(h, now, f.rule);
+        }
+        self.remove_flow(now, id);
+    }
+
+    /// A published flow a census round handed to the fast path's grace
+    /// ([`fast_begin_drain_end`](Self::fast_begin_drain_end)), back from the wheel with its
+    /// state read a last time: ended as the round would have, unless its drain no longer ends
+    /// flows (undrained, or its deadline moved) or it closed meanwhile (left to its linger).
+    fn drain_end_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
+        let rules = Arc::clone(&self.rules);
+        let drains = rules.drains();
+        let f = self.flows.get(id);
+        let open = f.proto == proto::TCP && !f.tcp.state.is_closed();
+        let drain = drains.iter().position(|d| {
+            d.covers(f.rule, f.xlat)
+                && d.action == DrainAction::Reset
+                && d.deadline.is_some_and(|t| t <= now)
+        });
+        match drain {
+            // (`remove_flow` counts it off the census.)
+            Some(i) if open => self.drain_end(now, id, i, emit),
+            _ => {
+                self.fast_cancel_drain_end(id);
+                self.census.ended_one(drains);
+            }
+        }
     }
 
     /// Points flow `id`'s forward hop where the routes lead now. A flow whose new neighbour
@@ -986,7 +1032,12 @@ impl Engine {
     }
 
     fn remove_flow(&mut self, now: Nanos, id: FlowId) {
-        self.fast_withdraw(id);
+        if self.fast_is_ending(id) {
+            // A drain was ending it (whatever removes it): the census waits for one less.
+            let rules = Arc::clone(&self.rules);
+            self.census.ended_one(rules.drains());
+        }
+        self.fast_remove(id);
         let f = *self.flows.get(id);
         self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::flags::*;
 use common::*;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use xlb_engine::config::{Config, MemberHealth};
+use xlb_engine::config::{AdminState, Config, DrainAction, MemberHealth};
 use xlb_engine::fast::{
     self, init_header, line, set_enabled, FastLayout, FastTable, GraceClock, SLOT_TOMBSTONE,
     STATE_FAST, STATE_TCP,
@@ -73,6 +73,16 @@ impl FakeXdp {
     }
 
     fn forward(&self, now: Nanos, port: PortId, frame: &[u8]) -> Option<u32> {
+        self.forward_as(now, port, frame, true)
+    }
+
+    /// An invocation that read the line's `FAST` bit before the worker cleared it and
+    /// commits after: it forwards the frame whatever the bit says now.
+    fn forward_in_flight(&self, now: Nanos, port: PortId, frame: &[u8]) -> Option<u32> {
+        self.forward_as(now, port, frame, false)
+    }
+
+    fn forward_as(&self, now: Nanos, port: PortId, frame: &[u8], check_fast: bool) -> Option<u32> {
         if !fast::is_enabled(self.mem) {
             return None;
         }
@@ -88,7 +98,9 @@ impl FakeXdp {
         };
         let l = self.find(src, dst, sport, dport, proto)?;
         let w = self.words(l);
-        if w[line::STATE] & STATE_FAST == 0 || w[line::INGRESS_PORT] != u32::from(port) {
+        if (check_fast && w[line::STATE] & STATE_FAST == 0)
+            || w[line::INGRESS_PORT] != u32::from(port)
+        {
             return None;
         }
         if let Some(TransportSlice::Tcp(t)) = &p.transport {
@@ -935,4 +947,135 @@ mod sessions {
             }
         }
     }
+}
+
+/// `DEFAULT_CONFIG` with `member` of pool `web` drained since `started`, reset `timeout_s`
+/// later (`None`: not drained), compiled against the lab's rule set.
+fn drain_rules(
+    lab: &Lab,
+    member: IpAddr,
+    timeout_s: Option<u32>,
+    started: Nanos,
+) -> Arc<xlb_engine::RuleSet> {
+    let mut config = Config::from_toml_str(DEFAULT_CONFIG).unwrap();
+    if let Some(timeout_s) = timeout_s {
+        let m = config.backend_pools[0]
+            .members
+            .iter_mut()
+            .find(|m| IpAddr::from(m.address) == member)
+            .expect("a member of web");
+        m.admin_state = AdminState::Down;
+        m.drain_timeout_seconds = Some(timeout_s);
+        m.drain_action = DrainAction::Reset;
+    }
+    let mut health = MemberHealth::all_healthy();
+    health.follow_drains(&config, started);
+    let prev = lab.engine.rules();
+    Arc::new(compile(&config, Some(prev), &health, prev.generation() + 1).unwrap())
+}
+
+#[test]
+fn a_drain_deadline_resets_a_fast_flow_after_the_grace_with_what_xdp_committed_last() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_030);
+    let id = t.only_flow().id;
+    let pair = t.pair().expect("published");
+    let start = t.lab.now;
+    let rules = drain_rules(&t.lab, conn.backend_ip, Some(60), start);
+    t.lab.engine.set_rules(rules);
+    assert_eq!(t.pair(), Some(pair), "a drained member's flow stays fast");
+    // Traffic XDP alone sees until just before the deadline.
+    t.run_with_grace(start + secs(59));
+    let f = FastLab::client_data(&mut conn, 100);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    let f = FastLab::backend_data(&mut conn, 200);
+    assert!(t.xdp.forward(t.lab.now, BACKEND_PORT, &f).is_some());
+    t.run_with_grace(start + secs(60) - MS);
+    assert!(t.lab.emitted.is_empty());
+
+    // The deadline's census round (the grace thread does not run yet): FAST cleared on both
+    // lines, a grace asked for, no RST yet.
+    t.lab.advance_to(start + secs(60));
+    assert!(t.lab.emitted.is_empty(), "no RST before the grace");
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    assert_eq!(t.pair(), Some(pair));
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    assert_eq!(t.xdp.words(2 * pair + 1)[line::STATE] & STATE_FAST, 0);
+    assert!(t.grace.take_wanted(), "a grace was asked for");
+    let p = &t.lab.engine.drain_progress()[0];
+    assert_eq!((p.flows_reset, p.deadline_done), (0, false), "{p:?}");
+
+    // An XDP invocation that saw FAST before it was cleared commits a segment now.
+    let f = FastLab::client_data(&mut conn, 50);
+    assert_eq!(
+        t.xdp.forward_in_flight(t.lab.now, CLIENT_PORT, &f),
+        Some(2 * pair)
+    );
+    // A packet meanwhile reaches the worker, which forwards it and does not publish the
+    // flow again.
+    let f = FastLab::backend_data(&mut conn, 30);
+    assert!(t.xdp.forward(t.lab.now, BACKEND_PORT, &f).is_none());
+    let (port, _) = t.lab.forward(BACKEND_PORT, f);
+    assert_eq!(port, CLIENT_PORT);
+    assert_eq!(t.pair(), Some(pair));
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    assert_eq!(t.xdp.words(2 * pair + 1)[line::STATE] & STATE_FAST, 0);
+
+    // Without a grace the flow waits, a tick at a time.
+    t.lab.advance(5 * MS);
+    assert!(t.lab.emitted.is_empty());
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    let waits = t.counters().fast_grace_waits;
+    assert!(waits >= 1, "{waits}");
+    // One round is not a grace.
+    t.grace.advance();
+    t.lab.advance(2 * MS);
+    assert!(t.lab.emitted.is_empty());
+    assert!(t.counters().fast_grace_waits > waits);
+    t.grace.advance();
+    t.lab.advance(2 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+    assert_eq!(
+        t.lab.emitted,
+        conn.expected_idle_rsts(80).to_vec(),
+        "exact RSTs: the in-flight commit and the worker's segment included"
+    );
+    let p = &t.lab.engine.drain_progress()[0];
+    assert_eq!(
+        (p.flows_left, p.flows_reset, p.flows_ended, p.deadline_done),
+        (Some(0), 1, 0, true),
+        "{p:?}"
+    );
+    assert!(!t.lab.engine.is_fast_published(id));
+    assert_eq!(t.lab.engine.fast_published(), 0);
+    assert_eq!(
+        t.xdp.find(CLIENT, VIP, 40_030, 80, 6),
+        None,
+        "keys tombstoned"
+    );
+    assert_eq!(t.counters().rsts_sent, 2);
+}
+
+#[test]
+fn undraining_while_a_fast_flow_waits_for_its_grace_calls_its_end_off() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_031);
+    let start = t.lab.now;
+    let rules = drain_rules(&t.lab, conn.backend_ip, Some(10), start);
+    t.lab.engine.set_rules(rules);
+    t.lab.advance_to(start + secs(10));
+    let pair = t.pair().expect("still published, FAST cleared");
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    // The operator undrains before the grace has passed.
+    let rules = drain_rules(&t.lab, conn.backend_ip, None, start);
+    t.lab.engine.set_rules(rules);
+    t.run_with_grace(start + secs(10) + 10 * MS);
+    assert!(t.lab.emitted.is_empty());
+    assert_eq!(t.lab.engine.flow_count(), 1, "lives on");
+    assert_eq!(t.pair(), None, "withdrawn");
+    // Its next packet publishes it again.
+    conn.client_sends(&mut t.lab, b"again");
+    assert!(t.pair().is_some());
+    let f = FastLab::client_data(&mut conn, 10);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
 }

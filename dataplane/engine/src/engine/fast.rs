@@ -38,6 +38,17 @@ use crate::tcp::{Dir, ORIG, REPLY};
 use crate::time::Nanos;
 use crate::wire::proto;
 
+/// What the wheel's look at a published flow decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FastExpiry {
+    /// Filed again: it lives, or waits for a grace.
+    Filed,
+    /// It expires idle now (its state read a last time).
+    Expire,
+    /// A drain's deadline ends it now (its state read a last time).
+    DrainEnd,
+}
+
 /// No pair: the flow is not published.
 pub(super) const NO_PAIR: u32 = u32::MAX;
 
@@ -50,6 +61,10 @@ pub(super) struct FastState {
     /// Per flow slot: `epoch + 1` read when `FAST` was cleared ahead of its idle deadline,
     /// or 0 (no expiry under way).
     fences: Vec<u64>,
+    /// Per flow slot: a drain's deadline is ending the flow ([`Engine::fast_begin_drain_end`]):
+    /// `FAST` stays cleared and the pair stays until the flow is reset or the end is called
+    /// off, whatever its packets do meanwhile.
+    ending: Vec<bool>,
     /// Flows with a pair.
     published: usize,
     /// [`crate::net::NextHops::hop_changes`] as last checked.
@@ -151,6 +166,7 @@ impl Engine {
             table,
             pairs: vec![NO_PAIR; n],
             fences: vec![0; n],
+            ending: vec![false; n],
             published: 0,
             hop_changes: self.net.hop_changes(),
             resumed: Vec::new(),
@@ -267,6 +283,11 @@ impl Engine {
                     tcp.then(|| f.tcp.max_window(dir)),
                     to_stamp(now),
                 );
+                if fs.ending[id as usize] {
+                    // A drain is ending it: neither fast again nor withdrawn (its end reads
+                    // the pair a last time once the grace has passed).
+                    return;
+                }
                 if !self.fast_eligible(id) {
                     self.fast_withdraw(id);
                 } else if fs.fences[id as usize] != 0 {
@@ -318,11 +339,16 @@ impl Engine {
         self.wheel.insert(id, at);
     }
 
-    /// Withdraws flow `id` from the fast path (what XDP recorded read into it first).
+    /// Withdraws flow `id` from the fast path (what XDP recorded read into it first). A flow
+    /// a drain is ending keeps its pair (`FAST` is cleared already) until
+    /// [`fast_remove`](Self::fast_remove) or the end is called off.
     pub(super) fn fast_withdraw(&mut self, id: FlowId) {
         let Some(fs) = self.fast.as_deref_mut() else {
             return;
         };
+        if fs.ending[id as usize] {
+            return;
+        }
         let Some(pair) = fs.pair(id) else {
             return;
         };
@@ -336,6 +362,54 @@ impl Engine {
         self.counters.fast_unpublished += 1;
     }
 
+    /// Withdraws flow `id`, which is being removed, even when a drain was ending it.
+    pub(super) fn fast_remove(&mut self, id: FlowId) {
+        if let Some(fs) = self.fast.as_deref_mut() {
+            fs.ending[id as usize] = false;
+        }
+        self.fast_withdraw(id);
+    }
+
+    /// Whether a drain's deadline is ending flow `id` through the fast path's grace.
+    pub(super) fn fast_is_ending(&self, id: FlowId) -> bool {
+        self.fast
+            .as_deref()
+            .is_some_and(|fs| fs.ending[id as usize])
+    }
+
+    /// A drain's deadline ends flow `id` at `now` with RSTs: when it is published, `FAST` is
+    /// cleared, a grace asked for and the flow handed to the wheel, which ends it
+    /// ([`FastExpiry::DrainEnd`]) once no XDP invocation can still advance its lines; its
+    /// packets meanwhile reach the worker and do not publish it again. False when the flow is
+    /// not published: it can be reset at once.
+    pub(super) fn fast_begin_drain_end(&mut self, now: Nanos, id: FlowId) -> bool {
+        let Some(fs) = self.fast.as_deref_mut() else {
+            return false;
+        };
+        let Some(pair) = fs.pair(id) else {
+            return false;
+        };
+        fs.table.set_fast(pair, false);
+        let grace = fs.table.grace();
+        fs.fences[id as usize] = grace.epoch() + 1;
+        grace.want();
+        fs.ending[id as usize] = true;
+        self.wheel.insert(id, now);
+        true
+    }
+
+    /// A drain's end of flow `id` is called off (the member is no longer drained, or the flow
+    /// closed meanwhile): the flow is withdrawn (published again at its next packet if it is
+    /// eligible) and filed at its deadline.
+    pub(super) fn fast_cancel_drain_end(&mut self, id: FlowId) {
+        if let Some(fs) = self.fast.as_deref_mut() {
+            fs.ending[id as usize] = false;
+        }
+        self.fast_withdraw(id);
+        let d = self.deadline(self.flows.get(id));
+        self.wheel.insert(id, d);
+    }
+
     /// When the wheel should look at flow `id`, due at `deadline`: a published flow whose
     /// expiry has not started the lead earlier.
     pub(super) fn fast_filing(&self, id: FlowId, deadline: Nanos) -> Nanos {
@@ -347,9 +421,38 @@ impl Engine {
         }
     }
 
-    /// The expiry protocol for a published flow `id` handed out by the wheel at `now`: true
-    /// when it was filed again (it lives, or waits for the grace), false when it expires now.
-    pub(super) fn fast_expiry_step(&mut self, now: Nanos, id: FlowId) -> bool {
+    /// The expiry protocol for a published flow `id` handed out by the wheel at `now`.
+    pub(super) fn fast_expiry_step(&mut self, now: Nanos, id: FlowId) -> FastExpiry {
+        if self.fast_is_ending(id) {
+            return self.fast_drain_end_step(now, id);
+        }
+        match self.fast_idle_step(now, id) {
+            true => FastExpiry::Filed,
+            false => FastExpiry::Expire,
+        }
+    }
+
+    /// A flow a drain is ending, handed out by the wheel at `now`: filed one tick later while
+    /// the grace has not passed, else read a last time and handed back for its RSTs.
+    fn fast_drain_end_step(&mut self, now: Nanos, id: FlowId) -> FastExpiry {
+        let tick = self.wheel.tick();
+        let Some(fs) = self.fast.as_deref() else {
+            return FastExpiry::DrainEnd;
+        };
+        let grace = fs.table.grace();
+        if !grace.passed(fs.fences[id as usize].saturating_sub(1)) {
+            grace.want();
+            self.counters.fast_grace_waits += 1;
+            self.wheel.insert(id, now.saturating_add(tick));
+            return FastExpiry::Filed;
+        }
+        self.fast_pull(now, id);
+        FastExpiry::DrainEnd
+    }
+
+    /// Idle expiry of a published flow: true when it was filed again (it lives, or waits for
+    /// the grace), false when it expires now.
+    fn fast_idle_step(&mut self, now: Nanos, id: FlowId) -> bool {
         self.fast_pull(now, id);
         let deadline = self.deadline(self.flows.get(id));
         let lead = self.cfg.fast_expiry_lead;
