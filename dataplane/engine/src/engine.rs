@@ -1094,7 +1094,7 @@ impl Engine {
             // The linger is shorter than the idle timeout the wheel holds: re-file now.
             self.flows.get_mut(id).last_seen = now;
             let d = self.deadline(self.flows.get(id));
-            self.wheel.insert(id, d);
+            self.wheel.insert(id, self.fast_filing(id, d));
         }
         outcome
     }

@@ -359,7 +359,11 @@ impl Engine {
         if !standby || !newer {
             return Imported::AlreadyHere(id);
         }
-        // A standby copy is never fast.
+        // A standby copy is never fast, and never ended by a drain here (its owner does).
+        if self.fast_drop_drain_end(id) {
+            let rules = Arc::clone(&self.rules);
+            self.census.ended_one(rules.drains());
+        }
         self.fast_withdraw(id);
         let f = self.flows.get_mut(id);
         f.last_seen = synced.last_seen;

@@ -370,6 +370,18 @@ impl Engine {
         self.fast_withdraw(id);
     }
 
+    /// Calls off a drain's end of flow `id` (it becomes a standby copy: the peer that owns it
+    /// ends it); true when one was under way. The flow keeps its pair until withdrawn.
+    pub(super) fn fast_drop_drain_end(&mut self, id: FlowId) -> bool {
+        match self.fast.as_deref_mut() {
+            Some(fs) if fs.ending[id as usize] => {
+                fs.ending[id as usize] = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether a drain's deadline is ending flow `id` through the fast path's grace.
     pub(super) fn fast_is_ending(&self, id: FlowId) -> bool {
         self.fast
@@ -411,9 +423,11 @@ impl Engine {
     }
 
     /// When the wheel should look at flow `id`, due at `deadline`: a published flow whose
-    /// expiry has not started the lead earlier.
+    /// expiry has not started the lead earlier; a flow a drain is ending at once (it waits
+    /// for its grace a tick at a time).
     pub(super) fn fast_filing(&self, id: FlowId, deadline: Nanos) -> Nanos {
         match self.fast.as_deref() {
+            Some(fs) if fs.ending[id as usize] => 0,
             Some(fs) if fs.pair(id).is_some() && fs.fences[id as usize] == 0 => {
                 deadline.saturating_sub(self.cfg.fast_expiry_lead)
             }
