@@ -191,6 +191,10 @@ fn a_drained_members_connection_works_until_the_deadline_then_both_ends_are_rese
     }
     assert_eq!(lab.stat("drain.web.198.18.1.11.flows_left"), 0);
     assert_eq!(lab.stat("rsts_sent"), 2, "one RST to each end");
+    if fast_path_on() {
+        // XDP forwarded the connections' segments: their resets are the fast path's case.
+        assert!(lab.stat("fast.forwarded") > 0, "nothing went through XDP");
+    }
     let metrics = lab.metrics();
     for want in [
         "xlb_member_drain_flows{pool=\"web\",member=\"198.18.1.11\"} 0",

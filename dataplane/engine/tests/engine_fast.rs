@@ -1079,3 +1079,34 @@ fn undraining_while_a_fast_flow_waits_for_its_grace_calls_its_end_off() {
     let f = FastLab::client_data(&mut conn, 10);
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
 }
+
+#[test]
+fn a_fast_flow_that_starts_closing_while_its_drain_end_waits_is_ended_without_rsts() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_032);
+    let start = t.lab.now;
+    let rules = drain_rules(&t.lab, conn.backend_ip, Some(10), start);
+    t.lab.engine.set_rules(rules);
+    t.lab.advance_to(start + secs(10));
+    let pair = t.pair().expect("still published, FAST cleared");
+    // The client closes before the grace has passed: through the worker, which keeps the
+    // pair (no withdrawal, no FAST) until the end is decided.
+    let fin = conn.client.seg(ACK | FIN, conn.c_seq, conn.s_seq, &[]);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &fin).is_none());
+    let (port, _) = t.lab.forward(CLIENT_PORT, fin);
+    assert_eq!(port, BACKEND_PORT);
+    assert_eq!(t.pair(), Some(pair));
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE] & STATE_FAST, 0);
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    // As a census round ends a closing flow: silently.
+    t.run_with_grace(start + secs(10) + 10 * MS);
+    assert!(t.lab.emitted.is_empty(), "a closing flow gets no RST");
+    assert_eq!(t.lab.engine.flow_count(), 0);
+    assert_eq!(t.lab.engine.fast_published(), 0);
+    let p = &t.lab.engine.drain_progress()[0];
+    assert_eq!(
+        (p.flows_reset, p.flows_ended, p.deadline_done),
+        (0, 1, true),
+        "{p:?}"
+    );
+}
