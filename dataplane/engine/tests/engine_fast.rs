@@ -962,7 +962,7 @@ fn drain_rules(
         let m = config.backend_pools[0]
             .members
             .iter_mut()
-            .find(|m| IpAddr::from(m.address) == member)
+            .find(|m| m.address == member)
             .expect("a member of web");
         m.admin_state = AdminState::Down;
         m.drain_timeout_seconds = Some(timeout_s);
@@ -1083,7 +1083,7 @@ fn undraining_while_a_fast_flow_waits_for_its_grace_calls_its_end_off() {
 #[test]
 fn a_fast_flow_that_starts_closing_while_its_drain_end_waits_is_ended_without_rsts() {
     let mut t = FastLab::new(16);
-    let mut conn = establish(&mut t.lab, 80, 40_032);
+    let conn = establish(&mut t.lab, 80, 40_032);
     let start = t.lab.now;
     let rules = drain_rules(&t.lab, conn.backend_ip, Some(10), start);
     t.lab.engine.set_rules(rules);
