@@ -1110,3 +1110,30 @@ fn a_fast_flow_that_starts_closing_while_its_drain_end_waits_is_ended_without_rs
         "{p:?}"
     );
 }
+
+#[test]
+fn a_fast_flow_a_peer_takes_over_while_its_drain_end_waits_is_not_reset_here() {
+    let mut t = FastLab::new(16);
+    let conn = establish(&mut t.lab, 80, 40_033);
+    let id = t.only_flow().id;
+    let start = t.lab.now;
+    let rules = drain_rules(&t.lab, conn.backend_ip, Some(10), start);
+    t.lab.engine.set_rules(rules);
+    t.lab.advance_to(start + secs(10));
+    assert!(t.pair().is_some(), "still published, FAST cleared");
+    // A cluster peer's state of the flow, later than this node's: a standby copy from now
+    // on, whose owner ends it.
+    let mut state = t.lab.engine.export_flow(t.lab.now, id).unwrap();
+    state.idle = 0;
+    t.lab.advance(MS / 2);
+    assert_eq!(
+        t.lab.engine.import_standby(t.lab.now, &state).unwrap(),
+        xlb_engine::Imported::Refreshed(id)
+    );
+    assert_eq!(t.pair(), None, "a standby copy is never fast");
+    t.run_with_grace(start + secs(10) + 10 * MS);
+    assert!(t.lab.emitted.is_empty());
+    assert_eq!(t.lab.engine.flow_count(), 1);
+    let p = &t.lab.engine.drain_progress()[0];
+    assert_eq!((p.flows_reset, p.deadline_done), (0, true), "{p:?}");
+}
