@@ -21,6 +21,14 @@
 //! packet moved its deadline it is fast again, else it expires exactly as a flow that never
 //! was fast (its RSTs carry the sequence numbers XDP advanced).
 //!
+//! A drain's deadline ends a published flow the same way: the census round clears `FAST`,
+//! notes the epoch and hands the flow to the wheel (due at once, then a tick at a time); once
+//! two grace rounds have passed the flow is read a last time and reset
+//! ([`FastExpiry::DrainEnd`]). Meanwhile the flow keeps its pair with `FAST` cleared: its
+//! packets reach the worker, which forwards and tracks them but neither sets `FAST` again nor
+//! withdraws it. The end is called off when the drain no longer ends flows by then (the
+//! member undrained, the deadline moved) or the flow becomes a cluster peer's standby copy.
+//!
 //! A flow withdrawn while it lives on (no longer eligible) is read back at the withdrawal,
 //! without a grace: a segment XDP was forwarding at that very moment may advance the old line
 //! after it, and that advance is not seen. The flow's next segment of that direction (now
