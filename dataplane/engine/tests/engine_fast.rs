@@ -936,3 +936,37 @@ mod sessions {
         }
     }
 }
+
+#[test]
+fn a_flow_only_xdp_forwards_is_still_refreshed_at_the_cluster_peers() {
+    let mut t = FastLab::new(16);
+    t.lab.engine.enable_sync(64);
+    let mut conn = establish(&mut t.lab, 80, 40_031);
+    let refreshes = |t: &mut FastLab| {
+        let mut n = 0;
+        // Two whole passes over the slots: the refresh looks at packets since the previous
+        // pass began.
+        let slots = t.lab.engine.flow_capacity();
+        for _ in 0..2 {
+            t.lab.engine.sync_export(t.lab.now, 64, slots, |why, _| {
+                if why == xlb_engine::SyncReason::Refresh {
+                    n += 1;
+                }
+            });
+        }
+        n
+    };
+    t.run_with_grace(T0 + secs(1));
+    refreshes(&mut t);
+    t.run_with_grace(T0 + secs(30));
+    assert_eq!(refreshes(&mut t), 0, "no packet since: nothing to refresh");
+    // A minute of traffic the worker never sees.
+    t.run_with_grace(T0 + secs(60));
+    let f = FastLab::client_data(&mut conn, 100);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    t.run_with_grace(T0 + secs(61));
+    assert!(
+        refreshes(&mut t) >= 1,
+        "the time XDP recorded makes the flow fresh"
+    );
+}
