@@ -6,7 +6,9 @@ use std::{env, path::PathBuf};
 use libbpf_cargo::SkeletonBuilder;
 
 /// (source, skeleton file, extra clang flags)
-const PROGRAMS: [(&str, &str, &[&str]); 1] = [("src/bpf/xlb.bpf.c", "xlb.skel.rs", &[])];
+/// `-mcpu=v3`: the fast path's 32-bit compare-and-swap needs BPF ISA v3 (clang's default,
+/// `generic`, only has 64-bit atomics).
+const PROGRAMS: [(&str, &str, &[&str]); 1] = [("src/bpf/xlb.bpf.c", "xlb.skel.rs", &["-mcpu=v3"])];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
@@ -33,4 +35,6 @@ fn main() {
             .unwrap_or_else(|e| panic!("building {src} failed (needs clang and libelf): {e:#}"));
         println!("cargo:rerun-if-changed={src}");
     }
+    // The header xlb.bpf.c includes.
+    println!("cargo:rerun-if-changed=src/bpf/xlb_fast.h");
 }

@@ -8,6 +8,8 @@
 //! - [`pinned`]: state that outlives xlbd in bpffs (flow stores, XDP links).
 //! - [`sys`]: the few libc calls other crates need, wrapped safe.
 //! - [`csum`]: Internet checksums, completing partial TCP/UDP checksums.
+//! - [`fast`]: the XDP fast path's table, egress devmap and counters.
+//! - [`grace`]: the fast path's grace periods (`membarrier`), for reusing unpublished lines.
 //!
 //! The benchmark tools (generator, sink, bare forwarder) and their XDP programs live in the
 //! `xlb-bench` crate; [`xdp::xdp_attach`], [`xdp::owned_prog_fd`] and [`xdp::map_handle`] are
@@ -37,6 +39,8 @@ macro_rules! bpf_skeleton {
 
 pub mod csum;
 mod error;
+pub mod fast;
+pub mod grace;
 pub mod handler;
 pub mod netlink;
 pub mod pinned;
@@ -46,6 +50,8 @@ pub mod worker;
 pub mod xdp;
 
 pub use error::{Error, Result};
+pub use fast::{FastRuleCount, FastStats, XdpFastControl};
+pub use grace::GraceService;
 pub use handler::{FrameHandler, PortId, Verdict};
 pub use worker::{
     spawn, BindMode, PollMode, PortStats, UmemSharing, Worker, WorkerConfig, WorkerExit,

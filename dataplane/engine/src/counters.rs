@@ -177,6 +177,15 @@ pub struct Counters {
     /// Records of the flow store not restored: torn by a crash, unreadable, or of a rule that
     /// is gone (a wiped store counts none: its reason is reported instead).
     pub flows_restore_dropped: u64,
+    /// Flows published to the XDP fast path (each time one is).
+    pub fast_published: u64,
+    /// Published flows withdrawn from the fast path (no longer eligible, removed or expired).
+    pub fast_unpublished: u64,
+    /// Idle expiries of fast flows put off by a tick because the grace after withdrawing
+    /// them from XDP had not passed yet.
+    pub fast_grace_waits: u64,
+    /// Eligible flows that could not be published: no free pair or no free index slot.
+    pub fast_publish_failed: u64,
 }
 
 impl Clone for Counters {
@@ -201,6 +210,10 @@ impl Clone for Counters {
             evictions,
             flows_restored,
             flows_restore_dropped,
+            fast_published,
+            fast_unpublished,
+            fast_grace_waits,
+            fast_publish_failed,
         } = source;
         self.rx_packets = *rx_packets;
         self.tx_packets = *tx_packets;
@@ -212,6 +225,10 @@ impl Clone for Counters {
         self.evictions = *evictions;
         self.flows_restored = *flows_restored;
         self.flows_restore_dropped = *flows_restore_dropped;
+        self.fast_published = *fast_published;
+        self.fast_unpublished = *fast_unpublished;
+        self.fast_grace_waits = *fast_grace_waits;
+        self.fast_publish_failed = *fast_publish_failed;
     }
 }
 
@@ -228,6 +245,10 @@ impl Default for Counters {
             evictions: [0; EvictReason::COUNT],
             flows_restored: 0,
             flows_restore_dropped: 0,
+            fast_published: 0,
+            fast_unpublished: 0,
+            fast_grace_waits: 0,
+            fast_publish_failed: 0,
         }
     }
 }

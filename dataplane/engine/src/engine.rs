@@ -30,6 +30,7 @@ use crate::wire::tcp_flags::{ACK, RST, SYN};
 use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
+mod fast;
 mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
 
@@ -79,6 +80,10 @@ pub struct EngineConfig {
     /// `pickup` does (the backend choice is the same on every node), instead of black-holing
     /// a connection that lives on (docs/cluster.md).
     pub cluster_pickup: bool,
+    /// How long before its idle deadline a flow forwarded by XDP is withdrawn from it, so
+    /// that the grace proving no XDP invocation still updates it ends before the deadline
+    /// (real time: graces are not scaled by the lab's time scale).
+    pub fast_expiry_lead: Nanos,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +105,7 @@ impl Default for EngineConfig {
             admission: AdmissionLimits::default(),
             reset_rate: DEFAULT_RESET_RATE,
             cluster_pickup: false,
+            fast_expiry_lead: 128 * NANOS_PER_MILLI,
         }
     }
 }
@@ -180,6 +186,8 @@ pub struct Engine {
     scratch: [u8; MAX_RST_FRAME],
     /// Where the flows are written so that they outlive the process (detached: nowhere).
     store: FlowStore,
+    /// The XDP fast path's published table (`None`: off).
+    fast: Option<Box<fast::FastState>>,
 }
 
 impl Engine {
@@ -217,6 +225,7 @@ impl Engine {
             sync: export::SyncLog::default(),
             scratch: [0; MAX_RST_FRAME],
             store: FlowStore::default(),
+            fast: None,
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
@@ -319,7 +328,12 @@ impl Engine {
                 Slot::RuleGone => report.rule_gone += 1,
                 // A time stamp from the future: not written on this boot's clock line.
                 Slot::Live(rec) if rec.flow.last_seen > now => report.invalid += 1,
-                Slot::Live(rec) => {
+                Slot::Live(mut rec) => {
+                    if self.fast.is_some() {
+                        // XDP may have forwarded it since the record was written.
+                        let standby = rec.standby_seen != 0;
+                        self.fast_restoring(now, id, &mut rec.flow, standby);
+                    }
                     if self.restore_flow(id, rec) {
                         report.flows += 1;
                         if rec.flow.nat == Nat::Snat {
@@ -432,6 +446,8 @@ impl Engine {
         self.snat.prepare(&rules);
         self.unconfirmed.reserve_rules(rules.rule_id_bound());
         self.rules = rules;
+        // A member down (a UDP flow must move), a rule id past what XDP counts, ...
+        self.fast_recheck_all(false);
     }
 
     /// The cluster's membership changed at `at` (a node was lost, added, drained, or this one
@@ -522,16 +538,19 @@ impl Engine {
     /// for life, so a walk by slot sees every flow that lives through it exactly once; the
     /// cost is the flows returned plus one bitmap word per 64 slots of the range.
     pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
-        self.flows.iter_range(slots).map(|(id, f)| FlowInfo {
-            id,
-            rule: f.rule,
-            proto: f.proto,
-            nat: f.nat,
-            orig: f.key(ORIG),
-            translated: f.translated(ORIG),
-            tcp_state: (f.proto == proto::TCP).then_some(f.tcp.state),
-            last_seen: f.last_seen,
-            deadline: self.deadline(f),
+        self.flows.iter_range(slots).map(|(id, f)| {
+            let f = &self.fast_view(id, f);
+            FlowInfo {
+                id,
+                rule: f.rule,
+                proto: f.proto,
+                nat: f.nat,
+                orig: f.key(ORIG),
+                translated: f.translated(ORIG),
+                tcp_state: (f.proto == proto::TCP).then_some(f.tcp.state),
+                last_seen: f.last_seen,
+                deadline: self.deadline(f),
+            }
         })
     }
 
@@ -540,6 +559,7 @@ impl Engine {
         if self.sweep.is_some()
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
+            || self.fast_waits_for_left()
         {
             return Some(0);
         }
@@ -652,6 +672,9 @@ impl Engine {
                 let rule = self.flows.get(id).rule;
                 return self.drop_for(rule, reason);
             }
+            if self.fast.is_some() {
+                self.fast_pull(now, id);
+            }
             if pkt.proto == proto::TCP {
                 let seg = Segment::of(&pkt);
                 if self.flows.get(id).tcp.reopens(dir, &seg) {
@@ -689,6 +712,9 @@ impl Engine {
                 self.store.put_confirmed(id);
             }
             self.flows.get_mut(id).last_seen = now;
+            if self.fast.is_some() {
+                self.fast_after_packet(now, id, dir);
+            }
             return self.emit(id, dir, buf, len, &pkt);
         }
         self.miss(now, ingress, buf, len, &pkt, &tuple, hash)
@@ -730,12 +756,19 @@ impl Engine {
         budget: usize,
         emit: &mut dyn FnMut(PortId, &[u8]),
     ) -> usize {
+        self.fast_housekeeping();
         let mut done = 0;
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {
                 break;
             };
             done += 1;
+            if self.fast_pair(id).is_some() {
+                if !self.fast_expiry_step(now, id) {
+                    self.expire_flow(now, id, emit);
+                }
+                continue;
+            }
             let deadline = self.deadline(self.flows.get(id));
             if deadline > now {
                 // Lazy re-check: a packet or a longer timeout moved the deadline.
@@ -750,7 +783,7 @@ impl Engine {
             for id in cursor..end as u32 {
                 if self.flows.is_live(id) {
                     let d = self.deadline(self.flows.get(id));
-                    self.wheel.insert(id, d);
+                    self.wheel.insert(id, self.fast_filing(id, d));
                 }
                 done += 1;
             }
@@ -793,6 +826,7 @@ impl Engine {
             if !self.flows.is_live(id) {
                 continue;
             }
+            self.fast_pull(now, id);
             let f = *self.flows.get(id);
             if f.nat == Nat::Snat {
                 continue;
@@ -838,6 +872,7 @@ impl Engine {
         let old = f.next_hop[ORIG];
         match self.net.resolve(toward) {
             Ok(new) if new != old => {
+                self.fast_withdraw(id);
                 self.net.acquire(new);
                 self.net.release(old);
                 self.flows.get_mut(id).next_hop[ORIG] = new;
@@ -951,6 +986,7 @@ impl Engine {
     }
 
     fn remove_flow(&mut self, now: Nanos, id: FlowId) {
+        self.fast_withdraw(id);
         let f = *self.flows.get(id);
         self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod drain;
 pub mod engine;
+pub mod fast;
 pub mod flow;
 pub mod hashkey;
 pub mod late;
@@ -32,6 +33,7 @@ pub use config::{
 };
 pub use counters::{Counters, DropReason, RuleCounters};
 pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, SyncReason, Verdict};
+pub use fast::{FastLayout, FastTable, GraceClock};
 pub use net::{Mac, NextHop, PortId, Route};
 pub use ruleset::{RuleId, RuleSet};
 pub use store::{StoreMemory, StoreOutcome, StoreReport};

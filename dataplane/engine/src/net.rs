@@ -172,6 +172,9 @@ pub struct NextHops {
     /// A re-resolution after a route change found a neighbour missing: the next new
     /// neighbour entry starts another one.
     rehome_pending: bool,
+    /// Neighbour entries changed in place (MAC, port or VLAN): flows that copied a hop's
+    /// addresses elsewhere (the XDP fast path) check theirs when it moves.
+    hop_changes: u64,
 }
 
 const MAX_PENDING_MISSES: usize = 64;
@@ -195,6 +198,7 @@ impl NextHops {
             sync_round: 0,
             route_epoch: 0,
             rehome_pending: false,
+            hop_changes: 0,
         }
     }
 
@@ -274,6 +278,11 @@ impl NextHops {
 
     /// Changes whenever flows' forward hops may resolve differently than when they were
     /// created: the routes changed, or a neighbour that a re-resolution missed appeared.
+    /// How many times a neighbour entry changed in place (see [`NextHops::set_neighbor`]).
+    pub fn hop_changes(&self) -> u64 {
+        self.hop_changes
+    }
+
     pub fn route_epoch(&self) -> u64 {
         self.route_epoch
     }
@@ -309,6 +318,9 @@ impl NextHops {
             seen: self.sync_round,
         };
         if let Some(&id) = self.by_ip.get(&ip) {
+            if self.hops[id as usize] != hop {
+                self.hop_changes += 1;
+            }
             self.hops[id as usize] = hop;
             self.meta[id as usize].owner = owner;
             return Ok(id);

@@ -317,6 +317,26 @@ impl TcpTrack {
         }
     }
 
+    /// Takes what another forwarder of this flow tracked for direction `dir` (the XDP fast
+    /// path, which applies the same window rule to the segments it forwards): the next sequence
+    /// number only advances (serial order), the largest window only grows. Nothing changes
+    /// for a direction not seen yet.
+    pub fn merge(&mut self, dir: Dir, next_seq: u32, max_win: u32) {
+        if !self.seen(dir) {
+            return;
+        }
+        let mut seqs = self.next_seq;
+        if seq_after(next_seq, seqs[dir]) {
+            seqs[dir] = next_seq;
+            self.next_seq = seqs;
+        }
+        let mut w = self.max_win;
+        if max_win > w[dir] {
+            w[dir] = max_win;
+            self.max_win = w;
+        }
+    }
+
     /// Whether the sequence number of `dir` has been learned.
     pub fn seen(&self, dir: Dir) -> bool {
         self.bits & (SEEN_ORIG << dir) != 0

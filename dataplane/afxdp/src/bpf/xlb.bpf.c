@@ -11,12 +11,19 @@
  * Everything the kernel must keep seeing (ARP, ND, router solicitations, multicast, the
  * host's own addresses) goes XDP_PASS, so the kernel stays the owner of neighbours and of
  * the host's own traffic.
+ *
+ * Before that, the fast path: frames of flows the dataplane published in `xlb_fast`
+ * (established TCP, confirmed UDP, IPv4 without VLAN) are translated here and sent out of
+ * the egress interface through `xlb_tx`. Any doubt is a punt: the frame, unmodified, takes
+ * the path above to the dataplane, which stays the authority on every flow.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -26,6 +33,8 @@
 #define XLB_IFACE_BACKEND_SIDE 0x1
 /* no socket in the queue's slot: drop (TCP retransmits) rather than pass to the kernel */
 #define XLB_IFACE_HOLD 0x2
+/* attached natively and allowed to take the fast path; `port` is the dataplane's port id */
+#define XLB_IFACE_FAST 0x4
 #define XLB_ADDR_OWNED 1
 #define XLB_ADDR_LOCAL 2
 
@@ -40,6 +49,7 @@ enum xlb_counter {
 struct xlb_iface {
 	__u32 slot;
 	__u32 flags;
+	__u32 port;
 };
 
 /* IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d) so one map serves both families. */
@@ -96,6 +106,8 @@ static __always_inline int pass(void)
 	return XDP_PASS;
 }
 
+#include "xlb_fast.h"
+
 static __always_inline int redirect(struct xdp_md *ctx, const struct xlb_iface *iface)
 {
 	__u32 q = ctx->rx_queue_index;
@@ -118,9 +130,8 @@ static __always_inline int redirect(struct xdp_md *ctx, const struct xlb_iface *
 SEC("xdp")
 int xlb_xdp(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+	void *data, *data_end;
+	struct ethhdr *eth;
 	struct xlb_addr key = {};
 	const struct xlb_iface *iface;
 	__u32 ifindex = ctx->ingress_ifindex;
@@ -131,6 +142,17 @@ int xlb_xdp(struct xdp_md *ctx)
 	iface = bpf_map_lookup_elem(&xlb_ifaces, &ifindex);
 	if (!iface)
 		return pass();
+
+	if (iface->flags & XLB_IFACE_FAST) {
+		int action = fast_path(ctx, iface->port);
+
+		if (action != XLB_PUNT)
+			return action;
+	}
+
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
 
 	if ((void *)(eth + 1) > data_end)
 		return pass();

@@ -207,7 +207,7 @@ impl Engine {
         if !self.flows.is_live(id) {
             return None;
         }
-        let f = self.flows.get(id);
+        let f = &self.fast_view(id, self.flows.get(id));
         let rule = self.rules.rule(f.rule)?;
         Some(FlowState {
             rule_kind: rule.kind,
@@ -300,7 +300,7 @@ impl Engine {
         let key = flow.key(ORIG);
         let hash = self.flows.hash(&key);
         if let Some((id, _)) = self.flows.lookup(&key, hash) {
-            return Ok(self.refresh(id, &flow, standby));
+            return Ok(self.refresh(now, id, &flow, standby));
         }
         if self.flows.len() >= self.flows.capacity() as usize {
             return Err(DropReason::FlowTableFull);
@@ -347,7 +347,8 @@ impl Engine {
     /// A synced state of flow `id`, which exists here: taken when it is later than this
     /// node's last packet of the flow (as recent, for a standby copy); the flow is standby
     /// from then on.
-    fn refresh(&mut self, id: FlowId, synced: &Flow, standby: bool) -> Imported {
+    fn refresh(&mut self, now: Nanos, id: FlowId, synced: &Flow, standby: bool) -> Imported {
+        self.fast_pull(now, id);
         let here = self.flows.get(id);
         // A standby copy takes a state as recent as its own; a flow live here only a later one.
         let newer = if self.is_standby(id, here) {
@@ -358,6 +359,8 @@ impl Engine {
         if !standby || !newer {
             return Imported::AlreadyHere(id);
         }
+        // A standby copy is never fast.
+        self.fast_withdraw(id);
         let f = self.flows.get_mut(id);
         f.last_seen = synced.last_seen;
         f.tcp = synced.tcp;
