@@ -560,6 +560,7 @@ impl Engine {
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
+            || self.fast_hops_moved()
         {
             return Some(0);
         }

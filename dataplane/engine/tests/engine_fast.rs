@@ -612,14 +612,29 @@ fn a_neighbour_changing_its_mac_withdraws_the_flow_until_its_next_packet() {
     let mut t = FastLab::new(16);
     let mut conn = establish(&mut t.lab, 80, 40_040);
     assert!(t.pair().is_some());
+    t.lab.advance(0);
+    let idle = t.lab.engine.next_deadline();
+    assert!(idle.is_some_and(|d| d > t.lab.now), "settled: {idle:?}");
     let new_mac = [0x02, 0, 0, 0, 0xb9, 0x09];
     t.lab
         .engine
         .next_hops()
         .set_neighbor(conn.backend_ip.into(), BACKEND_PORT, new_mac)
         .unwrap();
-    t.lab.advance(MS);
+    // XDP carries the flow, so no packet reaches the worker: its sleep must end now, not at
+    // the flow's idle deadline.
+    assert!(
+        t.lab.engine.next_deadline().is_some_and(|d| d <= t.lab.now),
+        "the worker is woken: {:?}",
+        t.lab.engine.next_deadline()
+    );
+    t.lab.advance(0);
     assert_eq!(t.pair(), None);
+    assert!(
+        t.lab.engine.next_deadline().is_some_and(|d| d > t.lab.now),
+        "and sleeps again once done: {:?}",
+        t.lab.engine.next_deadline()
+    );
     let f = FastLab::client_data(&mut conn, 10);
     let (_, out) = t.lab.forward(CLIENT_PORT, f);
     assert_eq!(seen(&out).dst_mac, new_mac);
