@@ -25,6 +25,14 @@ pub const MAX_FAST_FLOWS: u64 = 1 << 26;
 /// The table's layout: one pair of lines per flow a worker holds (`--flow-capacity`), for
 /// every worker.
 pub fn layout(flow_capacity: u32, workers: usize) -> Result<FastLayout, Failure> {
+    // The table's publication order (a line's words, then its FAST bit) relies on x86-64
+    // keeping stores and loads in order; the BPF side has no acquire/release loads to say it
+    // on weaker architectures.
+    if !cfg!(target_arch = "x86_64") {
+        return Err(Failure::usage(
+            "--fast-path on: the XDP fast path is built for x86-64 only; run with --fast-path off",
+        ));
+    }
     let total = u64::from(flow_capacity) * workers as u64;
     if total > MAX_FAST_FLOWS {
         return Err(Failure::usage(format!(

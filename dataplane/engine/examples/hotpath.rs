@@ -6,7 +6,8 @@
 //! flow capacity (default 65 536) and lifts the admission budgets to 100 % (every SYN a new
 //! flow into a table with room, as the `new_flow/tcp_syn` bench), e.g.
 //! `hotpath syn 1000000 1048576`; the new flows are created in `create_flows`, which
-//! `--toggle-collect=hotpath::create_flows` isolates.
+//! `--toggle-collect=hotpath::create_flows` isolates. `syn-lookahead` instead of `syn` runs
+//! xlbd's worker's look-ahead first on each batch of 64 frames (both index keys prefetched).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -50,7 +51,8 @@ fn frame(sport: u16, syn: bool) -> Vec<u8> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let syn_mode = args.first().is_some_and(|a| a == "syn");
+    let lookahead = args.first().is_some_and(|a| a == "syn-lookahead");
+    let syn_mode = lookahead || args.first().is_some_and(|a| a == "syn");
     let expire_mode = args.first().is_some_and(|a| a == "expire");
     let n: usize = args
         .get(usize::from(syn_mode || expire_mode))
@@ -84,7 +86,7 @@ fn main() {
         .unwrap();
     }
     if syn_mode || expire_mode {
-        new_flows(&mut e, n);
+        new_flows(&mut e, n, lookahead);
         if expire_mode {
             // Every flow is a half-open TCP flow: due at the half-open timeout.
             let at = 2 + 3_600_000_000_000;
@@ -127,7 +129,7 @@ fn main() {
 }
 
 /// `n` SYNs from distinct (client address, port) pairs: one new flow each.
-fn new_flows(e: &mut Engine, n: usize) {
+fn new_flows(e: &mut Engine, n: usize, lookahead: bool) {
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let host = 0x0200 + (i / 60_000) as u32;
@@ -143,7 +145,11 @@ fn new_flows(e: &mut Engine, n: usize) {
         })
         .collect();
     let start = std::time::Instant::now();
-    create_flows(e, &frames);
+    if lookahead {
+        create_flows_lookahead(e, &frames);
+    } else {
+        create_flows(e, &frames);
+    }
     let el = start.elapsed();
     eprintln!(
         "{n} new flows, {:.1} ns/flow, {} in the table",
@@ -159,4 +165,35 @@ fn create_flows(e: &mut Engine, frames: &[Vec<u8>]) {
         buf.copy_from_slice(f);
         black_box(e.process(2, 0, &mut buf));
     }
+}
+
+#[inline(never)]
+fn create_flows_lookahead(e: &mut Engine, frames: &[Vec<u8>]) {
+    let mut buf = [0u8; 64];
+    for batch in frames.chunks(64) {
+        for stage in 0..2 {
+            for f in batch {
+                if let Some(addr) = e.prefetch_addr(f, stage) {
+                    prefetch(addr);
+                }
+            }
+        }
+        for f in batch {
+            buf.copy_from_slice(f);
+            black_box(e.process(2, 0, &mut buf));
+        }
+    }
+}
+
+/// Starts loading the cache line at `addr`, as xlbd's worker does (`xlb_afxdp::sys::prefetch`).
+#[inline(always)]
+fn prefetch(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is an SSE instruction, part of the x86_64 baseline, and does not
+    // dereference `addr` in any way the program can observe (no fault, no value).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }

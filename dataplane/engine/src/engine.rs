@@ -561,6 +561,7 @@ impl Engine {
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
+            || self.fast_hops_moved()
         {
             return Some(0);
         }
@@ -594,23 +595,12 @@ impl Engine {
     /// entry). Worth it only once the table outgrows the caches.
     #[inline]
     pub fn prefetch_addr(&self, frame: &[u8], stage: u8) -> Option<*const u8> {
-        let pkt = wire::parse(frame).ok()?;
-        if pkt.proto != proto::TCP && pkt.proto != proto::UDP {
-            return None;
-        }
-        let tuple = FlowTuple {
-            proto: pkt.proto,
-            src: pkt.src,
-            src_port: pkt.src_port,
-            dst: pkt.dst,
-            dst_port: pkt.dst_port,
-        };
+        let tuple = prefetch::lookahead_tuple(frame)?;
         let hash = self.flows.hash(&tuple);
         if stage == 0 {
             Some(self.flows.index_addr(hash))
         } else {
-            (self.flows.flow_addr(hash))
-                .or_else(|| self.new_flow_reply_index_addr(&pkt, &tuple, hash))
+            (self.flows.flow_addr(hash)).or_else(|| self.new_flow_reply_index_addr(&tuple, hash))
         }
     }
 

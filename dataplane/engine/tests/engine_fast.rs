@@ -624,14 +624,29 @@ fn a_neighbour_changing_its_mac_withdraws_the_flow_until_its_next_packet() {
     let mut t = FastLab::new(16);
     let mut conn = establish(&mut t.lab, 80, 40_040);
     assert!(t.pair().is_some());
+    t.lab.advance(0);
+    let idle = t.lab.engine.next_deadline();
+    assert!(idle.is_some_and(|d| d > t.lab.now), "settled: {idle:?}");
     let new_mac = [0x02, 0, 0, 0, 0xb9, 0x09];
     t.lab
         .engine
         .next_hops()
         .set_neighbor(conn.backend_ip.into(), BACKEND_PORT, new_mac)
         .unwrap();
-    t.lab.advance(MS);
+    // XDP carries the flow, so no packet reaches the worker: its sleep must end now, not at
+    // the flow's idle deadline.
+    assert!(
+        t.lab.engine.next_deadline().is_some_and(|d| d <= t.lab.now),
+        "the worker is woken: {:?}",
+        t.lab.engine.next_deadline()
+    );
+    t.lab.advance(0);
     assert_eq!(t.pair(), None);
+    assert!(
+        t.lab.engine.next_deadline().is_some_and(|d| d > t.lab.now),
+        "and sleeps again once done: {:?}",
+        t.lab.engine.next_deadline()
+    );
     let f = FastLab::client_data(&mut conn, 10);
     let (_, out) = t.lab.forward(CLIENT_PORT, f);
     assert_eq!(seen(&out).dst_mac, new_mac);
@@ -1136,4 +1151,37 @@ fn a_fast_flow_a_peer_takes_over_while_its_drain_end_waits_is_not_reset_here() {
     assert_eq!(t.lab.engine.flow_count(), 1);
     let p = &t.lab.engine.drain_progress()[0];
     assert_eq!((p.flows_reset, p.deadline_done), (0, true), "{p:?}");
+}
+#[test]
+fn a_flow_only_xdp_forwards_is_still_refreshed_at_the_cluster_peers() {
+    let mut t = FastLab::new(16);
+    t.lab.engine.enable_sync(64);
+    let mut conn = establish(&mut t.lab, 80, 40_031);
+    let refreshes = |t: &mut FastLab| {
+        let mut n = 0;
+        // Two whole passes over the slots: the refresh looks at packets since the previous
+        // pass began.
+        let slots = t.lab.engine.flow_capacity();
+        for _ in 0..2 {
+            t.lab.engine.sync_export(t.lab.now, 64, slots, |why, _| {
+                if why == xlb_engine::SyncReason::Refresh {
+                    n += 1;
+                }
+            });
+        }
+        n
+    };
+    t.run_with_grace(T0 + secs(1));
+    refreshes(&mut t);
+    t.run_with_grace(T0 + secs(30));
+    assert_eq!(refreshes(&mut t), 0, "no packet since: nothing to refresh");
+    // A minute of traffic the worker never sees.
+    t.run_with_grace(T0 + secs(60));
+    let f = FastLab::client_data(&mut conn, 100);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    t.run_with_grace(T0 + secs(61));
+    assert!(
+        refreshes(&mut t) >= 1,
+        "the time XDP recorded makes the flow fresh"
+    );
 }

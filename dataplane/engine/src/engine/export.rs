@@ -179,9 +179,11 @@ impl Engine {
         while handed < budget && looked < scan && capacity > 0 {
             let id = self.sync.cursor;
             looked += 1;
+            // With the time XDP recorded: a flow the fast path keeps busy is refreshed at the
+            // peers like any other, although the worker saw none of its packets.
             let fresh = self.flows.is_live(id) && {
-                let fl = self.flows.get(id);
-                fl.last_seen > self.sync.previous_pass_started && !self.is_standby(id, fl)
+                let fl = self.fast_view(id, self.flows.get(id));
+                fl.last_seen > self.sync.previous_pass_started && !self.is_standby(id, &fl)
             };
             if fresh {
                 if let Some(s) = self.export_flow(now, id) {

@@ -581,6 +581,16 @@ impl Engine {
         self.fast.as_deref().is_some_and(|fs| fs.table.has_left())
     }
 
+    /// A neighbour changed in place since [`fast_housekeeping`](Self::fast_housekeeping) last
+    /// looked, while flows are published: XDP keeps sending those flows to the old MAC, and
+    /// the worker sees none of their packets to notice, so [`expire`](Self::expire) must run
+    /// now rather than at the next flow's deadline.
+    pub(super) fn fast_hops_moved(&self) -> bool {
+        self.fast
+            .as_deref()
+            .is_some_and(|fs| fs.published > 0 && fs.hop_changes != self.net.hop_changes())
+    }
+
     /// Once per [`expire`](Self::expire): the pairs a previous process left are read back a
     /// last time and freed once a grace has passed; neighbours changed in place since the
     /// last look are checked against the lines that copied them.

@@ -7,36 +7,91 @@
 //! tuple and a rule set). Read-only, and only for a frame whose original key the index says
 //! is absent. Outbound (SNAT) flows are left out: their reply key holds the SNAT port, which
 //! only the allocation picks.
+//!
+//! The look-ahead reads only the tuple ([`lookahead_tuple`]), not the whole packet: it runs
+//! twice per frame before `process` parses it for real, and a full parse (checksum state,
+//! TCP options, every validity check) would cost the look-ahead more than the misses it
+//! hides. A frame it reads differently from the parser only costs a useless prefetch.
 
 use super::Engine;
+use crate::addr::Addr;
 use crate::flow::{Flow, Nat};
 use crate::ruleset::FlowTuple;
 use crate::tcp::{TcpTrack, REPLY};
-use crate::wire::Packet;
+use crate::wire::parse::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN};
+use crate::wire::proto;
+
+/// The 5-tuple of a TCP or UDP frame as `process` will key it, read with the fewest checks
+/// that keep it in bounds: Ethernet with at most one VLAN tag, IPv4 without options and not
+/// a fragment, or IPv6 without extension headers. `None` for anything else.
+#[inline]
+pub(super) fn lookahead_tuple(frame: &[u8]) -> Option<FlowTuple> {
+    let be16 = |off: usize| -> Option<u16> {
+        Some(u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]))
+    };
+    let (mut ethertype, mut l3) = (be16(12)?, 14);
+    if ethertype == ETHERTYPE_VLAN {
+        (ethertype, l3) = (be16(16)?, 18);
+    }
+    let (proto, src, dst, l4) = match ethertype {
+        ETHERTYPE_IPV4 => {
+            let ip: &[u8; 20] = frame.get(l3..l3 + 20)?.try_into().ok()?;
+            if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return None;
+            }
+            let src = Addr::from_v4_bytes(ip[12..16].try_into().ok()?);
+            let dst = Addr::from_v4_bytes(ip[16..20].try_into().ok()?);
+            (ip[9], src, dst, l3 + 20)
+        }
+        ETHERTYPE_IPV6 => {
+            let ip: &[u8; 40] = frame.get(l3..l3 + 40)?.try_into().ok()?;
+            let src = Addr::from_v6_bytes(ip[8..24].try_into().ok()?);
+            let dst = Addr::from_v6_bytes(ip[24..40].try_into().ok()?);
+            (ip[6], src, dst, l3 + 40)
+        }
+        _ => return None,
+    };
+    if proto != proto::TCP && proto != proto::UDP {
+        return None;
+    }
+    Some(FlowTuple {
+        proto,
+        src,
+        src_port: be16(l4)?,
+        dst,
+        dst_port: be16(l4 + 2)?,
+    })
+}
 
 impl Engine {
-    /// The index slot of the reply key of the flow `pkt` (hashed as `hash`) would create, when
-    /// the index already shows that `pkt` has no flow and an inbound rule would take it.
+    /// The index slot of the reply key of the flow a frame with `tuple` (hashed as `hash`)
+    /// would create, when the index already shows that it has no flow and an inbound rule
+    /// would take it.
     pub(super) fn new_flow_reply_index_addr(
         &self,
-        pkt: &Packet,
         tuple: &FlowTuple,
         hash: u64,
     ) -> Option<*const u8> {
         if !self.flows.surely_absent(hash) {
             return None;
         }
-        let rule = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port)?;
+        let rule = self
+            .rules
+            .match_inbound(tuple.proto, tuple.dst, tuple.dst_port)?;
         let floating = self.rules.rule(rule)?.floating_ip;
         let backend = self.rules.select_backend(rule, tuple)?;
         let flow = Flow {
-            orig_src: pkt.src,
-            orig_dst: pkt.dst,
+            orig_src: tuple.src,
+            orig_dst: tuple.dst,
             xlat: backend.addr,
-            orig_sport: pkt.src_port,
-            orig_dport: pkt.dst_port,
-            xlat_port: if floating { pkt.dst_port } else { backend.port },
-            proto: pkt.proto,
+            orig_sport: tuple.src_port,
+            orig_dport: tuple.dst_port,
+            xlat_port: if floating {
+                tuple.dst_port
+            } else {
+                backend.port
+            },
+            proto: tuple.proto,
             nat: if floating { Nat::None } else { Nat::Dnat },
             rule,
             next_hop: [0; 2],
@@ -52,7 +107,10 @@ mod tests {
     use std::net::Ipv4Addr;
     use std::sync::Arc;
 
-    use etherparse::PacketBuilder;
+    use etherparse::{PacketBuilder, PacketBuilderStep};
+
+    use super::lookahead_tuple;
+    use crate::ruleset::FlowTuple;
 
     use crate::config::{compile, Config, MemberHealth};
     use crate::tcp::{ORIG, REPLY};
@@ -119,6 +177,89 @@ floating_ip = true
                 .unwrap();
         }
         v
+    }
+
+    /// The look-ahead's tuple is the parser's for TCP and UDP over IPv4 and IPv6, with and
+    /// without a VLAN tag, and there is none for what the engine keys no flow by.
+    #[test]
+    fn lookahead_tuple_is_the_parsers() {
+        let (a, b) = ([2, 0, 0, 0, 0xc1, 1], [2, 0, 0, 0, 0xa0, 0]);
+        let (v6a, v6b) = (
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            "2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        let mut push = |b: PacketBuilderStep<etherparse::TcpHeader>| {
+            let mut v = Vec::new();
+            b.write(&mut v, &[1, 2, 3]).unwrap();
+            frames.push(v);
+        };
+        push(
+            PacketBuilder::ethernet2(a, b)
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 9)
+                .tcp(1, 2, 3, 4),
+        );
+        push(
+            PacketBuilder::ethernet2(a, b)
+                .single_vlan(7.try_into().unwrap())
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 9)
+                .tcp(5, 6, 3, 4),
+        );
+        push(
+            PacketBuilder::ethernet2(a, b)
+                .ipv6(v6a, v6b, 9)
+                .tcp(7, 8, 3, 4),
+        );
+        for builder in [
+            PacketBuilder::ethernet2(a, b)
+                .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 9)
+                .udp(9, 10),
+            PacketBuilder::ethernet2(a, b).ipv6(v6a, v6b, 9).udp(11, 12),
+            PacketBuilder::ethernet2(a, b)
+                .single_vlan(8.try_into().unwrap())
+                .ipv6(v6a, v6b, 9)
+                .udp(13, 14),
+        ] {
+            let mut v = Vec::new();
+            builder.write(&mut v, &[1, 2, 3]).unwrap();
+            frames.push(v);
+        }
+        for f in &frames {
+            let p = crate::wire::parse(f).unwrap();
+            let want = FlowTuple {
+                proto: p.proto,
+                src: p.src,
+                src_port: p.src_port,
+                dst: p.dst,
+                dst_port: p.dst_port,
+            };
+            assert_eq!(lookahead_tuple(f), Some(want));
+        }
+        // ICMP, an IPv4 fragment, IPv4 options, an IPv6 extension header, ARP, a cut frame.
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(a, b)
+            .ipv4([198, 18, 0, 1], [198, 18, 0, 2], 9)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, &[])
+            .unwrap();
+        let mut fragment = frames[0].clone();
+        fragment[20] |= 0x20; // more fragments
+        let mut options = frames[0].clone();
+        options[14] = 0x46;
+        let mut ext = frames[2].clone();
+        ext[20] = 0; // hop-by-hop options header
+        let mut arp = frames[0].clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let cut = frames[0][..14 + 20 + 3].to_vec();
+        for f in [icmp, fragment, options, ext, arp, cut] {
+            assert_eq!(lookahead_tuple(&f), None, "{f:?}");
+        }
     }
 
     /// For a frame that creates a flow (TCP to a DNAT rule, UDP to a floating-IP rule), stage
