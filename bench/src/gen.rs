@@ -65,7 +65,7 @@ const TCP_LEN: usize = 20;
 /// Initial window of the generated TCP segments.
 const TCP_WINDOW: u16 = 64240;
 /// The acknowledgment number carried by `ack` mode segments: the reflector's SYN-ACK
-/// (sequence [`crate::sink::SINK_ISN`]) acknowledged.
+/// (which ends at [`crate::sink::SINK_ISN`] + 1) acknowledged.
 pub const ACK_NUMBER: u32 = crate::sink::SINK_ISN + 1;
 
 /// What the frames are.

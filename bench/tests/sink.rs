@@ -262,7 +262,9 @@ fn reflector_checks_and_answers_frame_by_frame() {
     arp[13] = 0x06;
     step("arp", &arp, XDP_DROP, &|s| s.not_checked += 1);
 
-    // A SYN with a payload (xlb-gen's marker): a SYN-ACK from SINK_ISN acknowledging it.
+    // A SYN with a payload (xlb-gen's marker): a SYN-ACK acknowledging it that carries the
+    // 16 bytes back and ends at SINK_ISN + 1, the number xlb-gen's ACK mode acknowledges (so
+    // that its first data segment acknowledges exactly what the reflector sent).
     let out = step("syn", &tcp4(1000, None, true, &[1u8; 16]), ANSWER, &|s| {
         s.tcp += 1;
         s.good += 1;
@@ -274,7 +276,11 @@ fn reflector_checks_and_answers_frame_by_frame() {
         (a.src, a.dst, a.sport, a.dport),
         (ip(BACKEND), ip(CLIENT), 8001, 40_000)
     );
-    assert_eq!(a.tcp, Some((SINK_ISN, 1000 + 1 + 16, true, true, false)));
+    assert_eq!(
+        a.tcp,
+        Some((SINK_ISN - 16, 1000 + 1 + 16, true, true, false))
+    );
+    assert_eq!(a.payload.len(), 16);
     // Data: the same bytes back as an ACK of them, from the ACK number it carried.
     let out = step(
         "data",

@@ -18,7 +18,10 @@
  * Good frames are then dropped, or with `sink_reflect` sent back where they came from the
  * way a server would answer them: MACs, addresses and ports swapped (which
  * leaves both checksums as they are); UDP echoed as it is; a TCP SYN answered with a SYN-ACK
- * (sequence SINK_ISN, acknowledging the SYN); a TCP segment with data or a FIN answered with
+ * acknowledging the SYN (its bytes, the SYN's payload sent back, end at SINK_ISN + 1: the
+ * number xlb-gen's ACK mode acknowledges is the SYN-ACK's end, exactly as a real client's
+ * handshake ACK, which a tracker that confirms a flow on that ACK requires); a TCP segment
+ * with data or a FIN answered with
  * the same bytes as an ACK of them (sequence = the ACK number it carried); pure ACKs and RSTs
  * are only counted. The TCP checksum is updated incrementally (RFC 1624) for the words that
  * change. The reflector keeps no state: every answer comes from the segment it answers.
@@ -433,7 +436,7 @@ int xlb_sink(struct xdp_md *ctx)
 		if (tcp->syn) {
 			/* SYN -> SYN-ACK */
 			put32(&acc, (__u16 *)&tcp->ack_seq, bpf_htonl(seq + 1 + plen));
-			put32(&acc, (__u16 *)&tcp->seq, bpf_htonl(SINK_ISN));
+			put32(&acc, (__u16 *)&tcp->seq, bpf_htonl(SINK_ISN - plen));
 			flags = *flags_word;
 			((__u8 *)&flags)[1] = 0x12; /* SYN | ACK */
 		} else {
