@@ -295,6 +295,39 @@ fn tcp_flow_is_published_once_confirmed_with_the_exact_words_of_both_directions(
     assert_eq!(t.xdp.find(b, CLIENT, 8080, 40_000, 6), Some(2 * pair + 1));
 }
 
+/// A flow is published only once confirmed: the client must acknowledge exactly what the
+/// backend sent. A SYN-ACK that carries data (say a server that echoes the SYN's payload)
+/// is confirmed by an ACK of its end, not by one of its SYN alone; until then every segment
+/// goes through the worker.
+#[test]
+fn a_tcp_flow_is_published_only_when_the_client_acknowledges_the_syn_acks_end() {
+    let mut t = FastLab::new(16);
+    let client = Tcp::client(80, 40_001);
+    let (_, syn_out) = t
+        .lab
+        .forward(CLIENT_PORT, client.seg(SYN, 1000, 0, &[7; 20]));
+    let syn = seen(&syn_out);
+    let backend = Tcp::reply_to(&syn, syn.dst_mac, XLB_MAC[1]);
+    t.lab
+        .forward(BACKEND_PORT, backend.seg(SYN | ACK, 70_000, 1021, &[7; 20]));
+    for _ in 0..3 {
+        t.lab
+            .forward(CLIENT_PORT, client.seg(ACK, 1021, 70_001, &[1; 64]));
+        assert_eq!(
+            t.pair(),
+            None,
+            "acknowledging the SYN alone does not confirm the flow"
+        );
+    }
+    assert_eq!(t.counters().fast_published, 0);
+    t.lab
+        .forward(CLIENT_PORT, client.seg(ACK, 1021, 70_021, &[]));
+    let pair = t
+        .pair()
+        .expect("published once the client acknowledged the SYN-ACK's data");
+    assert_eq!(t.xdp.words(2 * pair + 1)[line::NEXT_SEQ], 70_021);
+}
+
 /// A client datagram to VIP:53 (the `dns` rule) from `sport`.
 fn query(sport: u16) -> Vec<u8> {
     udp(
