@@ -180,6 +180,15 @@ impl FastLab {
         self.lab.advance_to(until);
     }
 
+    /// Idle from now on: at the `http` rule's deadline (4 minutes, plus the grace) the flow is
+    /// gone, and the two RSTs of reset on idle carry exactly what both ends expect next.
+    fn expect_exact_idle_reset(&mut self, conn: &Conn) {
+        let last = self.lab.now;
+        self.run_with_grace(last + mins(4) + 10 * MS);
+        assert_eq!(self.lab.engine.flow_count(), 0);
+        assert_eq!(self.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+    }
+
     fn only_flow(&self) -> xlb_engine::FlowInfo {
         let flows: Vec<_> = self.lab.engine.flows().collect();
         assert_eq!(flows.len(), 1, "{flows:?}");
@@ -517,11 +526,8 @@ fn a_packet_between_clearing_fast_and_the_grace_end_revives_the_flow() {
     );
     let f = FastLab::client_data(&mut conn, 10);
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
-    let last = t.lab.now;
-    assert!(last > seen_at);
-    t.run_with_grace(last + mins(4) + 10 * MS);
-    assert_eq!(t.lab.engine.flow_count(), 0);
-    assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+    assert!(t.lab.now > seen_at);
+    t.expect_exact_idle_reset(&conn);
 }
 
 #[test]
@@ -762,10 +768,7 @@ fn a_restored_flow_counts_as_seen_at_the_restore_and_starts_unpublished() {
     n.lab
         .forward(BACKEND_PORT, FastLab::backend_data(&mut conn, 10));
     assert!(n.pair().is_some());
-    let last = n.lab.now;
-    n.run_with_grace(last + mins(4) + 10 * MS);
-    assert_eq!(n.lab.engine.flow_count(), 0);
-    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+    n.expect_exact_idle_reset(&conn);
 }
 
 /// With the memory of the previous process taken over (`FastTable::resume`), a restored flow
@@ -836,10 +839,7 @@ fn a_resumed_table_gives_restored_flows_what_xdp_recorded() {
     n.lab
         .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
     assert!(n.pair().is_some());
-    let last = n.lab.now;
-    n.run_with_grace(last + mins(4) + 10 * MS);
-    assert_eq!(n.lab.engine.flow_count(), 0);
-    assert_eq!(n.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+    n.expect_exact_idle_reset(&conn);
 }
 
 /// An XDP invocation that read `FAST` just before the worker cleared it still commits its
