@@ -22,8 +22,6 @@ use crate::{
 
 /// Bytes of one element of `xlb_fast` (the map's value size).
 pub const FAST_ELEMENT_BYTES: usize = 64;
-/// Rule ids the per-rule fast-path counters have room for (keep in sync with the C).
-pub const FAST_RULES: u32 = 4096;
 /// Reasons in `xlb_fast_stats` (keep in sync with the C).
 const FAST_REASONS: u32 = 8;
 
@@ -216,7 +214,7 @@ pub(crate) fn read_rule_counts(counts: &MapHandle) -> Result<Vec<FastRuleCount>>
 
 /// Every entry of a per-CPU array whose values are `fields` u64s, summed over CPUs: `fields`
 /// u64s per key, in key order. Read in batches (one `bpf()` call per 256 keys).
-fn sum_percpu_u64(map: &MapHandle, fields: usize) -> Result<Vec<u64>> {
+pub(crate) fn sum_percpu_u64(map: &MapHandle, fields: usize) -> Result<Vec<u64>> {
     const BATCH: u32 = 256;
     let value_size = map.value_size() as usize;
     if value_size != fields * 8 {

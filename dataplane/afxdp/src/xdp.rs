@@ -261,6 +261,11 @@ pub fn xdp_link_create(prog: BorrowedFd<'_>, ifindex: u32, flags: u32) -> Result
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A second handle on map `m` (its own fd), for another thread; `what` names it in errors.
+fn dup_handle(m: &MapHandle, what: &str) -> Result<MapHandle> {
+    MapHandle::try_from(m).map_err(|e| Error::with(format!("duplicating {what}"), e))
+}
+
 /// The pin of `ifindex`'s XDP link in `dir`: the mode is in the name (a link does not say).
 fn link_pin(dir: &std::path::Path, ifindex: u32, mode: AttachMode) -> std::path::PathBuf {
     let m = match mode {
@@ -591,9 +596,7 @@ impl XdpProgram {
     /// A handle on the address and interface maps for another thread (see [`XdpAddrTable`]);
     /// it knows the interfaces attached so far.
     pub fn addr_table(&self) -> Result<XdpAddrTable> {
-        let dup = |m: &MapHandle, what: &str| {
-            MapHandle::try_from(m).map_err(|e| Error::with(format!("duplicating {what}"), e))
-        };
+        let dup = dup_handle;
         Ok(XdpAddrTable {
             hold: self.hold,
             ifaces: dup(&self.ifaces, "xlb_ifaces")?,
@@ -693,22 +696,12 @@ impl XdpProgram {
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<XdpCounters> {
-        let read = |idx: u32| -> Result<u64> {
-            let per_cpu = self
-                .counters
-                .lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|e| Error::with("reading xlb_counters", e))?
-                .unwrap_or_default();
-            Ok(per_cpu
-                .iter()
-                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
-                .map(u64::from_ne_bytes)
-                .sum())
-        };
+        let v = crate::fast::sum_percpu_u64(&self.counters, 1)?;
+        let read = |idx: usize| v.get(idx).copied().unwrap_or(0);
         Ok(XdpCounters {
-            redirected: read(0)?,
-            passed: read(1)?,
-            no_xsk: read(2)?,
+            redirected: read(0),
+            passed: read(1),
+            no_xsk: read(2),
         })
     }
 
@@ -794,9 +787,7 @@ impl XdpProgram {
     /// A handle on the fast path's maps for another thread (see [`XdpFastControl`]); it knows
     /// the interfaces attached so far.
     pub fn fast_control(&self) -> Result<XdpFastControl> {
-        let dup = |m: &MapHandle, what: &str| {
-            MapHandle::try_from(m).map_err(|e| Error::with(format!("duplicating {what}"), e))
-        };
+        let dup = dup_handle;
         Ok(XdpFastControl {
             ifaces: dup(&self.ifaces, "xlb_ifaces")?,
             tx: dup(&self.tx, "xlb_tx")?,
