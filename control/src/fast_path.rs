@@ -57,8 +57,7 @@ pub fn random_keys() -> Result<[u64; 4], Failure> {
 }
 
 /// The fast path of a running xlbd: the table every worker publishes into, which ports XDP
-/// forwards on, the grace clock the engines share with the grace thread, and the program's
-/// counters.
+/// forwards on, and the grace clock the engines share with the grace thread.
 pub struct FastPath {
     pub mem: &'static [AtomicU32],
     pub layout: FastLayout,
@@ -66,7 +65,6 @@ pub struct FastPath {
     /// Per port, in `--interface` order: XDP forwards frames arriving and leaving there
     /// (attached natively, in the transmit map).
     pub port_ok: Vec<bool>,
-    pub counters: Arc<FastCounters>,
     /// The table is the one a previous xlbd left (`--state-dir`), with what XDP recorded.
     pub resumed: bool,
     /// The grace thread, once started (after the workers).
@@ -114,14 +112,12 @@ impl FastPath {
             }
             port_ok.push(on);
         }
-        let counters = counters(xdp, true)?;
         xlb_engine::fast::set_enabled(mem, true);
         Ok(FastPath {
             mem,
             layout,
             grace: Arc::new(GraceClock::default()),
             port_ok,
-            counters,
             resumed,
             service: None,
         })
@@ -146,12 +142,7 @@ impl FastPath {
 
     /// Starts the grace thread on the engines' clock.
     pub fn start_grace(&mut self) -> Result<(), Failure> {
-        let service = GraceService::spawn(
-            Arc::clone(&self.grace),
-            |g: &GraceClock| &g.epoch,
-            |g: &GraceClock| &g.wanted,
-        )
-        .map_err(|e| {
+        let service = GraceService::spawn(Arc::clone(&self.grace)).map_err(|e| {
             Failure::runtime(format!(
                 "the XDP fast path: {e}; run with --fast-path off on this kernel"
             ))

@@ -229,10 +229,7 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
     let fast = fast_layout
         .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found))
         .transpose()?;
-    let fast_counters = match &fast {
-        Some(f) => Arc::clone(&f.counters),
-        None => fast_path::counters(&xdp, false)?,
-    };
+    let fast_counters = fast_path::counters(&xdp, fast.is_some())?;
     let routes: SharedRoutes = Arc::new(Mutex::new(k.watch.routes().to_vec()));
     let maps = XdpMaps {
         table: xdp

@@ -8,8 +8,9 @@
 //! increments the epoch. A worker that cleared a line at epoch `e` may reuse it once the epoch
 //! reaches `e + 2` (the call in flight when it cleared the line may have started before).
 //!
-//! The shared state (an epoch and a "wanted" flag) belongs to the caller, reached through two
-//! accessors, so that this crate needs no dependency on the type that holds it.
+//! The shared state is the engines' [`GraceClock`]; the protocol (take the request, two
+//! barriers, an epoch step after each) is its [`GraceClock::serve`]: this thread only supplies
+//! the barrier.
 
 use std::{
     sync::{
@@ -19,6 +20,8 @@ use std::{
     thread::JoinHandle,
     time::Duration,
 };
+
+use xlb_engine::GraceClock;
 
 use crate::error::{Error, Result};
 
@@ -54,17 +57,11 @@ pub struct GraceService {
 }
 
 impl GraceService {
-    /// Starts the thread on `state`: `epoch(&state)` is the counter it advances (Release),
-    /// `wanted(&state)` the flag the workers set when they need a grace. A set flag is taken
-    /// (cleared) by the thread, which then runs two grace periods, incrementing the epoch after
-    /// each: a worker that read epoch `e` before setting the flag sees `e + 2` or more after
-    /// a full grace period that began after its request. Fails where the kernel lacks
-    /// `MEMBARRIER_CMD_GLOBAL`.
-    pub fn spawn<S: Send + Sync + 'static>(
-        state: Arc<S>,
-        epoch: fn(&S) -> &AtomicU64,
-        wanted: fn(&S) -> &AtomicBool,
-    ) -> Result<Self> {
+    /// Starts the thread on `clock`: when a worker asks for a grace it runs two grace periods,
+    /// advancing the epoch after each ([`GraceClock::serve`]): a worker that read epoch `e`
+    /// before asking sees `e + 2` or more after a full grace period that began after its
+    /// request. Fails where the kernel lacks `MEMBARRIER_CMD_GLOBAL`.
+    pub fn spawn(clock: Arc<GraceClock>) -> Result<Self> {
         if !membarrier_global_supported() {
             return Err(Error::msg(
                 "membarrier(MEMBARRIER_CMD_GLOBAL) is not available (nohz_full?): no grace \
@@ -78,20 +75,14 @@ impl GraceService {
             .name("xlb-grace".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
-                    if !wanted(&state).swap(false, Ordering::AcqRel) {
-                        std::thread::park_timeout(IDLE_POLL);
-                        continue;
-                    }
-                    for _ in 0..2 {
-                        // On failure the epoch stays: a missed grace must never look passed.
-                        // Retry after a pause; the request is put back.
-                        if membarrier(MEMBARRIER_CMD_GLOBAL).is_err() {
+                    match clock.serve(|| membarrier(MEMBARRIER_CMD_GLOBAL).map(drop)) {
+                        Ok(true) => {}
+                        Ok(false) => std::thread::park_timeout(IDLE_POLL),
+                        // The request was put back: retry after a pause.
+                        Err(_) => {
                             failures2.fetch_add(1, Ordering::Relaxed);
-                            wanted(&state).store(true, Ordering::Release);
                             std::thread::park_timeout(IDLE_POLL);
-                            break;
                         }
-                        epoch(&state).fetch_add(1, Ordering::Release);
                     }
                 }
             })
@@ -129,26 +120,14 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    struct Clock {
-        epoch: AtomicU64,
-        wanted: AtomicBool,
-    }
-
-    fn clock() -> Arc<Clock> {
-        Arc::new(Clock {
-            epoch: AtomicU64::new(0),
-            wanted: AtomicBool::new(false),
-        })
-    }
-
     #[test]
     fn a_request_advances_the_epoch_by_two_and_idle_leaves_it() {
-        if !membarrier_global_supported() {
-            eprintln!("membarrier(GLOBAL) unavailable here; nothing to test");
-            return;
-        }
-        let c = clock();
-        let mut g = GraceService::spawn(Arc::clone(&c), |c| &c.epoch, |c| &c.wanted).unwrap();
+        assert!(
+            membarrier_global_supported(),
+            "membarrier(MEMBARRIER_CMD_GLOBAL) is needed by the fast path (Linux 4.16+, not nohz_full)"
+        );
+        let c = Arc::new(GraceClock::default());
+        let mut g = GraceService::spawn(Arc::clone(&c)).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(c.epoch.load(Ordering::Acquire), 0, "no request, no grace");
         let fence = c.epoch.load(Ordering::Acquire);

@@ -180,11 +180,7 @@ pub fn header_keys(mem: &[AtomicU32]) -> [u64; 4] {
     keys
 }
 
-/// Low and high halves of the full product, folded.
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
-}
+use crate::select::fold_mul;
 
 /// The index hash of a frame (the XDP program computes the same): its source and destination
 /// address words and its port word, each as read natively from the frame, and its protocol.
@@ -236,6 +232,12 @@ pub fn advance_serial(cell: &AtomicU32, v: u32) -> u32 {
 
 /// Grows `cell` to `v` if larger (what both sides do to `max_win`).
 pub fn grow(cell: &AtomicU32, v: u32) -> u32 {
+    // Read first: the window rarely grows, and a locked read-modify-write would take the line
+    // from the CPU where XDP updates it on every segment.
+    let cur = cell.load(Ordering::Acquire);
+    if v <= cur {
+        return cur;
+    }
     cell.fetch_max(v, Ordering::AcqRel).max(v)
 }
 
@@ -329,16 +331,21 @@ impl GraceClock {
 
     /// For the grace thread: when a grace was asked for, runs two rounds of `barrier` (which
     /// returns once every CPU has left what it was running: `membarrier(GLOBAL)`), advancing
-    /// the epoch after each. Returns whether it did.
-    pub fn serve(&self, mut barrier: impl FnMut()) -> bool {
+    /// the epoch after each. Returns whether it served a request. A failed barrier leaves the
+    /// epoch where it is (a missed grace must never look passed), puts the request back and
+    /// returns the error: the caller retries later.
+    pub fn serve<E>(&self, mut barrier: impl FnMut() -> Result<(), E>) -> Result<bool, E> {
         if !self.take_wanted() {
-            return false;
+            return Ok(false);
         }
         for _ in 0..2 {
-            barrier();
+            if let Err(e) = barrier() {
+                self.want();
+                return Err(e);
+            }
             self.advance();
         }
-        true
+        Ok(true)
     }
 }
 

@@ -57,13 +57,9 @@ impl HashKey {
     }
 }
 
-/// The 128-bit product of `a` and `b`, high half XOR low half: every output bit depends on
-/// every bit of both operands (no finaliser needed after the last one).
-#[inline]
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
-}
+// The 128-bit product of two words, high half XOR low half: every output bit depends on
+// every bit of both operands (no finaliser needed after the last one).
+use crate::select::fold_mul;
 
 #[cfg(test)]
 mod tests {

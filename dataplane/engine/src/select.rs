@@ -34,8 +34,9 @@ const SEED_SKIP: u64 = 0xA409_3822_299F_31D0;
 
 /// 64×64→128 multiply folded to 64 bits (the wyhash/foldhash round): one multiply that
 /// spreads every input bit over the whole word.
+/// Shared by every keyed hash of the engine (`hashkey`, the fast path's table).
 #[inline(always)]
-const fn fold_mul(a: u64, b: u64) -> u64 {
+pub(crate) const fn fold_mul(a: u64, b: u64) -> u64 {
     let p = (a as u128) * (b as u128);
     (p as u64) ^ ((p >> 64) as u64)
 }

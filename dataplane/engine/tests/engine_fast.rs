@@ -171,7 +171,7 @@ impl FastLab {
     /// (two rounds per request, between two wake-ups of the worker).
     fn run_with_grace(&mut self, until: Nanos) {
         for _ in 0..100_000 {
-            self.grace.serve(|| {});
+            let _ = self.grace.serve(|| Ok::<(), ()>(()));
             match self.lab.engine.next_deadline() {
                 Some(d) if d <= until => self.lab.advance_to(d.max(self.lab.now)),
                 _ => break,
