@@ -823,7 +823,8 @@ impl Engine {
                 // Ended already, once the fast path's grace has passed.
                 continue;
             }
-            self.fast_pull(now, id);
+            // No read of what XDP recorded here: nothing below depends on it (the TCP state is
+            // the worker's alone), and a published flow that ends is read after its grace.
             let f = *self.flows.get(id);
             if f.nat == Nat::Snat {
                 continue;
@@ -853,8 +854,8 @@ impl Engine {
     }
 
     /// Ends flow `id` (open TCP, of drain `i`) at its drain's deadline: the two RSTs of reset
-    /// on idle when it is established (from its state as it stands: the caller read what XDP
-    /// recorded, after a grace when the flow was published), silently otherwise.
+    /// on idle when it is established (from its state as it stands: a published flow comes
+    /// here only after its grace, with what XDP recorded read in), silently otherwise.
     fn drain_end(&mut self, now: Nanos, id: FlowId, i: usize, emit: &mut dyn FnMut(PortId, &[u8])) {
         let f = *self.flows.get(id);
         let Some(progress) = self.census.progress.get_mut(i) else {

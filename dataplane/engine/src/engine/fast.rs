@@ -83,6 +83,25 @@ pub(super) struct FastState {
 }
 
 impl FastState {
+    /// Stops XDP forwarding flow `id` (published in `pair`) and asks for a grace; the flow's
+    /// fence remembers the epoch that grace must pass.
+    fn fence(&mut self, id: FlowId, pair: u32) {
+        self.table.set_fast(pair, false);
+        let grace = self.table.grace();
+        self.fences[id as usize] = grace.epoch() + 1;
+        grace.want();
+    }
+
+    /// Whether the grace flow `id`'s fence waits for has passed; when not, asks for it again.
+    fn fence_passed(&self, id: FlowId) -> bool {
+        let grace = self.table.grace();
+        let passed = grace.passed(self.fences[id as usize].saturating_sub(1));
+        if !passed {
+            grace.want();
+        }
+        passed
+    }
+
     fn pair(&self, id: FlowId) -> Option<u32> {
         match self.pairs.get(id as usize) {
             Some(&p) if p != NO_PAIR => Some(p),
@@ -409,10 +428,7 @@ impl Engine {
         let Some(pair) = fs.pair(id) else {
             return false;
         };
-        fs.table.set_fast(pair, false);
-        let grace = fs.table.grace();
-        fs.fences[id as usize] = grace.epoch() + 1;
-        grace.want();
+        fs.fence(id, pair);
         fs.ending[id as usize] = true;
         self.wheel.insert(id, now);
         true
@@ -461,9 +477,7 @@ impl Engine {
         let Some(fs) = self.fast.as_deref() else {
             return FastExpiry::DrainEnd;
         };
-        let grace = fs.table.grace();
-        if !grace.passed(fs.fences[id as usize].saturating_sub(1)) {
-            grace.want();
+        if !fs.fence_passed(id) {
             self.counters.fast_grace_waits += 1;
             self.wheel.insert(id, now.saturating_add(tick));
             return FastExpiry::Filed;
@@ -485,23 +499,17 @@ impl Engine {
         let Some(pair) = fs.pair(id) else {
             return false;
         };
-        let fence = fs.fences[id as usize];
-        if fence == 0 {
+        if fs.fences[id as usize] == 0 {
             if deadline > now.saturating_add(lead) {
                 self.wheel.insert(id, deadline - lead);
                 return true;
             }
             // Due within the lead: from now on every packet of the flow reaches the worker.
-            fs.table.set_fast(pair, false);
-            let grace = fs.table.grace();
-            fs.fences[id as usize] = grace.epoch() + 1;
-            grace.want();
+            fs.fence(id, pair);
             self.wheel.insert(id, deadline);
             return true;
         }
-        let grace = fs.table.grace();
-        if !grace.passed(fence - 1) {
-            grace.want();
+        if !fs.fence_passed(id) {
             self.counters.fast_grace_waits += 1;
             self.wheel.insert(id, now.saturating_add(tick));
             return true;
