@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::ops::{connect, runtime};
+use common::ops::{connect, event_lines, runtime, wait_state};
 use common::*;
 use xlb_api::server::Client;
 use xlb_proto::v1 as pb;
@@ -89,39 +89,8 @@ health_probe = "healthz"
 "#
 );
 
-/// The state (`up`/`down`) the last `probe_state` line of xlbd's log gives `member`; `up`
-/// when there is none (members start healthy).
-fn probe_state(lab: &Lab, member: &str) -> String {
-    let needle = format!(" member={member} ");
-    lab.log_text()
-        .lines()
-        .rfind(|l| l.starts_with("xlbd event probe_state") && l.contains(&needle))
-        .and_then(|l| l.split(" state=").nth(1))
-        .and_then(|s| s.split(' ').next())
-        .unwrap_or("up")
-        .to_string()
-}
-
 fn probe_lines(lab: &Lab) -> Vec<String> {
-    lab.log_text()
-        .lines()
-        .filter(|l| l.starts_with("xlbd event probe_state"))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits until `member`'s probe state is `state`; how long that took.
-fn wait_state(lab: &Lab, member: &str, state: &str, timeout: Duration) -> Duration {
-    let from = Instant::now();
-    while probe_state(lab, member) != state {
-        assert!(
-            from.elapsed() < timeout,
-            "{member} not {state} within {timeout:?}; log:\n{}",
-            lab.log_text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-    from.elapsed()
+    event_lines(lab, "xlbd event probe_state")
 }
 
 /// A new connection to VIP:`port`: which backend answered `whoami`.

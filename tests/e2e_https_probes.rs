@@ -123,29 +123,6 @@ fn https_server(
     ready_rx.recv().expect("HTTPS server started");
 }
 
-fn probe_state(lab: &Lab, member: &str) -> String {
-    let needle = format!(" member={member} ");
-    lab.log_text()
-        .lines()
-        .rfind(|l| l.starts_with("xlbd event probe_state") && l.contains(&needle))
-        .and_then(|l| l.split(" state=").nth(1))
-        .and_then(|s| s.split(' ').next())
-        .unwrap_or("up")
-        .to_string()
-}
-
-fn wait_state(lab: &Lab, member: &str, state: &str, timeout: Duration) {
-    let from = Instant::now();
-    while probe_state(lab, member) != state {
-        assert!(
-            from.elapsed() < timeout,
-            "{member} not {state} within {timeout:?}; log:\n{}",
-            lab.log_text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn https_probes_judge_members_over_tls_and_verify_certificates_on_request() {
     if !need_root("https_probes_judge_members_over_tls_and_verify_certificates_on_request") {

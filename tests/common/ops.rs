@@ -57,3 +57,30 @@ pub fn wait_line(lab: &Lab, prefix: &str, parts: &[&str], timeout: Duration) -> 
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The state (`up`/`down`) the last `probe_state` line of xlbd's log gives `member`; `up`
+/// when there is none (members start healthy).
+pub fn probe_state(lab: &Lab, member: &str) -> String {
+    let needle = format!(" member={member} ");
+    lab.log_text()
+        .lines()
+        .rfind(|l| l.starts_with("xlbd event probe_state") && l.contains(&needle))
+        .and_then(|l| l.split(" state=").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or("up")
+        .to_string()
+}
+
+/// Waits (bounded) until `member`'s probe state is `state`; how long that took.
+pub fn wait_state(lab: &Lab, member: &str, state: &str, timeout: Duration) -> Duration {
+    let from = Instant::now();
+    while probe_state(lab, member) != state {
+        assert!(
+            from.elapsed() < timeout,
+            "{member} not {state} within {timeout:?}; log:\n{}",
+            lab.log_text()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    from.elapsed()
+}
