@@ -6,10 +6,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc, Mutex, PoisonError,
-    },
+    sync::{atomic::AtomicU32, Arc, Mutex, PoisonError},
 };
 
 use xlb_afxdp::{GraceService, XdpFastControl, XdpProgram};
@@ -99,9 +96,9 @@ impl FastPath {
         let mem = xdp
             .fast_table()
             .map_err(|e| failed("mapping its table", e))?;
-        let resumed = found && same_layout(mem, &layout);
+        let resumed = found && xlb_engine::fast::header_matches(mem, &layout);
         if !resumed {
-            fresh_table(mem, &layout, random_keys()?);
+            xlb_engine::fast::reset_table(mem, &layout, random_keys()?);
         }
         let mut port_ok = Vec::with_capacity(ports.len());
         for p in ports {
@@ -168,33 +165,6 @@ impl FastPath {
 
 /// Header words the engine leaves spare, where the daemon notes how the pairs are split
 /// between workers (a resumed table must be split the same way).
-const HEADER_PAIRS_PER_WORKER: usize = 6;
-const HEADER_WORKERS: usize = 7;
-
-/// Whether `mem` holds a table of exactly `layout` (header, split between workers).
-fn same_layout(mem: &[AtomicU32], layout: &FastLayout) -> bool {
-    let h = |w: usize| mem[w].load(Ordering::Acquire);
-    h(0) == xlb_engine::fast::FAST_MAGIC
-        && h(2) == layout.index_slots
-        && h(3) == layout.index_base
-        && h(4) == layout.lines_base
-        && h(5) == layout.lines
-        && h(HEADER_PAIRS_PER_WORKER) == layout.pairs_per_worker
-        && h(HEADER_WORKERS) == u32::from(layout.workers)
-}
-
-/// Clears `mem` (switched off first: an XDP program still running on it through a kept
-/// attachment punts everything meanwhile) and writes a new header.
-fn fresh_table(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
-    xlb_engine::fast::set_enabled(mem, false);
-    for w in &mem[16..] {
-        w.store(0, Ordering::Relaxed);
-    }
-    xlb_engine::fast::init_header(mem, layout, keys);
-    mem[HEADER_PAIRS_PER_WORKER].store(layout.pairs_per_worker, Ordering::Relaxed);
-    mem[HEADER_WORKERS].store(u32::from(layout.workers), Ordering::Release);
-}
-
 /// The program's fast-path counters (also with the fast path off: they then show that XDP
 /// forwarded nothing).
 pub fn counters(xdp: &XdpProgram, enabled: bool) -> Result<Arc<FastCounters>, Failure> {
@@ -362,18 +332,26 @@ mod tests {
 
     #[test]
     fn a_table_is_taken_over_only_when_split_the_same_way() {
+        use xlb_engine::fast::{header_matches, reset_table};
         let layout = layout(100, 2).unwrap();
         let mem: Vec<AtomicU32> = (0..layout.words()).map(|_| AtomicU32::new(7)).collect();
-        assert!(!same_layout(&mem, &layout), "garbage is no table");
-        fresh_table(&mem, &layout, [1, 3, 5, 7]);
-        assert!(mem[16..].iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        assert!(!header_matches(&mem, &layout), "garbage is no table");
+        reset_table(&mem, &layout, [1, 3, 5, 7]);
+        assert!(mem[16..]
+            .iter()
+            .all(|w| w.load(std::sync::atomic::Ordering::Relaxed) == 0));
         assert!(!xlb_engine::fast::is_enabled(&mem));
         assert_eq!(xlb_engine::fast::header_keys(&mem), [1, 3, 5, 7]);
-        assert!(same_layout(&mem, &layout));
+        assert!(header_matches(&mem, &layout));
         // The same number of lines split another way (200 flows on one worker) is not it.
         let other = FastLayout::new(200, 1);
         assert_eq!(other.lines, layout.lines);
-        assert!(!same_layout(&mem, &other));
+        assert!(!header_matches(&mem, &other));
+        // Nor does a worker take it over.
+        let grace = Arc::new(GraceClock::default());
+        let mem: &'static [AtomicU32] = Box::leak(mem.into_boxed_slice());
+        assert!(FastTable::resume(mem, other, 0, Arc::clone(&grace)).is_err());
+        assert!(FastTable::resume(mem, layout, 0, grace).is_ok());
     }
 
     #[test]

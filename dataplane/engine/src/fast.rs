@@ -46,6 +46,9 @@ pub mod header {
     pub const INDEX_BASE: usize = 3;
     pub const LINES_BASE: usize = 4;
     pub const LINES: usize = 5;
+    /// How the lines are split between workers (not read by XDP: only for a taker-over).
+    pub const PAIRS_PER_WORKER: usize = 6;
+    pub const WORKERS: usize = 7;
     /// Hash keys k0..k3, each as its low word then its high word.
     pub const KEYS: usize = 8;
 }
@@ -150,13 +153,56 @@ pub fn init_header(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
     put(header::INDEX_BASE, layout.index_base);
     put(header::LINES_BASE, layout.lines_base);
     put(header::LINES, layout.lines);
-    put(6, 0);
-    put(7, 0);
+    put(header::PAIRS_PER_WORKER, layout.pairs_per_worker);
+    put(header::WORKERS, u32::from(layout.workers));
     for (i, k) in keys.iter().enumerate() {
         put(header::KEYS + 2 * i, *k as u32);
         put(header::KEYS + 2 * i + 1, (*k >> 32) as u32);
     }
     mem[header::MAGIC].store(FAST_MAGIC, Ordering::Release);
+}
+
+/// The header words that say `layout` (everything [`init_header`] writes but the switch and
+/// the keys), as `mem` holds them and as `layout` wants them.
+fn header_words(mem: &[AtomicU32], layout: &FastLayout) -> ([u32; 7], [u32; 7]) {
+    let h = |w: usize| mem[w].load(Ordering::Acquire);
+    let found = [
+        h(header::MAGIC),
+        h(header::INDEX_SLOTS),
+        h(header::INDEX_BASE),
+        h(header::LINES_BASE),
+        h(header::LINES),
+        h(header::PAIRS_PER_WORKER),
+        h(header::WORKERS),
+    ];
+    let want = [
+        FAST_MAGIC,
+        layout.index_slots,
+        layout.index_base,
+        layout.lines_base,
+        layout.lines,
+        layout.pairs_per_worker,
+        u32::from(layout.workers),
+    ];
+    (found, want)
+}
+
+/// Whether `mem` holds a table of exactly `layout`: geometry and split between workers.
+pub fn header_matches(mem: &[AtomicU32], layout: &FastLayout) -> bool {
+    mem.len() >= layout.words() && {
+        let (found, want) = header_words(mem, layout);
+        found == want
+    }
+}
+
+/// Clears `mem` (switched off first: an XDP program still running on it punts everything
+/// meanwhile) and writes a new header for `layout` with `keys`.
+pub fn reset_table(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
+    set_enabled(mem, false);
+    for w in mem.iter().skip(ELEMENT_WORDS) {
+        w.store(0, Ordering::Relaxed);
+    }
+    init_header(mem, layout, keys);
 }
 
 /// The runtime switch: XDP forwards published flows only while it is on.
@@ -437,21 +483,7 @@ impl FastTable {
         if mem.len() < layout.words() {
             return Err("fast table memory too small".into());
         }
-        let h = |w: usize| mem[w].load(Ordering::Acquire);
-        let found = [
-            h(header::MAGIC),
-            h(header::INDEX_SLOTS),
-            h(header::INDEX_BASE),
-            h(header::LINES_BASE),
-            h(header::LINES),
-        ];
-        let want = [
-            FAST_MAGIC,
-            layout.index_slots,
-            layout.index_base,
-            layout.lines_base,
-            layout.lines,
-        ];
+        let (found, want) = header_words(mem, &layout);
         if found != want {
             return Err(format!(
                 "fast table header {found:x?} is not this layout's {want:x?}"
