@@ -575,7 +575,11 @@ impl XdpProgram {
             }
         };
         let path = link_pin(dir, ifindex, m);
-        pin_fd(link.as_fd(), &path)?;
+        if let Err(e) = pin_fd(link.as_fd(), &path) {
+            // As a failed attach: the link goes with `link`, the interface's entry with it.
+            let _ = self.ifaces.delete(&ifindex.to_ne_bytes());
+            return Err(e);
+        }
         self.attached.insert(
             ifindex,
             Attachment {
