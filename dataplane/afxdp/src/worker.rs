@@ -414,18 +414,37 @@ fn umem_range(umem: &Umem, frames: &[FrameDesc], plan: &UmemPlan) -> Option<(usi
     Some((start, plan.bytes() as usize))
 }
 
+/// How long a bind attempt waits for the hugetlb pages of the previous attempt's UMEM: the
+/// kernel releases a UMEM (and unpins its pages) from a work queue after the socket closes.
+const POOL_RETURN_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether the hugetlb pool holds `bytes` now, or within `wait` (polled every 10 ms).
+fn pool_holds(bytes: u64, wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if huge::hugetlb_free_bytes().unwrap_or(0) >= bytes {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A UMEM for `plan`. With `huge_pages`: from the hugetlb pool when it holds the UMEM
-/// (rounded up to whole huge pages, if that stays within `budget`), else with normal pages
-/// advised for transparent huge pages. What it came to is in the [`UmemMemory`].
+/// (rounded up to whole huge pages, if that stays within `budget`; waiting up to `pool_wait`
+/// for pages still being released), else with normal pages advised for transparent huge
+/// pages. What it came to is in the [`UmemMemory`].
 fn create_umem(
     plan: &UmemPlan,
     huge_pages: bool,
     budget: Option<u64>,
+    pool_wait: Duration,
 ) -> Result<(Umem, Vec<FrameDesc>, UmemMemory)> {
     if huge_pages {
-        let free = huge::hugetlb_free_bytes().unwrap_or(0);
-        let rounded =
-            umem::hugetlb_plan(plan, huge::HUGE_PAGE as u64, budget).filter(|p| p.bytes() <= free);
+        let rounded = umem::hugetlb_plan(plan, huge::HUGE_PAGE as u64, budget)
+            .filter(|p| pool_holds(p.bytes(), pool_wait));
         if let Some(p) = rounded {
             // A pool that another process emptied meanwhile fails the mapping: normal pages.
             if let Ok((u, frames)) = new_umem(&p, true) {
@@ -493,8 +512,13 @@ fn bind_primary(
         BindMode::ZeroCopy => &[BindFlags::XDP_ZEROCOPY],
     };
     let mut last = None;
+    let mut pool_wait = Duration::ZERO;
     for &flags in attempts {
-        let (umem, frames, memory) = create_umem(plan, memory.0, memory.1)?;
+        let (umem, frames, memory) = create_umem(plan, memory.0, memory.1, pool_wait)?;
+        if memory.backing == UmemBacking::Hugetlb {
+            // Dropped if this bind fails: the next attempt waits for its pages.
+            pool_wait = POOL_RETURN_WAIT;
+        }
         // need_wakeup lets a zero-copy driver skip syscalls; in copy mode it is harmless.
         match bind(
             &umem,
@@ -1228,7 +1252,7 @@ mod tests {
         // 8.5 MiB: whole huge pages inside, for THP.
         let plan = umem::plan(2, 1024, 2048, 64, None).unwrap();
         let pool = huge::hugetlb_free_bytes().unwrap();
-        let (_u, frames, memory) = create_umem(&plan, true, None).unwrap();
+        let (_u, frames, memory) = create_umem(&plan, true, None, Duration::ZERO).unwrap();
         println!(
             "UMEM of {} bytes: {memory:?} (hugetlb pool: {pool} bytes free, THP {})",
             plan.bytes(),
@@ -1246,7 +1270,7 @@ mod tests {
         if memory.backing == UmemBacking::Pages {
             assert_eq!(memory.huge, 0);
         }
-        let (_u, _, plain) = create_umem(&plan, false, None).unwrap();
+        let (_u, _, plain) = create_umem(&plan, false, None, Duration::ZERO).unwrap();
         assert_eq!(
             plain,
             UmemMemory {
