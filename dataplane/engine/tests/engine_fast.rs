@@ -550,6 +550,39 @@ fn a_fin_withdraws_the_flow_from_xdp() {
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &data).is_none());
 }
 
+/// A published flow's packets are checked only for what a packet can change, its TCP state:
+/// a change in the reply direction (the backend's FIN) withdraws it as the client's does, and
+/// the closing flow's later packets do not publish it again.
+#[test]
+fn a_backend_fin_withdraws_the_flow_and_the_closing_flow_stays_slow() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_005);
+    let pair = t.pair().unwrap();
+    t.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    t.lab
+        .forward(BACKEND_PORT, FastLab::backend_data(&mut conn, 10));
+    assert_eq!(t.pair(), Some(pair), "data keeps it published");
+    let fin = conn.backend.seg(FIN | ACK, conn.s_seq, conn.c_seq, &[]);
+    conn.s_seq = conn.s_seq.wrapping_add(1);
+    assert!(
+        t.xdp.forward(t.lab.now, BACKEND_PORT, &fin).is_none(),
+        "XDP punts a FIN"
+    );
+    t.lab.forward(BACKEND_PORT, fin);
+    assert_eq!(t.pair(), None);
+    assert_eq!(t.counters().fast_unpublished, 1);
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE], 0);
+    assert_eq!(t.xdp.words(2 * pair + 1)[line::STATE], 0);
+    assert_eq!(t.xdp.find(CLIENT, VIP, 40_005, 80, 6), None);
+    let ack = conn.client.seg(ACK, conn.c_seq, conn.s_seq, &[]);
+    t.lab.forward(CLIENT_PORT, ack);
+    t.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    assert_eq!(t.pair(), None, "a closing flow is not published again");
+    assert_eq!(t.counters().fast_published, 1);
+}
+
 #[test]
 fn a_withdrawn_pair_is_reused_only_after_a_grace() {
     let mut t = FastLab::new(1);

@@ -294,7 +294,13 @@ impl Engine {
 
     /// After the worker processed a packet of flow `id`, direction `dir`, at `now` (tracked,
     /// `last_seen` refreshed): writes what it tracked back into a published flow's line,
-    /// withdraws it when it is no longer eligible, publishes it when it has become so.
+    /// withdraws it when its TCP state no longer allows it, publishes it when it has become
+    /// eligible.
+    ///
+    /// A packet changes nothing else [`fast_eligible`](Self::fast_eligible) looks at: the
+    /// rule, the ports and the hops change by their own paths, which withdraw the flows they
+    /// affect ([`fast_recheck_all`](Self::fast_recheck_all), `rehome_flow`), and a published
+    /// flow was confirmed, IPv4, and no standby copy (becoming one withdraws it).
     #[inline]
     pub(super) fn fast_after_packet(&mut self, now: Nanos, id: FlowId, dir: Dir) {
         let Some(fs) = self.fast.as_deref() else {
@@ -315,7 +321,7 @@ impl Engine {
                     // the pair a last time once the grace has passed).
                     return;
                 }
-                if !self.fast_eligible(id) {
+                if tcp && !f.tcp.can_reset() {
                     self.fast_withdraw(id);
                 } else if fs.fences[id as usize] != 0 {
                     // Its expiry was under way: this packet moved the deadline, so XDP may
