@@ -561,7 +561,7 @@ impl Engine {
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
-            || self.fast_hops_moved()
+            || self.fast_has_work()
         {
             return Some(0);
         }
@@ -801,6 +801,7 @@ impl Engine {
             }
             _ => {}
         }
+        done += self.fast_recheck_step(budget.saturating_sub(done).max(1));
         done + self.census_step(now, emit)
     }
 
