@@ -195,7 +195,7 @@ impl FrameHandler for EmitOnce {
         2
     }
 
-    fn prefetch(&mut self, stage: u8, _ingress: PortId, frame: &[u8]) {
+    fn prefetch(&mut self, stage: u8, _at: usize, _ingress: PortId, frame: &[u8]) {
         if !frame.is_empty() {
             self.looked_ahead[usize::from(stage)] += 1;
         }

@@ -13,7 +13,7 @@ use crossbeam::channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use xlb_afxdp::{sys, FrameHandler, PortId, Verdict as AfxdpVerdict};
 use xlb_api::SnatUsage;
-use xlb_engine::{flow::Flow, natlog::NatEvent, wire, Addr, Engine, Verdict};
+use xlb_engine::{flow::Flow, natlog::NatEvent, wire, Addr, Engine, Lookahead, Verdict};
 
 use crate::{
     kernel_watch::{self, Applied, KernelMailbox},
@@ -33,6 +33,10 @@ const HANDOFF_BUDGET: usize = 64;
 /// MB: measured, the look-ahead already pays at 10 000 flows (user time 162–184 → 116–120 ns
 /// a frame) and would cost its second parse at 1 000.
 const PREFETCH_MIN_FLOWS: usize = 4_096;
+/// Frames of a receive batch whose look-ahead reading is kept for their processing (the
+/// worker's batch, `WorkerConfig::batch`); a frame further on in a larger batch is read
+/// again where needed.
+const LOOKAHEAD_FRAMES: usize = 64;
 
 /// [`FrameHandler`] for the engine of one worker.
 #[derive(Debug)]
@@ -66,6 +70,10 @@ pub struct EngineHandler {
     heartbeat: Option<crate::liveness::Heartbeat>,
     /// This worker's end of the cluster's flow-state sync, when it is on.
     sync: Option<crate::cluster::sync::WorkerSync>,
+    /// What the look-ahead read of each frame of the batch being handled, by position
+    /// (`LOOKAHEAD_FRAMES` of them): the first pass reads it, the second and the frame's
+    /// processing use it.
+    lookahead: Vec<Option<Lookahead>>,
 }
 
 impl EngineHandler {
@@ -98,6 +106,35 @@ impl EngineHandler {
             sync: None,
             nat_events: None,
             nat_events_lost: 0,
+            lookahead: vec![None; LOOKAHEAD_FRAMES],
+        }
+    }
+
+    /// A received frame (`buf[..len]`, room to grow into after it), `hint` what the
+    /// look-ahead read of it.
+    #[inline]
+    fn handle_frame(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+        hint: Option<&Lookahead>,
+    ) -> AfxdpVerdict {
+        let len = len.min(buf.len());
+        if self.hand_off(ingress, &buf[..len]) {
+            return AfxdpVerdict::Drop;
+        }
+        match self.engine.process_hinted(now_ns, ingress, buf, len, hint) {
+            Verdict::Tx { port, len } => {
+                let out = &buf[..usize::from(len)];
+                if selfprobe::is_probe_answer(&self.probe_sources, out) {
+                    self.take_probe_answer(now_ns, port, out);
+                    return AfxdpVerdict::Drop;
+                }
+                AfxdpVerdict::Tx { port, len }
+            }
+            Verdict::Drop(_) => AfxdpVerdict::Drop,
         }
     }
 
@@ -426,21 +463,21 @@ impl FrameHandler for EngineHandler {
         buf: &mut [u8],
         len: usize,
     ) -> AfxdpVerdict {
-        let len = len.min(buf.len());
-        if self.hand_off(ingress, &buf[..len]) {
-            return AfxdpVerdict::Drop;
-        }
-        match self.engine.process_buf(now_ns, ingress, buf, len) {
-            Verdict::Tx { port, len } => {
-                let out = &buf[..usize::from(len)];
-                if selfprobe::is_probe_answer(&self.probe_sources, out) {
-                    self.take_probe_answer(now_ns, port, out);
-                    return AfxdpVerdict::Drop;
-                }
-                AfxdpVerdict::Tx { port, len }
-            }
-            Verdict::Drop(_) => AfxdpVerdict::Drop,
-        }
+        self.handle_frame(now_ns, ingress, buf, len, None)
+    }
+
+    /// With what the look-ahead read of the frame (taken: it serves that frame only).
+    #[inline]
+    fn handle_looked_ahead(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+        at: usize,
+    ) -> AfxdpVerdict {
+        let hint = self.lookahead.get_mut(at).and_then(Option::take);
+        self.handle_frame(now_ns, ingress, buf, len, hint.as_ref())
     }
 
     fn next_deadline(&self) -> Option<u64> {
@@ -509,8 +546,21 @@ impl FrameHandler for EngineHandler {
         }
     }
 
-    fn prefetch(&mut self, stage: u8, _ingress: PortId, frame: &[u8]) {
-        if let Some(addr) = self.engine.prefetch_addr(frame, stage) {
+    /// The first pass reads the frame's key and hash and keeps them by position; the
+    /// second pass and the frame's processing take them from there.
+    fn prefetch(&mut self, stage: u8, at: usize, _ingress: PortId, frame: &[u8]) {
+        let la = match self.lookahead.get_mut(at) {
+            Some(kept) if stage > 0 => *kept,
+            Some(kept) => {
+                *kept = self.engine.lookahead(frame);
+                *kept
+            }
+            None => self.engine.lookahead(frame),
+        };
+        let Some(la) = la else {
+            return;
+        };
+        if let Some(addr) = self.engine.lookahead_addr(&la, stage) {
             sys::prefetch(addr);
             if stage == 1 {
                 // a flow entry may straddle two cache lines

@@ -294,3 +294,43 @@ fn backend_side_ports_follow_the_control_thread_with_the_rules_or_alone() {
     ));
     assert_eq!(spoofed(&h), 3);
 }
+
+/// A batch handled after the look-ahead passes (each frame with what the first pass read of
+/// it) comes out as without them: the same verdicts and bytes, past the kept readings
+/// (`LOOKAHEAD_FRAMES`) too, and when a position holds another frame than the one read there.
+#[test]
+fn the_look_ahead_reading_changes_no_verdict_even_for_another_frame() {
+    let (mut plain, _) = probe_handler();
+    let (mut looked, _) = probe_handler();
+    let vip = Ipv4Addr::new(198, 18, 0, 100);
+    let batch: Vec<Vec<u8>> = (0..LOOKAHEAD_FRAMES as u16 + 6)
+        .map(|i| {
+            frame(
+                Ipv4Addr::new(198, 18, 0, 10),
+                40_000 + i,
+                vip,
+                80,
+                i % 3 == 0,
+            )
+        })
+        .collect();
+    // Second round: every position holds another frame than the one the look-ahead read.
+    for round in 0..2 {
+        for stage in 0..2 {
+            for (at, f) in batch.iter().enumerate() {
+                looked.prefetch(stage, at, 0, f);
+            }
+        }
+        for at in 0..batch.len() {
+            let f = &batch[if round == 0 { at } else { batch.len() - 1 - at }];
+            let (mut a, mut b) = (f.clone(), f.clone());
+            let len = f.len();
+            let va = plain.handle_in(10, 0, &mut a, len);
+            let vb = looked.handle_looked_ahead(10, 0, &mut b, len, at);
+            assert!(matches!(va, AfxdpVerdict::Tx { port: 1, .. }), "{va:?}");
+            assert_eq!(va, vb, "round {round}, position {at}");
+            assert_eq!(a, b, "round {round}, position {at}");
+        }
+    }
+    assert_eq!(looked.engine().flow_count(), batch.len());
+}

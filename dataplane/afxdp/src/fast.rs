@@ -31,36 +31,12 @@ pub(crate) fn map_fast_table(map: &MapHandle) -> Result<&'static [AtomicU32]> {
     if map.value_size() as usize != FAST_ELEMENT_BYTES {
         return Err(Error::msg("xlb_fast: unexpected element size"));
     }
-    let elements = map.max_entries() as usize;
-    let bytes = elements
-        .checked_mul(FAST_ELEMENT_BYTES)
-        .ok_or_else(|| Error::msg("xlb_fast: size overflows"))?;
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let len = bytes.div_ceil(page) * page;
-    // SAFETY: a fresh shared mapping of a BPF map fd at offset 0, of at most the map's
-    // (page-rounded) size, at an address the kernel chooses; nothing else is touched.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            map.as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(Error::with(
-            "mapping xlb_fast",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: the mapping is `len >= bytes` bytes, page-aligned (so aligned for u32), readable
+    let (ptr, bytes) = crate::pinned::map_array(map, "xlb_fast")?;
+    // SAFETY: the mapping holds `bytes` bytes, page-aligned (so aligned for u32), readable
     // and writable, and never unmapped (leaked on purpose), hence valid for 'static; the
     // kernel side only accesses it with atomic instructions or single aligned loads and
     // stores, and user space only through these atomics.
-    Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU32>(), bytes / 4) })
+    Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<AtomicU32>(), bytes / 4) })
 }
 
 /// The fast-path counters of the program, summed over CPUs: frames forwarded, and frames

@@ -60,10 +60,29 @@ pub trait FrameHandler {
         0
     }
 
-    /// Look-ahead pass `stage` over a frame about to be handled: where a handler starts the
-    /// memory loads `handle` will need (see [`crate::sys::prefetch`]). Must not change state
+    /// Look-ahead pass `stage` over the frame at position `at` of the batch about to be
+    /// handled: where a handler starts the memory loads `handle` will need (see
+    /// [`crate::sys::prefetch`]), and may keep what it read of the frame for
+    /// [`handle_looked_ahead`](Self::handle_looked_ahead) (by `at`). Must not change state
     /// `handle` depends on. The default does nothing.
-    fn prefetch(&mut self, _stage: u8, _ingress: PortId, _frame: &[u8]) {}
+    fn prefetch(&mut self, _stage: u8, _at: usize, _ingress: PortId, _frame: &[u8]) {}
+
+    /// What the worker calls instead of [`handle_in`](Self::handle_in) for the frame at
+    /// position `at` of a batch the look-ahead passed over, so that a handler can use what
+    /// its [`prefetch`](Self::prefetch) read of that frame (it must not rely on it: a frame
+    /// that changed, or another frame at `at`, is handled as any other). The default calls
+    /// `handle_in`.
+    #[inline]
+    fn handle_looked_ahead(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+        _at: usize,
+    ) -> Verdict {
+        self.handle_in(now_ns, ingress, buf, len)
+    }
 }
 
 impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
@@ -95,7 +114,18 @@ impl<T: FrameHandler + ?Sized> FrameHandler for Box<T> {
         (**self).prefetch_stages()
     }
 
-    fn prefetch(&mut self, stage: u8, ingress: PortId, frame: &[u8]) {
-        (**self).prefetch(stage, ingress, frame)
+    fn prefetch(&mut self, stage: u8, at: usize, ingress: PortId, frame: &[u8]) {
+        (**self).prefetch(stage, at, ingress, frame)
+    }
+
+    fn handle_looked_ahead(
+        &mut self,
+        now_ns: u64,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+        at: usize,
+    ) -> Verdict {
+        (**self).handle_looked_ahead(now_ns, ingress, buf, len, at)
     }
 }

@@ -27,7 +27,83 @@ use crate::error::{Error, Result};
 /// Bytes per element of a flow store's BPF array (one flow record).
 pub const STORE_RECORD: u32 = 128;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const PAGE: usize = 4096;
+
+/// Bytes of a memory page: what the kernel rounds an mmapable array's memory up to.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4096)
+}
+
+/// What [`take_pinned_array`] found pinned.
+#[derive(Debug)]
+pub(crate) enum PinnedArray {
+    /// Nothing.
+    Absent,
+    /// An mmapable array of the size asked for: taken over, with its content.
+    Found(MapHandle),
+    /// A map of another kind or size, `bytes` of values: unpinned.
+    Replaced { bytes: usize },
+}
+
+/// Opens the BPF array pinned at `path` when it is mmapable and holds `entries` values of
+/// `value_size` bytes; a map of any other kind or size pinned there is unpinned (it lives
+/// on while something still holds it).
+pub(crate) fn take_pinned_array(path: &Path, value_size: u32, entries: u32) -> Result<PinnedArray> {
+    if !path.exists() {
+        return Ok(PinnedArray::Absent);
+    }
+    let map = MapHandle::from_pinned_path(path)
+        .map_err(|e| Error::with(format!("opening {}", path.display()), e))?;
+    let info = map
+        .info()
+        .map_err(|e| Error::with(format!("reading {}", path.display()), e))?
+        .info;
+    if info.type_ == libbpf_sys::BPF_MAP_TYPE_ARRAY
+        && info.map_flags & libbpf_sys::BPF_F_MMAPABLE != 0
+        && info.value_size == value_size
+        && info.max_entries == entries
+    {
+        return Ok(PinnedArray::Found(map));
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| Error::with(format!("unpinning {}", path.display()), e))?;
+    Ok(PinnedArray::Replaced {
+        bytes: info.max_entries as usize * info.value_size as usize,
+    })
+}
+
+/// Maps the values of mmapable array `map` (`what` in errors) into this process, shared and
+/// writable: their address and length (`max_entries × value_size` bytes; the mapping itself
+/// is rounded up to whole pages, as munmap rounds the same length).
+pub(crate) fn map_array(map: &MapHandle, what: &str) -> Result<(NonNull<u8>, usize)> {
+    let bytes = (map.max_entries() as usize)
+        .checked_mul(map.value_size() as usize)
+        .ok_or_else(|| Error::msg(format!("{what}: size overflows")))?;
+    let page = page_size();
+    let len = bytes.div_ceil(page) * page;
+    // SAFETY: a fresh shared mapping of a BPF map fd at offset 0, of the map's page-rounded
+    // size (what the kernel allocated for it), at an address the kernel chooses; nothing
+    // else is touched. Checked for failure below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(Error::with(
+            format!("mapping {what}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| Error::msg("mmap gave null"))?;
+    Ok((ptr, bytes))
+}
 
 /// Whether `path` (or its nearest existing ancestor) is on a bpffs.
 fn on_bpffs(path: &Path) -> bool {
@@ -177,29 +253,15 @@ pub enum StoreOrigin {
 impl MappedStore {
     /// Opens the store pinned at `path`, or creates and pins one of at least `bytes` bytes.
     pub fn open_or_create(path: &Path, bytes: usize) -> Result<(MappedStore, StoreOrigin)> {
-        let entries = bytes.div_ceil(PAGE) * (PAGE / STORE_RECORD as usize);
+        let page = page_size();
+        let entries = bytes.div_ceil(page) * (page / STORE_RECORD as usize).max(1);
         let entries = u32::try_from(entries)
             .map_err(|_| Error::msg(format!("flow store of {bytes} bytes is too large")))?;
-        let mut origin = StoreOrigin::Created;
-        if path.exists() {
-            let map = MapHandle::from_pinned_path(path)
-                .map_err(|e| Error::with(format!("opening {}", path.display()), e))?;
-            let info = map
-                .info()
-                .map_err(|e| Error::with(format!("reading {}", path.display()), e))?;
-            let info = info.info;
-            let usable = info.map_flags & libbpf_sys::BPF_F_MMAPABLE != 0
-                && info.value_size == STORE_RECORD
-                && info.type_ == libbpf_sys::BPF_MAP_TYPE_ARRAY;
-            if usable && info.max_entries == entries {
-                return Ok((Self::map(map, path)?, StoreOrigin::Found));
-            }
-            origin = StoreOrigin::Replaced {
-                bytes: info.max_entries as usize * info.value_size as usize,
-            };
-            std::fs::remove_file(path)
-                .map_err(|e| Error::with(format!("unpinning {}", path.display()), e))?;
-        }
+        let origin = match take_pinned_array(path, STORE_RECORD, entries)? {
+            PinnedArray::Found(map) => return Ok((Self::map(map, path)?, StoreOrigin::Found)),
+            PinnedArray::Absent => StoreOrigin::Created,
+            PinnedArray::Replaced { bytes } => StoreOrigin::Replaced { bytes },
+        };
         let opts = libbpf_sys::bpf_map_create_opts {
             sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as libbpf_sys::size_t,
             map_flags: libbpf_sys::BPF_F_MMAPABLE,
@@ -220,26 +282,7 @@ impl MappedStore {
     }
 
     fn map(map: MapHandle, path: &Path) -> Result<MappedStore> {
-        let len = map.max_entries() as usize * STORE_RECORD as usize;
-        // SAFETY: maps `len` bytes (the array's whole value area, a page multiple) of the
-        // map's fd, shared, at an address the kernel picks; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::with(
-                format!("mapping {}", path.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| Error::msg("mmap gave null"))?;
+        let (ptr, len) = map_array(&map, &path.display().to_string())?;
         Ok(MappedStore {
             ptr,
             len,

@@ -947,17 +947,16 @@ impl Io {
         let port = socks[s].port;
         let su = socks[s].umem;
         let umem = &umems[su];
-        if n > 0 {
-            for stage in 0..h.prefetch_stages() {
-                for desc in &descs[..n] {
-                    // SAFETY: consumed from the RX ring just above: the kernel is done with
-                    // the frame and nothing else refers to it; read only, before `handle`.
-                    let data = unsafe { umem.data(desc) };
-                    h.prefetch(stage, port, data.contents());
-                }
+        let stages = if n > 0 { h.prefetch_stages() } else { 0 };
+        for stage in 0..stages {
+            for (at, desc) in descs[..n].iter().enumerate() {
+                // SAFETY: consumed from the RX ring just above: the kernel is done with
+                // the frame and nothing else refers to it; read only, before `handle`.
+                let data = unsafe { umem.data(desc) };
+                h.prefetch(stage, at, port, data.contents());
             }
         }
-        for desc in &mut descs[..n] {
+        for (at, desc) in descs[..n].iter_mut().enumerate() {
             let rx_len = desc.lengths().data();
             let c = &mut counters[usize::from(port)];
             c.rx_packets += 1;
@@ -970,7 +969,13 @@ impl Io {
                 let mut cur = data.cursor();
                 let room = cur.buf_len();
                 cur.set_pos(room);
-                (h.handle_in(now, port, data.contents_mut(), rx_len), room)
+                let buf = data.contents_mut();
+                let verdict = if stages > 0 {
+                    h.handle_looked_ahead(now, port, buf, rx_len, at)
+                } else {
+                    h.handle_in(now, port, buf, rx_len)
+                };
+                (verdict, room)
             };
             let (out, len) = match verdict {
                 Verdict::Drop => {

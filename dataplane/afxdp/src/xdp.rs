@@ -403,26 +403,14 @@ impl XdpProgram {
     ) -> Result<(Self, bool)> {
         let fast_elements = fast_elements.max(1);
         let previous = match pin {
-            Some(path) if path.exists() => {
-                let map = MapHandle::from_pinned_path(path)
-                    .map_err(|e| Error::with(format!("opening {}", path.display()), e))?;
-                let info = map
-                    .info()
-                    .map_err(|e| Error::with(format!("reading {}", path.display()), e))?
-                    .info;
-                let same = info.type_ == libbpf_sys::BPF_MAP_TYPE_ARRAY
-                    && info.map_flags & libbpf_sys::BPF_F_MMAPABLE != 0
-                    && info.value_size as usize == fast::FAST_ELEMENT_BYTES
-                    && info.max_entries == fast_elements;
-                if same {
-                    Some(map)
-                } else {
-                    std::fs::remove_file(path)
-                        .map_err(|e| Error::with(format!("unpinning {}", path.display()), e))?;
-                    None
+            Some(path) => {
+                let size = fast::FAST_ELEMENT_BYTES as u32;
+                match crate::pinned::take_pinned_array(path, size, fast_elements)? {
+                    crate::pinned::PinnedArray::Found(map) => Some(map),
+                    _ => None,
                 }
             }
-            _ => None,
+            None => None,
         };
         let mut storage = MaybeUninit::uninit();
         let mut open = skel::XlbSkelBuilder::default()
@@ -484,33 +472,55 @@ impl XdpProgram {
         mode: ModeRequest,
         backend_side: bool,
     ) -> Result<AttachMode> {
+        let slot = self.begin_attach(ifindex, backend_side)?;
+        self.attach_new_link(ifindex, slot, mode, |_, _| Ok(()))
+    }
+
+    /// The first half of every attach: a free slot for `ifindex`, and its interface entry
+    /// written. The entry goes in first: the program passes everything on an interface it
+    /// has no entry for, so there is no window with a half config.
+    fn begin_attach(&mut self, ifindex: u32, backend_side: bool) -> Result<u32> {
         if self.attached.contains_key(&ifindex) {
             return Err(Error::msg(format!("already attached to ifindex {ifindex}")));
         }
-        let slot = (0..MAX_IFACES)
-            .find(|s| self.attached.values().all(|a| a.slot != *s))
-            .ok_or_else(|| Error::msg(format!("more than {MAX_IFACES} interfaces")))?;
-        // The interface entry goes in first: the program passes everything on an
-        // interface it has no entry for, so there is no window with a half config.
+        let slot = self.free_slot()?;
         self.write_iface(ifindex, slot, backend_side)?;
-        let result = xdp_attach(self.prog.as_fd(), ifindex, mode);
-        match result {
-            Ok((link, mode)) => {
-                self.attached.insert(
-                    ifindex,
-                    Attachment {
-                        slot,
-                        mode,
-                        _link: link,
-                    },
-                );
-                Ok(mode)
+        Ok(slot)
+    }
+
+    /// The second half when no link is taken over: a new link for `ifindex` (its entry in
+    /// `slot` written), handed to `keep` (which may pin it), then recorded. When either
+    /// fails, the interface's entry is deleted and the link dropped (which detaches it).
+    fn attach_new_link(
+        &mut self,
+        ifindex: u32,
+        slot: u32,
+        mode: ModeRequest,
+        keep: impl FnOnce(&OwnedFd, AttachMode) -> Result<()>,
+    ) -> Result<AttachMode> {
+        let linked = xdp_attach(self.prog.as_fd(), ifindex, mode)
+            .and_then(|(link, m)| keep(&link, m).map(|()| (link, m)));
+        match linked {
+            Ok((link, m)) => {
+                self.record(ifindex, slot, m, link);
+                Ok(m)
             }
             Err(e) => {
                 let _ = self.ifaces.delete(&ifindex.to_ne_bytes());
                 Err(e)
             }
         }
+    }
+
+    fn record(&mut self, ifindex: u32, slot: u32, mode: AttachMode, link: OwnedFd) {
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                slot,
+                mode,
+                _link: link,
+            },
+        );
     }
 
     fn write_iface(&self, ifindex: u32, slot: u32, backend_side: bool) -> Result<()> {
@@ -538,11 +548,7 @@ impl XdpProgram {
         backend_side: bool,
         dir: &std::path::Path,
     ) -> Result<(AttachMode, bool)> {
-        if self.attached.contains_key(&ifindex) {
-            return Err(Error::msg(format!("already attached to ifindex {ifindex}")));
-        }
-        let slot = self.free_slot()?;
-        self.write_iface(ifindex, slot, backend_side)?;
+        let slot = self.begin_attach(ifindex, backend_side)?;
         for m in [AttachMode::Native, AttachMode::Generic] {
             let path = link_pin(dir, ifindex, m);
             if !path.exists() {
@@ -550,14 +556,7 @@ impl XdpProgram {
             }
             match update_pinned_link(&path, self.prog.as_fd()) {
                 Ok(link) => {
-                    self.attached.insert(
-                        ifindex,
-                        Attachment {
-                            slot,
-                            mode: m,
-                            _link: link,
-                        },
-                    );
+                    self.record(ifindex, slot, m, link);
                     return Ok((m, true));
                 }
                 // A link whose interface is gone (or another program type): not ours to
@@ -567,27 +566,10 @@ impl XdpProgram {
                 }
             }
         }
-        let (link, m) = match xdp_attach(self.prog.as_fd(), ifindex, mode) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = self.ifaces.delete(&ifindex.to_ne_bytes());
-                return Err(e);
-            }
-        };
-        let path = link_pin(dir, ifindex, m);
-        if let Err(e) = pin_fd(link.as_fd(), &path) {
-            // As a failed attach: the link goes with `link`, the interface's entry with it.
-            let _ = self.ifaces.delete(&ifindex.to_ne_bytes());
-            return Err(e);
-        }
-        self.attached.insert(
-            ifindex,
-            Attachment {
-                slot,
-                mode: m,
-                _link: link,
-            },
-        );
+        // A link that cannot be pinned fails the attach as a link that cannot be made.
+        let m = self.attach_new_link(ifindex, slot, mode, |link, m| {
+            pin_fd(link.as_fd(), &link_pin(dir, ifindex, m))
+        })?;
         Ok((m, false))
     }
 

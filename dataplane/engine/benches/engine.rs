@@ -17,7 +17,7 @@ use xlb_engine::config::{Config, MemberHealth};
 use xlb_engine::ruleset::PortBlock;
 use xlb_engine::snat::SnatPorts;
 use xlb_engine::time::{mins, secs, Nanos};
-use xlb_engine::{compile, Engine, EngineConfig, Route, RuleSet, Verdict};
+use xlb_engine::{compile, Engine, EngineConfig, Lookahead, Route, RuleSet, Verdict};
 
 const CONFIG: &str = r#"
 [[frontends]]
@@ -208,6 +208,28 @@ fn bench_established(c: &mut Criterion) {
                 black_box(e.process(T0, 1, &mut buf))
             })
         });
+        // As the worker does it: per receive batch of 64 frames, the look-ahead's two passes
+        // (index slots, then the flows they name), then the frames, each with what the first
+        // pass read of it.
+        g.bench_function(format!("client_to_backend_lookahead/{n}_flows"), |b| {
+            b.iter_custom(|iters| {
+                let mut hints = [None; 64];
+                let start = Instant::now();
+                let mut left = iters;
+                while left > 0 {
+                    let k = left.min(64) as usize;
+                    i = (i + 64) % (fwd.len() - 64);
+                    let batch = &fwd[i..i + k];
+                    lookahead(&e, batch, &mut hints);
+                    for (f, hint) in batch.iter().zip(&hints) {
+                        buf.copy_from_slice(f);
+                        black_box(e.process_hinted(T0, 0, &mut buf, 64, hint.as_ref()));
+                    }
+                    left -= k as u64;
+                }
+                start.elapsed()
+            })
+        });
     }
     g.finish();
 }
@@ -224,6 +246,22 @@ fn prefetch(addr: *const u8) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// The worker's two look-ahead passes over a batch: the first reads each frame's key and hash
+/// (kept in `hints`) and prefetches its index slot, the second prefetches what that slot names.
+fn lookahead(e: &Engine, batch: &[Vec<u8>], hints: &mut [Option<Lookahead>; 64]) {
+    for (f, hint) in batch.iter().zip(hints.iter_mut()) {
+        *hint = e.lookahead(f);
+        if let Some(addr) = hint.as_ref().and_then(|h| e.lookahead_addr(h, 0)) {
+            prefetch(addr);
+        }
+    }
+    for hint in hints[..batch.len()].iter().flatten() {
+        if let Some(addr) = e.lookahead_addr(hint, 1) {
+            prefetch(addr);
+        }
+    }
 }
 
 fn bench_new_flow(c: &mut Criterion) {
@@ -246,27 +284,22 @@ fn bench_new_flow(c: &mut Criterion) {
             .collect();
         // The same with the worker's look-ahead: per receive batch of 64 frames, the index
         // slot of every frame's original key, then what stage 1 names (the reply key's slot
-        // for a new flow), then the frames themselves.
+        // for a new flow), then the frames themselves, each with what the first pass read.
         g.bench_function(format!("tcp_syn_lookahead/{capacity}_capacity"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 let mut left = iters;
                 let mut buf = [0u8; 64];
+                let mut hints = [None; 64];
                 while left > 0 {
                     let n = left.min(u64::from(capacity)) as usize;
                     let mut e = engine(capacity);
                     let start = Instant::now();
                     for batch in frames[..n].chunks(64) {
-                        for stage in 0..2 {
-                            for f in batch {
-                                if let Some(addr) = e.prefetch_addr(f, stage) {
-                                    prefetch(addr);
-                                }
-                            }
-                        }
-                        for f in batch {
+                        lookahead(&e, batch, &mut hints);
+                        for (f, hint) in batch.iter().zip(&hints) {
                             buf.copy_from_slice(f);
-                            black_box(e.process(T0, 0, &mut buf));
+                            black_box(e.process_hinted(T0, 0, &mut buf, 64, hint.as_ref()));
                         }
                     }
                     total += start.elapsed();

@@ -170,17 +170,23 @@ fn create_flows(e: &mut Engine, frames: &[Vec<u8>]) {
 #[inline(never)]
 fn create_flows_lookahead(e: &mut Engine, frames: &[Vec<u8>]) {
     let mut buf = [0u8; 64];
+    let mut hints = [None; 64];
     for batch in frames.chunks(64) {
-        for stage in 0..2 {
-            for f in batch {
-                if let Some(addr) = e.prefetch_addr(f, stage) {
-                    prefetch(addr);
-                }
+        for (f, hint) in batch.iter().zip(hints.iter_mut()) {
+            *hint = e.lookahead(f);
+            if let Some(addr) = hint.as_ref().and_then(|h| e.lookahead_addr(h, 0)) {
+                prefetch(addr);
             }
         }
-        for f in batch {
+        for hint in hints[..batch.len()].iter().flatten() {
+            if let Some(addr) = e.lookahead_addr(hint, 1) {
+                prefetch(addr);
+            }
+        }
+        for (f, hint) in batch.iter().zip(&hints) {
             buf.copy_from_slice(f);
-            black_box(e.process(2, 0, &mut buf));
+            let len = buf.len();
+            black_box(e.process_hinted(2, 0, &mut buf, len, hint.as_ref()));
         }
     }
 }

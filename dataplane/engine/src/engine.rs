@@ -34,6 +34,7 @@ mod export;
 mod fast;
 mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
+pub use prefetch::Lookahead;
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
 /// enough for the clients of a restarted appliance to learn quickly that their connections
@@ -571,7 +572,7 @@ impl Engine {
             || self.rehome.is_some()
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
-            || self.fast_hops_moved()
+            || self.fast_has_work()
         {
             return Some(0);
         }
@@ -605,13 +606,7 @@ impl Engine {
     /// entry). Worth it only once the table outgrows the caches.
     #[inline]
     pub fn prefetch_addr(&self, frame: &[u8], stage: u8) -> Option<*const u8> {
-        let tuple = prefetch::lookahead_tuple(frame)?;
-        let hash = self.flows.hash(&tuple);
-        if stage == 0 {
-            Some(self.flows.index_addr(hash))
-        } else {
-            (self.flows.flow_addr(hash)).or_else(|| self.new_flow_reply_index_addr(&tuple, hash))
-        }
+        self.lookahead_addr(&self.lookahead(frame)?, stage)
     }
 
     /// Processes one received frame in place. A frame that must leave with a VLAN tag it
@@ -637,6 +632,22 @@ impl Engine {
         ingress: PortId,
         buf: &mut [u8],
         len: usize,
+    ) -> Verdict {
+        self.process_hinted(now, ingress, buf, len, None)
+    }
+
+    /// [`process_buf`](Self::process_buf) for a frame the look-ahead read as `hint`
+    /// ([`lookahead`](Self::lookahead), by this engine): the frame is parsed as any other,
+    /// and its key's hash taken from the hint when the parsed key is the hint's (else
+    /// computed: a hint read from another frame costs a hash, never a wrong lookup).
+    #[inline]
+    pub fn process_hinted(
+        &mut self,
+        now: Nanos,
+        ingress: PortId,
+        buf: &mut [u8],
+        len: usize,
+        hint: Option<&Lookahead>,
     ) -> Verdict {
         self.counters.rx_packets += 1;
         let len = len.min(buf.len());
@@ -667,7 +678,7 @@ impl Engine {
             dst: pkt.dst,
             dst_port: pkt.dst_port,
         };
-        let hash = self.flows.hash(&tuple);
+        let hash = self.hash_hinted(&tuple, hint);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
                 let rule = self.flows.get(id).rule;
@@ -811,6 +822,7 @@ impl Engine {
             }
             _ => {}
         }
+        done += self.fast_recheck_step(budget.saturating_sub(done).max(1));
         done + self.census_step(now, emit)
     }
 

@@ -299,10 +299,8 @@ pub fn lookup(
 ) -> Option<u32> {
     let keys = header_keys(mem);
     let h = fast_hash(&keys, saddr_w, daddr_w, ports_w, proto);
-    let mask = layout.index_slots - 1;
-    for i in 0..FAST_PROBES {
-        let slot = (h as u32).wrapping_add(i) & mask;
-        match mem[layout.slot_word(slot)].load(Ordering::Acquire) {
+    for word in probe_words(layout, h) {
+        match mem[word].load(Ordering::Acquire) {
             SLOT_EMPTY => return None,
             SLOT_TOMBSTONE => {}
             v => {
@@ -322,6 +320,13 @@ pub fn lookup(
         }
     }
     None
+}
+
+/// The words of the index slots a key hashed as `h` probes, in order: [`FAST_PROBES`] slots
+/// from its home slot on, wrapping at the end of the index (as XDP probes them).
+fn probe_words(layout: &FastLayout, h: u64) -> impl Iterator<Item = usize> + '_ {
+    let mask = layout.index_slots - 1;
+    (0..FAST_PROBES).map(move |i| layout.slot_word((h as u32).wrapping_add(i) & mask))
 }
 
 /// The 16 words of line `line`, state first.
@@ -690,9 +695,8 @@ impl FastTable {
     /// Inserts the key of `line` (its words written) into the index.
     pub fn index_insert(&self, line: u32) -> Result<(), PublishError> {
         let h = self.line_hash(line);
-        let mask = self.layout.index_slots - 1;
-        for i in 0..FAST_PROBES {
-            let slot = &self.mem[self.layout.slot_word((h as u32).wrapping_add(i) & mask)];
+        for word in probe_words(&self.layout, h) {
+            let slot = &self.mem[word];
             let mut cur = slot.load(Ordering::Relaxed);
             while cur == SLOT_EMPTY || cur == SLOT_TOMBSTONE {
                 match slot.compare_exchange(cur, line + 1, Ordering::AcqRel, Ordering::Relaxed) {
@@ -707,9 +711,8 @@ impl FastTable {
     /// Removes the key of `line` from the index (a tombstone); false when it was not there.
     pub fn index_remove(&self, line: u32) -> bool {
         let h = self.line_hash(line);
-        let mask = self.layout.index_slots - 1;
-        for i in 0..FAST_PROBES {
-            let slot = &self.mem[self.layout.slot_word((h as u32).wrapping_add(i) & mask)];
+        for word in probe_words(&self.layout, h) {
+            let slot = &self.mem[word];
             match slot.load(Ordering::Relaxed) {
                 SLOT_EMPTY => return false,
                 v if v == line + 1 => {

@@ -33,7 +33,9 @@ pub use config::{
     compile, compile_releasing, Config, MemberHealth, ValidationError, ValidationErrors,
 };
 pub use counters::{Counters, DropReason, RuleCounters};
-pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, SyncReason, Verdict};
+pub use engine::{
+    Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, Lookahead, SyncReason, Verdict,
+};
 pub use fast::{FastLayout, FastTable, GraceClock};
 pub use memory::MemoryRegion;
 pub use net::{Mac, NextHop, PortId, Route};

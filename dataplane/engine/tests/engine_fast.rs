@@ -550,6 +550,39 @@ fn a_fin_withdraws_the_flow_from_xdp() {
     assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &data).is_none());
 }
 
+/// A published flow's packets are checked only for what a packet can change, its TCP state:
+/// a change in the reply direction (the backend's FIN) withdraws it as the client's does, and
+/// the closing flow's later packets do not publish it again.
+#[test]
+fn a_backend_fin_withdraws_the_flow_and_the_closing_flow_stays_slow() {
+    let mut t = FastLab::new(16);
+    let mut conn = establish(&mut t.lab, 80, 40_005);
+    let pair = t.pair().unwrap();
+    t.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    t.lab
+        .forward(BACKEND_PORT, FastLab::backend_data(&mut conn, 10));
+    assert_eq!(t.pair(), Some(pair), "data keeps it published");
+    let fin = conn.backend.seg(FIN | ACK, conn.s_seq, conn.c_seq, &[]);
+    conn.s_seq = conn.s_seq.wrapping_add(1);
+    assert!(
+        t.xdp.forward(t.lab.now, BACKEND_PORT, &fin).is_none(),
+        "XDP punts a FIN"
+    );
+    t.lab.forward(BACKEND_PORT, fin);
+    assert_eq!(t.pair(), None);
+    assert_eq!(t.counters().fast_unpublished, 1);
+    assert_eq!(t.xdp.words(2 * pair)[line::STATE], 0);
+    assert_eq!(t.xdp.words(2 * pair + 1)[line::STATE], 0);
+    assert_eq!(t.xdp.find(CLIENT, VIP, 40_005, 80, 6), None);
+    let ack = conn.client.seg(ACK, conn.c_seq, conn.s_seq, &[]);
+    t.lab.forward(CLIENT_PORT, ack);
+    t.lab
+        .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 10));
+    assert_eq!(t.pair(), None, "a closing flow is not published again");
+    assert_eq!(t.counters().fast_published, 1);
+}
+
 #[test]
 fn a_withdrawn_pair_is_reused_only_after_a_grace() {
     let mut t = FastLab::new(1);
@@ -617,7 +650,8 @@ fn a_udp_flow_whose_backend_goes_down_is_withdrawn_and_moves_at_its_next_punted_
     let prev = t.lab.engine.rules();
     let rules = Arc::new(compile(&config, Some(prev), &health, prev.generation() + 1).unwrap());
     t.lab.engine.set_rules(rules);
-    assert_eq!(t.pair(), None, "withdrawn at the rule change");
+    t.lab.advance(0);
+    assert_eq!(t.pair(), None, "withdrawn after the rule change");
     assert_eq!(t.xdp.words(2 * pair)[line::STATE], 0);
     assert!(t
         .xdp
@@ -696,6 +730,73 @@ fn a_neighbour_changing_its_mac_withdraws_the_flow_until_its_next_packet() {
     );
 }
 
+/// A neighbour change is checked against the published lines a bounded number of flow slots
+/// per `expire` call: each call looks at `budget` slots (the walk's progress shows in which
+/// flows are withdrawn), the walk ends after a lap of the table, every flow of that neighbour
+/// is withdrawn by then and the others kept, and each is published again, with the new MAC,
+/// at its next packet.
+#[test]
+fn a_neighbour_change_withdraws_its_flows_a_bounded_number_of_slots_per_expire() {
+    let mut t = FastLab::new(64);
+    let mut conns: Vec<Conn> = (0..12)
+        .map(|i| establish(&mut t.lab, 80, 40_060 + i))
+        .collect();
+    t.lab.advance(0);
+    let flows: Vec<_> = t.lab.engine.flows().collect();
+    assert_eq!(flows.len(), 12);
+    assert!(flows.iter().all(|f| f.id < 12), "slots taken in order");
+    let moved = conns[0].backend_ip;
+    let on_moved = |f: &xlb_engine::FlowInfo| f.translated.dst == Addr::from(moved);
+    let affected = flows.iter().filter(|f| on_moved(f)).count();
+    assert!(affected > 0 && affected < 12, "{affected} of 12 on {moved}");
+    let new_mac = [0x02, 0, 0, 0, 0xb9, 0x0a];
+    t.lab
+        .engine
+        .next_hops()
+        .set_neighbor(moved.into(), BACKEND_PORT, new_mac)
+        .unwrap();
+    const BUDGET: usize = 4;
+    assert!(
+        flows.iter().any(|f| on_moved(f) && f.id as usize >= BUDGET),
+        "a flow of that neighbour past the first call's slots"
+    );
+    let capacity = t.lab.engine.config().flow_capacity as usize;
+    let mut calls = 0;
+    while t.lab.engine.next_deadline().is_some_and(|d| d <= t.lab.now) {
+        let done = t.lab.engine.expire(t.lab.now, BUDGET, &mut |_, _| {});
+        assert!(done <= BUDGET, "{done} units in one call");
+        calls += 1;
+        if calls <= 3 {
+            for f in &flows {
+                let looked_at = (f.id as usize) < calls * BUDGET;
+                let published = t.lab.engine.fast_pair(f.id).is_some();
+                assert_eq!(
+                    published,
+                    !(looked_at && on_moved(f)),
+                    "after {calls} calls: flow {}",
+                    f.id
+                );
+            }
+        }
+        assert!(calls <= capacity, "the walk does not end");
+    }
+    assert_eq!(calls, capacity.div_ceil(BUDGET), "one lap of the table");
+    assert_eq!(t.lab.engine.fast_published(), 12 - affected);
+    assert_eq!(t.counters().fast_unpublished, affected as u64);
+    for conn in conns.iter_mut() {
+        let f = FastLab::client_data(conn, 10);
+        t.lab.forward(CLIENT_PORT, f);
+    }
+    assert_eq!(t.lab.engine.fast_published(), 12, "all published again");
+    for f in flows.iter().filter(|f| on_moved(f)) {
+        let pair = t.lab.engine.fast_pair(f.id).unwrap();
+        assert_eq!(
+            t.xdp.words(2 * pair)[line::MACS..line::MACS + 3],
+            macs(new_mac, XLB_MAC[1])
+        );
+    }
+}
+
 #[test]
 fn flows_on_ports_xdp_cannot_serve_and_ipv6_flows_stay_slow() {
     let mut t = FastLab::new(16);
@@ -707,6 +808,7 @@ fn flows_on_ports_xdp_cannot_serve_and_ipv6_flows_stay_slow() {
         .forward(CLIENT_PORT, FastLab::client_data(&mut conn, 1));
     assert!(t.pair().is_some());
     t.lab.engine.set_fast_port(CLIENT_PORT, false);
+    t.lab.advance(0);
     assert_eq!(t.pair(), None, "withdrawn when its port may no longer");
     assert_eq!(t.counters().fast_unpublished, 1);
 

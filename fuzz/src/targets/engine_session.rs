@@ -677,11 +677,17 @@ impl Harness {
         // Read-only entry points take any frame.
         let _ = self.engine.owner(&frame);
         let _ = self.engine.prefetch_addr(&frame, 0);
-        let _ = self.engine.prefetch_addr(&frame, 1);
+        let hint = self.engine.lookahead(&frame);
+        if let Some(h) = &hint {
+            let _ = self.engine.lookahead_addr(h, 1);
+        }
 
         let before = self.engine.counters().clone();
         let len = frame.len();
-        let verdict = self.engine.process(self.now, ingress, &mut frame);
+        // As xlbd's worker processes a frame the look-ahead read.
+        let verdict = self
+            .engine
+            .process_hinted(self.now, ingress, &mut frame, len, hint.as_ref());
         self.stats.packets += 1;
         self.stats.transmitted += u64::from(matches!(verdict, Verdict::Tx { .. }));
         let after = self.engine.counters();

@@ -80,6 +80,20 @@ pub(super) struct FastState {
     /// Restored flows and the pair a previous process left them in ([`FastTable::resume`]),
     /// read back once more when that table frees those pairs.
     resumed: Vec<(FlowId, u32)>,
+    /// The walk over the flow slots that withdraws what a rule, port or neighbour change
+    /// made stale ([`Engine::fast_recheck_all`]), a bounded number of slots per `expire`.
+    recheck: Recheck,
+}
+
+/// Where the recheck walk stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct Recheck {
+    /// The next flow slot to look at.
+    next: u32,
+    /// Slots still to look at; 0: no walk under way.
+    left: u32,
+    /// Whether the lines are compared with the hops too (a neighbour changed in place).
+    lines: bool,
 }
 
 impl FastState {
@@ -197,6 +211,7 @@ impl Engine {
             published: 0,
             hop_changes: self.net.hop_changes(),
             resumed: Vec::new(),
+            recheck: Recheck::default(),
         }));
     }
 
@@ -221,7 +236,7 @@ impl Engine {
     }
 
     /// Tells whether frames may arrive and leave on `port` through XDP; flows on a port that
-    /// may no longer are withdrawn.
+    /// may no longer are withdrawn (over the next [`expire`](Self::expire) calls).
     pub fn set_fast_port(&mut self, port: PortId, ok: bool) {
         let Some(fs) = self.fast.as_deref_mut() else {
             return;
@@ -294,7 +309,13 @@ impl Engine {
 
     /// After the worker processed a packet of flow `id`, direction `dir`, at `now` (tracked,
     /// `last_seen` refreshed): writes what it tracked back into a published flow's line,
-    /// withdraws it when it is no longer eligible, publishes it when it has become so.
+    /// withdraws it when its TCP state no longer allows it, publishes it when it has become
+    /// eligible.
+    ///
+    /// A packet changes nothing else [`fast_eligible`](Self::fast_eligible) looks at: the
+    /// rule, the ports and the hops change by their own paths, which withdraw the flows they
+    /// affect ([`fast_recheck_all`](Self::fast_recheck_all), `rehome_flow`), and a published
+    /// flow was confirmed, IPv4, and no standby copy (becoming one withdraws it).
     #[inline]
     pub(super) fn fast_after_packet(&mut self, now: Nanos, id: FlowId, dir: Dir) {
         let Some(fs) = self.fast.as_deref() else {
@@ -315,7 +336,7 @@ impl Engine {
                     // the pair a last time once the grace has passed).
                     return;
                 }
-                if !self.fast_eligible(id) {
+                if tcp && !f.tcp.can_reset() {
                     self.fast_withdraw(id);
                 } else if fs.fences[id as usize] != 0 {
                     // Its expiry was under way: this packet moved the deadline, so XDP may
@@ -524,40 +545,83 @@ impl Engine {
 
     /// Withdraws every published flow that is no longer eligible (a rule, port or health
     /// change) or, with `lines`, whose lines no longer say what its hops say (a neighbour
-    /// changed in place).
+    /// changed in place): starts a walk over every flow slot, which
+    /// [`expire`](Self::expire) makes a bounded number of slots per call
+    /// ([`fast_recheck_step`](Self::fast_recheck_step)). A walk under way goes on from where
+    /// it stands for a full lap, so every flow is looked at after the latest change.
     pub(super) fn fast_recheck_all(&mut self, lines: bool) {
-        let Some(fs) = self.fast.as_deref() else {
+        let capacity = self.flows.capacity();
+        let Some(fs) = self.fast.as_deref_mut() else {
             return;
         };
         if fs.published == 0 {
             return;
         }
-        for id in 0..self.flows.capacity() {
-            let Some(pair) = self.fast.as_deref().and_then(|fs| fs.pair(id)) else {
-                continue;
+        fs.recheck.left = capacity;
+        fs.recheck.lines |= lines;
+    }
+
+    /// Whether a recheck walk is under way.
+    fn fast_recheck_pending(&self) -> bool {
+        self.fast.as_deref().is_some_and(|fs| fs.recheck.left > 0)
+    }
+
+    /// Looks at up to `budget` slots of the recheck walk; returns how many it did.
+    pub(super) fn fast_recheck_step(&mut self, budget: usize) -> usize {
+        let capacity = self.flows.capacity();
+        let Some(fs) = self.fast.as_deref_mut() else {
+            return 0;
+        };
+        let walk = fs.recheck;
+        if walk.left == 0 {
+            return 0;
+        }
+        if fs.published == 0 {
+            // Nothing left to withdraw.
+            fs.recheck = Recheck::default();
+            return 0;
+        }
+        let n = walk.left.min(u32::try_from(budget).unwrap_or(u32::MAX));
+        let mut id = walk.next;
+        for _ in 0..n {
+            self.fast_recheck(id, walk.lines);
+            id = if id + 1 == capacity { 0 } else { id + 1 };
+        }
+        if let Some(fs) = self.fast.as_deref_mut() {
+            let left = walk.left - n;
+            fs.recheck = Recheck {
+                next: id,
+                left,
+                lines: walk.lines && left > 0,
             };
-            let mut stale = !self.fast_eligible(id);
-            if !stale && lines {
-                let f = self.flows.get(id);
-                let hops = [
-                    *self.net.get(f.next_hop[ORIG]),
-                    *self.net.get(f.next_hop[REPLY]),
-                ];
-                let table = &self.fast.as_deref().expect("attached").table;
-                stale = [ORIG, REPLY].into_iter().any(|dir| {
-                    let want = line_of(f, dir, &hops);
-                    let have = crate::fast::line_words(
-                        table.memory(),
-                        table.layout(),
-                        2 * pair + dir as u32,
-                    );
-                    want[line::INGRESS_PORT..=line::MACS + 2]
-                        != have[line::INGRESS_PORT..=line::MACS + 2]
-                });
-            }
-            if stale {
-                self.fast_withdraw(id);
-            }
+        }
+        n as usize
+    }
+
+    /// Withdraws flow `id` when it is published and no longer eligible or, with `lines`, its
+    /// lines no longer say what its hops say.
+    fn fast_recheck(&mut self, id: FlowId, lines: bool) {
+        let Some(pair) = self.fast.as_deref().and_then(|fs| fs.pair(id)) else {
+            return;
+        };
+        let mut stale = !self.fast_eligible(id);
+        if !stale && lines {
+            let f = self.flows.get(id);
+            let hops = [
+                *self.net.get(f.next_hop[ORIG]),
+                *self.net.get(f.next_hop[REPLY]),
+            ];
+            let table = &self.fast.as_deref().expect("attached").table;
+            stale = [ORIG, REPLY].into_iter().any(|dir| {
+                let want = line_of(f, dir, &hops);
+                let have =
+                    crate::fast::line_words(table.memory(), table.layout(), 2 * pair + dir as u32);
+                want[line::INGRESS_PORT..=line::MACS + 2]
+                    != have[line::INGRESS_PORT..=line::MACS + 2]
+            });
+        }
+        if stale {
+            self.fast_withdraw(id);
         }
     }
 
@@ -590,13 +654,16 @@ impl Engine {
     }
 
     /// A neighbour changed in place since [`fast_housekeeping`](Self::fast_housekeeping) last
-    /// looked, while flows are published: XDP keeps sending those flows to the old MAC, and
-    /// the worker sees none of their packets to notice, so [`expire`](Self::expire) must run
-    /// now rather than at the next flow's deadline.
-    pub(super) fn fast_hops_moved(&self) -> bool {
-        self.fast
-            .as_deref()
-            .is_some_and(|fs| fs.published > 0 && fs.hop_changes != self.net.hop_changes())
+    /// looked, while flows are published, or a recheck walk is under way: XDP keeps sending
+    /// those flows as before (to the old MAC, on a port it may no longer use...), and the
+    /// worker sees none of their packets to notice, so [`expire`](Self::expire) must run now
+    /// rather than at the next flow's deadline.
+    pub(super) fn fast_has_work(&self) -> bool {
+        self.fast_recheck_pending()
+            || self
+                .fast
+                .as_deref()
+                .is_some_and(|fs| fs.published > 0 && fs.hop_changes != self.net.hop_changes())
     }
 
     /// Once per [`expire`](Self::expire): the pairs a previous process left are read back a

@@ -8,10 +8,12 @@
 //! is absent. Outbound (SNAT) flows are left out: their reply key holds the SNAT port, which
 //! only the allocation picks.
 //!
-//! The look-ahead reads only the tuple ([`lookahead_tuple`]), not the whole packet: it runs
-//! twice per frame before `process` parses it for real, and a full parse (checksum state,
-//! TCP options, every validity check) would cost the look-ahead more than the misses it
-//! hides. A frame it reads differently from the parser only costs a useless prefetch.
+//! The look-ahead reads only the tuple ([`lookahead_tuple`]), not the whole packet: a full
+//! parse (checksum state, TCP options, every validity check) would cost the look-ahead more
+//! than the misses it hides. A frame it reads differently from the parser only costs a
+//! useless prefetch. The tuple and its hash are read once per frame ([`Lookahead`]) and
+//! carried through both passes into processing ([`Engine::process_hinted`]), which parses the
+//! frame for real and takes the hash only when its tuple is the look-ahead's.
 
 use super::Engine;
 use crate::addr::Addr;
@@ -63,7 +65,50 @@ pub(super) fn lookahead_tuple(frame: &[u8]) -> Option<FlowTuple> {
     })
 }
 
+/// What the look-ahead read of a frame: its flow key and that key's hash in the flow table
+/// of the engine that read it ([`Engine::lookahead`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lookahead {
+    tuple: FlowTuple,
+    hash: u64,
+    /// The seed of the hash (an engine's `hash_seed`).
+    seed: u64,
+}
+
 impl Engine {
+    /// Reads `frame`'s flow key and hashes it, for [`lookahead_addr`](Self::lookahead_addr)
+    /// and [`process_hinted`](Self::process_hinted). `None` when the look-ahead does not
+    /// read such a frame (see [`prefetch_addr`](Self::prefetch_addr)).
+    #[inline]
+    pub fn lookahead(&self, frame: &[u8]) -> Option<Lookahead> {
+        let tuple = lookahead_tuple(frame)?;
+        let hash = self.flows.hash(&tuple);
+        let seed = self.cfg.hash_seed;
+        Some(Lookahead { tuple, hash, seed })
+    }
+
+    /// What [`prefetch_addr`](Self::prefetch_addr) names for stage `stage` of the frame
+    /// `la` was read from.
+    #[inline]
+    pub fn lookahead_addr(&self, la: &Lookahead, stage: u8) -> Option<*const u8> {
+        if stage == 0 {
+            Some(self.flows.index_addr(la.hash))
+        } else {
+            (self.flows.flow_addr(la.hash))
+                .or_else(|| self.new_flow_reply_index_addr(&la.tuple, la.hash))
+        }
+    }
+
+    /// The hash of `tuple`, a frame's key as parsed: the hint's when it is the hint's key
+    /// hashed as this engine hashes (the look-ahead read that frame), else computed.
+    #[inline]
+    pub(super) fn hash_hinted(&self, tuple: &FlowTuple, hint: Option<&Lookahead>) -> u64 {
+        match hint {
+            Some(h) if h.tuple == *tuple && h.seed == self.cfg.hash_seed => h.hash,
+            _ => self.flows.hash(tuple),
+        }
+    }
+
     /// The index slot of the reply key of the flow a frame with `tuple` (hashed as `hash`)
     /// would create, when the index already shows that it has no flow and an inbound rule
     /// would take it.
@@ -289,5 +334,50 @@ floating_ip = true
         f[33] = 101; // destination 198.18.0.101
         assert!(e.prefetch_addr(&f, 0).is_some());
         assert_eq!(e.prefetch_addr(&f, 1), None);
+    }
+
+    /// A frame processed with the look-ahead's reading of it is processed as without; with
+    /// the reading of another frame, or of another engine's hash, too (the hint is checked,
+    /// never trusted): same verdicts, same bytes out, same flows.
+    #[test]
+    fn a_hint_changes_nothing_and_a_wrong_one_is_not_trusted() {
+        let (a, b) = (frame(40_010, false), frame(40_011, true));
+        let (mut plain, mut hinted) = (engine(), engine());
+        let seed = hinted.config().hash_seed ^ 1;
+        let cfg = EngineConfig {
+            hash_seed: seed,
+            ..EngineConfig::default()
+        };
+        let other = Engine::new(cfg, Arc::clone(hinted.rules()), 0);
+        assert_ne!(other.lookahead(&b), hinted.lookahead(&b));
+        let hints = [
+            hinted.lookahead(&a),
+            hinted.lookahead(&b),
+            other.lookahead(&b),
+            None,
+        ];
+        for (i, hint) in hints.iter().enumerate() {
+            assert_eq!(hint.is_some(), i < 3);
+            for f in [&a, &b] {
+                let (mut x, mut y) = (f.clone(), f.clone());
+                let len = f.len();
+                let vx = plain.process_buf(0, 0, &mut x, len);
+                let vy = hinted.process_hinted(0, 0, &mut y, len, hint.as_ref());
+                assert_eq!(vx, vy, "hint {i}");
+                assert!(matches!(vy, Verdict::Tx { .. }));
+                assert_eq!(x, y, "hint {i}");
+            }
+        }
+        let key = |e: &Engine| {
+            let mut v: Vec<_> = e.flows().map(|f| (f.id, f.orig, f.translated)).collect();
+            v.sort_by_key(|f| f.0);
+            v
+        };
+        assert_eq!(key(&plain), key(&hinted));
+        assert_eq!(
+            hinted.flow_count(),
+            2,
+            "one flow per frame, found again each time"
+        );
     }
 }
