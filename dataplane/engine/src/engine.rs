@@ -32,8 +32,10 @@ use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
 mod fast;
+mod fast_new;
 mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
+pub use fast_new::NF_DRAIN_BUDGET;
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
 /// enough for the clients of a restarted appliance to learn quickly that their connections
@@ -189,6 +191,8 @@ pub struct Engine {
     store: FlowStore,
     /// The XDP fast path's published table (`None`: off).
     fast: Option<Box<fast::FastState>>,
+    /// New flows opened by XDP: this worker's ring, worker 0's section writer (`None`: off).
+    fast_new: Option<Box<fast_new::NewFlows>>,
 }
 
 impl Engine {
@@ -227,6 +231,7 @@ impl Engine {
             scratch: [0; MAX_RST_FRAME],
             store: FlowStore::default(),
             fast: None,
+            fast_new: None,
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
@@ -449,6 +454,8 @@ impl Engine {
         self.rules = rules;
         // A member down (a UDP flow must move), a rule id past what XDP counts, ...
         self.fast_recheck_all(false);
+        // Rules, pools, health: what XDP opens new flows with.
+        self.fast_new_changed();
     }
 
     /// The cluster's membership changed at `at` (a node was lost, added, drained, or this one
@@ -562,6 +569,8 @@ impl Engine {
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
             || self.fast_hops_moved()
+            || self.fast_new_waiting()
+            || self.fast_new_section_due()
         {
             return Some(0);
         }
@@ -658,7 +667,14 @@ impl Engine {
             dst_port: pkt.dst_port,
         };
         let hash = self.flows.hash(&tuple);
-        if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+        let mut found = self.flows.lookup(&tuple, hash);
+        if found.is_none() && self.fast_new_waiting() {
+            // Its flow may be a SYN's XDP forwarded by itself (this may be the SYN-ACK):
+            // install what the ring holds before the frame counts as without a flow.
+            self.fast_new_drain(now, usize::MAX);
+            found = self.flows.lookup(&tuple, hash);
+        }
+        if let Some((id, dir)) = found {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
                 let rule = self.flows.get(id).rule;
                 return self.drop_for(rule, reason);
@@ -748,7 +764,8 @@ impl Engine {
         emit: &mut dyn FnMut(PortId, &[u8]),
     ) -> usize {
         self.fast_housekeeping();
-        let mut done = 0;
+        self.fast_new_tick();
+        let mut done = self.fast_new_drain(now, budget.min(NF_DRAIN_BUDGET));
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {
                 break;
@@ -1194,7 +1211,9 @@ impl Engine {
                     }
                 }
             }
-            let Some(backend) = self.rules.select_backend(rule, tuple) else {
+            // The member XDP already sent this SYN to, when it is one XDP forwarded.
+            let forced = self.fast_new_forced();
+            let Some(backend) = forced.or_else(|| self.rules.select_backend(rule, tuple)) else {
                 return self.drop_for(rule, DropReason::NoBackend);
             };
             let flow = Flow {

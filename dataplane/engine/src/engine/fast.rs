@@ -198,6 +198,7 @@ impl Engine {
             hop_changes: self.net.hop_changes(),
             resumed: Vec::new(),
         }));
+        self.attach_fast_new();
     }
 
     /// The fast table, when one is attached.
@@ -228,6 +229,9 @@ impl Engine {
         };
         let was = fs.table.port_ok(port);
         fs.table.set_port_ok(port, ok);
+        if was != ok {
+            self.fast_new_changed();
+        }
         if was && !ok {
             self.fast_recheck_all(false);
         }
