@@ -570,11 +570,14 @@ impl Engine {
             || self.fast_waits_for_left()
             || self.fast_hops_moved()
             || self.fast_new_waiting()
-            || self.fast_new_section_due()
         {
             return Some(0);
         }
         let wheel = self.wheel.next_deadline();
+        let wheel = match (wheel, self.fast_new_section_due()) {
+            (Some(w), Some(s)) => Some(w.min(s)),
+            (w, s) => w.or(s),
+        };
         match self.census.next_due(self.rules.drains()) {
             Some(c) => Some(wheel.map_or(c, |w| w.min(c))),
             None => wheel,
@@ -764,7 +767,7 @@ impl Engine {
         emit: &mut dyn FnMut(PortId, &[u8]),
     ) -> usize {
         self.fast_housekeeping();
-        self.fast_new_tick();
+        self.fast_new_tick(now);
         let mut done = self.fast_new_drain(now, budget.min(NF_DRAIN_BUDGET));
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {

@@ -82,6 +82,8 @@ struct Writer {
     dirty: bool,
     /// The section is off and waits for the grace that started at this epoch.
     fence: Option<u64>,
+    /// While waiting for the grace: when to look again (a tick later).
+    retry_at: Nanos,
     /// The next hops' generation and route epoch the section was built from.
     seen: (u64, u64),
     steer: [u64; 4],
@@ -98,6 +100,7 @@ impl Engine {
         let writer = (self.cfg.worker == 0).then(|| Writer {
             dirty: true,
             fence: None,
+            retry_at: 0,
             seen: (0, 0),
             steer: self.steer_key.words(),
         });
@@ -120,12 +123,15 @@ impl Engine {
             .is_some_and(|n| !n.draining && ring_pending(n.mem, &n.layout, n.worker))
     }
 
-    /// Whether worker 0's section waits to be rewritten (or for its grace).
-    pub(super) fn fast_new_section_due(&self) -> bool {
-        self.fast_new
-            .as_deref()
-            .and_then(|n| n.writer)
-            .is_some_and(|w| w.dirty || w.fence.is_some())
+    /// When worker 0's section needs the next [`expire`](Self::expire): at once when it must
+    /// be switched off, a tick after the last look while it waits for its grace.
+    pub(super) fn fast_new_section_due(&self) -> Option<Nanos> {
+        let w = self.fast_new.as_deref()?.writer?;
+        match w.fence {
+            Some(_) => Some(w.retry_at),
+            None if w.dirty => Some(0),
+            None => None,
+        }
     }
 
     /// Something the section depends on changed (rules, health, ports).
@@ -256,8 +262,9 @@ impl Engine {
 
     /// Worker 0, once per [`expire`](Self::expire): notices next-hop changes, switches the
     /// section off when it must change, and rewrites it once the grace has passed.
-    pub(super) fn fast_new_tick(&mut self) {
+    pub(super) fn fast_new_tick(&mut self, now: Nanos) {
         let seen_now = (self.net.generation(), self.net.route_epoch());
+        let retry_at = now.saturating_add(self.wheel.tick());
         let Some(n) = self.fast_new.as_deref_mut() else {
             return;
         };
@@ -274,11 +281,13 @@ impl Engine {
             }
             set_nf_enabled(n.mem, false);
             w.fence = Some(n.grace.epoch());
+            w.retry_at = retry_at;
             n.grace.want();
             return;
         }
         let since = w.fence.unwrap_or(0);
         if !n.grace.passed(since) {
+            w.retry_at = retry_at;
             n.grace.want();
             return;
         }
