@@ -132,6 +132,9 @@
 /* the IPv4 and TCP headers as received, 80 bytes at most, the rest zero */
 #define XLB_NFQ_HEADERS 8
 #define XLB_NFQ_HEADER_WORDS 20
+/* the received frame's destination then source MAC (the worker learns the client's hop from
+ * it, as from a frame it received itself); word 31 zero */
+#define XLB_NFQ_MACS 28
 
 /* the engine's flow hash (select.rs) */
 #define XLB_FLOW_SEED 0x243F6A8885A308D3ULL
@@ -717,7 +720,7 @@ __noinline int fast_syn(struct xdp_md *ctx, __u32 port)
 	((__u16 *)&n_ports)[1] = bpf_htons(n_dport);
 	rule_id = XLB_READ(rule->w[XLB_NFR_PROTO_RULE]) >> 16;
 
-	/* The record (headers as received), then its sequence number last: the worker takes a
+	/* The record (headers and MACs as received), then its sequence number last: the worker takes a
 	 * record only once SEQ says it is complete (x86 keeps stores in order). Inside the ring,
 	 * checked above: the lookups cannot fail. */
 	rec0 = fast_elem(ring + XLB_RING_RECORDS_ELEM + 2 * (seq & (records - 1)));
@@ -732,16 +735,18 @@ __noinline int fast_syn(struct xdp_md *ctx, __u32 port)
 		rec0->w[XLB_NFQ_RESERVED] = 0;
 		words = tot_len / 4;
 #pragma unroll
-		for (int i = 0; i < 2 * 16 - XLB_NFQ_HEADERS; i++) {
+		for (int i = 0; i < XLB_NFQ_HEADER_WORDS; i++) {
 			__u32 *src = (__u32 *)ip + i, v = 0;
 
-			if (i < XLB_NFQ_HEADER_WORDS && i < words && (void *)(src + 1) <= data_end)
+			if (i < words && (void *)(src + 1) <= data_end)
 				v = *src;
 			if (XLB_NFQ_HEADERS + i < 16)
 				rec0->w[XLB_NFQ_HEADERS + i] = v;
 			else
 				rec1->w[XLB_NFQ_HEADERS + i - 16] = v;
 		}
+		__builtin_memcpy(&rec1->w[XLB_NFQ_MACS - 16], eth, 12);
+		rec1->w[15] = 0;
 		XLB_BARRIER();
 		XLB_READ(rec0->w[XLB_NFQ_SEQ]) = seq + 1;
 	}
