@@ -83,12 +83,15 @@ impl FastPath {
     /// `ports`: the table's header (new keys; kept when the table is `found`, one a previous
     /// xlbd of the same layout left), every port's id and FAST flag (only where attached
     /// natively), the transmit map (from this thread: xlbd runs in its interfaces' namespace,
-    /// where the devmap resolves the ifindexes), and the switch.
+    /// where the devmap resolves the ifindexes), and the switch. The steering key (of
+    /// `steer_seed`) goes in the new-flow section's header: XDP hands each SYN it forwards
+    /// to the worker that owns its flow. XDP opens no flow before worker 0 wrote that section.
     pub fn set_up(
         xdp: &mut XdpProgram,
         layout: FastLayout,
         ports: &[Port],
         found: bool,
+        steer_seed: u64,
     ) -> Result<FastPath, Failure> {
         let failed = |what: &str, e: xlb_afxdp::Error| {
             Failure::runtime(format!("setting up the XDP fast path: {what}: {e}"))
@@ -97,8 +100,13 @@ impl FastPath {
             .fast_table()
             .map_err(|e| failed("mapping its table", e))?;
         let resumed = found && xlb_engine::fast::header_matches(mem, &layout);
-        if !resumed {
-            xlb_engine::fast::reset_table(mem, &layout, random_keys()?);
+        let steer = xlb_engine::hashkey::HashKey::from_seed(steer_seed).words();
+        if resumed {
+            // Not before worker 0 rewrote the section for this process's rules.
+            xlb_engine::fast_new::set_nf_enabled(mem, false);
+            xlb_engine::fast_new::write_steer_keys(mem, steer);
+        } else {
+            xlb_engine::fast::reset_table(mem, &layout, random_keys()?, steer);
         }
         let mut port_ok = Vec::with_capacity(ports.len());
         for p in ports {
@@ -152,6 +160,7 @@ impl FastPath {
     /// so that an attachment kept for the next xlbd (`--state-dir`) forwards nothing that no
     /// worker follows.
     pub fn switch_off(&self) {
+        xlb_engine::fast_new::set_nf_enabled(self.mem, false);
         xlb_engine::fast::set_enabled(self.mem, false);
     }
 
@@ -336,8 +345,9 @@ mod tests {
         let layout = layout(100, 2).unwrap();
         let mem: Vec<AtomicU32> = (0..layout.words()).map(|_| AtomicU32::new(7)).collect();
         assert!(!header_matches(&mem, &layout), "garbage is no table");
-        reset_table(&mem, &layout, [1, 3, 5, 7]);
-        assert!(mem[16..]
+        reset_table(&mem, &layout, [1, 3, 5, 7], [2, 4, 6, 8]);
+        // Past the header, the new-flow header and the steering keys: all cleared.
+        assert!(mem[48..]
             .iter()
             .all(|w| w.load(std::sync::atomic::Ordering::Relaxed) == 0));
         assert!(!xlb_engine::fast::is_enabled(&mem));
