@@ -208,6 +208,7 @@ fn read_from(control: XdpFastControl) -> ReadFast {
         Ok(RawFastCounters {
             stats: [
                 s.forwarded,
+                s.new_forwarded,
                 s.miss,
                 s.not_fast,
                 s.window,
@@ -215,6 +216,11 @@ fn read_from(control: XdpFastControl) -> ReadFast {
                 s.no_tx,
                 s.not_eligible,
                 s.wrong_port,
+                s.new_no_rule,
+                s.new_wrong_port,
+                s.new_no_member,
+                s.new_ring_full,
+                s.new_off,
             ],
             rules,
         })
@@ -224,8 +230,8 @@ fn read_from(control: XdpFastControl) -> ReadFast {
 /// The XDP program's fast-path counters as read from its maps (summed over CPUs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RawFastCounters {
-    /// Forwarded, then the punt reasons, in the program's order.
-    pub stats: [u64; 1 + FAST_PUNT_REASONS.len()],
+    /// Forwarded, new flows forwarded, then the punt reasons ([`FAST_PUNT_REASONS`]).
+    pub stats: [u64; 2 + FAST_PUNT_REASONS.len()],
     /// Per rule id asked for: packets and bytes per direction (original, reply).
     pub rules: Vec<FastRuleCounters>,
 }
@@ -277,10 +283,11 @@ impl FastCounters {
         let mut out = FastPathCounters {
             enabled: self.enabled,
             forwarded: raw.stats[0],
+            new_forwarded: raw.stats[1],
             punts: [0; FAST_PUNT_REASONS.len()],
             rules: Vec::with_capacity(raw.rules.len()),
         };
-        out.punts.copy_from_slice(&raw.stats[1..]);
+        out.punts.copy_from_slice(&raw.stats[2..]);
         for r in &raw.rules {
             let Some(since) = rules.since(r.rule) else {
                 continue;
@@ -428,13 +435,14 @@ backend_port = 8080
             bytes: [p * 100, p * 100 + 100],
         };
         *raw.lock().unwrap() = RawFastCounters {
-            stats: [7, 1, 2, 3, 4, 5, 6, 8],
+            stats: [7, 9, 1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14],
             rules: vec![counted(10)],
         };
         let c = fast.read(&rules).unwrap();
         assert!(c.enabled);
         assert_eq!(c.forwarded, 7);
-        assert_eq!(c.punts, [1, 2, 3, 4, 5, 6, 8]);
+        assert_eq!(c.new_forwarded, 9);
+        assert_eq!(c.punts, [1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14]);
         assert_eq!(c.rules, vec![counted(10)]);
 
         // More frames: counted.

@@ -113,6 +113,7 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     if let Some(f) = &sum.fast {
         kv("fast.enabled", u64::from(f.enabled));
         kv("fast.forwarded", f.forwarded);
+        kv("fast.new_forwarded", f.new_forwarded);
         for (reason, n) in FAST_PUNT_REASONS.iter().zip(f.punts) {
             kv(&format!("fast.punt.{reason}"), n);
         }
@@ -319,7 +320,8 @@ backend_port = 8080
         sum.add_fast(Some(&xlb_api::FastPathCounters {
             enabled: true,
             forwarded: 90,
-            punts: [1, 2, 3, 4, 5, 6, 7],
+            new_forwarded: 30,
+            punts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
             rules: vec![xlb_api::FastRuleCounters {
                 rule: id,
                 packets: [40, 50],
@@ -337,6 +339,8 @@ backend_port = 8080
             "fast.forwarded=90",
             "fast.punt.miss=1",
             "fast.punt.wrong_port=7",
+            "fast.new_forwarded=30",
+            "fast.punt.new_ring_full=11",
             "fast.published=2",
             "fast.grace_waits=0",
         ] {

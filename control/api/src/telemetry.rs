@@ -132,7 +132,7 @@ pub struct CounterSum {
 
 /// Why the XDP program passed an eligible-looking frame to the workers instead of forwarding
 /// it, in the order of [`FastPathCounters::punts`].
-pub const FAST_PUNT_REASONS: [&str; 7] = [
+pub const FAST_PUNT_REASONS: [&str; 12] = [
     // No published flow has the frame's addresses, ports and protocol.
     "miss",
     // The flow's line is not (or no longer) forwarded by XDP.
@@ -148,6 +148,17 @@ pub const FAST_PUNT_REASONS: [&str; 7] = [
     "not_eligible",
     // The frame arrived on another interface than its flow's.
     "wrong_port",
+    // SYNs the program could have opened a flow for, had it found: a load-balancing rule it
+    // may open flows of,
+    "new_no_rule",
+    // the SYN on that rule's interface,
+    "new_wrong_port",
+    // a member to send to in the rule's Maglev slot for the flow,
+    "new_no_member",
+    // room in the ring of the worker owning the flow,
+    "new_ring_full",
+    // new flows switched on (off while a worker rewrites what the program reads).
+    "new_off",
 ];
 
 /// One rule's frames forwarded by XDP, per direction (original, reply).
@@ -165,6 +176,8 @@ pub struct FastPathCounters {
     pub enabled: bool,
     /// Frames forwarded by XDP.
     pub forwarded: u64,
+    /// SYNs of new flows XDP forwarded itself (the owning worker installs their flows).
+    pub new_forwarded: u64,
     /// Frames passed to the workers, by reason ([`FAST_PUNT_REASONS`]).
     pub punts: [u64; FAST_PUNT_REASONS.len()],
     /// Per rule id (of the rules in force when they were read), ascending.

@@ -53,7 +53,8 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
 fn fast_json(f: Option<&pb::FastPathCounters>) -> Value {
     f.map_or(Value::Null, |f| {
         json!({
-            "enabled": f.enabled, "forwarded": f.forwarded, "punts": drops_json(&f.punts),
+            "enabled": f.enabled, "forwarded": f.forwarded, "new_forwarded": f.new_forwarded,
+            "punts": drops_json(&f.punts),
             "published": f.published, "unpublished": f.unpublished,
             "grace_waits": f.grace_waits, "publish_failed": f.publish_failed,
         })
@@ -162,9 +163,14 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
     );
     if let Some(f) = r.fast_path.as_ref().filter(|f| f.enabled) {
         println!(
-            "fast path: forwarded {}  published {}  unpublished {}  grace_waits {}  \
-             publish_failed {}",
-            f.forwarded, f.published, f.unpublished, f.grace_waits, f.publish_failed
+            "fast path: forwarded {}  new flows {}  published {}  unpublished {}  \
+             grace_waits {}  publish_failed {}",
+            f.forwarded,
+            f.new_forwarded,
+            f.published,
+            f.unpublished,
+            f.grace_waits,
+            f.publish_failed
         );
     }
     println!();

@@ -352,6 +352,12 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
     );
     o.sample(&[], f.forwarded as f64);
     o.family(
+        "xlb_fast_path_new_flows_forwarded_total",
+        COUNTER,
+        "SYNs of new flows the XDP program forwarded itself (their workers install the flows).",
+    );
+    o.sample(&[], f.new_forwarded as f64);
+    o.family(
         "xlb_fast_path_punts_total",
         COUNTER,
         "Frames the XDP program passed to the workers instead, by reason.",

@@ -105,6 +105,7 @@ impl XlbService {
             fast_path: total.fast.as_ref().map(|f| pb::FastPathCounters {
                 enabled: f.enabled,
                 forwarded: f.forwarded,
+                new_forwarded: f.new_forwarded,
                 punts: (FAST_PUNT_REASONS.iter().zip(f.punts))
                     .map(|(r, count)| pb::DropCount {
                         reason: (*r).to_string(),
