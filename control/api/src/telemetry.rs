@@ -126,6 +126,14 @@ pub struct CounterSum {
     pub fast_unpublished: u64,
     pub fast_grace_waits: u64,
     pub fast_publish_failed: u64,
+    /// New flows opened by XDP, the engines' side: SYNs XDP forwarded whose flow a worker
+    /// installed, found with another member, or could not install; rules XDP opens flows
+    /// of, and eligible rules left out for lack of room (as worker 0 last wrote them).
+    pub fast_new_installed: u64,
+    pub fast_new_conflict: u64,
+    pub fast_new_refused: u64,
+    pub fast_new_rules: u64,
+    pub fast_new_rules_left_out: u64,
     /// The XDP program's side of the fast path (`None`: xlbd runs without it).
     pub fast: Option<FastPathCounters>,
 }
@@ -249,6 +257,11 @@ pub fn sum<'a>(
         fast_unpublished: 0,
         fast_grace_waits: 0,
         fast_publish_failed: 0,
+        fast_new_installed: 0,
+        fast_new_conflict: 0,
+        fast_new_refused: 0,
+        fast_new_rules: 0,
+        fast_new_rules_left_out: 0,
         fast: None,
     };
     for w in workers {
@@ -264,6 +277,11 @@ pub fn sum<'a>(
         s.fast_unpublished += c.fast_unpublished;
         s.fast_grace_waits += c.fast_grace_waits;
         s.fast_publish_failed += c.fast_publish_failed;
+        s.fast_new_installed += c.fast_new_installed;
+        s.fast_new_conflict += c.fast_new_conflict;
+        s.fast_new_refused += c.fast_new_refused;
+        s.fast_new_rules += c.fast_new_rules;
+        s.fast_new_rules_left_out += c.fast_new_rules_left_out;
         for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
             *total += d;
         }

@@ -116,6 +116,11 @@ impl XlbService {
                 unpublished: total.fast_unpublished,
                 grace_waits: total.fast_grace_waits,
                 publish_failed: total.fast_publish_failed,
+                new_installed: total.fast_new_installed,
+                new_conflict: total.fast_new_conflict,
+                new_refused: total.fast_new_refused,
+                new_rules: total.fast_new_rules,
+                new_rules_left_out: total.fast_new_rules_left_out,
             }),
         })
     }
