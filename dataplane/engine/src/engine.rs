@@ -669,15 +669,14 @@ impl Engine {
             dst: pkt.dst,
             dst_port: pkt.dst_port,
         };
-        let hash = self.flows.hash(&tuple);
-        let mut found = self.flows.lookup(&tuple, hash);
-        if found.is_none() && self.fast_new_waiting() {
-            // Its flow may be a SYN's XDP forwarded by itself (this may be the SYN-ACK):
-            // install what the ring holds before the frame counts as without a flow.
+        if pkt.proto == proto::TCP && self.fast_new_waiting() {
+            // SYNs XDP forwarded by itself came before this segment: their flows are
+            // installed first (this may be the SYN-ACK of one, or a segment of a flow a SYN
+            // just reopened), so that the lookup finds what the worker would have.
             self.fast_new_drain(now, usize::MAX);
-            found = self.flows.lookup(&tuple, hash);
         }
-        if let Some((id, dir)) = found {
+        let hash = self.flows.hash(&tuple);
+        if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
                 let rule = self.flows.get(id).rule;
                 return self.drop_for(rule, reason);

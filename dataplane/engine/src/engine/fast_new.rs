@@ -207,17 +207,17 @@ impl Engine {
         let hash = self.flows.hash(&tuple);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             let f = self.flows.get(id);
-            let same = dir == ORIG && f.xlat == backend.addr && f.xlat_port == backend.port;
-            if same {
-                // A retransmitted SYN XDP sent where the flow goes: as the worker would.
-                self.process_quiet(now, ingress, &mut frame, flen);
-                return Applied::Installed;
-            }
+            // A new connection on the tuple of one that is over (or of a handshake this SYN
+            // is not part of): the ordinary path below ends the old flow and creates the new
+            // one, with the member forced.
             if !f.tcp.reopens(dir, &seg) {
+                if dir == ORIG && f.xlat == backend.addr && f.xlat_port == backend.port {
+                    // A retransmitted SYN XDP sent where the flow goes: as the worker would.
+                    self.process_quiet(now, ingress, &mut frame, flen);
+                    return Applied::Installed;
+                }
                 return Applied::Conflict;
             }
-            // A new connection on the tuple of one that is over: the ordinary path ends the
-            // old flow and creates the new one (with the member forced below).
         }
         let Some(rule) = self.rules.match_inbound(pkt.proto, pkt.dst, pkt.dst_port) else {
             return Applied::Refused;
