@@ -13,9 +13,10 @@
 //! cannot be admitted, is refused (`fast_new_refused`): the member got a SYN that leads
 //! nowhere, its SYN-ACK is dropped like any segment without a flow, and the client retries.
 //!
-//! No SYN-ACK is lost for want of its flow: a frame whose lookup misses drains the ring and
-//! looks again before it goes to the rules; the worker also drains the ring at every loop
-//! iteration, idle or not ([`Engine::fast_new_drain`]). Records are taken in order; one a
+//! No SYN-ACK is lost for want of its flow: a TCP segment drains the ring before its lookup
+//! whenever records wait (the SYNs came first; this also makes a segment of a connection
+//! whose tuple a new SYN reopened find the new flow); the worker also drains the ring at every
+//! loop iteration, idle or not ([`Engine::fast_new_drain`]). Records are taken in order; one a
 //! producer is still writing (microseconds) holds back the ones behind it until the next try.
 //!
 //! Writing the section (worker 0 only): whenever what it depends on changes (the rules, with
