@@ -1,11 +1,12 @@
-//! End to end, drain with a deadline and floating IP, in the namespace lab of `common/mod.rs`
-//! at lab time scale 60 with real Linux TCP stacks:
+//! End to end, drain with a deadline, floating IP and huge pages, in the namespace lab of
+//! `common/mod.rs` at lab time scale 60 with real Linux TCP stacks:
 //! - drain with a deadline: a drained member's connection keeps working until the deadline,
 //!   then client and member both get ECONNRESET; new connections go to the other member; the
 //!   drain's progress shows in the status, events, metrics and stats;
 //! - floating IP: a member holding the VIP on its loopback gets flows addressed to the VIP
 //!   and answers from it through xlb; idle timeout, reset on idle (ECONNRESET on both ends)
-//!   and keepalive refresh hold for these flows.
+//!   and keepalive refresh hold for these flows;
+//! - huge pages: what `--huge-pages` gets shows in the start-up log and the stats file.
 //!
 //! HTTPS probes are tested in `e2e_https_probes.rs`, the NAT event export in `e2e_ipfix.rs`.
 //! Run as root; otherwise each test says it is skipped.
@@ -397,4 +398,73 @@ fn floating_ip_members_get_the_vip_as_destination_and_idle_timeout_reset_and_kee
         "only the silent one"
     );
     assert_eq!(lab.stat("rsts_sent"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Huge pages.
+
+/// With `--huge-pages auto` (the default) the engine's tables are advised and, with THP in
+/// `madvise` or `always` mode, backed by huge pages: the start-up log line and the stats file
+/// say how much; with `--huge-pages off` nothing is advised.
+#[test]
+fn huge_pages_for_the_tables_show_in_the_log_and_the_stats_file() {
+    if !need_root("huge_pages_for_the_tables_show_in_the_log_and_the_stats_file") {
+        return;
+    }
+    let capacity = 1u64 << 18;
+    let thp = xlb_afxdp::huge::Thp::host();
+    {
+        let lab = Lab::start_with(CONFIG_DRAIN, &["--flow-capacity", "262144"]);
+        lab.wait_stat("huge_pages.tables_bytes", 1, Duration::from_secs(3));
+        let stats = lab.stats();
+        let stat = |k: &str| stats.get(k).copied().unwrap_or(0);
+        let log = lab.log_text();
+        println!(
+            "THP {thp}: {}",
+            log.lines().find(|l| l.contains("huge pages")).unwrap_or("")
+        );
+        assert!(log.contains("huge pages (THP"), "{log}");
+        assert_eq!(stat("huge_pages.enabled"), 1);
+        assert!(
+            stat("huge_pages.tables_bytes") >= capacity * 140,
+            "{stats:?}"
+        );
+        assert!(
+            // All but the partial huge pages at each table's ends (a quarter at this size).
+            stat("huge_pages.tables_advised_bytes") * 100 >= stat("huge_pages.tables_bytes") * 60,
+            "{stats:?}"
+        );
+        assert_eq!(
+            stat("huge_pages.umems_hugetlb")
+                + stat("huge_pages.umems_thp")
+                + stat("huge_pages.umems_pages"),
+            1,
+            "one worker, one UMEM: {stats:?}"
+        );
+        if matches!(
+            thp,
+            xlb_afxdp::huge::Thp::Madvise | xlb_afxdp::huge::Thp::Always
+        ) {
+            assert!(stat("huge_pages.tables_huge_bytes") > 0, "{stats:?}");
+            assert!(
+                stat("huge_pages.anon_huge_bytes") >= stat("huge_pages.tables_huge_bytes"),
+                "{stats:?}"
+            );
+        } else {
+            println!("THP is {thp} on this host: no huge page is expected");
+        }
+    }
+    let lab = Lab::start_with(
+        CONFIG_DRAIN,
+        &["--flow-capacity", "262144", "--huge-pages", "off"],
+    );
+    lab.wait_stat("huge_pages.tables_bytes", 1, Duration::from_secs(3));
+    assert_eq!(lab.stat("huge_pages.enabled"), 0);
+    assert_eq!(lab.stat("huge_pages.tables_advised_bytes"), 0);
+    assert_eq!(lab.stat("huge_pages.tables_huge_bytes"), 0);
+    assert!(
+        lab.log_text().contains("huge pages off"),
+        "{}",
+        lab.log_text()
+    );
 }

@@ -205,6 +205,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         },
         stores,
     )?;
+    tracing::info!("{}", workers.huge_pages.line());
     let mut attached = attached;
     if let Some(fast) = attached.fast.as_mut() {
         fast.start_grace()?;
@@ -215,6 +216,7 @@ fn start(opts: &Options) -> Result<Running, Failure> {
         rules.generation(),
     );
     shared.set_fast(Arc::clone(&attached.fast_counters));
+    shared.set_huge_pages(workers.huge_pages.clone());
     let exporter = nat_log
         .map(|b| b.start(Arc::clone(&shared), xlb_afxdp::sys::monotonic_ns))
         .transpose()

@@ -6,7 +6,7 @@
 //! shutdown order); the worker side: [`handler`] (the engine adapter), [`messages`],
 //! [`steering`]; what the control side reads and serves: [`plane`] (counter cells, the
 //! publisher, the API's telemetry), [`metrics`], [`stats`], [`report`]; and [`kernel`],
-//! [`addresses`], [`probes`], [`selfprobe`], [`limits`]; for the service manager: [`reload`]
+//! [`addresses`], [`probes`], [`selfprobe`], [`limits`], [`huge_pages`]; for the service manager: [`reload`]
 //! (SIGHUP), [`sd_notify`] and [`liveness`] (readiness, status, the watchdog).
 #![forbid(unsafe_code)]
 
@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod drain;
 pub mod fast_path;
 pub mod handler;
+pub mod huge_pages;
 pub mod ipfix;
 pub mod kernel;
 pub mod kernel_watch;

@@ -34,6 +34,9 @@ pub struct Options {
     /// `--fast-path`: whether the XDP program may forward established flows itself (on
     /// natively attached interfaces); off: every packet goes through a worker.
     pub fast_path: bool,
+    /// `--huge-pages auto`: back the engines' tables and the UMEMs with huge pages where the
+    /// kernel gives them (`crate::huge_pages`); off: normal pages, nothing asked.
+    pub huge_pages: bool,
     pub quiet: bool,
     pub status_interval: Duration,
     pub stats_file: Option<PathBuf>,

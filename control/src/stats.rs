@@ -154,6 +154,9 @@ pub struct Operations {
     pub nat_log: Option<NatLogStatus>,
     /// The cluster's flow-state sync, when it runs.
     pub cluster_sync: Option<ClusterSync>,
+    /// What the big memory runs on, and the process's AnonHugePages now (once the workers
+    /// run).
+    pub huge_pages: Option<(crate::huge_pages::HugePages, Option<u64>)>,
 }
 
 impl Operations {
@@ -225,6 +228,9 @@ impl Operations {
             kv("cluster_sync.lag_mean_us", c.lag_mean.as_micros() as u64);
             kv("cluster_sync.lag_max_us", c.lag_max.as_micros() as u64);
             kv("cluster_sync.snat_taken_over", c.taken_over.len() as u64);
+        }
+        if let Some((h, anon_huge)) = &self.huge_pages {
+            s.push_str(&h.to_kv(*anon_huge));
         }
         s
     }
@@ -379,6 +385,7 @@ backend_port = 8080
                 deadline_done: true,
             }],
             cluster_sync: None,
+            huge_pages: None,
             nat_log: Some(NatLogStatus {
                 collector: "198.18.0.5:4739".into(),
                 records_sent: 10,

@@ -21,6 +21,7 @@ use xlb_engine::{
 use crate::{
     fast_path::FastPath,
     handler::EngineHandler,
+    huge_pages::HugePages,
     kernel::{Port, PortVlan},
     kernel_watch::KernelMailbox,
     liveness::Heartbeats,
@@ -62,6 +63,8 @@ pub struct Workers {
     pub stop: Arc<AtomicBool>,
     /// Each worker's loop beats here (the watchdog's liveness).
     pub heartbeats: Heartbeats,
+    /// What the engines' tables and the UMEMs run on (`--huge-pages`).
+    pub huge_pages: HugePages,
 }
 
 impl Workers {
@@ -135,6 +138,7 @@ pub fn spawn_all(s: &Start, stores: Option<Stores>) -> Result<Workers, Failure> 
         sockets: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
         heartbeats: Heartbeats::new(s.opts.workers, sys::monotonic_ns()),
+        huge_pages: HugePages::new(s.opts.huge_pages),
     };
     for (w, steering) in Steering::mesh(s.opts.workers, HANDOFF_INBOX)
         .into_iter()
@@ -219,6 +223,7 @@ fn spawn_one(
             .collect(),
         poll: poll_mode(opts),
         memlock_share: opts.workers as u32,
+        huge_pages: opts.huge_pages,
         ..WorkerConfig::default()
     };
     let worker = Worker::open(&cfg, s.xdp).map_err(|e| {
@@ -229,6 +234,7 @@ fn spawn_one(
         ))
     })?;
     out.sockets.extend(worker.sockets());
+    out.huge_pages.add_umems(worker.umem_memory());
     let (to_tx, to_rx) = channel::bounded(64);
     let (writer, reader) = cell(w);
     let link = ControlLink {
@@ -237,24 +243,21 @@ fn spawn_one(
         acks: links.acks.clone(),
         counters: writer,
     };
-    let handler = EngineHandler::new(
-        w,
-        engine(s, w, store)?,
-        link,
-        PUBLISH_EVERY_NS,
-        Some(steering),
-    )
-    .with_probe_sources(s.probe_sources.clone())
-    .with_kernel(Arc::clone(&s.kernel))
-    .with_heartbeat(out.heartbeats.of(w))
-    .with_nat_events(s.nat_events.clone())
-    .with_sync(
-        (s.sync
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-        .get_mut(w)
-        .and_then(Option::take),
-    );
+    let engine = engine(s, w, store)?;
+    // The tables are allocated (and initialised) now: advised before the first packet.
+    out.huge_pages.add_engine(&engine);
+    let handler = EngineHandler::new(w, engine, link, PUBLISH_EVERY_NS, Some(steering))
+        .with_probe_sources(s.probe_sources.clone())
+        .with_kernel(Arc::clone(&s.kernel))
+        .with_heartbeat(out.heartbeats.of(w))
+        .with_nat_events(s.nat_events.clone())
+        .with_sync(
+            (s.sync
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner))
+            .get_mut(w)
+            .and_then(Option::take),
+        );
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let core = if opts.cores.is_empty() {
         Some((w + 1) % ncpu)

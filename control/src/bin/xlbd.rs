@@ -28,6 +28,13 @@ enum OnOff {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HugePages {
+    /// Ask for huge pages; whatever the kernel refuses runs on normal pages.
+    Auto,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum XdpMode {
     Auto,
     Native,
@@ -110,6 +117,13 @@ struct Cli {
     /// has GRO on (`ethtool -K PEER gro on`) or an XDP program of its own.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = OnOff::On)]
     fast_path: OnOff,
+    /// Huge pages for the big memory: the engines' tables (flow records and index, timer and
+    /// admission links) are advised for transparent huge pages (THP in `madvise` or `always`
+    /// mode), the UMEMs are mapped from the hugetlb pool when it has room (vm.nr_hugepages).
+    /// Never fails the start: the log line at start and the stats file (huge_pages.*) say
+    /// how much memory huge pages back. off: normal pages, nothing asked.
+    #[arg(long, value_enum, value_name = "auto|off", default_value_t = HugePages::Auto)]
+    huge_pages: HugePages,
     /// No status lines and no event lines (the ready line and final counters remain).
     #[arg(long, short)]
     quiet: bool,
@@ -531,6 +545,7 @@ fn options(cli: Cli) -> Result<Options, String> {
             XdpMode::Generic => ModeRequest::Generic,
         },
         fast_path: cli.fast_path == OnOff::On,
+        huge_pages: cli.huge_pages == HugePages::Auto,
         quiet: cli.quiet,
         status_interval: checked.status_interval,
         stats_file: cli.stats_file,
@@ -549,4 +564,27 @@ fn options(cli: Cli) -> Result<Options, String> {
         takeover: cli.takeover,
         cluster,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Options, String> {
+        let args = [
+            "xlbd", "--config", "xlb.toml", "-i", "eth0", "--api", "none",
+        ];
+        let cli = Cli::try_parse_from(args.iter().chain(extra)).map_err(|e| e.to_string())?;
+        options(cli)
+    }
+
+    #[test]
+    fn huge_pages_are_asked_for_unless_off() {
+        assert!(parse(&[]).unwrap().huge_pages);
+        assert!(parse(&["--huge-pages", "auto"]).unwrap().huge_pages);
+        assert!(!parse(&["--huge-pages", "off"]).unwrap().huge_pages);
+        let err = parse(&["--huge-pages", "on"]).unwrap_err();
+        assert!(err.contains("--huge-pages"), "{err}");
+        assert!(err.contains("auto") && err.contains("off"), "{err}");
+    }
 }

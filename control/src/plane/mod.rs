@@ -61,6 +61,8 @@ pub struct Shared {
     pub nat_log: Mutex<Option<NatLogStatus>>,
     /// The XDP program's fast-path counters, once set.
     fast: OnceLock<Arc<FastCounters>>,
+    /// What the big memory runs on (`--huge-pages`), once the workers run.
+    huge_pages: OnceLock<crate::huge_pages::HugePages>,
 }
 
 impl Shared {
@@ -86,12 +88,18 @@ impl Shared {
             drain_request: Mutex::new(None),
             nat_log: Mutex::new(None),
             fast: OnceLock::new(),
+            huge_pages: OnceLock::new(),
         })
     }
 
     /// Where the XDP program's fast-path counters are read (set once, at start).
     pub fn set_fast(&self, fast: Arc<FastCounters>) {
         let _ = self.fast.set(fast);
+    }
+
+    /// What the engines' tables and the UMEMs run on (set once, at start).
+    pub fn set_huge_pages(&self, h: crate::huge_pages::HugePages) {
+        let _ = self.huge_pages.set(h);
     }
 
     /// The XDP program's fast-path counters for `rules`, when they can be read.
@@ -169,6 +177,8 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_ref()
                 .and_then(|c| c.sync.clone()),
+            huge_pages: (self.huge_pages.get())
+                .map(|h| (h.clone(), xlb_afxdp::huge::anon_huge_bytes().ok())),
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`csum`]: Internet checksums, completing partial TCP/UDP checksums.
 //! - [`fast`]: the XDP fast path's table, egress devmap and counters.
 //! - [`grace`]: the fast path's grace periods (`membarrier`), for reusing unpublished lines.
+//! - [`huge`]: huge pages for the engines' tables (THP advice) and how much the kernel gives.
 //!
 //! The benchmark tools (generator, sink, bare forwarder) and their XDP programs live in the
 //! `xlb-bench` crate; [`xdp::xdp_attach`], [`xdp::owned_prog_fd`] and [`xdp::map_handle`] are
@@ -42,6 +43,7 @@ mod error;
 pub mod fast;
 pub mod grace;
 pub mod handler;
+pub mod huge;
 pub mod netlink;
 pub mod pinned;
 pub mod sys;

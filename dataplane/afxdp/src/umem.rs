@@ -112,6 +112,52 @@ pub fn plan(
     }
 }
 
+/// What backs a UMEM's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UmemBacking {
+    /// Huge pages of the hugetlb pool (`MAP_HUGETLB`), reserved by the operator.
+    Hugetlb,
+    /// Transparent huge pages (advised and collapsed after the mapping).
+    Thp,
+    /// Normal pages: huge pages were off, or none could be had.
+    Pages,
+}
+
+impl UmemBacking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UmemBacking::Hugetlb => "hugetlb",
+            UmemBacking::Thp => "thp",
+            UmemBacking::Pages => "pages",
+        }
+    }
+}
+
+/// One UMEM's memory: its size, backing and how much of it huge pages back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UmemMemory {
+    pub backing: UmemBacking,
+    pub bytes: u64,
+    /// Bytes on huge pages, as `/proc/self/smaps` showed them after the mapping.
+    pub huge: u64,
+}
+
+/// `plan` with its frames rounded up to whole huge pages of `huge_page` bytes, for a UMEM
+/// mapped from the hugetlb pool (whose mappings must be whole huge pages, munmap included).
+/// The extra frames are more room for the same rings. `None` when the rounded UMEM would
+/// exceed `budget`.
+pub fn hugetlb_plan(plan: &UmemPlan, huge_page: u64, budget: Option<u64>) -> Option<UmemPlan> {
+    let per_page = (huge_page / u64::from(plan.frame_size)).max(1);
+    let frames = u64::from(plan.frames).div_ceil(per_page) * per_page;
+    let rounded = UmemPlan {
+        frames: u32::try_from(frames).ok()?,
+        ..*plan
+    };
+    budget
+        .is_none_or(|b| rounded.bytes() <= b)
+        .then_some(rounded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +190,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("CAP_IPC_LOCK"));
+    }
+
+    #[test]
+    fn hugetlb_plan_rounds_up_to_whole_huge_pages_within_the_budget() {
+        let p = plan(2, 1024, 2048, 64, None).unwrap();
+        assert_eq!(p.bytes(), 4352 * 2048); // 8.5 MiB
+        let h = hugetlb_plan(&p, 2 << 20, None).unwrap();
+        assert_eq!(h.bytes(), 10 << 20);
+        assert_eq!((h.ring_size, h.frame_size), (p.ring_size, p.frame_size));
+        assert!(h.frames > p.frames);
+        // Already whole huge pages: unchanged.
+        assert_eq!(hugetlb_plan(&h, 2 << 20, None), Some(h));
+        // Rounding up would pass the locked-memory budget.
+        assert_eq!(hugetlb_plan(&p, 2 << 20, Some(p.bytes())), None);
+        assert_eq!(hugetlb_plan(&p, 2 << 20, Some(10 << 20)), Some(h));
     }
 
     #[test]

@@ -33,9 +33,10 @@ use xsk_rs::{
 use crate::{
     error::{Error, Result},
     handler::{FrameHandler, PortId, Verdict},
+    huge,
     netlink::Netlink,
     sys,
-    umem::{self, UmemPlan},
+    umem::{self, UmemBacking, UmemMemory, UmemPlan},
     xdp::XdpProgram,
 };
 
@@ -97,6 +98,10 @@ pub struct WorkerConfig {
     /// Linux ≥ 6.17; the kernel's default is 32). 0: the TX ring's size. Kernels without
     /// the option keep 32.
     pub copy_tx_budget: u32,
+    /// Back the UMEMs with huge pages: from the hugetlb pool when it has room, else
+    /// transparent huge pages where the kernel allows them, else normal pages (never an
+    /// error). [`Worker::umem_memory`] says which.
+    pub huge_pages: bool,
 }
 
 impl Default for WorkerConfig {
@@ -113,6 +118,7 @@ impl Default for WorkerConfig {
             expire_budget: 256,
             memlock_share: 1,
             copy_tx_budget: 0,
+            huge_pages: false,
         }
     }
 }
@@ -322,6 +328,8 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     loops: u64,
     sleeps: u64,
+    /// Each UMEM's memory, in UMEM order.
+    umem_memory: Vec<UmemMemory>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -382,7 +390,7 @@ fn is_zero_copy(fd: RawFd) -> bool {
 
 type Queues = (TxQueue, RxQueue, Option<(FillQueue, CompQueue)>);
 
-fn create_umem(plan: &UmemPlan) -> Result<(Umem, Vec<FrameDesc>)> {
+fn new_umem(plan: &UmemPlan, hugetlb: bool) -> Result<(Umem, Vec<FrameDesc>)> {
     let config = UmemConfig::builder()
         .frame_size(FrameSize::new(plan.frame_size).map_err(|e| Error::with("UMEM frame size", e))?)
         .fill_queue_size(QueueSize::new(plan.ring_size).map_err(|e| Error::with("ring", e))?)
@@ -392,8 +400,82 @@ fn create_umem(plan: &UmemPlan) -> Result<(Umem, Vec<FrameDesc>)> {
         .map_err(|e| Error::with("UMEM config", e))?;
     let frames =
         std::num::NonZeroU32::new(plan.frames).ok_or_else(|| Error::msg("a UMEM needs frames"))?;
-    Umem::new(config, frames, false)
+    Umem::new(config, frames, hugetlb)
         .map_err(|e| Error::with(format!("creating a UMEM of {} bytes", plan.bytes()), e))
+}
+
+/// The address range of `umem`'s memory (`plan`'s bytes), found from its first frame.
+fn umem_range(umem: &Umem, frames: &[FrameDesc], plan: &UmemPlan) -> Option<(usize, usize)> {
+    let first = frames.first()?;
+    // SAFETY: `first` is a frame of `umem` (Umem::new just made it) that no one has written
+    // or handed to the kernel yet; the data slice is only used for its address.
+    let data = unsafe { umem.data(first) };
+    let start = (data.contents().as_ptr() as usize).checked_sub(first.addr())?;
+    Some((start, plan.bytes() as usize))
+}
+
+/// How long a bind attempt waits for the hugetlb pages of the previous attempt's UMEM: the
+/// kernel releases a UMEM (and unpins its pages) from a work queue after the socket closes.
+const POOL_RETURN_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether the hugetlb pool holds `bytes` now, or within `wait` (polled every 10 ms).
+fn pool_holds(bytes: u64, wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if huge::hugetlb_free_bytes().unwrap_or(0) >= bytes {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A UMEM for `plan`. With `huge_pages`: from the hugetlb pool when it holds the UMEM
+/// (rounded up to whole huge pages, if that stays within `budget`; waiting up to `pool_wait`
+/// for pages still being released), else with normal pages advised for transparent huge
+/// pages. What it came to is in the [`UmemMemory`].
+fn create_umem(
+    plan: &UmemPlan,
+    huge_pages: bool,
+    budget: Option<u64>,
+    pool_wait: Duration,
+) -> Result<(Umem, Vec<FrameDesc>, UmemMemory)> {
+    if huge_pages {
+        let rounded = umem::hugetlb_plan(plan, huge::HUGE_PAGE as u64, budget)
+            .filter(|p| pool_holds(p.bytes(), pool_wait));
+        if let Some(p) = rounded {
+            // A pool that another process emptied meanwhile fails the mapping: normal pages.
+            if let Ok((u, frames)) = new_umem(&p, true) {
+                let huge = umem_range(&u, &frames, &p)
+                    .and_then(|r| huge::backed(&[r]).ok())
+                    .unwrap_or(0);
+                let memory = UmemMemory {
+                    backing: UmemBacking::Hugetlb,
+                    bytes: p.bytes(),
+                    huge,
+                };
+                return Ok((u, frames, memory));
+            }
+        }
+    }
+    let (u, frames) = new_umem(plan, false)?;
+    let mut memory = UmemMemory {
+        backing: UmemBacking::Pages,
+        bytes: plan.bytes(),
+        huge: 0,
+    };
+    if huge_pages {
+        if let Some(range) = umem_range(&u, &frames, plan) {
+            let (report, _) = huge::advise_all(&[range]);
+            if report.huge > 0 {
+                memory.backing = UmemBacking::Thp;
+                memory.huge = report.huge;
+            }
+        }
+    }
+    Ok((u, frames, memory))
 }
 
 fn bind(umem: &Umem, ifname: &str, queue: u32, ring: u32, flags: BindFlags) -> Result<Queues> {
@@ -419,18 +501,24 @@ fn bind(umem: &Umem, ifname: &str, queue: u32, ring: u32, flags: BindFlags) -> R
 /// bind leaves libxdp state on the UMEM, so each attempt gets a fresh one.
 fn bind_primary(
     plan: &UmemPlan,
+    memory: (bool, Option<u64>),
     ifname: &str,
     queue: u32,
     mode: BindMode,
-) -> Result<(Umem, Vec<FrameDesc>, Queues)> {
+) -> Result<(Umem, Vec<FrameDesc>, UmemMemory, Queues)> {
     let attempts: &[BindFlags] = match mode {
         BindMode::Auto => &[BindFlags::XDP_ZEROCOPY, BindFlags::XDP_COPY],
         BindMode::Copy => &[BindFlags::XDP_COPY],
         BindMode::ZeroCopy => &[BindFlags::XDP_ZEROCOPY],
     };
     let mut last = None;
+    let mut pool_wait = Duration::ZERO;
     for &flags in attempts {
-        let (umem, frames) = create_umem(plan)?;
+        let (umem, frames, memory) = create_umem(plan, memory.0, memory.1, pool_wait)?;
+        if memory.backing == UmemBacking::Hugetlb {
+            // Dropped if this bind fails: the next attempt waits for its pages.
+            pool_wait = POOL_RETURN_WAIT;
+        }
         // need_wakeup lets a zero-copy driver skip syscalls; in copy mode it is harmless.
         match bind(
             &umem,
@@ -439,7 +527,7 @@ fn bind_primary(
             plan.ring_size,
             flags | BindFlags::XDP_USE_NEED_WAKEUP,
         ) {
-            Ok(q) => return Ok((umem, frames, q)),
+            Ok(q) => return Ok((umem, frames, memory, q)),
             Err(e) => last = Some(e),
         }
     }
@@ -515,7 +603,9 @@ impl Worker {
         let solo_plan = umem::plan(1, shared_plan.ring_size, cfg.frame_size, cfg.batch, budget)
             .map_err(|e| Error::with("sizing a UMEM", e))?;
 
+        let memory = (cfg.huge_pages, budget);
         let mut umems: Vec<Umem> = Vec::new();
+        let mut umem_memory: Vec<UmemMemory> = Vec::new();
         let mut free: Vec<Vec<FrameDesc>> = Vec::new();
         let mut socks: Vec<Sock> = Vec::new();
         for &(port, queue) in &pairs {
@@ -534,8 +624,10 @@ impl Worker {
                     ) {
                         Ok(q) => (0, q),
                         Err(_) => {
-                            let (u, frames, q) = bind_primary(&solo_plan, ifname, queue, cfg.bind)?;
+                            let (u, frames, m, q) =
+                                bind_primary(&solo_plan, memory, ifname, queue, cfg.bind)?;
                             umems.push(u);
+                            umem_memory.push(m);
                             free.push(frames);
                             (umems.len() - 1, q)
                         }
@@ -547,8 +639,9 @@ impl Worker {
                     } else {
                         &solo_plan
                     };
-                    let (u, frames, q) = bind_primary(plan, ifname, queue, cfg.bind)?;
+                    let (u, frames, m, q) = bind_primary(plan, memory, ifname, queue, cfg.bind)?;
                     umems.push(u);
+                    umem_memory.push(m);
                     free.push(frames);
                     (umems.len() - 1, q)
                 }
@@ -639,6 +732,7 @@ impl Worker {
             stats: Arc::new(WorkerStats::new(nports)),
             loops: 0,
             sleeps: 0,
+            umem_memory,
         };
         // Frames in the fill rings before the sockets are in the XSKMAP: the first
         // redirected packet already has somewhere to land.
@@ -673,6 +767,11 @@ impl Worker {
                 tx_budget: s.tx_budget,
             })
             .collect()
+    }
+
+    /// Each UMEM's memory (size, backing, bytes on huge pages), in UMEM order.
+    pub fn umem_memory(&self) -> &[UmemMemory] {
+        &self.umem_memory
     }
 
     /// Counters, readable from any thread while the worker runs.
@@ -1141,6 +1240,46 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A UMEM asked for huge pages gets them from the hugetlb pool when it has room, else
+    /// says it runs on other pages, and in any case works as a UMEM of the planned size.
+    #[test]
+    fn a_umem_with_huge_pages_says_what_backs_it() {
+        if !sys::is_root() {
+            println!("skipped: creating a UMEM needs root (an AF_XDP socket)");
+            return;
+        }
+        // 8.5 MiB: whole huge pages inside, for THP.
+        let plan = umem::plan(2, 1024, 2048, 64, None).unwrap();
+        let pool = huge::hugetlb_free_bytes().unwrap();
+        let (_u, frames, memory) = create_umem(&plan, true, None, Duration::ZERO).unwrap();
+        println!(
+            "UMEM of {} bytes: {memory:?} (hugetlb pool: {pool} bytes free, THP {})",
+            plan.bytes(),
+            huge::Thp::host()
+        );
+        assert!(memory.bytes >= plan.bytes());
+        assert_eq!(frames.len() as u64 * 2048, memory.bytes);
+        let rounded = umem::hugetlb_plan(&plan, huge::HUGE_PAGE as u64, None).unwrap();
+        if pool >= rounded.bytes() {
+            assert_eq!(memory.backing, UmemBacking::Hugetlb);
+            assert_eq!(memory.huge, memory.bytes);
+        } else {
+            assert_ne!(memory.backing, UmemBacking::Hugetlb);
+        }
+        if memory.backing == UmemBacking::Pages {
+            assert_eq!(memory.huge, 0);
+        }
+        let (_u, _, plain) = create_umem(&plan, false, None, Duration::ZERO).unwrap();
+        assert_eq!(
+            plain,
+            UmemMemory {
+                backing: UmemBacking::Pages,
+                bytes: plan.bytes(),
+                huge: 0
+            }
+        );
+    }
 
     #[test]
     fn port_stats_round_trip_and_add() {

@@ -193,6 +193,15 @@ impl Unconfirmed {
             + std::mem::size_of_val(self.rules.as_slice())
     }
 
+    /// The links and flags (one each per flow), as allocated.
+    pub fn memory_regions(&self) -> [crate::MemoryRegion; 2] {
+        use crate::MemoryRegion;
+        [
+            MemoryRegion::of("admission links", &self.links),
+            MemoryRegion::of("admission flags", &self.flags),
+        ]
+    }
+
     /// Sizes the per-rule lists for rule ids below `bound` (on rule-set changes, so that the
     /// packet path never grows them).
     pub fn reserve_rules(&mut self, bound: usize) {

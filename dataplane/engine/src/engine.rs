@@ -507,6 +507,16 @@ impl Engine {
         self.flows.memory_bytes() + self.wheel.memory_bytes() + self.unconfirmed.memory_bytes()
     }
 
+    /// The engine's large allocations (flow records, index and bitmap, timer links,
+    /// admission links and flags, SNAT port bitmaps), for the platform to back with huge
+    /// pages. Valid while the engine lives; the SNAT bitmaps follow the rule set.
+    pub fn memory_regions(&self) -> impl Iterator<Item = crate::MemoryRegion> + '_ {
+        (self.flows.memory_regions().into_iter())
+            .chain(self.wheel.memory_regions())
+            .chain(self.unconfirmed.memory_regions())
+            .chain(self.snat.memory_regions())
+    }
+
     /// SNAT ports of `member`'s blocks in use on this worker for `proto`, and this worker's
     /// share of them.
     pub fn snat_usage(&self, blocks: &[crate::ruleset::PortBlock], proto: u8) -> (u32, u32) {

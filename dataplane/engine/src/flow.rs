@@ -185,6 +185,16 @@ impl FlowTable {
             + std::mem::size_of_val(self.live.as_slice())
     }
 
+    /// The records, the index and the live bitmap, as allocated.
+    pub fn memory_regions(&self) -> [crate::MemoryRegion; 3] {
+        use crate::MemoryRegion;
+        [
+            MemoryRegion::of("flow records", &self.flows),
+            MemoryRegion::of("flow index", &self.index),
+            MemoryRegion::of("flow bitmap", &self.live),
+        ]
+    }
+
     /// Index slots (for measuring).
     pub fn index_slots(&self) -> usize {
         self.index.len()

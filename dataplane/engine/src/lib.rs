@@ -15,6 +15,7 @@ pub mod fast_new;
 pub mod flow;
 pub mod hashkey;
 pub mod late;
+pub mod memory;
 pub mod natlog;
 pub mod net;
 pub mod ratelimit;
@@ -35,6 +36,7 @@ pub use config::{
 pub use counters::{Counters, DropReason, RuleCounters};
 pub use engine::{Engine, EngineConfig, Event, FlowInfo, FlowState, Imported, SyncReason, Verdict};
 pub use fast::{FastLayout, FastTable, GraceClock};
+pub use memory::MemoryRegion;
 pub use net::{Mac, NextHop, PortId, Route};
 pub use ruleset::{RuleId, RuleSet};
 pub use store::{StoreMemory, StoreOutcome, StoreReport};

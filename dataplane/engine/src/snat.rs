@@ -258,6 +258,18 @@ impl SnatPorts {
         }
     }
 
+    /// The port bitmaps of every (address, protocol) space, as allocated (they follow the
+    /// rule set: [`SnatPorts::prepare`] may replace them).
+    pub fn memory_regions(&self) -> impl Iterator<Item = crate::MemoryRegion> + '_ {
+        use crate::MemoryRegion;
+        self.spaces.values().flat_map(|s| {
+            [
+                MemoryRegion::of("snat ports", &s.used),
+                MemoryRegion::of("snat ports", &s.full),
+            ]
+        })
+    }
+
     /// Ports of `blocks` in use on this worker for `proto`.
     pub fn used_in(&self, blocks: &[PortBlock], proto: u8) -> u32 {
         blocks

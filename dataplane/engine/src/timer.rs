@@ -72,6 +72,11 @@ impl TimerWheel {
         std::mem::size_of_val(self.links.as_slice()) + std::mem::size_of_val(self.heads.as_slice())
     }
 
+    /// The links (one per id), as allocated.
+    pub fn memory_regions(&self) -> [crate::MemoryRegion; 1] {
+        [crate::MemoryRegion::of("timer links", &self.links)]
+    }
+
     pub fn tick(&self) -> Nanos {
         1 << self.tick_shift
     }
