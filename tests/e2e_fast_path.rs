@@ -2,7 +2,8 @@
 //! forwarded by the XDP program itself, the workers see almost none of their packets, and yet
 //! the workers' idle expiry stays exact — reset on idle sends RSTs that both Linux stacks
 //! accept, at the idle timeout after the last packet XDP forwarded; a UDP flow expires at the
-//! UDP timeout after its last datagram. With `--fast-path off` XDP forwards nothing. The
+//! UDP timeout after its last datagram. New TCP connections are opened by XDP itself (their
+//! SYN) and installed by the workers. With `--fast-path off` XDP forwards nothing. The
 //! traffic of each test lasts longer than the idle timeout, so that a worker that did not
 //! read back what XDP recorded would expire the flows in the middle of it.
 //!
@@ -147,6 +148,98 @@ fn tcp_through_xdp_then_reset_on_idle_gives_both_ends_econnreset() {
     );
 }
 
+/// New connections: XDP forwards each SYN itself (the Maglev choice, the rewrite) and hands
+/// it to the worker owning the flow, which installs the flow as if it had forwarded the SYN:
+/// the connections work, every SYN XDP forwarded is installed, and reset on idle stays exact.
+#[test]
+fn new_tcp_connections_are_opened_by_xdp_and_installed_by_their_workers() {
+    if !need_root("new_tcp_connections_are_opened_by_xdp_and_installed_by_their_workers") {
+        return;
+    }
+    const CONNECTIONS: usize = 20;
+    let lab = lab(true);
+    // Worker 0 writes the new-flow section once a grace has passed after the start.
+    assert!(
+        lab.wait_stat("fast.new_rules", 2, Duration::from_secs(5)) >= 2,
+        "web and web-silent in the section: {:?}",
+        lab.stats()
+    );
+    let before = settled(&lab);
+    let mut streams: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|i| {
+            let mut s = lab.client_connect(80);
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let hello = format!("hello {i}\n");
+            assert_eq!(echo(&mut s, hello.as_bytes()), hello.as_bytes());
+            s
+        })
+        .collect();
+    let mut last = Instant::now();
+    for (i, s) in streams.iter_mut().enumerate() {
+        let payload: Vec<u8> = (0..300).map(|b| (b + i) as u8).collect();
+        assert_eq!(echo(s, &payload), payload, "connection {i} intact");
+        last = Instant::now();
+    }
+    let after = settled(&lab);
+    let d = |k: &str| delta(&before, &after, k);
+    eprintln!(
+        "{CONNECTIONS} connections: new_forwarded +{} installed +{} conflict +{} refused +{} \
+         flows_created +{} syns +{} punt.new_* {:?}",
+        d("fast.new_forwarded"),
+        d("fast.new_installed"),
+        d("fast.new_conflict"),
+        d("fast.new_refused"),
+        d("rule.lb.web.flows_created"),
+        d("rule.lb.web.syns"),
+        [
+            "new_no_rule",
+            "new_wrong_port",
+            "new_no_member",
+            "new_ring_full",
+            "new_off"
+        ]
+        .map(|r| d(&format!("fast.punt.{r}")))
+    );
+    assert!(
+        d("fast.new_forwarded") >= CONNECTIONS as u64,
+        "every SYN forwarded by XDP: {after:?}"
+    );
+    assert_eq!(
+        d("fast.new_installed"),
+        d("fast.new_forwarded"),
+        "every one installed by its worker"
+    );
+    assert_eq!(d("fast.new_conflict") + d("fast.new_refused"), 0);
+    assert_eq!(d("rule.lb.web.flows_created"), CONNECTIONS as u64);
+    assert!(d("rule.lb.web.syns") >= CONNECTIONS as u64);
+
+    // Idle: every connection is reset at the idle timeout after its last packet, both ends.
+    client_reset_on_idle(&lab, &mut streams[CONNECTIONS - 1], last, IDLE, SLACK);
+    for (i, s) in streams.iter_mut().enumerate().take(CONNECTIONS - 1) {
+        let mut buf = [0u8; 16];
+        let r = read_within(s, &mut buf, Duration::from_secs(2));
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "connection {i}: expected ECONNRESET, got {r:?}"
+        );
+    }
+    for _ in 0..CONNECTIONS {
+        backend_reset(&lab);
+    }
+    let end = settled(&lab);
+    assert_eq!(
+        get(&end, "rule.lb.web.flows_reset_on_idle"),
+        CONNECTIONS as u64,
+        "{end:?}"
+    );
+    lab.assert_no_invalid_tcp();
+    let metrics = lab.metrics();
+    assert!(
+        metrics.contains("xlb_fast_path_new_installed_total"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn udp_through_xdp_then_the_flow_expires_at_the_udp_timeout_after_its_last_datagram() {
     if !need_root(
@@ -258,6 +351,9 @@ fn with_the_fast_path_off_xdp_forwards_nothing_and_the_same_traffic_works() {
     assert_eq!(get(&stats, "fast.enabled"), 0, "{stats:?}");
     assert_eq!(get(&stats, "fast.forwarded"), 0, "{stats:?}");
     assert_eq!(get(&stats, "fast.published"), 0, "{stats:?}");
+    assert_eq!(get(&stats, "fast.new_forwarded"), 0, "{stats:?}");
+    assert_eq!(get(&stats, "fast.new_installed"), 0, "{stats:?}");
+    assert_eq!(get(&stats, "fast.new_rules"), 0, "{stats:?}");
     assert_eq!(get(&stats, "rule.lb.web.fast_packets_orig"), 0);
     assert_eq!(get(&stats, "rule.lb.dns.fast_packets_reply"), 0);
     assert!(

@@ -137,14 +137,14 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let mut kernel = startup::read_kernel(opts, &config)?;
     let mut self_probe =
         preflight::self_probe(opts, &config, &kernel.ports, kernel.watch.routes())?;
-    let attached = startup::attach_xdp(opts, &kernel, &rules)?;
-    startup::settle_neighbours(&mut kernel)?;
     // One steering key for every worker, and for the self-probe, which picks the worker it
-    // injects at; the one the stored flows were placed with, if any.
+    // injects at, and for XDP, which picks the worker of the new flows it opens; the one the stored flows were placed with, if any.
     let steer_seed = match stores.as_ref().and_then(|s| s.steer_seed) {
         Some(seed) => seed,
         None => workers::random_seed()?,
     };
+    let attached = startup::attach_xdp(opts, &kernel, &rules, steer_seed)?;
+    startup::settle_neighbours(&mut kernel)?;
     let nat_log = (opts.ipfix.as_ref())
         .map(|o| {
             ipfix::Bound::bind(o.export.clone()).map_err(|e| {

@@ -83,12 +83,15 @@ impl FastPath {
     /// `ports`: the table's header (new keys; kept when the table is `found`, one a previous
     /// xlbd of the same layout left), every port's id and FAST flag (only where attached
     /// natively), the transmit map (from this thread: xlbd runs in its interfaces' namespace,
-    /// where the devmap resolves the ifindexes), and the switch.
+    /// where the devmap resolves the ifindexes), and the switch. The steering key (of
+    /// `steer_seed`) goes in the new-flow section's header: XDP hands each SYN it forwards
+    /// to the worker that owns its flow. XDP opens no flow before worker 0 wrote that section.
     pub fn set_up(
         xdp: &mut XdpProgram,
         layout: FastLayout,
         ports: &[Port],
         found: bool,
+        steer_seed: u64,
     ) -> Result<FastPath, Failure> {
         let failed = |what: &str, e: xlb_afxdp::Error| {
             Failure::runtime(format!("setting up the XDP fast path: {what}: {e}"))
@@ -97,8 +100,13 @@ impl FastPath {
             .fast_table()
             .map_err(|e| failed("mapping its table", e))?;
         let resumed = found && xlb_engine::fast::header_matches(mem, &layout);
-        if !resumed {
-            xlb_engine::fast::reset_table(mem, &layout, random_keys()?);
+        let steer = xlb_engine::hashkey::HashKey::from_seed(steer_seed).words();
+        if resumed {
+            // Not before worker 0 rewrote the section for this process's rules.
+            xlb_engine::fast_new::set_nf_enabled(mem, false);
+            xlb_engine::fast_new::write_steer_keys(mem, steer);
+        } else {
+            xlb_engine::fast::reset_table(mem, &layout, random_keys()?, steer);
         }
         let mut port_ok = Vec::with_capacity(ports.len());
         for p in ports {
@@ -152,6 +160,7 @@ impl FastPath {
     /// so that an attachment kept for the next xlbd (`--state-dir`) forwards nothing that no
     /// worker follows.
     pub fn switch_off(&self) {
+        xlb_engine::fast_new::set_nf_enabled(self.mem, false);
         xlb_engine::fast::set_enabled(self.mem, false);
     }
 
@@ -199,6 +208,7 @@ fn read_from(control: XdpFastControl) -> ReadFast {
         Ok(RawFastCounters {
             stats: [
                 s.forwarded,
+                s.new_forwarded,
                 s.miss,
                 s.not_fast,
                 s.window,
@@ -206,6 +216,11 @@ fn read_from(control: XdpFastControl) -> ReadFast {
                 s.no_tx,
                 s.not_eligible,
                 s.wrong_port,
+                s.new_no_rule,
+                s.new_wrong_port,
+                s.new_no_member,
+                s.new_ring_full,
+                s.new_off,
             ],
             rules,
         })
@@ -215,8 +230,8 @@ fn read_from(control: XdpFastControl) -> ReadFast {
 /// The XDP program's fast-path counters as read from its maps (summed over CPUs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RawFastCounters {
-    /// Forwarded, then the punt reasons, in the program's order.
-    pub stats: [u64; 1 + FAST_PUNT_REASONS.len()],
+    /// Forwarded, new flows forwarded, then the punt reasons ([`FAST_PUNT_REASONS`]).
+    pub stats: [u64; 2 + FAST_PUNT_REASONS.len()],
     /// Per rule id asked for: packets and bytes per direction (original, reply).
     pub rules: Vec<FastRuleCounters>,
 }
@@ -268,10 +283,11 @@ impl FastCounters {
         let mut out = FastPathCounters {
             enabled: self.enabled,
             forwarded: raw.stats[0],
+            new_forwarded: raw.stats[1],
             punts: [0; FAST_PUNT_REASONS.len()],
             rules: Vec::with_capacity(raw.rules.len()),
         };
-        out.punts.copy_from_slice(&raw.stats[1..]);
+        out.punts.copy_from_slice(&raw.stats[2..]);
         for r in &raw.rules {
             let Some(since) = rules.since(r.rule) else {
                 continue;
@@ -336,8 +352,9 @@ mod tests {
         let layout = layout(100, 2).unwrap();
         let mem: Vec<AtomicU32> = (0..layout.words()).map(|_| AtomicU32::new(7)).collect();
         assert!(!header_matches(&mem, &layout), "garbage is no table");
-        reset_table(&mem, &layout, [1, 3, 5, 7]);
-        assert!(mem[16..]
+        reset_table(&mem, &layout, [1, 3, 5, 7], [2, 4, 6, 8]);
+        // Past the header, the new-flow header and the steering keys: all cleared.
+        assert!(mem[48..]
             .iter()
             .all(|w| w.load(std::sync::atomic::Ordering::Relaxed) == 0));
         assert!(!xlb_engine::fast::is_enabled(&mem));
@@ -418,13 +435,14 @@ backend_port = 8080
             bytes: [p * 100, p * 100 + 100],
         };
         *raw.lock().unwrap() = RawFastCounters {
-            stats: [7, 1, 2, 3, 4, 5, 6, 8],
+            stats: [7, 9, 1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14],
             rules: vec![counted(10)],
         };
         let c = fast.read(&rules).unwrap();
         assert!(c.enabled);
         assert_eq!(c.forwarded, 7);
-        assert_eq!(c.punts, [1, 2, 3, 4, 5, 6, 8]);
+        assert_eq!(c.new_forwarded, 9);
+        assert_eq!(c.punts, [1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 13, 14]);
         assert_eq!(c.rules, vec![counted(10)]);
 
         // More frames: counted.

@@ -175,7 +175,12 @@ pub struct Attached {
 /// interface, then take the frontends (after the host's own addresses: one that is also
 /// configured on an interface, so that the kernel answers ARP for it, must still be the
 /// dataplane's).
-pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attached, Failure> {
+pub fn attach_xdp(
+    opts: &Options,
+    k: &Kernel,
+    rules: &RuleSet,
+    steer_seed: u64,
+) -> Result<Attached, Failure> {
     // The fast path's table is sized before the program is loaded (a map's size is fixed).
     let fast_layout = (opts.fast_path)
         .then(|| fast_path::layout(opts.flow_capacity, opts.workers))
@@ -227,7 +232,7 @@ pub fn attach_xdp(opts: &Options, k: &Kernel, rules: &RuleSet) -> Result<Attache
         modes.push(format!("{mode:?}").to_lowercase());
     }
     let fast = fast_layout
-        .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found))
+        .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found, steer_seed))
         .transpose()?;
     let fast_counters = fast_path::counters(&xdp, fast.is_some())?;
     let routes: SharedRoutes = Arc::new(Mutex::new(k.watch.routes().to_vec()));

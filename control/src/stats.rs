@@ -46,8 +46,12 @@ pub fn status_line(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> St
         if f.enabled {
             let _ = write!(
                 s,
-                " fast[forwarded={} published={} unpublished={}]",
-                f.forwarded, sum.fast_published, sum.fast_unpublished
+                " fast[forwarded={} published={} unpublished={} new={}/{}]",
+                f.forwarded,
+                sum.fast_published,
+                sum.fast_unpublished,
+                sum.fast_new_installed,
+                f.new_forwarded
             );
         }
     }
@@ -110,9 +114,15 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
     kv("fast.unpublished", sum.fast_unpublished);
     kv("fast.grace_waits", sum.fast_grace_waits);
     kv("fast.publish_failed", sum.fast_publish_failed);
+    kv("fast.new_installed", sum.fast_new_installed);
+    kv("fast.new_conflict", sum.fast_new_conflict);
+    kv("fast.new_refused", sum.fast_new_refused);
+    kv("fast.new_rules", sum.fast_new_rules);
+    kv("fast.new_rules_left_out", sum.fast_new_rules_left_out);
     if let Some(f) = &sum.fast {
         kv("fast.enabled", u64::from(f.enabled));
         kv("fast.forwarded", f.forwarded);
+        kv("fast.new_forwarded", f.new_forwarded);
         for (reason, n) in FAST_PUNT_REASONS.iter().zip(f.punts) {
             kv(&format!("fast.punt.{reason}"), n);
         }
@@ -321,11 +331,14 @@ backend_port = 8080
         let mut with_fast = worker(1, 3);
         with_fast.counters.rules[usize::from(id)].packets = [5, 6];
         with_fast.counters.fast_published = 2;
+        with_fast.counters.fast_new_installed = 28;
+        with_fast.counters.fast_new_refused = 2;
         let mut sum = xlb_api::sum(&[with_fast], &rules);
         sum.add_fast(Some(&xlb_api::FastPathCounters {
             enabled: true,
             forwarded: 90,
-            punts: [1, 2, 3, 4, 5, 6, 7],
+            new_forwarded: 30,
+            punts: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
             rules: vec![xlb_api::FastRuleCounters {
                 rule: id,
                 packets: [40, 50],
@@ -343,14 +356,19 @@ backend_port = 8080
             "fast.forwarded=90",
             "fast.punt.miss=1",
             "fast.punt.wrong_port=7",
+            "fast.new_forwarded=30",
+            "fast.punt.new_ring_full=11",
             "fast.published=2",
             "fast.grace_waits=0",
+            "fast.new_installed=28",
+            "fast.new_conflict=0",
+            "fast.new_refused=2",
         ] {
             assert!(kv.lines().any(|l| l == line), "{line} in\n{kv}");
         }
         let status = status_line(&sum, &rules, 60);
         assert!(
-            status.contains("fast[forwarded=90 published=2 unpublished=0]"),
+            status.contains("fast[forwarded=90 published=2 unpublished=0 new=28/30]"),
             "{status}"
         );
     }

@@ -126,13 +126,21 @@ pub struct CounterSum {
     pub fast_unpublished: u64,
     pub fast_grace_waits: u64,
     pub fast_publish_failed: u64,
+    /// New flows opened by XDP, the engines' side: SYNs XDP forwarded whose flow a worker
+    /// installed, found with another member, or could not install; rules XDP opens flows
+    /// of, and eligible rules left out for lack of room (as worker 0 last wrote them).
+    pub fast_new_installed: u64,
+    pub fast_new_conflict: u64,
+    pub fast_new_refused: u64,
+    pub fast_new_rules: u64,
+    pub fast_new_rules_left_out: u64,
     /// The XDP program's side of the fast path (`None`: xlbd runs without it).
     pub fast: Option<FastPathCounters>,
 }
 
 /// Why the XDP program passed an eligible-looking frame to the workers instead of forwarding
 /// it, in the order of [`FastPathCounters::punts`].
-pub const FAST_PUNT_REASONS: [&str; 7] = [
+pub const FAST_PUNT_REASONS: [&str; 12] = [
     // No published flow has the frame's addresses, ports and protocol.
     "miss",
     // The flow's line is not (or no longer) forwarded by XDP.
@@ -148,6 +156,17 @@ pub const FAST_PUNT_REASONS: [&str; 7] = [
     "not_eligible",
     // The frame arrived on another interface than its flow's.
     "wrong_port",
+    // SYNs the program could have opened a flow for, had it found: a load-balancing rule it
+    // may open flows of,
+    "new_no_rule",
+    // the SYN on that rule's interface,
+    "new_wrong_port",
+    // a member to send to in the rule's Maglev slot for the flow,
+    "new_no_member",
+    // room in the ring of the worker owning the flow,
+    "new_ring_full",
+    // new flows switched on (off while a worker rewrites what the program reads).
+    "new_off",
 ];
 
 /// One rule's frames forwarded by XDP, per direction (original, reply).
@@ -165,6 +184,8 @@ pub struct FastPathCounters {
     pub enabled: bool,
     /// Frames forwarded by XDP.
     pub forwarded: u64,
+    /// SYNs of new flows XDP forwarded itself (the owning worker installs their flows).
+    pub new_forwarded: u64,
     /// Frames passed to the workers, by reason ([`FAST_PUNT_REASONS`]).
     pub punts: [u64; FAST_PUNT_REASONS.len()],
     /// Per rule id (of the rules in force when they were read), ascending.
@@ -236,6 +257,11 @@ pub fn sum<'a>(
         fast_unpublished: 0,
         fast_grace_waits: 0,
         fast_publish_failed: 0,
+        fast_new_installed: 0,
+        fast_new_conflict: 0,
+        fast_new_refused: 0,
+        fast_new_rules: 0,
+        fast_new_rules_left_out: 0,
         fast: None,
     };
     for w in workers {
@@ -251,6 +277,11 @@ pub fn sum<'a>(
         s.fast_unpublished += c.fast_unpublished;
         s.fast_grace_waits += c.fast_grace_waits;
         s.fast_publish_failed += c.fast_publish_failed;
+        s.fast_new_installed += c.fast_new_installed;
+        s.fast_new_conflict += c.fast_new_conflict;
+        s.fast_new_refused += c.fast_new_refused;
+        s.fast_new_rules += c.fast_new_rules;
+        s.fast_new_rules_left_out += c.fast_new_rules_left_out;
         for (total, d) in s.drops.iter_mut().zip(c.drops.iter()) {
             *total += d;
         }

@@ -158,6 +158,10 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
             counters: Counters {
                 fast_published: 4,
                 fast_grace_waits: 1,
+                fast_new_installed: 10,
+                fast_new_conflict: 1,
+                fast_new_refused: 1,
+                fast_new_rules: 3,
                 ..counters.clone()
             },
             generation,
@@ -167,7 +171,8 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
         fast: Some(xlb_api::FastPathCounters {
             enabled: true,
             forwarded: 77,
-            punts: [1, 0, 2, 0, 0, 5, 0],
+            new_forwarded: 12,
+            punts: [1, 0, 2, 0, 0, 5, 0, 0, 0, 0, 3, 0],
             rules: vec![xlb_api::FastRuleCounters {
                 rule: web,
                 packets: [30, 40],
@@ -193,7 +198,13 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
     let f = r.fast_path.expect("the fast path's counters");
     assert!(f.enabled);
     assert_eq!((f.forwarded, f.published, f.grace_waits), (77, 4, 1));
-    assert_eq!(f.punts.len(), 7, "every reason");
+    assert_eq!(f.punts.len(), 12, "every reason");
+    assert_eq!(f.new_forwarded, 12);
+    assert_eq!(
+        (f.new_installed, f.new_conflict, f.new_refused, f.new_rules),
+        (10, 1, 1, 3)
+    );
+    assert_eq!(evicted(&f.punts, "new_ring_full"), Some(3));
     assert_eq!(evicted(&f.punts, "miss"), Some(1));
     assert_eq!(evicted(&f.punts, "not_eligible"), Some(5));
 

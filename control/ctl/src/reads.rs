@@ -53,9 +53,13 @@ fn rule_json(r: &pb::RuleCounters) -> Value {
 fn fast_json(f: Option<&pb::FastPathCounters>) -> Value {
     f.map_or(Value::Null, |f| {
         json!({
-            "enabled": f.enabled, "forwarded": f.forwarded, "punts": drops_json(&f.punts),
+            "enabled": f.enabled, "forwarded": f.forwarded, "new_forwarded": f.new_forwarded,
+            "punts": drops_json(&f.punts),
             "published": f.published, "unpublished": f.unpublished,
             "grace_waits": f.grace_waits, "publish_failed": f.publish_failed,
+            "new_installed": f.new_installed, "new_conflict": f.new_conflict,
+            "new_refused": f.new_refused, "new_rules": f.new_rules,
+            "new_rules_left_out": f.new_rules_left_out,
         })
     })
 }
@@ -162,9 +166,18 @@ pub async fn counters(c: &mut Client, rule: Option<String>, per_worker: bool, js
     );
     if let Some(f) = r.fast_path.as_ref().filter(|f| f.enabled) {
         println!(
-            "fast path: forwarded {}  published {}  unpublished {}  grace_waits {}  \
-             publish_failed {}",
-            f.forwarded, f.published, f.unpublished, f.grace_waits, f.publish_failed
+            "fast path: forwarded {}  new flows {} (installed {}  conflict {}  refused {}; \
+             rules {})  published {}  unpublished {}  grace_waits {}  publish_failed {}",
+            f.forwarded,
+            f.new_forwarded,
+            f.new_installed,
+            f.new_conflict,
+            f.new_refused,
+            f.new_rules,
+            f.published,
+            f.unpublished,
+            f.grace_waits,
+            f.publish_failed
         );
     }
     println!();

@@ -352,6 +352,12 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
     );
     o.sample(&[], f.forwarded as f64);
     o.family(
+        "xlb_fast_path_new_flows_forwarded_total",
+        COUNTER,
+        "SYNs of new flows the XDP program forwarded itself (their workers install the flows).",
+    );
+    o.sample(&[], f.new_forwarded as f64);
+    o.family(
         "xlb_fast_path_punts_total",
         COUNTER,
         "Frames the XDP program passed to the workers instead, by reason.",
@@ -380,8 +386,40 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
             "Eligible flows not published: no free line or index slot.",
             sum.fast_publish_failed,
         ),
+        (
+            "xlb_fast_path_new_installed_total",
+            "SYNs the XDP program forwarded whose flow the owning worker installed.",
+            sum.fast_new_installed,
+        ),
+        (
+            "xlb_fast_path_new_conflict_total",
+            "SYNs the XDP program forwarded to another member than their flow's (it keeps its \
+             member).",
+            sum.fast_new_conflict,
+        ),
+        (
+            "xlb_fast_path_new_refused_total",
+            "SYNs the XDP program forwarded whose flow could not be installed (rule or member \
+             gone, flow table full).",
+            sum.fast_new_refused,
+        ),
     ] {
         o.family(name, COUNTER, help);
+        o.sample(&[], v as f64);
+    }
+    for (name, help, v) in [
+        (
+            "xlb_fast_path_new_flow_rules",
+            "Load-balancing rules the XDP program opens new flows of.",
+            sum.fast_new_rules,
+        ),
+        (
+            "xlb_fast_path_new_flow_rules_left_out",
+            "Eligible rules left to the workers: no room in the new-flow section.",
+            sum.fast_new_rules_left_out,
+        ),
+    ] {
+        o.family(name, GAUGE, help);
         o.sample(&[], v as f64);
     }
     for (d, dir) in ["orig", "reply"].iter().enumerate() {

@@ -23,7 +23,7 @@ use crate::{
 /// Bytes of one element of `xlb_fast` (the map's value size).
 pub const FAST_ELEMENT_BYTES: usize = 64;
 /// Reasons in `xlb_fast_stats` (keep in sync with the C).
-const FAST_REASONS: u32 = 8;
+const FAST_REASONS: u32 = 14;
 
 /// Maps the whole of `xlb_fast` (shared with the program) and leaks the mapping: the table
 /// lives as long as the process, one per daemon. Word `i` is bytes `4i..4i+4`.
@@ -58,6 +58,18 @@ pub struct FastStats {
     pub not_eligible: u64,
     /// Arrived on another port than the flow's (anti-spoofing).
     pub wrong_port: u64,
+    /// SYNs of new flows XDP forwarded itself (handed to the owning worker's ring).
+    pub new_forwarded: u64,
+    /// A SYN for no rule whose new flows XDP may open.
+    pub new_no_rule: u64,
+    /// A SYN for such a rule that arrived on another port than the rule's.
+    pub new_wrong_port: u64,
+    /// A SYN whose Maglev slot has no member XDP may send to.
+    pub new_no_member: u64,
+    /// A SYN whose owning worker's ring was full (or lost to other CPUs).
+    pub new_ring_full: u64,
+    /// A SYN while XDP may not open new flows (the section is being rewritten, or off).
+    pub new_off: u64,
 }
 
 /// Frames and bytes one direction of one rule forwarded on the fast path.
@@ -169,6 +181,12 @@ pub(crate) fn read_stats(stats: &MapHandle) -> Result<FastStats> {
         no_tx: at(5),
         not_eligible: at(6),
         wrong_port: at(7),
+        new_forwarded: at(8),
+        new_no_rule: at(9),
+        new_wrong_port: at(10),
+        new_no_member: at(11),
+        new_ring_full: at(12),
+        new_off: at(13),
     })
 }
 

@@ -145,7 +145,7 @@ impl Fx {
             0x0f1e_2d3c_4b5a_6978,
             0x8877_6655_4433_2211 | 1,
         ];
-        init_header(mem, &layout, keys);
+        init_header(mem, &layout, keys, keys);
         set_enabled(mem, true);
         Fx {
             xdp,

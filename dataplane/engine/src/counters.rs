@@ -186,6 +186,19 @@ pub struct Counters {
     pub fast_grace_waits: u64,
     /// Eligible flows that could not be published: no free pair or no free index slot.
     pub fast_publish_failed: u64,
+    /// SYNs XDP forwarded by itself whose flow this worker installed (or found already
+    /// there with the same member: a retransmitted SYN).
+    pub fast_new_installed: u64,
+    /// SYNs XDP forwarded to another member than the one the flow already has (the table
+    /// changed between two SYNs of one connection): the flow keeps its member.
+    pub fast_new_conflict: u64,
+    /// SYNs XDP forwarded whose flow could not be installed: the rule or the member is gone,
+    /// the flow table is full of confirmed flows, no next hop.
+    pub fast_new_refused: u64,
+    /// Rules XDP opens new flows of, as last written (worker 0 writes them; 0 elsewhere).
+    pub fast_new_rules: u64,
+    /// Eligible rules left on the workers because the section had no room for them (idem).
+    pub fast_new_rules_left_out: u64,
 }
 
 impl Clone for Counters {
@@ -214,6 +227,11 @@ impl Clone for Counters {
             fast_unpublished,
             fast_grace_waits,
             fast_publish_failed,
+            fast_new_installed,
+            fast_new_conflict,
+            fast_new_refused,
+            fast_new_rules,
+            fast_new_rules_left_out,
         } = source;
         self.rx_packets = *rx_packets;
         self.tx_packets = *tx_packets;
@@ -229,6 +247,11 @@ impl Clone for Counters {
         self.fast_unpublished = *fast_unpublished;
         self.fast_grace_waits = *fast_grace_waits;
         self.fast_publish_failed = *fast_publish_failed;
+        self.fast_new_installed = *fast_new_installed;
+        self.fast_new_conflict = *fast_new_conflict;
+        self.fast_new_refused = *fast_new_refused;
+        self.fast_new_rules = *fast_new_rules;
+        self.fast_new_rules_left_out = *fast_new_rules_left_out;
     }
 }
 
@@ -249,6 +272,11 @@ impl Default for Counters {
             fast_unpublished: 0,
             fast_grace_waits: 0,
             fast_publish_failed: 0,
+            fast_new_installed: 0,
+            fast_new_conflict: 0,
+            fast_new_refused: 0,
+            fast_new_rules: 0,
+            fast_new_rules_left_out: 0,
         }
     }
 }

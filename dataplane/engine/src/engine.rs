@@ -32,8 +32,10 @@ use crate::wire::{self, proto, Packet, Rewrite, RstSpec, MAX_RST_FRAME};
 
 mod export;
 mod fast;
+mod fast_new;
 mod prefetch;
 pub use export::{FlowState, Imported, SyncReason};
+pub use fast_new::NF_DRAIN_BUDGET;
 pub use prefetch::Lookahead;
 
 /// RSTs per second a worker sends for the `reset` unknown-flow policy unless told otherwise:
@@ -190,6 +192,8 @@ pub struct Engine {
     store: FlowStore,
     /// The XDP fast path's published table (`None`: off).
     fast: Option<Box<fast::FastState>>,
+    /// New flows opened by XDP: this worker's ring, worker 0's section writer (`None`: off).
+    fast_new: Option<Box<fast_new::NewFlows>>,
 }
 
 impl Engine {
@@ -228,6 +232,7 @@ impl Engine {
             scratch: [0; MAX_RST_FRAME],
             store: FlowStore::default(),
             fast: None,
+            fast_new: None,
             steer_key: HashKey::from_seed(cfg.steer_seed),
             rules,
             cfg,
@@ -450,6 +455,8 @@ impl Engine {
         self.rules = rules;
         // A member down (a UDP flow must move), a rule id past what XDP counts, ...
         self.fast_recheck_all(false);
+        // Rules, pools, health: what XDP opens new flows with.
+        self.fast_new_changed();
     }
 
     /// The cluster's membership changed at `at` (a node was lost, added, drained, or this one
@@ -573,10 +580,15 @@ impl Engine {
             || self.net.route_epoch() != self.rehome_epoch
             || self.fast_waits_for_left()
             || self.fast_has_work()
+            || self.fast_new_waiting()
         {
             return Some(0);
         }
         let wheel = self.wheel.next_deadline();
+        let wheel = match (wheel, self.fast_new_section_due()) {
+            (Some(w), Some(s)) => Some(w.min(s)),
+            (w, s) => w.or(s),
+        };
         match self.census.next_due(self.rules.drains()) {
             Some(c) => Some(wheel.map_or(c, |w| w.min(c))),
             None => wheel,
@@ -678,6 +690,12 @@ impl Engine {
             dst: pkt.dst,
             dst_port: pkt.dst_port,
         };
+        if pkt.proto == proto::TCP && self.fast_new_waiting() {
+            // SYNs XDP forwarded by itself came before this segment: their flows are
+            // installed first (this may be the SYN-ACK of one, or a segment of a flow a SYN
+            // just reopened), so that the lookup finds what the worker would have.
+            self.fast_new_drain(now, usize::MAX);
+        }
         let hash = self.hash_hinted(&tuple, hint);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
@@ -769,7 +787,8 @@ impl Engine {
         emit: &mut dyn FnMut(PortId, &[u8]),
     ) -> usize {
         self.fast_housekeeping();
-        let mut done = 0;
+        self.fast_new_tick(now);
+        let mut done = self.fast_new_drain(now, budget.min(NF_DRAIN_BUDGET));
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {
                 break;
@@ -1216,7 +1235,9 @@ impl Engine {
                     }
                 }
             }
-            let Some(backend) = self.rules.select_backend(rule, tuple) else {
+            // The member XDP already sent this SYN to, when it is one XDP forwarded.
+            let forced = self.fast_new_forced();
+            let Some(backend) = forced.or_else(|| self.rules.select_backend(rule, tuple)) else {
                 return self.drop_for(rule, DropReason::NoBackend);
             };
             let flow = Flow {

@@ -21,6 +21,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::fast_new::{
+    NF_HEADER_ELEMENT, NF_MEMBERS, NF_RING_RECORDS, NF_RULES, NF_RULE_SLOTS, NF_TABLE_WORDS,
+};
 use crate::net::PortId;
 use crate::tcp::seq_after;
 use crate::time::Nanos;
@@ -97,6 +100,16 @@ pub struct FastLayout {
     pub lines_base: u32,
     /// Lines in all (two per pair).
     pub lines: u32,
+    /// The new-flow section (`crate::fast_new`), after the lines: element of the rule index,
+    /// of rule entry 0, of member entry 0, of the Maglev table area and of ring 0.
+    pub nf_rule_index_base: u32,
+    pub nf_rules_base: u32,
+    pub nf_members_base: u32,
+    pub nf_tables_base: u32,
+    pub nf_rings_base: u32,
+    /// Records per ring (a power of two) and elements per ring (2 + 2 × records).
+    pub nf_ring_records: u32,
+    pub nf_ring_elements: u32,
 }
 
 impl FastLayout {
@@ -107,20 +120,70 @@ impl FastLayout {
             .checked_next_power_of_two()
             .unwrap_or(1 << 31)
             .max(16);
-        let index_base = 1;
+        // Element 0: the header; 1: the new-flow header; 2: the steering keys.
+        let index_base = 3;
+        let lines_base = index_base + index_slots / ELEMENT_WORDS as u32;
+        let lines = pairs.saturating_mul(2);
+        let e = ELEMENT_WORDS as u32;
+        let nf_rule_index_base = lines_base.saturating_add(lines);
+        let nf_rules_base = nf_rule_index_base + NF_RULE_SLOTS / e;
+        let nf_members_base = nf_rules_base + NF_RULES;
+        let nf_tables_base = nf_members_base + NF_MEMBERS;
+        let nf_rings_base = nf_tables_base + NF_TABLE_WORDS / e;
         FastLayout {
             pairs_per_worker,
             workers: workers.max(1),
             index_slots,
             index_base,
-            lines_base: index_base + index_slots / ELEMENT_WORDS as u32,
-            lines: pairs.saturating_mul(2),
+            lines_base,
+            lines,
+            nf_rule_index_base,
+            nf_rules_base,
+            nf_members_base,
+            nf_tables_base,
+            nf_rings_base,
+            nf_ring_records: NF_RING_RECORDS,
+            nf_ring_elements: 2 + 2 * NF_RING_RECORDS,
         }
+    }
+
+    /// The same layout with rings of `records` records (a power of two, at least 2) instead
+    /// of [`NF_RING_RECORDS`]: small rings for tests that wrap them around.
+    pub fn with_ring_records(mut self, records: u32) -> FastLayout {
+        let records = records.max(2).next_power_of_two();
+        self.nf_ring_records = records;
+        self.nf_ring_elements = 2 + 2 * records;
+        self
     }
 
     /// Elements (64 bytes each) of the map: its `max_entries`.
     pub fn elements(&self) -> u32 {
-        self.lines_base + self.lines
+        self.nf_rings_base + u32::from(self.workers) * self.nf_ring_elements
+    }
+
+    /// Word `w` of element `e`.
+    pub fn element_word(&self, e: u32, w: usize) -> usize {
+        e as usize * ELEMENT_WORDS + w
+    }
+
+    /// The words of the new-flow header as this layout wants them (`crate::fast_new::nf`),
+    /// `NF_ENABLED` (word 0) left 0.
+    pub fn nf_header(&self) -> [u32; 13] {
+        [
+            0,
+            NF_RULE_SLOTS,
+            self.nf_rule_index_base,
+            self.nf_rules_base,
+            NF_RULES,
+            self.nf_members_base,
+            NF_MEMBERS,
+            self.nf_tables_base,
+            NF_TABLE_WORDS,
+            self.nf_rings_base,
+            self.nf_ring_records,
+            self.nf_ring_elements,
+            u32::from(self.workers),
+        ]
     }
 
     /// `u32` words of the memory.
@@ -145,9 +208,17 @@ impl FastLayout {
 }
 
 /// Writes the header of a fresh memory: the layout, the hash keys, and `enabled = 0` (XDP
-/// punts everything until [`set_enabled`]). Index and lines are expected zeroed (a new map).
-pub fn init_header(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
+/// punts everything until [`set_enabled`]); the new-flow header with `NF_ENABLED = 0` (XDP
+/// opens no flow until a worker wrote the section, `crate::fast_new`) and the steering keys
+/// `steer` (the engine's [`crate::hashkey::HashKey::words`]: XDP picks the worker of a new
+/// flow as [`crate::engine::steer`] does). Index, lines and section are expected zeroed (a
+/// new map).
+pub fn init_header(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4], steer: [u64; 4]) {
     let put = |w: usize, v: u32| mem[w].store(v, Ordering::Relaxed);
+    for (i, v) in layout.nf_header().into_iter().enumerate() {
+        put(layout.element_word(NF_HEADER_ELEMENT, i), v);
+    }
+    crate::fast_new::write_steer_keys(mem, steer);
     put(header::ENABLED, 0);
     put(header::INDEX_SLOTS, layout.index_slots);
     put(header::INDEX_BASE, layout.index_base);
@@ -164,8 +235,10 @@ pub fn init_header(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
 
 /// The header words that say `layout` (everything [`init_header`] writes but the switch and
 /// the keys), as `mem` holds them and as `layout` wants them.
-fn header_words(mem: &[AtomicU32], layout: &FastLayout) -> ([u32; 7], [u32; 7]) {
+fn header_words(mem: &[AtomicU32], layout: &FastLayout) -> ([u32; 19], [u32; 19]) {
     let h = |w: usize| mem[w].load(Ordering::Acquire);
+    let nf = |i: usize| h(layout.element_word(NF_HEADER_ELEMENT, i));
+    let nf_want = layout.nf_header();
     let found = [
         h(header::MAGIC),
         h(header::INDEX_SLOTS),
@@ -174,6 +247,18 @@ fn header_words(mem: &[AtomicU32], layout: &FastLayout) -> ([u32; 7], [u32; 7]) 
         h(header::LINES),
         h(header::PAIRS_PER_WORKER),
         h(header::WORKERS),
+        nf(1),
+        nf(2),
+        nf(3),
+        nf(4),
+        nf(5),
+        nf(6),
+        nf(7),
+        nf(8),
+        nf(9),
+        nf(10),
+        nf(11),
+        nf(12),
     ];
     let want = [
         FAST_MAGIC,
@@ -183,11 +268,24 @@ fn header_words(mem: &[AtomicU32], layout: &FastLayout) -> ([u32; 7], [u32; 7]) 
         layout.lines,
         layout.pairs_per_worker,
         u32::from(layout.workers),
+        nf_want[1],
+        nf_want[2],
+        nf_want[3],
+        nf_want[4],
+        nf_want[5],
+        nf_want[6],
+        nf_want[7],
+        nf_want[8],
+        nf_want[9],
+        nf_want[10],
+        nf_want[11],
+        nf_want[12],
     ];
     (found, want)
 }
 
-/// Whether `mem` holds a table of exactly `layout`: geometry and split between workers.
+/// Whether `mem` holds a table of exactly `layout`: geometry (new-flow section included) and
+/// split between workers.
 pub fn header_matches(mem: &[AtomicU32], layout: &FastLayout) -> bool {
     mem.len() >= layout.words() && {
         let (found, want) = header_words(mem, layout);
@@ -197,12 +295,12 @@ pub fn header_matches(mem: &[AtomicU32], layout: &FastLayout) -> bool {
 
 /// Clears `mem` (switched off first: an XDP program still running on it punts everything
 /// meanwhile) and writes a new header for `layout` with `keys`.
-pub fn reset_table(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4]) {
+pub fn reset_table(mem: &[AtomicU32], layout: &FastLayout, keys: [u64; 4], steer: [u64; 4]) {
     set_enabled(mem, false);
     for w in mem.iter().skip(ELEMENT_WORDS) {
         w.store(0, Ordering::Relaxed);
     }
-    init_header(mem, layout, keys);
+    init_header(mem, layout, keys, steer);
 }
 
 /// The runtime switch: XDP forwards published flows only while it is on.
@@ -788,13 +886,23 @@ mod tests {
     fn layout_sizes() {
         let l = FastLayout::new(1000, 3);
         assert_eq!(l.index_slots, 16384);
-        assert_eq!(l.index_base, 1);
-        assert_eq!(l.lines_base, 1 + 1024);
+        assert_eq!(l.index_base, 3);
+        assert_eq!(l.lines_base, 3 + 1024);
         assert_eq!(l.lines, 6000);
-        assert_eq!(l.elements(), 1025 + 6000);
+        let nf = 1027 + 6000;
+        assert_eq!(l.nf_rule_index_base, nf);
+        assert_eq!(l.nf_rules_base, nf + 64);
+        assert_eq!(l.nf_members_base, nf + 64 + 256);
+        assert_eq!(l.nf_tables_base, nf + 64 + 256 + 4096);
+        assert_eq!(l.nf_rings_base, nf + 64 + 256 + 4096 + 16384);
+        assert_eq!(l.nf_ring_elements, 2 + 2 * 32768);
+        assert_eq!(l.elements(), l.nf_rings_base + 3 * (2 + 2 * 32768));
         let small = FastLayout::new(1, 1);
         assert_eq!(small.index_slots, 16);
-        assert_eq!(small.lines_base, 2);
+        assert_eq!(small.lines_base, 4);
+        let tiny_rings = small.with_ring_records(5);
+        assert_eq!(tiny_rings.nf_ring_records, 8);
+        assert_eq!(tiny_rings.elements(), small.nf_rings_base + 18);
     }
 
     #[test]
@@ -825,7 +933,7 @@ mod tests {
         let l = FastLayout::new(8, 2);
         let m = mem(&l);
         let keys = [1, 2 | (5 << 32), 3, 4];
-        init_header(m, &l, keys);
+        init_header(m, &l, keys, [9, 8, 7, 6]);
         assert_eq!(m[0].load(Ordering::Relaxed), FAST_MAGIC);
         assert_eq!(header_keys(m), keys);
         assert_eq!(m[header::KEYS + 2].load(Ordering::Relaxed), 2);
@@ -868,7 +976,7 @@ mod tests {
     fn pairs_are_reused_only_after_a_grace_never_used_first() {
         let l = FastLayout::new(2, 2);
         let m = mem(&l);
-        init_header(m, &l, [1, 1, 1, 1]);
+        init_header(m, &l, [1, 1, 1, 1], [1, 1, 1, 1]);
         let grace = Arc::new(GraceClock::default());
         let mut t = FastTable::new(m, l, 1, Arc::clone(&grace));
         assert_eq!(t.alloc(), Some(2));
@@ -887,7 +995,7 @@ mod tests {
     fn index_insert_lookup_remove() {
         let l = FastLayout::new(4, 1);
         let m = mem(&l);
-        init_header(m, &l, [7, 9, 11, 13]);
+        init_header(m, &l, [7, 9, 11, 13], [1, 1, 1, 1]);
         let mut t = FastTable::new(m, l, 0, Arc::new(GraceClock::default()));
         let mut a = [0u32; 16];
         a[line::PROTO_RULE] = 6 | (3 << 16);

@@ -36,6 +36,16 @@ impl HashKey {
         HashKey([next(), next(), next(), next()])
     }
 
+    /// The key material k0..k3 (the fast path's table hands the steering key to XDP).
+    pub fn words(&self) -> [u64; 4] {
+        self.0
+    }
+
+    /// A key of exactly these words (what [`HashKey::words`] gave).
+    pub fn from_words(words: [u64; 4]) -> HashKey {
+        HashKey(words)
+    }
+
     /// Hash of a 5-tuple as received, for the flow index (its high 32 bits pick the slot).
     #[inline]
     pub fn tuple(&self, t: &FlowTuple) -> u64 {

@@ -11,6 +11,7 @@ pub mod counters;
 pub mod drain;
 pub mod engine;
 pub mod fast;
+pub mod fast_new;
 pub mod flow;
 pub mod hashkey;
 pub mod late;

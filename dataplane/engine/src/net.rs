@@ -175,6 +175,9 @@ pub struct NextHops {
     /// Neighbour entries changed in place (MAC, port or VLAN): flows that copied a hop's
     /// addresses elsewhere (the XDP fast path) check theirs when it moves.
     hop_changes: u64,
+    /// Neighbour entries added, changed or removed, routes and port addresses changed: what
+    /// resolves to what may differ (the XDP fast path's new-flow section is rebuilt).
+    generation: u64,
 }
 
 const MAX_PENDING_MISSES: usize = 64;
@@ -199,6 +202,7 @@ impl NextHops {
             route_epoch: 0,
             rehome_pending: false,
             hop_changes: 0,
+            generation: 0,
         }
     }
 
@@ -219,6 +223,7 @@ impl NextHops {
             self.port_macs.resize(i + 1, [0; 6]);
         }
         self.port_macs[i] = mac;
+        self.generation += 1;
     }
 
     /// Accepts frames tagged with VLAN `vlan` (the 12-bit id) on `port`. Without this, a
@@ -269,6 +274,7 @@ impl NextHops {
         if routes != self.routes {
             self.routes = routes;
             self.route_epoch += 1;
+            self.generation += 1;
         }
     }
 
@@ -281,6 +287,12 @@ impl NextHops {
     /// How many times a neighbour entry changed in place (see [`NextHops::set_neighbor`]).
     pub fn hop_changes(&self) -> u64 {
         self.hop_changes
+    }
+
+    /// Changes whenever a neighbour entry is added, changed or removed, or the routes or a
+    /// port's address change.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn route_epoch(&self) -> u64 {
@@ -320,6 +332,7 @@ impl NextHops {
         if let Some(&id) = self.by_ip.get(&ip) {
             if self.hops[id as usize] != hop {
                 self.hop_changes += 1;
+                self.generation += 1;
             }
             self.hops[id as usize] = hop;
             self.meta[id as usize].owner = owner;
@@ -327,6 +340,7 @@ impl NextHops {
         }
         let id = self.push(hop, owner)?;
         self.by_ip.insert(ip, id);
+        self.generation += 1;
         if self.rehome_pending {
             self.rehome_pending = false;
             self.route_epoch += 1;
@@ -543,6 +557,7 @@ impl NextHops {
             Owner::Free => return,
             Owner::Neighbor { ip, .. } => {
                 self.by_ip.remove(&ip);
+                self.generation += 1;
             }
             Owner::Learned => {
                 let h = self.hops[i];

@@ -437,6 +437,53 @@ impl RuleSet {
     }
 }
 
+/// A specific-port TCP frontend of an inbound rule (for the XDP fast path's new-flow section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpFrontend {
+    pub rule: RuleId,
+    pub addr: Addr,
+    pub port: u16,
+}
+
+impl RuleSet {
+    /// Every specific-port TCP frontend (HA ports left out), by rule id then address and port.
+    pub fn tcp_frontends(&self) -> Vec<TcpFrontend> {
+        let mut v: Vec<TcpFrontend> = self
+            .inbound
+            .iter()
+            .filter(|(k, _)| k.proto_port >> 16 == u32::from(PROTO_TCP))
+            .map(|(k, &rule)| TcpFrontend {
+                rule,
+                addr: k.addr,
+                port: k.proto_port as u16,
+            })
+            .collect();
+        v.sort_by_key(|f| (f.rule, f.addr, f.port));
+        v
+    }
+
+    /// Whether `backend` is what load-balancing rule `id` may have given a new flow to
+    /// `dst_port` (a member of its pool, healthy or not, and the port the rule translates
+    /// to): the check of a member XDP chose before the worker installs its flow.
+    pub fn lb_choice_valid(&self, id: RuleId, backend: Backend, dst_port: u16) -> bool {
+        let Some(rule) = self.rules.get(usize::from(id)).and_then(Option::as_ref) else {
+            return false;
+        };
+        let Selector::LoadBalancing {
+            pool, backend_port, ..
+        } = &rule.selector
+        else {
+            return false;
+        };
+        let port = if rule.params.floating_ip {
+            dst_port
+        } else {
+            backend_port.unwrap_or(dst_port)
+        };
+        !rule.retired && backend.port == port && pool.members.contains(&backend.addr)
+    }
+}
+
 impl fmt::Display for RuleKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -152,7 +152,7 @@ impl FastLab {
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
         );
-        init_header(mem, &layout, KEYS);
+        init_header(mem, &layout, KEYS, KEYS);
         set_enabled(mem, true);
         let grace = Arc::new(GraceClock::default());
         let mut table = FastTable::new(mem, layout, 0, Arc::clone(&grace));

@@ -105,6 +105,7 @@ impl XlbService {
             fast_path: total.fast.as_ref().map(|f| pb::FastPathCounters {
                 enabled: f.enabled,
                 forwarded: f.forwarded,
+                new_forwarded: f.new_forwarded,
                 punts: (FAST_PUNT_REASONS.iter().zip(f.punts))
                     .map(|(r, count)| pb::DropCount {
                         reason: (*r).to_string(),
@@ -115,6 +116,11 @@ impl XlbService {
                 unpublished: total.fast_unpublished,
                 grace_waits: total.fast_grace_waits,
                 publish_failed: total.fast_publish_failed,
+                new_installed: total.fast_new_installed,
+                new_conflict: total.fast_new_conflict,
+                new_refused: total.fast_new_refused,
+                new_rules: total.fast_new_rules,
+                new_rules_left_out: total.fast_new_rules_left_out,
             }),
         })
     }

@@ -213,6 +213,7 @@ impl Engine {
             resumed: Vec::new(),
             recheck: Recheck::default(),
         }));
+        self.attach_fast_new();
     }
 
     /// The fast table, when one is attached.
@@ -243,6 +244,9 @@ impl Engine {
         };
         let was = fs.table.port_ok(port);
         fs.table.set_port_ok(port, ok);
+        if was != ok {
+            self.fast_new_changed();
+        }
         if was && !ok {
             self.fast_recheck_all(false);
         }
