@@ -832,6 +832,31 @@ fn records_go_to_the_owner_of_the_flow() {
     assert_eq!(fast_new::steer_keys(mem), steer);
 }
 
+/// The records have a budget of their own in the expiry pass: with more records waiting than
+/// it takes, the flows that are due still expire.
+#[test]
+fn records_waiting_do_not_hold_back_due_flows() {
+    let mut t = NfLab::with(DEFAULT_CONFIG, EngineConfig::default(), 1024);
+    t.settle();
+    // A handshake the worker forwarded and that stalls: due at its half-open timeout.
+    let client = Tcp::client(80, 53_000);
+    t.lab.forward(CLIENT_PORT, client.seg(SYN, 1, 0, &[]));
+    let due = flows(&t.lab)[0].deadline;
+    t.lab.now = due + 1000 * MS;
+    for sport in 53_100..53_400u16 {
+        let syn = Tcp::client(80, sport).seg(SYN, 1, 0, &[]);
+        t.xdp_syn(CLIENT_PORT, &syn).unwrap();
+    }
+    let now = t.lab.now;
+    let taken = t.lab.engine.expire(now, 256, &mut |_, _| {});
+    assert!(taken >= 256, "{taken}");
+    assert!(
+        !flows(&t.lab).iter().any(|f| f.orig.src_port == 53_000),
+        "the due flow expired"
+    );
+    assert_eq!(t.counters().fast_new_installed, 256);
+}
+
 mod interleavings {
     //! Random interleavings of SYNs (some retransmitted, some reusing a tuple with a new
     //! initial sequence number), SYN-ACKs, ACKs, drains with random budgets, health changes

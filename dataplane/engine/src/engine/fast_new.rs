@@ -16,7 +16,8 @@
 //! No SYN-ACK is lost for want of its flow: a TCP segment drains the ring before its lookup
 //! whenever records wait (the SYNs came first; this also makes a segment of a connection
 //! whose tuple a new SYN reopened find the new flow); the worker also drains the ring at every
-//! loop iteration, idle or not ([`Engine::fast_new_drain`]). Records are taken in order; one a
+//! loop iteration, idle or not ([`Engine::fast_new_drain`]), with a budget of its own in the
+//! expiry pass (records never use up the timers' budget). Records are taken in order; one a
 //! producer is still writing (microseconds) holds back the ones behind it until the next try.
 //!
 //! Writing the section (worker 0 only): whenever what it depends on changes (the rules, with
