@@ -694,7 +694,7 @@ impl Engine {
             // SYNs XDP forwarded by itself came before this segment: their flows are
             // installed first (this may be the SYN-ACK of one, or a segment of a flow a SYN
             // just reopened), so that the lookup finds what the worker would have.
-            self.fast_new_drain(now, usize::MAX);
+            self.fast_new_drain_waiting(now);
         }
         let hash = self.hash_hinted(&tuple, hint);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {

@@ -857,6 +857,66 @@ fn records_waiting_do_not_hold_back_due_flows() {
     assert_eq!(t.counters().fast_new_installed, 256);
 }
 
+/// A segment installs the records waiting when it arrives, not those XDP adds meanwhile: a
+/// steady stream of SYNs through XDP cannot keep the worker inside one segment.
+#[test]
+fn a_segment_installs_only_the_records_that_were_waiting() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    const RING: u32 = 8;
+    let mut t = NfLab::with(DEFAULT_CONFIG, EngineConfig::default(), RING);
+    t.settle();
+    let syn = Tcp::client(80, 54_000).seg(SYN, 1, 0, &[]);
+    let c = t.choice(CLIENT_PORT, &syn).unwrap();
+    let rec = record_of(
+        &syn,
+        CLIENT_PORT,
+        c.addr,
+        c.port,
+        u32::from(c.rule),
+        t.lab.now,
+    );
+    let (mem, layout) = (t.mem, t.layout);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Another CPU forwarding SYNs (retransmissions of one) as fast as the ring has room,
+    // bounded in count and time.
+    let producer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut pushed = 0u64;
+            while !stop.load(Ordering::Relaxed)
+                && pushed < 1_000_000
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                match ring_push(mem, &layout, 0, &rec) {
+                    Ok(()) => pushed += 1,
+                    Err(_) => std::hint::spin_loop(),
+                }
+            }
+            pushed
+        })
+    };
+    let start = Instant::now();
+    while ring_len(mem, &layout, 0) < RING && start.elapsed() < Duration::from_secs(10) {
+        std::thread::yield_now();
+    }
+    let taken = |t: &NfLab| {
+        let c = t.counters();
+        c.fast_new_installed + c.fast_new_conflict + c.fast_new_refused
+    };
+    let before = taken(&t);
+    t.lab
+        .send(CLIENT_PORT, Tcp::client(80, 54_001).seg(ACK, 1, 1, &[]));
+    let during = taken(&t) - before;
+    stop.store(true, Ordering::Relaxed);
+    let pushed = producer.join().unwrap();
+    assert!(
+        during <= u64::from(RING),
+        "one segment took {during} records ({pushed} pushed)"
+    );
+}
+
 mod interleavings {
     //! Random interleavings of SYNs (some retransmitted, some reusing a tuple with a new
     //! initial sequence number), SYN-ACKs, ACKs, drains with random budgets, health changes
