@@ -652,6 +652,21 @@ fn a_record_for_a_member_no_longer_in_the_pool_is_refused() {
     assert_eq!(t.counters().fast_new_installed, 1);
 }
 
+/// A record naming a port this process does not have (one its predecessor left, with other
+/// interfaces) is refused: the flow's way back would lead nowhere.
+#[test]
+fn a_record_from_a_port_that_does_not_exist_is_refused() {
+    let mut t = NfLab::new();
+    t.settle();
+    let syn = Tcp::client(80, 45_002).seg(SYN, 1, 0, &[]);
+    let c = t.choice(CLIENT_PORT, &syn).unwrap();
+    let rec = record_of(&syn, 200, c.addr, c.port, u32::from(c.rule), t.lab.now);
+    t.push(&rec);
+    assert_eq!(t.drain(), 1);
+    assert_eq!(t.counters().fast_new_refused, 1);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+}
+
 #[test]
 fn a_record_when_the_table_is_full_of_confirmed_flows_is_refused() {
     let cfg = EngineConfig {

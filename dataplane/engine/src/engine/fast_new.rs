@@ -192,7 +192,12 @@ impl Engine {
     /// The flow of one record (see the module notes).
     fn fast_new_apply(&mut self, now: Nanos, rec: &NfRecord) -> Applied {
         let len = rec.len as usize;
-        if !(40..=RECORD_HEADERS).contains(&len) || rec.ingress_port > u32::from(PortId::MAX) {
+        // A port this process does not have (a record its predecessor left, with other
+        // interfaces): the flow's way back would lead nowhere.
+        if !(40..=RECORD_HEADERS).contains(&len)
+            || rec.ingress_port > u32::from(PortId::MAX)
+            || rec.ingress_port as usize >= self.net.port_count()
+        {
             return Applied::Refused;
         }
         let ingress = rec.ingress_port as PortId;
