@@ -138,7 +138,8 @@ fn start(opts: &Options) -> Result<Running, Failure> {
     let mut self_probe =
         preflight::self_probe(opts, &config, &kernel.ports, kernel.watch.routes())?;
     // One steering key for every worker, and for the self-probe, which picks the worker it
-    // injects at, and for XDP, which picks the worker of the new flows it opens; the one the stored flows were placed with, if any.
+    // injects at, and for XDP, which picks the worker of the new flows it opens; the one the
+    // stored flows were placed with, if any.
     let steer_seed = match stores.as_ref().and_then(|s| s.steer_seed) {
         Some(seed) => seed,
         None => workers::random_seed()?,

@@ -352,7 +352,7 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
     );
     o.sample(&[], f.forwarded as f64);
     o.family(
-        "xlb_fast_path_new_flows_forwarded_total",
+        "xlb_fast_path_new_forwarded_total",
         COUNTER,
         "SYNs of new flows the XDP program forwarded itself (their workers install the flows).",
     );
@@ -409,12 +409,12 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
     }
     for (name, help, v) in [
         (
-            "xlb_fast_path_new_flow_rules",
+            "xlb_fast_path_new_rules",
             "Load-balancing rules the XDP program opens new flows of.",
             sum.fast_new_rules,
         ),
         (
-            "xlb_fast_path_new_flow_rules_left_out",
+            "xlb_fast_path_new_rules_left_out",
             "Eligible rules left to the workers: no room in the new-flow section.",
             sum.fast_new_rules_left_out,
         ),

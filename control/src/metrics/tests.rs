@@ -155,3 +155,32 @@ fn http_answers_metrics_404_and_405() {
     stop.send(true).unwrap();
     rt.block_on(server).unwrap().unwrap();
 }
+
+/// Every new-flow figure of the stats file, `fast.new_<name>`, is the metric
+/// `xlb_fast_path_new_<name>` (`_total` for a counter): one name finds both.
+#[test]
+fn new_flow_metrics_are_named_as_in_the_stats_file() {
+    let config = Config::from_toml_str(CONFIG).unwrap();
+    let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+    let mut sum = xlb_api::sum(&[], &rules);
+    sum.add_fast(Some(&xlb_api::FastPathCounters {
+        enabled: true,
+        ..xlb_api::FastPathCounters::default()
+    }));
+    let kv = crate::stats::to_kv(&sum, &rules, 1);
+    let mut o = Families(Vec::new());
+    fast_path(&mut o, &sum, &rules);
+    let names: HashSet<&str> = o.0.iter().map(|f| f.name()).collect();
+    let keys: Vec<&str> = kv
+        .lines()
+        .filter_map(|l| l.split('=').next()?.strip_prefix("fast.new_"))
+        .collect();
+    assert_eq!(keys.len(), 6, "{kv}");
+    for k in keys {
+        let name = format!("xlb_fast_path_new_{k}");
+        assert!(
+            names.contains(name.as_str()) || names.contains(format!("{name}_total").as_str()),
+            "{name} in {names:?}"
+        );
+    }
+}

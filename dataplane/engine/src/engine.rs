@@ -694,7 +694,7 @@ impl Engine {
             // SYNs XDP forwarded by itself came before this segment: their flows are
             // installed first (this may be the SYN-ACK of one, or a segment of a flow a SYN
             // just reopened), so that the lookup finds what the worker would have.
-            self.fast_new_drain(now, usize::MAX);
+            self.fast_new_drain_waiting(now);
         }
         let hash = self.hash_hinted(&tuple, hint);
         if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
@@ -778,8 +778,9 @@ impl Engine {
         verdict
     }
 
-    /// Expires at most `budget` due flows, emitting RST frames through `emit(port, frame)`.
-    /// Returns the number of timer entries handled.
+    /// Expires at most `budget` due flows, emitting RST frames through `emit(port, frame)`,
+    /// and installs at most [`NF_DRAIN_BUDGET`] flows of SYNs XDP forwarded. Returns the
+    /// number of timer entries handled and records taken.
     pub fn expire(
         &mut self,
         now: Nanos,
@@ -788,7 +789,10 @@ impl Engine {
     ) -> usize {
         self.fast_housekeeping();
         self.fast_new_tick(now);
-        let mut done = self.fast_new_drain(now, budget.min(NF_DRAIN_BUDGET));
+        // The records have a budget of their own: taken from the timers' budget, a steady
+        // stream of SYNs through XDP would leave no due flow expired.
+        let installed = self.fast_new_drain(now, NF_DRAIN_BUDGET);
+        let mut done = 0;
         while done < budget {
             let Some(id) = self.wheel.poll(now) else {
                 break;
@@ -842,7 +846,7 @@ impl Engine {
             _ => {}
         }
         done += self.fast_recheck_step(budget.saturating_sub(done).max(1));
-        done + self.census_step(now, emit)
+        installed + done + self.census_step(now, emit)
     }
 
     /// One step of the drain census (`crate::drain`): at most [`CENSUS_SLOTS_PER_CALL`] flow

@@ -129,6 +129,8 @@ pub mod nfq {
     pub const INGRESS_PORT: usize = 5;
     /// Bytes of IP and TCP header copied (20 + doff × 4).
     pub const LEN: usize = 6;
+    /// Zero.
+    pub const RESERVED: usize = 7;
     /// The IP header then the TCP header with its options, as received (80 bytes at most).
     pub const HEADERS: usize = 8;
     /// Three words: the received frame's destination MAC then source MAC (the worker learns
@@ -561,7 +563,7 @@ pub fn ring_push(
     worker: u16,
     rec: &NfRecord,
 ) -> Result<(), RingFull> {
-    let (prod, cons, first) = ring_words(layout, worker);
+    let (prod, cons, _) = ring_words(layout, worker);
     let mut reserved = None;
     for _ in 0..4 {
         let p = mem[prod].load(Ordering::Acquire);
@@ -578,22 +580,7 @@ pub fn ring_push(
         }
     }
     let p = reserved.ok_or(RingFull)?;
-    let put = |x: usize, v: u32| mem[record_word(layout, first, p, x)].store(v, Ordering::Relaxed);
-    put(nfq::STAMP, rec.stamp);
-    put(nfq::ADDR, wire_word(rec.addr));
-    put(nfq::PORT, u32::from(rec.port));
-    put(nfq::RULE, rec.rule);
-    put(nfq::INGRESS_PORT, rec.ingress_port);
-    put(nfq::LEN, rec.len);
-    put(7, 0);
-    for (j, c) in rec.headers.chunks_exact(4).enumerate() {
-        put(nfq::HEADERS + j, wire_word([c[0], c[1], c[2], c[3]]));
-    }
-    for (j, c) in rec.macs.chunks_exact(4).enumerate() {
-        put(nfq::MACS + j, wire_word([c[0], c[1], c[2], c[3]]));
-    }
-    put(31, 0);
-    mem[record_word(layout, first, p, nfq::SEQ)].store(p.wrapping_add(1), Ordering::Release);
+    ring_finish(mem, layout, worker, p, rec);
     Ok(())
 }
 
@@ -609,7 +596,8 @@ pub fn ring_reserve(mem: &[AtomicU32], layout: &FastLayout, worker: u16) -> Resu
     Ok(p)
 }
 
-/// Writes reserved record `p` ([`ring_reserve`]), `SEQ` last.
+/// Writes reserved record `p` ([`ring_reserve`]) as XDP does: every word, the reserved ones
+/// zero, `SEQ` last.
 pub fn ring_finish(mem: &[AtomicU32], layout: &FastLayout, worker: u16, p: u32, rec: &NfRecord) {
     let (_, _, first) = ring_words(layout, worker);
     let put = |x: usize, v: u32| mem[record_word(layout, first, p, x)].store(v, Ordering::Relaxed);
@@ -619,12 +607,14 @@ pub fn ring_finish(mem: &[AtomicU32], layout: &FastLayout, worker: u16, p: u32, 
     put(nfq::RULE, rec.rule);
     put(nfq::INGRESS_PORT, rec.ingress_port);
     put(nfq::LEN, rec.len);
+    put(nfq::RESERVED, 0);
     for (j, c) in rec.headers.chunks_exact(4).enumerate() {
         put(nfq::HEADERS + j, wire_word([c[0], c[1], c[2], c[3]]));
     }
     for (j, c) in rec.macs.chunks_exact(4).enumerate() {
         put(nfq::MACS + j, wire_word([c[0], c[1], c[2], c[3]]));
     }
+    put(nfq::MACS + 3, 0);
     mem[record_word(layout, first, p, nfq::SEQ)].store(p.wrapping_add(1), Ordering::Release);
 }
 

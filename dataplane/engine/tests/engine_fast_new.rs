@@ -652,6 +652,21 @@ fn a_record_for_a_member_no_longer_in_the_pool_is_refused() {
     assert_eq!(t.counters().fast_new_installed, 1);
 }
 
+/// A record naming a port this process does not have (one its predecessor left, with other
+/// interfaces) is refused: the flow's way back would lead nowhere.
+#[test]
+fn a_record_from_a_port_that_does_not_exist_is_refused() {
+    let mut t = NfLab::new();
+    t.settle();
+    let syn = Tcp::client(80, 45_002).seg(SYN, 1, 0, &[]);
+    let c = t.choice(CLIENT_PORT, &syn).unwrap();
+    let rec = record_of(&syn, 200, c.addr, c.port, u32::from(c.rule), t.lab.now);
+    t.push(&rec);
+    assert_eq!(t.drain(), 1);
+    assert_eq!(t.counters().fast_new_refused, 1);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+}
+
 #[test]
 fn a_record_when_the_table_is_full_of_confirmed_flows_is_refused() {
     let cfg = EngineConfig {
@@ -830,6 +845,91 @@ fn records_go_to_the_owner_of_the_flow() {
         "only worker 0 writes the section"
     );
     assert_eq!(fast_new::steer_keys(mem), steer);
+}
+
+/// The records have a budget of their own in the expiry pass: with more records waiting than
+/// it takes, the flows that are due still expire.
+#[test]
+fn records_waiting_do_not_hold_back_due_flows() {
+    let mut t = NfLab::with(DEFAULT_CONFIG, EngineConfig::default(), 1024);
+    t.settle();
+    // A handshake the worker forwarded and that stalls: due at its half-open timeout.
+    let client = Tcp::client(80, 53_000);
+    t.lab.forward(CLIENT_PORT, client.seg(SYN, 1, 0, &[]));
+    let due = flows(&t.lab)[0].deadline;
+    t.lab.now = due + 1000 * MS;
+    for sport in 53_100..53_400u16 {
+        let syn = Tcp::client(80, sport).seg(SYN, 1, 0, &[]);
+        t.xdp_syn(CLIENT_PORT, &syn).unwrap();
+    }
+    let now = t.lab.now;
+    let taken = t.lab.engine.expire(now, 256, &mut |_, _| {});
+    assert!(taken >= 256, "{taken}");
+    assert!(
+        !flows(&t.lab).iter().any(|f| f.orig.src_port == 53_000),
+        "the due flow expired"
+    );
+    assert_eq!(t.counters().fast_new_installed, 256);
+}
+
+/// A segment installs the records waiting when it arrives, not those XDP adds meanwhile: a
+/// steady stream of SYNs through XDP cannot keep the worker inside one segment.
+#[test]
+fn a_segment_installs_only_the_records_that_were_waiting() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    const RING: u32 = 8;
+    let mut t = NfLab::with(DEFAULT_CONFIG, EngineConfig::default(), RING);
+    t.settle();
+    let syn = Tcp::client(80, 54_000).seg(SYN, 1, 0, &[]);
+    let c = t.choice(CLIENT_PORT, &syn).unwrap();
+    let rec = record_of(
+        &syn,
+        CLIENT_PORT,
+        c.addr,
+        c.port,
+        u32::from(c.rule),
+        t.lab.now,
+    );
+    let (mem, layout) = (t.mem, t.layout);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Another CPU forwarding SYNs (retransmissions of one) as fast as the ring has room,
+    // bounded in count and time.
+    let producer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut pushed = 0u64;
+            while !stop.load(Ordering::Relaxed)
+                && pushed < 1_000_000
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                match ring_push(mem, &layout, 0, &rec) {
+                    Ok(()) => pushed += 1,
+                    Err(_) => std::hint::spin_loop(),
+                }
+            }
+            pushed
+        })
+    };
+    let start = Instant::now();
+    while ring_len(mem, &layout, 0) < RING && start.elapsed() < Duration::from_secs(10) {
+        std::thread::yield_now();
+    }
+    let taken = |t: &NfLab| {
+        let c = t.counters();
+        c.fast_new_installed + c.fast_new_conflict + c.fast_new_refused
+    };
+    let before = taken(&t);
+    t.lab
+        .send(CLIENT_PORT, Tcp::client(80, 54_001).seg(ACK, 1, 1, &[]));
+    let during = taken(&t) - before;
+    stop.store(true, Ordering::Relaxed);
+    let pushed = producer.join().unwrap();
+    assert!(
+        during <= u64::from(RING),
+        "one segment took {during} records ({pushed} pushed)"
+    );
 }
 
 mod interleavings {

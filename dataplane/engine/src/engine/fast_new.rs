@@ -13,11 +13,14 @@
 //! cannot be admitted, is refused (`fast_new_refused`): the member got a SYN that leads
 //! nowhere, its SYN-ACK is dropped like any segment without a flow, and the client retries.
 //!
-//! No SYN-ACK is lost for want of its flow: a TCP segment drains the ring before its lookup
-//! whenever records wait (the SYNs came first; this also makes a segment of a connection
-//! whose tuple a new SYN reopened find the new flow); the worker also drains the ring at every
-//! loop iteration, idle or not ([`Engine::fast_new_drain`]). Records are taken in order; one a
-//! producer is still writing (microseconds) holds back the ones behind it until the next try.
+//! No SYN-ACK is lost for want of its flow: before its lookup, a TCP segment installs the
+//! records waiting when it arrives (the SYNs came first; this also makes a segment of a
+//! connection whose tuple a new SYN reopened find the new flow); records XDP adds meanwhile
+//! wait for the next segment, so that a stream of SYNs cannot hold the worker in one. The
+//! worker also drains the ring at every loop iteration, idle or not
+//! ([`Engine::fast_new_drain`]), with a budget of its own in the expiry pass (records never
+//! use up the timers' budget). Records are taken in order; one a producer is still writing
+//! (microseconds) holds back the ones behind it until the next try.
 //!
 //! Writing the section (worker 0 only): whenever what it depends on changes (the rules, with
 //! their pools' tables and health; the next hops; which ports XDP may use) the section is
@@ -32,8 +35,8 @@ use super::Engine;
 use crate::counters::Counters;
 use crate::fast::{FastLayout, GraceClock};
 use crate::fast_new::{
-    mapped, ring_pending, ring_pop, set_nf_enabled, write_section, write_steer_keys, NfMember,
-    NfPool, NfRecord, NfRule, NfSection, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
+    mapped, ring_len, ring_pending, ring_pop, set_nf_enabled, write_section, write_steer_keys,
+    NfMember, NfPool, NfRecord, NfRule, NfSection, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
 };
 use crate::net::PortId;
 use crate::ruleset::{Backend, Selector};
@@ -175,10 +178,26 @@ impl Engine {
         done
     }
 
+    /// Installs the records this worker's ring holds now: those reserved before the call.
+    /// Records XDP adds meanwhile wait for the next call, so that a steady stream of SYNs
+    /// cannot keep the worker here (at most a ring's worth per call).
+    pub(super) fn fast_new_drain_waiting(&mut self, now: Nanos) -> usize {
+        let Some(n) = self.fast_new.as_deref() else {
+            return 0;
+        };
+        let waiting = ring_len(n.mem, &n.layout, n.worker).min(n.layout.nf_ring_records);
+        self.fast_new_drain(now, waiting as usize)
+    }
+
     /// The flow of one record (see the module notes).
     fn fast_new_apply(&mut self, now: Nanos, rec: &NfRecord) -> Applied {
         let len = rec.len as usize;
-        if !(40..=RECORD_HEADERS).contains(&len) || rec.ingress_port > u32::from(PortId::MAX) {
+        // A port this process does not have (a record its predecessor left, with other
+        // interfaces): the flow's way back would lead nowhere.
+        if !(40..=RECORD_HEADERS).contains(&len)
+            || rec.ingress_port > u32::from(PortId::MAX)
+            || rec.ingress_port as usize >= self.net.port_count()
+        {
             return Applied::Refused;
         }
         let ingress = rec.ingress_port as PortId;
