@@ -690,14 +690,24 @@ impl Engine {
             dst: pkt.dst,
             dst_port: pkt.dst_port,
         };
-        if pkt.proto == proto::TCP && self.fast_new_waiting() {
-            // SYNs XDP forwarded by itself came before this segment: their flows are
-            // installed first (this may be the SYN-ACK of one, or a segment of a flow a SYN
-            // just reopened), so that the lookup finds what the worker would have.
+        let hash = self.hash_hinted(&tuple, hint);
+        // SYNs XDP forwarded by itself came before this segment, and their flows may still
+        // wait in the ring. A SYN — one XDP punted (its ring was full), which must not
+        // overtake the records of its tuple, or a SYN-ACK answering one, possibly on the tuple
+        // of an older flow that SYN reopened — and a segment that finds no flow install what
+        // waits first, so that they find what the worker would have. Only those: the other
+        // segments (the ACKs and data of flows being confirmed) must not wait behind a ring
+        // of installs while a flood keeps the ring full.
+        let is_tcp = pkt.proto == proto::TCP;
+        if is_tcp && pkt.tcp_flags & SYN != 0 && self.fast_new_waiting() {
             self.fast_new_drain_waiting(now);
         }
-        let hash = self.hash_hinted(&tuple, hint);
-        if let Some((id, dir)) = self.flows.lookup(&tuple, hash) {
+        let mut found = self.flows.lookup(&tuple, hash);
+        if found.is_none() && is_tcp && self.fast_new_waiting() {
+            self.fast_new_drain_waiting(now);
+            found = self.flows.lookup(&tuple, hash);
+        }
+        if let Some((id, dir)) = found {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
                 let rule = self.flows.get(id).rule;
                 return self.drop_for(rule, reason);

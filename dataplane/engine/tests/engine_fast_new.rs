@@ -461,6 +461,34 @@ fn a_syn_ack_before_the_drain_still_finds_its_flow() {
     assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }
 
+/// The segments of a flow the worker already holds do not install the records that wait (a
+/// flood of SYNs keeping the ring full must not put them behind a ring of installs); a SYN,
+/// a SYN-ACK and a segment without a flow do, so that none overtakes the SYN before it.
+#[test]
+fn only_segments_that_may_answer_a_waiting_syn_install_the_records() {
+    let mut t = NfLab::new();
+    t.settle();
+    let mut conn = open_through_xdp(&mut t, Tcp::client(80, 41_100), true);
+    // SYNs of other clients forwarded by XDP, not yet taken by the worker.
+    for sport in 42_000..42_010u16 {
+        let syn = Tcp::client(80, sport).seg(SYN, 1, 0, &[]);
+        t.xdp_syn(CLIENT_PORT, &syn).unwrap();
+    }
+    conn.client_sends(&mut t.lab, b"hello");
+    conn.backend_sends(&mut t.lab, b"world");
+    assert_eq!(
+        ring_len(t.mem, &t.layout, 0),
+        10,
+        "data of a held flow installs nothing"
+    );
+    // A segment of a flow the worker does not hold (yet): everything waiting is installed
+    // first (it may answer one of those SYNs).
+    let stray = Tcp::client(80, 42_100).seg(ACK, 5, 5, &[]);
+    t.lab.send(CLIENT_PORT, stray);
+    assert_eq!(ring_len(t.mem, &t.layout, 0), 0);
+    assert_eq!(t.counters().fast_new_installed, 11);
+}
+
 /// A connection opened by XDP is published once confirmed, like any other.
 #[test]
 fn a_flow_opened_by_xdp_is_published_once_confirmed() {
