@@ -696,7 +696,8 @@ impl XdpProgram {
     /// (`XDP_PASS` = 2, `XDP_REDIRECT` = 4). Nothing is sent anywhere; the counters do
     /// move. This is how the program's decisions are tested against fixtures.
     pub fn test_run(&self, frame: &[u8], ifindex: u32, queue: u32) -> Result<u32> {
-        self.run_once(frame, ifindex, queue, None)
+        self.run_once(frame, ifindex, queue, 1, None)
+            .map(|(action, _)| action)
     }
 
     /// [`test_run`](Self::test_run), also returning the frame as the program left it (the
@@ -706,11 +707,20 @@ impl XdpProgram {
         let mut out = vec![0u8; frame.len() + 4096];
         let (action, len) = {
             let mut len = 0u32;
-            let action = self.run_once(frame, ifindex, queue, Some((&mut out, &mut len)))?;
+            let (action, _) =
+                self.run_once(frame, ifindex, queue, 1, Some((&mut out, &mut len)))?;
             (action, len as usize)
         };
         out.truncate(len);
         Ok((action, out))
+    }
+
+    /// Runs the program `repeat` times on `frame` in one `BPF_PROG_TEST_RUN` (each run on a
+    /// fresh copy of the frame; the table and counters keep what each run did) and returns
+    /// the last action and the kernel's average duration of one run in nanoseconds: the
+    /// program's cost per frame, without the driver around it.
+    pub fn test_run_repeat(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        self.run_once(frame, ifindex, 0, repeat.max(1), None)
     }
 
     fn run_once(
@@ -718,8 +728,9 @@ impl XdpProgram {
         frame: &[u8],
         ifindex: u32,
         queue: u32,
+        repeat: u32,
         out: Option<(&mut Vec<u8>, &mut u32)>,
-    ) -> Result<u32> {
+    ) -> Result<(u32, u32)> {
         let ctx = libbpf_sys::xdp_md {
             data: 0,
             data_end: u32::try_from(frame.len()).map_err(|_| Error::msg("frame too long"))?,
@@ -734,7 +745,7 @@ impl XdpProgram {
             data_size_in: ctx.data_end,
             ctx_in: (&ctx as *const libbpf_sys::xdp_md).cast(),
             ctx_size_in: std::mem::size_of::<libbpf_sys::xdp_md>() as u32,
-            repeat: 1,
+            repeat: repeat as libc::c_int,
             ..Default::default()
         };
         let mut out = out;
@@ -755,7 +766,7 @@ impl XdpProgram {
         if let Some((_, len)) = out {
             *len = opts.data_size_out;
         }
-        Ok(opts.retval)
+        Ok((opts.retval, opts.duration))
     }
 
     /// The fast-path table `xlb_fast`, mapped into this process (the first call maps it; the
