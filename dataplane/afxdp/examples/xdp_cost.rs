@@ -25,7 +25,9 @@ use xlb_engine::{
         fast_hash, init_header, line as w, ports_word, set_enabled, wire_word, FastLayout,
         STATE_FAST, STATE_TCP, STATE_WSCALE_SHIFT,
     },
-    fast_new::{set_nf_enabled, write_section, NfMember, NfPool, NfRule, NfSection},
+    fast_new::{
+        ring_pop, set_nf_enabled, write_section, NfMember, NfPool, NfRecord, NfRule, NfSection,
+    },
     terms::Distribution,
 };
 
@@ -76,7 +78,13 @@ impl Fx {
         let front = nl.link_by_name(f0).unwrap().ifindex;
         let back = nl.link_by_name(f1).unwrap().ifindex;
         // The daemon's geometry: production ring size.
-        let layout = FastLayout::new(1024, WORKERS);
+        let layout = FastLayout::new(1024, WORKERS).with_ring_records(
+            std::env::var("RING")
+                .ok()
+                .map_or(xlb_engine::fast_new::NF_RING_RECORDS, |v| {
+                    v.parse().unwrap()
+                }),
+        );
         let mut xdp = XdpProgram::load_with(layout.elements()).unwrap();
         xdp.add_addr(VIP.into(), AddrKind::Owned).unwrap();
         xdp.add_addr(NO_RULE_VIP.into(), AddrKind::Owned).unwrap();
@@ -178,6 +186,21 @@ impl Fx {
         for (p, c) in self.ring_words() {
             c.store(p.load(Ordering::Acquire), Ordering::Release);
         }
+    }
+
+    /// Waits (bounded) until a consumer elsewhere has emptied every ring.
+    fn rings_drained(&self) {
+        for _ in 0..10_000_000 {
+            if self
+                .ring_words()
+                .iter()
+                .all(|(p, c)| p.load(Ordering::Acquire) == c.load(Ordering::Acquire))
+            {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        panic!("the consumer did not empty the rings");
     }
 
     /// Every ring full (`CONS = PROD - records`).
@@ -283,7 +306,7 @@ fn main() {
                 Fx::rings_full,
             ),
         ];
-        frames
+        let mut rows: Vec<(String, Vec<f64>)> = frames
             .iter()
             .map(|(name, frame, action, before)| {
                 let runs: Vec<f64> = (0..rounds)
@@ -291,7 +314,36 @@ fn main() {
                     .collect();
                 (name.to_string(), runs)
             })
-            .collect::<Vec<_>>()
+            .collect();
+        // The same SYNs with a worker consuming the rings on another core meanwhile, as the
+        // engine does: the ring's counters and records move between the two cores' caches.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        if cores.len() >= 2 {
+            core_affinity::set_for_current(cores[0]);
+            fx.rings_empty();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (mem, layout, other, halt) = (fx.mem, fx.layout, cores[1], stop.clone());
+            let consumer = std::thread::spawn(move || {
+                core_affinity::set_for_current(other);
+                let mut rec = NfRecord::EMPTY;
+                while !halt.load(Ordering::Relaxed) {
+                    for worker in 0..WORKERS {
+                        while ring_pop(mem, &layout, worker, &mut rec) {}
+                    }
+                }
+            });
+            let syn = &frames[3].1;
+            let runs = (0..rounds)
+                .map(|_| fx.cost(syn, XDP_REDIRECT, Fx::rings_drained))
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            consumer.join().unwrap();
+            rows.push((
+                "SYN opening a new flow, consumer on another core".into(),
+                runs,
+            ));
+        }
+        rows
     })
     .join()
     .unwrap();
