@@ -27,6 +27,7 @@ use xlb_engine::{
     },
     fast_new::{
         ring_pop, set_nf_enabled, write_section, NfMember, NfPool, NfRecord, NfRule, NfSection,
+        RingDrain,
     },
     terms::Distribution,
 };
@@ -320,28 +321,44 @@ fn main() {
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         if cores.len() >= 2 {
             core_affinity::set_for_current(cores[0]);
-            fx.rings_empty();
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (mem, layout, other, halt) = (fx.mem, fx.layout, cores[1], stop.clone());
-            let consumer = std::thread::spawn(move || {
-                core_affinity::set_for_current(other);
-                let mut rec = NfRecord::EMPTY;
-                while !halt.load(Ordering::Relaxed) {
-                    for worker in 0..WORKERS {
-                        while ring_pop(mem, &layout, worker, &mut rec) {}
+            for (name, passes) in [
+                (
+                    "SYN, consumer on another core taking records one by one",
+                    false,
+                ),
+                (
+                    "SYN, consumer on another core in passes (the engine's)",
+                    true,
+                ),
+            ] {
+                fx.rings_empty();
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (mem, layout, other, halt) = (fx.mem, fx.layout, cores[1], stop.clone());
+                let consumer = std::thread::spawn(move || {
+                    core_affinity::set_for_current(other);
+                    let mut rec = NfRecord::EMPTY;
+                    while !halt.load(Ordering::Relaxed) {
+                        for worker in 0..WORKERS {
+                            if passes {
+                                // A pass: PROD read once, CONS stored once.
+                                let mut ring = RingDrain::begin(mem, &layout, worker);
+                                while ring.next(mem, &mut rec) {}
+                                ring.end(mem);
+                            } else {
+                                // PROD read and CONS stored for every record.
+                                while ring_pop(mem, &layout, worker, &mut rec) {}
+                            }
+                        }
                     }
-                }
-            });
-            let syn = &frames[3].1;
-            let runs = (0..rounds)
-                .map(|_| fx.cost(syn, XDP_REDIRECT, Fx::rings_drained))
-                .collect();
-            stop.store(true, Ordering::Relaxed);
-            consumer.join().unwrap();
-            rows.push((
-                "SYN opening a new flow, consumer on another core".into(),
-                runs,
-            ));
+                });
+                let syn = &frames[3].1;
+                let runs = (0..rounds)
+                    .map(|_| fx.cost(syn, XDP_REDIRECT, Fx::rings_drained))
+                    .collect();
+                stop.store(true, Ordering::Relaxed);
+                consumer.join().unwrap();
+                rows.push((name.into(), runs));
+            }
         }
         rows
     })

@@ -525,29 +525,78 @@ pub fn ring_len(mem: &[AtomicU32], layout: &FastLayout, worker: u16) -> u32 {
 /// record into `out` if it is complete. False when the ring is empty or its oldest record is
 /// still being written (the next call tries again: records are consumed in order).
 pub fn ring_pop(mem: &[AtomicU32], layout: &FastLayout, worker: u16, out: &mut NfRecord) -> bool {
-    let (prod, cons, first) = ring_words(layout, worker);
-    let c = mem[cons].load(Ordering::Relaxed);
-    if c == mem[prod].load(Ordering::Acquire) {
-        return false;
+    let mut drain = RingDrain::begin(mem, layout, worker);
+    let taken = drain.next(mem, out);
+    drain.end(mem);
+    taken
+}
+
+/// A pass of the consumer over worker `worker`'s ring: [`begin`](Self::begin) reads `PROD`
+/// once, [`next`](Self::next) takes records up to it in order, [`end`](Self::end) stores
+/// `CONS` once for all of them. The two counters' cache lines then cross between the
+/// worker's core and XDP's once per pass rather than once per record; records reserved
+/// during the pass wait for the next one.
+#[derive(Clone, Copy, Debug)]
+pub struct RingDrain {
+    cons_word: usize,
+    first: u32,
+    records: u32,
+    prod: u32,
+    start: u32,
+    cons: u32,
+}
+
+impl RingDrain {
+    /// Starts a pass (`CONS` is the consumer's own: read relaxed; `PROD` with acquire).
+    pub fn begin(mem: &[AtomicU32], layout: &FastLayout, worker: u16) -> RingDrain {
+        let (prod_word, cons_word, first) = ring_words(layout, worker);
+        let cons = mem[cons_word].load(Ordering::Relaxed);
+        RingDrain {
+            cons_word,
+            first,
+            records: layout.nf_ring_records,
+            prod: mem[prod_word].load(Ordering::Acquire),
+            start: cons,
+            cons,
+        }
     }
-    let w = |x: usize| mem[record_word(layout, first, c, x)].load(Ordering::Acquire);
-    if w(nfq::SEQ) != c.wrapping_add(1) {
-        return false;
+
+    /// Takes the next record into `out` if it was reserved before the pass began and is
+    /// complete; false otherwise (a record still being written stops the pass: records are
+    /// consumed in order).
+    pub fn next(&mut self, mem: &[AtomicU32], out: &mut NfRecord) -> bool {
+        let c = self.cons;
+        if c == self.prod {
+            return false;
+        }
+        let at = (self.first + RECORD_ELEMENTS * (c & (self.records - 1))) as usize * ELEMENT_WORDS;
+        let w = |x: usize| mem[at + x].load(Ordering::Acquire);
+        if w(nfq::SEQ) != c.wrapping_add(1) {
+            return false;
+        }
+        out.stamp = w(nfq::STAMP);
+        out.addr = w(nfq::ADDR).to_ne_bytes();
+        out.port = w(nfq::PORT) as u16;
+        out.rule = w(nfq::RULE);
+        out.ingress_port = w(nfq::INGRESS_PORT);
+        out.len = w(nfq::LEN).min(RECORD_HEADERS as u32);
+        for j in 0..RECORD_HEADERS / 4 {
+            out.headers[4 * j..4 * j + 4].copy_from_slice(&w(nfq::HEADERS + j).to_ne_bytes());
+        }
+        for j in 0..3 {
+            out.macs[4 * j..4 * j + 4].copy_from_slice(&w(nfq::MACS + j).to_ne_bytes());
+        }
+        self.cons = c.wrapping_add(1);
+        true
     }
-    out.stamp = w(nfq::STAMP);
-    out.addr = w(nfq::ADDR).to_ne_bytes();
-    out.port = w(nfq::PORT) as u16;
-    out.rule = w(nfq::RULE);
-    out.ingress_port = w(nfq::INGRESS_PORT);
-    out.len = w(nfq::LEN).min(RECORD_HEADERS as u32);
-    for j in 0..RECORD_HEADERS / 4 {
-        out.headers[4 * j..4 * j + 4].copy_from_slice(&w(nfq::HEADERS + j).to_ne_bytes());
+
+    /// Ends the pass: `CONS` (release: every record taken was read before) past the records
+    /// taken, if any.
+    pub fn end(self, mem: &[AtomicU32]) {
+        if self.cons != self.start {
+            mem[self.cons_word].store(self.cons, Ordering::Release);
+        }
     }
-    for j in 0..3 {
-        out.macs[4 * j..4 * j + 4].copy_from_slice(&w(nfq::MACS + j).to_ne_bytes());
-    }
-    mem[cons].store(c.wrapping_add(1), Ordering::Release);
-    true
 }
 
 /// The ring is full (or every try to reserve lost a race): XDP punts the SYN.

@@ -35,8 +35,8 @@ use super::Engine;
 use crate::counters::Counters;
 use crate::fast::{FastLayout, GraceClock};
 use crate::fast_new::{
-    mapped, ring_len, ring_pending, ring_pop, set_nf_enabled, write_section, write_steer_keys,
-    NfMember, NfPool, NfRecord, NfRule, NfSection, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
+    mapped, ring_len, ring_pending, set_nf_enabled, write_section, write_steer_keys, NfMember,
+    NfPool, NfRecord, NfRule, NfSection, RingDrain, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
 };
 use crate::net::PortId;
 use crate::ruleset::{Backend, Selector};
@@ -155,15 +155,12 @@ impl Engine {
             return 0;
         }
         n.draining = true;
+        // One pass: PROD read once here, CONS stored once at the end.
+        let mem = n.mem;
+        let mut ring = RingDrain::begin(mem, &n.layout, n.worker);
         let mut rec = NfRecord::EMPTY;
         let mut done = 0;
-        while done < budget {
-            let Some(n) = self.fast_new.as_deref() else {
-                break;
-            };
-            if !ring_pop(n.mem, &n.layout, n.worker, &mut rec) {
-                break;
-            }
+        while done < budget && ring.next(mem, &mut rec) {
             done += 1;
             match self.fast_new_apply(now, &rec) {
                 Applied::Installed => self.counters.fast_new_installed += 1,
@@ -171,6 +168,7 @@ impl Engine {
                 Applied::Refused => self.counters.fast_new_refused += 1,
             }
         }
+        ring.end(mem);
         if let Some(n) = self.fast_new.as_deref_mut() {
             n.draining = false;
             n.forced = None;
