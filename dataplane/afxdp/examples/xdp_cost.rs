@@ -204,12 +204,13 @@ impl Fx {
         panic!("the consumer did not empty the rings");
     }
 
-    /// Every ring full (`CONS = PROD - records`).
+    /// Every ring full (`PROD = CONS + records`: as a ring fills, by its producer's counter;
+    /// CONS never goes back).
     fn rings_full(&self) {
         for (p, c) in self.ring_words() {
-            let prod = p.load(Ordering::Acquire);
-            c.store(
-                prod.wrapping_sub(self.layout.nf_ring_records),
+            let cons = c.load(Ordering::Acquire);
+            p.store(
+                cons.wrapping_add(self.layout.nf_ring_records),
                 Ordering::Release,
             );
         }

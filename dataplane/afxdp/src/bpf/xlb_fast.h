@@ -738,7 +738,11 @@ __noinline int fast_syn(struct xdp_md *ctx, __u32 port)
 		for (int i = 0; i < XLB_NFQ_HEADER_WORDS; i++) {
 			__u32 *src = (__u32 *)ip + i, v = 0;
 
-			if (i < words && (void *)(src + 1) <= data_end)
+			/* the IPv4 header and the TCP header up to its options lie inside the
+			 * frame (checked on entry); only option words need a check */
+			if (i < 10)
+				v = *src;
+			else if (i < words && (void *)(src + 1) <= data_end)
 				v = *src;
 			if (XLB_NFQ_HEADERS + i < 16)
 				rec0->w[XLB_NFQ_HEADERS + i] = v;
