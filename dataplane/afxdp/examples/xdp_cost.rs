@@ -230,6 +230,9 @@ impl Fx {
     }
 }
 
+/// A kind of frame: its name, the frame, the action expected, what to do before each batch.
+type Case = (&'static str, Vec<u8>, u32, fn(&Fx));
+
 fn udp(from: ([u8; 4], u16), to: ([u8; 4], u16)) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, F0_MAC)
@@ -276,7 +279,7 @@ fn main() {
         fx.publish(2, 6, tcp_flow.0, tcp_flow.1, tcp_state);
         // The reply line, for the TCP window check.
         fx.publish(3, 6, tcp_flow.1, tcp_flow.0, tcp_state);
-        let frames: [(&str, Vec<u8>, u32, fn(&Fx)); 5] = [
+        let frames: [Case; 5] = [
             (
                 "punted: UDP, no flow",
                 udp((CLIENT, 5001), (NO_RULE_VIP, 53)),
