@@ -715,8 +715,9 @@ impl XdpProgram {
         Ok((action, out))
     }
 
-    /// Runs the program `repeat` times on `frame` in one `BPF_PROG_TEST_RUN` (each run on a
-    /// fresh copy of the frame; the table and counters keep what each run did) and returns
+    /// Runs the program `repeat` times on `frame` in one `BPF_PROG_TEST_RUN` (on one copy of
+    /// the frame: each run sees it as the run before left it; the table and counters keep
+    /// what each run did) and returns
     /// the last action and the kernel's average duration of one run in nanoseconds: the
     /// program's cost per frame, without the driver around it.
     pub fn test_run_repeat(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
