@@ -119,7 +119,7 @@ pub mod nfm {
 pub mod nfq {
     /// `i + 1` once record `i` is complete (written last).
     pub const SEQ: usize = 0;
-    /// `(ktime_ns >> 16) + 1`.
+    /// 0: XDP does not read the clock for a SYN (the worker installs at its own `now`).
     pub const STAMP: usize = 1;
     /// The member's address, wire word (for DNAT the SYN's new destination).
     pub const ADDR: usize = 2;
