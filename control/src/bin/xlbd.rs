@@ -111,7 +111,9 @@ struct Cli {
     /// once answered), untagged, are forwarded by the XDP program itself (NAT rewrite,
     /// checksums, TTL, MACs, redirect out of the egress interface); everything else, and
     /// every doubt, goes to the workers, which stay the authority (expiry, reset on idle,
-    /// FIN/RST, health). Only on interfaces attached natively (--xdp-mode generic: off).
+    /// FIN/RST, health). It also opens new TCP flows: a SYN of an IPv4 load-balancing rule
+    /// goes to its Maglev member from XDP, and the owning worker installs the flow from a
+    /// copy of its headers. Only on interfaces attached natively (--xdp-mode generic: off).
     /// off: every packet goes through a worker. Caveat on veth: a frame redirected into a
     /// veth is dropped unless the veth's peer (the other end, often in another namespace)
     /// has GRO on (`ethtool -K PEER gro on`) or an XDP program of its own.
