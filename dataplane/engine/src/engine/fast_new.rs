@@ -35,8 +35,8 @@ use super::Engine;
 use crate::counters::Counters;
 use crate::fast::{FastLayout, GraceClock};
 use crate::fast_new::{
-    mapped, ring_len, ring_pending, set_nf_enabled, write_section, write_steer_keys, NfMember,
-    NfPool, NfRecord, NfRule, NfSection, RingDrain, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
+    mapped, ring_pending, set_nf_enabled, write_section, write_steer_keys, NfMember, NfPool,
+    NfRecord, NfRule, NfSection, RingDrain, FLAG_DNAT_ADDR, FLAG_DNAT_PORT, RECORD_HEADERS,
 };
 use crate::net::PortId;
 use crate::ruleset::{Backend, Selector};
@@ -177,14 +177,11 @@ impl Engine {
     }
 
     /// Installs the records this worker's ring holds now: those reserved before the call.
-    /// Records XDP adds meanwhile wait for the next call, so that a steady stream of SYNs
-    /// cannot keep the worker here (at most a ring's worth per call).
+    /// Records XDP adds meanwhile wait for the next call (a pass stops at the `PROD` it read
+    /// when it began), so that a steady stream of SYNs cannot keep the worker here (at most a
+    /// ring's worth per call).
     pub(super) fn fast_new_drain_waiting(&mut self, now: Nanos) -> usize {
-        let Some(n) = self.fast_new.as_deref() else {
-            return 0;
-        };
-        let waiting = ring_len(n.mem, &n.layout, n.worker).min(n.layout.nf_ring_records);
-        self.fast_new_drain(now, waiting as usize)
+        self.fast_new_drain(now, usize::MAX)
     }
 
     /// The flow of one record (see the module notes).
