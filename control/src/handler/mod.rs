@@ -511,10 +511,6 @@ impl FrameHandler for EngineHandler {
             }
         }
         self.take_handoffs(now_ns);
-        // SYNs XDP forwarded by itself: their flows are installed at every iteration, idle
-        // or not (a frame whose flow is not found drains the ring too).
-        self.engine
-            .fast_new_drain(now_ns, xlb_engine::engine::NF_DRAIN_BUDGET);
         self.pass_nat_events();
         if let Some(sync) = self.sync.as_mut() {
             sync.pass(&mut self.engine, now_ns);

@@ -13,13 +13,13 @@
 //! cannot be admitted, is refused (`fast_new_refused`): the member got a SYN that leads
 //! nowhere, its SYN-ACK is dropped like any segment without a flow, and the client retries.
 //!
-//! No SYN-ACK is lost for want of its flow: before its lookup, a TCP segment installs the
-//! records waiting when it arrives (the SYNs came first; this also makes a segment of a
-//! connection whose tuple a new SYN reopened find the new flow); records XDP adds meanwhile
-//! wait for the next segment, so that a stream of SYNs cannot hold the worker in one. The
-//! worker also drains the ring at every loop iteration, idle or not
-//! ([`Engine::fast_new_drain`]), with a budget of its own in the expiry pass (records never
-//! use up the timers' budget). Records are taken in order; one a producer is still writing
+//! No SYN-ACK is lost for want of its flow: before its lookup, a SYN, a SYN-ACK or a TCP
+//! segment without a flow installs the records waiting when it arrives (the SYNs came first;
+//! this also makes a segment of a connection whose tuple a new SYN reopened find the new
+//! flow); records XDP adds meanwhile wait for the next segment, so that a stream of SYNs
+//! cannot hold the worker in one. While records wait, `next_deadline` is now, so the worker
+//! runs the expiry pass at every loop iteration, idle or not, and that pass takes records on
+//! a budget of its own (records never use up the timers' budget). Records are taken in order; one a producer is still writing
 //! (microseconds) holds back the ones behind it until the next try.
 //!
 //! Writing the section (worker 0 only): whenever what it depends on changes (the rules, with
@@ -45,7 +45,7 @@ use crate::time::Nanos;
 use crate::wire::{self, proto};
 use crate::{Addr, Verdict};
 
-/// Records taken per [`Engine::fast_new_drain`] call from the worker loop.
+/// Records taken per expiry pass ([`Engine::expire`]).
 pub const NF_DRAIN_BUDGET: usize = 256;
 
 /// What became of one record.
