@@ -16,7 +16,7 @@ use xlb_engine::fast::{init_header, set_enabled, to_stamp, FastLayout, FastTable
 use xlb_engine::fast_new::{
     self, choose, nf_enabled, ring_len, ring_push, NfChoice, NfPunt, NfRecord, RECORD_HEADERS,
 };
-use xlb_engine::ruleset::FlowTuple;
+use xlb_engine::ruleset::{FlowTuple, RuleId};
 use xlb_engine::time::{mins, Nanos, NANOS_PER_MILLI};
 use xlb_engine::{Addr, EngineConfig, FlowInfo, PortId, Verdict};
 
@@ -144,6 +144,19 @@ impl NfLab {
 
     fn push(&self, rec: &NfRecord) {
         ring_push(self.mem, &self.layout, 0, rec).unwrap();
+    }
+
+    /// The record of `syn` (arrived on the clients' port) as XDP writes it after sending the
+    /// SYN to `member`:8080 for rule `rule`.
+    fn push_syn_to(&self, syn: &[u8], member: Ipv4Addr, rule: RuleId) {
+        self.push(&record_of(
+            syn,
+            CLIENT_PORT,
+            member.octets(),
+            8080,
+            u32::from(rule),
+            self.lab.now,
+        ));
     }
 
     fn drain(&mut self) -> usize {
@@ -533,14 +546,7 @@ fn a_record_for_another_member_is_a_conflict_and_the_flow_stays() {
     let first = seen(&out).dst;
     let other = if first == IpAddr::from(B1) { B2 } else { B1 };
     let rule = flows(&t.lab)[0].rule;
-    t.push(&record_of(
-        &syn,
-        CLIENT_PORT,
-        other.octets(),
-        8080,
-        u32::from(rule),
-        t.lab.now,
-    ));
+    t.push_syn_to(&syn, other, rule);
     assert_eq!(t.drain(), 1);
     assert_eq!(t.counters().fast_new_conflict, 1);
     assert_eq!(t.counters().fast_new_installed, 0);
@@ -582,14 +588,7 @@ fn a_syn_on_the_tuple_of_a_closed_flow_replaces_it() {
         B1
     };
     let rule = flows(&t.lab)[0].rule;
-    t.push(&record_of(
-        &syn,
-        CLIENT_PORT,
-        other.octets(),
-        8080,
-        u32::from(rule),
-        t.lab.now,
-    ));
+    t.push_syn_to(&syn, other, rule);
     assert_eq!(t.drain(), 1);
     assert_eq!(t.counters().fast_new_installed, 1);
     let f = flows(&t.lab);
@@ -644,14 +643,7 @@ fn a_record_for_a_member_no_longer_in_the_pool_is_refused() {
     t.settle();
     let syn = Tcp::client(80, 45_001).seg(SYN, 1, 0, &[]);
     let rule = t.choice(CLIENT_PORT, &syn).unwrap().rule;
-    t.push(&record_of(
-        &syn,
-        CLIENT_PORT,
-        B2.octets(),
-        8080,
-        u32::from(rule),
-        t.lab.now,
-    ));
+    t.push_syn_to(&syn, B2, rule);
     let cfg = DEFAULT_CONFIG.replace(
         r#"members = [{ address = "198.18.1.11" }, { address = "198.18.1.12" }]"#,
         r#"members = [{ address = "198.18.1.11" }]"#,
@@ -668,14 +660,7 @@ fn a_record_for_a_member_no_longer_in_the_pool_is_refused() {
     let rules =
         Arc::new(xlb_engine::compile(&config, Some(t.lab.engine.rules()), &health, 3).unwrap());
     t.lab.engine.set_rules(rules);
-    t.push(&record_of(
-        &syn,
-        CLIENT_PORT,
-        B2.octets(),
-        8080,
-        u32::from(rule),
-        t.lab.now,
-    ));
+    t.push_syn_to(&syn, B2, rule);
     assert_eq!(t.drain(), 1);
     assert_eq!(t.counters().fast_new_installed, 1);
 }
