@@ -211,12 +211,18 @@ struct {
 /* the verdict of fast_path() when the frame goes on to the dataplane */
 #define XLB_PUNT (-1)
 
-static __always_inline int fast_punt(__u32 reason)
+/* one more frame of kind `key` in xlb_fast_stats (forwarded, or a punt reason) */
+static __always_inline void fast_stat(__u32 key)
 {
-	__u64 *c = bpf_map_lookup_elem(&xlb_fast_stats, &reason);
+	__u64 *c = bpf_map_lookup_elem(&xlb_fast_stats, &key);
 
 	if (c)
 		*c += 1;
+}
+
+static __always_inline int fast_punt(__u32 reason)
+{
+	fast_stat(reason);
 	return XLB_PUNT;
 }
 
@@ -759,13 +765,7 @@ __noinline int fast_syn(struct xdp_md *ctx, __u32 port)
 
 	fast_rewrite(eth, ip, (__u8 *)tcp, &tcp->check, IPPROTO_TCP, old_check, partial, w_saddr,
 		     n_daddr, n_ports, &member->w[XLB_NFM_MACS]);
-	{
-		__u32 key = XLB_FAST_NEW_FORWARDED;
-		__u64 *c = bpf_map_lookup_elem(&xlb_fast_stats, &key);
-
-		if (c)
-			*c += 1;
-	}
+	fast_stat(XLB_FAST_NEW_FORWARDED);
 	return bpf_redirect_map(&xlb_tx, tx_port, 0);
 }
 
@@ -893,13 +893,7 @@ static __noinline int fast_path(struct xdp_md *ctx, __u32 port)
 			c->bytes += (__u64)(data_end - data);
 		}
 	}
-	{
-		__u32 fwd = XLB_FAST_FORWARDED;
-		__u64 *c = bpf_map_lookup_elem(&xlb_fast_stats, &fwd);
-
-		if (c)
-			*c += 1;
-	}
+	fast_stat(XLB_FAST_FORWARDED);
 	return bpf_redirect_map(&xlb_tx, tx_port, 0);
 }
 
