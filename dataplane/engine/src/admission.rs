@@ -23,10 +23,12 @@
 //! flows per second and a budget of `B` flows, an unconfirmed flow survives `B / R` seconds,
 //! which is all its handshake needs (one round trip), and once confirmed it is safe. Every
 //! step is a list head, so admission costs the same whatever the table holds.
-//! Memory: 16 bytes of links per flow slot, one bit of flag, 12 bytes per rule id.
+//! Memory: 12 bytes of links per flow slot (four 24-bit ids), one bit of flag, 12 bytes per
+//! rule id.
 
 use crate::flow::FlowId;
 use crate::ruleset::RuleId;
+use crate::timer::{MAX_IDS, U24};
 
 /// Shares of the flow table, in percent of its capacity, that unconfirmed flows may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +129,8 @@ pub enum Admission {
     Refuse,
 }
 
-const NIL: u32 = u32::MAX;
+/// No flow: the end of a list, in the links and in the list heads alike.
+const NIL: u32 = U24::MAX;
 /// Link index of the class list and of the rule list.
 const BY_CLASS: usize = 0;
 const BY_RULE: usize = 1;
@@ -146,11 +149,18 @@ const EMPTY: List = List {
     len: 0,
 };
 
+/// Per flow, its neighbours in the class list and in the rule list (index `BY_CLASS` or
+/// `BY_RULE`), 24 bits each.
 #[derive(Clone, Copy, Debug)]
 struct Links {
-    prev: [u32; 2],
-    next: [u32; 2],
+    prev: [U24; 2],
+    next: [U24; 2],
 }
+
+const UNLINKED: Links = Links {
+    prev: [U24::new(NIL); 2],
+    next: [U24::new(NIL); 2],
+};
 
 /// The unconfirmed flows of one worker's table.
 #[derive(Clone, Debug)]
@@ -165,17 +175,16 @@ pub struct Unconfirmed {
 }
 
 impl Unconfirmed {
+    /// Lists for flow ids below `capacity` (at most [`MAX_IDS`]).
     pub fn new(capacity: u32, limits: AdmissionLimits) -> Unconfirmed {
         let capacity = capacity.max(1);
+        assert!(
+            capacity <= MAX_IDS,
+            "admission capacity {capacity} exceeds {MAX_IDS} flows (24-bit links)"
+        );
         Unconfirmed {
             flags: vec![0; (capacity as usize).div_ceil(64)],
-            links: vec![
-                Links {
-                    prev: [NIL; 2],
-                    next: [NIL; 2],
-                };
-                capacity as usize
-            ],
+            links: vec![UNLINKED; capacity as usize],
             classes: [EMPTY; 2],
             rules: Vec::new(),
             class_budget: [
@@ -186,7 +195,7 @@ impl Unconfirmed {
         }
     }
 
-    /// Bytes of links and flags (16 and 1/8 per flow) and list heads.
+    /// Bytes of links and flags (12 and 1/8 per flow) and list heads.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of_val(self.links.as_slice())
             + std::mem::size_of_val(self.flags.as_slice())
@@ -282,12 +291,12 @@ impl Unconfirmed {
 }
 
 fn push_back(links: &mut [Links], list: &mut List, k: usize, id: FlowId) {
-    links[id as usize].prev[k] = list.tail;
-    links[id as usize].next[k] = NIL;
+    links[id as usize].prev[k] = U24::new(list.tail);
+    links[id as usize].next[k] = U24::new(NIL);
     if list.tail == NIL {
         list.head = id;
     } else {
-        links[list.tail as usize].next[k] = id;
+        links[list.tail as usize].next[k] = U24::new(id);
     }
     list.tail = id;
     list.len += 1;
@@ -295,16 +304,16 @@ fn push_back(links: &mut [Links], list: &mut List, k: usize, id: FlowId) {
 
 fn unlink(links: &mut [Links], list: &mut List, k: usize, id: FlowId) {
     let Links { prev, next } = links[id as usize];
-    let (prev, next) = (prev[k], next[k]);
+    let (prev, next) = (prev[k].get(), next[k].get());
     if prev == NIL {
         list.head = next;
     } else {
-        links[prev as usize].next[k] = next;
+        links[prev as usize].next[k] = U24::new(next);
     }
     if next == NIL {
         list.tail = prev;
     } else {
-        links[next as usize].prev[k] = prev;
+        links[next as usize].prev[k] = U24::new(prev);
     }
     list.len -= 1;
 }
@@ -392,6 +401,73 @@ mod tests {
         }
         assert_eq!(u.decide(99, TCP, true), Admission::Refuse, "all confirmed");
         assert_eq!((u.class_len(TCP), u.class_len(UDP)), (0, 0));
+    }
+
+    #[test]
+    fn links_are_twelve_bytes_without_padding() {
+        assert_eq!(std::mem::size_of::<Links>(), 12);
+        assert_eq!(std::mem::align_of::<Links>(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds 8388607 flows")]
+    fn capacity_beyond_the_links_is_refused() {
+        Unconfirmed::new(MAX_IDS + 1, AdmissionLimits::default());
+    }
+
+    /// The ids of list `list` (`k`: which links) from head to tail, checking on the way that
+    /// the `prev` links mirror the `next` links and that the tail and length agree.
+    fn walk(u: &Unconfirmed, list: List, k: usize) -> Vec<u32> {
+        let (mut out, mut prev, mut id) = (vec![], NIL, list.head);
+        while id != NIL {
+            assert_eq!(u.links[id as usize].prev[k].get(), prev, "prev of {id}");
+            out.push(id);
+            (prev, id) = (id, u.links[id as usize].next[k].get());
+        }
+        assert_eq!((list.tail, list.len as usize), (prev, out.len()));
+        out
+    }
+
+    /// The highest flow ids linked into and unlinked from both lists (head, middle, tail), and
+    /// evicted oldest first.
+    #[test]
+    fn highest_ids_link_unlink_and_evict() {
+        let mut u = Unconfirmed::new(MAX_IDS, AdmissionLimits::default());
+        let top = MAX_IDS - 1;
+        for (id, rule) in [(top, 1), (0, 2), (top - 1, 1), (top - 2, 1), (top - 3, 2)] {
+            u.admit(id, rule, TCP);
+        }
+        assert_eq!(
+            walk(&u, u.classes[TCP], BY_CLASS),
+            [top, 0, top - 1, top - 2, top - 3]
+        );
+        assert_eq!(walk(&u, u.rules[1], BY_RULE), [top, top - 1, top - 2]);
+        assert_eq!(walk(&u, u.rules[2], BY_RULE), [0, top - 3]);
+        assert_eq!(
+            u.decide(3, TCP, true),
+            Admission::Evict(top, EvictReason::TableFull)
+        );
+        u.forget(top - 1, 1, TCP); // middle
+        u.forget(top, 1, TCP); // head
+        u.forget(top - 3, 2, TCP); // tail
+        assert!(!u.is_unconfirmed(top) && u.is_unconfirmed(top - 2));
+        assert_eq!(walk(&u, u.classes[TCP], BY_CLASS), [0, top - 2]);
+        assert_eq!(walk(&u, u.rules[1], BY_RULE), [top - 2]);
+        assert_eq!(walk(&u, u.rules[2], BY_RULE), [0]);
+        u.admit(top, 2, UDP);
+        assert_eq!(walk(&u, u.classes[UDP], BY_CLASS), [top]);
+        assert_eq!(walk(&u, u.rules[2], BY_RULE), [0, top]);
+        assert_eq!(
+            u.decide(3, UDP, true),
+            Admission::Evict(top, EvictReason::TableFull)
+        );
+        for (id, rule, class) in [(0, 2, TCP), (top - 2, 1, TCP), (top, 2, UDP)] {
+            u.forget(id, rule, class);
+        }
+        assert_eq!(u.decide(3, TCP, true), Admission::Refuse);
+        for list in [u.classes[TCP], u.classes[UDP], u.rules[1], u.rules[2]] {
+            assert_eq!((list.head, list.tail, list.len), (NIL, NIL, 0));
+        }
     }
 
     /// Random admits and removals against a model of the lists (VecDeques in admission

@@ -210,8 +210,10 @@ impl Engine {
         snat.prepare(&rules);
         let mut unconfirmed = Unconfirmed::new(cfg.flow_capacity, cfg.admission);
         unconfirmed.reserve_rules(rules.rule_id_bound());
+        let mut flows = FlowTable::new(cfg.flow_capacity, cfg.hash_seed);
+        flows.reserve_addresses(rules.address_bound());
         Engine {
-            flows: FlowTable::new(cfg.flow_capacity, cfg.hash_seed),
+            flows,
             unconfirmed,
             wheel: TimerWheel::new(cfg.flow_capacity.max(1), cfg.tick_shift, now),
             net: NextHops::new(cfg.next_hop_capacity),
@@ -291,7 +293,7 @@ impl Engine {
         self.store.put_rules(&self.rules);
         for id in 0..self.flows.capacity() {
             if self.flows.is_live(id) {
-                let f = *self.flows.get(id);
+                let f = self.flows.get(id);
                 let confirmed = !self.unconfirmed.is_unconfirmed(id);
                 let hops = [
                     self.net.get(f.next_hop[ORIG]),
@@ -427,6 +429,7 @@ impl Engine {
     /// one's figures. Flows of a deleted rule keep its last settings (it stays in the set as a
     /// retired rule until no worker holds a flow of it).
     pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.flows.reserve_addresses(rules.address_bound());
         if self.counters.rules.len() < rules.rule_id_bound() {
             self.counters
                 .rules
@@ -558,7 +561,7 @@ impl Engine {
     /// cost is the flows returned plus one bitmap word per 64 slots of the range.
     pub fn flows_in(&self, slots: std::ops::Range<FlowId>) -> impl Iterator<Item = FlowInfo> + '_ {
         self.flows.iter_range(slots).map(|(id, f)| {
-            let f = &self.fast_view(id, f);
+            let f = &self.fast_view(id, &f);
             FlowInfo {
                 id,
                 rule: f.rule,
@@ -709,7 +712,7 @@ impl Engine {
         }
         if let Some((id, dir)) = found {
             if let Some(reason) = self.wrong_port(id, dir, ingress) {
-                let rule = self.flows.get(id).rule;
+                let rule = self.flows.rule(id);
                 return self.drop_for(rule, reason);
             }
             if self.fast.is_some() {
@@ -717,7 +720,7 @@ impl Engine {
             }
             if pkt.proto == proto::TCP {
                 let seg = Segment::of(&pkt);
-                if self.flows.get(id).tcp.reopens(dir, &seg) {
+                if self.flows.track(id).tcp.reopens(dir, &seg) {
                     // A new connection reusing the tuple of one that is over (or of a
                     // handshake that this SYN is not part of).
                     self.remove_flow(now, id);
@@ -736,7 +739,7 @@ impl Engine {
                     }
                     Outcome::Passed => return self.emit(id, dir, buf, len, &pkt),
                     Outcome::OutOfWindow => {
-                        let rule = self.flows.get(id).rule;
+                        let rule = self.flows.rule(id);
                         return self.drop_for(rule, DropReason::OutOfWindow);
                     }
                 }
@@ -747,7 +750,7 @@ impl Engine {
                 }
             } else if self.unconfirmed.is_unconfirmed(id) {
                 // A UDP reply: the flow is confirmed.
-                let rule = self.flows.get(id).rule;
+                let rule = self.flows.rule(id);
                 self.unconfirmed.forget(id, rule, admission::UDP);
                 self.store.put_confirmed(id);
             }
@@ -779,7 +782,7 @@ impl Engine {
         tuple: &FlowTuple,
         hash: u64,
     ) -> Verdict {
-        let rule = self.flows.get(id).rule;
+        let rule = self.flows.rule(id);
         self.remove_flow(now, id);
         let verdict = self.miss(now, ingress, buf, len, pkt, tuple, hash);
         if matches!(verdict, Verdict::Tx { .. }) {
@@ -816,7 +819,7 @@ impl Engine {
                 }
                 continue;
             }
-            let deadline = self.deadline(self.flows.get(id));
+            let deadline = self.deadline(&self.flows.get(id));
             if deadline > now {
                 // Lazy re-check: a packet or a longer timeout moved the deadline.
                 self.wheel.insert(id, deadline);
@@ -829,7 +832,7 @@ impl Engine {
                 .min(self.flows.capacity() as usize);
             for id in cursor..end as u32 {
                 if self.flows.is_live(id) {
-                    let d = self.deadline(self.flows.get(id));
+                    let d = self.deadline(&self.flows.get(id));
                     self.wheel.insert(id, self.fast_filing(id, d));
                 }
                 done += 1;
@@ -880,7 +883,7 @@ impl Engine {
             }
             // No read of what XDP recorded here: nothing below depends on it (the TCP state is
             // the worker's alone), and a published flow that ends is read after its grace.
-            let f = *self.flows.get(id);
+            let f = self.flows.get(id);
             if f.nat == Nat::Snat {
                 continue;
             }
@@ -912,7 +915,7 @@ impl Engine {
     /// on idle when it is established (from its state as it stands: a published flow comes
     /// here only after its grace, with what XDP recorded read in), silently otherwise.
     fn drain_end(&mut self, now: Nanos, id: FlowId, i: usize, emit: &mut dyn FnMut(PortId, &[u8])) {
-        let f = *self.flows.get(id);
+        let f = self.flows.get(id);
         let Some(progress) = self.census.progress.get_mut(i) else {
             return;
         };
@@ -977,7 +980,7 @@ impl Engine {
     }
 
     fn expire_flow(&mut self, now: Nanos, id: FlowId, emit: &mut dyn FnMut(PortId, &[u8])) {
-        let f = *self.flows.get(id);
+        let f = self.flows.get(id);
         let closed = f.proto == proto::TCP && f.tcp.state.is_closed();
         if !closed {
             let moved = self.may_have_moved(&f) || self.is_standby(id, &f);
@@ -1047,11 +1050,11 @@ impl Engine {
     /// faces the members. Checked before anything else, so a spoofed packet changes nothing.
     #[inline]
     fn wrong_port(&self, id: FlowId, dir: Dir, ingress: PortId) -> Option<DropReason> {
-        let f = self.flows.get(id);
         if dir == REPLY {
-            (self.net.get(f.next_hop[ORIG]).port != ingress).then_some(DropReason::WrongSide)
+            let hop = self.flows.track(id).next_hop[ORIG];
+            (self.net.get(hop).port != ingress).then_some(DropReason::WrongSide)
         } else {
-            (f.nat == Nat::Snat && !self.net.is_backend_side(ingress))
+            (self.flows.nat(id) == Nat::Snat && !self.net.is_backend_side(ingress))
                 .then_some(DropReason::SpoofedSource)
         }
     }
@@ -1071,7 +1074,7 @@ impl Engine {
 
     /// Evicts unconfirmed flow `id` to admit a new one.
     fn evict(&mut self, now: Nanos, id: FlowId, reason: EvictReason) {
-        let rule = self.flows.get(id).rule;
+        let rule = self.flows.rule(id);
         self.counters.evictions[reason.index()] += 1;
         rule_counters(&mut self.counters, rule).flows_evicted += 1;
         self.remove_flow(now, id);
@@ -1084,7 +1087,7 @@ impl Engine {
             self.census.ended_one(rules.drains());
         }
         self.fast_remove(id);
-        let f = *self.flows.get(id);
+        let f = self.flows.get(id);
         self.natlog.note(&f, NatEventKind::Delete, now);
         if f.nat == Nat::Snat {
             self.snat.release(f.xlat, f.proto, f.xlat_port);
@@ -1123,9 +1126,8 @@ impl Engine {
 
     /// Checks a segment of flow `id` against the window and tracks it (see `tcp`).
     fn track(&mut self, now: Nanos, id: FlowId, dir: Dir, seg: &Segment) -> Outcome {
-        let f = self.flows.get_mut(id);
-        let outcome = f.tcp.on_segment(dir, seg);
-        let rule = f.rule;
+        let rule = self.flows.rule(id);
+        let outcome = self.flows.get_mut(id).tcp.on_segment(dir, seg);
         if outcome != Outcome::OutOfWindow && seg.is_pure_syn() {
             rule_counters(&mut self.counters, rule).syns += 1;
         }
@@ -1139,7 +1141,7 @@ impl Engine {
             rule_counters(&mut self.counters, rule).flows_closed += 1;
             // The linger is shorter than the idle timeout the wheel holds: re-file now.
             self.flows.get_mut(id).last_seen = now;
-            let d = self.deadline(self.flows.get(id));
+            let d = self.deadline(&self.flows.get(id));
             self.wheel.insert(id, self.fast_filing(id, d));
         }
         outcome
@@ -1154,7 +1156,7 @@ impl Engine {
             return self.drop(DropReason::HopLimit);
         }
         let f = self.flows.get(id);
-        self.store.put_live(id, f);
+        self.store.put_live(id, &f);
         let rw = match (f.nat, dir) {
             (Nat::Dnat, ORIG) => Rewrite {
                 dst: Some(f.xlat),
@@ -1402,13 +1404,13 @@ impl Engine {
             self.store.put_late(&self.late, self.late.slot_of(hash));
         }
         self.natlog
-            .note(self.flows.get(id), NatEventKind::Create, flow.last_seen);
+            .note(&self.flows.get(id), NatEventKind::Create, flow.last_seen);
         live_flows(&mut self.counters, rule);
         self.sync_note(id);
-        let deadline = self.deadline(self.flows.get(id));
+        let deadline = self.deadline(&self.flows.get(id));
         self.wheel.insert(id, deadline);
         let hops = [self.net.get(forward), self.net.get(back)];
-        self.store.put(id, self.flows.get(id), false, hops);
+        self.store.put(id, &self.flows.get(id), false, hops);
         Ok(id)
     }
 

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod addr_ids;
 pub mod admission;
 pub mod config;
 pub mod counters;

@@ -313,6 +313,12 @@ impl RuleSet {
             .find(|(_, p)| p.kind == kind && &*p.name == name)
             .map(|(id, _)| id)
     }
+    /// At least the number of distinct addresses the rules name (frontends, members and
+    /// inbound NAT targets, SNAT addresses): what a flow table must be able to name without
+    /// allocating.
+    pub fn address_bound(&self) -> usize {
+        self.frontends.len() + self.members.len() + self.port_blocks.len()
+    }
     /// Whether `addr` is a frontend IP (of any rule kind, including outbound SNAT addresses).
     pub fn is_frontend(&self, addr: Addr) -> bool {
         self.frontends.contains(&addr)

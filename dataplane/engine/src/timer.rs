@@ -13,8 +13,8 @@
 //! never early (an entry is handed out only once `now >= deadline` rounded up), and at most one
 //! tick late when [`TimerWheel::poll`] is called at least once per tick with enough budget.
 //!
-//! Entries are `u32` ids (the flow slot index). Links are two `u32`s per id (8 bytes): a list
-//! head stores `HEAD | slot` in `prev`, so removal needs no slot field.
+//! Entries are `u32` ids (the flow slot index) below [`MAX_IDS`]. Links are two 24-bit fields
+//! per id (6 bytes): a list head stores `HEAD | slot` in `prev`, so removal needs no slot field.
 
 use crate::time::Nanos;
 
@@ -22,21 +22,59 @@ const LEVELS: usize = 6;
 const SLOTS: usize = 64;
 /// The list of entries taken out of fired slots, waiting for the caller.
 const DUE_SLOT: u32 = (LEVELS * SLOTS) as u32;
-const NIL: u32 = u32::MAX;
-const HEAD: u32 = 0x8000_0000;
+const NIL: u32 = U24::MAX;
+/// Flags a `prev` that names a slot (the entry heads that slot's list) rather than an id.
+const HEAD: u32 = 0x80_0000;
+/// Ids the packed 24-bit links can name (`0..MAX_IDS`: below the `HEAD` flag, never `NIL`).
+pub const MAX_IDS: u32 = (1 << 23) - 1;
+// Ids, slot references and NIL never collide in a 24-bit field.
+const _: () = assert!(MAX_IDS <= HEAD && HEAD | DUE_SLOT < NIL);
 /// Deadlines further out than this many ticks are filed in the top level, which then acts as a
 /// ring (they fire early and are reinserted).
 const MAX_TICKS: u64 = 1 << (6 * LEVELS);
 
+/// A 24-bit value in 3 bytes (alignment 1), so that arrays of links carry no padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct U24([u8; 3]);
+
+impl U24 {
+    pub(crate) const MAX: u32 = 0xFF_FFFF;
+
+    /// `value` must be at most [`U24::MAX`] (its high byte is dropped).
+    #[inline]
+    pub(crate) const fn new(value: u32) -> U24 {
+        debug_assert!(value <= U24::MAX);
+        let b = value.to_le_bytes();
+        U24([b[0], b[1], b[2]])
+    }
+
+    #[inline]
+    pub(crate) const fn get(self) -> u32 {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], 0])
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Link {
-    prev: u32,
-    next: u32,
+    prev: U24,
+    next: U24,
+}
+
+impl Link {
+    #[inline]
+    fn prev(self) -> u32 {
+        self.prev.get()
+    }
+
+    #[inline]
+    fn next(self) -> u32 {
+        self.next.get()
+    }
 }
 
 const UNLINKED: Link = Link {
-    prev: NIL,
-    next: NIL,
+    prev: U24::new(NIL),
+    next: U24::new(NIL),
 };
 
 /// A timing wheel over ids `0..capacity`.
@@ -53,10 +91,13 @@ pub struct TimerWheel {
 }
 
 impl TimerWheel {
-    /// A wheel for ids below `capacity` (< 2^31) with a tick of `2^tick_shift` nanoseconds,
-    /// whose time line starts at `now`.
+    /// A wheel for ids below `capacity` (at most [`MAX_IDS`]) with a tick of `2^tick_shift`
+    /// nanoseconds, whose time line starts at `now`.
     pub fn new(capacity: u32, tick_shift: u32, now: Nanos) -> TimerWheel {
-        assert!(capacity < HEAD, "timer ids must stay below 2^31");
+        assert!(
+            capacity <= MAX_IDS,
+            "timer wheel capacity {capacity} exceeds {MAX_IDS} ids (24-bit links)"
+        );
         TimerWheel {
             tick_shift,
             elapsed: now >> tick_shift,
@@ -67,7 +108,7 @@ impl TimerWheel {
         }
     }
 
-    /// Bytes of links and slot heads (8 per id).
+    /// Bytes of links and slot heads (6 per id).
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of_val(self.links.as_slice()) + std::mem::size_of_val(self.heads.as_slice())
     }
@@ -91,7 +132,7 @@ impl TimerWheel {
     }
 
     pub fn is_scheduled(&self, id: u32) -> bool {
-        self.links[id as usize].prev != NIL
+        self.links[id as usize].prev() != NIL
     }
 
     /// Schedules `id` to be handed out at `deadline` (or a little earlier for far deadlines, see
@@ -167,7 +208,7 @@ impl TimerWheel {
         let mut id = self.heads[slot];
         self.heads[slot] = NIL;
         while id != NIL {
-            let next = self.links[id as usize].next;
+            let next = self.links[id as usize].next();
             self.push(DUE_SLOT, id);
             id = next;
         }
@@ -201,19 +242,20 @@ impl TimerWheel {
     fn push(&mut self, slot: u32, id: u32) {
         let head = self.heads[slot as usize];
         if head != NIL {
-            self.links[head as usize].prev = id;
+            self.links[head as usize].prev = U24::new(id);
         }
         self.links[id as usize] = Link {
-            prev: HEAD | slot,
-            next: head,
+            prev: U24::new(HEAD | slot),
+            next: U24::new(head),
         };
         self.heads[slot as usize] = id;
     }
 
     fn unlink(&mut self, id: u32) {
-        let Link { prev, next } = self.links[id as usize];
+        let link = self.links[id as usize];
+        let (prev, next) = (link.prev(), link.next());
         if next != NIL {
-            self.links[next as usize].prev = prev;
+            self.links[next as usize].prev = link.prev;
         }
         if prev & HEAD != 0 {
             let slot = prev & !HEAD;
@@ -223,7 +265,7 @@ impl TimerWheel {
                 self.occupied[level] &= !(1 << index);
             }
         } else {
-            self.links[prev as usize].next = next;
+            self.links[prev as usize].next = link.next;
         }
     }
 }
@@ -378,6 +420,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn links_are_six_bytes_without_padding() {
+        assert_eq!(std::mem::size_of::<U24>(), 3);
+        assert_eq!(std::mem::size_of::<Link>(), 6);
+        assert_eq!(std::mem::align_of::<Link>(), 1);
+        for v in [0, 1, 0x12_3456, MAX_IDS - 1, HEAD, HEAD | DUE_SLOT, NIL] {
+            assert_eq!(U24::new(v).get(), v);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds 8388607 ids")]
+    fn capacity_beyond_the_links_is_refused() {
+        TimerWheel::new(MAX_IDS + 1, SHIFT, 0);
+    }
+
+    /// The highest ids go through every link operation: shared slots (fire walks `next`),
+    /// the due list, removal from the middle and the head of a list, rescheduling.
+    #[test]
+    fn highest_ids_insert_remove_and_fire() {
+        let mut w = TimerWheel::new(MAX_IDS, SHIFT, 0);
+        let top = MAX_IDS - 1;
+        for id in [top, 0, top - 1, top - 2] {
+            w.insert(id, 10 * TICK);
+        }
+        w.insert(top - 3, 20 * TICK);
+        assert!(w.is_scheduled(top) && !w.is_scheduled(top - 4));
+        w.remove(top - 1); // middle of the slot's list
+        w.remove(top - 2); // its head
+        assert!(!w.is_scheduled(top - 1) && !w.is_scheduled(top - 2));
+        w.insert(top - 1, 10 * TICK);
+        w.insert(top, 20 * TICK); // rescheduled to the other slot
+        assert_eq!(w.len(), 4);
+        let mut got = drain(&mut w, 10 * TICK);
+        got.sort();
+        assert_eq!(got, vec![0, top - 1]);
+        let mut got = drain(&mut w, 20 * TICK);
+        got.sort();
+        assert_eq!(got, vec![top - 3, top]);
+        assert!(w.is_empty() && !w.is_scheduled(top));
+        assert_eq!(w.next_deadline(), None);
     }
 
     #[test]

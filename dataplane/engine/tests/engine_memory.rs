@@ -21,9 +21,10 @@ fn bytes_per_flow_include_index_and_links_at_any_capacity() {
     for capacity in [1u32 << 16, 1 << 20, 1_250_000] {
         let per_flow = bytes_per_flow(capacity);
         println!("flow capacity {capacity}: {per_flow:.1} bytes per flow");
-        // 96 (record) + 24 (index: 3 slots of 8 bytes) + 8 (timer links) + 16 (admission
-        // links) + bitmaps; no rounding of the index up to a power of two.
-        assert!(per_flow < 145.0, "{capacity}: {per_flow}");
+        // 64 (record, one cache line) + 12 (index: 3 slots of 4 bytes) + 6 (timer links: two
+        // 24-bit ids) + 12 (admission links: four 24-bit ids) + bitmaps; no rounding of the
+        // index up to a power of two.
+        assert!(per_flow < 96.0, "{capacity}: {per_flow}");
     }
 }
 
@@ -61,5 +62,5 @@ fn memory_regions_cover_the_table_without_overlap() {
         "{total} of {table}"
     );
     let records = regions.iter().find(|r| r.2 == "flow records").unwrap();
-    assert_eq!(records.1, 96 * capacity as usize);
+    assert_eq!(records.1, 64 * capacity as usize);
 }

@@ -167,7 +167,7 @@ impl Engine {
             let Some(id) = self.sync.noted.pop_front() else {
                 break;
             };
-            if self.flows.is_live(id) && !self.is_standby(id, self.flows.get(id)) {
+            if self.flows.is_live(id) && !self.is_standby(id, &self.flows.get(id)) {
                 if let Some(s) = self.export_flow(now, id) {
                     f(SyncReason::Noted, s);
                     handed += 1;
@@ -182,7 +182,7 @@ impl Engine {
             // With the time XDP recorded: a flow the fast path keeps busy is refreshed at the
             // peers like any other, although the worker saw none of its packets.
             let fresh = self.flows.is_live(id) && {
-                let fl = self.fast_view(id, self.flows.get(id));
+                let fl = self.fast_view(id, &self.flows.get(id));
                 fl.last_seen > self.sync.previous_pass_started && !self.is_standby(id, &fl)
             };
             if fresh {
@@ -209,7 +209,7 @@ impl Engine {
         if !self.flows.is_live(id) {
             return None;
         }
-        let f = &self.fast_view(id, self.flows.get(id));
+        let f = &self.fast_view(id, &self.flows.get(id));
         let rule = self.rules.rule(f.rule)?;
         Some(FlowState {
             rule_kind: rule.kind,
@@ -246,7 +246,7 @@ impl Engine {
 
     /// Whether flow `id` is a standby copy that has seen no packet here.
     pub fn is_standby_flow(&self, id: FlowId) -> bool {
-        self.flows.is_live(id) && self.is_standby(id, self.flows.get(id))
+        self.flows.is_live(id) && self.is_standby(id, &self.flows.get(id))
     }
 
     /// Standby flows of this engine (an upper bound: marks of flows that ended since are
@@ -334,12 +334,12 @@ impl Engine {
         } else {
             self.standby.marks.remove(&id);
         }
-        let deadline = self.deadline(self.flows.get(id));
+        let deadline = self.deadline(&self.flows.get(id));
         // Confirmed where it ran: never evicted as a half-open flow here.
         self.wheel.insert(id, deadline);
         // Into the flow store like any other flow: it outlives this process too.
         let hops = [self.net.get(forward), self.net.get(back)];
-        self.store.put(id, self.flows.get(id), true, hops);
+        self.store.put(id, &self.flows.get(id), true, hops);
         if standby {
             self.store.put_standby(id, flow.last_seen);
         }
@@ -353,7 +353,7 @@ impl Engine {
         self.fast_pull(now, id);
         let here = self.flows.get(id);
         // A standby copy takes a state as recent as its own; a flow live here only a later one.
-        let newer = if self.is_standby(id, here) {
+        let newer = if self.is_standby(id, &here) {
             synced.last_seen >= here.last_seen
         } else {
             synced.last_seen > here.last_seen
@@ -372,9 +372,9 @@ impl Engine {
         f.tcp = synced.tcp;
         let key = self.flows.hash(&synced.key(ORIG));
         self.standby.marks.insert(id, (synced.last_seen, key));
-        self.store.put_live(id, self.flows.get(id));
+        self.store.put_live(id, &self.flows.get(id));
         self.store.put_standby(id, synced.last_seen);
-        let deadline = self.deadline(self.flows.get(id));
+        let deadline = self.deadline(&self.flows.get(id));
         self.wheel.insert(id, deadline);
         Imported::Refreshed(id)
     }

@@ -40,7 +40,7 @@ use crate::fast::{
     from_stamp, line, ports_word, to_stamp, wire_word, FastTable, FAST_RULES, STATE_FAST,
     STATE_PICKED_UP, STATE_TCP, STATE_WSCALE_SHIFT,
 };
-use crate::flow::{Flow, FlowId, Nat};
+use crate::flow::{Flow, FlowId, FlowTrack, Nat};
 use crate::net::{NextHop, PortId};
 use crate::tcp::{Dir, ORIG, REPLY};
 use crate::time::Nanos;
@@ -126,10 +126,10 @@ impl FastState {
 
 /// Merges what the lines of `pair` hold into `f`: next sequence numbers and windows (TCP) and
 /// the latest `last_seen` of both directions, read in serial order around `near`.
-fn merge(table: &FastTable, pair: u32, f: &mut Flow, near: Nanos) {
+fn merge(table: &FastTable, pair: u32, proto: u8, f: &mut FlowTrack, near: Nanos) {
     for dir in [ORIG, REPLY] {
         let (seq, win, stamp) = table.counters_of(2 * pair + dir as u32);
-        if f.proto == proto::TCP {
+        if proto == proto::TCP {
             f.tcp.merge(dir, seq, win);
         }
         if stamp != 0 {
@@ -284,7 +284,7 @@ impl Engine {
         if f.proto == proto::UDP && f.nat != Nat::Snat && self.rules.backend_down(f.rule, f.xlat) {
             return false;
         }
-        !self.is_standby(id, f)
+        !self.is_standby(id, &f)
     }
 
     /// Reads what XDP recorded for flow `id` into the flow, around `now`.
@@ -294,7 +294,8 @@ impl Engine {
             return;
         };
         if let Some(pair) = fs.pair(id) {
-            merge(&fs.table, pair, self.flows.get_mut(id), now);
+            let proto = self.flows.get(id).proto;
+            merge(&fs.table, pair, proto, self.flows.get_mut(id), now);
         }
     }
 
@@ -304,8 +305,9 @@ impl Engine {
         let mut f = *f;
         if let Some(fs) = self.fast.as_deref() {
             if let Some(pair) = fs.pair(id) {
-                let near = f.last_seen;
-                merge(&fs.table, pair, &mut f, near);
+                let mut track = f.track();
+                merge(&fs.table, pair, f.proto, &mut track, f.last_seen);
+                f.set_track(track);
             }
         }
         f
@@ -358,7 +360,7 @@ impl Engine {
 
     #[cold]
     fn fast_publish(&mut self, id: FlowId) {
-        let f = *self.flows.get(id);
+        let f = self.flows.get(id);
         let hops = [
             *self.net.get(f.next_hop[ORIG]),
             *self.net.get(f.next_hop[REPLY]),
@@ -387,7 +389,7 @@ impl Engine {
         };
         fs.table.set_fast(pair, true);
         fs.fences[id as usize] = 0;
-        let at = self.fast_filing(id, self.deadline(self.flows.get(id)));
+        let at = self.fast_filing(id, self.deadline(&self.flows.get(id)));
         self.wheel.insert(id, at);
     }
 
@@ -404,9 +406,10 @@ impl Engine {
         let Some(pair) = fs.pair(id) else {
             return;
         };
+        let proto = self.flows.get(id).proto;
         let f = self.flows.get_mut(id);
         let near = f.last_seen;
-        merge(&fs.table, pair, f, near);
+        merge(&fs.table, pair, proto, f, near);
         fs.table.withdraw(pair, true);
         fs.pairs[id as usize] = NO_PAIR;
         fs.fences[id as usize] = 0;
@@ -467,7 +470,7 @@ impl Engine {
             fs.ending[id as usize] = false;
         }
         self.fast_withdraw(id);
-        let d = self.deadline(self.flows.get(id));
+        let d = self.deadline(&self.flows.get(id));
         self.wheel.insert(id, d);
     }
 
@@ -515,7 +518,7 @@ impl Engine {
     /// the grace), false when it expires now.
     fn fast_idle_step(&mut self, now: Nanos, id: FlowId) -> bool {
         self.fast_pull(now, id);
-        let deadline = self.deadline(self.flows.get(id));
+        let deadline = self.deadline(&self.flows.get(id));
         let lead = self.cfg.fast_expiry_lead;
         let tick = self.wheel.tick();
         let Some(fs) = self.fast.as_deref_mut() else {
@@ -617,7 +620,7 @@ impl Engine {
             ];
             let table = &self.fast.as_deref().expect("attached").table;
             stale = [ORIG, REPLY].into_iter().any(|dir| {
-                let want = line_of(f, dir, &hops);
+                let want = line_of(&f, dir, &hops);
                 let have =
                     crate::fast::line_words(table.memory(), table.layout(), 2 * pair + dir as u32);
                 want[line::INGRESS_PORT..=line::MACS + 2]
@@ -646,7 +649,9 @@ impl Engine {
         }
         let (orig, reply) = (key_words(f, ORIG), key_words(f, REPLY));
         if let Some(pair) = fs.table.left_pair(orig, reply, f.proto) {
-            merge(&fs.table, pair, f, now);
+            let mut track = f.track();
+            merge(&fs.table, pair, f.proto, &mut track, now);
+            f.set_track(track);
             fs.resumed.push((id, pair));
         }
     }
@@ -685,12 +690,13 @@ impl Engine {
                     // The slot may hold another flow by now (the restored one ended).
                     let line = crate::fast::line_words(table.memory(), table.layout(), 2 * pair);
                     if flows.is_live(id)
-                        && key_words(flows.get(id), ORIG)[..]
+                        && key_words(&flows.get(id), ORIG)[..]
                             == line[line::MATCH_SADDR..=line::MATCH_PORTS]
                     {
+                        let proto = flows.get(id).proto;
                         let f = flows.get_mut(id);
                         let near = f.last_seen;
-                        merge(table, pair, f, near);
+                        merge(table, pair, proto, f, near);
                     }
                 }
             });

@@ -326,7 +326,7 @@ floating_ip = true
             let reply = flow.key(REPLY);
             assert_eq!(before, e.flows.index_addr(e.flows.hash(&reply)));
             assert_ne!(reply, flow.key(ORIG));
-            let record: *const u8 = std::ptr::from_ref(e.flows.get(id)).cast();
+            let record = e.flows.record_addr(id);
             assert_eq!(e.prefetch_addr(&f, 1), Some(record));
         }
         // No rule: nothing to fetch beyond the original slot.
