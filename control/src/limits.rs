@@ -30,11 +30,12 @@ pub const SELF_PROBE_INTERVAL: Range = Range {
     max: 3_600.0,
     unit: "seconds",
 };
-/// `--flow-capacity`, per worker: the table is allocated at start (about 136 bytes a flow with
-/// its index), so 16 M flows take about 2.5 GiB per worker.
+/// `--flow-capacity`, per worker: the table is allocated at start (about 94 bytes a flow with
+/// its index and links), so the most, 8 388 607 flows (what a 24-bit index entry can name,
+/// `xlb_engine::flow::MAX_CAPACITY`), takes about 790 MB per worker.
 pub const FLOW_CAPACITY: Range = Range {
     min: 16.0,
-    max: 16_777_216.0,
+    max: 8_388_607.0,
     unit: "flows per worker",
 };
 /// `--workers`: the XDP program's socket map has 64 queues per interface.
@@ -121,8 +122,16 @@ mod tests {
         let e = count("--flow-capacity", u32::MAX, FLOW_CAPACITY).unwrap_err();
         assert_eq!(
             e,
-            "--flow-capacity 4294967295: out of range (allowed: 16–16777216 flows per worker)"
+            "--flow-capacity 4294967295: out of range (allowed: 16–8388607 flows per worker)"
         );
+        // The flag's ceiling is the engine's: a larger table would not fit its index entries.
+        assert_eq!(FLOW_CAPACITY.max, f64::from(xlb_engine::flow::MAX_CAPACITY));
+        assert!(count(
+            "--flow-capacity",
+            xlb_engine::flow::MAX_CAPACITY,
+            FLOW_CAPACITY
+        )
+        .is_ok());
         assert!(count("--workers", 0u32, WORKERS).is_err());
         assert!(cores(&[0, 1], 2).is_ok());
         assert_eq!(

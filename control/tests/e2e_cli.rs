@@ -217,7 +217,7 @@ fn numeric_options_out_of_range_are_refused_with_flag_value_and_range() {
     for (args, want) in [
         (
             &["--flow-capacity", "4294967295"][..],
-            "--flow-capacity 4294967295: out of range (allowed: 16–16777216 flows per worker)",
+            "--flow-capacity 4294967295: out of range (allowed: 16–8388607 flows per worker)",
         ),
         (
             &["--flow-capacity", "0"][..],

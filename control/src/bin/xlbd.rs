@@ -82,8 +82,8 @@ struct Cli {
     /// Divide every timer by N (60: 4 minutes last 4 s). Overrides the configuration.
     #[arg(long, value_name = "N")]
     lab_time_scale: Option<u32>,
-    /// Flows per worker, 16–16777216 (memory is allocated at start: about 136 bytes each with
-    /// the index, and about 150 more in the XDP fast path's table).
+    /// Flows per worker, 16–8388607 (memory is allocated at start: about 94 bytes each with
+    /// the index and timers, and about 150 more in the XDP fast path's table).
     #[arg(long, default_value_t = 1 << 16)]
     flow_capacity: u32,
     /// Percent of a worker's flow table that TCP flows without a confirmed handshake may hold;

@@ -49,7 +49,7 @@ pub struct EngineConfig {
     /// This worker's index and the number of workers (SNAT ports are partitioned by it).
     pub worker: u16,
     pub workers: u16,
-    /// Flows this worker can hold (memory is allocated up front: ~144 bytes each, see
+    /// Flows this worker can hold (memory is allocated up front: ~94 bytes each, see
     /// [`Engine::table_bytes`]).
     pub flow_capacity: u32,
     /// Next-hop entries (neighbours and learned senders).
