@@ -426,7 +426,8 @@ fn huge_pages_for_the_tables_show_in_the_log_and_the_stats_file() {
         assert!(log.contains("huge pages (THP"), "{log}");
         assert_eq!(stat("huge_pages.enabled"), 1);
         assert!(
-            stat("huge_pages.tables_bytes") >= capacity * 140,
+            // About 94 bytes per flow slot (docs/architecture.md, flow table layout).
+            stat("huge_pages.tables_bytes") >= capacity * 90,
             "{stats:?}"
         );
         assert!(
