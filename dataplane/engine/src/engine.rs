@@ -13,7 +13,7 @@ use crate::admission::{self, Admission, AdmissionLimits, EvictReason, Unconfirme
 use crate::config::DrainAction;
 use crate::counters::{Counters, DropReason, RuleCounters};
 use crate::drain::{Census, DrainProgress, CENSUS_SLOTS_PER_CALL};
-use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat};
+use crate::flow::{Flow, FlowId, FlowTable, InsertError, Nat, Translation};
 use crate::hashkey::HashKey;
 use crate::late::LateTable;
 use crate::natlog::{NatEvent, NatEventKind, NatLog, NatLogMode};
@@ -1155,32 +1155,23 @@ impl Engine {
         if !wire::decrement_hop_limit(frame, pkt) {
             return self.drop(DropReason::HopLimit);
         }
-        let f = self.flows.get(id);
-        self.store.put_live(id, &f);
-        let rw = match (f.nat, dir) {
-            (Nat::Dnat, ORIG) => Rewrite {
-                dst: Some(f.xlat),
-                dst_port: Some(f.xlat_port),
+        let track = self.flows.track(id);
+        self.store.put_live(id, track);
+        let hop = track.next_hop[dir];
+        let rw = match self.flows.translation(id, dir) {
+            Translation::Dst(addr, port) => Rewrite {
+                dst: Some(addr),
+                dst_port: Some(port),
                 ..Rewrite::default()
             },
-            (Nat::Dnat, _) => Rewrite {
-                src: Some(f.orig_dst),
-                src_port: Some(f.orig_dport),
+            Translation::Src(addr, port) => Rewrite {
+                src: Some(addr),
+                src_port: Some(port),
                 ..Rewrite::default()
             },
-            (Nat::Snat, ORIG) => Rewrite {
-                src: Some(f.xlat),
-                src_port: Some(f.xlat_port),
-                ..Rewrite::default()
-            },
-            (Nat::Snat, _) => Rewrite {
-                dst: Some(f.orig_src),
-                dst_port: Some(f.orig_sport),
-                ..Rewrite::default()
-            },
-            (Nat::None, _) => Rewrite::default(),
+            Translation::None => Rewrite::default(),
         };
-        let (rule, hop) = (f.rule, f.next_hop[dir]);
+        let rule = self.flows.rule(id);
         wire::rewrite(frame, pkt, &rw);
         let hop = *self.net.get(hop);
         // Last: the tag moves the IP header, which `pkt`'s offsets describe.

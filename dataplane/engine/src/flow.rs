@@ -44,6 +44,17 @@ pub enum Nat {
     None,
 }
 
+/// The rewrite a flow applies to a packet of one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// The source address and port become these.
+    Src(Addr, u16),
+    /// The destination address and port become these.
+    Dst(Addr, u16),
+    /// Nothing is rewritten (floating IP).
+    None,
+}
+
 /// One connection, both directions.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
@@ -640,6 +651,21 @@ impl FlowTable {
     #[inline]
     pub fn nat(&self, id: FlowId) -> Nat {
         self.flows[id as usize].nat
+    }
+
+    /// What a packet of flow `id` travelling `dir` has rewritten, read without decoding the
+    /// rest of the record: the one address the packet path needs (a second id lookup per
+    /// packet would be wasted).
+    #[inline]
+    pub fn translation(&self, id: FlowId, dir: Dir) -> Translation {
+        let r = &self.flows[id as usize];
+        match (r.nat, dir) {
+            (Nat::Dnat, ORIG) => Translation::Dst(self.addrs.addr(r.local[1]), r.ports[2]),
+            (Nat::Dnat, _) => Translation::Src(self.addrs.addr(r.local[0]), r.ports[1]),
+            (Nat::Snat, ORIG) => Translation::Src(self.addrs.addr(r.local[1]), r.ports[2]),
+            (Nat::Snat, _) => Translation::Dst(self.addrs.addr(r.local[0]), r.ports[0]),
+            (Nat::None, _) => Translation::None,
+        }
     }
 
     /// Flow `id`'s changing fields, read without decoding the rest.

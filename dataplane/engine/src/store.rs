@@ -29,7 +29,7 @@ use std::fmt::Debug;
 use std::sync::atomic::{compiler_fence, Ordering};
 
 use crate::addr::Addr;
-use crate::flow::{Flow, Nat};
+use crate::flow::{Flow, FlowTrack, Nat};
 use crate::late::LateTable;
 use crate::net::NextHop;
 use crate::ruleset::{RuleId, RuleSet};
@@ -441,7 +441,7 @@ impl FlowStore {
 
     /// Writes what a packet changes: the TCP tracking and `last_seen`.
     #[inline]
-    pub(crate) fn put_live(&mut self, id: u32, f: &Flow) {
+    pub(crate) fn put_live(&mut self, id: u32, f: &FlowTrack) {
         let Some(mem) = self.mem.as_mut() else { return };
         if let Some(r) = record_mut(mem.bytes_mut(), id) {
             r[R_TCP..R_TCP + TRACK_RECORD_BYTES].copy_from_slice(&f.tcp.to_record());

@@ -372,7 +372,7 @@ impl Engine {
         f.tcp = synced.tcp;
         let key = self.flows.hash(&synced.key(ORIG));
         self.standby.marks.insert(id, (synced.last_seen, key));
-        self.store.put_live(id, &self.flows.get(id));
+        self.store.put_live(id, self.flows.track(id));
         self.store.put_standby(id, synced.last_seen);
         let deadline = self.deadline(&self.flows.get(id));
         self.wheel.insert(id, deadline);
