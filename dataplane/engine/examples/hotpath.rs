@@ -8,6 +8,10 @@
 //! `hotpath syn 1000000 1048576`; the new flows are created in `create_flows`, which
 //! `--toggle-collect=hotpath::create_flows` isolates. `syn-lookahead` instead of `syn` runs
 //! xlbd's worker's look-ahead first on each batch of 64 frames (both index keys prefetched).
+//! `hotpath spread N CAPACITY` fills the table to 95 % of CAPACITY, then sends N established
+//! packets (original direction) to flows picked at random among them: the cost of a packet
+//! whose flow is not in the cache; `--toggle-collect=hotpath::forward_one` counts only the
+//! engine's part (the driver builds each frame outside it).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -54,8 +58,9 @@ fn main() {
     let lookahead = args.first().is_some_and(|a| a == "syn-lookahead");
     let syn_mode = lookahead || args.first().is_some_and(|a| a == "syn");
     let expire_mode = args.first().is_some_and(|a| a == "expire");
+    let spread_mode = args.first().is_some_and(|a| a == "spread");
     let n: usize = args
-        .get(usize::from(syn_mode || expire_mode))
+        .get(usize::from(syn_mode || expire_mode || spread_mode))
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000_000);
     let cfg = Config::from_toml_str(CONFIG).unwrap();
@@ -84,6 +89,13 @@ fn main() {
             [2, 0, 0, 0, 0xb0, b],
         )
         .unwrap();
+    }
+    if spread_mode {
+        let capacity = e.flow_capacity() as usize;
+        let flows = capacity / 100 * 95;
+        handshakes(&mut e, flows);
+        spread(&mut e, n, flows);
+        return;
     }
     if syn_mode || expire_mode {
         new_flows(&mut e, n, lookahead);
@@ -128,15 +140,127 @@ fn main() {
     );
 }
 
+/// Client address and port of the `i`th flow `new_flows` creates.
+fn client(i: usize) -> ([u8; 4], u16) {
+    let host = 0x0200 + (i / 60_000) as u32;
+    (
+        [198, 18, (host >> 8) as u8, host as u8],
+        1024 + (i % 60_000) as u16,
+    )
+}
+
+fn tcp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    ips: ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    seq: u32,
+    flags: (bool, Option<u32>),
+) -> [u8; 64] {
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(ips.0, ips.1, 64)
+        .tcp(ports.0, ports.1, seq, 64000);
+    let b = if flags.0 { b.syn() } else { b };
+    let b = match flags.1 {
+        Some(ack) => b.ack(ack),
+        None => b,
+    };
+    let mut v = Vec::with_capacity(64);
+    b.write(&mut v, &[]).unwrap();
+    v.resize(64, 0);
+    v.try_into().unwrap()
+}
+
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc1, 1];
+const PORT0_MAC: [u8; 6] = [2, 0, 0, 0, 0xa0, 0];
+const PORT1_MAC: [u8; 6] = [2, 0, 0, 0, 0xa0, 1];
+
+/// Opens `flows` TCP flows with the whole handshake (SYN, the backend's SYN-ACK, the client's
+/// ACK), so that they are established.
+fn handshakes(e: &mut Engine, flows: usize) {
+    let vip = [198, 18, 0, 100];
+    for i in 0..flows {
+        let (src, sport) = client(i);
+        let mut syn = tcp_frame(
+            (CLIENT_MAC, PORT0_MAC),
+            (src, vip),
+            (sport, 80),
+            1000,
+            (true, None),
+        );
+        assert!(matches!(
+            e.process(2, 0, &mut syn),
+            Verdict::Tx { port: 1, .. }
+        ));
+        // The rewritten SYN names the backend the flow went to.
+        let backend: [u8; 4] = syn[30..34].try_into().unwrap();
+        let backend_mac = [2, 0, 0, 0, 0xb0, backend[3]];
+        let mut syn_ack = tcp_frame(
+            (backend_mac, PORT1_MAC),
+            (backend, src),
+            (8080, sport),
+            5000,
+            (true, Some(1001)),
+        );
+        assert!(matches!(
+            e.process(2, 1, &mut syn_ack),
+            Verdict::Tx { port: 0, .. }
+        ));
+        let mut ack = tcp_frame(
+            (CLIENT_MAC, PORT0_MAC),
+            (src, vip),
+            (sport, 80),
+            1001,
+            (false, Some(5001)),
+        );
+        assert!(matches!(
+            e.process(2, 0, &mut ack),
+            Verdict::Tx { port: 1, .. }
+        ));
+    }
+    eprintln!("{flows} flows established, {} in the table", e.flow_count());
+}
+
+/// `n` established packets to flows among the first `flows`, in a pseudo-random order.
+fn spread(e: &mut Engine, n: usize, flows: usize) {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut forwarded = 0usize;
+    let mut took = std::time::Duration::ZERO;
+    for i in 0..n {
+        // xorshift: a spread over the whole table that a prefetcher cannot guess.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (src, sport) = client((x % flows as u64) as usize);
+        let mut buf = tcp_frame(
+            (CLIENT_MAC, PORT0_MAC),
+            (src, [198, 18, 0, 100]),
+            (sport, 80),
+            1001,
+            (false, Some(5001)),
+        );
+        let start = std::time::Instant::now();
+        forwarded += usize::from(forward_one(e, 3 + i as u64, &mut buf));
+        took += start.elapsed();
+    }
+    eprintln!(
+        "{n} packets over {flows} flows, {forwarded} forwarded, {:.1} ns/packet",
+        took.as_nanos() as f64 / n as f64
+    );
+}
+
+#[inline(never)]
+fn forward_one(e: &mut Engine, now: u64, buf: &mut [u8; 64]) -> bool {
+    matches!(e.process(now, 0, buf), Verdict::Tx { .. })
+}
+
 /// `n` SYNs from distinct (client address, port) pairs: one new flow each.
 fn new_flows(e: &mut Engine, n: usize, lookahead: bool) {
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|i| {
-            let host = 0x0200 + (i / 60_000) as u32;
-            let src = [198, 18, (host >> 8) as u8, host as u8];
+            let (src, sport) = client(i);
             let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0xc1, 1], [2, 0, 0, 0, 0xa0, 0])
                 .ipv4(src, [198, 18, 0, 100], 64)
-                .tcp(1024 + (i % 60_000) as u16, 80, 1000, 64000)
+                .tcp(sport, 80, 1000, 64000)
                 .syn();
             let mut v = Vec::new();
             b.write(&mut v, &[]).unwrap();
