@@ -53,8 +53,10 @@ impl StoreMemory for Vec<u8> {
 
 /// "XLBFLOWS": a flow store's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"XLBFLOWS";
-/// Bumped whenever the layout changes: a store of another version is discarded.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Bumped whenever the layout changes, or the meaning of what it holds (version 2: the
+/// steering hash of the recorded seed changed, so version-1 flows sit in other workers'
+/// stores): a store of another version is discarded.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes per flow record (and per header, and the unit of every region).
 pub const RECORD: usize = 128;
 /// Rule ids the identity region covers (`RuleId` is 16 bits).

@@ -139,6 +139,8 @@
 /* the engine's flow hash (select.rs) */
 #define XLB_FLOW_SEED 0x243F6A8885A308D3ULL
 #define XLB_FLOW_MUL 0x9E3779B97F4A7C15ULL
+/* the steering hash's last multiplier (hashkey.rs, ENDPOINT_MIX) */
+#define XLB_ENDPOINT_MIX 0x9E3779B97F4A7C15ULL
 /* the low word of an IPv4-mapped address (::ffff:a.b.c.d) without a.b.c.d; its high word is 0 */
 #define XLB_V4_MAPPED 0xffff00000000ULL
 
@@ -610,6 +612,7 @@ static __always_inline __u32 nf_owner(const struct xlb_fast_elem *keys, __u32 sa
 		return 0;
 	h = fold_mul((XLB_V4_MAPPED | saddr) ^ elem_key(keys, 0, 0), elem_key(keys, 0, 1));
 	h = fold_mul(h ^ sport ^ elem_key(keys, 0, 2), elem_key(keys, 0, 3));
+	h = fold_mul(h, XLB_ENDPOINT_MIX);
 	return (__u32)mul_hi(h, workers);
 }
 
