@@ -43,14 +43,9 @@ tcp_reset = true
 "#;
 
 fn frame(sport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0xc1, 1], [2, 0, 0, 0, 0xa0, 0])
-        .ipv4([198, 18, 0, 10], [198, 18, 0, 100], 64)
-        .tcp(sport, 80, 1000, 64000);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let mut v = Vec::new();
-    b.write(&mut v, &[]).unwrap();
-    v.resize(64, 0);
-    v
+    let ack = (!syn).then_some(1);
+    let ips = ([198, 18, 0, 10], VIP);
+    tcp_frame((CLIENT_MAC, PORT0_MAC), ips, (sport, 80), 1000, (syn, ack)).to_vec()
 }
 
 fn main() {
@@ -173,16 +168,16 @@ fn tcp_frame(
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc1, 1];
 const PORT0_MAC: [u8; 6] = [2, 0, 0, 0, 0xa0, 0];
 const PORT1_MAC: [u8; 6] = [2, 0, 0, 0, 0xa0, 1];
+const VIP: [u8; 4] = [198, 18, 0, 100];
 
 /// Opens `flows` TCP flows with the whole handshake (SYN, the backend's SYN-ACK, the client's
 /// ACK), so that they are established.
 fn handshakes(e: &mut Engine, flows: usize) {
-    let vip = [198, 18, 0, 100];
     for i in 0..flows {
         let (src, sport) = client(i);
         let mut syn = tcp_frame(
             (CLIENT_MAC, PORT0_MAC),
-            (src, vip),
+            (src, VIP),
             (sport, 80),
             1000,
             (true, None),
@@ -207,7 +202,7 @@ fn handshakes(e: &mut Engine, flows: usize) {
         ));
         let mut ack = tcp_frame(
             (CLIENT_MAC, PORT0_MAC),
-            (src, vip),
+            (src, VIP),
             (sport, 80),
             1001,
             (false, Some(5001)),
@@ -233,7 +228,7 @@ fn spread(e: &mut Engine, n: usize, flows: usize) {
         let (src, sport) = client((x % flows as u64) as usize);
         let mut buf = tcp_frame(
             (CLIENT_MAC, PORT0_MAC),
-            (src, [198, 18, 0, 100]),
+            (src, VIP),
             (sport, 80),
             1001,
             (false, Some(5001)),
@@ -258,14 +253,15 @@ fn new_flows(e: &mut Engine, n: usize, lookahead: bool) {
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let (src, sport) = client(i);
-            let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0xc1, 1], [2, 0, 0, 0, 0xa0, 0])
-                .ipv4(src, [198, 18, 0, 100], 64)
-                .tcp(sport, 80, 1000, 64000)
-                .syn();
-            let mut v = Vec::new();
-            b.write(&mut v, &[]).unwrap();
-            v.resize(64, 0);
-            v
+            let ips = (src, VIP);
+            tcp_frame(
+                (CLIENT_MAC, PORT0_MAC),
+                ips,
+                (sport, 80),
+                1000,
+                (true, None),
+            )
+            .to_vec()
         })
         .collect();
     let start = std::time::Instant::now();
