@@ -352,11 +352,35 @@ mod tests {
                 .is_ok_and(|s| s.success());
             assert!(ok, "ip netns add {name}");
             let ns = Netns(name);
+            // No IPv6 here: its link-local address and routes appear a while after the link
+            // comes up, and their route notifications would land in the middle of the test.
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+                .args([
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "sysctl disable_ipv6 in {}", ns.0);
             ip_batch(
                 &ns.0,
                 "link add w0 type veth peer name w1\nlink set w0 up\nlink set w1 up\n\
                  link set lo up\naddr add 198.18.1.1/24 dev w0\n",
             );
+            // The carrier comes up asynchronously; wait for it so that its link notification
+            // is not read as part of the test either.
+            let up = (0..300).any(|_| {
+                let up = std::process::Command::new("ip")
+                    .args(["-n", &ns.0, "-o", "link", "show", "w0"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("state UP"));
+                if !up {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                up
+            });
+            assert!(up, "w0 in {} never came up", ns.0);
             ns
         }
     }
