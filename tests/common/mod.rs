@@ -559,12 +559,20 @@ impl Lab {
     }
 
     pub fn client_connect(&self, port: u16) -> TcpStream {
-        in_ns(&self.client, move || {
+        let r = in_ns(&self.client, move || {
             TcpStream::connect_timeout(
                 &SocketAddr::new(VIP.parse().unwrap(), port),
                 Duration::from_secs(5),
             )
-            .expect("connecting to the VIP")
+        });
+        // The daemon's log says why a connection did not open (a worker stalled, a neighbour
+        // never resolved, the SYN refused), which the error alone does not.
+        r.unwrap_or_else(|e| {
+            panic!(
+                "connecting to the VIP port {port}: {e}; stats file:\n{}\nlog:\n{}",
+                std::fs::read_to_string(self.stats_path()).unwrap_or_default(),
+                self.log_text()
+            )
         })
     }
 }
