@@ -122,8 +122,8 @@ fn live_timeout_and_reset_changes_reach_both_workers_and_apply_to_running_flows(
         let (waited, r) = wait_for_end(s, Duration::from_secs(4) + SLACK * 3);
         assert!(
             matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "web-silent: expected ECONNRESET after the live tcp_reset change, got {r:?}; log:\n{}",
-            lab.log_text()
+            "web-silent: expected ECONNRESET after the live tcp_reset change, got {r:?}; {}",
+            lab.diagnostics()
         );
         let total = idle_from.elapsed();
         assert!(
@@ -157,14 +157,16 @@ fn live_timeout_and_reset_changes_reach_both_workers_and_apply_to_running_flows(
         let (_, r) = wait_for_end(s, Duration::from_secs(8) + SLACK * 3);
         assert!(
             matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "web: expected ECONNRESET at the new timeout, got {r:?}"
+            "web: expected ECONNRESET at the new timeout, got {r:?}; {}",
+            lab.diagnostics()
         );
     }
     let total = idle_from.elapsed();
     assert!(
         total >= Duration::from_secs(8) - Duration::from_millis(50)
             && total <= Duration::from_secs(8) + SLACK * 2,
-        "web reset {total:?} after the last packet; the new timeout is 8 s"
+        "web reset {total:?} after the last packet; the new timeout is 8 s; {}",
+        lab.diagnostics()
     );
 
     // Counters through the API, summed over both workers.
@@ -277,7 +279,8 @@ fn api_answers_health_events_and_flow_filters_from_the_daemon() {
     let (_, r) = wait_for_end(&mut s, Duration::from_secs(4) + SLACK * 2);
     assert!(
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-        "{r:?}"
+        "{r:?}; {}",
+        lab.diagnostics()
     );
     let ev = rt
         .block_on(async {

@@ -569,11 +569,20 @@ impl Lab {
         // never resolved, the SYN refused), which the error alone does not.
         r.unwrap_or_else(|e| {
             panic!(
-                "connecting to the VIP port {port}: {e}; stats file:\n{}\nlog:\n{}",
-                std::fs::read_to_string(self.stats_path()).unwrap_or_default(),
-                self.log_text()
+                "connecting to the VIP port {port}: {e}; {}",
+                self.diagnostics()
             )
         })
+    }
+
+    /// The daemon's stats file and log, for a failure message: they say what the data plane
+    /// did (a worker stalled, a neighbour never resolved, a flow waiting for its grace).
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "stats file:\n{}\nlog:\n{}",
+            std::fs::read_to_string(self.stats_path()).unwrap_or_default(),
+            self.log_text()
+        )
     }
 }
 
