@@ -129,7 +129,8 @@ fn live_timeout_and_reset_changes_reach_both_workers_and_apply_to_running_flows(
         assert!(
             total >= Duration::from_secs(4) - Duration::from_millis(50)
                 && total <= Duration::from_secs(4) + SLACK,
-            "reset {total:?} after the last packet (this read waited {waited:?})"
+            "reset {total:?} after the last packet (this read waited {waited:?}); {}",
+            lab.diagnostics()
         );
     }
 

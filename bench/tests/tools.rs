@@ -89,6 +89,8 @@ fn bench_refuses_bad_options_before_touching_anything() {
         (vec!["--duration", "0.1"], "--duration"),
         (vec!["--only", "pairs,warp"], "unknown phases"),
         (vec!["--frobnicate"], "unknown option"),
+        (vec!["--scale-workers", "0,2"], "--scale-workers"),
+        (vec!["--scale-workers", "two"], "--scale-workers"),
     ] {
         let o = Command::new("python3")
             .arg(script("bench"))
@@ -175,5 +177,51 @@ fn report_gives_a_verdict_only_when_the_whole_interval_clears_the_target() {
     ] {
         assert!(js.contains(key), "{key} missing: {js}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Recorded runs of the scale phase: one row per (N, path) with the median of its runs, the
+/// ratio to the same path's smallest N, and the hand-off share only where the counts agree.
+#[test]
+fn report_renders_the_scale_phase_per_worker_count() {
+    let run = |gens: u32, path: &str, carried: f64, rx: u64, handed: u64| {
+        format!(
+            r#"{{"kind": "scale", "path": "{path}", "gens": {gens}, "workers": {gens}, "sent": 1000000, "carried_pps": {carried}, "delivered": 0.5, "worker_rx": {rx}, "handed_off": {handed}, "load1": 0.5}}"#
+        )
+    };
+    let recs = [
+        r#"{"kind": "meta", "date": "2026-12-04 18:00 UTC", "machine": "test"}"#.to_string(),
+        run(1, "xlb", 1.0e6, 1000, 0),
+        run(1, "xlb", 3.0e6, 1000, 0),
+        run(1, "xlb", 2.0e6, 1000, 0),
+        run(4, "xlb", 5.0e6, 4000, 2000),
+        run(4, "xlb-fast", 9.0e6, 10, 500),
+    ];
+    let dir = std::env::temp_dir().join(format!("xlb-report-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("r.jsonl");
+    std::fs::write(&path, recs.join("\n") + "\n").unwrap();
+    let md = Command::new("python3")
+        .arg(script("bench-report"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(md.status.success(), "{}", text(&md));
+    let md = String::from_utf8_lossy(&md.stdout).into_owned();
+    let row = |start: &str| {
+        md.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no row {start}: {md}"))
+            .to_string()
+    };
+    let one = row("| 1 | xlb (");
+    assert!(one.contains("**2.000** (3) | 1.00 |"), "{one}");
+    assert!(one.contains("3 000 (0 %)"), "{one}");
+    let four = row("| 4 | xlb (");
+    assert!(four.contains("**5.000** (1) | 2.50 |"), "{four}");
+    assert!(four.contains("4 000 (50 %)"), "{four}");
+    // More hand-offs than frames counted: counters read at different moments, no share.
+    let fast = row("| 4 | xlb with the XDP fast path");
+    assert!(fast.contains("| 10 |"), "{fast}");
     let _ = std::fs::remove_dir_all(&dir);
 }
