@@ -18,7 +18,7 @@ use std::{
         Arc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use xlb_engine::GraceClock;
@@ -75,8 +75,13 @@ impl GraceService {
             .name("xlb-grace".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
+                    let began = Instant::now();
                     match clock.serve(|| membarrier(MEMBARRIER_CMD_GLOBAL).map(drop)) {
-                        Ok(true) => {}
+                        // How long it took moves the engines' expiry lead: a grace usually
+                        // takes tens of ms, but seconds on a host whose CPUs are starved.
+                        Ok(true) => clock.note_served(
+                            u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                        ),
                         Ok(false) => std::thread::park_timeout(IDLE_POLL),
                         // The request was put back: retry after a pause.
                         Err(_) => {

@@ -86,7 +86,8 @@ pub struct EngineConfig {
     pub cluster_pickup: bool,
     /// How long before its idle deadline a flow forwarded by XDP is withdrawn from it, so
     /// that the grace proving no XDP invocation still updates it ends before the deadline
-    /// (real time: graces are not scaled by the lab's time scale).
+    /// (real time: graces are not scaled by the lab's time scale). The least: twice the
+    /// slowest recent grace when that is longer (`GraceClock::expiry_lead`).
     pub fast_expiry_lead: Nanos,
 }
 

@@ -447,10 +447,19 @@ pub fn line_words(mem: &[AtomicU32], layout: &FastLayout, line: u32) -> [u32; 16
 /// each time it checks and still waits); the grace thread serves a request with two rounds
 /// ([`GraceClock::serve`]), enough for whatever asked just before, and then sleeps until
 /// someone asks again.
+/// The most a slow grace moves a published flow's expiry ahead of its deadline: during the
+/// lead the flow's packets go through its worker (one packet brings it back to XDP), so a
+/// long lead costs little, but it should stay well inside the shortest idle timeouts.
+pub const MAX_EXPIRY_LEAD: u64 = 2_000_000_000;
+
 #[derive(Debug, Default)]
 pub struct GraceClock {
     pub epoch: AtomicU64,
     pub wanted: AtomicBool,
+    /// How long the slowest recent grace took (ns), decaying by an eighth at each later one:
+    /// the engines start a published flow's expiry that much earlier, so that its grace has
+    /// passed by its deadline ([`GraceClock::expiry_lead`]).
+    pub slowest_ns: AtomicU64,
 }
 
 impl GraceClock {
@@ -476,6 +485,25 @@ impl GraceClock {
     /// For the grace thread: a round has finished.
     pub fn advance(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// For the grace thread: a served request took `took_ns` (both rounds). Keeps the slowest,
+    /// forgetting an eighth of it at each grace after: one stall (RCU grace periods stretched
+    /// by a starved CPU) widens the lead at once, and many quick graces narrow it again.
+    pub fn note_served(&self, took_ns: u64) {
+        let old = self.slowest_ns.load(Ordering::Relaxed);
+        let decayed = old - old / 8;
+        self.slowest_ns
+            .store(took_ns.max(decayed), Ordering::Relaxed);
+    }
+
+    /// How long before a published flow's idle deadline its expiry starts (`FAST` cleared,
+    /// a grace asked for): `floor`, or twice the slowest recent grace when that is longer,
+    /// at most [`MAX_EXPIRY_LEAD`]. A grace slower than the lead makes the flow's reset late
+    /// by the difference (the flow waits a tick at a time, `fast.grace_waits`).
+    pub fn expiry_lead(&self, floor: u64) -> u64 {
+        let slowest = self.slowest_ns.load(Ordering::Relaxed);
+        floor.max(slowest.saturating_mul(2).min(MAX_EXPIRY_LEAD))
     }
 
     /// For the grace thread: when a grace was asked for, runs two rounds of `barrier` (which

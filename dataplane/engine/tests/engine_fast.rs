@@ -494,6 +494,57 @@ fn expiry_waits_for_the_grace_then_resets_exactly() {
     assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
 }
 
+/// A grace that took 900 ms (RCU grace periods stretched on a starved host) moves the start
+/// of a published flow's expiry to twice that before its deadline, so that its grace has
+/// passed when the deadline comes and the reset is not late; quick graces bring the lead back.
+#[test]
+fn a_slow_grace_starts_expiry_earlier_and_quick_ones_bring_the_lead_back() {
+    let mut t = FastLab::new(16);
+    t.grace.note_served(900 * NANOS_PER_MILLI);
+    let lead = t.grace.expiry_lead(LEAD);
+    assert_eq!(lead, 1_800 * NANOS_PER_MILLI);
+    let mut conn = establish(&mut t.lab, 80, 40_009);
+    let f = FastLab::client_data(&mut conn, 10);
+    assert!(t.xdp.forward(t.lab.now, CLIENT_PORT, &f).is_some());
+    let deadline = T0 + mins(4);
+    t.lab.advance_to(deadline - lead - 2 * MS);
+    let pair = t.pair().expect("published");
+    assert_ne!(
+        t.xdp.words(2 * pair)[line::STATE] & STATE_FAST,
+        0,
+        "still fast"
+    );
+    t.lab.advance_to(deadline - lead + 2 * MS);
+    assert_eq!(
+        t.xdp.words(2 * pair)[line::STATE] & STATE_FAST,
+        0,
+        "expiry under way"
+    );
+    assert!(t.grace.take_wanted(), "a grace was asked for");
+    // The grace, however slow, ends before the deadline: the reset comes on time, exact.
+    t.grace.advance();
+    t.grace.advance();
+    t.lab.advance_to(deadline - MS);
+    assert_eq!(t.lab.engine.flow_count(), 1, "not before its deadline");
+    // (The deadline counts from XDP's stamp of the last segment, a few ms after T0.)
+    t.lab.advance_to(deadline + 10 * MS);
+    assert_eq!(t.lab.engine.flow_count(), 0);
+    assert_eq!(t.lab.emitted, conn.expected_idle_rsts(80).to_vec());
+    assert_eq!(
+        t.counters().fast_grace_waits,
+        0,
+        "never waited past the deadline"
+    );
+    // Quick graces after it: the lead decays back to its floor.
+    for _ in 0..40 {
+        t.grace.note_served(20 * NANOS_PER_MILLI);
+    }
+    assert_eq!(t.grace.expiry_lead(LEAD), LEAD);
+    // Never more than the cap, however long a grace took.
+    t.grace.note_served(60_000 * NANOS_PER_MILLI);
+    assert_eq!(t.grace.expiry_lead(LEAD), xlb_engine::fast::MAX_EXPIRY_LEAD);
+}
+
 #[test]
 fn a_packet_between_clearing_fast_and_the_grace_end_revives_the_flow() {
     let mut t = FastLab::new(16);

@@ -481,7 +481,7 @@ impl Engine {
         match self.fast.as_deref() {
             Some(fs) if fs.ending[id as usize] => 0,
             Some(fs) if fs.pair(id).is_some() && fs.fences[id as usize] == 0 => {
-                deadline.saturating_sub(self.cfg.fast_expiry_lead)
+                deadline.saturating_sub(fs.table.grace().expiry_lead(self.cfg.fast_expiry_lead))
             }
             _ => deadline,
         }
@@ -519,11 +519,11 @@ impl Engine {
     fn fast_idle_step(&mut self, now: Nanos, id: FlowId) -> bool {
         self.fast_pull(now, id);
         let deadline = self.deadline(&self.flows.get(id));
-        let lead = self.cfg.fast_expiry_lead;
         let tick = self.wheel.tick();
         let Some(fs) = self.fast.as_deref_mut() else {
             return false;
         };
+        let lead = fs.table.grace().expiry_lead(self.cfg.fast_expiry_lead);
         let Some(pair) = fs.pair(id) else {
             return false;
         };
@@ -542,9 +542,17 @@ impl Engine {
             self.wheel.insert(id, now.saturating_add(tick));
             return true;
         }
-        if deadline > now {
+        if deadline > now.saturating_add(lead) {
             // A packet the worker processed since moved the deadline: fast again.
             self.fast_revive(id, pair);
+            return true;
+        }
+        if deadline > now {
+            // Handed out before its deadline: a wheel slot of a higher level fires at its
+            // start, which may fall between the lead and the deadline. Nothing moved the
+            // deadline (a packet would have put it a whole timeout away), and the grace has
+            // passed: filed at the deadline, the flow expires then without another grace.
+            self.wheel.insert(id, deadline);
             return true;
         }
         false
