@@ -23,6 +23,30 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Records written as JSON lines into a fresh folder named after `tag`; the file's path.
+fn records_file(tag: &str, recs: &[String]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xlb-report-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("r.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for r in recs {
+        writeln!(f, "{r}").unwrap();
+    }
+    path
+}
+
+/// `scripts/bench-report` on a records file (with `--json` when asked): what it printed.
+fn report(path: &std::path::Path, json: bool) -> String {
+    let mut cmd = Command::new("python3");
+    cmd.arg(script("bench-report"));
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn rss_simulation_prints_its_table_and_refuses_bad_input() {
     let out = Command::new(env!("CARGO_BIN_EXE_xlb-rss-sim"))
@@ -131,20 +155,8 @@ fn report_gives_a_verdict_only_when_the_whole_interval_clears_the_target() {
     recs.extend(ratio("clears", 1.3, &[1.4, 1.5, 1.35, 1.6, 1.45]));
     recs.extend(ratio("misses", 3.0, &[2.1, 2.5, 2.9, 2.2, 2.0]));
     recs.extend(ratio("straddles", 0.9, &[0.85, 0.95, 0.92, 0.88, 0.99]));
-    let dir = std::env::temp_dir().join(format!("xlb-report-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("r.jsonl");
-    let mut f = std::fs::File::create(&path).unwrap();
-    for r in &recs {
-        writeln!(f, "{r}").unwrap();
-    }
-    let md = Command::new("python3")
-        .arg(script("bench-report"))
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(md.status.success(), "{}", text(&md));
-    let md = String::from_utf8_lossy(&md.stdout).into_owned();
+    let path = records_file("ratios", &recs);
+    let md = report(&path, false);
     let row = |name: &str| {
         md.lines()
             .find(|l| l.starts_with(&format!("| {name} |")))
@@ -161,13 +173,7 @@ fn report_gives_a_verdict_only_when_the_whole_interval_clears_the_target() {
     );
     assert!(row("misses").contains("NOT met"), "{md}");
     assert!(row("straddles").contains("not decided"), "{md}");
-    let js = Command::new("python3")
-        .arg(script("bench-report"))
-        .arg("--json")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let js = String::from_utf8_lossy(&js.stdout).into_owned();
+    let js = report(&path, true);
     for key in [
         "\"name\": \"clears\"",
         "\"runs\": 5",
@@ -177,7 +183,7 @@ fn report_gives_a_verdict_only_when_the_whole_interval_clears_the_target() {
     ] {
         assert!(js.contains(key), "{key} missing: {js}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 /// Recorded runs of the scale phase: one row per (N, path) with the median of its runs, the
@@ -197,17 +203,8 @@ fn report_renders_the_scale_phase_per_worker_count() {
         run(4, "xlb", 5.0e6, 4000, 2000),
         run(4, "xlb-fast", 9.0e6, 10, 500),
     ];
-    let dir = std::env::temp_dir().join(format!("xlb-report-scale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("r.jsonl");
-    std::fs::write(&path, recs.join("\n") + "\n").unwrap();
-    let md = Command::new("python3")
-        .arg(script("bench-report"))
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(md.status.success(), "{}", text(&md));
-    let md = String::from_utf8_lossy(&md.stdout).into_owned();
+    let path = records_file("scale", &recs);
+    let md = report(&path, false);
     let row = |start: &str| {
         md.lines()
             .find(|l| l.starts_with(start))
@@ -223,5 +220,5 @@ fn report_renders_the_scale_phase_per_worker_count() {
     // More hand-offs than frames counted: counters read at different moments, no share.
     let fast = row("| 4 | xlb with the XDP fast path");
     assert!(fast.contains("| 10 |"), "{fast}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
