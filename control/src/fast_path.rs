@@ -176,11 +176,17 @@ impl FastPath {
 /// between workers (a resumed table must be split the same way).
 /// The program's fast-path counters (also with the fast path off: they then show that XDP
 /// forwarded nothing).
-pub fn counters(xdp: &XdpProgram, enabled: bool) -> Result<Arc<FastCounters>, Failure> {
+pub fn counters(
+    xdp: &XdpProgram,
+    enabled: bool,
+    grace: Option<Arc<GraceClock>>,
+) -> Result<Arc<FastCounters>, Failure> {
     let control = xdp
         .fast_control()
         .map_err(|e| Failure::runtime(format!("reading the XDP fast path's counters: {e}")))?;
-    Ok(Arc::new(FastCounters::new(enabled, read_from(control))))
+    let mut c = FastCounters::new(enabled, read_from(control));
+    c.grace = grace;
+    Ok(Arc::new(c))
 }
 
 /// Reads the program's counters through `control` (a handle of its own, behind a lock: the
@@ -245,6 +251,8 @@ pub type ReadFast = Box<dyn Fn(&[RuleId]) -> Result<RawFastCounters, String> + S
 pub struct FastCounters {
     enabled: bool,
     read: ReadFast,
+    /// The engines' grace clock, for how long the slowest recent grace took.
+    grace: Option<Arc<GraceClock>>,
     /// Per rule id: the generation that created the rule holding it, and what the program
     /// had counted for the id before (packets, bytes).
     baselines: Mutex<HashMap<RuleId, (u64, FastRuleCounters)>>,
@@ -263,6 +271,7 @@ impl FastCounters {
         FastCounters {
             enabled,
             read,
+            grace: None,
             baselines: Mutex::new(HashMap::new()),
         }
     }
@@ -286,6 +295,9 @@ impl FastCounters {
             new_forwarded: raw.stats[1],
             punts: [0; FAST_PUNT_REASONS.len()],
             rules: Vec::with_capacity(raw.rules.len()),
+            grace_slowest_ns: self.grace.as_ref().map_or(0, |g| {
+                g.slowest_ns.load(std::sync::atomic::Ordering::Relaxed)
+            }),
         };
         out.punts.copy_from_slice(&raw.stats[2..]);
         for r in &raw.rules {

@@ -234,7 +234,11 @@ pub fn attach_xdp(
     let fast = fast_layout
         .map(|layout| FastPath::set_up(&mut xdp, layout, &k.ports, found, steer_seed))
         .transpose()?;
-    let fast_counters = fast_path::counters(&xdp, fast.is_some())?;
+    let fast_counters = fast_path::counters(
+        &xdp,
+        fast.is_some(),
+        fast.as_ref().map(|f| Arc::clone(&f.grace)),
+    )?;
     let routes: SharedRoutes = Arc::new(Mutex::new(k.watch.routes().to_vec()));
     let maps = XdpMaps {
         table: xdp

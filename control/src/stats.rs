@@ -123,6 +123,7 @@ pub fn to_kv(sum: &CounterSum, rules: &RuleSet, lab_time_scale: u32) -> String {
         kv("fast.enabled", u64::from(f.enabled));
         kv("fast.forwarded", f.forwarded);
         kv("fast.new_forwarded", f.new_forwarded);
+        kv("fast.grace_slowest_us", f.grace_slowest_ns / 1000);
         for (reason, n) in FAST_PUNT_REASONS.iter().zip(f.punts) {
             kv(&format!("fast.punt.{reason}"), n);
         }
@@ -344,6 +345,7 @@ backend_port = 8080
                 packets: [40, 50],
                 bytes: [4000, 5000],
             }],
+            grace_slowest_ns: 2_250_000_000,
         }));
         let kv = to_kv(&sum, &rules, 60);
         for line in [
@@ -360,6 +362,7 @@ backend_port = 8080
             "fast.punt.new_ring_full=11",
             "fast.published=2",
             "fast.grace_waits=0",
+            "fast.grace_slowest_us=2250000",
             "fast.new_installed=28",
             "fast.new_conflict=0",
             "fast.new_refused=2",

@@ -190,6 +190,10 @@ pub struct FastPathCounters {
     pub punts: [u64; FAST_PUNT_REASONS.len()],
     /// Per rule id (of the rules in force when they were read), ascending.
     pub rules: Vec<FastRuleCounters>,
+    /// The slowest recent grace period (ns), forgotten by an eighth at each later one: what
+    /// the engines start each published flow's expiry ahead of by twice (0 with the fast path
+    /// off). Seconds here mean a host whose RCU threads wait for CPU.
+    pub grace_slowest_ns: u64,
 }
 
 impl CounterSum {

@@ -178,6 +178,7 @@ async fn counters_are_summed_over_workers_and_named_by_rule() {
                 packets: [30, 40],
                 bytes: [3000, 4000],
             }],
+            grace_slowest_ns: 16_000_000,
         }),
     });
     let r = c

@@ -358,6 +358,13 @@ fn fast_path(o: &mut Families, sum: &xlb_api::CounterSum, rules: &xlb_engine::Ru
     );
     o.sample(&[], f.new_forwarded as f64);
     o.family(
+        "xlb_fast_path_grace_slowest_seconds",
+        GAUGE,
+        "The slowest recent grace period (forgotten by an eighth at each later one); resets on \
+         idle of XDP-forwarded flows start twice this ahead of their deadline, at most 2 s.",
+    );
+    o.sample(&[], f.grace_slowest_ns as f64 / 1e9);
+    o.family(
         "xlb_fast_path_punts_total",
         COUNTER,
         "Frames the XDP program passed to the workers instead, by reason.",

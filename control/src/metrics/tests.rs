@@ -184,3 +184,30 @@ fn new_flow_metrics_are_named_as_in_the_stats_file() {
         );
     }
 }
+
+/// How long the slowest recent grace took is a gauge in seconds, as the stats file's
+/// `fast.grace_slowest_us` is in microseconds.
+#[test]
+fn the_slowest_grace_is_a_gauge_in_seconds() {
+    let config = Config::from_toml_str(CONFIG).unwrap();
+    let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+    let mut sum = xlb_api::sum(&[], &rules);
+    sum.add_fast(Some(&xlb_api::FastPathCounters {
+        enabled: true,
+        grace_slowest_ns: 2_250_000_000,
+        ..xlb_api::FastPathCounters::default()
+    }));
+    let mut o = Families(Vec::new());
+    fast_path(&mut o, &sum, &rules);
+    let f =
+        o.0.iter()
+            .find(|f| f.name() == "xlb_fast_path_grace_slowest_seconds")
+            .expect("the gauge");
+    assert_eq!(f.get_field_type(), MetricType::GAUGE);
+    assert_eq!(f.get_metric()[0].get_gauge().get_value(), 2.25);
+    let kv = crate::stats::to_kv(&sum, &rules, 1);
+    assert!(
+        kv.lines().any(|l| l == "fast.grace_slowest_us=2250000"),
+        "{kv}"
+    );
+}
