@@ -156,20 +156,26 @@ fn http_answers_metrics_404_and_405() {
     rt.block_on(server).unwrap().unwrap();
 }
 
+/// The stats file's lines and the fast-path metric families for the rules of `CONFIG` and
+/// these fast-path counters.
+fn fast_path_of(fast: xlb_api::FastPathCounters) -> (String, Families) {
+    let config = Config::from_toml_str(CONFIG).unwrap();
+    let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
+    let mut sum = xlb_api::sum(&[], &rules);
+    sum.add_fast(Some(&fast));
+    let mut o = Families(Vec::new());
+    fast_path(&mut o, &sum, &rules);
+    (crate::stats::to_kv(&sum, &rules, 1), o)
+}
+
 /// Every new-flow figure of the stats file, `fast.new_<name>`, is the metric
 /// `xlb_fast_path_new_<name>` (`_total` for a counter): one name finds both.
 #[test]
 fn new_flow_metrics_are_named_as_in_the_stats_file() {
-    let config = Config::from_toml_str(CONFIG).unwrap();
-    let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
-    let mut sum = xlb_api::sum(&[], &rules);
-    sum.add_fast(Some(&xlb_api::FastPathCounters {
+    let (kv, o) = fast_path_of(xlb_api::FastPathCounters {
         enabled: true,
         ..xlb_api::FastPathCounters::default()
-    }));
-    let kv = crate::stats::to_kv(&sum, &rules, 1);
-    let mut o = Families(Vec::new());
-    fast_path(&mut o, &sum, &rules);
+    });
     let names: HashSet<&str> = o.0.iter().map(|f| f.name()).collect();
     let keys: Vec<&str> = kv
         .lines()
@@ -189,23 +195,17 @@ fn new_flow_metrics_are_named_as_in_the_stats_file() {
 /// `fast.grace_slowest_us` is in microseconds.
 #[test]
 fn the_slowest_grace_is_a_gauge_in_seconds() {
-    let config = Config::from_toml_str(CONFIG).unwrap();
-    let rules = compile(&config, None, &MemberHealth::default(), 1).unwrap();
-    let mut sum = xlb_api::sum(&[], &rules);
-    sum.add_fast(Some(&xlb_api::FastPathCounters {
+    let (kv, o) = fast_path_of(xlb_api::FastPathCounters {
         enabled: true,
         grace_slowest_ns: 2_250_000_000,
         ..xlb_api::FastPathCounters::default()
-    }));
-    let mut o = Families(Vec::new());
-    fast_path(&mut o, &sum, &rules);
+    });
     let f =
         o.0.iter()
             .find(|f| f.name() == "xlb_fast_path_grace_slowest_seconds")
             .expect("the gauge");
     assert_eq!(f.get_field_type(), MetricType::GAUGE);
     assert_eq!(f.get_metric()[0].get_gauge().get_value(), 2.25);
-    let kv = crate::stats::to_kv(&sum, &rules, 1);
     assert!(
         kv.lines().any(|l| l == "fast.grace_slowest_us=2250000"),
         "{kv}"
