@@ -30,6 +30,11 @@ use crate::{
 const TICK: Duration = Duration::from_millis(20);
 const STATS_FILE_EVERY: Duration = Duration::from_millis(250);
 const KERNEL_WARNING_EVERY: Duration = Duration::from_secs(5);
+/// How often the slowest grace is looked at, and how long a warning about it holds.
+const GRACE_CHECK_EVERY: Duration = Duration::from_secs(1);
+const GRACE_WARNING_EVERY: Duration = Duration::from_secs(600);
+/// A grace slower than this makes resets on idle of XDP-forwarded flows late enough to say so.
+const SLOW_GRACE_NS: u64 = 500_000_000;
 
 /// The address plane and the routes it reads, as the control loop sees them.
 #[derive(Debug)]
@@ -58,6 +63,9 @@ pub struct ControlLoop<'a> {
     next_status: Instant,
     next_stats_file: Instant,
     next_kernel_warning: Instant,
+    next_grace_check: Instant,
+    /// The slowest grace last warned about, and when.
+    grace_told: Option<(u64, Instant)>,
     /// Resyncs of the kernel watch seen (each is told as an event line).
     resyncs: u64,
     /// The routes' version the backend-side marks were computed from.
@@ -107,6 +115,8 @@ impl<'a> ControlLoop<'a> {
             next_status: now + opts.status_interval,
             next_stats_file: now,
             next_kernel_warning: now,
+            next_grace_check: now,
+            grace_told: None,
             resyncs,
             routes_version,
             marks_stale: false,
@@ -143,6 +153,7 @@ impl<'a> ControlLoop<'a> {
             self.follow_kernel(now);
             self.stats_file(now);
             self.status_line(now);
+            self.watch_grace(now);
             self.supervisor.tick(self.state, self.shared);
         }
         Ok(())
@@ -384,6 +395,24 @@ impl<'a> ControlLoop<'a> {
         }
     }
 
+    /// Warns when grace periods got slow (the host's RCU threads wait for CPU): resets on
+    /// idle of XDP-forwarded flows are then late by up to that much.
+    fn watch_grace(&mut self, now: Instant) {
+        if now < self.next_grace_check {
+            return;
+        }
+        self.next_grace_check = now + GRACE_CHECK_EVERY;
+        let rules = self.state.snapshot().rules.clone();
+        let Some(slowest) = self.shared.sum(&rules).fast.map(|f| f.grace_slowest_ns) else {
+            return;
+        };
+        let told = self.grace_told.map(|(ns, at)| (ns, now.duration_since(at)));
+        if let Some(msg) = slow_grace_warning(slowest, told) {
+            tracing::warn!("{msg}");
+            self.grace_told = Some((slowest, now));
+        }
+    }
+
     fn status_line(&mut self, now: Instant) {
         if now < self.next_status {
             return;
@@ -404,5 +433,51 @@ impl<'a> ControlLoop<'a> {
             self.shared.operations().status_line(),
             ports.join(" ")
         ));
+    }
+}
+
+/// What to tell the operator about the slowest recent grace, `slowest_ns`, given the one told
+/// last and how long ago: nothing below half a second; else once, again when it doubled, and
+/// again after ten minutes.
+fn slow_grace_warning(slowest_ns: u64, told: Option<(u64, Duration)>) -> Option<String> {
+    if slowest_ns < SLOW_GRACE_NS {
+        return None;
+    }
+    if let Some((ns, ago)) = told {
+        if slowest_ns < ns.saturating_mul(2) && ago < GRACE_WARNING_EVERY {
+            return None;
+        }
+    }
+    Some(format!(
+        "fast path: a kernel grace period took {} ms (usually 15-30): resets on idle of flows \
+         XDP forwards start up to 2 s ahead to stay on time, and are late beyond that. The \
+         host's RCU threads are waiting for CPU: boot with rcutree.kthread_prio=1 (now: chrt \
+         -f -p 1 $(pgrep -x rcu_preempt)) or move other load off this machine \
+         (docs/deployment.md, \"Grace periods on a busy host\")",
+        slowest_ns / 1_000_000
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_grace_is_told_once_then_when_it_doubles_or_after_ten_minutes() {
+        assert_eq!(slow_grace_warning(30_000_000, None), None, "a usual grace");
+        let first = slow_grace_warning(900_000_000, None).expect("told");
+        assert!(first.contains("took 900 ms") && first.contains("rcutree.kthread_prio=1"));
+        let told = Some((900_000_000, Duration::from_secs(5)));
+        assert_eq!(
+            slow_grace_warning(1_200_000_000, told),
+            None,
+            "not twice as slow"
+        );
+        assert!(slow_grace_warning(1_800_000_000, told).is_some(), "doubled");
+        let long_ago = Some((900_000_000, Duration::from_secs(600)));
+        assert!(
+            slow_grace_warning(900_000_000, long_ago).is_some(),
+            "ten minutes on"
+        );
     }
 }
